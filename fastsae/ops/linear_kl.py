@@ -1,0 +1,180 @@
+"""fused_linear_kl: KL(p_orig || p_sae) over the vocabulary from two hidden states and W_U.
+
+p_orig = softmax(h_orig @ W_U + b_U) is the frozen model's output distribution, p_sae the same
+with the SAE spliced in. This is the e2e SAE loss (Braun et al. 2024; the paper's code computes
+kl_div(log p_sae, log p_orig, log_target=True, reduction="batchmean")).
+
+The reference walks the tokens in chunks so that at most a [chunk, d_vocab] block of logits
+exists at a time (chunk = CHUNK_ELEMENTS // d_vocab). For a scalar reduction it computes the
+gradient with respect to h_sae in the forward pass, (p_sae - p_orig) @ W_U^T times the token's
+weight, and backward only scales it (Liger-Kernel's trick): one matmul fewer than recomputing.
+For reduction="none" the gradient depends on a per-token grad_output, so backward recomputes the
+logits chunk by chunk. All math is fp32 whatever the input dtype. There is no gradient for
+h_orig, W_U or b_U: the model is frozen.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from fastsae.ops._backend import register_kernel, triton_kernel, use_triton
+from fastsae.ops._checks import check_same, check_shape, check_tensor, chunk_rows
+
+register_kernel("fused_linear_kl", "linear_kl", "linear_kl_triton")
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class LinearKLStats(NamedTuple):
+    """Per-call metrics computed in the same pass (detached, fp32 scalars).
+
+    ce_orig / ce_sae: next-token cross-entropy of the clean and spliced runs over the tokens with a
+    label (None when no labels were given); top1_agreement: the share of tokens whose argmax agrees;
+    n_tokens: tokens counted (the mask's sum).
+    """
+
+    ce_orig: torch.Tensor | None
+    ce_sae: torch.Tensor | None
+    top1_agreement: torch.Tensor
+    n_tokens: torch.Tensor
+
+
+def _chunk_logits(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    logits = h.float() @ W
+    return logits if b is None else logits + b
+
+
+def _kl_chunks(h_sae, h_orig, W, b, token_weight, labels, ignore_index, want_grad):
+    """One pass over token chunks: per-token KL, optional grad wrt h_sae, stats sums."""
+    n_tokens, d_vocab = h_sae.shape[0], W.shape[1]
+    kl = torch.empty(n_tokens, dtype=torch.float32, device=h_sae.device)
+    grad = torch.empty(h_sae.shape, dtype=torch.float32, device=h_sae.device) if want_grad else None
+    # [ce_orig sum, ce_sae sum, labelled tokens, top-1 agreements, counted tokens]
+    sums = torch.zeros(5, dtype=torch.float32, device=h_sae.device)
+    step = chunk_rows(d_vocab)
+    for start in range(0, n_tokens, step):
+        end = min(start + step, n_tokens)
+        log_p = torch.log_softmax(_chunk_logits(h_orig[start:end], W, b), dim=-1)
+        log_q = torch.log_softmax(_chunk_logits(h_sae[start:end], W, b), dim=-1)
+        p = log_p.exp()
+        kl[start:end] = (p * (log_p - log_q)).sum(-1)
+        w = token_weight[start:end]
+        if want_grad:
+            # d KL / d logits_sae = q - p; chain through the unembedding.
+            grad[start:end] = ((log_q.exp() - p) * w.unsqueeze(1)) @ W.t()
+        counted = w > 0
+        sums[3] += ((log_p.argmax(-1) == log_q.argmax(-1)) & counted).sum()
+        sums[4] += counted.sum()
+        if labels is not None:
+            lab = labels[start:end]
+            has_label = counted & (lab != ignore_index)
+            safe = torch.where(has_label, lab, torch.zeros_like(lab)).unsqueeze(1)
+            sums[0] -= torch.where(has_label, log_p.gather(1, safe).squeeze(1), 0.0).sum()
+            sums[1] -= torch.where(has_label, log_q.gather(1, safe).squeeze(1), 0.0).sum()
+            sums[2] += has_label.sum()
+    return kl, grad, sums
+
+
+class LinearKLReference(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_sae, h_orig, W_U, b_U, mask, labels, reduction, ignore_index):
+        W = W_U.float()  # a copy only when W_U is not fp32
+        b = None if b_U is None else b_U.float()
+        maskf = torch.ones(h_sae.shape[0], device=h_sae.device) if mask is None else mask.float()
+        n_counted = maskf.sum()
+        if reduction == "mean":
+            token_weight = maskf / n_counted.clamp_min(1.0)
+        else:
+            token_weight = maskf
+        want_grad = ctx.needs_input_grad[0] and reduction != "none"
+        kl, grad, sums = _kl_chunks(
+            h_sae, h_orig, W, b, token_weight, labels, ignore_index, want_grad)
+        kl = kl * maskf  # masked tokens count 0
+        ctx.reduction = reduction
+        ctx.h_dtype = h_sae.dtype
+        if reduction == "none":
+            ctx.save_for_backward(h_sae, h_orig, W_U, b_U, maskf)
+            loss = kl
+        else:
+            ctx.save_for_backward(grad)
+            loss = (kl * token_weight).sum() if reduction == "mean" else kl.sum()
+        ctx.mark_non_differentiable(sums)
+        return loss, sums
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_sums):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        if ctx.reduction != "none":
+            (grad,) = ctx.saved_tensors
+            return (grad * grad_loss).to(ctx.h_dtype), None, None, None, None, None, None, None
+        h_sae, h_orig, W_U, b_U, maskf = ctx.saved_tensors
+        W = W_U.float()
+        b = None if b_U is None else b_U.float()
+        _, grad, _ = _kl_chunks(h_sae, h_orig, W, b, maskf * grad_loss.float(), None, -100, True)
+        return grad.to(ctx.h_dtype), None, None, None, None, None, None, None
+
+
+def fused_linear_kl(h_sae: torch.Tensor, h_orig: torch.Tensor, W_U: torch.Tensor,
+                    b_U: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None, reduction: str = "mean",
+                    ignore_index: int = -100, return_stats: bool = False,
+                    backend: str | None = None):
+    """KL(p_orig || p_sae) per token, p = softmax(h @ W_U + b_U), without an [N, d_vocab] tensor.
+
+    h_sae, h_orig: [..., d_model], the final hidden states (after the last layer norm) of the run
+    with the SAE and of the clean run. W_U: [d_model, d_vocab]; b_U: [d_vocab] or None.
+    mask: bool [...], tokens to count (padding False). labels: int [...] next-token ids
+    (ignore_index skipped), only for the stats. reduction: "mean" over counted tokens (default),
+    "sum", or "none" (shape [...], 0 at masked tokens).
+    Returns the loss, or (loss, LinearKLStats) with return_stats=True.
+    Differentiable with respect to h_sae only.
+    """
+    check_tensor("h_sae", h_sae, min_ndim=1, float_dtype=True)
+    check_tensor("h_orig", h_orig, min_ndim=1, float_dtype=True)
+    check_tensor("W_U", W_U, ndim=2, float_dtype=True)
+    d_model, d_vocab = W_U.shape
+    if h_sae.shape[-1] != d_model:
+        raise ValueError(f"h_sae must have last dimension d_model={d_model} (W_U is {tuple(W_U.shape)}), "
+                         f"got shape {tuple(h_sae.shape)}")
+    check_shape("h_orig", h_orig, tuple(h_sae.shape), "the shape of h_sae")
+    if b_U is not None:
+        check_tensor("b_U", b_U, ndim=1, float_dtype=True)
+        check_shape("b_U", b_U, (d_vocab,), "d_vocab")
+    check_same("h_sae", h_sae, h_orig=h_orig, W_U=W_U, b_U=b_U)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    leading = h_sae.shape[:-1]
+    if mask is not None:
+        check_tensor("mask", mask)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        check_shape("mask", mask, tuple(leading), "the leading dimensions of h_sae")
+        mask = mask.reshape(-1).to(h_sae.device)
+    if labels is not None:
+        check_tensor("labels", labels)
+        if labels.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"labels must be an int64 or int32 tensor, got {labels.dtype}")
+        check_shape("labels", labels, tuple(leading), "the leading dimensions of h_sae")
+        labels = labels.reshape(-1).long().to(h_sae.device)
+    h_sae2d, h_orig2d = h_sae.reshape(-1, d_model), h_orig.reshape(-1, d_model).detach()
+    if use_triton("fused_linear_kl", h_sae2d, h_orig2d, W_U, backend=backend):
+        # Same contract as the reference: (loss, sums), differentiable in h_sae only.
+        loss, sums = triton_kernel("fused_linear_kl")(
+            h_sae2d, h_orig2d, W_U, b_U, mask, labels, reduction, ignore_index)
+    else:
+        loss, sums = LinearKLReference.apply(h_sae2d, h_orig2d, W_U, b_U, mask, labels, reduction, ignore_index)
+    if reduction == "none":
+        loss = loss.reshape(leading)
+    if not return_stats:
+        return loss
+    ce_orig_sum, ce_sae_sum, n_labelled, n_agree, n_counted = sums.unbind()
+    have_labels = labels is not None
+    return loss, LinearKLStats(
+        ce_orig=ce_orig_sum / n_labelled.clamp_min(1) if have_labels else None,
+        ce_sae=ce_sae_sum / n_labelled.clamp_min(1) if have_labels else None,
+        top1_agreement=n_agree / n_counted.clamp_min(1),
+        n_tokens=n_counted,
+    )
