@@ -12,7 +12,7 @@ import torch
 
 from fastsae.ops._backend import register_kernel, triton_kernel, use_triton
 from fastsae.ops._checks import check_indices, check_same, check_shape, check_tensor
-from fastsae.ops._sparse import gather_rows_weighted, row_dots, scatter_rows_weighted
+from fastsae.ops._sparse import accumulation_dtype, gather_rows_weighted, row_dots, scatter_rows_weighted
 
 register_kernel("sparse_decode", "sparse_decoder", "sparse_decode_triton")
 register_kernel("dense_decode", "sparse_decoder", "dense_decode_triton")
@@ -33,7 +33,7 @@ class SparseDecodeReference(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_W = scatter_rows_weighted(values, indices, grad_out, W_dec.shape[0]).to(W_dec.dtype)
         if ctx.needs_input_grad[3]:
-            grad_b = grad_out.float().sum(0).to(W_dec.dtype)
+            grad_b = grad_out.to(accumulation_dtype(W_dec.dtype)).sum(0).to(W_dec.dtype)
         return grad_values, None, grad_W, grad_b
 
 

@@ -12,7 +12,7 @@ import torch
 
 from fastsae.ops._backend import register_kernel, triton_kernel, use_triton
 from fastsae.ops._checks import check_k, check_same, check_shape, check_tensor, chunk_rows
-from fastsae.ops._sparse import gather_rows_weighted, scatter_rows_weighted
+from fastsae.ops._sparse import accumulation_dtype, gather_rows_weighted, scatter_rows_weighted
 
 register_kernel("topk_encode", "topk_encoder", "topk_encode_triton")
 
@@ -45,8 +45,8 @@ class TopKEncodeReference(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_W = scatter_rows_weighted(grad_pre, indices, x, n_latents).t().to(W_enc.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(n_latents, dtype=torch.float32, device=x.device)
-            grad_b.index_add_(0, indices.reshape(-1), grad_pre.reshape(-1).float())
+            grad_b = torch.zeros(n_latents, dtype=accumulation_dtype(W_enc.dtype), device=x.device)
+            grad_b.index_add_(0, indices.reshape(-1), grad_pre.reshape(-1).to(grad_b.dtype))
             grad_b = grad_b.to(W_enc.dtype)
         return grad_x, grad_W, grad_b, None
 

@@ -1,0 +1,79 @@
+"""The reference ops hold no tensor that grows with n_latents or d_vocab, beyond the weights.
+
+A TorchDispatchMode records the shape of every tensor each aten op allocates during forward
+and backward. With the chunk budget fixed, the largest non-weight temporary must stay within the
+budget whatever n_latents (or d_vocab) is: the [N, n_latents] pre-activations and the
+[N, d_vocab] logits never exist whole.
+"""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastsae.ops._checks as checks
+from fastsae import ops
+
+BUDGET = 4096  # elements per chunk for this test
+
+
+class AllocationRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        input_storages = {a.untyped_storage().data_ptr() for a in inputs}
+        for t in torch.utils._pytree.tree_leaves(out):
+            # views and in-place results share an input's storage: not a new allocation
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in input_storages:
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def largest_temporary(fn, weight_shapes):
+    recorder = AllocationRecorder()
+    with recorder:
+        fn()
+    weights = {tuple(s) for s in weight_shapes}
+    sizes = [torch.Size(s).numel() for s in recorder.shapes if s not in weights]
+    return max(sizes)
+
+
+@pytest.fixture(autouse=True)
+def budget(monkeypatch):
+    monkeypatch.setattr(checks, "CHUNK_ELEMENTS", BUDGET)
+
+
+@pytest.mark.parametrize("n_latents", [256, 1024, 4096])
+def test_topk_encode_and_decode_memory_does_not_grow_with_n_latents(n_latents):
+    n_tokens, d, k = 64, 16, 4
+    x = torch.randn(n_tokens, d, requires_grad=True)
+    W_enc = torch.randn(d, n_latents, requires_grad=True)
+    b_enc = torch.zeros(n_latents, requires_grad=True)
+    W_dec = torch.randn(n_latents, d, requires_grad=True)
+    b_dec = torch.zeros(d, requires_grad=True)
+
+    def step():
+        values, indices = ops.topk_encode(x, W_enc, b_enc, k, backend="torch")
+        out = ops.sparse_decode(values, indices, W_dec, b_dec, backend="torch")
+        out.square().sum().backward()
+
+    largest = largest_temporary(step, [W_enc.shape, W_dec.shape, b_enc.shape, W_enc.t().shape])
+    assert n_tokens * n_latents > BUDGET  # the dense form would exceed the budget
+    assert largest <= BUDGET, f"a temporary of {largest} elements at n_latents={n_latents}"
+
+
+@pytest.mark.parametrize("d_vocab", [300, 1200, 4000])
+def test_fused_linear_kl_memory_does_not_grow_with_d_vocab(d_vocab):
+    n_tokens, d = 48, 16
+    h_sae = torch.randn(n_tokens, d, requires_grad=True)
+    h_orig, W_U = torch.randn(n_tokens, d), torch.randn(d, d_vocab)
+
+    def step():
+        ops.fused_linear_kl(h_sae, h_orig, W_U, backend="torch").backward()
+
+    largest = largest_temporary(step, [W_U.shape])
+    assert n_tokens * d_vocab > BUDGET
+    assert largest <= BUDGET, f"a temporary of {largest} elements at d_vocab={d_vocab}"
