@@ -1,0 +1,165 @@
+"""ReLU encoder: acts = ReLU(x @ W_enc + b_enc), one GEMM with bias + ReLU in its epilogue.
+
+Forward (`_relu_encode_fwd_kernel`): a tiled GEMM, fp32 accumulation, grouped program order so
+that programs running together share x rows and W_enc columns in L2; the epilogue adds the bias,
+applies the ReLU and stores [N, n_latents] in x's dtype.
+
+Backward, with grad_pre = grad * (acts > 0), picks one of two paths by the measured sparsity:
+- dense: grad_x = grad_pre @ W_enc^T, grad_W_enc = x^T @ grad_pre (cuBLAS GEMMs through torch),
+  grad_b_enc = the fp32 column sum of grad_pre;
+- sparse: each row's nonzeros of grad_pre are compacted into (values, indices) padded to the
+  widest row, and the TopK encoder's sparse backward kernels
+  (fastsae.kernels.topk_encoder.sparse_encoder_backward) produce all three gradients with work
+  proportional to the nonzeros instead of N * n_latents * d_in.
+A ReLU SAE's code is dense at initialisation and sparse (tens of latents out of tens of thousands
+per token) after the first steps of training, so both paths are needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastsae.kernels.topk_encoder import dot_precision, sparse_encoder_backward
+
+# Sparse backward when (widest row's nonzeros) / n_latents is at most this. Set from the GUIDE's
+# cost model, not measured (no GPU was available when this was written; re-measure with
+# benchmarks/bench_relu_encoder.py on a GPU and update). Dense: two GEMMs of 2*N*n*d FLOPs at
+# ~600 TFLOP/s on an H100. Sparse: the gather and segmented reduction move about
+# 2 * N * L * d elements (L = padded row width) at ~2.5 TB/s, with up to 8x sector waste on the
+# strided W_enc column gather, plus one pass over grad_pre to compact it. Break-even is near
+# L / n = 2e-3; 1e-3 leaves margin for the compaction pass and the host sync that reads L.
+SPARSE_DENSITY_THRESHOLD = 1e-3
+
+
+@triton.jit
+def _relu_encode_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    n_tokens, d_in, n_latents,
+    stride_xm, stride_xd, stride_wd, stride_wn, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Grouped order: GROUP_M row blocks sweep the latent blocks together, so a W_enc tile is read
+    # from DRAM once per group rather than once per row block.
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(n_tokens, BLOCK_M)
+    n_col_blocks = tl.cdiv(n_latents, BLOCK_N)
+    programs_per_group = GROUP_M * n_col_blocks
+    group = pid // programs_per_group
+    first_row_block = group * GROUP_M
+    group_size = tl.minimum(n_row_blocks - first_row_block, GROUP_M)
+    pid_m = first_row_block + (pid % programs_per_group) % group_size
+    pid_n = (pid % programs_per_group) // group_size
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_tokens
+    col_ok = cols < n_latents
+    offs_d = tl.arange(0, BLOCK_D)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d_start in range(0, d_in, BLOCK_D):
+        ds = d_start + offs_d
+        x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ds[None, :] * stride_xd,
+                         mask=row_ok[:, None] & (ds[None, :] < d_in), other=0.0)
+        # int64 offsets: d_in * n_latents passes 2^31 at wide dictionaries.
+        w_tile = tl.load(w_ptr + ds[:, None].to(tl.int64) * stride_wd + cols[None, :] * stride_wn,
+                         mask=(ds[:, None] < d_in) & col_ok[None, :], other=0.0)
+        acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
+
+    bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acts = tl.maximum(acc + bias[None, :], 0.0)
+    out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
+    tl.store(out, acts.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) per input dtype; compile-checked for
+# sm_80/sm_90 in tests/test_relu_encoder.py. fp32 tiles are twice the bytes: half the BLOCK_D.
+FWD_CONFIGS = {
+    torch.float16: (128, 128, 64, 8, 3),
+    torch.bfloat16: (128, 128, 64, 8, 3),
+    torch.float32: (128, 128, 32, 8, 3),
+}
+GROUP_M = 8
+# The interpreter (CPU tests) pays per program and per tile op, not per element: small tiles.
+INTERPRETER_FWD_CONFIG = (16, 32, 32, 4, 1)
+
+
+def relu_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
+    n_tokens, d_in = x.shape
+    n_latents = W_enc.shape[1]
+    cfg = FWD_CONFIGS[x.dtype] if x.is_cuda else INTERPRETER_FWD_CONFIG
+    block_m, block_n, block_d, num_warps, num_stages = cfg
+    acts = torch.empty(n_tokens, n_latents, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n_tokens, block_m) * triton.cdiv(n_latents, block_n),)
+    _relu_encode_fwd_kernel[grid](
+        x, W_enc, b_enc, acts,
+        n_tokens, d_in, n_latents,
+        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), acts.stride(0), acts.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=GROUP_M,
+        DOT_PRECISION=dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
+    )
+    return acts
+
+
+def compact_rows(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [N, L], indices [N, L]) holding each row's nonzeros, L = the widest row's count.
+
+    Shorter rows are padded with value 0 at latent 0, which every consumer treats as no entry.
+    """
+    n_tokens = dense.shape[0]
+    rows, cols = dense.nonzero(as_tuple=True)  # row-major order: each row's entries together
+    counts = torch.bincount(rows, minlength=n_tokens)
+    width = max(1, int(counts.max())) if rows.numel() else 1
+    row_start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=dense.device) - row_start[rows]
+    values = torch.zeros(n_tokens, width, dtype=dense.dtype, device=dense.device)
+    indices = torch.zeros(n_tokens, width, dtype=torch.int64, device=dense.device)
+    values[rows, slot] = dense[rows, cols]
+    indices[rows, slot] = cols
+    return values, indices
+
+
+def choose_sparse_backward(grad_pre: torch.Tensor) -> bool:
+    """Whether the widest row's nonzeros are a small enough share of n_latents (reads back 1 int)."""
+    widest = int((grad_pre != 0).sum(dim=1).max()) if grad_pre.numel() else 0
+    return widest <= SPARSE_DENSITY_THRESHOLD * grad_pre.shape[1]
+
+
+class ReLUEncodeTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, sparse_backward=None):
+        acts = relu_encode_forward(x, W_enc, b_enc)
+        ctx.save_for_backward(x, W_enc, acts)
+        ctx.sparse_backward = sparse_backward
+        return acts
+
+    @staticmethod
+    def backward(ctx, grad_acts):
+        x, W_enc, acts = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_pre = torch.where(acts > 0, grad_acts, torch.zeros_like(grad_acts))
+        sparse = ctx.sparse_backward
+        if sparse is None:
+            sparse = choose_sparse_backward(grad_pre)
+        if sparse:
+            values, indices = compact_rows(grad_pre)
+            grad_x, grad_w, grad_b = sparse_encoder_backward(values, indices, x, W_enc,
+                                                             need_x, need_w, need_b)
+        else:
+            grad_x = grad_pre @ W_enc.t() if need_x else None
+            grad_w = x.t() @ grad_pre if need_w else None
+            grad_b = grad_pre.float().sum(0).to(W_enc.dtype) if need_b else None
+        return grad_x, grad_w, grad_b, None
+
+
+def relu_encode_triton(x2d: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, *,
+                       sparse_backward: bool | None = None) -> torch.Tensor:
+    """Fused ReLU encoder on validated 2-D inputs: acts [N, n_latents] in x's dtype.
+
+    sparse_backward: None picks the backward path from the gradient's measured density
+    (SPARSE_DENSITY_THRESHOLD); True / False force the sparse / dense path.
+    """
+    return ReLUEncodeTriton.apply(x2d, W_enc, b_enc, sparse_backward)

@@ -1,0 +1,324 @@
+"""Fused TopK encoder (kernels/topk_encoder.py) against TopKEncodeReference.
+
+On CPU the kernels run under Triton's interpreter (small shapes, fp32 and fp16); GPU tests add
+bf16 and the issue's shapes. Every @triton.jit kernel is also compiled for sm_80 and sm_90.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from compile_check import ARCHS
+from conftest import KERNEL_DEVICE, needs_triton
+
+from fastsae import ops
+from fastsae.ops._sparse import gather_rows_weighted, scatter_rows_weighted
+from fastsae.ops.topk_encoder import TopKEncodeReference
+
+pytestmark = needs_triton
+
+tk = pytest.importorskip("fastsae.kernels.topk_encoder")
+
+DTYPES = [torch.float32, torch.float16]
+# Tolerance on values and gradients, relative to the largest magnitude involved.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def make_inputs(n_tokens, d_in, n_latents, dtype, device=KERNEL_DEVICE, bias_shift=0.0):
+    x = torch.randn(n_tokens, d_in, device=device).to(dtype)
+    W = (torch.randn(d_in, n_latents, device=device) / d_in ** 0.5).to(dtype)
+    b = (0.1 * torch.randn(n_latents, device=device) + bias_shift).to(dtype)
+    return x, W, b
+
+
+def exact_pre(x, W, b):
+    """fp64 pre-activations of the given (possibly low-precision) inputs."""
+    return x.double() @ W.double() + b.double()
+
+
+def assert_valid_topk(x, W, b, k, values, indices):
+    """values/indices are a correct TopK(ReLU(.)) of the exact pre-activations, up to rounding.
+
+    Exact-arithmetic criteria, tolerant only where rounding can reorder near-ties: indices unique
+    per row; values sorted largest first and equal to ReLU(pre[indices]); every chosen latent's
+    pre-activation is at least the true k-th largest (minus rounding).
+    """
+    pre = exact_pre(x, W, b)
+    scale = pre.abs().max().item() + 1e-6
+    tol = TOL[x.dtype] * scale
+    assert values.shape == indices.shape == (x.shape[0], k)
+    assert values.dtype == x.dtype and indices.dtype == torch.int64
+    assert bool((indices.sort(dim=1).values.diff(dim=1) > 0).all()), "repeated latent in a row"
+    v = values.double()
+    assert bool((v.diff(dim=1) <= tol).all()), "values not sorted largest first"
+    chosen = pre.gather(1, indices)
+    torch.testing.assert_close(v, chosen.clamp_min(0), atol=tol, rtol=0)
+    kth = pre.topk(k, dim=1).values[:, -1:]
+    assert bool((chosen >= kth - tol).all()), "a chosen latent is below the k-th largest"
+
+
+def dense_grad_reference(x, W, b, indices, grad_values):
+    """Autograd gradients of ReLU(pre[indices]) in fp64 for a given selection."""
+    x64, W64, b64 = (t.detach().double().requires_grad_() for t in (x, W, b))
+    values = torch.relu((x64 @ W64 + b64).gather(1, indices))
+    return torch.autograd.grad((values * grad_values.double()).sum(), (x64, W64, b64))
+
+
+def assert_grads_close(got, expected, dtype):
+    for name, g, e in zip(("x", "W_enc", "b_enc"), got, expected):
+        scale = e.abs().max().item() + 1e-6
+        torch.testing.assert_close(g.double(), e, atol=TOL[dtype] * scale * 4, rtol=0, msg=name)
+
+
+SHAPES = [  # (N, d, n, k): d not a power of two, n not a multiple of the tile, N=1, odd k
+    (1, 16, 100, 1),
+    (5, 40, 300, 13),
+    (17, 96, 257, 5),
+    (33, 33, 300, 32),
+    (8, 24, 200, 128),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-d{}-n{}-k{}".format(*s))
+def test_forward_and_grads_match_reference(shape, dtype):
+    n_tokens, d_in, n_latents, k = shape
+    x, W, b = make_inputs(n_tokens, d_in, n_latents, dtype, bias_shift=-0.5)
+    for t in (x, W, b):
+        t.requires_grad_()
+    values, indices = ops.topk_encode(x, W, b, k, backend="triton")
+    assert_valid_topk(x, W, b, k, values, indices)
+
+    ref_values, ref_indices = TopKEncodeReference.apply(x, W, b, k)
+    torch.testing.assert_close(values.double(), ref_values.double(),
+                               atol=TOL[dtype] * (ref_values.abs().max().item() + 1), rtol=0)
+    if dtype == torch.float32:  # fp32 random data has no near-ties: the same sets
+        assert torch.equal(indices.sort(1).values, ref_indices.sort(1).values)
+
+    grad_values = torch.randn_like(values)
+    got = torch.autograd.grad((values * grad_values).sum(), (x, W, b))
+    assert_grads_close(got, dense_grad_reference(x, W, b, indices, grad_values), dtype)
+    if dtype == torch.float32:
+        expected = torch.autograd.grad((ref_values * grad_values).sum(), (x, W, b))
+        assert_grads_close(got, [e.double() for e in expected], dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 50])
+def test_latent_splits(splits):
+    x, W, b = make_inputs(9, 24, 300, torch.float32)
+    values, indices = tk.topk_encode_triton(x, W, b, 7, splits=splits)
+    assert_valid_topk(x, W, b, 7, values, indices)
+    ref_values, ref_indices = TopKEncodeReference.apply(x, W, b, 7)
+    assert torch.equal(indices.sort(1).values, ref_indices.sort(1).values)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_k_equals_n_latents(dtype):
+    x, W, b = make_inputs(3, 20, 100, dtype)
+    values, indices = ops.topk_encode(x, W, b, 100, backend="triton")
+    assert_valid_topk(x, W, b, 100, values, indices)
+    assert torch.equal(indices.sort(1).values, torch.arange(100).expand(3, 100))
+
+
+def test_k_beyond_fused_limit_takes_unfused_path():
+    k = tk.MAX_FUSED_K + 88  # K_PAD above the largest fused config
+    x, W, b = make_inputs(2, 16, k + 50, torch.float32)
+    for t in (x, W, b):
+        t.requires_grad_()
+    values, indices = ops.topk_encode(x, W, b, k, backend="triton")
+    assert_valid_topk(x, W, b, k, values, indices)
+    grad_values = torch.randn_like(values)
+    got = torch.autograd.grad((values * grad_values).sum(), (x, W, b))
+    assert_grads_close(got, dense_grad_reference(x, W, b, indices, grad_values), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ties_from_duplicate_columns(dtype):
+    x, W, b = make_inputs(6, 32, 150, dtype)
+    W[:, 1::2] = W[:, 0:-1:2]  # latent 2j+1 is a copy of latent 2j: every score is tied
+    b[1::2] = b[0:-1:2]
+    k = 9  # odd: one tie is split at the k-th place
+    values, indices = ops.topk_encode(x, W, b, k, backend="triton")
+    assert_valid_topk(x, W, b, k, values, indices)
+    ref_values, _ = TopKEncodeReference.apply(x, W, b, k)
+    torch.testing.assert_close(values.double(), ref_values.double(),
+                               atol=TOL[dtype] * (ref_values.abs().max().item() + 1), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_negative_preactivations(dtype):
+    x, W, b = make_inputs(5, 24, 130, dtype, bias_shift=-50.0)
+    for t in (x, W, b):
+        t.requires_grad_()
+    values, indices = ops.topk_encode(x, W, b, 6, backend="triton")
+    assert bool((values == 0).all())
+    assert_valid_topk(x, W, b, 6, values, indices)  # indices: the 6 largest negative scores
+    got = torch.autograd.grad(values.sum(), (x, W, b))
+    assert all(bool((g == 0).all()) for g in got)
+
+
+def test_leading_dimensions_and_no_grad_inputs():
+    x, W, b = make_inputs(12, 16, 90, torch.float32)
+    W.requires_grad_()
+    values, indices = ops.topk_encode(x.view(3, 4, 16), W, b, 4, backend="triton")
+    assert values.shape == indices.shape == (3, 4, 4)
+    (grad_w,) = torch.autograd.grad(values.sum(), (W,))
+    ref_values, _ = TopKEncodeReference.apply(x, W, b, 4)
+    (ref_grad_w,) = torch.autograd.grad(ref_values.sum(), (W,))
+    torch.testing.assert_close(grad_w, ref_grad_w, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_backward_kernels_directly(dtype):
+    """sparse_encoder_backward against the reference's sparse-dense helpers, with zeros and
+    repeated latents across tokens (the segmented reduction's hard cases)."""
+    n_tokens, d_in, n_latents, k = 21, 40, 150, 6
+    x, W, _ = make_inputs(n_tokens, d_in, n_latents, dtype)
+    indices = torch.randint(0, 20, (n_tokens, k), device=KERNEL_DEVICE)  # dense hits on 20 latents
+    indices[::3] = torch.randint(0, n_latents, (len(indices[::3]), k), device=KERNEL_DEVICE)
+    grad = torch.randn(n_tokens, k, device=KERNEL_DEVICE).to(dtype)
+    grad[:, 0] = 0
+    grad_x, grad_w, grad_b = tk.sparse_encoder_backward(grad, indices, x, W, True, True, True)
+    tol = TOL[dtype] * 4
+    ref_x = gather_rows_weighted(grad.float(), indices, W.t().float())
+    ref_w = scatter_rows_weighted(grad.float(), indices, x.float(), n_latents).t()
+    ref_b = torch.zeros(n_latents).index_add_(0, indices.reshape(-1), grad.float().reshape(-1))
+    for got, ref in ((grad_x, ref_x), (grad_w, ref_w), (grad_b, ref_b)):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), ref, atol=tol * (ref.abs().max().item() + 1), rtol=0)
+    # Only some gradients requested: the others are None, the bias alone still right.
+    none_x, none_w, only_b = tk.sparse_encoder_backward(grad, indices, x, W, False, False, True)
+    assert none_x is None and none_w is None
+    torch.testing.assert_close(only_b, grad_b)
+
+
+def test_errors():
+    x, W, b = make_inputs(4, 16, 50, torch.float32)
+    with pytest.raises(ValueError, match="k must be in"):
+        ops.topk_encode(x, W, b, 0, backend="triton")
+    with pytest.raises(ValueError, match="k must be in"):
+        ops.topk_encode(x, W, b, 51, backend="triton")
+    with pytest.raises(TypeError, match="k must be an int"):
+        ops.topk_encode(x, W, b, 2.0, backend="triton")
+    with pytest.raises(ValueError, match="last dimension"):
+        ops.topk_encode(x[:, :15], W, b, 3, backend="triton")
+    with pytest.raises(ValueError, match="b_enc must have shape"):
+        ops.topk_encode(x, W, b[:-1], 3, backend="triton")
+    with pytest.raises(TypeError, match="dtype"):
+        ops.topk_encode(x.half(), W, b, 3, backend="triton")
+
+
+# ------------------------------------------------------------------ compile checks (sm_80, sm_90)
+
+# The interpreter (TRITON_INTERPRET=1, set by conftest without CUDA) replaces triton.language's
+# functions in this process, so triton.compile cannot run here: each arch's kernels x shipped
+# configs are compiled in a subprocess without the interpreter (the two archs side by side), and
+# each test reads its report.
+_COMPILE_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+arch = int(sys.argv[2])
+import torch
+from compile_check import MAX_SHARED_BYTES, compile_kernel
+from fastsae.kernels import topk_encoder as K
+
+PTR = {"bf16": "*bf16", "fp32": "*fp32"}
+TORCH = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+def precision(dtype):
+    return "ieee" if dtype == "fp32" else "tf32"
+
+def forward(k_pad, dtype):
+    cfg = K.fwd_config(k_pad, TORCH[dtype], torch.device("cuda"))
+    signature = dict(x_ptr=PTR[dtype], w_ptr=PTR[dtype], b_ptr=PTR[dtype], cand_val_ptr="*fp32",
+                     cand_idx_ptr="*i32", n_tokens="i32", d_in="i32", n_latents="i32",
+                     latents_per_split="i32", k="i32", stride_xm="i32", stride_xd="i32",
+                     stride_wd="i32", stride_wn="i32")
+    constexprs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                      K_PAD=k_pad, DOT_PRECISION=precision(dtype))
+    return K._topk_encode_fwd_kernel, signature, constexprs, cfg["num_warps"], cfg["num_stages"]
+
+def gather(dtype):
+    cfg = dict(K.GATHER_CONFIG)
+    warps = cfg.pop("num_warps")
+    signature = dict(grad_ptr=PTR[dtype], idx_ptr="*i64", w_ptr=PTR[dtype], out_ptr=PTR[dtype],
+                     n_tokens="i32", d_in="i32", k="i32", stride_wd="i32", stride_wn="i32")
+    return K._gather_columns_kernel, signature, cfg, warps, 3
+
+def segment(dtype, write_bias):
+    cfg = dict(K.SEGMENT_CONFIG)
+    warps = cfg.pop("num_warps")
+    signature = dict(x_ptr=PTR[dtype], tok_ptr="*i32", lat_ptr="*i32", grad_ptr=PTR[dtype],
+                     block_start_ptr="*i32", grad_w_ptr=PTR[dtype], grad_b_ptr=PTR[dtype],
+                     d_in="i32", n_latents="i32", stride_xm="i32", stride_xd="i32",
+                     stride_gwd="i32", stride_gwn="i32")
+    cfg.update(DOT_PRECISION=precision(dtype), WRITE_BIAS=write_bias)
+    return K._latent_segment_grad_kernel, signature, cfg, warps, 3
+
+cases = {}
+for dtype in ("bf16", "fp32"):
+    for k_pad in sorted(K.FWD_CONFIGS):
+        cases[f"fwd_kpad{k_pad}-{dtype}"] = forward(k_pad, dtype)
+    cases[f"gather-{dtype}"] = gather(dtype)
+    cases[f"segment-{dtype}"] = segment(dtype, True)
+reports = {}
+for key, (kernel, signature, constexprs, warps, stages) in cases.items():
+    try:
+        r = compile_kernel(kernel, signature, constexprs, arch, num_warps=warps, num_stages=stages)
+        reports[key] = dict(report=f"{r} {constexprs}", shared=r.shared_bytes, local=r.local_bytes,
+                            max_shared=MAX_SHARED_BYTES[arch])
+    except Exception as e:
+        reports[key] = dict(error=f"{type(e).__name__}: {e}")
+print("REPORTS" + json.dumps(reports))
+"""
+
+COMPILE_CASES = ([f"fwd_kpad{k_pad}" for k_pad in sorted(tk.FWD_CONFIGS)]
+                 + ["gather", "segment"])
+
+
+@pytest.fixture(scope="module")
+def compile_reports():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    runs = {arch: subprocess.Popen([sys.executable, "-c", _COMPILE_SCRIPT, tests_dir, str(arch)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for arch in ARCHS}
+    reports = {}
+    for arch, run in runs.items():
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err[-4000:]
+        for key, value in json.loads(out.split("REPORTS", 1)[1]).items():
+            reports[f"{arch}-{key}"] = value
+    return reports
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("case", COMPILE_CASES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kernel_compiles(compile_reports, arch, case, dtype):
+    result = compile_reports[f"{arch}-{case}-{dtype}"]
+    assert "error" not in result, result.get("error")
+    print(f"{case} {dtype}: {result['report']}")
+    assert result["shared"] <= result["max_shared"], f"shared memory overflow: {result['report']}"
+    assert result["local"] in (None, 0), f"register spills: {result['report']}"
+
+
+# ------------------------------------------------------------------ GPU only
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(512, 768, 24576, 32), (300, 768, 49152, 100), (64, 512, 131072, 13),
+                                   (2048, 768, 24576, 1)], ids=lambda s: "N{}-d{}-n{}-k{}".format(*s))
+def test_gpu_matches_reference(shape, dtype):
+    n_tokens, d_in, n_latents, k = shape
+    x, W, b = make_inputs(n_tokens, d_in, n_latents, dtype, device="cuda")
+    for t in (x, W, b):
+        t.requires_grad_()
+    values, indices = ops.topk_encode(x, W, b, k)  # auto: Triton on CUDA
+    assert_valid_topk(x, W, b, k, values, indices)
+    grad_values = torch.randn_like(values)
+    got = torch.autograd.grad((values * grad_values).sum(), (x, W, b))
+    assert_grads_close(got, dense_grad_reference(x, W, b, indices, grad_values), dtype)
