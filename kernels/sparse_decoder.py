@@ -1,0 +1,427 @@
+"""Sparse decoder: x_hat = sum_j values[:, j] * W_dec[indices[:, j]] + b_dec, fused in Triton.
+
+Forward (`_sparse_decode_fwd_kernel`): a gather. Each program owns a tile of BLOCK_T tokens x
+BLOCK_D output columns and walks the k slots of its tokens, adding value * W_dec[latent, cols] into
+an fp32 tile; bias added once, one store. Traffic: N*k*d gathered W elements + N*d written.
+
+Backward (`_sparse_decode_bwd_kernel`): both sparse products in one pass over the code sorted by
+latent, never an N x k x d tensor:
+    grad_W_dec[l]  = sum over pairs (t, j) with indices[t, j] == l of values[t, j] * grad_out[t]
+    grad_values[t, j] = <grad_out[t], W_dec[indices[t, j]]>
+A torch pre-pass sorts the N*k (token, slot) pairs by latent (stable argsort + bincount + cumsum,
+a counting sort in effect) so each latent's pairs form one segment. One program per
+(latent, column block) walks its segment: it accumulates the grad_W_dec row in fp32 and, because
+it already holds W_dec[l, cols], also emits the partial dot products for grad_values. Every row
+of grad_W_dec is written exactly once (zeros for untouched latents), so no memset, no atomics and
+a deterministic result.
+
+Why a segmented reduction and not fp32 atomics on grad_W_dec (the other design, OpenAI's
+sparse_autoencoder): atomics need a zeroed fp32 buffer of n x d (one extra n*d write, plus an
+n*d read + write to cast it when W_dec is bf16/fp16), N*k*d atomic adds that serialise on hot
+latents, and they make the gradient run-to-run nondeterministic. At the issue's shapes n*d is the
+biggest term of the whole backward (n = 131,072, d = 768: 400 MB in fp32), so paying it once is
+what matters. The cost of the segmented form is load balance: a latent that fires on every token
+is walked serially by d / BLOCK_D programs only. Atomics share that weakness (adds to one row
+serialise); here the few busiest latents (more than HOT_LATENT_PAIRS pairs) leave the segments and
+take two small dense fp32 GEMMs instead (see hot_latents_backward). No atomics anywhere.
+
+grad_values needs the dot over all d columns while the programs split d: each column block writes
+its partial dots to a [d_blocks, N*k] fp32 buffer that torch sums afterwards (d_blocks = 3 at
+d = 768; a few MB, deterministic).
+
+dense_decode_triton: the ReLU SAE's decoder from a dense code acts [N, n]. When the code is sparse
+it is compacted to (values, indices) padded to the widest row and goes through the kernels above;
+see its docstring for the gradient with respect to acts, which must stay dense.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastsae.ops.sparse_decoder import SparseDecodeReference
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration (compile-checked for sm_80 and sm_90 in tests/test_sparse_decoder.py).
+
+# Chosen from the sm_90 compile reports (not yet timed on a GPU): a [4 tokens x 256 columns] tile
+# on 4 warps gives each warp one token row and each thread 8 contiguous elements (16-byte loads in
+# bf16); with 4 slots unrolled that is 64 registers, 8 programs (32 warps) per SM and 16 row
+# gathers in flight per warp. [8 x 256] needed 143-168 registers (3 programs per SM). The
+# backward steps over [8 pairs x 256 columns] for 4 unrolled latents: 80-88 registers; 16-pair
+# steps cost more registers and, with most segments holding 1-2 pairs at n ~ N*k, would mostly
+# be masked lanes.
+FWD_BLOCK_T = 4  # tokens per forward program
+FWD_K_UNROLL = 4  # slots gathered per loop step: independent loads in flight hide gather latency
+BWD_BLOCK_P = 8  # (token, slot) pairs per step of a latent's segment
+BWD_LATENTS_PER_PROGRAM = 4  # amortises program launch over the many empty latents of a wide dictionary
+MAX_BLOCK_D = 256
+NUM_WARPS = 4
+
+
+def block_d_for(d: int) -> int:
+    """Columns per program: the whole row up to 256, else 256-wide column blocks."""
+    return min(MAX_BLOCK_D, triton.next_power_of_2(d))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _sparse_decode_fwd_kernel(
+    values_ptr, indices_ptr, W_ptr, b_ptr, out_ptr,
+    n_tokens, k, d, stride_w, stride_out,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, K_UNROLL: tl.constexpr,
+):
+    """out[t, cols] = b[cols] + sum_j values[t, j] * W[indices[t, j], cols]; values/indices [N, k] contiguous."""
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    token_ok = tokens < n_tokens
+    col_ok = cols < d
+    code_offsets = tokens.to(tl.int64) * k  # start of each token's k slots
+
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for j0 in range(0, k, K_UNROLL):
+        for u in tl.static_range(K_UNROLL):
+            slot = j0 + u + tl.zeros([BLOCK_T], dtype=tl.int32)  # a tensor, so the mask stays int1
+            slot_ok = token_ok & (slot < k)
+            value = tl.load(values_ptr + code_offsets + slot, mask=slot_ok, other=0.0).to(tl.float32)
+            latent = tl.load(indices_ptr + code_offsets + slot, mask=slot_ok, other=0).to(tl.int64)
+            # A zero value contributes nothing: skip its row (saves the gather for the zero padding
+            # of a compacted ReLU code, and for TopK codes whose k-th values are zero).
+            row_ok = slot_ok & (value != 0.0)
+            rows = tl.load(W_ptr + latent[:, None] * stride_w + cols[None, :],
+                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += value[:, None] * rows.to(tl.float32)
+
+    bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc += bias[None, :]
+    out_ptrs = out_ptr + tokens.to(tl.int64)[:, None] * stride_out + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=token_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _sparse_decode_bwd_kernel(
+    grad_out_ptr, values_ptr, W_ptr, sorted_pairs_ptr, segment_start_ptr,
+    grad_W_ptr, partial_dots_ptr,
+    n_latents, k, d, n_pairs, stride_g, stride_w, stride_gw,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, LATENTS_PER_PROGRAM: tl.constexpr,
+    WRITE_GRAD_W: tl.constexpr, WRITE_GRAD_VALUES: tl.constexpr,
+):
+    """Per latent l and column block: walk l's pairs (sorted_pairs[segment_start[l]:segment_start[l+1]],
+    flat pair id p = t * k + j) and
+      grad_W[l, cols] = sum_p values[p] * grad_out[t, cols]           (written for every l, fp32 sum)
+      partial_dots[pid_d, p] = <grad_out[t, cols], W[l, cols]>          (summed over pid_d by the host)
+    """
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < d
+    pair_lanes = tl.arange(0, BLOCK_P)
+
+    # All segment bounds of this program's latents in one vector load, before any dependent load
+    # (most segments hold 0-2 pairs, so the kernel is a chain of dependent loads: shorten it).
+    # Past the last latent a segment is empty: no loads, and the grad_W store is masked.
+    first_latent = pid_l * LATENTS_PER_PROGRAM
+    lanes = tl.arange(0, LATENTS_PER_PROGRAM)
+    lane_ok = first_latent + lanes < n_latents
+    starts = tl.load(segment_start_ptr + first_latent + lanes, mask=lane_ok, other=0)
+    ends = tl.load(segment_start_ptr + first_latent + lanes + 1, mask=lane_ok, other=0)
+    # Unrolled, so the loads of different latents can be in flight together.
+    for i in tl.static_range(LATENTS_PER_PROGRAM):
+        latent = first_latent + i
+        latent_ok = latent < n_latents
+        start = tl.sum(tl.where(lanes == i, starts, 0))  # lane i as a scalar
+        end = tl.sum(tl.where(lanes == i, ends, 0))
+        # Scalar conditions enter masks as column limits (cols < limit), not as `mask & scalar`:
+        # the interpreter mis-types a bool tensor and-ed with a broadcast scalar.
+        if WRITE_GRAD_VALUES:
+            w_row = tl.load(W_ptr + latent.to(tl.int64) * stride_w + cols,
+                            mask=cols < tl.where(end > start, d, 0), other=0.0).to(tl.float32)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for p0 in range(start, end, BLOCK_P):
+            positions = p0 + pair_lanes
+            pair_ok = positions < end
+            pair = tl.load(sorted_pairs_ptr + positions, mask=pair_ok, other=0).to(tl.int64)
+            token = pair // k
+            g = tl.load(grad_out_ptr + token[:, None] * stride_g + cols[None, :],
+                        mask=pair_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            if WRITE_GRAD_W:
+                value = tl.load(values_ptr + pair, mask=pair_ok, other=0.0).to(tl.float32)
+                acc += tl.sum(value[:, None] * g, axis=0)
+            if WRITE_GRAD_VALUES:
+                dots = tl.sum(g * w_row[None, :], axis=1)
+                tl.store(partial_dots_ptr + pid_d.to(tl.int64) * n_pairs + pair, dots, mask=pair_ok)
+        if WRITE_GRAD_W:
+            tl.store(grad_W_ptr + latent.to(tl.int64) * stride_gw + cols,
+                     acc.to(grad_W_ptr.dtype.element_ty), mask=cols < tl.where(latent_ok, d, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index rows by stride and columns by 1."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def sparse_decode_forward(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
+                          b_dec: torch.Tensor) -> torch.Tensor:
+    """x_hat [N, d] in W_dec's dtype. values/indices [N, k] (made contiguous here)."""
+    values, indices = values.contiguous(), indices.contiguous()
+    W_dec, b_dec = _row_major(W_dec), b_dec.contiguous()
+    n_tokens, k = values.shape
+    d = W_dec.shape[1]
+    out = torch.empty(n_tokens, d, dtype=W_dec.dtype, device=W_dec.device)
+    block_d = block_d_for(d)
+    grid = (triton.cdiv(n_tokens, FWD_BLOCK_T), triton.cdiv(d, block_d))
+    _sparse_decode_fwd_kernel[grid](
+        values, indices, W_dec, b_dec, out,
+        n_tokens, k, d, W_dec.stride(0), out.stride(0),
+        BLOCK_T=FWD_BLOCK_T, BLOCK_D=block_d, K_UNROLL=FWD_K_UNROLL, num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def sort_pairs_by_latent(indices: torch.Tensor, n_latents: int, skip: torch.Tensor | None = None):
+    """Counting-sort pre-pass: (sorted flat pair ids [N*k] int32, segment starts [n+1] int32).
+
+    The pairs of latent l are sorted_pairs[segment_start[l]:segment_start[l + 1]], in token order
+    (stable sort, so the fp32 sums are deterministic). Pairs where ``skip`` is True are moved past
+    the last segment, so no program visits them (used for the zero padding of a compacted code
+    when only grad_W_dec is wanted).
+    """
+    flat = indices.reshape(-1)
+    if skip is not None:
+        flat = torch.where(skip.reshape(-1), torch.full_like(flat, n_latents), flat)
+    sorted_pairs = torch.sort(flat, stable=True).indices.to(torch.int32)
+    counts = torch.bincount(flat, minlength=n_latents + 1)[:n_latents]
+    segment_start = torch.zeros(n_latents + 1, dtype=torch.int32, device=indices.device)
+    segment_start[1:] = torch.cumsum(counts, 0)
+    return sorted_pairs, segment_start
+
+
+def sparse_decode_backward(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                           W_dec: torch.Tensor, *, need_grad_values: bool, need_grad_W: bool,
+                           skip_zero_values: bool = False):
+    """(grad_values [N, k] fp32 or None, grad_W_dec [n, d] in W_dec's dtype or None).
+
+    skip_zero_values drops pairs with value 0 from the segments; only valid when grad_values is
+    not wanted (the gradient of a zero value is not zero).
+    """
+    assert not (skip_zero_values and need_grad_values)
+    grad_out, values, indices = grad_out.contiguous(), values.contiguous(), indices.contiguous()
+    W_dec = _row_major(W_dec)
+    n_tokens, k = values.shape
+    n_latents, d = W_dec.shape
+    n_pairs = n_tokens * k
+    if n_pairs >= 2**31:
+        raise ValueError(f"sparse_decode: N*k = {n_pairs} pairs exceeds the int32 pair ids of the backward")
+    device = W_dec.device
+    skip = (values == 0) if skip_zero_values else None
+    hot = find_hot_latents(indices, n_latents) if n_pairs > HOT_LATENT_PAIRS else None
+    if hot is not None:
+        skip = hot.pair_is_hot if skip is None else (skip | hot.pair_is_hot)
+    sorted_pairs, segment_start = sort_pairs_by_latent(indices, n_latents, skip=skip)
+
+    block_d = block_d_for(d)
+    d_blocks = triton.cdiv(d, block_d)
+    # torch.empty: the kernel writes every row of grad_W (zeros where a latent has no pairs).
+    grad_W = torch.empty(n_latents, d, dtype=W_dec.dtype, device=device) if need_grad_W else None
+    partial_dots = (torch.empty(d_blocks, n_pairs, dtype=torch.float32, device=device)
+                    if need_grad_values else None)
+    dummy = torch.empty(1, dtype=torch.float32, device=device)  # stands in for an output not written
+    grid = (triton.cdiv(n_latents, BWD_LATENTS_PER_PROGRAM), d_blocks)
+    _sparse_decode_bwd_kernel[grid](
+        grad_out, values, W_dec, sorted_pairs, segment_start,
+        grad_W if need_grad_W else dummy, partial_dots if need_grad_values else dummy,
+        n_latents, k, d, n_pairs, grad_out.stride(0), W_dec.stride(0), d if need_grad_W else 0,
+        BLOCK_P=BWD_BLOCK_P, BLOCK_D=block_d, LATENTS_PER_PROGRAM=BWD_LATENTS_PER_PROGRAM,
+        WRITE_GRAD_W=need_grad_W, WRITE_GRAD_VALUES=need_grad_values, num_warps=NUM_WARPS,
+    )
+    grad_values = None
+    if need_grad_values:
+        grad_values = (partial_dots[0] if d_blocks == 1 else partial_dots.sum(0)).view(n_tokens, k)
+    if hot is not None:
+        grad_values = hot_latents_backward(hot, grad_out, values, W_dec, grad_values, grad_W)
+    return grad_values, grad_W
+
+
+# Hot latents. The kernel walks a latent's segment serially (d / BLOCK_D programs, 8 pairs per
+# dependent step), so one latent that fires on thousands of tokens would be the whole backward's
+# tail: 4,096 pairs are 512 dependent steps, ~0.5 ms, against ~0.3 ms for everything else at the
+# issue's shapes. Atomics would not fix that (they serialise on the same row). Instead the
+# HOT_LATENT_SLOTS busiest latents, where longer than HOT_LATENT_PAIRS pairs, leave the segments
+# and go through two small dense GEMMs in fp32 that use the whole GPU:
+#   grad_W_dec[hot] = code_hot^T @ grad_out     code_hot = the code restricted to them, [N, H]
+#   grad_values[pairs on hot latents] = (grad_out @ W_dec[hot]^T)[token, column of the latent]
+# at 2 * 2 * N * H * d FLOPs (0.4 GFLOP at N = 4,096, d = 768), with no host sync: the slots are
+# chosen by topk on the device and unused slots are masked, not removed. Latents beyond the
+# H busiest stay on the segment path (correct, just slower).
+HOT_LATENT_PAIRS = 256  # 32 dependent steps of the kernel's segment walk
+HOT_LATENT_SLOTS = 32
+
+
+class HotLatents(NamedTuple):
+    latents: torch.Tensor  # [H] the busiest latents (a slot whose is_hot is False is unused)
+    is_hot: torch.Tensor  # [H] bool
+    pair_column: torch.Tensor  # [N, k] int64: the slot of each pair's latent, H where not hot
+    pair_is_hot: torch.Tensor  # [N, k] bool
+
+
+def find_hot_latents(indices: torch.Tensor, n_latents: int) -> HotLatents:
+    slots = min(HOT_LATENT_SLOTS, n_latents)
+    counts = torch.bincount(indices.reshape(-1), minlength=n_latents)
+    hot_counts, latents = torch.topk(counts, slots)
+    is_hot = hot_counts > HOT_LATENT_PAIRS
+    column_of_latent = torch.full((n_latents,), slots, dtype=torch.int64, device=indices.device)
+    column_of_latent[latents] = torch.where(is_hot, torch.arange(slots, device=indices.device), slots)
+    pair_column = column_of_latent[indices]
+    return HotLatents(latents, is_hot, pair_column, pair_column < slots)
+
+
+def hot_latents_backward(hot: HotLatents, grad_out, values, W_dec, grad_values, grad_W):
+    """Fill in grad_W rows (in place) and grad_values entries of the hot latents; returns grad_values."""
+    slots = hot.latents.shape[0]
+    grad_out32 = grad_out.float()
+    if grad_W is not None:
+        # column `slots` collects the pairs of other latents and is dropped
+        code_hot = torch.zeros(values.shape[0], slots + 1, dtype=torch.float32, device=values.device)
+        code_hot.scatter_add_(1, hot.pair_column, values.float())
+        rows = code_hot[:, :slots].t() @ grad_out32
+        grad_W[hot.latents] = torch.where(hot.is_hot[:, None], rows.to(grad_W.dtype), grad_W[hot.latents])
+    if grad_values is not None:
+        dots = grad_out32 @ W_dec[hot.latents].float().t()  # [N, H]
+        dots = torch.nn.functional.pad(dots, (0, 1))  # column `slots`: not hot
+        grad_values = torch.where(hot.pair_is_hot, dots.gather(1, hot.pair_column), grad_values)
+    return grad_values
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd entry points
+
+
+class SparseDecodeFunction(torch.autograd.Function):
+    """Matches fastsae.ops.sparse_decoder.SparseDecodeReference (values, gradients, dtypes)."""
+
+    @staticmethod
+    def forward(ctx, values, indices, W_dec, b_dec):
+        ctx.save_for_backward(values, indices, W_dec)
+        return sparse_decode_forward(values, indices, W_dec, b_dec)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        need_values, _, need_W, need_b = ctx.needs_input_grad
+        grad_values = grad_W = grad_b = None
+        if need_values or need_W:
+            grad_values, grad_W = sparse_decode_backward(
+                grad_out, values, indices, W_dec, need_grad_values=need_values, need_grad_W=need_W)
+            if grad_values is not None:
+                grad_values = grad_values.to(values.dtype)
+        if need_b:
+            grad_b = grad_out.float().sum(0).to(W_dec.dtype)
+        return grad_values, None, grad_W, grad_b
+
+
+def _kernel_dtype(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def sparse_decode_triton(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
+                         b_dec: torch.Tensor) -> torch.Tensor:
+    """x_hat [N, d] = sum_j values[:, j] * W_dec[indices[:, j]] + b_dec, in W_dec's dtype.
+
+    values [N, k], indices [N, k] int64 (validated by fastsae.ops.sparse_decode), W_dec [n, d],
+    b_dec [d]. Differentiable with respect to values, W_dec and b_dec; accumulation in fp32.
+    float64 and empty codes take the reference path (the kernels accumulate in fp32).
+    """
+    if values.numel() == 0 or not _kernel_dtype(W_dec):
+        return SparseDecodeReference.apply(values, indices, W_dec, b_dec)
+    return SparseDecodeFunction.apply(values, indices, W_dec, b_dec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense code (ReLU SAE)
+
+# Largest code density (nonzeros / (N * n)) for which dense_decode_triton takes the sparse path.
+# From the cost model (GUIDE section 5) on an H100: the sparse path replaces the forward GEMM and
+# the grad_W_dec GEMM (4*N*n*d FLOPs, ~600 TFLOP/s in bf16) with two gathers of N*nnz_row*d
+# elements (2 bytes each in bf16, at ~2 TB/s effective); grad_acts is a dense GEMM either way.
+# Break-even: nnz_row / n = (4 / 6e14) / (2 * 2 / 2e12) ~ 1/300 in bf16, ~1/50 in fp32 (no TF32,
+# ~50 TFLOP/s). 1/256 sits at the bf16 break-even; e2e ReLU SAEs run at L0 / n ~ 1/1000 (paper:
+# L0 27 to 69 of 46,080), well inside the sparse side. Mean density decides, not the widest row:
+# the padding slots of narrower rows hold zeros, which the kernels skip without gathering.
+DENSE_DECODE_MAX_DENSITY = 1.0 / 256
+
+
+def code_profile(acts: torch.Tensor) -> tuple[float, int]:
+    """(density = nonzeros / numel, widest row's nonzero count), read back in one device sync."""
+    per_row = (acts != 0).sum(1)
+    total, widest = torch.stack([per_row.sum(), per_row.max()]).tolist()
+    return total / acts.numel(), int(widest)
+
+
+def compact_dense_code(acts: torch.Tensor, width: int):
+    """(values [N, L], indices [N, L] int64): each row's nonzeros, padded with zero values.
+
+    L = width (the widest row's nonzero count, from code_profile), at least 1. Padding slots have
+    value 0 and the index of some zero entry of that row; they add nothing to the forward or to
+    grad_W_dec (the kernels skip zero values).
+    """
+    width = min(max(1, width), acts.shape[1])
+    indices = torch.topk(acts.abs(), width, dim=1, sorted=False).indices
+    return acts.gather(1, indices), indices
+
+
+class DenseDecodeSparseFunction(torch.autograd.Function):
+    """acts @ W_dec + b_dec through the sparse kernels, for a sparse dense-layout code.
+
+    The gradient with respect to acts is grad_out @ W_dec^T at EVERY latent, zero or not: the
+    derivative of acts @ W_dec does not vanish where acts is zero. A ReLU encoder's backward
+    happens to mask it by acts > 0 afterwards, but dense_decode cannot assume its caller does
+    (any function of acts may feed it), so grad_acts is one dense GEMM (cuBLAS), as in the
+    reference. Only the forward and grad_W_dec, which do vanish on zeros, use the sparse path.
+    """
+
+    @staticmethod
+    def forward(ctx, acts, W_dec, b_dec, width):
+        values, indices = compact_dense_code(acts, width)
+        ctx.save_for_backward(values, indices, W_dec)
+        return sparse_decode_forward(values, indices, W_dec, b_dec)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        need_acts, need_W, need_b, _ = ctx.needs_input_grad
+        grad_acts = grad_W = grad_b = None
+        if need_acts:
+            grad_acts = grad_out.to(W_dec.dtype) @ W_dec.t()
+        if need_W:
+            _, grad_W = sparse_decode_backward(grad_out, values, indices, W_dec, need_grad_values=False,
+                                               need_grad_W=True, skip_zero_values=True)
+        if need_b:
+            grad_b = grad_out.float().sum(0).to(W_dec.dtype)
+        return grad_acts, grad_W, grad_b, None
+
+
+def dense_decode_triton(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
+                        max_density: float = DENSE_DECODE_MAX_DENSITY) -> torch.Tensor:
+    """acts [N, n] @ W_dec [n, d] + b_dec -> [N, d] in W_dec's dtype, differentiable.
+
+    Measures the code's density (one device sync) and takes the sparse kernels when it is at
+    most ``max_density``, else one dense GEMM (cuBLAS beats a gather there).
+    """
+    if acts.numel() == 0 or not _kernel_dtype(W_dec):
+        return torch.addmm(b_dec, acts, W_dec)
+    density, widest_row = code_profile(acts)
+    if density > max_density:
+        return torch.addmm(b_dec, acts, W_dec)
+    return DenseDecodeSparseFunction.apply(acts, W_dec, b_dec, widest_row)

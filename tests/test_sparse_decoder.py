@@ -1,0 +1,368 @@
+"""Tests of kernels/sparse_decoder.py against fastsae.ops.sparse_decoder's references.
+
+On CPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
+so shapes are small; fp32 and fp16 only there (bf16 tl math is checked on a GPU, tests marked
+gpu). Ground truth is the reference on fp32 copies of the inputs; the kernel in fp16 is held to
+an fp16-sized tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import KERNEL_DEVICE, needs_triton
+from fastsae.ops import dense_decode, sparse_decode
+from fastsae.ops.sparse_decoder import SparseDecodeReference
+
+pytestmark = needs_triton
+
+TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
+              torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+CPU_DTYPES = [torch.float32, torch.float16]
+
+
+def kernels():
+    from fastsae.kernels import sparse_decoder
+
+    return sparse_decoder
+
+
+def make_code(n_tokens, k, n_latents, d, dtype, device=KERNEL_DEVICE):
+    values = torch.randn(n_tokens, k, device=device).to(dtype)
+    indices = torch.stack([torch.randperm(n_latents, device=device)[:k] for _ in range(n_tokens)])
+    W_dec = (torch.randn(n_latents, d, device=device) / d**0.5).to(dtype)
+    b_dec = torch.randn(d, device=device).to(dtype)
+    return values, indices, W_dec, b_dec
+
+
+def run_with_grads(fn, values, indices, W_dec, b_dec, grad_out, *, upcast=False):
+    """fn's output and the gradients of (values, W_dec, b_dec) for grad_out, on fresh leaves."""
+    cast = (lambda t: t.float()) if upcast else (lambda t: t)
+    leaves = [cast(t).detach().requires_grad_() for t in (values, W_dec, b_dec)]
+    out = fn(leaves[0], indices, leaves[1], leaves[2])
+    out.backward(cast(grad_out))
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+def check_against_reference(values, indices, W_dec, b_dec, fn=None):
+    """Kernel output and gradients vs the fp32 reference's autograd, at the dtype's tolerance."""
+    fn = fn or (lambda v, i, w, b: sparse_decode(v, i, w, b, backend="triton"))
+    grad_out = torch.randn(*values.shape[:-1], W_dec.shape[1], device=values.device).to(W_dec.dtype)
+    out, grads = run_with_grads(fn, values, indices, W_dec, b_dec, grad_out)
+    ref_fn = lambda v, i, w, b: SparseDecodeReference.apply(v.reshape(-1, v.shape[-1]), i.reshape(-1, i.shape[-1]),
+                                                          w, b).reshape(*v.shape[:-1], w.shape[1])
+    ref_out, ref_grads = run_with_grads(ref_fn, values, indices, W_dec, b_dec, grad_out, upcast=True)
+    tol = TOLERANCES[W_dec.dtype]
+    assert out.dtype == W_dec.dtype
+    torch.testing.assert_close(out.float(), ref_out, **tol)
+    for name, grad, ref_grad, leaf in zip(("values", "W_dec", "b_dec"), grads, ref_grads, (values, W_dec, b_dec)):
+        assert grad.dtype == leaf.dtype, name
+        torch.testing.assert_close(grad.float(), ref_grad, **tol, msg=lambda m: f"grad {name}: {m}")
+    return out, grads
+
+
+# --------------------------------------------------------------------------------------------
+# sparse_decode: values and gradients
+
+# (N, k, n, d): k not a multiple of 8 or of the 4-slot unroll, d not a power of two, n not a
+# multiple of the 4-latent backward tile; d = 300 spans two 256-column blocks (partial dots).
+SHAPES = [(37, 5, 301, 96), (1, 1, 50, 33), (20, 13, 97, 200), (9, 3, 40, 300)]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-k{}-n{}-d{}".format(*s))
+def test_matches_reference(shape, dtype):
+    check_against_reference(*make_code(*shape, dtype))
+
+
+def test_direct_kernel_call_and_batch_dims():
+    values, indices, W_dec, b_dec = make_code(12, 6, 70, 40, torch.float32)
+    check_against_reference(values, indices, W_dec, b_dec, fn=kernels().sparse_decode_triton)
+    # The op flattens leading dimensions before dispatch; int32 indices are widened there.
+    check_against_reference(values.view(3, 4, 6), indices.view(3, 4, 6).int(), W_dec, b_dec)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_repeated_latent_in_one_token_sums(dtype):
+    values, indices, W_dec, b_dec = make_code(11, 6, 50, 40, dtype)
+    indices[:, 1] = indices[:, 0]
+    indices[:, 5] = indices[:, 0]  # three slots of one token on one latent
+    out, _ = check_against_reference(values, indices, W_dec, b_dec)
+    t = 3
+    by_hand = b_dec.float() + sum(values[t, j].float() * W_dec[indices[t, j]].float() for j in range(6))
+    torch.testing.assert_close(out[t].float(), by_hand, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("hot_pairs, hot_slots", [(256, 32), (16, 32), (16, 1)],
+                         ids=["segments", "dense-hot-path", "one-hot-slot"])
+def test_hot_latent_every_token(dtype, hot_pairs, hot_slots, monkeypatch):
+    # Every token on latent 0 (8 steps of the 8-pair backward tile), every token on latent 1 (one
+    # of them twice), the rest spread. With the hot threshold lowered, latents 0 and 1 take the
+    # dense hot-latent path (both, or only the busiest with one slot) instead of the segment walk.
+    monkeypatch.setattr(kernels(), "HOT_LATENT_PAIRS", hot_pairs)
+    monkeypatch.setattr(kernels(), "HOT_LATENT_SLOTS", hot_slots)
+    values, indices, W_dec, b_dec = make_code(64, 4, 20, 24, dtype)
+    indices[:, 0] = 0
+    indices[:, 1] = 1
+    indices[:, 2:] = torch.randint(2, 20, (64, 2), device=indices.device)
+    indices[5, 3] = 1  # latent 1: 65 pairs, latent 0: 64, others far fewer than 16
+    values[7, 0] = 0.0
+    hot = kernels().find_hot_latents(indices, 20)
+    expected_hot_pairs = 0 if hot_pairs == 256 else (129 if hot_slots > 1 else 65)
+    assert int(hot.pair_is_hot.sum()) == expected_hot_pairs
+    check_against_reference(values, indices, W_dec, b_dec)
+    # dense_decode's backward (grad_W only, zero values skipped) on the same code
+    acts = torch.zeros(64, 20, device=indices.device).to(dtype)
+    acts.scatter_add_(1, indices, values)
+    fn = lambda a, w, b: kernels().dense_decode_triton(a, w, b, max_density=1.0)
+    check_dense_decode(acts, W_dec, b_dec, fn)
+
+
+def test_zero_values_still_get_value_gradients():
+    values, indices, W_dec, b_dec = make_code(16, 5, 60, 48, torch.float32)
+    values[:, 2:] = 0.0  # the forward skips these rows' gathers; their gradient is not zero
+    values[3] = 0.0
+    _, (grad_values, grad_W, _) = check_against_reference(values, indices, W_dec, b_dec)
+    assert grad_values[:, 2:].abs().min() > 0
+    # latents touched only by zero values get a zero gradient row
+    only_zero = set(indices[values == 0].tolist()) - set(indices[values != 0].tolist())
+    assert only_zero
+    for latent in only_zero:
+        assert torch.count_nonzero(grad_W[latent]) == 0
+
+
+def test_untouched_latents_get_zero_rows_and_partial_grads():
+    values, indices, W_dec, b_dec = make_code(8, 2, 45, 20, torch.float32)
+    untouched = torch.ones(45, dtype=torch.bool)
+    untouched[indices.flatten()] = False
+    # W frozen: only values and b_dec need gradients, and vice versa
+    v = values.clone().requires_grad_()
+    out = kernels().sparse_decode_triton(v, indices, W_dec, b_dec)
+    out.sum().backward()
+    ref = SparseDecodeReference.apply(values.clone().requires_grad_(), indices, W_dec, b_dec)
+    torch.testing.assert_close(out, ref)
+    w = W_dec.clone().requires_grad_()
+    kernels().sparse_decode_triton(values, indices, w, b_dec).sum().backward()
+    assert w.grad is not None and torch.count_nonzero(w.grad[untouched]) == 0
+    assert torch.count_nonzero(w.grad[~untouched].abs().sum(1)) == int((~untouched).sum())
+    assert v.grad is not None and v.grad.shape == values.shape
+
+
+def test_float64_and_empty_code_fall_back_to_reference():
+    values, indices, W_dec, b_dec = make_code(5, 3, 30, 16, torch.float64)
+    check_against_reference_fp64 = sparse_decode(values, indices, W_dec, b_dec, backend="triton")
+    torch.testing.assert_close(check_against_reference_fp64,
+                               SparseDecodeReference.apply(values, indices, W_dec, b_dec))
+    empty = sparse_decode(values[:0], indices[:0], W_dec, b_dec, backend="triton")
+    assert empty.shape == (0, 16)
+
+
+def test_errors():
+    values, indices, W_dec, b_dec = make_code(4, 3, 30, 16, torch.float32)
+    with pytest.raises(ValueError, match="indices must have the shape"):
+        sparse_decode(values, indices[:, :2], W_dec, b_dec, backend="triton")
+    with pytest.raises(ValueError, match="indices must lie in"):
+        sparse_decode(values, indices + 30, W_dec, b_dec, backend="triton")
+    with pytest.raises(TypeError, match="dtype"):
+        sparse_decode(values.half(), indices, W_dec, b_dec, backend="triton")
+    with pytest.raises(TypeError, match="int64 or int32"):
+        sparse_decode(values, indices.float(), W_dec, b_dec, backend="triton")
+    with pytest.raises(ValueError, match="b_dec must have shape"):
+        sparse_decode(values, indices, W_dec, b_dec[:-1], backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        sparse_decode(values, indices, W_dec, b_dec, backend="cuda")
+    with pytest.raises(AssertionError):  # grad_values of zero values cannot be skipped
+        kernels().sparse_decode_backward(torch.zeros(4, 16), values, indices, W_dec, need_grad_values=True,
+                                         need_grad_W=True, skip_zero_values=True)
+
+
+def test_sort_pairs_by_latent_segments():
+    indices = torch.tensor([[3, 0], [3, 3], [1, 0]])
+    sorted_pairs, segment_start = kernels().sort_pairs_by_latent(indices, 5)
+    assert segment_start.tolist() == [0, 2, 3, 3, 6, 6]
+    assert sorted_pairs.tolist() == [1, 5, 4, 0, 2, 3]  # stable: token order within a latent
+    skip = torch.tensor([[False, True], [False, False], [True, False]])
+    sorted_pairs, segment_start = kernels().sort_pairs_by_latent(indices, 5, skip=skip)
+    assert segment_start.tolist() == [0, 1, 1, 1, 4, 4]
+    assert sorted_pairs[:4].tolist() == [5, 0, 2, 3]
+
+
+# --------------------------------------------------------------------------------------------
+# dense_decode: sparse path and dense path
+
+
+def dense_code(n_tokens, n_latents, active_per_row, dtype):
+    acts = torch.zeros(n_tokens, n_latents, device=KERNEL_DEVICE)
+    for t in range(n_tokens):
+        chosen = torch.randperm(n_latents, device=KERNEL_DEVICE)[:active_per_row[t % len(active_per_row)]]
+        acts[t, chosen] = torch.rand(len(chosen), device=KERNEL_DEVICE) + 0.1
+    return acts.to(dtype)
+
+
+def autograd_nodes(out) -> str:
+    """Names of the autograd nodes behind out (through the op's reshape), to see which path ran."""
+    names, node = [], out.grad_fn
+    while node is not None:
+        names.append(type(node).__name__)
+        node = next((f for f, _ in node.next_functions if f is not None), None)
+    return " ".join(names)
+
+
+def check_dense_decode(acts, W_dec, b_dec, fn):
+    grad_out = torch.randn(acts.shape[0], W_dec.shape[1], device=acts.device).to(W_dec.dtype)
+    leaves = [t.detach().requires_grad_() for t in (acts, W_dec, b_dec)]
+    out = fn(*leaves)
+    out.backward(grad_out)
+    ref_leaves = [t.detach().float().requires_grad_() for t in (acts, W_dec, b_dec)]
+    torch.addmm(ref_leaves[2], ref_leaves[0], ref_leaves[1]).backward(grad_out.float())
+    tol = TOLERANCES[W_dec.dtype]
+    torch.testing.assert_close(out.detach().float(), torch.addmm(*[t.float() for t in (b_dec, acts, W_dec)]), **tol)
+    for name, leaf, ref in zip(("acts", "W_dec", "b_dec"), leaves, ref_leaves):
+        assert leaf.grad.dtype == leaf.dtype
+        torch.testing.assert_close(leaf.grad.float(), ref.grad, **tol, msg=lambda m: f"grad {name}: {m}")
+    return out, leaves
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_dense_decode_sparse_path(dtype):
+    # rows of 0 to 6 nonzeros (padding to 6 with zeros), n not a multiple of 4, d not a power of 2
+    acts = dense_code(19, 203, [3, 0, 6, 1], dtype)
+    _, W_dec, b_dec = make_code(1, 1, 203, 72, dtype)[1:]
+    fn = lambda a, w, b: kernels().dense_decode_triton(a, w, b, max_density=1.0)
+    out, (acts_leaf, *_) = check_dense_decode(acts, W_dec, b_dec, fn)
+    assert "DenseDecodeSparseFunction" in autograd_nodes(out)
+    # grad_acts is dense: nonzero where acts is zero too (grad_out @ W_dec^T at every latent)
+    assert torch.count_nonzero(acts_leaf.grad[acts == 0]) > 0.9 * int((acts == 0).sum())
+
+
+def test_dense_decode_all_zero_code_and_threshold():
+    k = kernels()
+    _, W_dec, b_dec = make_code(1, 1, 256, 24, torch.float32)[1:]
+    zeros = torch.zeros(5, 256, device=KERNEL_DEVICE)
+    out, _ = check_dense_decode(zeros, W_dec, b_dec, k.dense_decode_triton)
+    assert "DenseDecodeSparseFunction" in autograd_nodes(out)
+    # one nonzero per row of 256 latents is exactly the default threshold (sparse path) ...
+    one_hot = dense_code(7, 256, [1], torch.float32)
+    assert k.code_profile(one_hot) == (pytest.approx(k.DENSE_DECODE_MAX_DENSITY), 1)
+    out, _ = check_dense_decode(one_hot, W_dec, b_dec, lambda a, w, b: dense_decode(a, w, b, backend="triton"))
+    assert "DenseDecodeSparseFunction" in autograd_nodes(out)
+    # ... and two per row is dense: one GEMM
+    out, _ = check_dense_decode(dense_code(7, 256, [2], torch.float32), W_dec, b_dec, k.dense_decode_triton)
+    assert "Addmm" in autograd_nodes(out)
+
+
+def test_dense_decode_errors():
+    _, W_dec, b_dec = make_code(1, 1, 30, 16, torch.float32)[1:]
+    with pytest.raises(ValueError, match="n_latents=30"):
+        dense_decode(torch.zeros(4, 31), W_dec, b_dec, backend="triton")
+    with pytest.raises(TypeError, match="dtype"):
+        dense_decode(torch.zeros(4, 30, dtype=torch.float16), W_dec, b_dec, backend="triton")
+
+
+# --------------------------------------------------------------------------------------------
+# Compile for sm_80 / sm_90 at the shipped launch configurations
+
+
+# The interpreter (TRITON_INTERPRET=1, set by conftest without CUDA) replaces triton.language's
+# functions in this process, so triton.compile cannot run here: every kernel x config x arch is
+# compiled once, in one subprocess without the interpreter, and each test reads its report.
+_COMPILE_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from compile_check import ARCHS, MAX_SHARED_BYTES, compile_kernel
+from fastsae.kernels import sparse_decoder as K
+
+def fwd_signature(dtype):
+    return dict(values_ptr=f"*{dtype}", indices_ptr="*i64", W_ptr=f"*{dtype}", b_ptr=f"*{dtype}",
+                out_ptr=f"*{dtype}", n_tokens="i32", k="i32", d="i32", stride_w="i32", stride_out="i32")
+
+def bwd_signature(dtype):
+    return dict(grad_out_ptr=f"*{dtype}", values_ptr=f"*{dtype}", W_ptr=f"*{dtype}", sorted_pairs_ptr="*i32",
+                segment_start_ptr="*i32", grad_W_ptr=f"*{dtype}", partial_dots_ptr="*fp32", n_latents="i32",
+                k="i32", d="i32", n_pairs="i32", stride_g="i32", stride_w="i32", stride_gw="i32")
+
+def bwd(write_grad_W, write_grad_values):
+    return dict(BLOCK_P=K.BWD_BLOCK_P, BLOCK_D=K.MAX_BLOCK_D, LATENTS_PER_PROGRAM=K.BWD_LATENTS_PER_PROGRAM,
+                WRITE_GRAD_W=write_grad_W, WRITE_GRAD_VALUES=write_grad_values)
+
+# The shipped launch configurations: BLOCK_D = 256 is the widest block_d_for() returns.
+CASES = {
+    "fwd": (K._sparse_decode_fwd_kernel, fwd_signature,
+            dict(BLOCK_T=K.FWD_BLOCK_T, BLOCK_D=K.MAX_BLOCK_D, K_UNROLL=K.FWD_K_UNROLL)),
+    "bwd": (K._sparse_decode_bwd_kernel, bwd_signature, bwd(True, True)),
+    "bwd_grad_W_only": (K._sparse_decode_bwd_kernel, bwd_signature, bwd(True, False)),
+    "bwd_grad_values_only": (K._sparse_decode_bwd_kernel, bwd_signature, bwd(False, True)),
+}
+reports = {}
+for arch in ARCHS:
+    for case, (kernel, signature, constexprs) in CASES.items():
+        for dtype in ("fp32", "bf16"):
+            key = f"{arch}-{case}-{dtype}"
+            try:
+                r = compile_kernel(kernel, signature(dtype), constexprs, arch, num_warps=K.NUM_WARPS)
+                reports[key] = dict(report=str(r), shared=r.shared_bytes, local=r.local_bytes,
+                                    max_shared=MAX_SHARED_BYTES[arch])
+            except Exception as e:
+                reports[key] = dict(error=f"{type(e).__name__}: {e}")
+print("REPORTS" + json.dumps(reports))
+"""
+
+COMPILE_CASES = ["fwd", "bwd", "bwd_grad_W_only", "bwd_grad_values_only"]
+
+
+@pytest.fixture(scope="module")
+def compile_reports():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, tests_dir], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.split("REPORTS", 1)[1])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("case", COMPILE_CASES)
+@pytest.mark.parametrize("arch", [80, 90])
+def test_compiles(compile_reports, arch, case, dtype):
+    result = compile_reports[f"{arch}-{case}-{dtype}"]
+    assert "error" not in result, result.get("error")
+    print(f"{case} {dtype}: {result['report']}")
+    assert result["shared"] <= result["max_shared"], f"shared memory overflow: {result['report']}"
+    assert result["local"] in (None, 0), f"register spills: {result['report']}"
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: bf16 and larger shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1000, 32, 24_576, 768), (333, 17, 5_003, 1_000), (1, 1, 64, 7)],
+                         ids=lambda s: "N{}-k{}-n{}-d{}".format(*s))
+def test_gpu_matches_reference(shape, dtype):
+    check_against_reference(*make_code(*shape, dtype, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_hot_latents_and_repeats(dtype):
+    values, indices, W_dec, b_dec = make_code(2048, 16, 4096, 512, dtype, device="cuda")
+    indices[:, 0] = 0
+    indices[:, 1] = indices[:, 2]
+    check_against_reference(values, indices, W_dec, b_dec)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_dense_decode(dtype):
+    acts = dense_code(512, 8192, [8, 30, 0, 16], dtype).cuda()
+    _, W_dec, b_dec = make_code(1, 1, 8192, 768, dtype, device="cuda")[1:]
+    out, _ = check_dense_decode(acts, W_dec, b_dec, lambda a, w, b: dense_decode(a, w, b, backend="triton"))
+    assert "DenseDecodeSparseFunction" in autograd_nodes(out)
