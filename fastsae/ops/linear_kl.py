@@ -4,13 +4,14 @@ p_orig = softmax(h_orig @ W_U + b_U) is the frozen model's output distribution, 
 with the SAE spliced in. This is the e2e SAE loss (Braun et al. 2024; the paper's code computes
 kl_div(log p_sae, log p_orig, log_target=True, reduction="batchmean")).
 
-The reference walks the tokens in chunks so that at most a [chunk, d_vocab] block of logits
-exists at a time (chunk = CHUNK_ELEMENTS // d_vocab). For a scalar reduction it computes the
-gradient with respect to h_sae in the forward pass, (p_sae - p_orig) @ W_U^T times the token's
-weight, and backward only scales it (Liger-Kernel's trick): one matmul fewer than recomputing.
-For reduction="none" the gradient depends on a per-token grad_output, so backward recomputes the
-logits chunk by chunk. All math is fp32 whatever the input dtype. There is no gradient for
-h_orig, W_U or b_U: the model is frozen.
+The reference walks the tokens in chunks so that at most two [chunk, d_vocab] buffers exist
+(chunk = CHUNK_ELEMENTS // (2 * d_vocab)), allocated once and reused by every chunk. For a
+scalar reduction it computes the gradient with respect to h_sae in the forward pass,
+(p_sae - p_orig) @ W_U^T times the token's weight, and backward only scales it (Liger-Kernel's
+trick): one matmul fewer than recomputing. For reduction="none" the gradient depends on a
+per-token grad_output, so backward recomputes the logits chunk by chunk. All math is fp32 for
+fp32/fp16/bf16 inputs (fp64 inputs stay fp64, so gradcheck can test the spec). There is no
+gradient for h_orig, W_U or b_U: the model is frozen.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import NamedTuple
 
 import torch
 
-from fastsae.ops._backend import register_kernel, triton_kernel, use_triton
-from fastsae.ops._checks import check_same, check_shape, check_tensor, chunk_rows
+from fastsae.ops._backend import register_kernel, requested_backend, triton_kernel, use_triton
+from fastsae.ops import _checks
+from fastsae.ops._checks import check_same, check_shape, check_tensor
 
 register_kernel("fused_linear_kl", "linear_kl", "linear_kl_triton")
 
@@ -41,32 +43,63 @@ class LinearKLStats(NamedTuple):
     n_tokens: torch.Tensor
 
 
-def _chunk_logits(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    logits = h.float() @ W
-    return logits if b is None else logits + b
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 inputs; fp64 stays fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _workspace_rows(n_tokens: int, d_vocab: int) -> int:
+    """Tokens per chunk: the two [rows, d_vocab] logits buffers share CHUNK_ELEMENTS elements.
+
+    At d_vocab = 50,257 that is 166 rows, 2 x 32 MiB of fp32: tall enough for efficient matmuls
+    (measured on the 2-core CPU), small enough that the whole forward + backward stays under 2 %
+    of the naive form's peak memory at N = 8,192. Read at call time so tests can shrink it.
+    """
+    return max(1, min(n_tokens, _checks.CHUNK_ELEMENTS // (2 * max(1, d_vocab))))
+
+
+# Rows per elementwise step: its temporaries ([rows, d_vocab]) stay cache-sized (4 MiB in fp32).
+_ELEMENTWISE_ELEMENTS = 1 << 20
 
 
 def _kl_chunks(h_sae, h_orig, W, b, token_weight, labels, ignore_index, want_grad):
-    """One pass over token chunks: per-token KL, optional grad wrt h_sae, stats sums."""
+    """One pass over token chunks: per-token KL, optional grad wrt h_sae, stats sums.
+
+    W, b are already in the compute dtype. token_weight [N] scales each token's gradient (and
+    decides which tokens count for the stats: weight > 0). The [rows, d_vocab] buffers are
+    allocated once and reused by every chunk with in-place / out= ops: fresh multi-MiB
+    allocations page-fault on every chunk, which costs as much as the elementwise math itself.
+    The matmuls run on the whole chunk; the elementwise math on cache-sized slices of it.
+    """
     n_tokens, d_vocab = h_sae.shape[0], W.shape[1]
-    kl = torch.empty(n_tokens, dtype=torch.float32, device=h_sae.device)
-    grad = torch.empty(h_sae.shape, dtype=torch.float32, device=h_sae.device) if want_grad else None
+    dtype, device = W.dtype, h_sae.device
+    kl = torch.empty(n_tokens, dtype=dtype, device=device)
+    grad = torch.empty(h_sae.shape, dtype=dtype, device=device) if want_grad else None
     # [ce_orig sum, ce_sae sum, labelled tokens, top-1 agreements, counted tokens]
-    sums = torch.zeros(5, dtype=torch.float32, device=h_sae.device)
-    step = chunk_rows(d_vocab)
-    for start in range(0, n_tokens, step):
-        end = min(start + step, n_tokens)
-        log_p = torch.log_softmax(_chunk_logits(h_orig[start:end], W, b), dim=-1)
-        log_q = torch.log_softmax(_chunk_logits(h_sae[start:end], W, b), dim=-1)
-        p = log_p.exp()
-        kl[start:end] = (p * (log_p - log_q)).sum(-1)
+    sums = torch.zeros(5, dtype=torch.float32, device=device)
+    rows = _workspace_rows(n_tokens, d_vocab)
+    step = max(1, min(rows, _ELEMENTWISE_ELEMENTS // max(1, d_vocab)))
+    log_p_buf = torch.empty(rows, d_vocab, dtype=dtype, device=device)
+    log_q_buf = torch.empty(rows, d_vocab, dtype=dtype, device=device)
+    p_buf = torch.empty(step, d_vocab, dtype=dtype, device=device)
+    for start in range(0, n_tokens, rows):
+        end = min(start + rows, n_tokens)
+        log_p, log_q = log_p_buf[: end - start], log_q_buf[: end - start]
+        # Logits of the clean run into log_p, of the spliced run into log_q (same op for both,
+        # so equal hidden states give bit-identical logits and an exact zero below).
+        for h, out in ((h_orig, log_p), (h_sae, log_q)):
+            if b is None:
+                torch.mm(h[start:end].to(dtype), W, out=out)
+            else:
+                torch.addmm(b, h[start:end].to(dtype), W, out=out)
         w = token_weight[start:end]
-        if want_grad:
-            # d KL / d logits_sae = q - p; chain through the unembedding.
-            grad[start:end] = ((log_q.exp() - p) * w.unsqueeze(1)) @ W.t()
         counted = w > 0
-        sums[3] += ((log_p.argmax(-1) == log_q.argmax(-1)) & counted).sum()
+        # top-1 on the logits (log_softmax is monotone); max().indices is faster than argmax here.
+        agree = log_p.max(-1).indices == log_q.max(-1).indices
+        sums[3] += (agree & counted).sum()
         sums[4] += counted.sum()
+        torch.ops.aten._log_softmax.out(log_p, -1, False, out=log_p)  # in place, row by row
+        torch.ops.aten._log_softmax.out(log_q, -1, False, out=log_q)
         if labels is not None:
             lab = labels[start:end]
             has_label = counted & (lab != ignore_index)
@@ -74,15 +107,29 @@ def _kl_chunks(h_sae, h_orig, W, b, token_weight, labels, ignore_index, want_gra
             sums[0] -= torch.where(has_label, log_p.gather(1, safe).squeeze(1), 0.0).sum()
             sums[1] -= torch.where(has_label, log_q.gather(1, safe).squeeze(1), 0.0).sum()
             sums[2] += has_label.sum()
+        for s0 in range(0, end - start, step):
+            s1 = min(s0 + step, end - start)
+            lp, lq, p = log_p[s0:s1], log_q[s0:s1], p_buf[: s1 - s0]
+            torch.exp(lp, out=p)
+            # KL(p || q) = sum_v p_v (log p_v - log q_v): difference in place, then a row-wise dot.
+            kl[start + s0:start + s1] = torch.linalg.vecdot(p, lp.sub_(lq))
+            if want_grad:
+                lq.exp_().sub_(p)  # d KL / d logits_sae = q - p
+        if want_grad:
+            # Chain through the unembedding, then weight the token. torch.where, not a product,
+            # so a masked token with non-finite inputs gives 0.
+            torch.mm(log_q, W.t(), out=grad[start:end])
+            grad[start:end] = torch.where((w != 0).unsqueeze(1), grad[start:end] * w.unsqueeze(1), 0.0)
     return kl, grad, sums
 
 
 class LinearKLReference(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_sae, h_orig, W_U, b_U, mask, labels, reduction, ignore_index):
-        W = W_U.float()  # a copy only when W_U is not fp32
-        b = None if b_U is None else b_U.float()
-        maskf = torch.ones(h_sae.shape[0], device=h_sae.device) if mask is None else mask.float()
+        dtype = _compute_dtype(h_sae.dtype)
+        W = W_U.to(dtype)  # a copy only when W_U is fp16/bf16
+        b = None if b_U is None else b_U.to(dtype)
+        maskf = torch.ones(h_sae.shape[0], dtype=dtype, device=h_sae.device) if mask is None else mask.to(dtype)
         n_counted = maskf.sum()
         if reduction == "mean":
             token_weight = maskf / n_counted.clamp_min(1.0)
@@ -91,7 +138,7 @@ class LinearKLReference(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0] and reduction != "none"
         kl, grad, sums = _kl_chunks(
             h_sae, h_orig, W, b, token_weight, labels, ignore_index, want_grad)
-        kl = kl * maskf  # masked tokens count 0
+        kl = torch.where(maskf > 0, kl, 0.0)  # masked tokens count 0 (even if their KL is not finite)
         ctx.reduction = reduction
         ctx.h_dtype = h_sae.dtype
         if reduction == "none":
@@ -111,9 +158,10 @@ class LinearKLReference(torch.autograd.Function):
             (grad,) = ctx.saved_tensors
             return (grad * grad_loss).to(ctx.h_dtype), None, None, None, None, None, None, None
         h_sae, h_orig, W_U, b_U, maskf = ctx.saved_tensors
-        W = W_U.float()
-        b = None if b_U is None else b_U.float()
-        _, grad, _ = _kl_chunks(h_sae, h_orig, W, b, maskf * grad_loss.float(), None, -100, True)
+        dtype = maskf.dtype
+        W = W_U.to(dtype)
+        b = None if b_U is None else b_U.to(dtype)
+        _, grad, _ = _kl_chunks(h_sae, h_orig, W, b, maskf * grad_loss.to(dtype), None, -100, True)
         return grad.to(ctx.h_dtype), None, None, None, None, None, None, None
 
 
@@ -159,8 +207,17 @@ def fused_linear_kl(h_sae: torch.Tensor, h_orig: torch.Tensor, W_U: torch.Tensor
             raise TypeError(f"labels must be an int64 or int32 tensor, got {labels.dtype}")
         check_shape("labels", labels, tuple(leading), "the leading dimensions of h_sae")
         labels = labels.reshape(-1).long().to(h_sae.device)
+        # The range check reads the tensor back; skip it on CUDA, where it would stall the stream.
+        if labels.numel() and not labels.is_cuda:
+            bad = (labels != ignore_index) & ((labels < 0) | (labels >= d_vocab))
+            if bool(bad.any()):
+                raise ValueError(f"labels must lie in [0, d_vocab={d_vocab}) or equal ignore_index={ignore_index}, "
+                                 f"got {int(labels[bad][0])}")
     h_sae2d, h_orig2d = h_sae.reshape(-1, d_model), h_orig.reshape(-1, d_model).detach()
-    if use_triton("fused_linear_kl", h_sae2d, h_orig2d, W_U, backend=backend):
+    # The kernel is fp32/fp16/bf16; "auto" leaves float64 to the reference (a forced "triton"
+    # backend gets the kernel's TypeError).
+    auto_fp64 = h_sae.dtype == torch.float64 and requested_backend(backend) == "auto"
+    if not auto_fp64 and use_triton("fused_linear_kl", h_sae2d, h_orig2d, W_U, backend=backend):
         # Same contract as the reference: (loss, sums), differentiable in h_sae only.
         loss, sums = triton_kernel("fused_linear_kl")(
             h_sae2d, h_orig2d, W_U, b_U, mask, labels, reduction, ignore_index)
