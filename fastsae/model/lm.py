@@ -1,0 +1,532 @@
+"""The language-model side of e2e SAE training: a thin adapter over a frozen TransformerLens model.
+
+An e2e SAE is trained through the model: the SAE replaces the activation at a hook point, the rest
+of the model runs on its output, and the loss compares the output distribution with the clean one.
+This file gives the trainer the three passes it needs and nothing more:
+
+    clean_run    once per batch, no grad: final hidden state + the activations the SAEs read.
+    spliced_run  the model with SAEs spliced in at their hooks, optionally starting from the
+                 cached residual at the first SAE's block, so the blocks before it run once.
+    final_hidden the final layer norm, so that final_hidden(resid) @ W_U + b_U are the logits.
+
+Neither pass computes logits: the fused linear-KL op takes the final hidden states and W_U and never
+stores the N x V logits. `logits()` exists for tests and evaluation only.
+
+Two TransformerLens APIs are supported behind one interface:
+    HookedTransformer  (TransformerLens 3.x): native start_at_layer / stop_at_layer.
+    TransformerBridge  (TransformerLens 3.9 and 4.x): wraps the HF model; see _run_bridge for how
+                       we stop before the unembedding and skip the blocks before the start layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+# The TransformerLens hook names that work on both APIs (the bridge maps them to its own names).
+LEGACY_BLOCK_HOOKS = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+)
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
+_EMBED_STAGE = ("hook_embed", "hook_pos_embed", "hook_tokens", "embed.", "pos_embed.")
+_FINAL_STAGE = ("ln_final.", "unembed.", "hook_unembed")
+
+Replacement = Callable[[Tensor], Tensor]
+
+
+class _ReachedUnembed(Exception):
+    """Raised from a hook on the bridge's unembedding input to end the forward before the logits.
+
+    Our own exception, caught by our own code: it does not depend on how a TransformerLens version
+    handles its StopAtLayerException. It passes through the HF forward and the bridge's `finally`
+    blocks, which restore their state.
+    """
+
+    def __init__(self, hidden: Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+def transformer_lens_version() -> tuple[int, int]:
+    from importlib.metadata import version
+
+    major, minor = version("transformer-lens").split(".")[:2]
+    return int(major), int(re.match(r"\d+", minor).group())
+
+
+def _hooked_transformer_class():
+    """HookedTransformer, or None where TransformerLens no longer has it (4.x)."""
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError:
+        return None
+    return HookedTransformer
+
+
+def _bridge_class():
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        return None
+    return TransformerBridge
+
+
+def _is_local_model_dir(name_or_path: str) -> bool:
+    return (Path(name_or_path) / "config.json").is_file()
+
+
+class LanguageModel:
+    """A frozen TransformerLens model with the passes e2e SAE training needs.
+
+    Build it with `LanguageModel.load(name_or_path)` or `LanguageModel.wrap(model)`.
+    Attributes: model, tokenizer (or None), api ("bridge" | "hooked"), d_model, n_layers, d_vocab,
+    n_ctx, device, dtype, W_U [d_model, d_vocab], b_U [d_vocab] or None.
+    """
+
+    def __init__(self, model: torch.nn.Module, api: str):
+        if api not in ("bridge", "hooked"):
+            raise ValueError(f"api must be 'bridge' or 'hooked', got {api!r}")
+        self.model = model
+        self.api = api
+        self.tokenizer = getattr(model, "tokenizer", None)
+
+        # Frozen: no gradient and so no optimizer state for any LM weight. The bridge's
+        # parameters() already yields the wrapped HF model's; nn.Module.parameters catches the rest.
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in torch.nn.Module.parameters(model):
+            p.requires_grad_(False)
+        model.eval()  # dropout off: the clean and the spliced pass must see the same model
+
+        cfg = model.cfg
+        self.d_model = int(cfg.d_model)
+        self.n_layers = int(cfg.n_layers)
+        self.n_ctx = int(cfg.n_ctx)
+        if api == "hooked":
+            self.W_U = model.unembed.W_U
+            self.b_U = model.unembed.b_U
+        else:
+            # The exact tensors of the HF lm_head: W_U is a view of its weight. (The bridge gives
+            # GPT-2's bias-free lm_head a zero bias; it is what the model adds, so we keep it.)
+            head = getattr(model.unembed, "original_component", None)
+            self.W_U = model.W_U
+            self.b_U = getattr(head, "bias", None)
+        self.d_vocab = int(self.W_U.shape[1])
+        self.device = self.W_U.device
+        self.dtype = self.W_U.dtype
+        # Whether the HF blocks return tuples (older transformers) or bare tensors (5.x); seen on
+        # the first full bridge run and used by the block skip in _skip_bridge_blocks.
+        self._block_returns_tuple: int | None = None
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        api: str = "auto",
+    ) -> "LanguageModel":
+        """Load a model by TransformerLens/HF name ("gpt2"), local HF directory, or "embedded".
+
+        A local directory holds a model saved with save_pretrained and its tokenizer; it loads
+        offline. api: "auto" | "bridge" | "hooked". "auto" takes the TransformerBridge on
+        TransformerLens >= 4 (the only API there) and HookedTransformer on 3.x: on 3.x the bridge
+        cannot start at a layer, while HookedTransformer skips the embedding and the blocks before
+        the start natively, and it is the API SAELens uses on 3.x.
+        Both load without weight processing (no LayerNorm folding, no centering), so activations
+        are the HF model's and an SAE trained on one API fits the other.
+        """
+        if api not in ("auto", "bridge", "hooked"):
+            raise ValueError(f"api must be one of 'auto', 'bridge', 'hooked', got {api!r}")
+        if not isinstance(name_or_path, (str, Path)) or not str(name_or_path):
+            raise ValueError(f"name_or_path must be a model name or a directory, got {name_or_path!r}")
+        name_or_path = str(name_or_path)
+        if name_or_path == "embedded":
+            from fastsae.model.embedded import ensure_embedded_model
+
+            name_or_path = str(ensure_embedded_model())
+
+        if api == "auto":
+            api = "hooked" if transformer_lens_version()[0] < 4 else "bridge"
+        if api == "hooked":
+            model = cls._load_hooked(name_or_path, device, dtype)
+        else:
+            model = cls._load_bridge(name_or_path, device, dtype)
+        return cls(model, api)
+
+    @staticmethod
+    def _load_bridge(name_or_path: str, device, dtype):
+        TransformerBridge = _bridge_class()
+        if TransformerBridge is None:
+            raise ImportError(
+                "api='bridge' needs transformer-lens >= 3.9 (TransformerBridge); "
+                f"installed: {'.'.join(map(str, transformer_lens_version()))}"
+            )
+        # boot_transformers reads a local directory's config, weights and tokenizer offline.
+        return TransformerBridge.boot_transformers(name_or_path, device=device, dtype=dtype)
+
+    @staticmethod
+    def _load_hooked(name_or_path: str, device, dtype):
+        HookedTransformer = _hooked_transformer_class()
+        if HookedTransformer is None:
+            raise ImportError(
+                "api='hooked' needs transformer-lens < 4 (HookedTransformer was removed in 4.0); "
+                "use api='bridge' or api='auto'"
+            )
+        if not _is_local_model_dir(name_or_path):
+            return HookedTransformer.from_pretrained_no_processing(name_or_path, device=device, dtype=dtype)
+
+        # HookedTransformer.from_pretrained only accepts official names. Its loading helpers do
+        # accept a local directory, so build the model from them directly: this reads only the
+        # directory and works offline. (GPT-2 configs must carry n_ctx, which save_pretrained
+        # writes only when it was set; fastsae's own models set it.)
+        import transformer_lens.loading_from_pretrained as loading
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        cfg = loading.get_pretrained_model_config(name_or_path, fold_ln=False, device=device, dtype=dtype)
+        state_dict = loading.get_pretrained_state_dict(name_or_path, cfg, hf_model, dtype=dtype)
+        with warnings.catch_warnings():  # TL 3.9 warns that HookedTransformer goes away in 4.0
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            model = HookedTransformer(cfg, _load_tokenizer(name_or_path), move_to_device=False)
+        model.load_and_process_state_dict(
+            state_dict,
+            fold_ln=False,
+            center_writing_weights=False,
+            center_unembed=False,
+            fold_value_biases=False,
+            refactor_factored_attn_matrices=False,
+        )
+        return model.to(device)
+
+    @classmethod
+    def wrap(cls, model: torch.nn.Module) -> "LanguageModel":
+        """Adapt a HookedTransformer or TransformerBridge built elsewhere (it gets frozen)."""
+        HookedTransformer = _hooked_transformer_class()
+        TransformerBridge = _bridge_class()
+        if HookedTransformer is not None and isinstance(model, HookedTransformer):
+            return cls(model, "hooked")
+        if TransformerBridge is not None and isinstance(model, TransformerBridge):
+            return cls(model, "bridge")
+        raise TypeError(
+            f"model must be a transformer_lens HookedTransformer or TransformerBridge, got {type(model).__name__}"
+        )
+
+    # ---------------------------------------------------------------- hook names
+
+    def hook_names(self) -> list[str]:
+        """Every hook point name this model accepts, legacy block names included."""
+        names = set(self.model.hook_dict.keys())
+        for layer in range(self.n_layers):
+            names.update(f"blocks.{layer}.{h}" for h in LEGACY_BLOCK_HOOKS)
+        return sorted(names, key=_hook_sort_key)
+
+    def validate_hook(self, name: str) -> str:
+        """Return `name` if it is a hook point of this model, else raise ValueError naming it."""
+        if not isinstance(name, str):
+            raise ValueError(f"hook name must be a string, got {type(name).__name__}: {name!r}")
+        if name in self.model.hook_dict:
+            return name
+        match = _BLOCK_HOOK.match(name)
+        if match and 0 <= int(match.group(1)) < self.n_layers and name.split(".", 2)[2] in LEGACY_BLOCK_HOOKS:
+            return name
+        examples = ", ".join(f"blocks.{min(1, self.n_layers - 1)}.{h}" for h in LEGACY_BLOCK_HOOKS)
+        hint = ""
+        if match and int(match.group(1)) >= self.n_layers:
+            hint = f" (the model has {self.n_layers} blocks: 0..{self.n_layers - 1})"
+        raise ValueError(
+            f"unknown hook point {name!r}{hint}. Valid names look like: {examples}; "
+            f"LanguageModel.hook_names() lists all {len(self.hook_names())}."
+        )
+
+    def block_index(self, hook_name: str) -> int:
+        """The block that must run to produce `hook_name`: L for blocks.L.*, -1 for the embedding
+        hooks (before block 0), n_layers for ln_final/unembed hooks (after the last block)."""
+        self.validate_hook(hook_name)
+        match = _BLOCK_HOOK.match(hook_name)
+        if match:
+            return int(match.group(1))
+        if hook_name.startswith(_EMBED_STAGE):
+            return -1
+        if hook_name.startswith(_FINAL_STAGE):
+            return self.n_layers
+        raise ValueError(f"cannot tell which block produces hook {hook_name!r}")
+
+    def start_point(self, hook_name: str) -> str:
+        """The resid_pre hook to cache in the clean run so a spliced run for an SAE at `hook_name`
+        can start at its block: blocks.L.hook_resid_pre with L = block_index(hook_name)."""
+        layer = self.block_index(hook_name)
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(
+                f"hook {hook_name!r} is not inside a block, so a spliced run cannot start from a "
+                "cached residual; call spliced_run without start_hook/start_acts"
+            )
+        return f"blocks.{layer}.hook_resid_pre"
+
+    # ---------------------------------------------------------------- passes
+
+    def final_hidden(self, resid: Tensor) -> Tensor:
+        """The final layer norm: final_hidden(resid after the last block) @ W_U + b_U = logits."""
+        return self.model.ln_final(resid)
+
+    def clean_run(self, tokens: Tensor, cache_hooks: Sequence[str] = ()) -> tuple[Tensor, dict[str, Tensor]]:
+        """One full pass without gradient and without logits.
+
+        Returns the final hidden state [B, T, d_model] (after the final layer norm) and the
+        activations at `cache_hooks`, detached.
+        """
+        tokens = self._check_tokens(tokens)
+        names = [self.validate_hook(h) for h in cache_hooks]
+        cache: dict[str, Tensor] = {}
+        hooks = [(name, _capture_hook(cache, name, detach=True)) for name in names]
+        with torch.no_grad():
+            hidden = self._run(tokens, hooks)
+        return hidden, cache
+
+    def spliced_run(
+        self,
+        tokens: Tensor,
+        replacements: dict[str, Replacement],
+        *,
+        start_hook: str | None = None,
+        start_acts: Tensor | None = None,
+        capture_hooks: Sequence[str] = (),
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The model with each hook in `replacements` replaced by fn(activation); no logits.
+
+        Returns the final hidden state and the activations at `capture_hooks` (not detached: the
+        downstream MSE needs their gradient). A capture at a replaced hook sees the replacement.
+        Gradient is on or off as the caller set it.
+
+        With start_hook (= start_point(first SAE hook)) and start_acts (its activation from the
+        clean run), the blocks before start_hook's block are not run: the pass begins at that
+        block from start_acts, and a replacement at that same resid_pre hook still fires.
+        """
+        tokens = self._check_tokens(tokens)
+        if not isinstance(replacements, dict):
+            raise ValueError(f"replacements must be a dict of hook name -> callable, got {type(replacements).__name__}")
+        for name, fn in replacements.items():
+            self.validate_hook(name)
+            if not callable(fn):
+                raise ValueError(f"replacements[{name!r}] must be callable, got {type(fn).__name__}")
+        capture_names = [self.validate_hook(h) for h in capture_hooks]
+
+        start_layer = None
+        if (start_hook is None) != (start_acts is None):
+            raise ValueError("start_hook and start_acts must be given together (or neither)")
+        if start_hook is not None:
+            start_layer = self._check_start(start_hook, start_acts, tokens, list(replacements) + capture_names)
+
+        captured: dict[str, Tensor] = {}
+        hooks = [(name, _replacement_hook(name, fn)) for name, fn in replacements.items()]
+        hooks += [(name, _capture_hook(captured, name, detach=False)) for name in capture_names]
+        hidden = self._run(tokens, hooks, start_layer=start_layer, start_acts=start_acts)
+        return hidden, captured
+
+    def logits(self, tokens: Tensor, replacements: dict[str, Replacement] | None = None) -> Tensor:
+        """Full logits [B, T, V], optionally with replacements. Materializes B*T*V: tests/eval only."""
+        tokens = self._check_tokens(tokens)
+        hooks = [(self.validate_hook(n), _replacement_hook(n, fn)) for n, fn in (replacements or {}).items()]
+        with self.hooks(hooks):
+            return self.model(tokens)
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: list[tuple[str, Callable]]) -> Iterator[None]:
+        """Add TransformerLens forward hooks for the duration of the block; always removed, even
+        when the block raises."""
+        # TransformerLens' context manager removes the hooks it added in a `finally`; hooks the
+        # caller attached outside it are left alone.
+        with self.model.hooks(fwd_hooks=fwd_hooks, reset_hooks_end=True):
+            yield
+
+    def remove_hooks(self) -> None:
+        """Remove every temporary (non-permanent) hook from the model."""
+        self.model.reset_hooks(including_permanent=False)
+
+    def __enter__(self) -> "LanguageModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()
+
+    # ---------------------------------------------------------------- tokenizer helpers
+
+    def tokenize(self, texts: str | Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, no special tokens added (no BOS)."""
+        tok = self._require_tokenizer()
+        if isinstance(texts, str):
+            texts = [texts]
+        return [tok.encode(t, add_special_tokens=False) for t in texts]
+
+    def to_tokens(self, texts: str | Sequence[str]) -> Tensor:
+        """LongTensor [B, T] on the model's device; the texts must tokenize to the same length."""
+        ids = self.tokenize(texts)
+        lengths = {len(i) for i in ids}
+        if len(lengths) != 1:
+            raise ValueError(f"to_tokens needs texts of equal token length, got lengths {sorted(lengths)}")
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    # ---------------------------------------------------------------- internals
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass token ids instead")
+        return self.tokenizer
+
+    def _check_tokens(self, tokens: Tensor) -> Tensor:
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor [batch, pos], got {_describe(tokens)}")
+        if tokens.shape[1] > self.n_ctx:
+            raise ValueError(f"tokens has {tokens.shape[1]} positions, more than the model's n_ctx={self.n_ctx}")
+        return tokens.to(self.device, torch.long)
+
+    def _check_start(self, start_hook: str, start_acts: Tensor, tokens: Tensor, hook_names: list[str]) -> int:
+        self.validate_hook(start_hook)
+        layer = self.block_index(start_hook)
+        if start_hook != f"blocks.{layer}.hook_resid_pre":
+            raise ValueError(
+                f"start_hook must be a blocks.L.hook_resid_pre hook (see start_point()), got {start_hook!r}"
+            )
+        expected = (*tokens.shape, self.d_model)
+        if not isinstance(start_acts, Tensor) or tuple(start_acts.shape) != expected:
+            raise ValueError(f"start_acts must have shape {list(expected)}, got {_describe(start_acts)}")
+        for name in hook_names:
+            if self.block_index(name) < layer:
+                raise ValueError(
+                    f"hook {name!r} comes before start_hook {start_hook!r}: a run starting at block "
+                    f"{layer} never computes it; start at or before block {self.block_index(name)}"
+                )
+        return layer
+
+    def _run(self, tokens: Tensor, hooks: list, start_layer: int | None = None, start_acts: Tensor | None = None) -> Tensor:
+        if self.api == "hooked":
+            return self._run_hooked(tokens, hooks, start_layer, start_acts)
+        return self._run_bridge(tokens, hooks, start_layer, start_acts)
+
+    def _run_hooked(self, tokens, hooks, start_layer, start_acts) -> Tensor:
+        # stop_at_layer=n_layers returns the residual after the last block: no ln_final, no logits.
+        with self.hooks(hooks):
+            if start_layer is None:
+                resid = self.model(tokens, stop_at_layer=self.n_layers)
+            else:
+                resid = self.model(start_acts, start_at_layer=start_layer, stop_at_layer=self.n_layers)
+        return self.final_hidden(resid)
+
+    def _run_bridge(self, tokens, hooks, start_layer, start_acts) -> Tensor:
+        # The bridge's stop_at_layer=n_layers would run on to the logits (no block has that
+        # index), so we end the pass ourselves at the unembedding's input, which is the final
+        # hidden state exactly as the model feeds it to W_U.
+        def stop(acts, hook):
+            raise _ReachedUnembed(acts)
+
+        all_hooks = list(hooks) + [("unembed.hook_in", stop)]
+        skip = contextlib.nullcontext()
+        if start_layer is not None:
+            # The bridge runs the HF forward from the tokens. Blocks before start_layer are made
+            # pass-throughs (nothing computed), and the first hook at the start block's resid_pre
+            # swaps in the cached residual, ahead of any replacement there.
+            inject = _replacement_hook("start_acts", lambda acts: start_acts.to(acts.dtype))
+            all_hooks.insert(0, (f"blocks.{start_layer}.hook_resid_pre", inject))
+            skip = self._skip_bridge_blocks(start_layer)
+        probe = self._probe_block_output() if start_layer is None else contextlib.nullcontext()
+        try:
+            with self.hooks(all_hooks), skip, probe:
+                self.model(tokens)
+        except _ReachedUnembed as reached:
+            return reached.hidden
+        raise RuntimeError("the bridge's forward ended without reaching unembed.hook_in")
+
+    @contextlib.contextmanager
+    def _skip_bridge_blocks(self, n: int) -> Iterator[None]:
+        """Replace the forward of HF blocks 0..n-1 by the identity for the duration of the block.
+
+        An instance attribute `forward` shadows the class method for nn.Module.__call__; deleting
+        it restores the original. The bridge's block wrapper still fires its hooks around the
+        identity, on values nobody reads (hooks before the start block are refused in spliced_run).
+        """
+        as_tuple = self._block_returns_tuple
+
+        def identity(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return (hidden,) + (None,) * (as_tuple - 1) if as_tuple else hidden
+
+        patched = []
+        try:
+            for block in list(self.model.blocks)[:n]:
+                inner = block.original_component
+                inner.forward = identity
+                patched.append(inner)
+            yield
+        finally:
+            for inner in patched:
+                del inner.forward
+
+    @contextlib.contextmanager
+    def _probe_block_output(self) -> Iterator[None]:
+        """Note once whether the HF blocks return a tuple (and of what length) or a tensor."""
+        if self._block_returns_tuple is not None:
+            yield
+            return
+
+        def record(module, args, output):
+            self._block_returns_tuple = len(output) if isinstance(output, tuple) else 0
+
+        handle = self.model.blocks[0].original_component.register_forward_hook(record)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def _load_tokenizer(path: str):
+    """The tokenizer saved beside a local model, or None if there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _capture_hook(store: dict, name: str, *, detach: bool):
+    def hook(acts, hook):
+        store[name] = acts.detach() if detach else acts
+
+    return hook
+
+
+def _replacement_hook(name: str, fn: Replacement):
+    def hook(acts, hook):
+        new = fn(acts)
+        if not isinstance(new, Tensor) or new.shape != acts.shape:
+            raise ValueError(
+                f"the replacement at {name!r} must return a tensor of shape {list(acts.shape)}, "
+                f"got {_describe(new)}"
+            )
+        return new
+
+    return hook
+
+
+def _describe(x) -> str:
+    if isinstance(x, Tensor):
+        return f"tensor of shape {list(x.shape)} and dtype {x.dtype}"
+    return f"{type(x).__name__}"
+
+
+def _hook_sort_key(name: str):
+    match = _BLOCK_HOOK.match(name)
+    return (0 if name.startswith(_EMBED_STAGE) else 1 if match else 2, int(match.group(1)) if match else 0, name)
