@@ -1,0 +1,113 @@
+"""The loss terms of SAE training, each as in the paper's code (Braun et al. 2024) unless noted.
+
+    sparsity      Lp norm of the code over latents, mean over tokens, divided by d_in.
+    local MSE     the SAE's output vs its input, mean over all elements ("in_to_orig" for local SAEs).
+    KL            KL(p_orig || p_sae) of the next-token distributions, mean over tokens, from the two
+                  final hidden states through fastsae.ops.fused_linear_kl (no N x V logits).
+    downstream    MSE of the spliced run's activations at later hooks vs the clean run's, mean over
+                  elements per hook, times that hook's coefficient (e2e+ds).
+    AuxK          (TopK SAEs; OpenAI / EleutherAI sparsify) the top-k_aux dead latents reconstruct
+                  the residual error x - x_hat; normalised by the error's variance.
+
+The trainer multiplies each term by its coefficient and sums; these functions return the bare term.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastsae import ops
+from fastsae.sae import E2ESAE, SparseCode
+
+
+def sparsity_loss(code: torch.Tensor | SparseCode, d_in: int, p: float = 1.0) -> torch.Tensor:
+    """||code||_p per token, mean over tokens, / d_in. For TopK the norm is over the k values
+    (the other latents are 0 and add nothing to the norm)."""
+    values = code.values if isinstance(code, SparseCode) else code
+    return torch.linalg.vector_norm(values.float(), ord=p, dim=-1).mean() / d_in
+
+
+def mse_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over all elements, in fp32 whatever the inputs' dtype."""
+    return F.mse_loss(output.float(), target.float())
+
+
+def kl_loss(h_sae: torch.Tensor, h_orig: torch.Tensor, W_U: torch.Tensor, b_U: torch.Tensor | None,
+            labels: torch.Tensor | None = None, ignore_index: int = -100):
+    """(KL(p_orig || p_sae) mean over tokens, LinearKLStats). Differentiable in h_sae only."""
+    return ops.fused_linear_kl(h_sae, h_orig, W_U, b_U, labels=labels, ignore_index=ignore_index,
+                               reduction="mean", return_stats=True)
+
+
+def next_token_labels(tokens: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """labels[:, t] = tokens[:, t + 1]; the last position has no next token (ignore_index)."""
+    labels = torch.full_like(tokens, ignore_index)
+    labels[:, :-1] = tokens[:, 1:]
+    return labels
+
+
+def downstream_loss(captured: dict[str, torch.Tensor], clean: dict[str, torch.Tensor],
+                    weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """sum over hooks of weight * MSE(spliced acts, clean acts); also the per-hook MSEs (detached)."""
+    total = None
+    per_hook = {}
+    for hook, weight in weights.items():
+        mse = mse_loss(captured[hook], clean[hook])
+        per_hook[hook] = mse.detach()
+        total = weight * mse if total is None else total + weight * mse
+    return total, per_hook
+
+
+def auxk_loss(sae: E2ESAE, x: torch.Tensor, reconstruction: torch.Tensor, dead: torch.Tensor,
+              k_aux: int | None = None) -> torch.Tensor:
+    """AuxK: the k_aux largest pre-activations among the dead latents reconstruct e = x - x_hat.
+
+    dead: bool [n_latents]. Only the dead latents' columns of W_enc are read (an [d_in, n_dead]
+    gather), and topk_encode walks the tokens in chunks, so no [N, n_latents] tensor is built.
+    The gradient reaches only the dead latents' encoder and decoder rows: x and the error are
+    detached. Loss = ||e_hat - e||^2 / ||e - mean(e)||^2 (as sparsify), scaled by
+    min(1, n_dead / k_aux) so that a few dead latents do not get the full weight.
+    """
+    d_in = sae.d_in
+    k_aux = k_aux or d_in // 2
+    dead_ids = dead.nonzero().squeeze(1)
+    n_dead = dead_ids.numel()
+    if n_dead == 0:
+        return x.new_zeros((), dtype=torch.float32)
+    x2 = x.detach().reshape(-1, d_in)
+    error = (x2 - reconstruction.detach().reshape(-1, d_in)).float()
+    k = min(k_aux, n_dead)
+    values, local = ops.topk_encode(x2, sae.W_enc.index_select(1, dead_ids), sae.b_enc[dead_ids], k)
+    indices = dead_ids[local]
+    scale = sae.decoder_row_scale()
+    if scale is not None:  # "forward" decoder norm: the rows as the forward pass uses them
+        values = values * scale[indices].to(values.dtype)
+    zero_bias = torch.zeros(d_in, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
+    error_hat = ops.sparse_decode(values, indices, sae.W_dec, zero_bias).float()
+    variance = (error - error.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return min(1.0, n_dead / k_aux) * (error_hat - error).pow(2).sum() / variance
+
+
+def l0(code: torch.Tensor | SparseCode) -> torch.Tensor:
+    """Mean number of active (non-zero) latents per token, detached."""
+    values = code.values if isinstance(code, SparseCode) else code
+    return (values.detach() > 0).float().sum(-1).mean()
+
+
+def fired_latents(code: torch.Tensor | SparseCode, n_latents: int) -> torch.Tensor:
+    """bool [n_latents]: the latents active on at least one token of this batch."""
+    if isinstance(code, SparseCode):
+        fired = torch.zeros(n_latents, dtype=torch.bool, device=code.values.device)
+        active = code.values.detach() > 0
+        fired[code.indices[active]] = True
+        return fired
+    return (code.detach() > 0).reshape(-1, n_latents).any(0)
+
+
+def explained_variance(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """1 - ||x - x_hat||^2 / ||x - mean(x)||^2 over the batch's tokens (the mean over tokens)."""
+    x2 = x.detach().float().reshape(-1, x.shape[-1])
+    r2 = reconstruction.detach().float().reshape(-1, x.shape[-1])
+    total = (x2 - x2.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return 1 - (x2 - r2).pow(2).sum() / total

@@ -1,0 +1,125 @@
+"""Training metrics: dead-latent tracking and the sinks (console, metrics.jsonl, wandb).
+
+Metric names (per SAE ones end in /<hook>; eval ones start with eval/):
+    loss                  the total loss that was minimised
+    loss/<term>           each coefficient * term: sparsity, kl, local_mse, downstream, auxk
+    kl                    KL(p_orig || p_sae) per token (nats), mean over tokens
+    ce_orig, ce_sae       next-token cross-entropy (nats) of the clean model and of the model with
+                          the SAEs spliced in; ce_increase = ce_sae - ce_orig
+    top1_agreement        share of tokens where both runs' most likely next token agree
+    l0/<hook>             mean active latents per token; l0 is the mean over SAEs
+    mse/<hook>            SAE output vs input, mean over elements
+    explained_variance/<hook>   1 - ||x - x_hat||^2 / ||x - mean x||^2
+    alive/<hook>, dead/<hook>   latents that fired / did not fire in the last log.dead_window_tokens
+                          training tokens (eval: during the eval pass)
+    downstream_mse/<hook> spliced vs clean activations at a downstream hook
+    grad_norm             SAE parameters' gradient norm before clipping
+    lr, tokens, tokens_per_s, step
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+
+class DeadLatentTracker:
+    """Tokens since each latent last fired; dead = not fired in the last `window` tokens.
+
+    Until `window` tokens have been seen, "dead" means not fired since the start.
+    """
+
+    def __init__(self, n_latents: int, window: int, device=None):
+        self.window = window
+        self.since_fired = torch.zeros(n_latents, dtype=torch.long, device=device)
+
+    def update(self, fired: torch.Tensor, n_tokens: int) -> None:
+        self.since_fired += n_tokens
+        self.since_fired[fired] = 0
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.since_fired >= self.window
+
+    def n_dead(self) -> int:
+        return int(self.dead_mask().sum())
+
+    def state_dict(self) -> dict:
+        return {"since_fired": self.since_fired.cpu().clone(), "window": self.window}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.since_fired.copy_(state["since_fired"])
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger:
+    """Writes metric records to RUN_DIR/metrics.jsonl (appending: a resumed run continues the
+    file) and to wandb when config.wandb.project is set."""
+
+    def __init__(self, run_dir: str | os.PathLike, wandb_config=None, run_config: dict | None = None,
+                 run_name: str | None = None, resume_id: str | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a")
+        self.wandb_run = None
+        if wandb_config is not None and wandb_config.project:
+            self.wandb_run = _start_wandb(wandb_config, run_config, run_name, resume_id, run_dir)
+
+    @property
+    def wandb_id(self) -> str | None:
+        return None if self.wandb_run is None else self.wandb_run.id
+
+    def log(self, metrics: dict, step: int) -> None:
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _start_wandb(cfg, run_config, run_name, resume_id, run_dir):
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError("wandb.project is set but wandb is not installed: `pip install wandb` "
+                          "(or `pip install fastsae[wandb]`), or unset wandb.project") from None
+    return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_name, mode=cfg.mode,
+                      tags=list(cfg.tags) or None, config=run_config, dir=str(run_dir),
+                      id=resume_id, resume="allow" if resume_id else None)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl, in order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def format_metrics(metrics: dict, keys: list[str] | None = None) -> str:
+    """An aligned 'name  value' table for the console."""
+    items = [(k, metrics[k]) for k in (keys or metrics) if k in metrics]
+    width = max((len(k) for k, _ in items), default=0)
+    lines = []
+    for key, value in items:
+        value = _jsonable(value)
+        text = f"{value:.6g}" if isinstance(value, float) else str(value)
+        lines.append(f"  {key:<{width}}  {text}")
+    return "\n".join(lines)

@@ -1,0 +1,342 @@
+"""The trainer on a tiny random GPT-2 (saved and loaded through the directory path, offline).
+
+Covers: local / e2e / e2e+ds / TopK steps lower the loss; the spliced pass equals a plain
+run_with_hooks; the LM stays frozen; the blocks before the first SAE run once per step and a local
+step stops after its hook; resume == uninterrupted run; a crash while writing a checkpoint leaves
+the previous one loadable; Ctrl-C / SIGTERM save a checkpoint.
+"""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from fastsae.model.lm import LanguageModel
+from fastsae.train import Trainer, load_config
+from fastsae.train import checkpoint as ckpt
+from fastsae.train.metrics import read_metrics
+from fastsae.train.trainer import lr_factor
+from helpers_models import save_tiny_gpt2
+
+CTX, BATCH = 16, 4
+HOOK = "blocks.1.hook_resid_pre"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"), n_layer=3, n_embd=32, n_ctx=64)
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir):
+    return LanguageModel.load(str(model_dir))
+
+
+def batches(n, seed=0, vocab=250):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (BATCH, CTX), generator=g) for _ in range(n)]
+
+
+def make_config(tmp_path, model_dir, *overrides):
+    return load_config({}, [
+        f"model.name={model_dir}", f"saes.hooks=[{HOOK}]", "saes.n_latents=64",
+        f"optim.batch_size={BATCH}", f"data.context_length={CTX}", f"optim.n_tokens={6 * BATCH * CTX}",
+        "optim.warmup_samples=8", "optim.lr=3e-3", "eval.n_tokens=128", "log.every=1", "log.progress=false",
+        "log.dead_window_tokens=128", f"run_dir={tmp_path / 'run'}", *overrides])
+
+
+MODES = {
+    "local": ["loss.kl_coeff=0", "loss.local_mse_coeff=1", "loss.sparsity_coeff=6"],
+    "e2e": [],
+    "e2e+ds": ["loss.kl_coeff=0.5", "loss.downstream_coeff=2.5", "loss.downstream_hooks=[blocks.2.hook_resid_pre]"],
+    "topk": ["saes.activation=topk", "saes.k=4", "saes.decoder_norm=project", "loss.local_mse_coeff=1"],
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_loss_goes_down_on_a_fixed_batch(tmp_path, model_dir, lm, mode):
+    trainer = Trainer(make_config(tmp_path, model_dir, *MODES[mode]), model=lm)
+    tokens = batches(1)[0]
+    history = [trainer.step(tokens) for _ in range(8)]
+    # AuxK switches on once latents count as dead (after 128 tokens): judge the other terms.
+    main = [m["loss"] - m.get("loss/auxk", 0.0) for m in history]
+    assert main[-1] < 0.8 * main[0], main
+    last = history[-1]
+    for key in ("l0", f"l0/{HOOK}", f"mse/{HOOK}", f"explained_variance/{HOOK}", f"alive/{HOOK}",
+                "grad_norm", "lr", "tokens_per_s"):
+        assert key in last
+    if mode != "local":  # the e2e step reads CE and agreement off the fused KL for free
+        assert {"kl", "ce_orig", "ce_sae", "ce_increase", "top1_agreement"} <= set(last)
+    if mode == "e2e+ds":
+        assert "downstream_mse/blocks.2.hook_resid_pre" in last and "loss/downstream" in last
+    if mode == "topk":
+        assert last["l0"] == 4 and "loss/auxk" in last  # AuxK runs once some latents are dead
+        norms = trainer.saes[HOOK].W_dec.norm(dim=1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+
+
+def test_spliced_logits_equal_run_with_hooks(tmp_path, model_dir, lm):
+    trainer = Trainer(make_config(tmp_path, model_dir, "saes.hooks=[blocks.1.hook_resid_pre, blocks.2.hook_resid_pre]"),
+                      model=lm)
+    for _ in range(2):  # trained a little, so the SAEs are not at their init
+        trainer.step(batches(1)[0])
+    tokens = batches(1, seed=5)[0]
+    records = {}
+    with torch.no_grad():
+        _, clean = lm.clean_run(tokens, [trainer.start_hook])
+        hidden, _ = lm.spliced_run(tokens, {h: trainer._replacement(h, records) for h in trainer.hooks},
+                                   start_hook=trainer.start_hook, start_acts=clean[trainer.start_hook])
+        logits = hidden @ lm.W_U + lm.b_U
+        hooks = [(h, lambda acts, hook, sae=trainer.saes[h]: sae(acts)) for h in trainer.hooks]
+        reference = lm.model.run_with_hooks(tokens, fwd_hooks=hooks)
+    assert torch.allclose(logits, reference, atol=1e-5), (logits - reference).abs().max()
+
+
+def test_lm_is_frozen_and_not_in_the_optimizer(tmp_path, model_dir, lm):
+    trainer = Trainer(make_config(tmp_path, model_dir), model=lm)
+    trainer.step(batches(1)[0])
+    lm_params = list(lm.model.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in lm_params)
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in trainer.params}
+    assert not optimized & {id(p) for p in lm_params}
+    assert len(trainer.optimizer.state) == 4  # W_enc, b_enc, W_dec, b_dec
+
+
+def _count_block_calls(lm):
+    counts = [0] * lm.n_layers
+    handles = []
+    for i, block in enumerate(lm.model.blocks):
+        # The attention inside the block: a block skipped by a run that starts later may still be
+        # called (as an identity), but computes nothing.
+        module = getattr(block, "original_component", block).attn
+
+        def count(module, args, output, i=i):
+            counts[i] += 1
+
+        handles.append(module.register_forward_hook(count))
+    return counts, handles
+
+
+def test_e2e_step_runs_the_blocks_before_the_sae_once(tmp_path, model_dir, lm):
+    trainer = Trainer(make_config(tmp_path, model_dir, "saes.hooks=[blocks.2.hook_resid_pre]"), model=lm)
+    counts, handles = _count_block_calls(lm)
+    try:
+        trainer.step(batches(1)[0])
+    finally:
+        for h in handles:
+            h.remove()
+    # blocks 0, 1: the clean run only; block 2 (after the SAE): clean + spliced.
+    assert counts == [1, 1, 2]
+
+
+def test_local_step_stops_at_the_sae_hook(tmp_path, model_dir, lm):
+    trainer = Trainer(make_config(tmp_path, model_dir, *MODES["local"]), model=lm)
+    counts, handles = _count_block_calls(lm)
+    try:
+        trainer.step(batches(1)[0])
+    finally:
+        for h in handles:
+            h.remove()
+    assert counts == [1, 0, 0]  # SAE at block 1's input: only block 0 runs
+
+
+def test_grad_accum_gives_the_same_step(tmp_path, model_dir, lm):
+    tokens = batches(1)[0]
+    params = []
+    for accum in (1, 2):
+        trainer = Trainer(make_config(tmp_path, model_dir, f"optim.grad_accum={accum}"), model=lm)
+        trainer.step(tokens)
+        params.append([p.detach().clone() for p in trainer.params])
+    for a, b in zip(*params):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_bf16_autocast_and_two_saes(tmp_path, model_dir, lm):
+    cfg = make_config(tmp_path, model_dir, "amp=bf16", "saes.hooks=[blocks.0.hook_resid_pre, blocks.2.hook_resid_pre]")
+    trainer = Trainer(cfg, model=lm)
+    metrics = trainer.step(batches(1)[0])
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values() if isinstance(v, float))
+    assert all(sae.W_enc.dtype == torch.float32 for sae in trainer.saes.values())
+    assert all(p.grad is not None for p in trainer.params)
+
+
+def test_lr_schedule():
+    warmup, total = 10, 110
+    assert lr_factor(0, warmup, total, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, warmup, total, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, warmup, total, 0.1) == pytest.approx(1.0)
+    assert lr_factor(60, warmup, total, 0.1) == pytest.approx(0.55)
+    assert lr_factor(110, warmup, total, 0.1) == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------ fit, checkpoints, resume
+
+def _fit(tmp_path, model_dir, lm, data, name, *overrides, **fit_kwargs):
+    cfg = make_config(tmp_path, model_dir, f"run_dir={tmp_path / name}", *overrides)
+    trainer = Trainer(cfg, model=lm, dataset=data, eval_dataset=batches(2, seed=99))
+    return trainer, trainer.fit(**fit_kwargs)
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def _assert_same_saes(a, b):
+    for hook in a.saes:
+        for (name, p), q in zip(a.saes[hook].named_parameters(), b.saes[hook].parameters()):
+            assert torch.allclose(p, q, atol=1e-6, rtol=0), name
+
+
+def test_fit_writes_metrics_checkpoint_and_eval(tmp_path, model_dir, lm):
+    trainer, final = _fit(tmp_path, model_dir, lm, batches(6), "run", "eval.every=3")
+    records = read_metrics(trainer.run_dir)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "eval/kl" in r] == [3, 6]
+    assert {"eval/ce_increase", "eval/kl", "loss", "l0"} <= set(final)
+    latest = ckpt.latest_checkpoint(trainer.run_dir)
+    assert latest.name == "step_00000006"
+    saes, state = ckpt.load_checkpoint(latest)
+    assert state["step"] == 6 and state["tokens_seen"] == 6 * BATCH * CTX
+    assert torch.equal(saes[HOOK].W_enc, trainer.saes[HOOK].W_enc)
+    assert (trainer.run_dir / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("mode", ["e2e", "topk"])
+def test_resume_equals_uninterrupted(tmp_path, model_dir, lm, mode):
+    data = batches(6)
+    full, _ = _fit(tmp_path, model_dir, lm, data, "full", *MODES[mode])
+    part, _ = _fit(tmp_path, model_dir, lm, data, "part", *MODES[mode], max_steps=3)
+    assert ckpt.latest_checkpoint(part.run_dir).name == "step_00000003"
+    resumed = Trainer.from_run_dir(part.run_dir, model=lm, dataset=data, eval_dataset=batches(2, seed=99))
+    assert resumed.step_count == 3
+    resumed.fit()
+    _assert_same_saes(full, resumed)
+    full_losses, resumed_losses = _losses(full.run_dir), _losses(resumed.run_dir)
+    assert full_losses.keys() == resumed_losses.keys()
+    for step in full_losses:
+        assert resumed_losses[step] == pytest.approx(full_losses[step], abs=1e-6)
+
+
+def test_resume_with_a_token_stream_is_exact(tmp_path, model_dir, lm):
+    """The data position comes from TokenStream.state_dict(), not from skipping batches."""
+    from helpers_models import TINY_TEXT
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TINY_TEXT * 30)
+    data = ["data.kind=text", f"data.path={corpus}"]
+    full = Trainer(make_config(tmp_path, model_dir, f"run_dir={tmp_path / 'full'}", *data), model=lm)
+    full.fit()
+    part = Trainer(make_config(tmp_path, model_dir, f"run_dir={tmp_path / 'part'}", *data), model=lm)
+    part.fit(max_steps=4)
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(part.run_dir))[1]
+    assert state["data"]["windows_consumed"] == 4 * BATCH
+    resumed = Trainer.from_run_dir(part.run_dir, model=lm)
+    resumed.fit()
+    _assert_same_saes(full, resumed)
+    assert _losses(full.run_dir) == pytest.approx(_losses(resumed.run_dir), abs=1e-6)
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_last_one(tmp_path, model_dir, lm, monkeypatch):
+    trainer, _ = _fit(tmp_path, model_dir, lm, batches(6), "run", "checkpoint.every=1", max_steps=2)
+    assert ckpt.latest_checkpoint(trainer.run_dir).name == "step_00000002"
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)  # the SAEs are written, then the state fails
+    with pytest.raises(OSError, match="simulated"):
+        trainer.fit(max_steps=1)
+    monkeypatch.undo()
+    root = trainer.run_dir / ckpt.CHECKPOINTS
+    assert not list(root.glob(".tmp-*"))  # the half-written directory is gone
+    latest = ckpt.latest_checkpoint(trainer.run_dir)
+    assert latest.name == "step_00000002"
+    saes, state = ckpt.load_checkpoint(latest)
+    assert state["step"] == 2
+    # A process killed mid-write leaves a .tmp- directory: it is never loaded, and cleaned next time.
+    (root / ".tmp-step_00000009-x" / "saes").mkdir(parents=True)
+    assert ckpt.latest_checkpoint(trainer.run_dir).name == "step_00000002"
+    (root / "latest").unlink()  # even without the pointer, the newest complete checkpoint is found
+    assert ckpt.latest_checkpoint(trainer.run_dir).name == "step_00000002"
+
+
+class SignalAfter:
+    """A dataset that sends itself a signal while the batch after `after` is being drawn."""
+
+    def __init__(self, data, after, sig):
+        self.data, self.after, self.sig = data, after, sig
+
+    def __iter__(self):
+        for i, batch in enumerate(self.data):
+            if i == self.after:
+                os.kill(os.getpid(), self.sig)
+            yield batch
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path, model_dir, lm, sig):
+    data = batches(6)
+    full, _ = _fit(tmp_path, model_dir, lm, data, "full")
+    cfg = make_config(tmp_path, model_dir, f"run_dir={tmp_path / 'stopped'}")
+    trainer = Trainer(cfg, model=lm, dataset=SignalAfter(data, 2, sig), eval_dataset=batches(2, seed=99))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    # The signal came while batch 3 was drawn: step 3 finished, then the checkpoint was written.
+    assert ckpt.latest_checkpoint(trainer.run_dir).name == "step_00000003"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    resumed = Trainer.from_run_dir(trainer.run_dir, model=lm, dataset=data, eval_dataset=batches(2, seed=99))
+    resumed.fit()
+    _assert_same_saes(full, resumed)
+
+
+def test_keyboard_interrupt_mid_step_saves_the_last_complete_step(tmp_path, model_dir, lm, monkeypatch):
+    data = batches(6)
+    full, _ = _fit(tmp_path, model_dir, lm, data, "full")
+    cfg = make_config(tmp_path, model_dir, f"run_dir={tmp_path / 'cut'}")
+    trainer = Trainer(cfg, model=lm, dataset=data, eval_dataset=batches(2, seed=99))
+    forward, calls = trainer._forward, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # inside step 5, before its update
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert ckpt.latest_checkpoint(trainer.run_dir).name == "step_00000004"
+    resumed = Trainer.from_run_dir(trainer.run_dir, model=lm, dataset=data, eval_dataset=batches(2, seed=99))
+    resumed.fit()
+    _assert_same_saes(full, resumed)
+
+
+def test_wandb_missing_gives_a_clear_error(tmp_path, model_dir, lm, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    cfg = make_config(tmp_path, model_dir, "wandb.project=fastsae-test")
+    trainer = Trainer(cfg, model=lm, dataset=batches(6))
+    with pytest.raises(ImportError, match="pip install wandb"):
+        trainer.fit()
+
+
+def test_bad_hook_in_config_names_it(tmp_path, model_dir, lm):
+    from fastsae.train import ConfigError
+
+    with pytest.raises(ConfigError, match="blocks.9.hook_resid_pre"):
+        Trainer(make_config(tmp_path, model_dir, "saes.hooks=[blocks.9.hook_resid_pre]"), model=lm)
+    with pytest.raises(ConfigError, match="must come after the last SAE"):
+        Trainer(make_config(tmp_path, model_dir, "loss.downstream_coeff=1",
+                            "loss.downstream_hooks=[blocks.0.hook_resid_pre]"), model=lm)
+
+
+def test_saved_sae_records_its_hook(tmp_path, model_dir, lm):
+    trainer, _ = _fit(tmp_path, model_dir, lm, batches(6), "run")
+    saes = ckpt.load_saes(trainer.run_dir)
+    assert saes[HOOK].metadata["hook"] == HOOK
+    cfg = json.loads((ckpt.latest_checkpoint(trainer.run_dir) / "saes" / HOOK / "cfg.json").read_text())
+    assert cfg["n_latents"] == 64
