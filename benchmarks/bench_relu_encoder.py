@@ -18,17 +18,12 @@ the dense work a ReLU encoder's forward + backward would do).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from conftest import HAS_CUDA, bench_size, cpu_peak_extra_bytes, cuda_timed, device_name, gpu_peak_bytes
+from conftest import DEVICE, DTYPE, HAS_CUDA, bench_size, peak_extra_bytes, time_step
 from fastsae.kernels.relu_encoder import relu_encode_triton
 from fastsae.ops import relu_encode
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 
 SHAPES = {
     "full": [(4096, 768, n) for n in (24_576, 49_152, 131_072)],
@@ -74,30 +69,6 @@ def flops(shape, passes) -> int:
     return (2 if passes == "fwd" else 6) * n_tokens * d * n_latents
 
 
-_PEAK_SCRIPT = """
-import sys
-sys.path.insert(0, {bench_dir!r})
-import torch
-import bench_relu_encoder as bench
-
-def setup():
-    return bench.make_step({shape!r}, {code!r}, {variant!r}, {passes!r}, dtype=getattr(torch, {dtype!r}),
-                           device="cpu")
-
-def run(step):
-    step()
-"""
-
-
-def peak_memory_bytes(shape, code, variant, passes, step) -> int:
-    if HAS_CUDA:
-        return gpu_peak_bytes(step)
-    script = _PEAK_SCRIPT.format(bench_dir=os.path.dirname(os.path.abspath(__file__)), shape=shape,
-                                 code=code, variant=variant, passes=passes,
-                                 dtype=str(DTYPE).removeprefix("torch."))
-    return cpu_peak_extra_bytes(script)
-
-
 @pytest.mark.parametrize("passes", PASSES)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("code", list(CODES))
@@ -112,15 +83,12 @@ def test_relu_encode(benchmark, shape, code, variant, passes):
     n_tokens, d, n_latents = shape
     step = make_step(shape, code, variant, passes)
     step()  # compile (GPU) / warm up before timing
-    benchmark.group = "{}-{}-N{}-d{}-n{}".format(passes, code, *shape)
-    benchmark.extra_info.update(device=device_name(), dtype=str(DTYPE), variant=variant, passes=passes,
-                                code=code, N=n_tokens, d=d, n_latents=n_latents, flops=flops(shape, passes))
-    benchmark(cuda_timed(step))
-    if benchmark.disabled:  # CI smoke run: one call, no figures
+    median = time_step(benchmark, step, "{}-{}-N{}-d{}-n{}".format(passes, code, *shape),
+                       dict(dtype=str(DTYPE), variant=variant, passes=passes, code=code, N=n_tokens, d=d,
+                            n_latents=n_latents, flops=flops(shape, passes)))
+    if median is None:  # CI smoke run: one call, no figures
         return
-    median = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        median_ms=median * 1e3,
         effective_TFLOPs=flops(shape, passes) / median / 1e12,
-        peak_memory_bytes=peak_memory_bytes(shape, code, variant, passes, step),
+        peak_memory_bytes=peak_extra_bytes(step, make_step, shape, code, variant, passes),
     )

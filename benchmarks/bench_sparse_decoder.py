@@ -23,23 +23,17 @@ The dense form's figure of merit is FLOP/s: 6*N*n*d (forward GEMM, grad_acts and
 reported for all three variants as "dense-equivalent TFLOP/s" so they compare on one scale.
 
 Each result records the device, dtype, shapes, median time, effective GB/s and peak memory (CUDA:
-max_memory_allocated; CPU: ru_maxrss growth in a subprocess). benchmarks/conftest.py writes
-benchmarks/results/bench_sparse_decoder_<size>_<device>.json at the end of a run.
+max_memory_allocated; CPU: peak RSS growth in a fresh process). benchmarks/conftest.py measures
+them and writes benchmarks/results/bench_sparse_decoder_<size>_<device>.json at the end of a run.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from conftest import HAS_CUDA, bench_size, cpu_peak_extra_bytes, cuda_timed, device_name, gpu_peak_bytes
+from conftest import DEVICE, DTYPE, HAS_CUDA, bench_size, peak_extra_bytes, time_step
 from fastsae.ops import sparse_decode
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-# bf16 is the training dtype on a GPU; the CPU runs the Triton interpreter, tested in fp32.
-DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 
 SHAPES = {
     "full": [(4096, 32, n, 768) for n in (24_576, 49_152, 131_072, 1 << 20)],
@@ -95,28 +89,6 @@ def dense_flops(shape) -> int:
     return 6 * n_tokens * n_latents * d
 
 
-_PEAK_SCRIPT = """
-import sys
-sys.path.insert(0, {bench_dir!r})
-import torch
-import bench_sparse_decoder as bench
-
-def setup():
-    return bench.make_step({shape!r}, {variant!r}, dtype=getattr(torch, {dtype!r}), device="cpu")
-
-def run(step):
-    step()
-"""
-
-
-def peak_memory_bytes(shape, variant, step) -> int:
-    if HAS_CUDA:
-        return gpu_peak_bytes(step)
-    script = _PEAK_SCRIPT.format(bench_dir=os.path.dirname(os.path.abspath(__file__)), shape=shape,
-                                 variant=variant, dtype=str(DTYPE).removeprefix("torch."))
-    return cpu_peak_extra_bytes(script)
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", SHAPES[bench_size()], ids=lambda s: "N{}-k{}-n{}-d{}".format(*s))
 def test_sparse_decode_fwd_bwd(benchmark, shape, variant):
@@ -127,17 +99,13 @@ def test_sparse_decode_fwd_bwd(benchmark, shape, variant):
             pytest.skip(f"the dense [N, n] code needs {dense_bytes / 2**30:.1f} GiB")
     step = make_step(shape, variant)
     step()  # compile (GPU) / warm up before timing
-    benchmark.group = "N{}-k{}-n{}-d{}".format(*shape)
-    benchmark.extra_info.update(device=device_name(), dtype=str(DTYPE), variant=variant, N=n_tokens, k=k,
-                                n_latents=n_latents, d=d, bytes_fwd_bwd=bytes_moved(shape, DTYPE.itemsize),
-                                dense_flops_fwd_bwd=dense_flops(shape))
-    benchmark(cuda_timed(step))
-    if benchmark.disabled:  # CI smoke run: one call, no figures
+    median = time_step(benchmark, step, "N{}-k{}-n{}-d{}".format(*shape),
+                       dict(dtype=str(DTYPE), variant=variant, N=n_tokens, k=k, n_latents=n_latents, d=d,
+                            bytes_fwd_bwd=bytes_moved(shape, DTYPE.itemsize), dense_flops_fwd_bwd=dense_flops(shape)))
+    if median is None:  # CI smoke run: one call, no figures
         return
-    median = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        median_ms=median * 1e3,
         effective_GBps=bytes_moved(shape, DTYPE.itemsize) / median / 1e9,
         dense_equivalent_TFLOPs=dense_flops(shape) / median / 1e12,
-        peak_memory_bytes=peak_memory_bytes(shape, variant, step),
+        peak_memory_bytes=peak_extra_bytes(step, make_step, shape, variant),
     )

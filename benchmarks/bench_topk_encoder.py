@@ -15,23 +15,17 @@ FASTSAE_BENCH_SIZE=small|full overrides (benchmarks/conftest.py).
 Effective TFLOP/s = 2*N*d*n / time (the GUIDE's cost model: the forward GEMM is the unavoidable
 work; the fwd_bwd figure uses the same numerator, so it reads as "forward-GEMM-equivalents").
 Each result records device, dtype, shapes, median time, TFLOP/s and peak memory (CUDA:
-max_memory_allocated; CPU: ru_maxrss growth in a subprocess). benchmarks/conftest.py writes
-benchmarks/results/bench_topk_encoder_<size>_<device>.json at the end of a run.
+max_memory_allocated; CPU: peak RSS growth in a fresh process). benchmarks/conftest.py measures
+them and writes benchmarks/results/bench_topk_encoder_<size>_<device>.json at the end of a run.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from conftest import HAS_CUDA, bench_size, cpu_peak_extra_bytes, cuda_timed, device_name, gpu_peak_bytes
+from conftest import DEVICE, DTYPE, HAS_CUDA, bench_size, peak_extra_bytes, time_step
 from fastsae.ops import topk_encode
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-# bf16 is the training dtype on a GPU; the CPU runs the Triton interpreter, tested in fp32.
-DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 
 SHAPES = {
     "full": [(4096, 768, n, 32) for n in (24_576, 49_152, 131_072, 1 << 20)],
@@ -84,28 +78,6 @@ def gemm_flops(shape) -> int:
     return 2 * n_tokens * d * n_latents
 
 
-_PEAK_SCRIPT = """
-import sys
-sys.path.insert(0, {bench_dir!r})
-import torch
-import bench_topk_encoder as bench
-
-def setup():
-    return bench.make_step({shape!r}, {variant!r}, {passes!r}, dtype=getattr(torch, {dtype!r}), device="cpu")
-
-def run(step):
-    step()
-"""
-
-
-def peak_memory_bytes(shape, variant, passes, step) -> int:
-    if HAS_CUDA:
-        return gpu_peak_bytes(step)
-    script = _PEAK_SCRIPT.format(bench_dir=os.path.dirname(os.path.abspath(__file__)), shape=shape,
-                                 variant=variant, passes=passes, dtype=str(DTYPE).removeprefix("torch."))
-    return cpu_peak_extra_bytes(script)
-
-
 @pytest.mark.parametrize("passes", PASSES)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", SHAPES[bench_size()], ids=lambda s: "N{}-d{}-n{}-k{}".format(*s))
@@ -119,15 +91,12 @@ def test_topk_encode(benchmark, shape, variant, passes):
             pytest.skip(f"the dense [N, n] tensors need {dense_bytes / 2**30:.1f} GiB")
     step = make_step(shape, variant, passes)
     step()  # compile (GPU) / warm up before timing
-    benchmark.group = "{}-N{}-d{}-n{}-k{}".format(passes, *shape)
-    benchmark.extra_info.update(device=device_name(), dtype=str(DTYPE), variant=variant, passes=passes,
-                                N=n_tokens, d=d, n_latents=n_latents, k=k, gemm_flops=gemm_flops(shape))
-    benchmark(cuda_timed(step))
-    if benchmark.disabled:  # CI smoke run: one call, no figures
+    median = time_step(benchmark, step, "{}-N{}-d{}-n{}-k{}".format(passes, *shape),
+                       dict(dtype=str(DTYPE), variant=variant, passes=passes, N=n_tokens, d=d,
+                            n_latents=n_latents, k=k, gemm_flops=gemm_flops(shape)))
+    if median is None:  # CI smoke run: one call, no figures
         return
-    median = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        median_ms=median * 1e3,
         effective_TFLOPs=gemm_flops(shape) / median / 1e12,
-        peak_memory_bytes=peak_memory_bytes(shape, variant, passes, step),
+        peak_memory_bytes=peak_extra_bytes(step, make_step, shape, variant, passes),
     )

@@ -2,7 +2,8 @@
 
 Forward (`_relu_encode_fwd_kernel`): a tiled GEMM, fp32 accumulation, grouped program order so
 that programs running together share x rows and W_enc columns in L2; the epilogue adds the bias,
-applies the ReLU and stores [N, n_latents] in x's dtype.
+applies the ReLU and stores [N, n_latents] in x's dtype. The GEMM + bias tile is the TopK
+encoder's (kernels/topk_encoder.py: encoder_preactivation_tile).
 
 Backward, with grad_pre = grad * (acts > 0), picks one of two paths by the measured sparsity:
 - dense: grad_x = grad_pre @ W_enc^T, grad_W_enc = x^T @ grad_pre (cuBLAS GEMMs through torch),
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsae.kernels.topk_encoder import dot_precision, sparse_encoder_backward
+from fastsae.kernels.topk_encoder import dot_precision, encoder_preactivation_tile, sparse_encoder_backward
 
 # Sparse backward when (widest row's nonzeros) / n_latents is at most this. Set from the GUIDE's
 # cost model, not measured (no GPU was available when this was written; re-measure with
@@ -57,20 +58,11 @@ def _relu_encode_fwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_tokens
     col_ok = cols < n_latents
-    offs_d = tl.arange(0, BLOCK_D)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for d_start in range(0, d_in, BLOCK_D):
-        ds = d_start + offs_d
-        x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ds[None, :] * stride_xd,
-                         mask=row_ok[:, None] & (ds[None, :] < d_in), other=0.0)
-        # int64 offsets: d_in * n_latents passes 2^31 at wide dictionaries.
-        w_tile = tl.load(w_ptr + ds[:, None].to(tl.int64) * stride_wd + cols[None, :] * stride_wn,
-                         mask=(ds[:, None] < d_in) & col_ok[None, :], other=0.0)
-        acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
-
-    bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    acts = tl.maximum(acc + bias[None, :], 0.0)
+    pre = encoder_preactivation_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, d_in,
+                                     stride_xm, stride_xd, stride_wd, stride_wn,
+                                     BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    acts = tl.maximum(pre, 0.0)
     out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
     tl.store(out, acts.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 

@@ -43,10 +43,34 @@ import triton
 import triton.language as tl
 
 
-
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def encoder_preactivation_tile(
+    x_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, d_in,
+    stride_xm, stride_xd, stride_wd, stride_wn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """x[rows] @ W_enc[:, cols] + b_enc[cols]: one [BLOCK_M, BLOCK_N] fp32 tile of pre-activations.
+
+    A tl.dot over d_in in steps of BLOCK_D, fp32 accumulation; masked rows / columns read 0.
+    Shared by the TopK encoder's forward and kernels/relu_encoder.py's.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d_start in range(0, d_in, BLOCK_D):
+        ds = d_start + offs_d
+        x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ds[None, :] * stride_xd,
+                         mask=row_ok[:, None] & (ds[None, :] < d_in), other=0.0)
+        # int64 offsets: d_in * n_latents passes 2^31 at wide dictionaries.
+        w_tile = tl.load(w_ptr + ds[:, None].to(tl.int64) * stride_wd + cols[None, :] * stride_wn,
+                         mask=(ds[:, None] < d_in) & col_ok[None, :], other=0.0)
+        acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
+    bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return acc + bias[None, :]
 
 
 @triton.jit
@@ -65,7 +89,6 @@ def _topk_encode_fwd_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_tokens
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     slots = tl.arange(0, K_PAD)
     split_start = split * latents_per_split
     split_end = tl.minimum(split_start + latents_per_split, n_latents)
@@ -80,17 +103,9 @@ def _topk_encode_fwd_kernel(
         cols = tile_start + offs_n
         col_ok = cols < split_end
 
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for d_start in range(0, d_in, BLOCK_D):
-            ds = d_start + offs_d
-            x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ds[None, :] * stride_xd,
-                             mask=row_ok[:, None] & (ds[None, :] < d_in), other=0.0)
-            # int64 offsets: d_in * n_latents passes 2^31 at wide dictionaries.
-            w_tile = tl.load(w_ptr + ds[:, None].to(tl.int64) * stride_wd + cols[None, :] * stride_wn,
-                             mask=(ds[:, None] < d_in) & col_ok[None, :], other=0.0)
-            acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
-        bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        pre = acc + bias[None, :]
+        pre = encoder_preactivation_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, d_in,
+                                         stride_xm, stride_xd, stride_wd, stride_wn,
+                                         BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
 
         # Candidates: entries above the row's current k-th best. After the first tiles they are
         # rare, so the selection loop below runs a few times per tile, not k times.

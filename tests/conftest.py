@@ -39,3 +39,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def compile_reports(request):
+    """The requesting test file's compile_cases(), compiled for every arch (tests/compile_check.py)."""
+    from compile_check import compile_in_subprocess
+
+    return compile_in_subprocess(request.path)

@@ -5,18 +5,13 @@ CPU shapes are small (Triton's interpreter is slow). On the interpreter tl.dot o
 so bf16 is only tested on a GPU.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastsae.ops._checks as checks
 from fastsae import ops
-from compile_check import ARCHS
+from compile_check import ARCHS, check_compile_report
 from conftest import HAS_TRITON, KERNEL_DEVICE
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -255,57 +250,28 @@ def test_reference_extreme_logits_and_exact_zero():
 # Compile for sm_80 / sm_90 at the shipped GPU configs (no GPU needed)
 # ----------------------------------------------------------------------------------------------
 
-# The interpreter (TRITON_INTERPRET=1, set by conftest without CUDA) replaces triton.language in
-# this process, so triton.compile cannot run here: every kernel x dtype x arch is compiled in one
-# subprocess without the interpreter, and each test reads its report.
-_COMPILE_SCRIPT = r"""
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-from compile_check import ARCHS, MAX_SHARED_BYTES, compile_kernel
-from fastsae.kernels import linear_kl as K
+def compile_cases():
+    """Every kernel at the block sizes / warps kernel_config ships for CUDA, fp32 and bf16
+    (tests/compile_check.py). fp16 has bf16's config (kernel_config only tells fp32 from 16-bit)."""
+    from fastsae.kernels import linear_kl as K
 
-SIZES = dict(n_tokens="i32", d_model="i32", d_vocab="i32", tiles_per_slice="i32",
-             stride_hn="i32", stride_hd="i32", stride_wd="i32", stride_wv="i32")
-
-def case(kernel, ty):
-    common = dict(h_sae_ptr=f"*{ty}", h_orig_ptr=f"*{ty}", w_ptr=f"*{ty}", b_ptr=f"*{ty}")
-    if kernel == "forward":
-        return (K._linear_kl_forward_kernel,
-                {**common, "labels_ptr": "*i64", "stats_ptr": "*fp32", "argmax_ptr": "*i32", **SIZES},
-                dict(HAS_BIAS=True, HAS_LABELS=True))
-    return (K._linear_kl_grad_kernel,
+    sizes = dict(n_tokens="i32", d_model="i32", d_vocab="i32", tiles_per_slice="i32",
+                 stride_hn="i32", stride_hd="i32", stride_wd="i32", stride_wv="i32")
+    cases = {}
+    for dtype, ty in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        config = K.kernel_config(dtype, torch.device("cuda"))
+        num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
+        common = dict(h_sae_ptr=f"*{ty}", h_orig_ptr=f"*{ty}", w_ptr=f"*{ty}", b_ptr=f"*{ty}")
+        cases[f"forward-{ty}"] = (
+            K._linear_kl_forward_kernel,
+            {**common, "labels_ptr": "*i64", "stats_ptr": "*fp32", "argmax_ptr": "*i32", **sizes},
+            dict(config, HAS_BIAS=True, HAS_LABELS=True, INPUT_PRECISION="ieee"), num_warps, num_stages)
+        cases[f"grad-{ty}"] = (
+            K._linear_kl_grad_kernel,
             {**common, "lse_orig_ptr": "*fp32", "lse_sae_ptr": "*fp32", "weight_ptr": "*fp32",
-             "grad_ptr": "*fp32", **SIZES, "stride_gn": "i32"},
-            dict(HAS_BIAS=True, USE_ATOMICS=True))
-
-reports = {}
-# fp16 has bf16's config (kernel_config only tells fp32 from 16-bit types)
-for dtype, ty in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-    config = K.kernel_config(dtype, torch.device("cuda"))
-    options = dict(num_warps=config.pop("num_warps"), num_stages=config.pop("num_stages"))
-    for kernel in ("forward", "grad"):
-        fn, signature, constexprs = case(kernel, ty)
-        constexprs.update(config, INPUT_PRECISION="ieee")
-        for arch in ARCHS:
-            key = f"{arch}-{kernel}-{ty}"
-            try:
-                r = compile_kernel(fn, signature, constexprs, arch, **options)
-                reports[key] = dict(report=str(r), shared=r.shared_bytes, local=r.local_bytes,
-                                    max_shared=MAX_SHARED_BYTES[arch], config=config)
-            except Exception as e:
-                reports[key] = dict(error=f"{type(e).__name__}: {e}")
-print("REPORTS" + json.dumps(reports))
-"""
-
-
-@pytest.fixture(scope="module")
-def compile_reports():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, tests_dir], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.split("REPORTS", 1)[1])
+             "grad_ptr": "*fp32", **sizes, "stride_gn": "i32"},
+            dict(config, HAS_BIAS=True, USE_ATOMICS=True, INPUT_PRECISION="ieee"), num_warps, num_stages)
+    return cases
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -313,11 +279,7 @@ def compile_reports():
 @pytest.mark.parametrize("kernel", ["forward", "grad"])
 def test_kernels_compile(compile_reports, arch, dtype, kernel):
     """Every kernel at the block sizes / warps kernel_config ships for CUDA."""
-    result = compile_reports[f"{arch}-{kernel}-{dtype}"]
-    assert "error" not in result, result.get("error")
-    print(f"linear_kl {kernel} {dtype} {result['config']}: {result['report']}")
-    assert result["shared"] <= result["max_shared"], f"shared memory overflow: {result['report']}"
-    assert result["local"] in (None, 0), f"register spills: {result['report']}"
+    check_compile_report(compile_reports[f"{arch}-{kernel}-{dtype}"])
 
 
 # ----------------------------------------------------------------------------------------------

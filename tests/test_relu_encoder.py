@@ -4,15 +4,11 @@ Both backward paths (dense GEMMs, sparse compaction + the TopK encoder's sparse 
 forced in turn, and the density switch is checked on dense and sparse codes.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from compile_check import ARCHS
-from conftest import KERNEL_DEVICE, needs_triton
+from compile_check import ARCHS, check_compile_report
+from conftest import needs_triton
+from helpers_encoders import DTYPES, TOL, make_inputs
 
 from fastsae import ops
 from fastsae.ops.relu_encoder import relu_encode_reference
@@ -20,16 +16,6 @@ from fastsae.ops.relu_encoder import relu_encode_reference
 pytestmark = needs_triton
 
 rk = pytest.importorskip("fastsae.kernels.relu_encoder")
-
-DTYPES = [torch.float32, torch.float16]
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
-
-def make_inputs(n_tokens, d_in, n_latents, dtype, device=KERNEL_DEVICE, bias_shift=0.0):
-    x = torch.randn(n_tokens, d_in, device=device).to(dtype)
-    W = (torch.randn(d_in, n_latents, device=device) / d_in ** 0.5).to(dtype)
-    b = (0.1 * torch.randn(n_latents, device=device) + bias_shift).to(dtype)
-    return x, W, b
 
 
 def reference_grads(x, W, b, grad_acts):
@@ -148,61 +134,29 @@ def test_public_op_and_errors():
 
 # ------------------------------------------------------------------ compile checks (sm_80, sm_90)
 
-# The interpreter replaces triton.language's functions in this process: compile in a subprocess
-# without it (one per arch, side by side). The sparse backward's kernels are those of
-# kernels/topk_encoder.py, compile-checked in tests/test_topk_encoder.py.
-_COMPILE_SCRIPT = r"""
-import json, sys
-sys.path.insert(0, sys.argv[1])
-arch = int(sys.argv[2])
-import torch
-from compile_check import MAX_SHARED_BYTES, compile_kernel
-from fastsae.kernels import relu_encoder as K
+# The sparse backward's kernels are those of kernels/topk_encoder.py, compile-checked in
+# tests/test_topk_encoder.py.
+def compile_cases():
+    """The forward kernel at its shipped config per dtype (tests/compile_check.py)."""
+    from fastsae.kernels import relu_encoder as K
 
-reports = {}
-for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
-    block_m, block_n, block_d, warps, stages = K.FWD_CONFIGS[dtype]
-    ptr = "*" + name
-    signature = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, out_ptr=ptr, n_tokens="i32", d_in="i32",
-                     n_latents="i32", stride_xm="i32", stride_xd="i32", stride_wd="i32",
-                     stride_wn="i32", stride_om="i32", stride_on="i32")
-    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=K.GROUP_M,
-                      DOT_PRECISION="ieee" if name == "fp32" else "tf32")
-    try:
-        r = compile_kernel(K._relu_encode_fwd_kernel, signature, constexprs, arch,
-                           num_warps=warps, num_stages=stages)
-        reports[name] = dict(report=f"{r} {constexprs}", shared=r.shared_bytes, local=r.local_bytes,
-                             max_shared=MAX_SHARED_BYTES[arch])
-    except Exception as e:
-        reports[name] = dict(error=f"{type(e).__name__}: {e}")
-print("REPORTS" + json.dumps(reports))
-"""
-
-
-@pytest.fixture(scope="module")
-def compile_reports():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    runs = {arch: subprocess.Popen([sys.executable, "-c", _COMPILE_SCRIPT, tests_dir, str(arch)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            for arch in ARCHS}
-    reports = {}
-    for arch, run in runs.items():
-        out, err = run.communicate(timeout=600)
-        assert run.returncode == 0, err[-4000:]
-        for key, value in json.loads(out.split("REPORTS", 1)[1]).items():
-            reports[f"{arch}-{key}"] = value
-    return reports
+    cases = {}
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
+        block_m, block_n, block_d, warps, stages = K.FWD_CONFIGS[dtype]
+        ptr = "*" + name
+        signature = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, out_ptr=ptr, n_tokens="i32", d_in="i32",
+                         n_latents="i32", stride_xm="i32", stride_xd="i32", stride_wd="i32",
+                         stride_wn="i32", stride_om="i32", stride_on="i32")
+        constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=K.GROUP_M,
+                          DOT_PRECISION="ieee" if name == "fp32" else "tf32")
+        cases[name] = (K._relu_encode_fwd_kernel, signature, constexprs, warps, stages)
+    return cases
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_forward_kernel_compiles(compile_reports, arch, dtype):
-    result = compile_reports[f"{arch}-{dtype}"]
-    assert "error" not in result, result.get("error")
-    print(f"relu forward {dtype}: {result['report']}")
-    assert result["shared"] <= result["max_shared"], f"shared memory overflow: {result['report']}"
-    assert result["local"] in (None, 0), f"register spills: {result['report']}"
+    check_compile_report(compile_reports[f"{arch}-{dtype}"])
 
 
 # ------------------------------------------------------------------ GPU only

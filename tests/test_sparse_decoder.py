@@ -8,14 +8,10 @@ an fp16-sized tolerance.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from compile_check import ARCHS, check_compile_report
 from conftest import KERNEL_DEVICE, needs_triton
 from fastsae.ops import dense_decode, sparse_decode
 from fastsae.ops.sparse_decoder import SparseDecodeReference
@@ -270,72 +266,45 @@ def test_dense_decode_errors():
 # Compile for sm_80 / sm_90 at the shipped launch configurations
 
 
-# The interpreter (TRITON_INTERPRET=1, set by conftest without CUDA) replaces triton.language's
-# functions in this process, so triton.compile cannot run here: every kernel x config x arch is
-# compiled once, in one subprocess without the interpreter, and each test reads its report.
-_COMPILE_SCRIPT = r"""
-import json, sys
-sys.path.insert(0, sys.argv[1])
-from compile_check import ARCHS, MAX_SHARED_BYTES, compile_kernel
-from fastsae.kernels import sparse_decoder as K
+def compile_cases():
+    """Every kernel at the shipped launch configurations, fp32 and bf16 (tests/compile_check.py).
 
-def fwd_signature(dtype):
-    return dict(values_ptr=f"*{dtype}", indices_ptr="*i64", W_ptr=f"*{dtype}", b_ptr=f"*{dtype}",
-                out_ptr=f"*{dtype}", n_tokens="i32", k="i32", d="i32", stride_w="i32", stride_out="i32")
+    BLOCK_D = 256 is the widest block_d_for() returns.
+    """
+    K = kernels()
 
-def bwd_signature(dtype):
-    return dict(grad_out_ptr=f"*{dtype}", values_ptr=f"*{dtype}", W_ptr=f"*{dtype}", sorted_pairs_ptr="*i32",
-                segment_start_ptr="*i32", grad_W_ptr=f"*{dtype}", partial_dots_ptr="*fp32", n_latents="i32",
-                k="i32", d="i32", n_pairs="i32", stride_g="i32", stride_w="i32", stride_gw="i32")
+    def fwd_signature(dtype):
+        return dict(values_ptr=f"*{dtype}", indices_ptr="*i64", W_ptr=f"*{dtype}", b_ptr=f"*{dtype}",
+                    out_ptr=f"*{dtype}", n_tokens="i32", k="i32", d="i32", stride_w="i32", stride_out="i32")
 
-def bwd(write_grad_W, write_grad_values):
-    return dict(BLOCK_P=K.BWD_BLOCK_P, BLOCK_D=K.MAX_BLOCK_D, LATENTS_PER_PROGRAM=K.BWD_LATENTS_PER_PROGRAM,
-                WRITE_GRAD_W=write_grad_W, WRITE_GRAD_VALUES=write_grad_values)
+    def bwd_signature(dtype):
+        return dict(grad_out_ptr=f"*{dtype}", values_ptr=f"*{dtype}", W_ptr=f"*{dtype}", sorted_pairs_ptr="*i32",
+                    segment_start_ptr="*i32", grad_W_ptr=f"*{dtype}", partial_dots_ptr="*fp32", n_latents="i32",
+                    k="i32", d="i32", n_pairs="i32", stride_g="i32", stride_w="i32", stride_gw="i32")
 
-# The shipped launch configurations: BLOCK_D = 256 is the widest block_d_for() returns.
-CASES = {
-    "fwd": (K._sparse_decode_fwd_kernel, fwd_signature,
-            dict(BLOCK_T=K.FWD_BLOCK_T, BLOCK_D=K.MAX_BLOCK_D, K_UNROLL=K.FWD_K_UNROLL)),
-    "bwd": (K._sparse_decode_bwd_kernel, bwd_signature, bwd(True, True)),
-    "bwd_grad_W_only": (K._sparse_decode_bwd_kernel, bwd_signature, bwd(True, False)),
-    "bwd_grad_values_only": (K._sparse_decode_bwd_kernel, bwd_signature, bwd(False, True)),
-}
-reports = {}
-for arch in ARCHS:
-    for case, (kernel, signature, constexprs) in CASES.items():
-        for dtype in ("fp32", "bf16"):
-            key = f"{arch}-{case}-{dtype}"
-            try:
-                r = compile_kernel(kernel, signature(dtype), constexprs, arch, num_warps=K.NUM_WARPS)
-                reports[key] = dict(report=str(r), shared=r.shared_bytes, local=r.local_bytes,
-                                    max_shared=MAX_SHARED_BYTES[arch])
-            except Exception as e:
-                reports[key] = dict(error=f"{type(e).__name__}: {e}")
-print("REPORTS" + json.dumps(reports))
-"""
+    def bwd(write_grad_W, write_grad_values):
+        return dict(BLOCK_P=K.BWD_BLOCK_P, BLOCK_D=K.MAX_BLOCK_D, LATENTS_PER_PROGRAM=K.BWD_LATENTS_PER_PROGRAM,
+                    WRITE_GRAD_W=write_grad_W, WRITE_GRAD_VALUES=write_grad_values)
+
+    kernel_cases = {
+        "fwd": (K._sparse_decode_fwd_kernel, fwd_signature,
+                dict(BLOCK_T=K.FWD_BLOCK_T, BLOCK_D=K.MAX_BLOCK_D, K_UNROLL=K.FWD_K_UNROLL)),
+        "bwd": (K._sparse_decode_bwd_kernel, bwd_signature, bwd(True, True)),
+        "bwd_grad_W_only": (K._sparse_decode_bwd_kernel, bwd_signature, bwd(True, False)),
+        "bwd_grad_values_only": (K._sparse_decode_bwd_kernel, bwd_signature, bwd(False, True)),
+    }
+    return {f"{case}-{dtype}": (kernel, signature(dtype), constexprs, K.NUM_WARPS, 3)
+            for case, (kernel, signature, constexprs) in kernel_cases.items() for dtype in ("fp32", "bf16")}
+
 
 COMPILE_CASES = ["fwd", "bwd", "bwd_grad_W_only", "bwd_grad_values_only"]
 
 
-@pytest.fixture(scope="module")
-def compile_reports():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, tests_dir], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.split("REPORTS", 1)[1])
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("case", COMPILE_CASES)
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_compiles(compile_reports, arch, case, dtype):
-    result = compile_reports[f"{arch}-{case}-{dtype}"]
-    assert "error" not in result, result.get("error")
-    print(f"{case} {dtype}: {result['report']}")
-    assert result["shared"] <= result["max_shared"], f"shared memory overflow: {result['report']}"
-    assert result["local"] in (None, 0), f"register spills: {result['report']}"
+    check_compile_report(compile_reports[f"{arch}-{case}-{dtype}"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,15 +4,11 @@ On CPU the kernels run under Triton's interpreter (small shapes, fp32 and fp16);
 bf16 and the issue's shapes. Every @triton.jit kernel is also compiled for sm_80 and sm_90.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from compile_check import ARCHS
+from compile_check import ARCHS, check_compile_report
 from conftest import KERNEL_DEVICE, needs_triton
+from helpers_encoders import DTYPES, TOL, make_inputs
 
 from fastsae import ops
 from fastsae.ops._sparse import gather_rows_weighted, scatter_rows_weighted
@@ -21,17 +17,6 @@ from fastsae.ops.topk_encoder import TopKEncodeReference
 pytestmark = needs_triton
 
 tk = pytest.importorskip("fastsae.kernels.topk_encoder")
-
-DTYPES = [torch.float32, torch.float16]
-# Tolerance on values and gradients, relative to the largest magnitude involved.
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
-
-def make_inputs(n_tokens, d_in, n_latents, dtype, device=KERNEL_DEVICE, bias_shift=0.0):
-    x = torch.randn(n_tokens, d_in, device=device).to(dtype)
-    W = (torch.randn(d_in, n_latents, device=device) / d_in ** 0.5).to(dtype)
-    b = (0.1 * torch.randn(n_latents, device=device) + bias_shift).to(dtype)
-    return x, W, b
 
 
 def exact_pre(x, W, b):
@@ -213,97 +198,61 @@ def test_errors():
 
 # ------------------------------------------------------------------ compile checks (sm_80, sm_90)
 
-# The interpreter (TRITON_INTERPRET=1, set by conftest without CUDA) replaces triton.language's
-# functions in this process, so triton.compile cannot run here: each arch's kernels x shipped
-# configs are compiled in a subprocess without the interpreter (the two archs side by side), and
-# each test reads its report.
-_COMPILE_SCRIPT = r"""
-import json, sys
-sys.path.insert(0, sys.argv[1])
-arch = int(sys.argv[2])
-import torch
-from compile_check import MAX_SHARED_BYTES, compile_kernel
-from fastsae.kernels import topk_encoder as K
+def compile_cases():
+    """Every kernel at its shipped configs, bf16 and fp32 (tests/compile_check.py)."""
+    from fastsae.kernels import topk_encoder as K
 
-PTR = {"bf16": "*bf16", "fp32": "*fp32"}
-TORCH = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    ptr = {"bf16": "*bf16", "fp32": "*fp32"}
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-def precision(dtype):
-    return "ieee" if dtype == "fp32" else "tf32"
+    def precision(dtype):
+        return "ieee" if dtype == "fp32" else "tf32"
 
-def forward(k_pad, dtype):
-    cfg = K.fwd_config(k_pad, TORCH[dtype], torch.device("cuda"))
-    signature = dict(x_ptr=PTR[dtype], w_ptr=PTR[dtype], b_ptr=PTR[dtype], cand_val_ptr="*fp32",
-                     cand_idx_ptr="*i32", n_tokens="i32", d_in="i32", n_latents="i32",
-                     latents_per_split="i32", k="i32", stride_xm="i32", stride_xd="i32",
-                     stride_wd="i32", stride_wn="i32")
-    constexprs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-                      K_PAD=k_pad, DOT_PRECISION=precision(dtype))
-    return K._topk_encode_fwd_kernel, signature, constexprs, cfg["num_warps"], cfg["num_stages"]
+    def forward(k_pad, dtype):
+        cfg = K.fwd_config(k_pad, torch_dtype[dtype], torch.device("cuda"))
+        signature = dict(x_ptr=ptr[dtype], w_ptr=ptr[dtype], b_ptr=ptr[dtype], cand_val_ptr="*fp32",
+                         cand_idx_ptr="*i32", n_tokens="i32", d_in="i32", n_latents="i32",
+                         latents_per_split="i32", k="i32", stride_xm="i32", stride_xd="i32",
+                         stride_wd="i32", stride_wn="i32")
+        constexprs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                          K_PAD=k_pad, DOT_PRECISION=precision(dtype))
+        return K._topk_encode_fwd_kernel, signature, constexprs, cfg["num_warps"], cfg["num_stages"]
 
-def gather(dtype):
-    cfg = dict(K.GATHER_CONFIG)
-    warps = cfg.pop("num_warps")
-    signature = dict(grad_ptr=PTR[dtype], idx_ptr="*i64", w_ptr=PTR[dtype], out_ptr=PTR[dtype],
-                     n_tokens="i32", d_in="i32", k="i32", stride_wd="i32", stride_wn="i32")
-    return K._gather_columns_kernel, signature, cfg, warps, 3
+    def gather(dtype):
+        cfg = dict(K.GATHER_CONFIG)
+        warps = cfg.pop("num_warps")
+        signature = dict(grad_ptr=ptr[dtype], idx_ptr="*i64", w_ptr=ptr[dtype], out_ptr=ptr[dtype],
+                         n_tokens="i32", d_in="i32", k="i32", stride_wd="i32", stride_wn="i32")
+        return K._gather_columns_kernel, signature, cfg, warps, 3
 
-def segment(dtype, write_bias):
-    cfg = dict(K.SEGMENT_CONFIG)
-    warps = cfg.pop("num_warps")
-    signature = dict(x_ptr=PTR[dtype], tok_ptr="*i32", lat_ptr="*i32", grad_ptr=PTR[dtype],
-                     block_start_ptr="*i32", grad_w_ptr=PTR[dtype], grad_b_ptr=PTR[dtype],
-                     d_in="i32", n_latents="i32", stride_xm="i32", stride_xd="i32",
-                     stride_gwd="i32", stride_gwn="i32")
-    cfg.update(DOT_PRECISION=precision(dtype), WRITE_BIAS=write_bias)
-    return K._latent_segment_grad_kernel, signature, cfg, warps, 3
+    def segment(dtype, write_bias):
+        cfg = dict(K.SEGMENT_CONFIG)
+        warps = cfg.pop("num_warps")
+        signature = dict(x_ptr=ptr[dtype], tok_ptr="*i32", lat_ptr="*i32", grad_ptr=ptr[dtype],
+                         block_start_ptr="*i32", grad_w_ptr=ptr[dtype], grad_b_ptr=ptr[dtype],
+                         d_in="i32", n_latents="i32", stride_xm="i32", stride_xd="i32",
+                         stride_gwd="i32", stride_gwn="i32")
+        cfg.update(DOT_PRECISION=precision(dtype), WRITE_BIAS=write_bias)
+        return K._latent_segment_grad_kernel, signature, cfg, warps, 3
 
-cases = {}
-for dtype in ("bf16", "fp32"):
-    for k_pad in sorted(K.FWD_CONFIGS):
-        cases[f"fwd_kpad{k_pad}-{dtype}"] = forward(k_pad, dtype)
-    cases[f"gather-{dtype}"] = gather(dtype)
-    cases[f"segment-{dtype}"] = segment(dtype, True)
-reports = {}
-for key, (kernel, signature, constexprs, warps, stages) in cases.items():
-    try:
-        r = compile_kernel(kernel, signature, constexprs, arch, num_warps=warps, num_stages=stages)
-        reports[key] = dict(report=f"{r} {constexprs}", shared=r.shared_bytes, local=r.local_bytes,
-                            max_shared=MAX_SHARED_BYTES[arch])
-    except Exception as e:
-        reports[key] = dict(error=f"{type(e).__name__}: {e}")
-print("REPORTS" + json.dumps(reports))
-"""
+    cases = {}
+    for dtype in ("bf16", "fp32"):
+        for k_pad in sorted(K.FWD_CONFIGS):
+            cases[f"fwd_kpad{k_pad}-{dtype}"] = forward(k_pad, dtype)
+        cases[f"gather-{dtype}"] = gather(dtype)
+        cases[f"segment-{dtype}"] = segment(dtype, True)
+    return cases
+
 
 COMPILE_CASES = ([f"fwd_kpad{k_pad}" for k_pad in sorted(tk.FWD_CONFIGS)]
                  + ["gather", "segment"])
-
-
-@pytest.fixture(scope="module")
-def compile_reports():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    runs = {arch: subprocess.Popen([sys.executable, "-c", _COMPILE_SCRIPT, tests_dir, str(arch)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            for arch in ARCHS}
-    reports = {}
-    for arch, run in runs.items():
-        out, err = run.communicate(timeout=600)
-        assert run.returncode == 0, err[-4000:]
-        for key, value in json.loads(out.split("REPORTS", 1)[1]).items():
-            reports[f"{arch}-{key}"] = value
-    return reports
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("case", COMPILE_CASES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kernel_compiles(compile_reports, arch, case, dtype):
-    result = compile_reports[f"{arch}-{case}-{dtype}"]
-    assert "error" not in result, result.get("error")
-    print(f"{case} {dtype}: {result['report']}")
-    assert result["shared"] <= result["max_shared"], f"shared memory overflow: {result['report']}"
-    assert result["local"] in (None, 0), f"register spills: {result['report']}"
+    check_compile_report(compile_reports[f"{arch}-{case}-{dtype}"])
 
 
 # ------------------------------------------------------------------ GPU only

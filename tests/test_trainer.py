@@ -105,7 +105,8 @@ def test_lm_is_frozen_and_not_in_the_optimizer(tmp_path, model_dir, lm):
     assert len(trainer.optimizer.state) == 4  # W_enc, b_enc, W_dec, b_dec
 
 
-def _count_block_calls(lm):
+def _block_calls_in_one_step(trainer, lm):
+    """How many times each block of lm computes during one trainer.step."""
     counts = [0] * lm.n_layers
     handles = []
     for i, block in enumerate(lm.model.blocks):
@@ -117,30 +118,23 @@ def _count_block_calls(lm):
             counts[i] += 1
 
         handles.append(module.register_forward_hook(count))
-    return counts, handles
+    try:
+        trainer.step(batches(1)[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
 
 
 def test_e2e_step_runs_the_blocks_before_the_sae_once(tmp_path, model_dir, lm):
     trainer = Trainer(make_config(tmp_path, model_dir, "saes.hooks=[blocks.2.hook_resid_pre]"), model=lm)
-    counts, handles = _count_block_calls(lm)
-    try:
-        trainer.step(batches(1)[0])
-    finally:
-        for h in handles:
-            h.remove()
     # blocks 0, 1: the clean run only; block 2 (after the SAE): clean + spliced.
-    assert counts == [1, 1, 2]
+    assert _block_calls_in_one_step(trainer, lm) == [1, 1, 2]
 
 
 def test_local_step_stops_at_the_sae_hook(tmp_path, model_dir, lm):
     trainer = Trainer(make_config(tmp_path, model_dir, *MODES["local"]), model=lm)
-    counts, handles = _count_block_calls(lm)
-    try:
-        trainer.step(batches(1)[0])
-    finally:
-        for h in handles:
-            h.remove()
-    assert counts == [1, 0, 0]  # SAE at block 1's input: only block 0 runs
+    assert _block_calls_in_one_step(trainer, lm) == [1, 0, 0]  # SAE at block 1's input: only block 0 runs
 
 
 def test_grad_accum_gives_the_same_step(tmp_path, model_dir, lm):
