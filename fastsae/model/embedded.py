@@ -140,7 +140,7 @@ def ensure_embedded_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         if progress:
-            expected = "; about 2 minutes on 2 CPU cores" if config == DEFAULT_CONFIG else ""
+            expected = "; about a minute on 2 CPU cores" if config == DEFAULT_CONFIG else ""
             print(
                 f"fastsae: pretraining the embedded model once (a {config.n_layer}-layer GPT-2, "
                 f"{config.steps} steps{expected}) into {target}",
