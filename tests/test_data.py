@@ -102,6 +102,22 @@ def test_hf_saved_dataset_and_resume(tmp_path, tokenizer, streaming):
     assert all(torch.equal(x, y) for x, y in zip(take(b, 60), expected))
 
 
+@pytest.mark.parametrize("streaming", [True, False])
+def test_hf_eval_examples_hold_out_the_head_of_a_shared_split(tmp_path, tokenizer, streaming):
+    datasets = pytest.importorskip("datasets")
+    # example i is T copies of token i: a window names the example it came from
+    datasets.Dataset.from_dict({"input_ids": [[i] * T for i in range(12)]}).save_to_disk(str(tmp_path / "ds"))
+    spec = {"kind": "hf", "name": str(tmp_path / "ds"), "streaming": streaming, "eval_examples": 3}
+    train = build_token_stream(spec, tokenizer, context_length=T, batch_size=1, split="train")
+    evals = build_token_stream(spec, tokenizer, context_length=T, batch_size=1, split="eval")
+    train_ids = {int(next(train)[0, 0]) for _ in range(20)}  # loops over its 9 examples
+    eval_ids = [int(next(evals)[0, 0]) for _ in range(7)]
+    assert train_ids == set(range(3, 12))
+    assert eval_ids == [0, 1, 2, 0, 1, 2, 0]
+    with pytest.raises(ValueError, match="eval_examples"):
+        build_token_stream({**spec, "eval_split": "validation"}, tokenizer, context_length=T, batch_size=1)
+
+
 def test_hf_json_builder_and_pretokenized(tmp_path, tokenizer):
     pytest.importorskip("datasets")
     import json

@@ -78,6 +78,7 @@ class DataConfig:
     config: str | None = _field(None, help="hf: the dataset's config (subset)")
     split: str | None = _field(None, help="hf: the training split (default train)")
     eval_split: str | None = _field(None, help="hf: the held-out split (default: the training split)")
+    eval_examples: int | None = _field(None, low=1, help="hf: hold out the first N examples of a split shared by train and eval")
     column: str | None = _field(None, help="hf: the text column (default text; input_ids is used as tokens)")
     streaming: bool | None = _field(None, help="hf: stream instead of downloading (default true)")
     data_files: str | None = _field(None, help="hf: data_files for builders like json/parquet")

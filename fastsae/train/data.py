@@ -23,8 +23,9 @@ Two kinds of stream:
 
 Splits: split="train" or "eval". embedded: the corpus' own held-out split. text / tokens: the last
 "eval_fraction" (default 0.05) of the windows are eval, the rest train; eval is not shuffled.
-hf: spec "split" (default "train") for train, spec "eval_split" for eval (default: the same split,
-then eval data overlaps train data: set eval_split for an honest eval).
+hf: spec "split" (default "train") for train, spec "eval_split" for eval (default: the same split).
+When both read the same split, "eval_examples" holds out its first N examples: eval reads only
+those, train starts after them. Without either, eval data overlaps train data.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ SPEC_KEYS = {
     "embedded": {"kind"},
     "text": {"kind", "path", "eval_fraction"},
     "tokens": {"kind", "path", "dtype", "eval_fraction"},
-    "hf": {"kind", "name", "config", "split", "eval_split", "column", "streaming", "data_files", "shuffle_buffer"},
+    "hf": {"kind", "name", "config", "split", "eval_split", "eval_examples", "column", "streaming", "data_files",
+           "shuffle_buffer"},
 }
 SPLITS = ("train", "eval")
 
@@ -256,7 +258,16 @@ class HFTokenStream(TokenStream):
         self.batch_size = batch_size
         self.seed = seed
         self.column = spec.get("column", "text")
-        self.hf_split = spec.get("split", "train") if split == "train" else spec.get("eval_split", spec.get("split", "train"))
+        train_split = spec.get("split", "train")
+        eval_split = spec.get("eval_split", train_split)
+        self.hf_split = train_split if split == "train" else eval_split
+        # The held-out head of a shared split: eval reads examples [0, holdout), train [holdout, end).
+        holdout = int(spec.get("eval_examples") or 0)
+        if holdout and eval_split != train_split:
+            raise ValueError(f"data spec 'eval_examples' holds out examples of a split shared by train and eval; "
+                             f"here eval_split={eval_split!r} differs from split={train_split!r}: drop one of them")
+        self.holdout_skip = holdout if split == "train" else 0
+        self.holdout_take = holdout if split != "train" else 0
         self.epoch = 0
         self.examples_consumed = 0
         self.buffer: list[int] = []
@@ -280,6 +291,11 @@ class HFTokenStream(TokenStream):
             ds = datasets.load_dataset(
                 name, spec.get("config"), split=self.hf_split, streaming=streaming, data_files=spec.get("data_files")
             )
+        # Hold out before shuffling, so train and eval never share an example.
+        if self.holdout_skip:
+            ds = ds.skip(self.holdout_skip) if streaming else ds.select(range(min(self.holdout_skip, len(ds)), len(ds)))
+        if self.holdout_take:
+            ds = ds.take(self.holdout_take) if streaming else ds.select(range(min(self.holdout_take, len(ds))))
         if spec.get("shuffle_buffer"):
             if streaming:
                 ds = ds.shuffle(seed=self.seed + self.epoch, buffer_size=int(spec["shuffle_buffer"]))
