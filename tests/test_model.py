@@ -3,9 +3,9 @@ TL 3.x). Tiny random GPT-2 models saved to disk and loaded through the by-direct
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastsae.model.lm import LanguageModel, _bridge_class, _hooked_transformer_class
+from tests.helpers_dispatch import AllocationRecorder
 from tests.helpers_models import save_tiny_gpt2
 
 N_LAYERS, D_MODEL = 3, 32
@@ -40,21 +40,6 @@ def logits_of(lm, hidden):
 
 def no_fwd_hooks_left(lm):
     return all(len(hp._forward_hooks) == 0 for hp in lm.model.hook_dict.values())
-
-
-class ShapeRecorder(TorchDispatchMode):
-    """Records the shape of every tensor an op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for o in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(o, torch.Tensor):
-                self.shapes.append(tuple(o.shape))
-        return out
 
 
 def test_attributes_and_frozen(lm):
@@ -215,16 +200,31 @@ def test_bad_hook_names(lm, tokens, bad):
 def test_no_logits_materialized(lm, tokens):
     B, T = tokens.shape
     _, cache = lm.clean_run(tokens, ["blocks.1.hook_resid_pre"])
-    with ShapeRecorder() as rec:
+    with AllocationRecorder() as rec:
         lm.clean_run(tokens, ["blocks.1.hook_resid_pre"])
         lm.spliced_run(tokens, {"blocks.1.hook_resid_pre": lambda x: 2 * x})
         lm.spliced_run(tokens, {"blocks.1.hook_resid_pre": lambda x: 2 * x}, start_hook="blocks.1.hook_resid_pre",
                        start_acts=cache["blocks.1.hook_resid_pre"])
+    def is_logits(s):
+        return bool(s) and s[-1] == lm.d_vocab and (B * T in s or (B, T) == s[:2])
+
     assert rec.shapes, "the recorder saw no ops"
-    assert not [s for s in rec.shapes if s and s[-1] == lm.d_vocab and (B * T in s or (B, T) == s[:2])]
-    with ShapeRecorder() as rec:  # the recorder does see logits when they exist
+    assert not [s for s in rec.shapes if is_logits(s)]
+    with AllocationRecorder() as rec:  # the recorder does see logits when they exist
         lm.logits(tokens)
-    assert (B, T, lm.d_vocab) in rec.shapes
+    assert [s for s in rec.shapes if is_logits(s)]
+
+
+def test_activations_stop_after_the_last_hook(lm, tokens):
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+    _, cache = lm.clean_run(tokens, hooks)
+    blocks_run = []
+    later = [(f"blocks.{i}.hook_resid_pre", lambda acts, hook, i=i: blocks_run.append(i)) for i in range(N_LAYERS)]
+    with lm.hooks(later):
+        acts = lm.activations(tokens, hooks)
+    assert blocks_run == [0, 1]  # block 2 never ran
+    for hook in hooks:
+        assert torch.equal(acts[hook], cache[hook]) and not acts[hook].requires_grad
 
 
 def test_tokenize(lm):

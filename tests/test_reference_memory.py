@@ -8,28 +8,12 @@ budget whatever n_latents (or d_vocab) is: the [N, n_latents] pre-activations an
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastsae.ops._checks as checks
 from fastsae import ops
+from tests.helpers_dispatch import AllocationRecorder
 
 BUDGET = 4096  # elements per chunk for this test
-
-
-class AllocationRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        input_storages = {a.untyped_storage().data_ptr() for a in inputs}
-        for t in torch.utils._pytree.tree_leaves(out):
-            # views and in-place results share an input's storage: not a new allocation
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in input_storages:
-                self.shapes.append(tuple(t.shape))
-        return out
 
 
 def largest_temporary(fn, weight_shapes):

@@ -44,6 +44,11 @@ _FINAL_STAGE = ("ln_final.", "unembed.", "hook_unembed")
 Replacement = Callable[[Tensor], Tensor]
 
 
+class _Collected(Exception):
+    """Raised from a hook once every activation `activations()` asked for is cached: the rest of
+    the model does not run."""
+
+
 class _ReachedUnembed(Exception):
     """Raised from a hook on the bridge's unembedding input to end the forward before the logits.
 
@@ -295,6 +300,31 @@ class LanguageModel:
         with torch.no_grad():
             hidden = self._run(tokens, hooks)
         return hidden, cache
+
+    def activations(self, tokens: Tensor, hooks: Sequence[str]) -> dict[str, Tensor]:
+        """The clean activations at `hooks` (detached), running the model only as far as the last
+        of them: a local SAE step needs no later block and no logits."""
+        tokens = self._check_tokens(tokens)
+        names = [self.validate_hook(h) for h in hooks]
+        cache: dict[str, Tensor] = {}
+
+        def capture(name):
+            def hook(acts, hook):
+                cache[name] = acts.detach()
+                if len(cache) == len(names):
+                    raise _Collected
+
+            return hook
+
+        with torch.no_grad():
+            try:
+                with self.hooks([(name, capture(name)) for name in names]):
+                    self.model(tokens)
+            except _Collected:
+                pass
+        if len(cache) != len(names):
+            raise RuntimeError(f"the model did not produce the hooks {sorted(set(names) - set(cache))}")
+        return cache
 
     def spliced_run(
         self,

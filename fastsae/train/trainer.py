@@ -58,11 +58,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_factor: float)
     return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class _Collected(Exception):
-    """Raised from a hook once every activation a local step needs is cached: the rest of the
-    model does not run."""
-
-
 class Trainer:
     """Trains the SAEs of `config` (a TrainConfig, a preset name / YAML path, or a dict).
 
@@ -189,28 +184,6 @@ class Trainer:
 
         return replace
 
-    def _clean_acts(self, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
-        """The clean activations at `hooks`, running the model only as far as the last of them."""
-        cache = {}
-
-        def capture(name):
-            def hook(acts, hook):
-                cache[name] = acts.detach()
-                if len(cache) == len(hooks):
-                    raise _Collected
-
-            return hook
-
-        with torch.no_grad():
-            try:
-                with self.lm.hooks([(h, capture(h)) for h in hooks]):
-                    self.lm.model(tokens)
-            except _Collected:
-                pass
-        if len(cache) != len(hooks):
-            raise RuntimeError(f"the model did not produce the hooks {sorted(set(hooks) - set(cache))}")
-        return cache
-
     def _forward(self, tokens: torch.Tensor, *, train: bool):
         """Loss (differentiable) and detached metrics of one batch, plus the latents that fired."""
         cfg, lm = self.config, self.lm
@@ -231,7 +204,7 @@ class Trainer:
                     tokens, {hook: self._replacement(hook, records) for hook in self.hooks},
                     capture_hooks=list(self.downstream), **start)
             else:
-                clean = self._clean_acts(tokens, self.hooks)
+                clean = lm.activations(tokens, self.hooks)
                 for hook in self.hooks:
                     records[hook] = self._run_sae(hook, clean[hook])
 
