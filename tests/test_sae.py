@@ -175,3 +175,28 @@ def test_load_errors(tmp_path):
 def test_package_exports():
     assert fastsae.E2ESAE is E2ESAE and fastsae.SparseCode is SparseCode
     assert callable(fastsae.ops.topk_encode) and callable(fastsae.ops.fused_linear_kl)
+
+
+@pytest.mark.parametrize("activation,k", [("relu", None), ("topk", 5)])
+@pytest.mark.parametrize("decoder_norm", ["forward", "project"])
+def test_trains_through_the_triton_kernels_like_the_reference(monkeypatch, activation, k, decoder_norm):
+    """E2ESAE -> fastsae.ops -> fastsae.kernels: the path a CUDA run takes (here under Triton's
+    interpreter) gives the reference's outputs and gradients."""
+    pytest.importorskip("triton")
+    from conftest import KERNEL_DEVICE
+
+    sae = E2ESAE(24, 100, activation, k, decoder_norm=decoder_norm, device=KERNEL_DEVICE)
+    with torch.no_grad():
+        sae.b_enc.uniform_(-0.1, 0.3)
+    x = torch.randn(2, 3, 24, device=KERNEL_DEVICE)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("FASTSAE_BACKEND", backend)
+        sae.zero_grad()
+        out, code = sae(x, return_code=True)
+        values = code.values if activation == "topk" else code
+        ((out - x).square().mean() + values.abs().sum() / 24).backward()
+        results[backend] = (out.detach(), [p.grad.clone() for p in sae.parameters()])
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-4, rtol=1e-4)
+    for got, want in zip(results["triton"][1], results["torch"][1]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -77,6 +77,25 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path, model_dir, lm, mode):
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["e2e", "topk"])
+def test_step_through_the_triton_kernels_matches_the_reference(tmp_path, model_dir, lm, mode, monkeypatch):
+    """The whole e2e step with every op on its Triton kernel (Triton's interpreter here, the GPU on
+    CUDA): same metrics and same SAE weights after two steps as with the PyTorch references."""
+    pytest.importorskip("triton")
+    tokens = batches(1)[0]
+    weights, metrics = {}, {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("FASTSAE_BACKEND", backend)
+        torch.manual_seed(0)
+        trainer = Trainer(make_config(tmp_path / backend, model_dir, *MODES[mode]), model=lm)
+        metrics[backend] = [trainer.step(tokens) for _ in range(2)][-1]
+        weights[backend] = {n: p.detach().clone() for n, p in trainer.saes[HOOK].named_parameters()}
+    for key in ("loss", "l0", "kl", "ce_sae", f"mse/{HOOK}"):
+        assert metrics["triton"][key] == pytest.approx(metrics["torch"][key], rel=1e-3, abs=1e-5), key
+    for name, want in weights["torch"].items():
+        torch.testing.assert_close(weights["triton"][name], want, atol=1e-4, rtol=1e-3)
+
+
 def test_spliced_logits_equal_run_with_hooks(tmp_path, model_dir, lm):
     trainer = Trainer(make_config(tmp_path, model_dir, "saes.hooks=[blocks.1.hook_resid_pre, blocks.2.hook_resid_pre]"),
                       model=lm)
