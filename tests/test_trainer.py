@@ -276,6 +276,54 @@ def test_crash_while_writing_a_checkpoint_keeps_the_last_one(tmp_path, model_dir
     assert ckpt.latest_checkpoint(trainer.run_dir).name == "step_00000002"
 
 
+def test_saving_the_same_step_again_never_deletes_the_saved_copy(tmp_path, model_dir, lm, monkeypatch):
+    """fit(max_steps) ending on a checkpoint step saves that step twice: the second save must keep
+    the complete copy, even if it is interrupted (here: os.rename fails)."""
+    trainer, _ = _fit(tmp_path, model_dir, lm, batches(6), "run", "checkpoint.every=2", max_steps=2)
+    monkeypatch.setattr(ckpt.os, "rename", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    trainer.save_checkpoint()  # the same step: nothing to rewrite, so nothing is renamed
+    monkeypatch.undo()
+    latest = ckpt.latest_checkpoint(trainer.run_dir)
+    assert latest.name == "step_00000002" and ckpt.load_checkpoint(latest)[1]["step"] == 2
+
+
+def test_resume_after_a_crash_does_not_log_steps_twice(tmp_path, model_dir, lm, monkeypatch):
+    data = batches(6)
+    save, saves = ckpt.torch.save, []
+
+    def crash_on_the_second_save(*args, **kwargs):  # the save after step 3 dies: a crash
+        saves.append(1)
+        if len(saves) == 2:
+            raise OSError("killed (simulated)")
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", crash_on_the_second_save)
+    with pytest.raises(OSError, match="simulated"):
+        _fit(tmp_path, model_dir, lm, data, "run", "checkpoint.every=2", max_steps=3)
+    monkeypatch.undo()
+    trainer_dir = tmp_path / "run"
+    assert [r["step"] for r in read_metrics(trainer_dir) if "loss" in r] == [1, 2, 3]
+    resumed = Trainer.from_run_dir(trainer_dir, model=lm, dataset=data, eval_dataset=batches(2, seed=99))
+    assert resumed.step_count == 2
+    resumed.fit()
+    steps = [r["step"] for r in read_metrics(trainer_dir) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_eval_reads_the_held_out_data_once(tmp_path, model_dir, lm):
+    from helpers_models import TINY_TEXT
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TINY_TEXT * 30)
+    trainer = Trainer(make_config(tmp_path, model_dir, "data.kind=text", f"data.path={corpus}",
+                                  "data.eval_fraction=0.2", "eval.batch_size=2"), model=lm)
+    held_out = trainer._build_stream("eval", 2)
+    available = len(held_out.windows) // 2 * 2 * CTX  # full batches of the held-out windows
+    with pytest.warns(UserWarning, match="held-out data ran out"):
+        metrics = trainer.evaluate(n_tokens=10 * available)
+    assert metrics["eval/tokens"] == available
+
+
 class SignalAfter:
     """A dataset that sends itself a signal while the batch after `after` is being drawn."""
 

@@ -57,20 +57,24 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, saes: dict[str, E2ESA
     for stale in root.glob(f"{_TMP_PREFIX}*"):  # left by a process killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
     name = f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=root))
-    try:
-        for hook, sae in saes.items():
-            sae.save_pretrained(tmp / SAE_DIR / hook)
-        torch.save(state, tmp / STATE_FILE)
-        _fsync_tree(tmp)
-        final = root / name
-        if final.exists():  # the same step saved again (e.g. interrupted right after a save)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_path(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final = root / name
+    # The same step saved again (a Ctrl-C or the end of fit() right after a periodic save, or a
+    # resume interrupted before its first step) holds the same state: keep the complete copy on
+    # disk rather than deleting it to write its twin, which a crash in between would lose.
+    if not (final / STATE_FILE).is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=root))
+        try:
+            for hook, sae in saes.items():
+                sae.save_pretrained(tmp / SAE_DIR / hook)
+            torch.save(state, tmp / STATE_FILE)
+            _fsync_tree(tmp)
+            if final.exists():  # an incomplete directory of that name: nothing there to keep
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_path(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     _write_atomic(root / LATEST, name + "\n")
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
         if old.name != name:

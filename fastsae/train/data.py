@@ -215,7 +215,8 @@ class ArrayTokenStream(TokenStream):
 
     @property
     def epoch(self) -> int:
-        return self.consumed // len(self.windows)
+        """The epoch of the last window handed out (0 until the data wraps around), as for hf."""
+        return max(0, self.consumed - 1) // len(self.windows)
 
     def _order_for(self, epoch: int) -> np.ndarray:
         if epoch != self._order_epoch:

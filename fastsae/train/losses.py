@@ -92,7 +92,8 @@ def auxk_loss(sae: E2ESAE, x: torch.Tensor, reconstruction: torch.Tensor, dead: 
 def l0(code: torch.Tensor | SparseCode) -> torch.Tensor:
     """Mean number of active (non-zero) latents per token, detached."""
     values = code.values if isinstance(code, SparseCode) else code
-    return (values.detach() > 0).float().sum(-1).mean()
+    # a bool mask (1 byte per latent), counted without a float copy of the dense ReLU code
+    return (values.detach() > 0).sum(-1, dtype=torch.float32).mean()
 
 
 def fired_latents(code: torch.Tensor | SparseCode, n_latents: int) -> torch.Tensor:

@@ -30,7 +30,8 @@ import torch
 class DeadLatentTracker:
     """Tokens since each latent last fired; dead = not fired in the last `window` tokens.
 
-    Until `window` tokens have been seen, "dead" means not fired since the start.
+    Until `window` tokens have been seen no latent counts as dead (so AuxK starts after the first
+    window, as in sparsify): a latent needs a full window of silence to be called dead.
     """
 
     def __init__(self, n_latents: int, window: int, device=None):
@@ -103,6 +104,24 @@ def _start_wandb(cfg, run_config, run_name, resume_id, run_dir):
     return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_name, mode=cfg.mode,
                       tags=list(cfg.tags) or None, config=run_config, dir=str(run_dir),
                       id=resume_id, resume="allow" if resume_id else None)
+
+
+def truncate_metrics(run_dir: str | os.PathLike, step: int) -> None:
+    """Drop the records after `step` from RUN_DIR/metrics.jsonl (atomically).
+
+    A run that crashed logged steps after its last checkpoint; the resumed run logs them again
+    from that checkpoint, so the old records would otherwise appear twice.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

@@ -37,7 +37,7 @@ from fastsae.sae import E2ESAE, SparseCode
 from fastsae.train import checkpoint as ckpt
 from fastsae.train import losses
 from fastsae.train.config import ConfigError, TrainConfig, load_config
-from fastsae.train.metrics import DeadLatentTracker, MetricsLogger, format_metrics
+from fastsae.train.metrics import DeadLatentTracker, MetricsLogger, format_metrics, truncate_metrics
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The metrics printed at the end of fit() and by `fastsae eval`, in this order (then per SAE).
@@ -307,10 +307,11 @@ class Trainer:
         """The eval pass on held-out data: metrics of the spliced model, as "eval/<name>"."""
         cfg = self.config
         n_tokens = n_tokens or cfg.eval.n_tokens
-        if self.eval_dataset is not None:
-            batches = iter(self.eval_dataset)
-        else:
+        own_stream = self.eval_dataset is None  # built fresh here: it starts at the held-out data's start
+        if own_stream:
             batches = iter(self._build_stream("eval", cfg.eval.batch_size))
+        else:
+            batches = iter(self.eval_dataset)
         for sae in self.saes.values():
             sae.eval()
         sums: dict[str, float] = {}
@@ -322,6 +323,12 @@ class Trainer:
                 tokens = next(batches)
             except StopIteration:
                 break
+            # Token streams loop forever: a batch drawn after the held-out data wrapped around
+            # would count tokens twice, so the pass ends at the first one.
+            if own_stream and batches.epoch > 0:
+                warnings.warn(f"the held-out data ran out after {seen} tokens (eval asked for {n_tokens}); "
+                              "each held-out token was evaluated once", stacklevel=2)
+                break
             _, metrics, batch_fired = self._forward(tokens, train=False)
             n = tokens.numel()
             for key, value in metrics.items():  # token-weighted means over the eval set
@@ -332,7 +339,8 @@ class Trainer:
         for sae in self.saes.values():
             sae.train()
         if seen == 0:
-            raise RuntimeError("the eval data yielded no batches")
+            raise RuntimeError("the eval data yielded no full batch: it holds fewer than eval.batch_size x "
+                               "data.context_length tokens")
         out = {f"eval/{key}": value / seen for key, value in sums.items()}
         for hook, mask in fired.items():
             out[f"eval/alive/{hook}"] = int(mask.sum())
@@ -432,6 +440,7 @@ class Trainer:
                 for name, param in self.saes[hook].named_parameters():
                     param.copy_(getattr(sae, name))
         self.load_state_dict(state)
+        truncate_metrics(self.run_dir, self.step_count)
         return path
 
     @classmethod
