@@ -34,3 +34,18 @@ def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
         ops.relu_encode(torch.randn(2, 4), torch.randn(4, 6), torch.randn(6), backend="triton")
+
+
+def test_forced_triton_refuses_float64_and_auto_keeps_it_on_the_reference(monkeypatch):
+    x, W, b = torch.randn(2, 4).double(), torch.randn(4, 6).double(), torch.randn(6).double()
+    with pytest.raises(TypeError, match="take float32/float16/bfloat16 inputs, got torch.float64"):
+        ops.topk_encode(x, W, b, 2, backend="triton")
+    assert not _backend.use_triton("topk_encode", x, W, b)  # auto: float64 never reaches a kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_launch_on_the_inputs_gpu():
+    x, W, b = (t.to("cuda:1") for t in (torch.randn(8, 32), torch.randn(32, 64), torch.randn(64)))
+    values, _ = ops.topk_encode(x, W, b, 4)
+    torch.testing.assert_close(values, (x @ W + b).topk(4).values.relu())

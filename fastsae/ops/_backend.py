@@ -50,18 +50,27 @@ def triton_kernel(op: str):
     return getattr(importlib.import_module(f"fastsae.kernels.{module}"), attribute)
 
 
-def use_triton(op: str, *tensors: torch.Tensor, backend: str | None = None) -> bool:
-    """Decide the backend for one call of ``op`` on ``tensors``.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-    Raises when a forced Triton backend cannot run: no kernel for the op, or CPU tensors
-    without the interpreter.
+
+def use_triton(op: str, *tensors: torch.Tensor, backend: str | None = None) -> bool:
+    """Decide the backend for one call of ``op`` on ``tensors`` (its floating-point inputs).
+
+    "auto" takes the kernel for CUDA tensors in a kernel dtype (fp32/fp16/bf16; float64 stays on
+    the reference). Raises when a forced Triton backend cannot run: no kernel for the op, a
+    float64 input, or CPU tensors without the interpreter.
     """
     choice = requested_backend(backend)
     if choice == "torch":
         return False
     on_cuda = all(t.is_cuda for t in tensors)
+    kernel_dtypes = all(t.dtype in KERNEL_DTYPES for t in tensors)
     if choice == "auto":
-        return on_cuda and triton_kernel(op) is not None
+        return on_cuda and kernel_dtypes and triton_kernel(op) is not None
+    if not kernel_dtypes:
+        dtypes = sorted({str(t.dtype) for t in tensors if t.dtype not in KERNEL_DTYPES})
+        raise TypeError(f"fastsae.ops.{op}: the Triton kernels take float32/float16/bfloat16 inputs, got "
+                        f"{', '.join(dtypes)}; use FASTSAE_BACKEND=torch or backend='torch'")
     if triton_kernel(op) is None:
         raise NotImplementedError(
             f"fastsae.ops.{op}: there is no Triton kernel for this op (or triton is not "
@@ -73,3 +82,18 @@ def use_triton(op: str, *tensors: torch.Tensor, backend: str | None = None) -> b
             "set before triton is imported to run Triton's interpreter on CPU tensors"
         )
     return True
+
+
+def call_kernel(op: str, *args):
+    """Run ``op``'s Triton entry point on ``args`` with the inputs' GPU as the current device.
+
+    Triton launches on the current CUDA device and its stream: without this guard a tensor on
+    cuda:1 would be read by a kernel launched on cuda:0. (Backward runs on autograd's thread for
+    that device, which sets it already.)
+    """
+    kernel = triton_kernel(op)
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    if first.is_cuda:
+        with torch.cuda.device(first.device):
+            return kernel(*args)
+    return kernel(*args)

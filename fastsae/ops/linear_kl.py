@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastsae.ops._backend import register_kernel, requested_backend, triton_kernel, use_triton
+from fastsae.ops._backend import call_kernel, register_kernel, use_triton
 from fastsae.ops import _checks
 from fastsae.ops._checks import check_same, check_shape, check_tensor
 
@@ -214,13 +214,10 @@ def fused_linear_kl(h_sae: torch.Tensor, h_orig: torch.Tensor, W_U: torch.Tensor
                 raise ValueError(f"labels must lie in [0, d_vocab={d_vocab}) or equal ignore_index={ignore_index}, "
                                  f"got {int(labels[bad][0])}")
     h_sae2d, h_orig2d = h_sae.reshape(-1, d_model), h_orig.reshape(-1, d_model).detach()
-    # The kernel is fp32/fp16/bf16; "auto" leaves float64 to the reference (a forced "triton"
-    # backend gets the kernel's TypeError).
-    auto_fp64 = h_sae.dtype == torch.float64 and requested_backend(backend) == "auto"
-    if not auto_fp64 and use_triton("fused_linear_kl", h_sae2d, h_orig2d, W_U, backend=backend):
+    if use_triton("fused_linear_kl", h_sae2d, h_orig2d, W_U, backend=backend):
         # Same contract as the reference: (loss, sums), differentiable in h_sae only.
-        loss, sums = triton_kernel("fused_linear_kl")(
-            h_sae2d, h_orig2d, W_U, b_U, mask, labels, reduction, ignore_index)
+        loss, sums = call_kernel("fused_linear_kl", h_sae2d, h_orig2d, W_U, b_U, mask, labels, reduction,
+                                 ignore_index)
     else:
         loss, sums = LinearKLReference.apply(h_sae2d, h_orig2d, W_U, b_U, mask, labels, reduction, ignore_index)
     if reduction == "none":

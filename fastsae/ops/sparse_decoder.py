@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastsae.ops._backend import register_kernel, triton_kernel, use_triton
+from fastsae.ops._backend import call_kernel, register_kernel, use_triton
 from fastsae.ops._checks import check_indices, check_same, check_shape, check_tensor
 from fastsae.ops._sparse import accumulation_dtype, gather_rows_weighted, row_dots, scatter_rows_weighted
 
@@ -61,7 +61,7 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
     k = values.shape[-1]
     values2d, indices2d = values.reshape(-1, k), indices.reshape(-1, k).long()
     if use_triton("sparse_decode", values2d, W_dec, b_dec, backend=backend):
-        out = triton_kernel("sparse_decode")(values2d, indices2d, W_dec, b_dec)
+        out = call_kernel("sparse_decode", values2d, indices2d, W_dec, b_dec)
     else:
         out = SparseDecodeReference.apply(values2d, indices2d, W_dec, b_dec)
     return out.reshape(*values.shape[:-1], W_dec.shape[1])
@@ -81,7 +81,7 @@ def dense_decode(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *
     check_same("W_dec", W_dec, acts=acts, b_dec=b_dec)
     acts2d = acts.reshape(-1, n_latents)
     if use_triton("dense_decode", acts2d, W_dec, b_dec, backend=backend):
-        out = triton_kernel("dense_decode")(acts2d, W_dec, b_dec)
+        out = call_kernel("dense_decode", acts2d, W_dec, b_dec)
     else:
         out = torch.addmm(b_dec, acts2d, W_dec)
     return out.reshape(*acts.shape[:-1], d_in)
