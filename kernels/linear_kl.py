@@ -146,8 +146,9 @@ def _linear_kl_forward_kernel(
             label_orig += tl.sum(tl.where(is_label, a, 0.0), axis=1)
             label_sae += tl.sum(tl.where(is_label, b, 0.0), axis=1)
 
-    stride_stat = n_slices * n_tokens
-    out = stats_ptr + vocab_slice * n_tokens + rows
+    # int64: N_STATS * n_slices * N passes 2^31 where a caller-chosen n_slices meets a large N.
+    stride_stat = n_slices.to(tl.int64) * n_tokens
+    out = stats_ptr + vocab_slice.to(tl.int64) * n_tokens + rows
     tl.store(out + 0 * stride_stat, m_orig, mask=row_ok)
     tl.store(out + 1 * stride_stat, s_orig, mask=row_ok)
     tl.store(out + 2 * stride_stat, t_kl, mask=row_ok)
@@ -155,7 +156,7 @@ def _linear_kl_forward_kernel(
     tl.store(out + 4 * stride_stat, s_sae, mask=row_ok)
     tl.store(out + 5 * stride_stat, label_orig, mask=row_ok)
     tl.store(out + 6 * stride_stat, label_sae, mask=row_ok)
-    top = argmax_ptr + vocab_slice * n_tokens + rows
+    top = argmax_ptr + vocab_slice.to(tl.int64) * n_tokens + rows
     tl.store(top, top_orig, mask=row_ok)
     tl.store(top + stride_stat, top_sae, mask=row_ok)
 
@@ -242,7 +243,7 @@ def _vocab_slices(n_row_blocks: int, n_vocab_tiles: int, device: torch.device,
     if n_slices is None:
         if device.type == "cuda":
             target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-            n_slices = -(-target // n_row_blocks)
+            n_slices = -(-target // max(1, n_row_blocks))  # N = 0 has no row blocks
         else:
             n_slices = 1
     n_slices = max(1, min(n_slices, n_vocab_tiles))

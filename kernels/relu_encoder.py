@@ -5,7 +5,8 @@ that programs running together share x rows and W_enc columns in L2; the epilogu
 applies the ReLU and stores [N, n_latents] in x's dtype. The GEMM + bias tile is the TopK
 encoder's (kernels/topk_encoder.py: encoder_preactivation_tile).
 
-Backward, with grad_pre = grad * (acts > 0), picks one of two paths by the measured sparsity:
+Backward forms grad_pre = grad * (acts > 0) with `_relu_grad_kernel` (one [N, n] output, no
+mask or zeros tensor; see relu_grad), then picks one of two paths by the measured sparsity:
 - dense: grad_x = grad_pre @ W_enc^T, grad_W_enc = x^T @ grad_pre (cuBLAS GEMMs through torch),
   grad_b_enc = the fp32 column sum of grad_pre;
 - sparse: each row's nonzeros of grad_pre are compacted into (values, indices) padded to the
@@ -85,6 +86,8 @@ def relu_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
     cfg = FWD_CONFIGS[x.dtype] if x.is_cuda else INTERPRETER_FWD_CONFIG
     block_m, block_n, block_d, num_warps, num_stages = cfg
     acts = torch.empty(n_tokens, n_latents, dtype=x.dtype, device=x.device)
+    if acts.numel() == 0:  # an empty batch: nothing to launch
+        return acts
     grid = (triton.cdiv(n_tokens, block_m) * triton.cdiv(n_latents, block_n),)
     _relu_encode_fwd_kernel[grid](
         x, W_enc, b_enc, acts,
@@ -94,6 +97,53 @@ def relu_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
         DOT_PRECISION=dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return acts
+
+
+@triton.jit
+def _relu_grad_kernel(grad_ptr, acts_ptr, out_ptr, n_tokens, n_latents, stride_gm, stride_gn,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out = grad where acts > 0, else 0 (also where grad is not finite, like torch.where).
+
+    acts and out are [N, n] contiguous; grad may have any strides (autograd hands backward an
+    expanded stride-0 tensor for acts.sum(), for instance). grad is read only where acts > 0.
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = (rows < n_tokens)[:, None] & (cols < n_latents)[None, :]
+    rows64 = rows.to(tl.int64)  # N * n passes 2^31 long before N does
+    dense = rows64[:, None] * n_latents + cols[None, :]
+    acts = tl.load(acts_ptr + dense, mask=in_range, other=0.0)
+    live = in_range & (acts > 0)
+    grad = tl.load(grad_ptr + rows64[:, None] * stride_gm + cols.to(tl.int64)[None, :] * stride_gn,
+                   mask=live, other=0.0)
+    tl.store(out_ptr + dense, grad.to(out_ptr.dtype.element_ty), mask=in_range)
+
+
+# [BLOCK_M, BLOCK_N] of the masking kernel: 4,096 elements, 32 per thread on 4 warps, each row
+# 256 contiguous elements (compile-checked in tests/test_relu_encoder.py).
+RELU_GRAD_CONFIG = dict(BLOCK_M=16, BLOCK_N=256, num_warps=4)
+
+
+def relu_grad(grad_acts: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    """grad_pre = grad_acts * (acts > 0), as a fresh [N, n] tensor in grad_acts' dtype.
+
+    One N x n allocation, the output, and one pass. The alternatives cost more:
+    torch.where(acts > 0, grad_acts, torch.zeros_like(grad_acts)) allocates a zeros tensor, a bool
+    mask and the output; torch.where(mask, grad, 0) and grad.masked_fill(acts <= 0, 0) still
+    allocate the N x n bool mask beside the output (and make two passes). Masking grad_acts in place
+    would allocate nothing but is not safe: autograd may hand the same gradient tensor to other
+    nodes (acts + y sends one tensor to both), pass the caller's own tensor (acts.backward(g)), or
+    an expanded stride-0 one (acts.sum()); backward must not write to it.
+    """
+    acts = acts.contiguous()  # the forward's output: already contiguous, no copy
+    out = torch.empty(acts.shape, dtype=grad_acts.dtype, device=acts.device)
+    if out.numel() == 0:
+        return out
+    cfg = dict(RELU_GRAD_CONFIG)
+    grid = (triton.cdiv(acts.shape[0], cfg["BLOCK_M"]), triton.cdiv(acts.shape[1], cfg["BLOCK_N"]))
+    _relu_grad_kernel[grid](grad_acts, acts, out, acts.shape[0], acts.shape[1],
+                            grad_acts.stride(0), grad_acts.stride(1), **cfg)
+    return out
 
 
 def compact_rows(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +182,7 @@ class ReLUEncodeTriton(torch.autograd.Function):
     def backward(ctx, grad_acts):
         x, W_enc, acts = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_pre = torch.where(acts > 0, grad_acts, torch.zeros_like(grad_acts))
+        grad_pre = relu_grad(grad_acts, acts)  # one N x n buffer, no zeros tensor or bool mask
         sparse = ctx.sparse_backward
         if sparse is None:
             sparse = choose_sparse_backward(grad_pre)
@@ -143,7 +193,8 @@ class ReLUEncodeTriton(torch.autograd.Function):
         else:
             grad_x = grad_pre @ W_enc.t() if need_x else None
             grad_w = x.t() @ grad_pre if need_w else None
-            grad_b = grad_pre.float().sum(0).to(W_enc.dtype) if need_b else None
+            # dtype=: fp32 accumulation without an fp32 copy of grad_pre (N x n) for 16-bit inputs.
+            grad_b = grad_pre.sum(0, dtype=torch.float32).to(W_enc.dtype) if need_b else None
         return grad_x, grad_w, grad_b, None
 
 

@@ -8,10 +8,12 @@ Backward (`_sparse_decode_bwd_kernel`): both sparse products in one pass over th
 latent, never an N x k x d tensor:
     grad_W_dec[l]  = sum over pairs (t, j) with indices[t, j] == l of values[t, j] * grad_out[t]
     grad_values[t, j] = <grad_out[t], W_dec[indices[t, j]]>
-A torch pre-pass sorts the N*k (token, slot) pairs by latent (stable argsort + bincount + cumsum,
-a counting sort in effect) so each latent's pairs form one segment. One program per
-(latent, column block) walks its segment: it accumulates the grad_W_dec row in fp32 and, because
-it already holds W_dec[l, cols], also emits the partial dot products for grad_values. Every row
+A torch pre-pass sorts the N*k (token, slot) pairs by latent (a stable sort, then searchsorted
+for each latent's first pair) so each latent's pairs form one segment; nothing in it reads a
+value back to the host (torch.bincount would: on CUDA it syncs to read max(input) + 1, whatever
+minlength says). One program per (latent, column block) walks its segment: it accumulates the
+grad_W_dec row in fp32 and, because it already holds W_dec[l, cols], also emits the partial dot
+products for grad_values. Every row
 of grad_W_dec is written exactly once (zeros for untouched latents), so no memset, no atomics and
 a deterministic result.
 
@@ -191,7 +193,7 @@ def sparse_decode_forward(values: torch.Tensor, indices: torch.Tensor, W_dec: to
 
 
 def sort_pairs_by_latent(indices: torch.Tensor, n_latents: int, skip: torch.Tensor | None = None):
-    """Counting-sort pre-pass: (sorted flat pair ids [N*k] int32, segment starts [n+1] int32).
+    """Sort pre-pass: (sorted flat pair ids [N*k] int32, segment starts [n+1] int32), no host sync.
 
     The pairs of latent l are sorted_pairs[segment_start[l]:segment_start[l + 1]], in token order
     (stable sort, so the fp32 sums are deterministic). Pairs where ``skip`` is True are moved past
@@ -201,10 +203,13 @@ def sort_pairs_by_latent(indices: torch.Tensor, n_latents: int, skip: torch.Tens
     flat = indices.reshape(-1)
     if skip is not None:
         flat = torch.where(skip.reshape(-1), torch.full_like(flat, n_latents), flat)
-    sorted_pairs = torch.sort(flat, stable=True).indices.to(torch.int32)
-    counts = torch.bincount(flat, minlength=n_latents + 1)[:n_latents]
-    segment_start = torch.zeros(n_latents + 1, dtype=torch.int32, device=indices.device)
-    segment_start[1:] = torch.cumsum(counts, 0)
+    sorted_latents, order = torch.sort(flat, stable=True)
+    sorted_pairs = order.to(torch.int32)
+    # segment_start[l] = pairs on latents below l: a binary search of the sorted latents, on the
+    # device (no host sync, unlike torch.bincount on CUDA), exact and deterministic. Skipped pairs
+    # (latent n_latents) sort last and lie past segment_start[n_latents].
+    boundaries = torch.arange(n_latents + 1, device=indices.device, dtype=sorted_latents.dtype)
+    segment_start = torch.searchsorted(sorted_latents, boundaries, out_int32=True)
     return sorted_pairs, segment_start
 
 
@@ -278,7 +283,11 @@ class HotLatents(NamedTuple):
 
 def find_hot_latents(indices: torch.Tensor, n_latents: int) -> HotLatents:
     slots = min(HOT_LATENT_SLOTS, n_latents)
-    counts = torch.bincount(indices.reshape(-1), minlength=n_latents)
+    # Pairs per latent: an integer scatter_add_ (exact, so deterministic in any order), not
+    # torch.bincount, which syncs with the host on CUDA to size its output.
+    flat = indices.reshape(-1).long()  # scatter_add_ takes int64 indices
+    counts = torch.zeros(n_latents, dtype=torch.int64, device=indices.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
     hot_counts, latents = torch.topk(counts, slots)
     is_hot = hot_counts > HOT_LATENT_PAIRS
     column_of_latent = torch.full((n_latents,), slots, dtype=torch.int64, device=indices.device)

@@ -58,15 +58,22 @@ def encoder_preactivation_tile(
 
     A tl.dot over d_in in steps of BLOCK_D, fp32 accumulation; masked rows / columns read 0.
     Shared by the TopK encoder's forward and kernels/relu_encoder.py's.
+
+    Offsets are int64: N * stride_xm passes 2^31 at 524,288 tokens of d = 4,096, and d_in *
+    n_latents at wide dictionaries (either operand may also be column-major, so both index
+    vectors of each operand are widened). Only the 1-D index vectors are cast; the 2-D pointer
+    tiles are 64-bit whatever the offset type.
     """
     offs_d = tl.arange(0, BLOCK_D)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for d_start in range(0, d_in, BLOCK_D):
         ds = d_start + offs_d
-        x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ds[None, :] * stride_xd,
+        ds64 = ds.to(tl.int64)
+        x_tile = tl.load(x_rows + ds64[None, :] * stride_xd,
                          mask=row_ok[:, None] & (ds[None, :] < d_in), other=0.0)
-        # int64 offsets: d_in * n_latents passes 2^31 at wide dictionaries.
-        w_tile = tl.load(w_ptr + ds[:, None].to(tl.int64) * stride_wd + cols[None, :] * stride_wn,
+        w_tile = tl.load(w_cols + ds64[:, None] * stride_wd,
                          mask=(ds[:, None] < d_in) & col_ok[None, :], other=0.0)
         acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
     bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -124,8 +131,9 @@ def _topk_encode_fwd_kernel(
             cand = tl.where(keep, cand, float("-inf"))
             top_val, top_pos = tl.max(cand, axis=1, return_indices=True)
 
-    # Outputs: [n_tokens, n_splits, K_PAD]; the padding slots (>= k) are written as -inf.
-    out = (rows[:, None] * n_splits + split) * K_PAD + slots[None, :]
+    # Outputs: [n_tokens, n_splits, K_PAD]; the padding slots (>= k) are written as -inf. int64:
+    # N * n_splits * K_PAD passes 2^31 for a caller-chosen `splits` at large N.
+    out = (rows.to(tl.int64)[:, None] * n_splits + split) * K_PAD + slots[None, :]
     real = row_ok[:, None] & (slots[None, :] < k)
     tl.store(cand_val_ptr + out, tl.where(real, best_val, float("-inf")), mask=row_ok[:, None])
     tl.store(cand_idx_ptr + out, best_idx, mask=row_ok[:, None])
@@ -171,7 +179,7 @@ def _default_splits(n_tokens: int, n_latents: int, block_m: int, block_n: int, d
         target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:  # the interpreter runs programs one after another: fewer, longer ones are cheaper
         target_programs = 2
-    row_blocks = triton.cdiv(n_tokens, block_m)
+    row_blocks = max(1, triton.cdiv(n_tokens, block_m))  # N = 0: no row blocks, but no division by 0
     return max(1, min(triton.cdiv(target_programs, row_blocks), triton.cdiv(n_latents, block_n)))
 
 
@@ -183,6 +191,9 @@ def topk_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
     k_pad = triton.next_power_of_2(k)
     if k_pad > MAX_FUSED_K:
         return _unfused_forward(x, W_enc, b_enc, k)
+    if n_tokens == 0:  # an empty batch: nothing to launch (a 0-sized grid, a 0 in _default_splits)
+        return (torch.empty(0, k, dtype=x.dtype, device=x.device),
+                torch.empty(0, k, dtype=torch.int64, device=x.device))
     cfg = fwd_config(k_pad, x.dtype, x.device)
     block_n = cfg["BLOCK_N"]
     if splits is None:
@@ -237,16 +248,19 @@ def _gather_columns_kernel(
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < n_tokens
     d_ok = ds < d_in
+    # int64 offsets: N * k (the ReLU path's k is its widest row) and N * d_in pass 2^31 at scale.
+    rows64 = rows.to(tl.int64)
+    code = rows64 * k
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for j in range(0, k):
-        latent = tl.load(idx_ptr + rows * k + j, mask=row_ok, other=0)
-        weight = tl.load(grad_ptr + rows * k + j, mask=row_ok, other=0.0).to(tl.float32)
+        latent = tl.load(idx_ptr + code + j, mask=row_ok, other=0).to(tl.int64)
+        weight = tl.load(grad_ptr + code + j, mask=row_ok, other=0.0).to(tl.float32)
         # Entries with zero gradient (ReLU-clamped, or padding of the ReLU path) need no load.
         live = row_ok & (weight != 0.0)
         column = tl.load(w_ptr + ds[None, :].to(tl.int64) * stride_wd + latent[:, None] * stride_wn,
                          mask=live[:, None] & d_ok[None, :], other=0.0)
         acc += weight[:, None] * column.to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * d_in + ds[None, :], acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + rows64[:, None] * d_in + ds[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -267,6 +281,7 @@ def _latent_segment_grad_kernel(
     latent0 = pid_l * BLOCK_L
     offs_l = tl.arange(0, BLOCK_L)
     ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    ds64 = ds.to(tl.int64)
     d_ok = ds < d_in
     entry_start = tl.load(block_start_ptr + pid_l)
     entry_end = tl.load(block_start_ptr + pid_l + 1)
@@ -279,8 +294,9 @@ def _latent_segment_grad_kernel(
         token = tl.load(tok_ptr + es, mask=e_ok, other=0)
         latent = tl.load(lat_ptr + es, mask=e_ok, other=-1)
         weight = tl.load(grad_ptr + es, mask=e_ok, other=0.0)
-        # x rows of these entries, transposed: [BLOCK_D, BLOCK_E].
-        x_t = tl.load(x_ptr + token[None, :] * stride_xm + ds[:, None] * stride_xd,
+        # x rows of these entries, transposed: [BLOCK_D, BLOCK_E]. int64 offsets: token * stride_xm
+        # passes 2^31 at N * d >= 2^31 (and d * stride_xd for a column-major x).
+        x_t = tl.load(x_ptr + token.to(tl.int64)[None, :] * stride_xm + ds64[:, None] * stride_xd,
                       mask=e_ok[None, :] & d_ok[:, None], other=0.0)
         # onehot[e, l] = weight[e] where entry e is latent0 + l: the segmented sum becomes a dot.
         # weight comes from a tensor of x's dtype, so the cast below is exact.
@@ -292,7 +308,7 @@ def _latent_segment_grad_kernel(
 
     lats = latent0 + offs_l
     l_ok = lats < n_latents
-    tl.store(grad_w_ptr + ds[:, None].to(tl.int64) * stride_gwd + lats[None, :] * stride_gwn,
+    tl.store(grad_w_ptr + ds64[:, None] * stride_gwd + lats[None, :] * stride_gwn,
              acc.to(grad_w_ptr.dtype.element_ty), mask=d_ok[:, None] & l_ok[None, :])
     if WRITE_BIAS:
         if pid_d == 0:
@@ -314,6 +330,12 @@ def sparse_encoder_backward(grad_pre: torch.Tensor, indices: torch.Tensor, x: to
     """
     n_tokens, k = indices.shape
     d_in, n_latents = W_enc.shape
+    if n_tokens * k >= 2**31:
+        raise ValueError(f"sparse_encoder_backward: N*k = {n_tokens * k} entries exceeds the int32 entry ids")
+    if n_tokens * k == 0:  # an empty batch (or code): empty grad_x, zero grad_W_enc / grad_b_enc
+        return (torch.zeros(n_tokens, d_in, dtype=x.dtype, device=x.device) if need_x else None,
+                torch.zeros(d_in, n_latents, dtype=W_enc.dtype, device=x.device) if need_w else None,
+                torch.zeros(n_latents, dtype=W_enc.dtype, device=x.device) if need_b else None)
     grad_pre = grad_pre.contiguous()
     indices = indices.contiguous()
     grad_x = grad_w = grad_b = None

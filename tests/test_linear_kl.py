@@ -5,6 +5,8 @@ CPU shapes are small (Triton's interpreter is slow). On the interpreter tl.dot o
 so bf16 is only tested on a GPU.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,6 +213,63 @@ def test_triton_errors():
         ops.fused_linear_kl(h_sae, h_orig, W_U, torch.zeros(41, device=KERNEL_DEVICE), **triton_backend)
     with pytest.raises(TypeError, match="labels must be an int64"):
         ops.fused_linear_kl(h_sae, h_orig, W_U, labels=torch.zeros(4, device=KERNEL_DEVICE), **triton_backend)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+@pytest.mark.parametrize("with_mask_and_labels", [False, True], ids=["plain", "mask+labels"])
+def test_empty_batch_matches_reference(reduction, grad_in_forward, with_mask_and_labels):
+    """N = 0: the reference's loss (0 for "mean" and "sum", an empty tensor for "none"), zero
+    stats sums and an empty gradient, from the kernel entry point and from the op."""
+    _, _, W_U, b_U = make_inputs(1, 24, 70)
+    h_orig = torch.randn(0, 24, device=KERNEL_DEVICE)
+    h_sae = h_orig.clone().requires_grad_()
+    mask = torch.zeros(0, dtype=torch.bool, device=KERNEL_DEVICE) if with_mask_and_labels else None
+    labels = torch.zeros(0, dtype=torch.int64, device=KERNEL_DEVICE) if with_mask_and_labels else None
+    loss, sums = K.linear_kl_triton(h_sae, h_orig, W_U, b_U, mask, labels, reduction, -100,
+                                    grad_in_forward=grad_in_forward)
+    ref_h = h_orig.clone().requires_grad_()
+    ref_loss, ref_stats = ops.fused_linear_kl(ref_h, h_orig, W_U, b_U, mask=mask, labels=labels,
+                                              reduction=reduction, return_stats=True, backend="torch")
+    assert loss.shape == ref_loss.shape and loss.dtype == ref_loss.dtype
+    torch.testing.assert_close(loss, ref_loss, atol=0, rtol=0)
+    assert torch.equal(sums, torch.zeros(5, device=KERNEL_DEVICE))
+    (grad,) = torch.autograd.grad(loss.sum(), h_sae)
+    (ref_grad,) = torch.autograd.grad(ref_loss.sum(), ref_h)
+    assert grad.shape == ref_grad.shape == (0, 24) and grad.dtype == ref_grad.dtype
+    _, stats = ops.fused_linear_kl(h_sae.view(2, 0, 24), h_orig.view(2, 0, 24), W_U, b_U, return_stats=True,
+                                   reduction=reduction, **triton_backend)
+    assert stats.n_tokens.item() == 0 and stats.top1_agreement.item() == 0
+
+
+def test_vocab_slices_of_empty_batch_on_a_gpu(monkeypatch):
+    """The GPU branch of the slicing heuristic with no row blocks (no GPU needed: the SM count is
+    faked): it divided by the number of row blocks."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    assert K._vocab_slices(0, 393, cuda, None) == (2, 197)  # as for one row block
+    assert K._vocab_slices(1, 393, cuda, None) == (2, 197)
+    assert K._vocab_slices(64, 393, cuda, None) == (79, 5)
+
+
+def test_far_apart_rows_and_columns():
+    """h rows and W_U columns FAR = 2^31 - 4096 elements apart (row * stride_hn and
+    column * stride_wv pass 2^31 from index 2): int64 offsets read the right data. One 8 GiB fp16
+    storage that torch.empty only reserves; a few pages get touched."""
+    far, n_tokens, d, d_vocab = 2**31 - 4096, 3, 16, 3
+    storage = torch.empty(8192 + 2 * far + 3 * d, dtype=torch.float16, device=KERNEL_DEVICE)
+    storage[:8192 + 3 * d].zero_()
+    h_orig = storage.as_strided((n_tokens, d), (far, 1), 8192)
+    h_sae = storage.as_strided((n_tokens, d), (far, 1), 8192 + d)  # same strides, interleaved
+    W_U = storage.as_strided((d, d_vocab), (1, far), 8192 + 2 * d)  # column-major
+    gen = torch.Generator().manual_seed(0)
+    for view, scale in ((h_orig, 1.0), (h_sae, 1.0), (W_U, d ** -0.5 * 3)):
+        view.copy_((torch.randn(view.shape, generator=gen) * scale).to(view))
+    h_sae.requires_grad_()
+    loss = ops.fused_linear_kl(h_sae, h_orig, W_U, reduction="sum", **triton_backend)
+    (grad,) = torch.autograd.grad(loss, h_sae)
+    want_loss, want_grad = ground_truth(*(t.detach().contiguous() for t in (h_sae, h_orig, W_U)), None, "sum")
+    check(loss, grad, want_loss, want_grad, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------

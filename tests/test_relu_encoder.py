@@ -132,12 +132,101 @@ def test_public_op_and_errors():
         ops.relu_encode(x, W.numpy(), b, backend="triton")
 
 
+# ------------------------------------------------------------------ empty batch, int64 offsets, backward memory
+
+BACKWARDS = [False, True, None]
+BACKWARD_IDS = ["dense_bwd", "sparse_bwd", "auto"]
+
+
+@pytest.mark.parametrize("sparse_backward", BACKWARDS, ids=BACKWARD_IDS)
+def test_empty_batch_matches_reference(sparse_backward):
+    """N = 0: an empty code, an empty grad_x and zero grad_W_enc / grad_b_enc, like the reference."""
+    _, W, b = make_inputs(1, 16, 90, torch.float32)
+    x = torch.randn(0, 16, device=W.device)
+    leaves = [t.clone().requires_grad_() for t in (x, W, b)]
+    ref_leaves = [t.clone().requires_grad_() for t in (x, W, b)]
+    acts = rk.relu_encode_triton(*leaves, sparse_backward=sparse_backward)
+    ref = ops.relu_encode(*ref_leaves, backend="torch")
+    assert acts.shape == ref.shape == (0, 90) and acts.dtype == ref.dtype
+    for g, r in zip(torch.autograd.grad(acts.sum(), leaves), torch.autograd.grad(ref.sum(), ref_leaves)):
+        assert g.shape == r.shape and g.dtype == r.dtype
+        torch.testing.assert_close(g, r, atol=0, rtol=0)
+    assert ops.relu_encode(x.view(2, 0, 16), W, b, backend="triton").shape == (2, 0, 90)
+
+
+FAR = 2**31 - 4096  # see tests/test_topk_encoder.py: row 2 at 2 * FAR wraps to -8192 in int32
+
+
+@pytest.mark.parametrize("sparse_backward", [False, True], ids=["dense_bwd", "sparse_bwd"])
+def test_offsets_beyond_int32(sparse_backward):
+    """x rows FAR elements apart (token * stride_xm > 2^31, as N * d is at 524,288 tokens of
+    d = 4,096): the forward's GEMM tile and the sparse backward must use int64 offsets. The
+    storage is 8 GiB of fp16 that torch.empty only reserves; a few pages get touched."""
+    dtype = torch.float16
+    _, W, b = make_inputs(1, 16, 40, dtype)
+    storage = torch.empty(8192 + 2 * FAR + 16, dtype=dtype, device=W.device)
+    storage[:8192 + 16].zero_()
+    x = storage.as_strided((3, 16), (FAR, 1), 8192)
+    x.copy_(torch.randn(3, 16, device=W.device).to(dtype))
+    leaves = [x.requires_grad_(), W.requires_grad_(), b.requires_grad_()]
+    acts = rk.relu_encode_triton(*leaves, sparse_backward=sparse_backward)
+    ref_leaves = [t.detach().contiguous().requires_grad_() for t in leaves]
+    ref = rk.relu_encode_triton(*ref_leaves, sparse_backward=sparse_backward)
+    torch.testing.assert_close(acts, ref, atol=0, rtol=0)
+    grad_acts = torch.randn_like(acts)
+    for g, r in zip(torch.autograd.grad(acts, leaves, grad_acts), torch.autograd.grad(ref, ref_leaves, grad_acts)):
+        torch.testing.assert_close(g, r, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("sparse_backward", [False, True], ids=["dense_bwd", "sparse_bwd"])
+def test_backward_masks_without_writing_grad_acts(sparse_backward):
+    """The ReLU mask goes into a fresh tensor: the caller's grad_acts, a stride-0 one
+    (acts.sum()) and one autograd shares between two consumers all stay as they were."""
+    x, W, b = make_inputs(9, 24, 130, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, W, b)]
+    acts = rk.relu_encode_triton(*leaves, sparse_backward=sparse_backward)
+    masked = torch.where(acts > 0, 1.0, 0.0).detach()
+    grad_acts = torch.randn_like(acts)
+    kept = grad_acts.clone()
+    got = torch.autograd.grad(acts, leaves, grad_acts, retain_graph=True)
+    assert torch.equal(grad_acts, kept)
+    want = (grad_acts * masked @ W.detach().t(), x.detach().t() @ (grad_acts * masked), (grad_acts * masked).sum(0))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    # acts.sum(): autograd passes an expanded (stride-0) tensor of ones.
+    (grad_b,) = torch.autograd.grad(acts.sum(), (b,), retain_graph=True)
+    torch.testing.assert_close(grad_b, masked.sum(0))
+    # acts + other: AddBackward hands one gradient tensor to both; other's gradient must be intact.
+    other = torch.zeros_like(acts).requires_grad_()
+    grad_b, grad_other = torch.autograd.grad(acts + other, (b, other), grad_acts)
+    assert torch.equal(grad_other, kept)
+    torch.testing.assert_close(grad_b, (kept * masked).sum(0), atol=1e-5, rtol=1e-5)
+
+
+def test_dense_backward_allocates_one_code_sized_buffer():
+    """grad_pre = grad_acts * (acts > 0) costs one [N, n] allocation: no zeros tensor, no bool
+    mask beside it (it was a zeros_like, a bool mask and the torch.where output)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n_tokens, d_in, n_latents = 64, 8, 512  # grad_x, grad_W: smaller than N * n bytes
+    x, W, b = make_inputs(n_tokens, d_in, n_latents, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, W, b)]
+    acts = rk.relu_encode_triton(*leaves, sparse_backward=False)
+    grad_acts = torch.randn_like(acts)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.autograd.grad(acts, leaves, grad_acts)
+    code_sized = [(e.name, e.self_cpu_memory_usage) for e in prof.events()
+                  if e.self_cpu_memory_usage >= n_tokens * n_latents]  # even a bool [N, n] counts
+    assert len(code_sized) == 1, code_sized
+
+
 # ------------------------------------------------------------------ compile checks (sm_80, sm_90)
 
 # The sparse backward's kernels are those of kernels/topk_encoder.py, compile-checked in
 # tests/test_topk_encoder.py.
 def compile_cases():
-    """The forward kernel at its shipped config per dtype (tests/compile_check.py)."""
+    """The forward kernel and the backward's masking kernel at their shipped configs per dtype
+    (tests/compile_check.py)."""
     from fastsae.kernels import relu_encoder as K
 
     cases = {}
@@ -150,6 +239,11 @@ def compile_cases():
         constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=K.GROUP_M,
                           DOT_PRECISION="ieee" if name == "fp32" else "tf32")
         cases[name] = (K._relu_encode_fwd_kernel, signature, constexprs, warps, stages)
+        grad_cfg = dict(K.RELU_GRAD_CONFIG)
+        grad_warps = grad_cfg.pop("num_warps")
+        grad_signature = dict(grad_ptr=ptr, acts_ptr=ptr, out_ptr=ptr, n_tokens="i32", n_latents="i32",
+                              stride_gm="i32", stride_gn="i32")
+        cases[f"relu_grad-{name}"] = (K._relu_grad_kernel, grad_signature, grad_cfg, grad_warps, 1)
     return cases
 
 
@@ -157,6 +251,12 @@ def compile_cases():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_forward_kernel_compiles(compile_reports, arch, dtype):
     check_compile_report(compile_reports[f"{arch}-{dtype}"])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_relu_grad_kernel_compiles(compile_reports, arch, dtype):
+    check_compile_report(compile_reports[f"{arch}-relu_grad-{dtype}"])
 
 
 # ------------------------------------------------------------------ GPU only

@@ -153,10 +153,14 @@ def test_untouched_latents_get_zero_rows_and_partial_grads():
 
 def test_float64_and_empty_code_fall_back_to_reference():
     values, indices, W_dec, b_dec = make_code(5, 3, 30, 16, torch.float64)
-    check_against_reference_fp64 = sparse_decode(values, indices, W_dec, b_dec, backend="triton")
+    # The op refuses float64 when Triton is forced (fastsae.ops._backend); the kernel's own entry
+    # point still hands it to the reference.
+    with pytest.raises(TypeError, match="float64"):
+        sparse_decode(values, indices, W_dec, b_dec, backend="triton")
+    check_against_reference_fp64 = kernels().sparse_decode_triton(values, indices, W_dec, b_dec)
     torch.testing.assert_close(check_against_reference_fp64,
                                SparseDecodeReference.apply(values, indices, W_dec, b_dec))
-    empty = sparse_decode(values[:0], indices[:0], W_dec, b_dec, backend="triton")
+    empty = sparse_decode(values[:0].float(), indices[:0], W_dec.float(), b_dec.float(), backend="triton")
     assert empty.shape == (0, 16)
 
 
@@ -263,6 +267,98 @@ def test_dense_decode_errors():
 
 
 # --------------------------------------------------------------------------------------------
+# Empty batch, host syncs, int64 offsets
+
+
+def empty_batch_grads(fn, leaves, d):
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad],
+                                torch.ones(*out.shape[:-1], d, device=out.device, dtype=out.dtype))
+    return out, grads
+
+
+@pytest.mark.parametrize("leading", [(0,), (2, 0)], ids=["N0", "2x0"])
+def test_empty_batch_matches_reference(leading):
+    """N = 0 through every entry point: empty outputs, zero grad_W_dec / grad_b_dec, as the
+    reference gives, whether the op routes it or the autograd functions get it directly."""
+    k = kernels()
+    _, _, W_dec, b_dec = make_code(1, 4, 50, 16, torch.float32)
+    values = torch.randn(*leading, 4, device=KERNEL_DEVICE)
+    indices = torch.zeros(*leading, 4, dtype=torch.int64, device=KERNEL_DEVICE)
+    acts = torch.zeros(*leading, 50, device=KERNEL_DEVICE)
+    leaf = lambda t: t.clone().requires_grad_()  # noqa: E731
+    cases = [
+        (lambda v, w, b: sparse_decode(v, indices, w, b, backend="triton"),
+         lambda v, w, b: sparse_decode(v, indices, w, b, backend="torch"), values),
+        (lambda a, w, b: dense_decode(a, w, b, backend="triton"),
+         lambda a, w, b: dense_decode(a, w, b, backend="torch"), acts),
+    ]
+    if len(leading) == 1:  # the kernels' autograd functions take 2-D codes
+        cases += [
+            (lambda v, w, b: k.SparseDecodeFunction.apply(v, indices, w, b),
+             lambda v, w, b: SparseDecodeReference.apply(v, indices, w, b), values),
+            (lambda a, w, b: k.DenseDecodeSparseFunction.apply(a, w, b, 1),
+             lambda a, w, b: torch.addmm(b, a, w), acts),
+            (lambda a, w, b: k.dense_decode_triton(a, w, b, max_density=1.0),
+             lambda a, w, b: torch.addmm(b, a, w), acts),
+        ]
+    for fn, ref_fn, code in cases:
+        out, grads = empty_batch_grads(fn, [leaf(code), leaf(W_dec), leaf(b_dec)], 16)
+        ref_out, ref_grads = empty_batch_grads(ref_fn, [leaf(code), leaf(W_dec), leaf(b_dec)], 16)
+        assert out.shape == ref_out.shape == (*leading, 16) and out.dtype == ref_out.dtype
+        for g, r in zip(grads, ref_grads):
+            assert g.shape == r.shape and g.dtype == r.dtype
+            torch.testing.assert_close(g, r, atol=0, rtol=0)
+    grad_values, grad_W = k.sparse_decode_backward(torch.zeros(0, 16), values.reshape(0, 4),
+                                                   indices.reshape(0, 4), W_dec,
+                                                   need_grad_values=True, need_grad_W=True)
+    assert grad_values.shape == (0, 4) and bool((grad_W == 0).all())
+
+
+@pytest.mark.parametrize("hot_pairs", [256, 8], ids=["segments", "hot-path"])
+def test_backward_prepass_has_no_bincount(hot_pairs, monkeypatch):
+    """torch.bincount syncs with the host on CUDA (it reads max(input) to size its output, even
+    with minlength): the backward's pre-pass must not use it. (On a GPU,
+    test_gpu_backward_has_no_host_sync checks the sync itself.)"""
+    def no_bincount(*args, **kwargs):
+        raise AssertionError("torch.bincount syncs with the host on CUDA")
+
+    monkeypatch.setattr(torch, "bincount", no_bincount)
+    monkeypatch.setattr(kernels(), "HOT_LATENT_PAIRS", hot_pairs)
+    values, indices, W_dec, b_dec = make_code(16, 4, 30, 24, torch.float32)
+    indices[:, 0] = 0  # 16 pairs on latent 0: hot when HOT_LATENT_PAIRS = 8
+    check_against_reference(values, indices, W_dec, b_dec)
+
+
+def test_sort_pairs_by_latent_edge_cases():
+    """Empty code; every pair skipped; latents at both ends; int32 indices."""
+    k = kernels()
+    pairs, starts = k.sort_pairs_by_latent(torch.zeros(0, 3, dtype=torch.int64), 4)
+    assert pairs.numel() == 0 and starts.tolist() == [0] * 5 and starts.dtype == torch.int32
+    indices = torch.tensor([[4, 0], [0, 4]], dtype=torch.int32)
+    pairs, starts = k.sort_pairs_by_latent(indices, 5, skip=torch.ones(2, 2, dtype=torch.bool))
+    assert starts.tolist() == [0] * 6
+    pairs, starts = k.sort_pairs_by_latent(indices, 5)
+    assert starts.tolist() == [0, 2, 2, 2, 2, 4] and pairs.tolist() == [1, 2, 0, 3]
+    hot = k.find_hot_latents(indices, 5)
+    assert hot.latents.shape == (5,) and set(hot.latents[:2].tolist()) == {0, 4}
+
+
+def test_far_apart_decoder_rows():
+    """W_dec rows FAR = 2^31 - 4096 elements apart (latent * stride_w passes 2^31 from latent 2):
+    the kernels' int64 offsets read the right rows. 8 GiB of fp16 that torch.empty only
+    reserves; a few pages get touched."""
+    far = 2**31 - 4096
+    values, indices, _, b_dec = make_code(6, 2, 3, 16, torch.float16)
+    storage = torch.empty(8192 + 2 * far + 16, dtype=torch.float16, device=KERNEL_DEVICE)
+    storage[:8192 + 16].zero_()
+    W_dec = storage.as_strided((3, 16), (far, 1), 8192)
+    W_dec.copy_(torch.randn(3, 16, device=KERNEL_DEVICE).half())
+    fn = lambda v, i, w, b: kernels().SparseDecodeFunction.apply(v, i, w, b)  # noqa: E731
+    check_against_reference(values, indices, W_dec, b_dec, fn=fn)
+
+
+# --------------------------------------------------------------------------------------------
 # Compile for sm_80 / sm_90 at the shipped launch configurations
 
 
@@ -326,6 +422,21 @@ def test_gpu_hot_latents_and_repeats(dtype):
     indices[:, 0] = 0
     indices[:, 1] = indices[:, 2]
     check_against_reference(values, indices, W_dec, b_dec)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_has_no_host_sync():
+    """The backward's torch pre-pass (sort, segment starts, hot latents) never waits on the GPU."""
+    values, indices, W_dec, b_dec = make_code(2048, 16, 4096, 512, torch.bfloat16, device="cuda")
+    indices[:, 0] = 0  # a hot latent: the dense hot path runs too
+    grad_out = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16)
+    kernels().sparse_decode_backward(grad_out, values, indices, W_dec, need_grad_values=True, need_grad_W=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        kernels().sparse_decode_backward(grad_out, values, indices, W_dec, need_grad_values=True, need_grad_W=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.gpu

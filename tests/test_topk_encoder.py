@@ -4,6 +4,8 @@ On CPU the kernels run under Triton's interpreter (small shapes, fp32 and fp16);
 bf16 and the issue's shapes. Every @triton.jit kernel is also compiled for sm_80 and sm_90.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from compile_check import ARCHS, check_compile_report
@@ -194,6 +196,94 @@ def test_errors():
         ops.topk_encode(x, W, b[:-1], 3, backend="triton")
     with pytest.raises(TypeError, match="dtype"):
         ops.topk_encode(x.half(), W, b, 3, backend="triton")
+
+
+# ------------------------------------------------------------------ empty batch, int64 offsets
+
+def grads_of(values, inputs):
+    """Gradients of (values * fixed weights).sum() for the inputs that require one."""
+    weights = torch.arange(values.numel(), dtype=torch.float32, device=values.device).reshape(values.shape)
+    return torch.autograd.grad((values * weights.to(values.dtype)).sum(), inputs, allow_unused=True)
+
+
+@pytest.mark.parametrize("leading", [(0,), (2, 0)], ids=["N0", "2x0"])
+def test_empty_batch_matches_reference(leading):
+    """N = 0: empty values / indices, an empty grad_x and zero grad_W_enc / grad_b_enc, as the
+    reference gives (the forward divided by the number of row blocks)."""
+    _, W, b = make_inputs(1, 16, 90, torch.float32)
+    results = {}
+    for backend in ("triton", "torch"):
+        x = torch.randn(*leading, 16, device=KERNEL_DEVICE)
+        leaves = [t.clone().requires_grad_() for t in (x, W, b)]
+        values, indices = ops.topk_encode(*leaves, 5, backend=backend)
+        results[backend] = (values, indices, grads_of(values, leaves))
+    (values, indices, grads), (ref_values, ref_indices, ref_grads) = results["triton"], results["torch"]
+    assert values.shape == indices.shape == ref_values.shape == (*leading, 5)
+    assert values.dtype == ref_values.dtype and indices.dtype == ref_indices.dtype == torch.int64
+    for g, ref in zip(grads, ref_grads):
+        assert g.shape == ref.shape and g.dtype == ref.dtype
+        torch.testing.assert_close(g, ref, atol=0, rtol=0)
+    # The backward kernels alone, on an empty code.
+    x, W, _ = make_inputs(0, 16, 90, torch.float32)
+    grad_x, grad_w, grad_b = tk.sparse_encoder_backward(torch.zeros(0, 5), torch.zeros(0, 5, dtype=torch.int64,
+                                                        device=KERNEL_DEVICE), x, W, True, True, True)
+    assert grad_x.shape == (0, 16) and bool((grad_w == 0).all()) and bool((grad_b == 0).all())
+
+
+def test_default_splits_of_empty_batch_on_a_gpu(monkeypatch):
+    """The GPU branch of the split heuristic (no GPU needed: the SM count is faked)."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    assert tk._default_splits(0, 24576, 128, 128, cuda) == 192  # every tile its own split
+    assert tk._default_splits(4096, 24576, 128, 128, cuda) == 17
+
+
+# Rows (or columns) this many elements apart: row 2 starts at 2 * FAR = 2^32 - 8192, which an int32
+# offset wraps to -8192, i.e. onto other data of the same storage. The storage spans 8 GiB of
+# fp16 but torch.empty only reserves it: the pages touched (a few rows) are all that gets memory.
+FAR = 2**31 - 4096
+
+
+def far_apart(n_rows, width, dtype, device=KERNEL_DEVICE):
+    """An [n_rows, width] view whose rows are FAR elements apart, filled with randn."""
+    base = 8192  # where row 2 lands with int32 offsets: inside the storage, zeros
+    storage = torch.empty(base + (n_rows - 1) * FAR + width, dtype=dtype, device=device)
+    storage[:base + width].zero_()
+    view = storage.as_strided((n_rows, width), (FAR, 1), base)
+    view.copy_(torch.randn(n_rows, width, device=device).to(dtype))
+    return view
+
+
+@pytest.mark.parametrize("layout", ["x_rows", "x_columns", "w_columns"])
+def test_offsets_beyond_int32(layout):
+    """x or W_enc strided so that an index times a stride passes 2^31 (as N * d does at 524,288
+    tokens of d = 4,096): forward (shared GEMM tile) and backward (gather, segmented reduction)
+    must use int64 offsets. Checked against the reference on contiguous copies."""
+    dtype = torch.float16
+    d_in, n_latents, n_tokens, k = 16, 40, 3, 3
+    x, W, b = make_inputs(n_tokens, d_in, n_latents, dtype)
+    if layout == "x_rows":
+        x = far_apart(n_tokens, d_in, dtype)  # x[t] at t * FAR: token * stride_xm
+    elif layout == "x_columns":
+        d_in = 3
+        x = far_apart(d_in, n_tokens, dtype).t()  # column-major x: d * stride_xd
+        W, b = make_inputs(1, d_in, n_latents, dtype)[1:]
+    else:
+        n_latents = 3
+        W = far_apart(n_latents, d_in, dtype).t()  # column-major W_enc: latent * stride_wn
+        b = make_inputs(1, d_in, n_latents, dtype)[2]
+    got = tk.topk_encode_triton(*(t.requires_grad_() for t in (x, W, b)), k)
+    x_c, W_c, b_c = (t.detach().contiguous().requires_grad_() for t in (x, W, b))
+    ref = TopKEncodeReference.apply(x_c, W_c, b_c, k)
+    assert torch.equal(got[1], ref[1])
+    torch.testing.assert_close(got[0], ref[0], atol=TOL[dtype], rtol=TOL[dtype])
+    for g, r in zip(grads_of(got[0], (x, W, b)), grads_of(ref[0], (x_c, W_c, b_c))):
+        torch.testing.assert_close(g.float(), r.float(), atol=4 * TOL[dtype] * (r.abs().max().item() + 1), rtol=0)
+    if layout != "w_columns":  # the segmented reduction's x loads alone (the forward is right)
+        grad = torch.randn(n_tokens, k, device=KERNEL_DEVICE).to(dtype)
+        _, grad_w, _ = tk.sparse_encoder_backward(grad, ref[1], x.detach(), W.detach(), False, True, False)
+        ref_w = scatter_rows_weighted(grad.float(), ref[1], x_c.detach().float(), n_latents).t()
+        torch.testing.assert_close(grad_w.float(), ref_w, atol=4 * TOL[dtype] * (ref_w.abs().max().item() + 1), rtol=0)
 
 
 # ------------------------------------------------------------------ compile checks (sm_80, sm_90)
