@@ -1,42 +1,50 @@
 """relu_encode: the fused Triton kernel vs the PyTorch reference (= the naive dense form) vs a GEMM.
 
-    fused_auto    fastsae.ops.relu_encode(backend="triton"): GEMM with bias + ReLU epilogue;
-                  backward picks dense or sparse by the measured density
-    fused_dense   the same forward, backward forced dense (two GEMMs)
-    fused_sparse  the same forward, backward forced sparse (compaction + sparse kernels)
+    fused_auto    fastsae.ops.relu_encode(backend="triton"): GEMM with bias + ReLU epilogue; the
+                  sparse backward (device-side compaction into a capacity-bounded code, rows past
+                  the capacity on the dense-row path)
+    fused_dense   the same forward, the dense backward (grad mask + two cuBLAS GEMMs)
     reference     relu(addmm(...)) with autograd: the PyTorch reference, which is also the naive
                   dense form of a ReLU encoder
     gemm          x @ W_enc alone: the target baseline for the forward
 
 Codes: "dense" (b_enc = 0: about half the latents active, as at initialisation) and "sparse"
-(b_enc = -3: ~0.1 % active, the L0 of a trained SAE). The sparse backward's break-even density is
-kernels/relu_encoder.py's SPARSE_DENSITY_THRESHOLD; these runs are how to re-measure it on a GPU.
-Shapes (N, d, n): N=4,096, d=768 at n = 24,576 / 49,152 / 131,072 on a GPU ("full"); small
-shapes on CPU ("small"). Effective TFLOP/s = 2*N*d*n / time (fwd) or 6*N*d*n / time (fwd_bwd,
-the dense work a ReLU encoder's forward + backward would do).
+(b_enc = -3: ~0.1 % active, the L0 of a trained SAE). The sparse backward takes both with no host
+sync (kernels/relu_encoder.py); fused_auto vs fused_dense on the dense code is what its per-row
+fallback costs against plain GEMMs, to be measured on a GPU.
+Shapes (N, d, n): the GPT-2 preset and d 4,096 with 131,072 latents on a GPU ("full"), small on
+CPU. Cost model: harness.relu_encoder_cost (dense: 2*N*d*n forward, 6*N*d*n forward + backward).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from harness import DEVICE, DTYPE, GPT2_PRESET, HAS_CUDA, LARGE, bench_size, measure, relu_encoder_cost, variants
 
-from conftest import DEVICE, DTYPE, HAS_CUDA, bench_size, peak_extra_bytes, time_step
-from fastsae.kernels.relu_encoder import relu_encode_triton
 from fastsae.ops import relu_encode
 
 SHAPES = {
-    "full": [(4096, 768, n) for n in (24_576, 49_152, 131_072)],
-    "small": [(32, 64, 384)],
+    "full": [tuple(s[key] for key in "Ndn") for s in (GPT2_PRESET, LARGE)] if HAS_CUDA
+    else [(1024, 768, 46_080)],  # CPU: the preset's encoder at 1,024 tokens
+    "small": [(32, 64, 384)],  # tiny: the interpreter (--bench-interpreter) gets through
 }
 CODES = {"dense": 0.0, "sparse": -3.0}
-VARIANTS = ("fused_auto", "fused_dense", "fused_sparse", "reference", "gemm")
+TRITON_VARIANTS = ("fused_auto", "fused_dense")
+VARIANTS = variants(TRITON_VARIANTS + ("reference", "gemm"), triton_variants=TRITON_VARIANTS)
 PASSES = ("fwd", "fwd_bwd")
+
+
+def _fused_dense_backward(x, w, b):
+    # kernels/ is imported only when a fused row runs: the CPU default leaves them out
+    from fastsae.kernels.relu_encoder import relu_encode_triton
+
+    return relu_encode_triton(x, w, b, sparse_backward=False)
+
 
 ENCODERS = {
     "fused_auto": lambda x, w, b: relu_encode(x, w, b, backend="triton"),
-    "fused_dense": lambda x, w, b: relu_encode_triton(x, w, b, sparse_backward=False),
-    "fused_sparse": lambda x, w, b: relu_encode_triton(x, w, b, sparse_backward=True),
+    "fused_dense": _fused_dense_backward,
     "reference": lambda x, w, b: relu_encode(x, w, b, backend="torch"),
     "gemm": lambda x, w, b: x @ w,
 }
@@ -64,31 +72,30 @@ def make_step(shape, code, variant, passes, dtype=DTYPE, device=DEVICE):
     return step
 
 
-def flops(shape, passes) -> int:
-    n_tokens, d, n_latents = shape
-    return (2 if passes == "fwd" else 6) * n_tokens * d * n_latents
+def cases():
+    """(code, variant, passes) combinations worth timing; the rest would only time the same thing."""
+    out = []
+    for code in CODES:
+        for variant in VARIANTS:
+            for passes in PASSES:
+                if variant == "gemm" and (passes == "fwd_bwd" or code == "sparse"):
+                    continue  # the GEMM baseline is a forward-only target, independent of the code
+                if passes == "fwd" and variant == "fused_dense":
+                    continue  # the backward path does not change the forward
+                out.append((code, variant, passes))
+    return out
 
 
-@pytest.mark.parametrize("passes", PASSES)
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("code", list(CODES))
+CASES = cases()
+
+
+@pytest.mark.parametrize("code, variant, passes", CASES, ids=["-".join(case) for case in CASES])
 @pytest.mark.parametrize("shape", SHAPES[bench_size()], ids=lambda s: "N{}-d{}-n{}".format(*s))
 def test_relu_encode(benchmark, shape, code, variant, passes):
-    if variant == "gemm" and (passes == "fwd_bwd" or code == "sparse"):
-        pytest.skip("the GEMM baseline is a forward-only target, independent of the code")
-    if passes == "fwd" and variant in ("fused_dense", "fused_sparse"):
-        pytest.skip("the backward path does not change the forward")
-    if variant == "fused_sparse" and code == "dense" and HAS_CUDA:
-        pytest.skip("the sparse backward on a half-dense code is the case the density switch avoids")
     n_tokens, d, n_latents = shape
     step = make_step(shape, code, variant, passes)
     step()  # compile (GPU) / warm up before timing
-    median = time_step(benchmark, step, "{}-{}-N{}-d{}-n{}".format(passes, code, *shape),
-                       dict(dtype=str(DTYPE), variant=variant, passes=passes, code=code, N=n_tokens, d=d,
-                            n_latents=n_latents, flops=flops(shape, passes)))
-    if median is None:  # CI smoke run: one call, no figures
-        return
-    benchmark.extra_info.update(
-        effective_TFLOPs=flops(shape, passes) / median / 1e12,
-        peak_memory_bytes=peak_extra_bytes(step, make_step, shape, code, variant, passes),
-    )
+    flops, bytes_ = relu_encoder_cost(n_tokens, d, n_latents, DTYPE.itemsize, passes)
+    measure(benchmark, step, op="relu_encode", shape="N={} d={} n={} {} code".format(*shape, code),
+            variant=variant, passes=passes, dtype=DTYPE, flops=flops, bytes_=bytes_,
+            triton=variant in TRITON_VARIANTS, N=n_tokens, d=d, n_latents=n_latents, code=code)

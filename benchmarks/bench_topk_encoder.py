@@ -4,35 +4,30 @@
     reference  fastsae.ops.topk_encode(backend="torch"): chunked addmm + torch.topk
     dense      the naive form: addmm -> relu -> topk -> scatter into a dense [N, n] code
                (what a decoder that wants a dense code would get), autograd backward
-    gemm       x @ W_enc alone (cuBLAS on a GPU): the target baseline. On an H100 the fused
-               forward should stay within 1.25x of it.
+    gemm       x @ W_enc alone (cuBLAS on a GPU): the bare GEMM the fused forward is held against
 
 Passes: "fwd" (forward only) and "fwd_bwd" (forward + backward; not for gemm).
-Shapes (N, d, n, k): the issue's N=4,096, d=768, k=32 at n = 24,576 / 49,152 / 131,072 / 2^20 on
-a GPU ("full"); small shapes that the Triton interpreter gets through on CPU ("small").
-FASTSAE_BENCH_SIZE=small|full overrides (benchmarks/conftest.py).
-
-Effective TFLOP/s = 2*N*d*n / time (the GUIDE's cost model: the forward GEMM is the unavoidable
-work; the fwd_bwd figure uses the same numerator, so it reads as "forward-GEMM-equivalents").
-Each result records device, dtype, shapes, median time, TFLOP/s and peak memory (CUDA:
-max_memory_allocated; CPU: peak RSS growth in a fresh process). benchmarks/conftest.py measures
-them and writes benchmarks/results/bench_topk_encoder_<size>_<device>.json at the end of a run.
+Shapes (N, d, n, k): on a GPU ("full") the GPT-2 preset (16 x 1,024 tokens, d 768, 46,080 latents,
+k 32) and d 4,096 with 131,072 latents; on CPU ("small") a shape the interpreter gets through.
+Cost model: harness.topk_encoder_cost (2*N*d*n forward; the backward is sparse, 4*N*k*d).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from harness import DEVICE, DTYPE, GPT2_PRESET, HAS_CUDA, LARGE, bench_size, measure, topk_encoder_cost, variants
 
-from conftest import DEVICE, DTYPE, HAS_CUDA, bench_size, peak_extra_bytes, time_step
 from fastsae.ops import topk_encode
 
 SHAPES = {
-    "full": [(4096, 768, n, 32) for n in (24_576, 49_152, 131_072, 1 << 20)],
-    "small": [(64, 96, 512, 8), (32, 96, 1024, 32)],
+    "full": [tuple(s[key] for key in "Ndnk") for s in (GPT2_PRESET, LARGE)] if HAS_CUDA
+    else [(1024, 768, 46_080, 32)],  # CPU: the preset's encoder at 1,024 tokens
+    "small": [(64, 96, 512, 8)],  # tiny: the interpreter (--bench-interpreter) gets through
 }
-VARIANTS = ("fused", "reference", "dense", "gemm")
+VARIANTS = variants(("fused", "reference", "dense", "gemm"), triton_variants=("fused",))
 PASSES = ("fwd", "fwd_bwd")
+CASES = [(v, p) for v in VARIANTS for p in PASSES if not (v == "gemm" and p == "fwd_bwd")]  # gemm: forward only
 
 
 def dense_form(x, W_enc, b_enc, k):
@@ -73,30 +68,17 @@ def make_step(shape, variant, passes, dtype=DTYPE, device=DEVICE):
     return step
 
 
-def gemm_flops(shape) -> int:
-    n_tokens, d, n_latents, _ = shape
-    return 2 * n_tokens * d * n_latents
-
-
-@pytest.mark.parametrize("passes", PASSES)
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant, passes", CASES, ids=["-".join(case) for case in CASES])
 @pytest.mark.parametrize("shape", SHAPES[bench_size()], ids=lambda s: "N{}-d{}-n{}-k{}".format(*s))
 def test_topk_encode(benchmark, shape, variant, passes):
     n_tokens, d, n_latents, k = shape
-    if variant == "gemm" and passes == "fwd_bwd":
-        pytest.skip("the GEMM baseline is a forward-only target")
     if variant == "dense" and HAS_CUDA:
         dense_bytes = 4 * n_tokens * n_latents * DTYPE.itemsize  # pre, acts, code (+ grads)
         if dense_bytes > 0.4 * torch.cuda.get_device_properties(0).total_memory:
             pytest.skip(f"the dense [N, n] tensors need {dense_bytes / 2**30:.1f} GiB")
     step = make_step(shape, variant, passes)
     step()  # compile (GPU) / warm up before timing
-    median = time_step(benchmark, step, "{}-N{}-d{}-n{}-k{}".format(passes, *shape),
-                       dict(dtype=str(DTYPE), variant=variant, passes=passes, N=n_tokens, d=d,
-                            n_latents=n_latents, k=k, gemm_flops=gemm_flops(shape)))
-    if median is None:  # CI smoke run: one call, no figures
-        return
-    benchmark.extra_info.update(
-        effective_TFLOPs=gemm_flops(shape) / median / 1e12,
-        peak_memory_bytes=peak_extra_bytes(step, make_step, shape, variant, passes),
-    )
+    flops, bytes_ = topk_encoder_cost(n_tokens, d, n_latents, k, DTYPE.itemsize, passes)
+    measure(benchmark, step, op="topk_encode", shape="N={} d={} n={} k={}".format(*shape), variant=variant,
+            passes=passes, dtype=DTYPE, flops=flops, bytes_=bytes_, triton=variant == "fused",
+            N=n_tokens, d=d, n_latents=n_latents, k=k)

@@ -5,13 +5,19 @@
     fastsae train my_config.yaml
     fastsae train --resume runs/e2e             continue a run exactly where it stopped
     fastsae eval runs/e2e [--tokens 100000]     the eval pass of a run's latest checkpoint
+    fastsae eval --sae DIR[@HOOK] --model gpt2 --config gpt2-e2e   ... of a released SAE (any format)
+    fastsae export runs/e2e --format saelens    the run's latest SAEs as SAELens (or sparsify) dirs
     fastsae presets [--show NAME]               the shipped configs
+    fastsae plan gpt2-e2e --gpus 8 --gpu-memory 80GB   memory per GPU; the largest dictionary that fits
+    fastsae sweep                               local / e2e / e2e+ds over a grid of sparsity coefficients
+    fastsae plot runs/sweep-embedded --out figs the paper's figure (PNG, SVG) + CSV / markdown table
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 
@@ -26,15 +32,68 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="where checkpoints and metrics go (default: runs/<name>-<time>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     train.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps")
+    train.add_argument("--overwrite", action="store_true",
+                       help="train into a --run-dir that holds another run: the old run is moved aside to "
+                            "RUN_DIR.replaced-<time> (without it, a used run directory is refused)")
 
-    evaluate = commands.add_parser("eval", help="evaluate a run's latest SAEs on held-out data")
-    evaluate.add_argument("run_dir")
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a run's latest SAEs, or released SAEs (--sae), on held-out data",
+        description="fastsae eval RUN_DIR evaluates a run's latest SAEs with the run's config. "
+                    "fastsae eval --sae PATH[@HOOK] ... evaluates SAEs saved in any format E2ESAE.from_pretrained "
+                    "reads (fastsae, SAELens, sparsify, e2e_sae); @HOOK picks the hook where the file holds "
+                    "several SAEs or does not name it. The model is --model or the one the SAE names; data and "
+                    "eval settings come from --config (a preset or YAML) and --set.")
+    evaluate.add_argument("run_dir", nargs="?", help="a run directory (or give --sae)")
+    evaluate.add_argument("--sae", action="append", default=[], metavar="PATH[@HOOK]",
+                          help="a released SAE to evaluate instead of a run's (repeatable: one per hook)")
+    evaluate.add_argument("--model", help="with --sae: the model name or directory (default: the SAE's model_name)")
+    evaluate.add_argument("--config", help="with --sae: preset or YAML for data and eval settings (default: embedded)")
+    evaluate.add_argument("--out", help="with --sae: write eval.json to this directory")
     evaluate.add_argument("--tokens", type=int, help="eval tokens (default: the run's eval.n_tokens)")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a config key of the run, e.g. --set device=cpu")
 
     presets = commands.add_parser("presets", help="list the shipped configs")
     presets.add_argument("--show", metavar="NAME", help="print one preset's YAML")
+
+    plan = commands.add_parser("plan", help="memory per GPU of a run, and the largest dictionary that fits")
+    plan.add_argument("config", help="a preset name or a YAML file")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs (= torchrun processes): data groups x saes.shards")
+    plan.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 80GB, 141GB (default 80GB)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key, e.g. --set saes.shards=8 --set saes.n_latents=16777216")
+
+    export = commands.add_parser(
+        "export", help="write a run's latest SAEs as SAELens or sparsify directories",
+        description="One subdirectory per SAE: named by its hook for SAELens (SAE.load_from_disk(DIR/HOOK)), by "
+                    "its hookpoint for sparsify (SparseCoder.load_many(DIR, local=True)). The conversions are exact; "
+                    "see fastsae.formats.")
+    export.add_argument("run_dir", help="a run directory, a checkpoint directory, or any path holding SAEs")
+    export.add_argument("--format", required=True, choices=("saelens", "sparsify", "fastsae"))
+    export.add_argument("--out", help="output directory (default: RUN_DIR/export-FORMAT)")
+    export.add_argument("--layers-name", default="layers",
+                        help="sparsify: the model's block list (layers; h for GPT-2), for the hookpoint names")
+
+    sweep = commands.add_parser(
+        "sweep", help="train local, e2e and e2e+ds SAEs over a grid of sparsity coefficients",
+        description="One run directory per (kind, sparsity coefficient, seed) under --out. Run it again to "
+                    "resume: finished runs are skipped, started ones resume. Several processes with the "
+                    "same arguments share the grid (each run is locked by the process training it).")
+    sweep.add_argument("--family", default="embedded", help="preset family: embedded (default), gpt2, tinystories")
+    sweep.add_argument("--out", help="directory of the runs (default: runs/sweep-FAMILY)")
+    sweep.add_argument("--kinds", nargs="+", default=None, metavar="KIND", help="local e2e e2e+ds (default: all)")
+    for kind in ("local", "e2e", "e2e+ds"):
+        sweep.add_argument(f"--{kind.replace('+', '-')}-coeffs", dest=f"coeffs_{kind}", nargs="+", type=float,
+                           metavar="C", help=f"sparsity coefficients of the {kind} runs (default: the family's grid)")
+    sweep.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key in every run, e.g. --set optim.n_tokens=2e5")
+
+    plot = commands.add_parser("plot", help="draw CE loss increase and alive latents vs L0 from evaluated runs")
+    plot.add_argument("run_dirs", nargs="+", help="run directories with an eval.json, or sweep directories")
+    plot.add_argument("--out", default=".", help="where NAME.png/.svg/.csv/.md go (default: .)")
+    plot.add_argument("--name", default="paper_figure", help="file name stem (default: paper_figure)")
+    plot.add_argument("--title", help="figure title")
     return parser
 
 
@@ -47,18 +106,27 @@ def _train(args) -> int:
             raise ConfigError("give a config or --resume RUN_DIR, not both "
                              "(a resumed run uses its saved config.yaml; change keys with --set)")
         trainer = Trainer.from_run_dir(args.resume, overrides=args.overrides)
-        print(f"fastsae: resuming {args.resume} at step {trainer.step_count} "
-              f"({trainer.tokens_seen:,} tokens)", flush=True)
+        if trainer.layout.is_main:
+            print(f"fastsae: resuming {args.resume} at step {trainer.step_count} "
+                  f"({trainer.tokens_seen:,} tokens)", flush=True)
     else:
         if not args.config:
             raise ConfigError("give a preset name or a YAML config (see `fastsae presets`)")
         config = load_config(args.config, args.overrides)
-        trainer = Trainer(config, run_dir=args.run_dir)
+        trainer = Trainer(config, run_dir=args.run_dir, overwrite=args.overwrite)
     cfg = trainer.config
+    if not trainer.layout.is_main:  # under torchrun rank 0 reports; the others only train
+        try:
+            trainer.fit(max_steps=args.max_steps)
+        except KeyboardInterrupt:
+            return 130
+        return 0
+    layout = f"; {trainer.layout.world_size} processes ({trainer.layout.data_size} data x " \
+             f"{trainer.layout.shards} shards)" if trainer.layout.distributed else ""
     print(f"fastsae: training {len(trainer.hooks)} SAE(s) at {', '.join(trainer.hooks)} on {cfg.model.name} "
           f"({trainer.lm.n_layers} layers, d_model {trainer.lm.d_model}), "
           f"{trainer.saes[trainer.hooks[0]].n_latents} latents, {cfg.total_steps} steps of "
-          f"{cfg.tokens_per_step} tokens, device {trainer.device}; run dir {trainer.run_dir}", flush=True)
+          f"{cfg.tokens_per_step} tokens, device {trainer.device}{layout}; run dir {trainer.run_dir}", flush=True)
     try:
         metrics = trainer.fit(max_steps=args.max_steps)
     except KeyboardInterrupt:
@@ -73,22 +141,98 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from fastsae.train import checkpoint as ckpt
-    from fastsae.train.config import ConfigError, load_config
+    from fastsae.train.config import ConfigError
     from fastsae.train.trainer import Trainer, summarize, resolve_device
 
+    if args.sae:
+        if args.run_dir:
+            raise ConfigError("give a run directory or --sae PATH, not both")
+        return _eval_released(args)
+    if args.run_dir is None:
+        raise ConfigError("give a run directory, or --sae PATH[@HOOK] for a released SAE")
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    config = load_config(run_dir / "config.yaml", args.overrides)
+    config = ckpt.load_run_config(run_dir, args.overrides)  # config.yaml + the overrides of its resumes
     path = ckpt.latest_checkpoint(run_dir)
     if path is None:
         raise ConfigError(f"{run_dir} has no complete checkpoint")
     saes, state = ckpt.load_checkpoint(path, device=resolve_device(config.device))
     trainer = Trainer(config, run_dir=run_dir, saes=saes)
+    trainer.step_count, trainer.tokens_seen = state["step"], state["tokens_seen"]  # for eval.json
     metrics = trainer.evaluate(args.tokens)
     print(f"eval of {path} (step {state['step']}, {state['tokens_seen']:,} training tokens) "
           f"on {metrics['eval/tokens']:,} held-out tokens:")
     print(summarize(metrics, trainer.hooks, "eval/"))
+    print(f"\nwritten to {run_dir / 'eval.json'}")
+    return 0
+
+
+def _plan(args) -> int:
+    from fastsae.train.config import load_config
+    from fastsae.train.plan import format_plan, memory_plan
+
+    config = load_config(args.config, args.overrides)
+    plan = memory_plan(config, gpus=args.gpus, gpu_memory=args.gpu_memory)
+    print(format_plan(plan, config))
+    return 0
+
+
+def _eval_released(args) -> int:
+    """`fastsae eval --sae PATH[@HOOK] ...`: SAEs from files, on the model they were trained on."""
+    import json
+
+    from fastsae import E2ESAE
+    from fastsae.train.config import ConfigError, load_config
+    from fastsae.train.trainer import Trainer, summarize
+
+    saes = {}
+    for spec in args.sae:
+        # PATH@HOOK: the hook follows the last "@" (unless the whole spec is an existing path)
+        path, hook = spec, None
+        if "@" in spec and not Path(spec).exists():
+            path, hook = spec.rsplit("@", 1)
+        try:
+            sae = E2ESAE.from_pretrained(path, hook=hook or None)
+        except ValueError as error:
+            raise ConfigError(f"--sae {spec}: {error}") from None
+        hook = hook or sae.metadata.get("hook")
+        if not hook:
+            raise ConfigError(f"--sae {spec}: the SAE does not say which hook it reads; write --sae {path}@HOOK")
+        if hook in saes:
+            raise ConfigError(f"--sae {spec}: a second SAE for hook {hook!r}")
+        saes[hook] = sae
+    overrides = [*args.overrides, f"saes.hooks={json.dumps(sorted(saes))}", "loss.downstream_hooks=[]"]
+    # the model: --model, else --set model.name=..., else the one the SAEs name (SAELens' model_name)
+    models = sorted({sae.metadata.get("model") for sae in saes.values()} - {None})
+    if args.model or not any(o.startswith("model.name=") for o in args.overrides):
+        if not args.model and len(models) != 1:
+            raise ConfigError("give --model NAME_OR_DIR: the SAEs do not name one model"
+                              + (f" (they name {models})" if models else ""))
+        overrides.append(f"model.name={json.dumps(args.model or models[0])}")
+    config = load_config(args.config or "embedded", overrides)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, run_dir=args.out, saes=saes)
+    metrics = trainer.evaluate(args.tokens)
+    print(f"eval of {', '.join(args.sae)} on {config.model.name} ({metrics['eval/tokens']:,} held-out tokens):")
+    print(summarize(metrics, trainer.hooks, "eval/"))
+    if args.out:
+        print(f"\nwritten to {Path(args.out) / 'eval.json'}")
+    return 0
+
+
+def _export(args) -> int:
+    from fastsae import formats
+    from fastsae.train.config import ConfigError
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"export-{args.format}"
+    try:
+        written = formats.export(args.run_dir, args.format, out, layers_name=args.layers_name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    for hook, directory in written.items():
+        print(f"{hook} -> {directory}")
     return 0
 
 
@@ -105,14 +249,45 @@ def _presets(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from fastsae.train.sweep import KINDS, run_sweep, sweep_points
+
+    coeffs = {kind: getattr(args, f"coeffs_{kind}") for kind in KINDS if getattr(args, f"coeffs_{kind}")}
+    args.out = args.out or f"runs/sweep-{args.family}"
+    points = sweep_points(args.out, args.family, args.kinds or KINDS, coeffs, args.seeds)
+    print(f"fastsae: sweep of {len(points)} runs ({args.family} presets) in {args.out}", flush=True)
+    start = time.perf_counter()
+    try:
+        outcomes = run_sweep(points, args.overrides, log=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:  # the run in progress saved a checkpoint: the same command resumes
+        print("fastsae: sweep interrupted; run the same command again to continue", flush=True)
+        return 130
+    print(f"\nsweep finished in {time.perf_counter() - start:.0f} s; "
+          f"{sum(o.startswith(('trained', 'resumed', 'evaluated')) for o in outcomes.values())} run(s) done here. "
+          f"Draw the figure with `fastsae plot {args.out} --out DIR`")
+    return 0
+
+
+def _plot(args) -> int:
+    from fastsae.plot import plot_runs, to_markdown
+
+    result = plot_runs(args.run_dirs, args.out, args.name, args.title)
+    print(to_markdown(result["points"], result["comparison"]), end="")
+    print("\nwritten: " + ", ".join(str(path) for path in result["files"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastsae.train.config import ConfigError
 
     args = _parser().parse_args(argv)
-    command = {"train": _train, "eval": _eval, "presets": _presets}[args.command]
+    command = {"train": _train, "eval": _eval, "presets": _presets, "sweep": _sweep, "plot": _plot,
+               "plan": _plan, "export": _export}[args.command]
+    from fastsae.train.checkpoint import RunDirError
+
     try:
         return command(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, RunDirError) as error:
         print(f"fastsae {args.command}: error: {error}", file=sys.stderr)
         return 2
 

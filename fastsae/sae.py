@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,15 +25,21 @@ import torch
 from torch import nn
 
 from fastsae import ops
+from fastsae._files import atomic_write, atomic_write_text
 from fastsae.ops._checks import check_k
 
 ACTIVATIONS = ("relu", "topk")
 DECODER_NORMS = ("forward", "project")
+INITS = ("paper", "topk", "orthogonal")
+DEFAULT_INITS = {"relu": "paper", "topk": "topk"}  # each activation's field convention
 CONFIG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
+# fastsae's cfg.json names this as its "architecture", for SAELens's sake (see fastsae.formats).
+SAELENS_REFUSAL = ("fastsae.E2ESAE: not a SAELens SAE; convert it with "
+                   "E2ESAE.save_pretrained(path, format='saelens') or `fastsae export`")
 _PARAMETER_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 _CONFIG_KEYS = {"format", "fastsae_version", "d_in", "n_latents", "activation", "k", "decoder_norm",
-                "dtype", "metadata"}
+                "dtype", "metadata", "architecture", "apply_b_dec_to_input", "normalize_activations"}
 
 
 class SparseCode(NamedTuple):
@@ -64,15 +69,28 @@ class E2ESAE(nn.Module):
             ReLU pre-activations per token as a SparseCode).
         k: active latents per token, only and always for activation="topk".
         decoder_norm: "forward" (the paper's choice) or "project"; see the module docstring.
-        init_encoder_as_decoder_transpose: start W_enc as W_dec.T instead of the default
-            nn.Linear-style uniform init.
+        init: how the parameters start, by name (see ``INITS``); None: "paper" for ReLU SAEs,
+            "topk" for TopK SAEs. The name is recorded in ``metadata["init"]`` (saved in cfg.json).
+            - "paper" (the paper's code, e2e_sae's SAE class): W_dec [n_latents, d_in] from
+              nn.init.orthogonal_ and stored at that scale (rows of norm ~sqrt(d_in / n_latents) when
+              n_latents > d_in; the forward pass normalises them), W_enc, b_enc and b_dec uniform
+              as the nn.Linear layers they are there: W_enc, b_enc ~ U(+-1/sqrt(d_in)),
+              b_dec ~ U(+-1/sqrt(n_latents)). With Adam, whose step size does not depend on the
+              weight's scale, the stored scale sets how fast the directions turn.
+            - "topk" (OpenAI's sparse_autoencoder and EleutherAI's sparsify): W_enc from
+              nn.Linear's uniform init, W_dec its transpose with unit rows, zero biases.
+            - "orthogonal" (fastsae's earlier default): orthogonal directions stored at unit norm,
+              W_enc ~ U(+-1/sqrt(d_in)), zero biases.
+            With decoder_norm="project" the stored rows are made unit norm whatever the init.
+        init_encoder_as_decoder_transpose: start W_enc as the transpose of the unit-norm decoder
+            directions instead of the init's own encoder.
         metadata: JSON-serialisable facts saved with the weights (hook name, model name, ...).
     """
 
     def __init__(self, d_in: int, n_latents: int, activation: str = "relu", k: int | None = None, *,
-                 decoder_norm: str = "forward", init_encoder_as_decoder_transpose: bool = False,
-                 metadata: dict | None = None, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
+                 decoder_norm: str = "forward", init: str | None = None,
+                 init_encoder_as_decoder_transpose: bool = False, metadata: dict | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
         for name, value in (("d_in", d_in), ("n_latents", n_latents)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -87,34 +105,65 @@ class E2ESAE(nn.Module):
             raise ValueError(f"k is only for activation='topk'; got k={k!r} with activation={activation!r}")
         if decoder_norm not in DECODER_NORMS:
             raise ValueError(f"decoder_norm must be one of {DECODER_NORMS}, got {decoder_norm!r}")
+        if init is None:
+            init = DEFAULT_INITS[activation]
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS} (or None for the activation's default), got {init!r}")
         self.d_in, self.n_latents, self.activation, self.k = d_in, n_latents, activation, k
         self.decoder_norm = decoder_norm
+        self.init, self.init_encoder_as_decoder_transpose = init, init_encoder_as_decoder_transpose
         self.metadata = dict(metadata or {})
         factory = {"dtype": dtype, "device": device}
-        self.W_enc = nn.Parameter(torch.empty(d_in, n_latents, **factory))
+        # W_enc is stored as an [n_latents, d_in] buffer and exposed as its transpose, the public
+        # [d_in, n_latents] Parameter: each latent's weights are one contiguous row, which the
+        # encoders' backward gathers (grad_x reads k rows per token) and the forward GEMM reads
+        # as its K-major operand. Optimizers, state_dict / load_state_dict, .to() and
+        # from_pretrained keep these strides; save_pretrained writes the contiguous SAELens layout.
+        self.W_enc = nn.Parameter(torch.empty(n_latents, d_in, **factory).t())
         self.b_enc = nn.Parameter(torch.zeros(n_latents, **factory))
         self.W_dec = nn.Parameter(torch.empty(n_latents, d_in, **factory))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
-        self.reset_parameters(init_encoder_as_decoder_transpose)
+        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, init_encoder_as_decoder_transpose: bool = False) -> None:
-        # The paper's orthogonal decoder init: W_dec.T [d_in, n_latents] gets orthonormal rows
-        # (computed in fp32, then cast); rows of W_dec are then scaled to unit norm.
+    def reset_parameters(self) -> None:
+        """Draw the parameters of ``self.init`` (see the class docstring) from torch's RNG.
+
+        Everything is drawn in fp32 and cast, so an init does not depend on the SAE's dtype.
+        """
         if self.W_dec.is_meta:  # from_pretrained builds on "meta" and fills in the saved weights
             return
-        decoder_t = torch.empty(self.d_in, self.n_latents, dtype=torch.float32, device=self.W_dec.device)
-        nn.init.orthogonal_(decoder_t)
-        decoder = decoder_t.t()
-        decoder = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        d_in, n_latents, device = self.d_in, self.n_latents, self.W_dec.device
+        encoder_bound = 1.0 / math.sqrt(d_in)  # nn.Linear(d_in, n_latents): U(+-1/sqrt(fan_in))
+        b_enc = torch.zeros(n_latents, device=device)
+        b_dec = torch.zeros(d_in, device=device)
+        if self.init == "topk":
+            # encoder = nn.Linear(d_in, n_latents) (weight [n_latents, d_in]); decoder = its rows
+            encoder_t = torch.empty(n_latents, d_in, device=device).uniform_(-encoder_bound, encoder_bound)
+            decoder = encoder_t / encoder_t.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            encoder = encoder_t.t()
+        else:
+            # orthogonal_ on the [n_latents, d_in] matrix, as the paper's code gives it to the
+            # transpose of its [d_in, n_latents] decoder weight: orthonormal columns when
+            # n_latents >= d_in, so each row has norm ~sqrt(d_in / n_latents).
+            decoder = torch.empty(n_latents, d_in, device=device)
+            nn.init.orthogonal_(decoder)
+            encoder = torch.empty(d_in, n_latents, device=device).uniform_(-encoder_bound, encoder_bound)
+            if self.init == "paper":  # the nn.Linear biases of the paper's encoder and decoder
+                b_enc.uniform_(-encoder_bound, encoder_bound)
+                decoder_bound = 1.0 / math.sqrt(n_latents)
+                b_dec.uniform_(-decoder_bound, decoder_bound)
+            else:  # "orthogonal": unit-norm directions
+                decoder = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        if self.init_encoder_as_decoder_transpose:
+            encoder = (decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-8)).t()
+        if self.decoder_norm == "project":  # the forward pass uses the stored rows: make them unit
+            decoder = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.W_enc.copy_(encoder)
+        self.b_enc.copy_(b_enc)
         self.W_dec.copy_(decoder)
-        if init_encoder_as_decoder_transpose:
-            self.W_enc.copy_(decoder.t())
-        else:  # nn.Linear(d_in, n_latents)'s default: U(-1/sqrt(d_in), 1/sqrt(d_in))
-            bound = 1.0 / math.sqrt(self.d_in)
-            self.W_enc.uniform_(-bound, bound)
-        self.b_enc.zero_()
-        self.b_dec.zero_()
+        self.b_dec.copy_(b_dec)
+        self.metadata["init"] = self.init
 
     @property
     def dtype(self) -> torch.dtype:
@@ -211,24 +260,46 @@ class E2ESAE(nn.Module):
             "decoder_norm": self.decoder_norm,
             "dtype": str(self.dtype).removeprefix("torch."),
             "metadata": self.metadata,
+            # For SAELens, which reads this file name too: no SAELens architecture has this name,
+            # so SAELens refuses the directory (also with n_latents renamed d_sae) instead of
+            # loading it wrong; the other two are right for both whatever SAELens is told.
+            "architecture": SAELENS_REFUSAL,
+            "apply_b_dec_to_input": False,
+            "normalize_activations": "none",
         }
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write cfg.json and sae_weights.safetensors to ``directory``, each atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, format: str = "fastsae") -> Path:
+        """Write the SAE to ``directory``: format "fastsae" (cfg.json + sae_weights.safetensors, each
+        written atomically), "saelens" or "sparsify" (see fastsae.formats for the conversions)."""
         from safetensors.torch import save_file
 
+        if format != "fastsae":
+            from fastsae import formats
+
+            return formats.save(self, directory, format)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name).detach().contiguous().cpu() for name in _PARAMETER_NAMES}
-        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, str(path)))
+        atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, str(path)))
         config_text = json.dumps(self.config(), indent=2)
-        _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(config_text))
+        atomic_write_text(directory / CONFIG_NAME, config_text)
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None) -> "E2ESAE":
-        """Load an SAE written by save_pretrained (optionally onto another device or dtype)."""
+    def from_pretrained(cls, path: str | os.PathLike, hook: str | None = None, *,
+                        device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "E2ESAE":
+        """Load an SAE (optionally onto another device or dtype) from any of the formats that
+        fastsae.formats reads, detected from the files: a fastsae, SAELens or sparsify directory,
+        a fastsae run (its latest checkpoint) or checkpoint directory, a sparsify run, an e2e_sae
+        run directory or samples_<N>.pt file. ``hook`` picks the SAE where the path holds several."""
+        from fastsae import formats
+
+        return formats.load(path, hook, device=device, dtype=dtype)
+
+    @classmethod
+    def _load_fastsae(cls, directory: str | os.PathLike, *, device: torch.device | str | None = None,
+                      dtype: torch.dtype | None = None) -> "E2ESAE":
+        """Load a directory written by save_pretrained in fastsae's own format."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -277,21 +348,3 @@ class E2ESAE(nn.Module):
             for name in _PARAMETER_NAMES:
                 getattr(sae, name).copy_(tensors[name].to(**target))
         return sae
-
-
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) to a temporary file beside ``path``, then rename it over ``path``.
-
-    A crash midway leaves the old file (or none) in place, never a half-written one.
-    """
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -5,16 +5,22 @@ that programs running together share x rows and W_enc columns in L2; the epilogu
 applies the ReLU and stores [N, n_latents] in x's dtype. The GEMM + bias tile is the TopK
 encoder's (kernels/topk_encoder.py: encoder_preactivation_tile).
 
-Backward forms grad_pre = grad * (acts > 0) with `_relu_grad_kernel` (one [N, n] output, no
-mask or zeros tensor; see relu_grad), then picks one of two paths by the measured sparsity:
-- dense: grad_x = grad_pre @ W_enc^T, grad_W_enc = x^T @ grad_pre (cuBLAS GEMMs through torch),
-  grad_b_enc = the fp32 column sum of grad_pre;
-- sparse: each row's nonzeros of grad_pre are compacted into (values, indices) padded to the
-  widest row, and the TopK encoder's sparse backward kernels
-  (fastsae.kernels.topk_encoder.sparse_encoder_backward) produce all three gradients with work
-  proportional to the nonzeros instead of N * n_latents * d_in.
+Backward, two paths (``sparse_backward``):
+- sparse (the default): uses the code's runtime sparsity with no [N, n] temporary and no host
+  sync. `_compact_active_kernel` reads acts and grad_acts once and writes each row's active
+  entries (acts > 0) into a capacity-bounded code (values [N, C], indices [N, C], C =
+  sparse_capacity(n_latents)) plus each row's count, on the device. The TopK encoder's sparse
+  kernels (fastsae.kernels.topk_encoder.sparse_encoder_backward) then produce all three gradients
+  from it, with work proportional to the active entries; a row with more than C active latents
+  (a dense code early in training) is recognised by its count inside those kernels and computed
+  from grad_acts and acts directly, by tensor-core tiles (DenseRows). No decision is read back
+  to the host, so the step never waits on the GPU.
+- dense (``sparse_backward=False``): grad_pre = grad * (acts > 0) in one [N, n] buffer
+  (`_relu_grad_kernel`), then grad_x = grad_pre @ W_enc^T, grad_W_enc = x^T @ grad_pre (cuBLAS
+  GEMMs through torch), grad_b_enc = the fp32 column sum of grad_pre.
 A ReLU SAE's code is dense at initialisation and sparse (tens of latents out of tens of thousands
-per token) after the first steps of training, so both paths are needed.
+per token) after the first steps of training: the sparse path handles both, its per-row
+fallback costing about what the dense GEMMs would for the rows that take it.
 """
 
 from __future__ import annotations
@@ -23,16 +29,23 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsae.kernels.topk_encoder import dot_precision, encoder_preactivation_tile, sparse_encoder_backward
+from fastsae.kernels._common import CompileCase, dtype_name, matmul_mode
+from fastsae.kernels.topk_encoder import (COMPILE_SHAPES, DenseRows, encoder_preactivation_tile,
+                                          gather_compile_case, segment_compile_case, sparse_encoder_backward)
 
-# Sparse backward when (widest row's nonzeros) / n_latents is at most this. Set from the GUIDE's
-# cost model, not measured (no GPU was available when this was written; re-measure with
-# benchmarks/bench_relu_encoder.py on a GPU and update). Dense: two GEMMs of 2*N*n*d FLOPs at
-# ~600 TFLOP/s on an H100. Sparse: the gather and segmented reduction move about
-# 2 * N * L * d elements (L = padded row width) at ~2.5 TB/s, with up to 8x sector waste on the
-# strided W_enc column gather, plus one pass over grad_pre to compact it. Break-even is near
-# L / n = 2e-3; 1e-3 leaves margin for the compaction pass and the host sync that reads L.
-SPARSE_DENSITY_THRESHOLD = 1e-3
+# Slots per row of the sparse backward's compact code: C = clamp(n / 256, 64, n), a multiple of
+# 16. e2e ReLU SAEs run at L0 / n ~ 1/1000 (the paper: L0 27 to 69 of 46,080 latents), so C = 192
+# at n = 46,080 leaves rows 3x the typical L0 on the compact path; wider rows take the dense
+# per-row path. The compact code costs 6 bytes per slot (16-bit value + int32 index): 18 MiB
+# at 16,384 tokens, against 1.4 GiB for one [N, n] bf16 tensor.
+SPARSE_CAPACITY_FRACTION = 1 / 256
+SPARSE_MIN_CAPACITY = 64
+
+
+def sparse_capacity(n_latents: int) -> int:
+    """C, the slots per row of the sparse backward's compact code (see above)."""
+    capacity = max(SPARSE_MIN_CAPACITY, triton.cdiv(int(n_latents * SPARSE_CAPACITY_FRACTION), 16) * 16)
+    return max(1, min(n_latents, capacity))
 
 
 @triton.jit
@@ -41,7 +54,7 @@ def _relu_encode_fwd_kernel(
     n_tokens, d_in, n_latents,
     stride_xm, stride_xd, stride_wd, stride_wn, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    MATMUL_MODE: tl.constexpr,
 ):
     # Grouped order: GROUP_M row blocks sweep the latent blocks together, so a W_enc tile is read
     # from DRAM once per group rather than once per row block.
@@ -62,14 +75,15 @@ def _relu_encode_fwd_kernel(
 
     pre = encoder_preactivation_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, d_in,
                                      stride_xm, stride_xd, stride_wd, stride_wn,
-                                     BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+                                     BLOCK_M, BLOCK_N, BLOCK_D, MATMUL_MODE)
     acts = tl.maximum(pre, 0.0)
     out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
     tl.store(out, acts.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) per input dtype; compile-checked for
-# sm_80/sm_90 in tests/test_relu_encoder.py. fp32 tiles are twice the bytes: half the BLOCK_D.
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) per input dtype; their compile facts come from
+# compile_cases() below (tests/test_compile.py). fp32 tiles are twice the bytes: half the BLOCK_D.
+# 128 x 128 on 8 warps gives the wgmma accumulator warpsPerCTA [8, 1] on sm_90.
 FWD_CONFIGS = {
     torch.float16: (128, 128, 64, 8, 3),
     torch.bfloat16: (128, 128, 64, 8, 3),
@@ -94,7 +108,7 @@ def relu_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
         n_tokens, d_in, n_latents,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), acts.stride(0), acts.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=GROUP_M,
-        DOT_PRECISION=dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
+        MATMUL_MODE=matmul_mode(x.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return acts
 
@@ -120,7 +134,7 @@ def _relu_grad_kernel(grad_ptr, acts_ptr, out_ptr, n_tokens, n_latents, stride_g
 
 
 # [BLOCK_M, BLOCK_N] of the masking kernel: 4,096 elements, 32 per thread on 4 warps, each row
-# 256 contiguous elements (compile-checked in tests/test_relu_encoder.py).
+# 256 contiguous elements (compile_cases() below, tests/test_compile.py).
 RELU_GRAD_CONFIG = dict(BLOCK_M=16, BLOCK_N=256, num_warps=4)
 
 
@@ -146,33 +160,74 @@ def relu_grad(grad_acts: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def compact_rows(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values [N, L], indices [N, L]) holding each row's nonzeros, L = the widest row's count.
+@triton.jit
+def _compact_active_kernel(
+    grad_ptr, acts_ptr, val_ptr, idx_ptr, count_ptr,
+    n_tokens, n_latents, capacity, stride_gm, stride_gn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NONZERO: tl.constexpr,
+):
+    """Each row's active entries (acts > 0, or acts != 0 with NONZERO), in latent order, into
+    capacity-bounded slots.
 
-    Shorter rows are padded with value 0 at latent 0, which every consumer treats as no entry.
+    val[t, :C] = grad[t, l] and idx[t, :C] = l for the first C active latents l of row t;
+    count[t] = all of the row's active latents (> C: the row did not fit and is handled densely).
+    Slots past the count keep what the launcher put there (value 0 and a padding index). acts is
+    [N, n] contiguous; grad any strides, read only where active.
     """
-    n_tokens = dense.shape[0]
-    rows, cols = dense.nonzero(as_tuple=True)  # row-major order: each row's entries together
-    counts = torch.bincount(rows, minlength=n_tokens)
-    width = max(1, int(counts.max())) if rows.numel() else 1
-    row_start = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(rows.numel(), device=dense.device) - row_start[rows]
-    values = torch.zeros(n_tokens, width, dtype=dense.dtype, device=dense.device)
-    indices = torch.zeros(n_tokens, width, dtype=torch.int64, device=dense.device)
-    values[rows, slot] = dense[rows, cols]
-    indices[rows, slot] = cols
-    return values, indices
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_tokens
+    rows64 = rows.to(tl.int64)
+    count = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for n_start in range(0, n_latents, BLOCK_N):
+        cols = n_start + tl.arange(0, BLOCK_N)
+        in_range = row_ok[:, None] & (cols < n_latents)[None, :]
+        acts = tl.load(acts_ptr + rows64[:, None] * n_latents + cols[None, :], mask=in_range, other=0.0)
+        active = in_range & ((acts != 0) if NONZERO else (acts > 0))
+        # Slot of each active entry: the row's count so far plus its rank within this chunk.
+        slot = count[:, None] + tl.cumsum(active.to(tl.int32), axis=1) - 1
+        keep = active & (slot < capacity)
+        grad = tl.load(grad_ptr + rows64[:, None] * stride_gm + cols.to(tl.int64)[None, :] * stride_gn,
+                       mask=keep, other=0.0)
+        out = rows64[:, None] * capacity + slot
+        tl.store(val_ptr + out, grad.to(val_ptr.dtype.element_ty), mask=keep)
+        tl.store(idx_ptr + out, cols[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32), mask=keep)
+        count += tl.sum(active.to(tl.int32), axis=1)
+    tl.store(count_ptr + rows, count, mask=row_ok)
 
 
-def choose_sparse_backward(grad_pre: torch.Tensor) -> bool:
-    """Whether the widest row's nonzeros are a small enough share of n_latents (reads back 1 int)."""
-    widest = int((grad_pre != 0).sum(dim=1).max()) if grad_pre.numel() else 0
-    return widest <= SPARSE_DENSITY_THRESHOLD * grad_pre.shape[1]
+# [BLOCK_M, BLOCK_N] of the compaction: each warp reads 2 rows of 256 contiguous elements a step.
+COMPACT_CONFIG = dict(BLOCK_M=8, BLOCK_N=256, num_warps=4)
+
+
+def compact_active(grad_acts: torch.Tensor, acts: torch.Tensor, capacity: int, *, nonzero: bool = False,
+                   pad_index: int = torch.iinfo(torch.int32).max) -> tuple[torch.Tensor, torch.Tensor, DenseRows]:
+    """A capacity-bounded code: (values [N, C] in acts' dtype, indices [N, C] int32, DenseRows).
+
+    values / indices hold each row's active entries of grad_acts (where acts > 0, or acts != 0
+    with ``nonzero``), padded with value 0 at latent ``pad_index`` (INT32_MAX by default, past
+    every latent block of the sparse encoder backward); rows with more than C active latents are
+    named by the DenseRows (count, the dense rows first, their number), all on the device.
+    """
+    acts = acts.contiguous()  # the forward's output: already contiguous, no copy
+    n_tokens, n_latents = acts.shape
+    values = torch.zeros(n_tokens, capacity, dtype=acts.dtype, device=acts.device)
+    indices = torch.full((n_tokens, capacity), pad_index, dtype=torch.int32, device=acts.device)
+    count = torch.empty(n_tokens, dtype=torch.int32, device=acts.device)
+    cfg = dict(COMPACT_CONFIG)
+    if n_tokens:
+        _compact_active_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_M"]),)](
+            grad_acts, acts, values, indices, count, n_tokens, n_latents, capacity,
+            grad_acts.stride(0), grad_acts.stride(1), NONZERO=nonzero, **cfg)
+    dense = count > capacity
+    # Dense rows first (a stable sort of the 0/1 flags, on the device), and their number.
+    rows = torch.sort(dense.to(torch.uint8), descending=True, stable=True).indices.to(torch.int32)
+    n_rows = dense.sum(dtype=torch.int32).reshape(1)
+    return values, indices, DenseRows(count, rows, n_rows, grad_acts, acts)
 
 
 class ReLUEncodeTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, sparse_backward=None):
+    def forward(ctx, x, W_enc, b_enc, sparse_backward=True):
         acts = relu_encode_forward(x, W_enc, b_enc)
         ctx.save_for_backward(x, W_enc, acts)
         ctx.sparse_backward = sparse_backward
@@ -182,17 +237,19 @@ class ReLUEncodeTriton(torch.autograd.Function):
     def backward(ctx, grad_acts):
         x, W_enc, acts = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_pre = relu_grad(grad_acts, acts)  # one N x n buffer, no zeros tensor or bool mask
-        sparse = ctx.sparse_backward
-        if sparse is None:
-            sparse = choose_sparse_backward(grad_pre)
-        if sparse:
-            values, indices = compact_rows(grad_pre)
-            grad_x, grad_w, grad_b = sparse_encoder_backward(values, indices, x, W_enc,
-                                                             need_x, need_w, need_b)
+        if acts.numel() == 0:  # an empty batch: empty grad_x, zero grad_W_enc / grad_b_enc
+            return (torch.zeros_like(x) if need_x else None, torch.zeros_like(W_enc) if need_w else None,
+                    torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=x.device) if need_b else None, None)
+        if ctx.sparse_backward:
+            values, indices, dense_rows = compact_active(grad_acts, acts, sparse_capacity(acts.shape[1]))
+            grad_x, grad_w, grad_b = sparse_encoder_backward(values, indices, x, W_enc, need_x, need_w, need_b,
+                                                             dense_rows=dense_rows)
         else:
+            grad_pre = relu_grad(grad_acts, acts)  # one N x n buffer, no zeros tensor or bool mask
             grad_x = grad_pre @ W_enc.t() if need_x else None
-            grad_w = x.t() @ grad_pre if need_w else None
+            grad_w = None
+            if need_w:  # computed in W_enc's storage order, so autograd accumulates it without a copy
+                grad_w = (grad_pre.t() @ x).t() if W_enc.stride(0) == 1 else x.t() @ grad_pre
             # dtype=: fp32 accumulation without an fp32 copy of grad_pre (N x n) for 16-bit inputs.
             grad_b = grad_pre.sum(0, dtype=torch.float32).to(W_enc.dtype) if need_b else None
         return grad_x, grad_w, grad_b, None
@@ -202,7 +259,55 @@ def relu_encode_triton(x2d: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tens
                        sparse_backward: bool | None = None) -> torch.Tensor:
     """Fused ReLU encoder on validated 2-D inputs: acts [N, n_latents] in x's dtype.
 
-    sparse_backward: None picks the backward path from the gradient's measured density
-    (SPARSE_DENSITY_THRESHOLD); True / False force the sparse / dense path.
+    sparse_backward: None or True take the sparse backward (compact code, dense fallback per row
+    inside the kernels, no host sync); False the dense one (cuBLAS GEMMs on an [N, n] gradient).
     """
-    return ReLUEncodeTriton.apply(x2d, W_enc, b_enc, sparse_backward)
+    return ReLUEncodeTriton.apply(x2d, W_enc, b_enc, sparse_backward is not False)
+
+
+def compile_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, CompileCase]:
+    """Every kernel of the ReLU encoder exactly as its launchers launch it on sm_<arch>.
+
+    shapes: {name: dict(n_tokens=, d_in=, n_latents=)}, kernels.topk_encoder.COMPILE_SHAPES by
+    default. Returns {f"{kernel}-{shape}-{mode}": CompileCase} (kernels/_common.CompileCase), mode
+    as in kernels.topk_encoder.compile_cases: "bf16", "tf32" (hot), "ieee" (fp32 FMA by request,
+    not hot); kernels without a dot are keyed by dtype. The sparse backward's gather and segment
+    kernels appear with their dense-row path (HAS_DENSE_ROWS), as this encoder launches them.
+    The configs do not depend on the arch here.
+    """
+    cases = {}
+    for shape_name, shape in (shapes or COMPILE_SHAPES).items():
+        n_tokens, d_in, n_latents = shape["n_tokens"], shape["d_in"], shape["n_latents"]
+        capacity = sparse_capacity(n_latents)
+        for mode, dtype in (("bf16", torch.bfloat16), ("tf32", torch.float32), ("ieee", torch.float32)):
+            block_m, block_n, block_d, warps, stages = FWD_CONFIGS[dtype]
+            args = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, out_ptr=dtype, n_tokens=n_tokens, d_in=d_in,
+                        n_latents=n_latents, stride_xm=d_in, stride_xd=1, stride_wd=1, stride_wn=d_in,
+                        stride_om=n_latents, stride_on=1)
+            meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=GROUP_M, MATMUL_MODE=mode)
+            cases[f"relu_fwd-{shape_name}-{mode}"] = CompileCase(
+                _relu_encode_fwd_kernel, args, meta, num_warps=warps, num_stages=stages, hot=mode != "ieee")
+            cases[f"relu_segment-{shape_name}-{mode}"] = segment_compile_case(shape, mode, dense_rows=True)
+            if mode == "ieee":
+                continue  # the dtype-keyed kernels below have their fp32 case under "tf32"
+            cases[f"relu_gather-{shape_name}-{dtype_name(dtype)}"] = gather_compile_case(
+                shape, mode, k=capacity, dense_rows=True)
+            grad_args = dict(grad_ptr=dtype, acts_ptr=dtype, out_ptr=dtype, n_tokens=n_tokens,
+                             n_latents=n_latents, stride_gm=n_latents, stride_gn=1)
+            cfg = dict(RELU_GRAD_CONFIG)
+            warps = cfg.pop("num_warps")
+            cases[f"relu_grad-{shape_name}-{dtype_name(dtype)}"] = CompileCase(
+                _relu_grad_kernel, grad_args, cfg, num_warps=warps, num_stages=1)
+            cases[f"relu_compact-{shape_name}-{dtype_name(dtype)}"] = compact_compile_case(
+                shape, dtype, capacity, nonzero=False)
+    return cases
+
+
+def compact_compile_case(shape: dict, dtype: torch.dtype, capacity: int, *, nonzero: bool) -> CompileCase:
+    """_compact_active_kernel as compact_active launches it (kernels/sparse_decoder.py uses it too)."""
+    n_tokens, n_latents = shape["n_tokens"], shape["n_latents"]
+    args = dict(grad_ptr=dtype, acts_ptr=dtype, val_ptr=dtype, idx_ptr=torch.int32, count_ptr=torch.int32,
+                n_tokens=n_tokens, n_latents=n_latents, capacity=capacity, stride_gm=n_latents, stride_gn=1)
+    cfg = dict(COMPACT_CONFIG)
+    warps = cfg.pop("num_warps")
+    return CompileCase(_compact_active_kernel, args, dict(cfg, NONZERO=nonzero), num_warps=warps, num_stages=1)

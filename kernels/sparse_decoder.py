@@ -31,9 +31,12 @@ grad_values needs the dot over all d columns while the programs split d: each co
 its partial dots to a [d_blocks, N*k] fp32 buffer that torch sums afterwards (d_blocks = 3 at
 d = 768; a few MB, deterministic).
 
-dense_decode_triton: the ReLU SAE's decoder from a dense code acts [N, n]. When the code is sparse
-it is compacted to (values, indices) padded to the widest row and goes through the kernels above;
-see its docstring for the gradient with respect to acts, which must stay dense.
+dense_decode_triton: the ReLU SAE's decoder from a dense code acts [N, n]. The code is compacted
+on the device into C slots per row (the ReLU encoder's compaction kernel) and goes through the
+kernels above; rows with more than C nonzeros are decoded by tensor-core tiles over all latents
+(`_dense_rows_decode_kernel`, `_dense_rows_grad_w_kernel`). No host sync: nothing about the code
+is read back to choose a path. See DenseDecodeSparseFunction for the gradient with respect to
+acts, which must stay dense.
 """
 
 from __future__ import annotations
@@ -44,10 +47,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsae.ops.sparse_decoder import SparseDecodeReference
+from fastsae.kernels._common import CompileCase, matmul_mode, mma
+from fastsae.kernels.relu_encoder import compact_active, compact_compile_case, sparse_capacity
 
 # ---------------------------------------------------------------------------------------------
-# Launch configuration (compile-checked for sm_80 and sm_90 in tests/test_sparse_decoder.py).
+# Launch configuration (compile_cases() at the end; tests/test_compile.py).
 
 # Chosen from the sm_90 compile reports (not yet timed on a GPU): a [4 tokens x 256 columns] tile
 # on 4 warps gives each warp one token row and each thread 8 contiguous elements (16-byte loads in
@@ -67,6 +71,12 @@ NUM_WARPS = 4
 def block_d_for(d: int) -> int:
     """Columns per program: the whole row up to 256, else 256-wide column blocks."""
     return min(MAX_BLOCK_D, triton.next_power_of_2(d))
+
+
+def bwd_block_d_for(d: int, dtype: torch.dtype) -> int:
+    """The backward's columns per program: block_d_for(d), at most 128 for fp32 (the
+    grad_W + grad_values variant spills 8 B at 256 fp32 columns on sm_90)."""
+    return min(128, block_d_for(d)) if dtype == torch.float32 else block_d_for(d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +246,7 @@ def sparse_decode_backward(grad_out: torch.Tensor, values: torch.Tensor, indices
         skip = hot.pair_is_hot if skip is None else (skip | hot.pair_is_hot)
     sorted_pairs, segment_start = sort_pairs_by_latent(indices, n_latents, skip=skip)
 
-    block_d = block_d_for(d)
+    block_d = bwd_block_d_for(d, W_dec.dtype)
     d_blocks = triton.cdiv(d, block_d)
     # torch.empty: the kernel writes every row of grad_W (zeros where a latent has no pairs).
     grad_W = torch.empty(n_latents, d, dtype=W_dec.dtype, device=device) if need_grad_W else None
@@ -318,7 +328,11 @@ def hot_latents_backward(hot: HotLatents, grad_out, values, W_dec, grad_values, 
 
 
 class SparseDecodeFunction(torch.autograd.Function):
-    """Matches fastsae.ops.sparse_decoder.SparseDecodeReference (values, gradients, dtypes)."""
+    """Matches fastsae.ops.sparse_decoder.SparseDecodeReference (values, gradients, dtypes).
+
+    Empty codes (N = 0 or k = 0) need no special case: the launches have nothing to do, the
+    forward leaves b_dec and the backward writes zero gradients.
+    """
 
     @staticmethod
     def forward(ctx, values, indices, W_dec, b_dec):
@@ -350,48 +364,110 @@ def sparse_decode_triton(values: torch.Tensor, indices: torch.Tensor, W_dec: tor
 
     values [N, k], indices [N, k] int64 (validated by fastsae.ops.sparse_decode), W_dec [n, d],
     b_dec [d]. Differentiable with respect to values, W_dec and b_dec; accumulation in fp32.
-    float64 and empty codes take the reference path (the kernels accumulate in fp32).
+    float64 is refused (the kernels accumulate in fp32; fastsae.ops keeps it on the reference).
     """
-    if values.numel() == 0 or not _kernel_dtype(W_dec):
-        return SparseDecodeReference.apply(values, indices, W_dec, b_dec)
+    if not _kernel_dtype(W_dec):
+        raise TypeError(f"sparse_decode_triton: W_dec must be float32/float16/bfloat16, got {W_dec.dtype}; "
+                        "float64 takes fastsae.ops.sparse_decode's reference path")
     return SparseDecodeFunction.apply(values, indices, W_dec, b_dec)
 
 
 # ---------------------------------------------------------------------------------------------
 # Dense code (ReLU SAE)
 
-# Largest code density (nonzeros / (N * n)) for which dense_decode_triton takes the sparse path.
-# From the cost model (GUIDE section 5) on an H100: the sparse path replaces the forward GEMM and
-# the grad_W_dec GEMM (4*N*n*d FLOPs, ~600 TFLOP/s in bf16) with two gathers of N*nnz_row*d
-# elements (2 bytes each in bf16, at ~2 TB/s effective); grad_acts is a dense GEMM either way.
-# Break-even: nnz_row / n = (4 / 6e14) / (2 * 2 / 2e12) ~ 1/300 in bf16, ~1/50 in fp32 (no TF32,
-# ~50 TFLOP/s). 1/256 sits at the bf16 break-even; e2e ReLU SAEs run at L0 / n ~ 1/1000 (paper:
-# L0 27 to 69 of 46,080), well inside the sparse side. Mean density decides, not the widest row:
-# the padding slots of narrower rows hold zeros, which the kernels skip without gathering.
-DENSE_DECODE_MAX_DENSITY = 1.0 / 256
+@triton.jit
+def _dense_rows_decode_kernel(
+    acts_ptr, W_ptr, b_ptr, out_ptr, rows_ptr, n_rows_ptr,
+    n_latents, d, stride_a, stride_w, stride_out,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MATMUL_MODE: tl.constexpr,
+):
+    """out[r] = acts[r] @ W + b for the rows r = rows[:n_rows] (n_rows read on the device).
 
-
-def code_profile(acts: torch.Tensor) -> tuple[float, int]:
-    """(density = nonzeros / numel, widest row's nonzero count), read back in one device sync."""
-    per_row = (acts != 0).sum(1)
-    total, widest = torch.stack([per_row.sum(), per_row.max()]).tolist()
-    return total / acts.numel(), int(widest)
-
-
-def compact_dense_code(acts: torch.Tensor, width: int):
-    """(values [N, L], indices [N, L] int64): each row's nonzeros, padded with zero values.
-
-    L = width (the widest row's nonzero count, from code_profile), at least 1. Padding slots have
-    value 0 and the index of some zero entry of that row; they add nothing to the forward or to
-    grad_W_dec (the kernels skip zero values).
+    The programs past n_rows do nothing: the grid is sized for every row being dense, so the
+    launcher needs no count from the device.
     """
-    width = min(max(1, width), acts.shape[1])
-    indices = torch.topk(acts.abs(), width, dim=1, sorted=False).indices
-    return acts.gather(1, indices), indices
+    pid_r = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    n_rows = tl.load(n_rows_ptr)
+    if pid_r * BLOCK_R < n_rows:
+        slots = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        slot_ok = slots < n_rows
+        row = tl.load(rows_ptr + slots, mask=slot_ok, other=0).to(tl.int64)
+        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < d
+        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        for n_start in range(0, n_latents, BLOCK_N):
+            lats = n_start + tl.arange(0, BLOCK_N)
+            lat_ok = lats < n_latents
+            a = tl.load(acts_ptr + row[:, None] * stride_a + lats[None, :], mask=slot_ok[:, None] & lat_ok[None, :],
+                        other=0.0)
+            w = tl.load(W_ptr + lats.to(tl.int64)[:, None] * stride_w + cols[None, :],
+                        mask=lat_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = mma(a, w, acc, MATMUL_MODE)
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + row[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=slot_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _dense_rows_grad_w_kernel(
+    acts_ptr, grad_out_ptr, grad_W_ptr, rows_ptr, n_rows_ptr,
+    n_latents, d, stride_a, stride_g, stride_gw,
+    BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, MATMUL_MODE: tl.constexpr,
+):
+    """grad_W[latents, cols] += acts[rows, latents]^T @ grad_out[rows, cols] over rows[:n_rows].
+
+    Adds to what the segment kernel wrote; with no dense row (n_rows = 0 on the device) it
+    neither reads nor writes grad_W.
+    """
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    n_rows = tl.load(n_rows_ptr)
+    if n_rows > 0:
+        lats = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+        lat_ok = lats < n_latents
+        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < d
+        acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+        for r_start in range(0, n_rows, BLOCK_R):
+            slots = r_start + tl.arange(0, BLOCK_R)
+            slot_ok = slots < n_rows
+            row = tl.load(rows_ptr + slots, mask=slot_ok, other=0).to(tl.int64)
+            a_t = tl.load(acts_ptr + row[None, :] * stride_a + lats[:, None], mask=lat_ok[:, None] & slot_ok[None, :],
+                          other=0.0)
+            g = tl.load(grad_out_ptr + row[:, None] * stride_g + cols[None, :],
+                        mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = mma(a_t.to(g.dtype), g, acc, MATMUL_MODE)
+        out = grad_W_ptr + lats.to(tl.int64)[:, None] * stride_gw + cols[None, :]
+        tile_ok = lat_ok[:, None] & col_ok[None, :]
+        acc += tl.load(out, mask=tile_ok, other=0.0).to(tl.float32)
+        tl.store(out, acc.to(grad_W_ptr.dtype.element_ty), mask=tile_ok)
+
+
+# Tiles of the dense-row kernels: 64 rows (or latents) x 64 latents (or rows) x 64 columns on one
+# warpgroup, the smallest wgmma-sized tile; dense rows are the exception (a dense code early in
+# training), so these favour few registers over peak throughput.
+DENSE_ROWS_CONFIG = dict(BLOCK_R=64, BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=3)
+DENSE_ROWS_GRAD_CONFIG = dict(BLOCK_L=64, BLOCK_R=64, BLOCK_D=64, num_warps=4, num_stages=3)
+
+
+def dense_rows_config(mode: str) -> dict:
+    """DENSE_ROWS_CONFIG; full-fp32 FMAs ("ieee") unroll the dot over BLOCK_N with both operand
+    tiles in registers, which spilled 4.3 KB on sm_80 at 64: 32 latents x 32 columns there."""
+    return dict(DENSE_ROWS_CONFIG, BLOCK_N=32, BLOCK_D=32) if mode == "ieee" else dict(DENSE_ROWS_CONFIG)
+
+
+def compact_dense_code(acts: torch.Tensor):
+    """(values [N, C], indices [N, C] int32, DenseRows) of a dense-layout code, on the device.
+
+    Each row's nonzeros in C = sparse_capacity(n) slots, padded with value 0 at latent 0 (the
+    kernels skip zero values); rows with more nonzeros are listed in the DenseRows.
+    """
+    return compact_active(acts, acts, sparse_capacity(acts.shape[1]), nonzero=True, pad_index=0)
 
 
 class DenseDecodeSparseFunction(torch.autograd.Function):
-    """acts @ W_dec + b_dec through the sparse kernels, for a sparse dense-layout code.
+    """acts @ W_dec + b_dec through the sparse kernels, for a dense-layout code.
 
     The gradient with respect to acts is grad_out @ W_dec^T at EVERY latent, zero or not: the
     derivative of acts @ W_dec does not vanish where acts is zero. A ReLU encoder's backward
@@ -401,36 +477,114 @@ class DenseDecodeSparseFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, acts, W_dec, b_dec, width):
-        values, indices = compact_dense_code(acts, width)
-        ctx.save_for_backward(values, indices, W_dec)
-        return sparse_decode_forward(values, indices, W_dec, b_dec)
+    def forward(ctx, acts, W_dec, b_dec):
+        acts = acts.contiguous()
+        values, indices, dense = compact_dense_code(acts)
+        W_row_major = _row_major(W_dec)
+        out = sparse_decode_forward(values, indices, W_row_major, b_dec)
+        n_tokens, d = out.shape
+        mode = matmul_mode(W_dec.dtype)
+        cfg = dense_rows_config(mode)
+        grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
+        _dense_rows_decode_kernel[grid](
+            acts, W_row_major, b_dec.contiguous(), out, dense.rows, dense.n_rows,
+            acts.shape[1], d, acts.stride(0), W_row_major.stride(0), out.stride(0), MATMUL_MODE=mode, **cfg)
+        # The dense rows' compact entries are partial: drop them from the weight gradient's pairs.
+        values = torch.where((dense.count > values.shape[1])[:, None], torch.zeros_like(values), values)
+        ctx.save_for_backward(acts, values, indices, W_dec, dense.rows, dense.n_rows)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        values, indices, W_dec = ctx.saved_tensors
-        need_acts, need_W, need_b, _ = ctx.needs_input_grad
+        acts, values, indices, W_dec, rows, n_rows = ctx.saved_tensors
+        need_acts, need_W, need_b = ctx.needs_input_grad
         grad_acts = grad_W = grad_b = None
         if need_acts:
             grad_acts = grad_out.to(W_dec.dtype) @ W_dec.t()
         if need_W:
+            grad_out = grad_out.contiguous()
             _, grad_W = sparse_decode_backward(grad_out, values, indices, W_dec, need_grad_values=False,
                                                need_grad_W=True, skip_zero_values=True)
+            cfg = dict(DENSE_ROWS_GRAD_CONFIG)
+            n_latents, d = grad_W.shape
+            grid = (triton.cdiv(n_latents, cfg["BLOCK_L"]), triton.cdiv(d, cfg["BLOCK_D"]))
+            _dense_rows_grad_w_kernel[grid](
+                acts, grad_out, grad_W, rows, n_rows, n_latents, d, acts.stride(0), grad_out.stride(0),
+                grad_W.stride(0), MATMUL_MODE=matmul_mode(W_dec.dtype), **cfg)
         if need_b:
             grad_b = grad_out.float().sum(0).to(W_dec.dtype)
-        return grad_acts, grad_W, grad_b, None
+        return grad_acts, grad_W, grad_b
 
 
-def dense_decode_triton(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
-                        max_density: float = DENSE_DECODE_MAX_DENSITY) -> torch.Tensor:
+def dense_decode_triton(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
     """acts [N, n] @ W_dec [n, d] + b_dec -> [N, d] in W_dec's dtype, differentiable.
 
-    Measures the code's density (one device sync) and takes the sparse kernels when it is at
-    most ``max_density``, else one dense GEMM (cuBLAS beats a gather there).
+    Sparse rows (at most sparse_capacity(n) nonzeros) go through the gather kernels, denser rows
+    through tensor-core tiles, chosen per row on the device: no host sync. float64 and empty
+    codes take one addmm.
     """
     if acts.numel() == 0 or not _kernel_dtype(W_dec):
         return torch.addmm(b_dec, acts, W_dec)
-    density, widest_row = code_profile(acts)
-    if density > max_density:
-        return torch.addmm(b_dec, acts, W_dec)
-    return DenseDecodeSparseFunction.apply(acts, W_dec, b_dec, widest_row)
+    return DenseDecodeSparseFunction.apply(acts, W_dec, b_dec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile cases
+
+# The GPT-2 small preset (16 x 1,024 tokens, d 768, 46,080 latents, k 32) and a d = 4,096,
+# 131,072-latent one.
+COMPILE_SHAPES = {
+    "gpt2": dict(n_tokens=16384, d=768, n_latents=46080, k=32),
+    "d4096": dict(n_tokens=16384, d=4096, n_latents=131072, k=64),
+}
+
+
+def compile_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, CompileCase]:
+    """Every kernel of the sparse decoder exactly as its launchers launch it on sm_<arch>.
+
+    shapes: {name: dict(n_tokens=, d=, n_latents=, k=)}, COMPILE_SHAPES by default. Returns
+    {f"{kernel}-{shape}-{dtype or mode}": CompileCase} (kernels/_common.CompileCase). The gather
+    kernels have no dot (keyed bf16 / fp32); the dense-row kernels do ("bf16", "tf32" hot,
+    "ieee" not). W_dec, grad_out and outputs row-major as the launchers make them. The configs do
+    not depend on the arch.
+    """
+    cases = {}
+    for shape_name, shape in (shapes or COMPILE_SHAPES).items():
+        n_tokens, d, n_latents, k = shape["n_tokens"], shape["d"], shape["n_latents"], shape["k"]
+        block_d = block_d_for(d)
+        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            args = dict(values_ptr=dtype, indices_ptr=torch.int64, W_ptr=dtype, b_ptr=dtype, out_ptr=dtype,
+                        n_tokens=n_tokens, k=k, d=d, stride_w=d, stride_out=d)
+            cases[f"decode_fwd-{shape_name}-{name}"] = CompileCase(
+                _sparse_decode_fwd_kernel, args, dict(BLOCK_T=FWD_BLOCK_T, BLOCK_D=block_d, K_UNROLL=FWD_K_UNROLL),
+                num_warps=NUM_WARPS, num_stages=3)
+            for variant, write_w, write_values in (("bwd", True, True), ("bwd_grad_W_only", True, False),
+                                                   ("bwd_grad_values_only", False, True)):
+                args = dict(grad_out_ptr=dtype, values_ptr=dtype, W_ptr=dtype, sorted_pairs_ptr=torch.int32,
+                            segment_start_ptr=torch.int32, grad_W_ptr=dtype, partial_dots_ptr=torch.float32,
+                            n_latents=n_latents, k=k, d=d, n_pairs=n_tokens * k, stride_g=d, stride_w=d,
+                            stride_gw=d if write_w else 0)
+                meta = dict(BLOCK_P=BWD_BLOCK_P, BLOCK_D=bwd_block_d_for(d, dtype), LATENTS_PER_PROGRAM=BWD_LATENTS_PER_PROGRAM,
+                            WRITE_GRAD_W=write_w, WRITE_GRAD_VALUES=write_values)
+                cases[f"decode_{variant}-{shape_name}-{name}"] = CompileCase(
+                    _sparse_decode_bwd_kernel, args, meta, num_warps=NUM_WARPS, num_stages=3)
+            cases[f"dense_decode_compact-{shape_name}-{name}"] = compact_compile_case(
+                dict(n_tokens=n_tokens, n_latents=n_latents), dtype, sparse_capacity(n_latents), nonzero=True)
+        for mode, dtype in (("bf16", torch.bfloat16), ("tf32", torch.float32), ("ieee", torch.float32)):
+            cfg = dense_rows_config(mode)
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            args = dict(acts_ptr=dtype, W_ptr=dtype, b_ptr=dtype, out_ptr=dtype, rows_ptr=torch.int32,
+                        n_rows_ptr=torch.int32, n_latents=n_latents, d=d, stride_a=n_latents, stride_w=d,
+                        stride_out=d)
+            cases[f"dense_rows_decode-{shape_name}-{mode}"] = CompileCase(
+                _dense_rows_decode_kernel, args, dict(cfg, MATMUL_MODE=mode), num_warps=warps,
+                num_stages=stages, hot=False)  # dense rows are the exception, not the hot path
+            cfg = dict(DENSE_ROWS_GRAD_CONFIG)
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            args = dict(acts_ptr=dtype, grad_out_ptr=dtype, grad_W_ptr=dtype, rows_ptr=torch.int32,
+                        n_rows_ptr=torch.int32, n_latents=n_latents, d=d, stride_a=n_latents, stride_g=d,
+                        stride_gw=d)
+            cases[f"dense_rows_grad_w-{shape_name}-{mode}"] = CompileCase(
+                _dense_rows_grad_w_kernel, args, dict(cfg, MATMUL_MODE=mode), num_warps=warps,
+                num_stages=stages, hot=False)
+    return cases

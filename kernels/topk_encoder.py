@@ -21,26 +21,45 @@ are powers of two); the padding slots hold +inf so they are never the row's mini
 
 The ReLU is applied after selection: a token whose pre-activations are all negative still gets its
 k largest pre-activations as indices, with values 0 (this is TopKEncodeReference's semantics).
-Inputs must be finite (a NaN pre-activation is never selected; torch.topk would rank it first).
+A NaN pre-activation is ranked first and returned as NaN, as torch.topk does (the selection ranks
+keys where NaN -> +inf and +inf -> the largest finite float).
+
+Overlap of selection and GEMM. Triton 3.9 software-pipelines the innermost loop: the d loop of
+each tile keeps FWD_NUM_STAGES - 1 cp.async loads of x / W_enc tiles in flight behind the
+tensor-core MMAs. The selection of tile t runs after tile t's d loop, and the next tile's first
+loads are issued after it, so within one program selection and GEMM alternate; Triton offers no
+cross-iteration prefetch of an outer loop on sm_90 (warp specialisation of tl.range is for
+Blackwell). The overlap comes from the SM running another program's GEMM while one selects:
+where registers and shared memory allow two programs per SM (K_PAD = 64: 241 registers x 128
+threads, 72 KiB), that happens in hardware.
 
 Backward (from the [N, k] gradient only, never an [N, k, d] or [N, n] tensor), with
 grad_pre = grad_values * (values > 0):
-- grad_x[t] = sum_j grad_pre[t, j] * W_enc[:, idx[t, j]]: `_gather_columns_kernel`.
+- grad_x[t] = sum_j grad_pre[t, j] * W_enc[:, idx[t, j]]: `_gather_latents_kernel`. E2ESAE stores
+  W_enc as an [n_latents, d_in] buffer (the public [d_in, n_latents] Parameter is its transpose),
+  so each selected latent is one contiguous, vectorised row read.
 - grad_W_enc, grad_b_enc: the (token, slot) pairs are sorted by latent (one torch.argsort of N*k
   ints), so each block of BLOCK_L consecutive latents owns one contiguous run of entries.
   `_latent_segment_grad_kernel` reduces that run with a tensor-core product
-  x[tokens]^T @ onehot, where onehot[e, l] = grad_pre[e] if entry e belongs to latent l: no
+  onehot^T @ x[tokens], where onehot[e, l] = grad_pre[e] if entry e belongs to latent l: no
   atomics, deterministic, fp32 accumulation, and every tile of grad_W_enc (including the all-zero
-  ones of latents nobody picked) is written once, coalesced.
+  ones of latents nobody picked) is written once, coalesced, in W_enc's own layout.
+
+Matmul precision: fp32 operands follow torch.get_float32_matmul_precision() (kernels/_common.py).
+compile_cases() at the end lists every launch configuration for the compile check.
 
 `sparse_encoder_backward` is shared with the ReLU encoder's sparse backward path.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
+
+from fastsae.kernels._common import CompileCase, dtype_name, matmul_mode, mma
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,12 +71,18 @@ import triton.language as tl
 def encoder_preactivation_tile(
     x_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, d_in,
     stride_xm, stride_xd, stride_wd, stride_wn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MATMUL_MODE: tl.constexpr,
 ):
     """x[rows] @ W_enc[:, cols] + b_enc[cols]: one [BLOCK_M, BLOCK_N] fp32 tile of pre-activations.
 
-    A tl.dot over d_in in steps of BLOCK_D, fp32 accumulation; masked rows / columns read 0.
-    Shared by the TopK encoder's forward and kernels/relu_encoder.py's.
+    A tl.dot over d_in in steps of BLOCK_D, fp32 accumulation (operands as MATMUL_MODE says,
+    kernels/_common.py); masked rows / columns read 0. Shared by the TopK encoder's forward and
+    kernels/relu_encoder.py's.
+
+    E2ESAE stores W_enc as an [n_latents, d_in] buffer seen through its transpose, so here
+    stride_wd == 1 (a launch turns it into a constant): the [BLOCK_D, BLOCK_N] W tile is the
+    K-major B operand that wgmma / mma read from shared memory as they are, each latent's BLOCK_D
+    weights one contiguous vectorised read. Any other strides are correct too.
 
     Offsets are int64: N * stride_xm passes 2^31 at 524,288 tokens of d = 4,096, and d_in *
     n_latents at wide dictionaries (either operand may also be column-major, so both index
@@ -75,10 +100,13 @@ def encoder_preactivation_tile(
                          mask=row_ok[:, None] & (ds[None, :] < d_in), other=0.0)
         w_tile = tl.load(w_cols + ds64[:, None] * stride_wd,
                          mask=(ds[:, None] < d_in) & col_ok[None, :], other=0.0)
-        acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
+        acc = mma(x_tile, w_tile, acc, MATMUL_MODE)
     bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     return acc + bias[None, :]
 
+
+# Largest finite fp32: the ranking key of a +inf pre-activation (NaN takes +inf).
+FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
 @triton.jit
 def _topk_encode_fwd_kernel(
@@ -86,7 +114,7 @@ def _topk_encode_fwd_kernel(
     n_tokens, d_in, n_latents, latents_per_split, k,
     stride_xm, stride_xd, stride_wd, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    MATMUL_MODE: tl.constexpr,
 ):
     # Row blocks vary fastest, so programs running side by side read the same W_enc slice (L2).
     pid_m = tl.program_id(0)
@@ -112,7 +140,11 @@ def _topk_encode_fwd_kernel(
 
         pre = encoder_preactivation_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, d_in,
                                          stride_xm, stride_xd, stride_wd, stride_wn,
-                                         BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+                                         BLOCK_M, BLOCK_N, BLOCK_D, MATMUL_MODE)
+        # Ranking keys: torch.topk ranks NaN above everything, so NaN -> +inf and a true +inf ->
+        # the largest finite float (the order NaN > inf > finite survives; an exact FLT_MAX
+        # pre-activation would read back as +inf). The keys are mapped back at the store.
+        pre = tl.where(pre != pre, float("inf"), tl.where(pre == float("inf"), FLT_MAX, pre))
 
         # Candidates: entries above the row's current k-th best. After the first tiles they are
         # rare, so the selection loop below runs a few times per tile, not k times.
@@ -132,23 +164,49 @@ def _topk_encode_fwd_kernel(
             top_val, top_pos = tl.max(cand, axis=1, return_indices=True)
 
     # Outputs: [n_tokens, n_splits, K_PAD]; the padding slots (>= k) are written as -inf. int64:
-    # N * n_splits * K_PAD passes 2^31 for a caller-chosen `splits` at large N.
+    # N * n_splits * K_PAD passes 2^31 for a caller-chosen `splits` at large N. Keys back to
+    # values: +inf was a NaN, FLT_MAX a +inf (the host merge's torch.topk ranks NaN first too).
     out = (rows.to(tl.int64)[:, None] * n_splits + split) * K_PAD + slots[None, :]
     real = row_ok[:, None] & (slots[None, :] < k)
-    tl.store(cand_val_ptr + out, tl.where(real, best_val, float("-inf")), mask=row_ok[:, None])
+    value = tl.where(best_val == float("inf"), float("nan"), tl.where(best_val == FLT_MAX, float("inf"), best_val))
+    tl.store(cand_val_ptr + out, tl.where(real, value, float("-inf")), mask=row_ok[:, None])
     tl.store(cand_idx_ptr + out, best_idx, mask=row_ok[:, None])
 
 
-# Block sizes per K_PAD: (BLOCK_M, BLOCK_N, num_warps). The running buffer ([BLOCK_M, K_PAD] fp32
-# values + int32 indices) lives in registers beside the [BLOCK_M, BLOCK_N] accumulator, so
-# BLOCK_M shrinks as K_PAD grows. Each is compile-checked for sm_80/sm_90 in
-# tests/test_topk_encoder.py.
+# Block sizes per K_PAD: (BLOCK_M, BLOCK_N, BLOCK_D for 16-bit / fp32 operands, num_warps), from
+# the sm_90 compile reports (registers, spills, wgmma, warp layout) in the issue-12 report; not yet
+# timed on a GPU.
+# - BLOCK_M = 64 or 128, never 32: a Hopper warpgroup MMA (wgmma) covers 64 rows with 4 warps;
+#   smaller row blocks fall back to mma.sync.
+# - K_PAD <= 64: BLOCK_M = 16 * num_warps. Triton then lays the wgmma accumulator out with
+#   warpsPerCTA = [num_warps, 1]: each warp holds 16 whole rows, so every row reduction of the
+#   selection (max / min with index along a row) is in-thread work plus shuffles inside one warp,
+#   never a round trip through shared memory.
+# - K_PAD = 128 and 256: the running buffer ([BLOCK_M, K_PAD] fp32 values + int32 indices, 64 /
+#   128 KiB at 64 rows) does not fit beside the accumulator in 4 warps' registers (4 warps on 64
+#   rows spill at K_PAD = 128; 8 warps at K_PAD = 256 spill too). They take 8 and 16 warps on 64
+#   rows: the warpgroups split the columns (warpsPerCTA [4, 2] and [4, 4]), so their row
+#   reductions combine 2 or 4 warps through shared memory. Triton cannot keep a row in one warp
+#   there without spilling.
 FWD_CONFIGS = {
-    32: (128, 128, 8),   # K_PAD <= 32
-    64: (64, 128, 8),
-    128: (64, 128, 8),
-    256: (32, 128, 8),
+    32: (128, 128, 64, 32, 8),   # K_PAD <= 32
+    64: (64, 128, 64, 32, 4),
+    128: (64, 64, 64, 32, 8),
+    256: (64, 64, 64, 32, 16),
 }
+# Before Hopper (mma.sync, sm_80 / sm_89) Triton spreads warps over both dimensions of the
+# accumulator ([2, 4] at 128 x 128 on 8 warps) whatever the block shape, and no wgmma constrains
+# BLOCK_M; two sm_90 configs spill there (K_PAD 64: 40 B, K_PAD 256: 32 B of stack) and are
+# replaced by ones that do not.
+FWD_CONFIGS_PRE_HOPPER = {
+    **FWD_CONFIGS,
+    64: (64, 128, 64, 32, 8),
+    256: (32, 128, 64, 32, 8),
+}
+# Full-fp32 operands (torch.set_float32_matmul_precision("highest"): "ieee") run tl.dot as CUDA-core
+# FMAs, which hold both operand tiles in registers beside the accumulator: the tensor-core configs
+# spill there (up to 470 B of stack), this one does not on sm_80 or sm_90 for any K_PAD.
+FWD_CONFIG_FMA = (32, 64, 64, 16, 8)
 FWD_NUM_STAGES = 3
 MAX_FUSED_K = max(FWD_CONFIGS)
 # Triton's interpreter (CPU tests) pays per tile, not per element: there, the smallest tile tl.dot
@@ -156,51 +214,67 @@ MAX_FUSED_K = max(FWD_CONFIGS)
 INTERPRETER_FWD_BLOCK_M = 16
 
 
-def fwd_config(k_pad: int, dtype: torch.dtype, device: torch.device) -> dict:
-    block_m, block_n, num_warps = FWD_CONFIGS[max(32, k_pad)]
+def fwd_config(k_pad: int, dtype: torch.dtype, device: torch.device, arch: int | None = None,
+               mode: str | None = None) -> dict:
+    """The forward's launch config for K_PAD on ``device``. ``arch`` (e.g. 90) overrides the
+    device's compute capability and ``mode`` the MATMUL_MODE of ``dtype``: the compile check's
+    way to ask for another GPU's or another precision's config."""
+    if arch is None and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = 10 * major + minor
+    configs = FWD_CONFIGS if arch is None or arch >= 90 else FWD_CONFIGS_PRE_HOPPER
+    block_m, block_n, block_d16, block_d32, num_warps = configs[max(32, k_pad)]
+    if (mode or matmul_mode(dtype)) == "ieee":
+        block_m, block_n, block_d16, block_d32, num_warps = FWD_CONFIG_FMA
     if device.type != "cuda":
         block_m = INTERPRETER_FWD_BLOCK_M
-    # fp32 tiles are twice the bytes: halve the reduction step to keep shared memory in budget.
-    block_d = 32 if dtype == torch.float32 else 64
+    # fp32 tiles are twice the bytes: half the reduction step keeps shared memory in budget.
+    block_d = block_d32 if dtype == torch.float32 else block_d16
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
                 num_stages=FWD_NUM_STAGES)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's own matmul setting (TF32 off by default, so 'ieee')."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+def default_splits(n_tokens: int, n_latents: int, block_m: int, block_n: int, n_sms: int) -> int:
+    """Latent splits for about one wave of programs: splits = floor(n_sms / row_blocks), in [1, tiles].
 
-
-def _default_splits(n_tokens: int, n_latents: int, block_m: int, block_n: int, device) -> int:
-    """Enough latent splits to give every SM a few programs; never a split shorter than a tile."""
-    if device.type == "cuda":
-        target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:  # the interpreter runs programs one after another: fewer, longer ones are cheaper
-        target_programs = 2
+    A forward program holds most of an SM (K_PAD 32: 220 registers x 256 threads; K_PAD 256:
+    128 x 512, the whole register file; only K_PAD 64 fits two per SM), so n_sms programs are
+    one wave, all resident at once. row_blocks * splits <= n_sms: the floor keeps a partial
+    second wave from doubling the time (4,096 tokens in 32 row blocks on 132 SMs: 4 splits, 128
+    programs, one wave; ceil would give 160 programs, two waves). More splits than that only add candidates to merge; fewer leave SMs idle. When the
+    row blocks alone fill the SMs (N >= n_sms * BLOCK_M), 1 split. Never a split shorter than a
+    tile. n_sms = 1 is the interpreter's case: it runs programs one after another, so one split
+    is the cheapest.
+    """
     row_blocks = max(1, triton.cdiv(n_tokens, block_m))  # N = 0: no row blocks, but no division by 0
-    return max(1, min(triton.cdiv(target_programs, row_blocks), triton.cdiv(n_latents, block_n)))
+    return max(1, min(n_sms // row_blocks, triton.cdiv(n_latents, block_n)))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
 
 
 def topk_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, *,
                         splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused forward alone: (values [N, k] in x.dtype, indices [N, k] int64), largest first."""
+    """The fused forward alone: (values [N, k] in x.dtype, indices [N, k] int64), largest first.
+
+    A NaN pre-activation comes out as torch.topk gives it: ranked first, value NaN.
+    """
     n_tokens, d_in = x.shape
     n_latents = W_enc.shape[1]
     k_pad = triton.next_power_of_2(k)
     if k_pad > MAX_FUSED_K:
         return _unfused_forward(x, W_enc, b_enc, k)
-    if n_tokens == 0:  # an empty batch: nothing to launch (a 0-sized grid, a 0 in _default_splits)
+    if n_tokens == 0:  # an empty batch: nothing to launch (a 0-sized grid)
         return (torch.empty(0, k, dtype=x.dtype, device=x.device),
                 torch.empty(0, k, dtype=torch.int64, device=x.device))
     cfg = fwd_config(k_pad, x.dtype, x.device)
     block_n = cfg["BLOCK_N"]
     if splits is None:
-        splits = _default_splits(n_tokens, n_latents, cfg["BLOCK_M"], block_n, x.device)
-    # Split boundaries on tile multiples, so only the last tile of the last split is ragged.
-    latents_per_split = triton.cdiv(triton.cdiv(n_latents, splits), block_n) * block_n
-    splits = triton.cdiv(n_latents, latents_per_split)
+        splits = default_splits(n_tokens, n_latents, cfg["BLOCK_M"], block_n, _sm_count(x.device))
+    latents_per_split, splits = _split_bounds(n_latents, splits, block_n)
 
     cand_val = torch.empty(n_tokens, splits * k_pad, dtype=torch.float32, device=x.device)
     cand_idx = torch.empty(n_tokens, splits * k_pad, dtype=torch.int32, device=x.device)
@@ -209,12 +283,19 @@ def topk_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
         x, W_enc, b_enc, cand_val, cand_idx,
         n_tokens, d_in, n_latents, latents_per_split, k,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
-        K_PAD=k_pad, DOT_PRECISION=dot_precision(x.dtype), **cfg,
+        K_PAD=k_pad, MATMUL_MODE=matmul_mode(x.dtype), **cfg,
     )
     # Merge: the k largest of splits * K_PAD candidates per token (tiny), sorted largest first.
     pre, slot = cand_val.topk(k, dim=1)
     indices = cand_idx.gather(1, slot).long()
     return pre.clamp_min(0).to(x.dtype), indices
+
+
+def _split_bounds(n_latents: int, splits: int, block_n: int) -> tuple[int, int]:
+    """(latents per split, splits): boundaries on tile multiples, so only the last tile of the
+    last split is ragged."""
+    latents_per_split = triton.cdiv(triton.cdiv(n_latents, splits), block_n) * block_n
+    return latents_per_split, triton.cdiv(n_latents, latents_per_split)
 
 
 def _unfused_forward(x, W_enc, b_enc, k):
@@ -237,29 +318,62 @@ def _unfused_forward(x, W_enc, b_enc, k):
 
 
 @triton.jit
-def _gather_columns_kernel(
-    grad_ptr, idx_ptr, w_ptr, out_ptr,
-    n_tokens, d_in, k,
-    stride_wd, stride_wn,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+def _gather_latents_kernel(
+    grad_ptr, idx_ptr, w_ptr, out_ptr, count_ptr, dense_grad_ptr, acts_ptr,
+    n_tokens, d_in, k, n_latents,
+    stride_wd, stride_wn, stride_gm, stride_gn,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DENSE_ROWS: tl.constexpr, MATMUL_MODE: tl.constexpr,
 ):
-    """out[t, :] = sum_j grad[t, j] * W[:, idx[t, j]]; grad, idx: [N, k] contiguous; fp32 sum."""
+    """out[t, :] = sum_j grad[t, j] * W[:, idx[t, j]]; grad, idx: [N, k] contiguous; fp32 sum.
+
+    With W_enc stored [n_latents, d_in] (E2ESAE's layout: stride_wd == 1, a constant after the
+    launch's specialisation), each latent's BLOCK_D weights are one contiguous, vectorised read
+    (16-byte loads when stride_wn is 16-divisible): a token's k latents cost k row reads, not
+    k * BLOCK_D scattered 32-byte sectors as with a column of a [d_in, n_latents] matrix.
+
+    HAS_DENSE_ROWS (the ReLU encoder's capacity-bounded code, see DenseRows): count[t] is row t's
+    number of active latents; a row with count[t] > k did not fit its k slots and is computed
+    densely instead, out[t] = (grad_dense[t] * (acts[t] > 0)) @ W^T, by tensor-core tiles over
+    all latents. The choice is made here, per row block, on the device: no host sync.
+    """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < n_tokens
     d_ok = ds < d_in
-    # int64 offsets: N * k (the ReLU path's k is its widest row) and N * d_in pass 2^31 at scale.
+    # int64 offsets: N * k (the ReLU path's k is its capacity) and N * d_in pass 2^31 at scale.
     rows64 = rows.to(tl.int64)
     code = rows64 * k
+    w_cols = w_ptr + ds[None, :].to(tl.int64) * stride_wd
+    if HAS_DENSE_ROWS:
+        count = tl.load(count_ptr + rows, mask=row_ok, other=0)
+        dense_row = row_ok & (count > k)
+        sparse_row = row_ok & (count <= k)
+        n_slots = tl.max(tl.where(sparse_row, count, 0), axis=0)  # the block's widest compact row
+    else:
+        sparse_row = row_ok
+        n_slots = k
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for j in range(0, k):
-        latent = tl.load(idx_ptr + code + j, mask=row_ok, other=0).to(tl.int64)
-        weight = tl.load(grad_ptr + code + j, mask=row_ok, other=0.0).to(tl.float32)
+    for j in range(0, n_slots):
+        latent = tl.load(idx_ptr + code + j, mask=sparse_row, other=0).to(tl.int64)
+        weight = tl.load(grad_ptr + code + j, mask=sparse_row, other=0.0).to(tl.float32)
         # Entries with zero gradient (ReLU-clamped, or padding of the ReLU path) need no load.
-        live = row_ok & (weight != 0.0)
-        column = tl.load(w_ptr + ds[None, :].to(tl.int64) * stride_wd + latent[:, None] * stride_wn,
-                         mask=live[:, None] & d_ok[None, :], other=0.0)
-        acc += weight[:, None] * column.to(tl.float32)
+        live = sparse_row & (weight != 0.0)
+        w_row = tl.load(w_cols + latent[:, None] * stride_wn, mask=live[:, None] & d_ok[None, :], other=0.0)
+        acc += weight[:, None] * w_row.to(tl.float32)
+    if HAS_DENSE_ROWS:
+        if tl.max(dense_row.to(tl.int32), axis=0) > 0:
+            offs_n = tl.arange(0, BLOCK_N)
+            for n_start in range(0, n_latents, BLOCK_N):
+                lats = n_start + offs_n
+                lat_ok = lats < n_latents
+                lats64 = lats.to(tl.int64)
+                tile_ok = dense_row[:, None] & lat_ok[None, :]
+                acts = tl.load(acts_ptr + rows64[:, None] * n_latents + lats64[None, :], mask=tile_ok, other=0.0)
+                grad = tl.load(dense_grad_ptr + rows64[:, None] * stride_gm + lats64[None, :] * stride_gn,
+                               mask=tile_ok & (acts > 0), other=0.0)
+                w_t = tl.load(w_cols + lats64[:, None] * stride_wn, mask=lat_ok[:, None] & d_ok[None, :], other=0.0)
+                acc = mma(grad.to(w_t.dtype), w_t, acc, MATMUL_MODE)
     tl.store(out_ptr + rows64[:, None] * d_in + ds[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
 
@@ -267,26 +381,35 @@ def _gather_columns_kernel(
 @triton.jit
 def _latent_segment_grad_kernel(
     x_ptr, tok_ptr, lat_ptr, grad_ptr, block_start_ptr, grad_w_ptr, grad_b_ptr,
+    dense_rows_ptr, n_dense_rows_ptr, dense_grad_ptr, acts_ptr,
     d_in, n_latents,
-    stride_xm, stride_xd, stride_gwd, stride_gwn,
+    stride_xm, stride_xd, stride_gwd, stride_gwn, stride_gm, stride_gn,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, WRITE_BIAS: tl.constexpr,
+    MATMUL_MODE: tl.constexpr, WRITE_BIAS: tl.constexpr, HAS_DENSE_ROWS: tl.constexpr,
 ):
     """grad_W[:, l] = sum over entries e of latent l of grad[e] * x[tok[e]]; grad_b[l] = sum grad[e].
 
-    Entries are sorted by latent; block_start[i] is the first entry of latent block i.
+    Entries are sorted by latent; block_start[i] is the first entry of latent block i. The tile is
+    computed latent-major, [BLOCK_L, BLOCK_D] = onehot^T @ x[tokens]: the x rows are the B operand
+    as they lie in memory (d contiguous), and with grad_W in W_enc's [n_latents, d_in] storage
+    (stride_gwd == 1) every latent's row of the tile is one contiguous store.
+
+    HAS_DENSE_ROWS: the rows dense_rows[:n_dense_rows] (a device count) add their dense gradient,
+    (grad_dense * (acts > 0))[rows, latents]^T @ x[rows], by the same tensor-core product.
     """
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     latent0 = pid_l * BLOCK_L
     offs_l = tl.arange(0, BLOCK_L)
+    lats = latent0 + offs_l
+    l_ok = lats < n_latents
     ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     ds64 = ds.to(tl.int64)
     d_ok = ds < d_in
     entry_start = tl.load(block_start_ptr + pid_l)
     entry_end = tl.load(block_start_ptr + pid_l + 1)
 
-    acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
     bias_acc = tl.zeros([BLOCK_L], dtype=tl.float32)
     for e_start in range(entry_start, entry_end, BLOCK_E):
         es = e_start + tl.arange(0, BLOCK_E)
@@ -294,39 +417,81 @@ def _latent_segment_grad_kernel(
         token = tl.load(tok_ptr + es, mask=e_ok, other=0)
         latent = tl.load(lat_ptr + es, mask=e_ok, other=-1)
         weight = tl.load(grad_ptr + es, mask=e_ok, other=0.0)
-        # x rows of these entries, transposed: [BLOCK_D, BLOCK_E]. int64 offsets: token * stride_xm
-        # passes 2^31 at N * d >= 2^31 (and d * stride_xd for a column-major x).
-        x_t = tl.load(x_ptr + token.to(tl.int64)[None, :] * stride_xm + ds64[:, None] * stride_xd,
-                      mask=e_ok[None, :] & d_ok[:, None], other=0.0)
-        # onehot[e, l] = weight[e] where entry e is latent0 + l: the segmented sum becomes a dot.
+        # x rows of these entries: [BLOCK_E, BLOCK_D]. int64 offsets: token * stride_xm passes
+        # 2^31 at N * d >= 2^31 (and d * stride_xd for a column-major x).
+        x_rows = tl.load(x_ptr + token.to(tl.int64)[:, None] * stride_xm + ds64[None, :] * stride_xd,
+                         mask=e_ok[:, None] & d_ok[None, :], other=0.0)
+        # onehot_t[l, e] = weight[e] where entry e is latent0 + l: the segmented sum becomes a dot.
         # weight comes from a tensor of x's dtype, so the cast below is exact.
-        hit = (latent - latent0)[:, None] == offs_l[None, :]
-        onehot = tl.where(hit, weight[:, None], 0.0)
-        acc = tl.dot(x_t, onehot.to(x_t.dtype), acc, input_precision=DOT_PRECISION)
+        hit = offs_l[:, None] == (latent - latent0)[None, :]
+        onehot_t = tl.where(hit, weight[None, :], 0.0)
+        acc = mma(onehot_t.to(x_rows.dtype), x_rows, acc, MATMUL_MODE)
         if WRITE_BIAS:
-            bias_acc += tl.sum(onehot.to(tl.float32), axis=0)
+            bias_acc += tl.sum(onehot_t.to(tl.float32), axis=1)
+    if HAS_DENSE_ROWS:
+        n_dense = tl.load(n_dense_rows_ptr)
+        lats64 = lats.to(tl.int64)
+        for r_start in range(0, n_dense, BLOCK_E):
+            rs = r_start + tl.arange(0, BLOCK_E)
+            r_ok = rs < n_dense
+            row = tl.load(dense_rows_ptr + rs, mask=r_ok, other=0).to(tl.int64)
+            tile_ok = l_ok[:, None] & r_ok[None, :]
+            acts_t = tl.load(acts_ptr + row[None, :] * n_latents + lats64[:, None], mask=tile_ok, other=0.0)
+            grad_t = tl.load(dense_grad_ptr + row[None, :] * stride_gm + lats64[:, None] * stride_gn,
+                             mask=tile_ok & (acts_t > 0), other=0.0)
+            x_rows = tl.load(x_ptr + row[:, None] * stride_xm + ds64[None, :] * stride_xd,
+                             mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+            grad_t = grad_t.to(x_rows.dtype)  # the gradient in x's dtype, as the compact entries are
+            acc = mma(grad_t, x_rows, acc, MATMUL_MODE)
+            if WRITE_BIAS:
+                bias_acc += tl.sum(grad_t.to(tl.float32), axis=1)
 
-    lats = latent0 + offs_l
-    l_ok = lats < n_latents
-    tl.store(grad_w_ptr + ds64[:, None] * stride_gwd + lats[None, :] * stride_gwn,
-             acc.to(grad_w_ptr.dtype.element_ty), mask=d_ok[:, None] & l_ok[None, :])
+    tl.store(grad_w_ptr + lats.to(tl.int64)[:, None] * stride_gwn + ds64[None, :] * stride_gwd,
+             acc.to(grad_w_ptr.dtype.element_ty), mask=l_ok[:, None] & d_ok[None, :])
     if WRITE_BIAS:
         if pid_d == 0:
             tl.store(grad_b_ptr + lats, bias_acc.to(grad_b_ptr.dtype.element_ty), mask=l_ok)
 
 
-# (BLOCK_M, BLOCK_D, num_warps) of the gather; (BLOCK_L, BLOCK_D, BLOCK_E, num_warps) of the
-# segmented reduction. Compile-checked in tests/test_topk_encoder.py.
-GATHER_CONFIG = dict(BLOCK_M=32, BLOCK_D=128, num_warps=4)
+class DenseRows(NamedTuple):
+    """The rows of a capacity-bounded ReLU code that did not fit (kernels/relu_encoder.py).
+
+    The code is (values [N, C], indices [N, C]) with count[t] active latents in row t; a row with
+    count[t] > C keeps no usable compact entries and takes its gradient from the dense tensors.
+    """
+
+    count: torch.Tensor  # [N] int32: active latents per row
+    rows: torch.Tensor  # [N] int32: row ids, the dense rows (count > C) first
+    n_rows: torch.Tensor  # [1] int32: how many dense rows (on the device: never read by the host)
+    grad: torch.Tensor  # [N, n_latents], any strides: the gradient with respect to the code
+    acts: torch.Tensor  # [N, n_latents] contiguous: active where > 0
+
+
+# (BLOCK_M, BLOCK_D, BLOCK_N (latents per step of the dense rows), num_warps) of the gather; (BLOCK_L, BLOCK_D, BLOCK_E, num_warps, num_stages)
+# of the segmented reduction. Their compile facts: compile_cases() below.
+GATHER_CONFIG = dict(BLOCK_M=32, BLOCK_D=128, BLOCK_N=32, num_warps=4)
 SEGMENT_CONFIG = dict(BLOCK_L=64, BLOCK_D=128, BLOCK_E=32, num_warps=4)
+SEGMENT_NUM_STAGES = 3
+
+
+def segment_config(mode: str) -> dict:
+    """SEGMENT_CONFIG, with half the columns and half the entries per step for full-fp32 FMAs
+    ("ieee": the dot unrolls over the entries with both operand tiles in registers; the ReLU
+    variant spilled 88 B on sm_80 at 128 columns and 32 entries)."""
+    return dict(SEGMENT_CONFIG, BLOCK_D=64, BLOCK_E=16) if mode == "ieee" else dict(SEGMENT_CONFIG)
 
 
 def sparse_encoder_backward(grad_pre: torch.Tensor, indices: torch.Tensor, x: torch.Tensor,
-                            W_enc: torch.Tensor, need_x: bool, need_w: bool, need_b: bool):
+                            W_enc: torch.Tensor, need_x: bool, need_w: bool, need_b: bool,
+                            dense_rows: DenseRows | None = None):
     """Gradients of an encoder whose code is (grad_pre [N, k], indices [N, k]) sparse.
 
     grad_pre is the gradient with respect to the selected pre-activations, already masked, in x's
-    dtype. Returns (grad_x, grad_W_enc, grad_b_enc); None for those not needed.
+    dtype. Returns (grad_x, grad_W_enc, grad_b_enc); None for those not needed. grad_W_enc has
+    W_enc's strides where W_enc is dense (E2ESAE's [n_latents, d_in] storage gives a transposed
+    grad, which autograd accumulates into W_enc.grad without a copy). ``dense_rows``: the ReLU
+    encoder's rows that overflowed their k slots (see DenseRows); their entries in grad_pre /
+    indices are ignored. Nothing here reads a device value back to the host.
     """
     n_tokens, k = indices.shape
     d_in, n_latents = W_enc.shape
@@ -334,44 +499,61 @@ def sparse_encoder_backward(grad_pre: torch.Tensor, indices: torch.Tensor, x: to
         raise ValueError(f"sparse_encoder_backward: N*k = {n_tokens * k} entries exceeds the int32 entry ids")
     if n_tokens * k == 0:  # an empty batch (or code): empty grad_x, zero grad_W_enc / grad_b_enc
         return (torch.zeros(n_tokens, d_in, dtype=x.dtype, device=x.device) if need_x else None,
-                torch.zeros(d_in, n_latents, dtype=W_enc.dtype, device=x.device) if need_w else None,
+                torch.zeros_like(W_enc) if need_w else None,
                 torch.zeros(n_latents, dtype=W_enc.dtype, device=x.device) if need_b else None)
     grad_pre = grad_pre.contiguous()
     indices = indices.contiguous()
     grad_x = grad_w = grad_b = None
+    mode = matmul_mode(x.dtype)
+    if dense_rows is not None:
+        dense = dense_rows
+        dense_args = (dense.count, dense.grad, dense.acts)
+        dense_strides = (dense.grad.stride(0), dense.grad.stride(1))
+    else:
+        dummy = torch.empty(1, dtype=torch.int32, device=x.device)  # stands in for unused pointers
+        dense_args = (dummy, grad_pre, grad_pre)
+        dense_strides = (0, 0)
 
     if need_x:
         grad_x = torch.empty(n_tokens, d_in, dtype=x.dtype, device=x.device)
         cfg = GATHER_CONFIG
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), triton.cdiv(d_in, cfg["BLOCK_D"]))
-        _gather_columns_kernel[grid](grad_pre, indices, W_enc, grad_x, n_tokens, d_in, k,
-                                     W_enc.stride(0), W_enc.stride(1), **cfg)
+        _gather_latents_kernel[grid](grad_pre, indices, W_enc, grad_x, *dense_args, n_tokens, d_in, k, n_latents,
+                                     W_enc.stride(0), W_enc.stride(1), *dense_strides,
+                                     HAS_DENSE_ROWS=dense_rows is not None, MATMUL_MODE=mode, **cfg)
 
     if need_w or need_b:
         # Sort the N*k (token, slot) entries by latent; then latent block i owns the entries
-        # [block_start[i], block_start[i + 1]).
-        flat = indices.reshape(-1)
+        # [block_start[i], block_start[i + 1]). The entries of dense rows are moved past the last
+        # block (latent INT32_MAX), as the ReLU code's padding slots already are.
+        flat = indices
+        if dense_rows is not None:
+            flat = torch.where((dense_rows.count > k)[:, None], torch.iinfo(torch.int32).max, indices)
+        flat = flat.reshape(-1)
         order = torch.argsort(flat)
         sorted_latents = flat[order].to(torch.int32)
         sorted_tokens = (order // k).to(torch.int32)
         sorted_grad = grad_pre.reshape(-1)[order]
-        cfg = SEGMENT_CONFIG
+        cfg = segment_config(mode)
         block_l = cfg["BLOCK_L"]
         n_blocks = triton.cdiv(n_latents, block_l)
         boundaries = torch.arange(0, (n_blocks + 1) * block_l, block_l, device=x.device, dtype=torch.int32)
         block_start = torch.searchsorted(sorted_latents, boundaries).to(torch.int32)
-        # grad_W is written straight in W_enc's dtype from the fp32 accumulator.
-        grad_w = torch.empty(d_in, n_latents, dtype=W_enc.dtype, device=x.device) if need_w else None
+        # grad_W is written straight in W_enc's dtype and layout from the fp32 accumulator
+        # (empty_like keeps the strides of a dense tensor, else gives a contiguous one).
+        grad_w = torch.empty_like(W_enc, memory_format=torch.preserve_format) if need_w else None
         grad_b = torch.empty(n_latents, dtype=W_enc.dtype, device=x.device) if need_b else None
         # Without a weight gradient, one program per latent block covers d (the bias needs no x).
         d_blocks = triton.cdiv(d_in, cfg["BLOCK_D"]) if need_w else 1
-        scratch = grad_w if need_w else torch.empty(d_in, 1, dtype=W_enc.dtype, device=x.device)
+        scratch = grad_w if need_w else torch.empty(1, 1, dtype=W_enc.dtype, device=x.device)
+        rows_args = (dense_rows.rows, dense_rows.n_rows) if dense_rows is not None else dense_args[:1] * 2
         _latent_segment_grad_kernel[(n_blocks, d_blocks)](
             x, sorted_tokens, sorted_latents, sorted_grad, block_start,
-            scratch, grad_b if need_b else scratch,
+            scratch, grad_b if need_b else scratch, *rows_args, *dense_args[1:],
             d_in if need_w else 0, n_latents,
-            x.stride(0), x.stride(1), scratch.stride(0), scratch.stride(1) if need_w else 0,
-            DOT_PRECISION=dot_precision(x.dtype), WRITE_BIAS=need_b, **cfg,
+            x.stride(0), x.stride(1), scratch.stride(0), scratch.stride(1), *dense_strides,
+            MATMUL_MODE=mode, WRITE_BIAS=need_b, HAS_DENSE_ROWS=dense_rows is not None,
+            num_stages=SEGMENT_NUM_STAGES, **cfg,
         )
     return grad_x, grad_w, grad_b
 
@@ -406,3 +588,91 @@ def topk_encode_triton(x2d: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tens
     ``splits`` (latent ranges per row block) is chosen from the device when None.
     """
     return TopKEncodeTriton.apply(x2d, W_enc, b_enc, k, splits)
+
+
+# --------------------------------------------------------------------------------------------
+# Compile cases
+# --------------------------------------------------------------------------------------------
+
+# Shapes the compile check compiles the launchers' configs at: the GPT-2 small preset (d_model
+# 768, ratio 60, a 16 x 1,024-token batch) and a d = 4,096, 131,072-latent one.
+COMPILE_SHAPES = {
+    "gpt2": dict(n_tokens=16384, d_in=768, n_latents=46080),
+    "d4096": dict(n_tokens=16384, d_in=4096, n_latents=131072),
+}
+COMPILE_KS = (16, 32, 64, 128, 256)
+COMPILE_SMS = 132  # an H100 SXM's SMs: the split count a launch there would pick
+
+
+def compile_cases(arch: int = 90, shapes: dict | None = None, ks=COMPILE_KS) -> dict[str, CompileCase]:
+    """Every kernel of this file exactly as its launcher launches it on sm_<arch>, for compiling
+    without a GPU.
+
+    arch: the compute capability as an int (80, 90): the launchers pick some configs per arch.
+    shapes: {shape name: dict(n_tokens=, d_in=, n_latents=)}, COMPILE_SHAPES by default; ks: the
+    TopK k values (the forward's config depends on next_power_of_2(k)). Returns
+    {f"{kernel}-{shape}-k{k}-{mode}": CompileCase} (k only for the forward), where mode is "bf16"
+    (bf16 operands), "tf32" (fp32 operands, torch.set_float32_matmul_precision("high"), the
+    trainer's CUDA default) or "ieee" (fp32 FMA: full precision by request, not a tensor-core
+    config, so not hot). The arguments are those of E2ESAE's layout: x [N, d] contiguous, W_enc
+    stored [n_latents, d_in] (stride_wd = 1), grad_W_enc in W_enc's layout.
+    kernels/_common.CompileCase turns one into triton.compile's source and options.
+    """
+    cases = {}
+    modes = {"bf16": torch.bfloat16, "tf32": torch.float32, "ieee": torch.float32}
+    for shape_name, shape in (shapes or COMPILE_SHAPES).items():
+        n_tokens, d_in, n_latents = shape["n_tokens"], shape["d_in"], shape["n_latents"]
+        for mode, dtype in modes.items():
+            hot = mode != "ieee"
+            for k in ks:
+                k_pad = triton.next_power_of_2(k)
+                cfg = dict(fwd_config(k_pad, dtype, torch.device("cuda"), arch=arch, mode=mode))
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                splits = default_splits(n_tokens, n_latents, cfg["BLOCK_M"], cfg["BLOCK_N"], COMPILE_SMS)
+                latents_per_split, _ = _split_bounds(n_latents, splits, cfg["BLOCK_N"])
+                args = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, cand_val_ptr=torch.float32,
+                            cand_idx_ptr=torch.int32, n_tokens=n_tokens, d_in=d_in, n_latents=n_latents,
+                            latents_per_split=latents_per_split, k=k, stride_xm=d_in, stride_xd=1,
+                            stride_wd=1, stride_wn=d_in)
+                cases[f"topk_fwd-{shape_name}-k{k}-{mode}"] = CompileCase(
+                    _topk_encode_fwd_kernel, args, dict(cfg, K_PAD=k_pad, MATMUL_MODE=mode),
+                    num_warps=warps, num_stages=stages, hot=hot)
+            cases[f"topk_segment-{shape_name}-{mode}"] = segment_compile_case(shape, mode, dense_rows=False)
+            if mode != "ieee":  # the gather has no dot: its fp32 case is the tf32 one
+                cases[f"topk_gather-{shape_name}-{dtype_name(dtype)}"] = gather_compile_case(
+                    shape, mode, k=32, dense_rows=False)
+    return cases
+
+
+_MODE_DTYPES = {"bf16": torch.bfloat16, "tf32": torch.float32, "ieee": torch.float32}
+
+
+def segment_compile_case(shape: dict, mode: str, *, dense_rows: bool) -> CompileCase:
+    """_latent_segment_grad_kernel as sparse_encoder_backward launches it (see compile_cases)."""
+    dtype = _MODE_DTYPES[mode]
+    d_in, n_latents = shape["d_in"], shape["n_latents"]
+    cfg = segment_config(mode)
+    warps = cfg.pop("num_warps")
+    args = dict(x_ptr=dtype, tok_ptr=torch.int32, lat_ptr=torch.int32, grad_ptr=dtype,
+                block_start_ptr=torch.int32, grad_w_ptr=dtype, grad_b_ptr=dtype,
+                dense_rows_ptr=torch.int32, n_dense_rows_ptr=torch.int32, dense_grad_ptr=dtype,
+                acts_ptr=dtype, d_in=d_in, n_latents=n_latents, stride_xm=d_in, stride_xd=1,
+                stride_gwd=1, stride_gwn=d_in, stride_gm=n_latents if dense_rows else 0,
+                stride_gn=1 if dense_rows else 0)
+    return CompileCase(_latent_segment_grad_kernel, args,
+                       dict(cfg, MATMUL_MODE=mode, WRITE_BIAS=True, HAS_DENSE_ROWS=dense_rows),
+                       num_warps=warps, num_stages=SEGMENT_NUM_STAGES, hot=mode != "ieee")
+
+
+def gather_compile_case(shape: dict, mode: str, *, k: int, dense_rows: bool) -> CompileCase:
+    """_gather_latents_kernel as sparse_encoder_backward launches it (see compile_cases)."""
+    dtype = _MODE_DTYPES[mode]
+    n_tokens, d_in, n_latents = shape["n_tokens"], shape["d_in"], shape["n_latents"]
+    cfg = dict(GATHER_CONFIG)
+    warps = cfg.pop("num_warps")
+    args = dict(grad_ptr=dtype, idx_ptr=torch.int32 if dense_rows else torch.int64, w_ptr=dtype, out_ptr=dtype,
+                count_ptr=torch.int32, dense_grad_ptr=dtype, acts_ptr=dtype, n_tokens=n_tokens, d_in=d_in,
+                k=k, n_latents=n_latents, stride_wd=1, stride_wn=d_in,
+                stride_gm=n_latents if dense_rows else 0, stride_gn=1 if dense_rows else 0)
+    return CompileCase(_gather_latents_kernel, args,
+                       dict(cfg, HAS_DENSE_ROWS=dense_rows, MATMUL_MODE=mode), num_warps=warps, num_stages=3)

@@ -41,9 +41,18 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="module")
-def compile_reports(request):
-    """The requesting test file's compile_cases(), compiled for every arch (tests/compile_check.py)."""
-    from compile_check import compile_in_subprocess
+# The tiny GPT-2 the trainer, eval, sync and distributed tests train on (3 layers, d_model 32, random
+# weights): saved once per session; each test module loads its own LanguageModel.
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    from helpers_models import save_tiny_gpt2
 
-    return compile_in_subprocess(request.path)
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"), n_layer=3, n_embd=32, n_ctx=64)
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir):
+    from fastsae.model.lm import LanguageModel
+
+    return LanguageModel.load(str(model_dir))
+

@@ -56,3 +56,12 @@ def save_tiny_gpt2(path: Path, *, n_layer: int = 3, n_embd: int = 32, n_head: in
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def random_batches(n: int, batch: int, ctx: int, *, seed: int = 0, vocab: int = 250) -> list:
+    """n token batches [batch, ctx] of uniform random ids below vocab (the tiny tokenizer has 300)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, ctx), generator=g) for _ in range(n)]
+

@@ -86,3 +86,50 @@ def test_metrics_jsonl_is_json_lines(setup):
     records = read_metrics(root / "run")
     assert records and all(isinstance(r["step"], int) for r in records)
     json.dumps(records)
+
+
+def test_a_used_run_dir_is_refused_unless_overwrite(setup, capsys):
+    root, config = setup
+    run = root / "used"
+    assert main(["train", str(config), "--run-dir", str(run), "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(config), "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and f"--resume {run}" in err and "Traceback" not in err
+    assert [r["step"] for r in read_metrics(run)] == [1]
+    assert main(["train", str(config), "--run-dir", str(run), "--max-steps", "1", "--overwrite"]) == 0
+    assert "moved the old run" in capsys.readouterr().out
+    assert len(list(root.glob("used.replaced-*"))) == 1 and [r["step"] for r in read_metrics(run)] == [1]
+
+
+def test_resume_with_set_keeps_config_yaml(setup, capsys):
+    root, config = setup
+    run = root / "overridden"
+    assert main(["train", str(config), "--run-dir", str(run), "--max-steps", "2"]) == 0
+    original = (run / "config.yaml").read_text()
+    assert main(["train", "--resume", str(run), "--set", "eval.n_tokens=32"]) == 0
+    assert (run / "config.yaml").read_text() == original
+    assert "eval.n_tokens=32" in (run / "overrides.yaml").read_text()
+
+
+def test_a_hub_model_offline_is_one_line(capsys, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    assert main(["train", "gpt2-e2e", "--set", "model.name=openai-community/no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert time.perf_counter() - start < 10
+    assert "needs hub access" in err and "local directory" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_device_cuda_without_cuda_is_a_config_error(setup, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    root, config = setup
+    assert main(["train", str(config), "--run-dir", str(root / "cuda"), "--set", "device=cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "device='cuda' but CUDA is not available" in err and "Traceback" not in err

@@ -106,10 +106,10 @@ def test_paths_and_presets_resolve(tmp_path):
     (["device=tpu"], r"device must be 'auto', 'cpu' or 'cuda"),
     (["loss.sparsity_p=0"], r"loss.sparsity_p must be in \(0, 2\]"),
     (["novalue"], r"expected key=value"),
-    (["data.path=corpus.txt"], r"data.path is not used by data.kind='embedded'; its keys: none"),
+    (["data.path=corpus.txt"], r"data.path is not used by data.kind='embedded'; its keys: prepend_bos"),
     (["data.kind=text"], r"data.path is required for data.kind='text'"),
     (["data.kind=hf"], r"data.name \(the dataset\) is required"),
-    (["data.kind=text", "data.path=x", "data.column=text"], r"data.column is not used by data.kind='text'; its keys: eval_fraction, path"),
+    (["data.kind=text", "data.path=x", "data.dtype=uint16"], r"data.dtype is not used by data.kind='text'; its keys: column, eval_fraction, path, prepend_bos"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):

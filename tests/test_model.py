@@ -242,3 +242,72 @@ def test_bad_arguments(lm, tokens):
         lm.clean_run(torch.zeros(1, 65, dtype=torch.long), [])
     with pytest.raises(ValueError, match="api must be one of"):
         LanguageModel.load("gpt2", api="nope")
+
+
+# ---------------------------------------------------------------- model sources and processed weights (issue 9)
+
+
+def test_a_hub_model_offline_is_one_fast_error(tmp_path, monkeypatch):
+    import time
+
+    from fastsae.model import lm as lm_module
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    start = time.perf_counter()
+    with pytest.raises(lm_module.ModelUnavailableError, match="needs hub access .*local directory.*HF_HUB_OFFLINE"):
+        LanguageModel.load("openai-community/gpt2")
+    assert time.perf_counter() - start < 5
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+
+    def unreachable(address, timeout=None):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr("socket.create_connection", unreachable)
+    with pytest.raises(lm_module.ModelUnavailableError, match=r"needs hub access .*huggingface\.co is not reachable"):
+        LanguageModel.load("gpt2")
+    with pytest.raises(FileNotFoundError, match="no model directory at ./no/such/model"):
+        LanguageModel.load("./no/such/model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        LanguageModel.load(str(tmp_path / "empty"))
+
+
+@pytest.mark.skipif(_bridge_class() is None, reason="no TransformerBridge")
+def test_a_bridge_with_processed_weights_is_refused(model_dir):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(str(model_dir))
+    bridge.enable_compatibility_mode(no_processing=True)  # hook aliases only: the HF weights as they are
+    assert LanguageModel.wrap(bridge).d_model == D_MODEL
+    processed = TransformerBridge.boot_transformers(str(model_dir))
+    processed.enable_compatibility_mode()  # fold_ln, center_writing_weights, center_unembed
+    with pytest.raises(ValueError, match="weights were processed .* do not transfer"):
+        LanguageModel.wrap(processed)
+
+
+@pytest.mark.skipif(_hooked_transformer_class() is None, reason="no HookedTransformer (TL >= 4)")
+def test_a_hooked_transformer_with_centered_weights_is_refused(model_dir):
+    model = LanguageModel.load(str(model_dir), api="hooked").model  # a fresh copy: it gets edited
+    with torch.no_grad():
+        model.W_E.sub_(model.W_E.mean(-1, keepdim=True))  # what center_writing_weights does to W_E
+    with pytest.raises(ValueError, match="center_writing_weights.*from_pretrained_no_processing"):
+        LanguageModel.wrap(model)
+
+
+@pytest.mark.skipif(_hooked_transformer_class() is None or _bridge_class() is None,
+                    reason="TL 3.x with both APIs")
+def test_tl3_falls_back_to_the_bridge_where_hooked_transformer_cannot_load(tmp_path, capsys):
+    import json
+
+    path = save_tiny_gpt2(tmp_path / "no_n_ctx", n_layer=2, n_embd=D_MODEL)
+    config = json.loads((path / "config.json").read_text())
+    del config["n_ctx"]  # HookedTransformer 3.x reads config.n_ctx for GPT-2; the bridge does not need it
+    (path / "config.json").write_text(json.dumps(config))
+    lm = LanguageModel.load(str(path))
+    assert lm.api == "bridge"
+    err = capsys.readouterr().err
+    assert "HookedTransformer cannot load" in err and "using the TransformerBridge (model.api=bridge)" in err
+    with pytest.raises(ValueError, match="HookedTransformer cannot load .*set model.api=bridge"):
+        LanguageModel.load(str(path), api="hooked")

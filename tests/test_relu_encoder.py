@@ -1,12 +1,11 @@
 """Fused ReLU encoder (kernels/relu_encoder.py) against relu_encode_reference and its autograd.
 
-Both backward paths (dense GEMMs, sparse compaction + the TopK encoder's sparse kernels) are
-forced in turn, and the density switch is checked on dense and sparse codes.
+Both backward paths (dense GEMMs; capacity-bounded compaction + the TopK encoder's sparse kernels
+with their per-row dense fallback) run in turn, on dense, sparse and mixed codes.
 """
 
 import pytest
 import torch
-from compile_check import ARCHS, check_compile_report
 from conftest import needs_triton
 from helpers_encoders import DTYPES, TOL, make_inputs
 
@@ -59,7 +58,7 @@ def test_matches_reference_dense_code(shape, dtype, sparse_backward):
     check(*make_inputs(*shape, dtype), dtype, sparse_backward)
 
 
-@pytest.mark.parametrize("sparse_backward", [False, True, None], ids=["dense_bwd", "sparse_bwd", "auto"])
+@pytest.mark.parametrize("sparse_backward", [False, True, None], ids=["dense_bwd", "sparse_bwd", "default"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference_sparse_code(dtype, sparse_backward):
     """A trained-SAE-like code: a few active latents per token (and some tokens with none)."""
@@ -77,44 +76,66 @@ def test_all_inactive_code_gives_zero_grads():
         assert all(bool((g == 0).all()) for g in grads)
 
 
-def test_density_switch():
-    n_latents = 5000
-    sparse_code = torch.zeros(8, n_latents)
-    sparse_code[:, :3] = 1.0  # 3 / 5000 = 6e-4 of each row
-    assert rk.choose_sparse_backward(sparse_code)
-    dense_code = torch.zeros(8, n_latents)
-    dense_code[0, : int(2 * rk.SPARSE_DENSITY_THRESHOLD * n_latents) + 1] = 1.0  # one wide row
-    assert not rk.choose_sparse_backward(dense_code)
+def rows_of_mixed_density(n_tokens, d_in, n_latents, dtype):
+    """Inputs whose rows range from no active latent to about half of them active."""
+    x, W, b = make_inputs(n_tokens, d_in, n_latents, dtype, bias_shift=-1.0)
+    scale = torch.linspace(0.0, 3.0, n_tokens, device=x.device)[:, None]
+    return (x.float() * scale).to(dtype), W, b
 
 
-def test_auto_backward_takes_the_path_the_density_says(monkeypatch):
-    taken = []
-    real = rk.sparse_encoder_backward
-
-    def spy(*args):
-        taken.append("sparse")
-        return real(*args)
-
-    monkeypatch.setattr(rk, "sparse_encoder_backward", spy)
-    # The shipped threshold is for tens of thousands of latents; at this test's width, 5 %.
-    monkeypatch.setattr(rk, "SPARSE_DENSITY_THRESHOLD", 0.05)
-    for bias_shift, expected in ((-2.5, ["sparse"]), (0.0, [])):  # ~0.6 % and ~50 % active
-        taken.clear()
-        x, W, b = make_inputs(6, 32, 1000, torch.float32, bias_shift=bias_shift)
-        W.requires_grad_()
-        acts = ops.relu_encode(x, W, b, backend="triton")
-        torch.autograd.grad(acts.sum(), (W,))
-        assert taken == expected, (bias_shift, taken)
+@pytest.mark.parametrize("layout", ["latent_major", "contiguous"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_backward_mixes_compact_and_dense_rows(monkeypatch, dtype, layout):
+    """Rows with at most C active latents go through the compact code, wider rows through the
+    kernels' dense per-row path, in one backward; both with E2ESAE's latent-major W_enc too."""
+    monkeypatch.setattr(rk, "SPARSE_MIN_CAPACITY", 40)
+    monkeypatch.setattr(rk, "SPARSE_CAPACITY_FRACTION", 0.0)
+    assert rk.sparse_capacity(200) == 40
+    x, W, b = rows_of_mixed_density(37, 40, 200, dtype)
+    if layout == "latent_major":
+        W = W.t().contiguous().t()
+    active = (relu_encode_reference(x.float(), W.float(), b.float()) > 0).sum(1)
+    assert int((active > 40).sum()) >= 5 and int(((active <= 40) & (active > 0)).sum()) >= 5
+    check(x, W, b, dtype, sparse_backward=True)
 
 
-def test_compact_rows():
-    dense = torch.tensor([[0.0, 2.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0]])
-    values, indices = rk.compact_rows(dense)
-    assert values.shape == indices.shape == (3, 2)
-    assert values.tolist() == [[2.0, -1.0], [0.0, 0.0], [5.0, 0.0]]
-    assert indices.tolist() == [[1, 3], [0, 0], [0, 0]]
-    rebuilt = torch.zeros_like(dense).scatter_add_(1, indices, values)
-    assert torch.equal(rebuilt, dense)
+def test_sparse_capacity():
+    assert rk.sparse_capacity(46080) == 192  # GPT-2 small at ratio 60: 3x the paper's L0
+    assert rk.sparse_capacity(131072) == 512
+    assert rk.sparse_capacity(1000) == 64 and rk.sparse_capacity(30) == 30
+
+
+def test_compact_active():
+    acts = torch.tensor([[0.0, 2.0, 0.0, 1.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0], [5.0, 1.0, 1.0, 0.0, 1.0]])
+    grad = torch.arange(15.0).reshape(3, 5) + 1
+    values, indices, dense = rk.compact_active(grad, acts, 3)
+    pad = torch.iinfo(torch.int32).max
+    assert dense.count.tolist() == [3, 0, 4] and indices.dtype == torch.int32
+    assert values[:2].tolist() == [[2.0, 4.0, 5.0], [0.0, 0.0, 0.0]]
+    assert indices[:2].tolist() == [[1, 3, 4], [pad, pad, pad]]
+    assert dense.rows[:1].tolist() == [2] and dense.n_rows.tolist() == [1]  # row 2 has 4 > 3 active
+    # a stride-0 gradient (acts.sum()) is read as it is
+    values, _, _ = rk.compact_active(torch.ones(1, 1).expand(3, 5), acts, 5)
+    assert values.tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0], [0.0] * 5, [1.0, 1.0, 1.0, 1.0, 0.0]]
+
+
+def test_sparse_backward_allocates_nothing_code_sized():
+    """The sparse backward works from acts and grad_acts as they are: no [N, n] temporary (not
+    even a bool mask), only the [N, C] compact code."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n_tokens, d_in, n_latents = 64, 8, 1024  # grad_x, grad_W and the [N, 64] code: below N * n bytes
+    x, W, b = make_inputs(n_tokens, d_in, n_latents, torch.float32, bias_shift=-0.5)
+    leaves = [t.requires_grad_() for t in (x, W, b)]
+    acts = rk.relu_encode_triton(*leaves, sparse_backward=True)
+    grad_acts = torch.randn_like(acts)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        got = torch.autograd.grad(acts, leaves, grad_acts)
+    code_sized = [(e.name, e.self_cpu_memory_usage) for e in prof.events()
+                  if e.self_cpu_memory_usage >= n_tokens * n_latents]
+    assert code_sized == []
+    grad_pre = torch.where(acts > 0, grad_acts, 0)
+    torch.testing.assert_close(got[0], grad_pre @ W.detach().t(), atol=1e-5, rtol=1e-5)
 
 
 def test_public_op_and_errors():
@@ -220,45 +241,6 @@ def test_dense_backward_allocates_one_code_sized_buffer():
     assert len(code_sized) == 1, code_sized
 
 
-# ------------------------------------------------------------------ compile checks (sm_80, sm_90)
-
-# The sparse backward's kernels are those of kernels/topk_encoder.py, compile-checked in
-# tests/test_topk_encoder.py.
-def compile_cases():
-    """The forward kernel and the backward's masking kernel at their shipped configs per dtype
-    (tests/compile_check.py)."""
-    from fastsae.kernels import relu_encoder as K
-
-    cases = {}
-    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
-        block_m, block_n, block_d, warps, stages = K.FWD_CONFIGS[dtype]
-        ptr = "*" + name
-        signature = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, out_ptr=ptr, n_tokens="i32", d_in="i32",
-                         n_latents="i32", stride_xm="i32", stride_xd="i32", stride_wd="i32",
-                         stride_wn="i32", stride_om="i32", stride_on="i32")
-        constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=K.GROUP_M,
-                          DOT_PRECISION="ieee" if name == "fp32" else "tf32")
-        cases[name] = (K._relu_encode_fwd_kernel, signature, constexprs, warps, stages)
-        grad_cfg = dict(K.RELU_GRAD_CONFIG)
-        grad_warps = grad_cfg.pop("num_warps")
-        grad_signature = dict(grad_ptr=ptr, acts_ptr=ptr, out_ptr=ptr, n_tokens="i32", n_latents="i32",
-                              stride_gm="i32", stride_gn="i32")
-        cases[f"relu_grad-{name}"] = (K._relu_grad_kernel, grad_signature, grad_cfg, grad_warps, 1)
-    return cases
-
-
-@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_forward_kernel_compiles(compile_reports, arch, dtype):
-    check_compile_report(compile_reports[f"{arch}-{dtype}"])
-
-
-@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_relu_grad_kernel_compiles(compile_reports, arch, dtype):
-    check_compile_report(compile_reports[f"{arch}-relu_grad-{dtype}"])
-
-
 # ------------------------------------------------------------------ GPU only
 
 @pytest.mark.gpu
@@ -268,3 +250,20 @@ def test_relu_grad_kernel_compiles(compile_reports, arch, dtype):
 def test_gpu_matches_reference(dtype, sparse_backward, bias_shift):
     x, W, b = make_inputs(512, 768, 24576, dtype, device="cuda", bias_shift=bias_shift)
     check(x, W, b, dtype, sparse_backward)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias_shift", [0.0, -3.0], ids=["dense_code", "sparse_code"])
+def test_gpu_sparse_backward_has_no_host_sync(bias_shift):
+    """The sparse backward (compaction, dense-row list, sort, kernels) never waits on the GPU."""
+    x, W, b = make_inputs(512, 768, 24576, torch.bfloat16, device="cuda", bias_shift=bias_shift)
+    leaves = [t.requires_grad_() for t in (x, W, b)]
+    acts = rk.relu_encode_triton(*leaves, sparse_backward=True)
+    grad_acts = torch.randn_like(acts)
+    torch.autograd.grad(acts, leaves, grad_acts, retain_graph=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.autograd.grad(acts, leaves, grad_acts)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -20,12 +20,12 @@ def test_readme_example_shape_topk_forward_backward_on_cpu():
 
 
 def test_init_unit_decoder_rows_and_encoder_transpose_option():
-    sae = E2ESAE(16, 40)
+    sae = E2ESAE(16, 40, init="orthogonal")
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40))
-    # the paper's orthogonal init: with n_latents <= d_in the decoder rows are orthonormal
-    narrow = E2ESAE(16, 10)
+    # orthogonal directions: with n_latents <= d_in the decoder rows are orthonormal
+    narrow = E2ESAE(16, 10, init="orthogonal")
     torch.testing.assert_close(narrow.W_dec @ narrow.W_dec.t(), torch.eye(10), atol=1e-5, rtol=0)
-    tied = E2ESAE(16, 40, init_encoder_as_decoder_transpose=True)
+    tied = E2ESAE(16, 40, init="orthogonal", init_encoder_as_decoder_transpose=True)
     torch.testing.assert_close(tied.W_enc, tied.W_dec.t())
     assert torch.all(sae.b_enc == 0) and torch.all(sae.b_dec == 0)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compile_check import ARCHS, check_compile_report
 from conftest import KERNEL_DEVICE, needs_triton
 from fastsae.ops import dense_decode, sparse_decode
 from fastsae.ops.sparse_decoder import SparseDecodeReference
@@ -117,8 +116,7 @@ def test_hot_latent_every_token(dtype, hot_pairs, hot_slots, monkeypatch):
     # dense_decode's backward (grad_W only, zero values skipped) on the same code
     acts = torch.zeros(64, 20, device=indices.device).to(dtype)
     acts.scatter_add_(1, indices, values)
-    fn = lambda a, w, b: kernels().dense_decode_triton(a, w, b, max_density=1.0)
-    check_dense_decode(acts, W_dec, b_dec, fn)
+    check_dense_decode(acts, W_dec, b_dec, kernels().dense_decode_triton)
 
 
 def test_zero_values_still_get_value_gradients():
@@ -151,17 +149,38 @@ def test_untouched_latents_get_zero_rows_and_partial_grads():
     assert v.grad is not None and v.grad.shape == values.shape
 
 
-def test_float64_and_empty_code_fall_back_to_reference():
+def test_float64_refused_and_empty_codes_run_the_kernels():
     values, indices, W_dec, b_dec = make_code(5, 3, 30, 16, torch.float64)
-    # The op refuses float64 when Triton is forced (fastsae.ops._backend); the kernel's own entry
-    # point still hands it to the reference.
+    # The op refuses float64 when Triton is forced (fastsae.ops._backend), and so does the
+    # kernel's own entry point (the kernels import nothing from fastsae.ops, reference included).
     with pytest.raises(TypeError, match="float64"):
         sparse_decode(values, indices, W_dec, b_dec, backend="triton")
-    check_against_reference_fp64 = kernels().sparse_decode_triton(values, indices, W_dec, b_dec)
-    torch.testing.assert_close(check_against_reference_fp64,
-                               SparseDecodeReference.apply(values, indices, W_dec, b_dec))
+    with pytest.raises(TypeError, match="W_dec must be float32/float16/bfloat16, got torch.float64"):
+        kernels().sparse_decode_triton(values, indices, W_dec, b_dec)
     empty = sparse_decode(values[:0].float(), indices[:0], W_dec.float(), b_dec.float(), backend="triton")
     assert empty.shape == (0, 16)
+    # k = 0: every token decodes to b_dec; the gradients are those of the reference (zeros for W_dec)
+    leaves = [t.float().requires_grad_() for t in (values[:, :0], W_dec, b_dec)]
+    out = kernels().sparse_decode_triton(leaves[0], indices[:, :0], leaves[1], leaves[2])
+    torch.testing.assert_close(out, b_dec.float().expand(5, 16), atol=0, rtol=0)
+    out.sum().backward()
+    assert leaves[0].grad.shape == (5, 0) and bool((leaves[1].grad == 0).all())
+    torch.testing.assert_close(leaves[2].grad, torch.full((16,), 5.0, device=KERNEL_DEVICE))
+
+
+def test_kernels_import_nothing_from_ops():
+    """kernels/ sits below fastsae.ops (the GUIDE's layers): no kernel module imports it."""
+    import ast
+    from pathlib import Path
+
+    kernel_dir = Path(kernels().__file__).parent
+    for path in sorted(kernel_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(("fastsae.ops", "fastsae.sae", "fastsae.model", "fastsae.train")), \
+                    f"{path.name} imports {name}"
 
 
 def test_errors():
@@ -235,27 +254,30 @@ def test_dense_decode_sparse_path(dtype):
     # rows of 0 to 6 nonzeros (padding to 6 with zeros), n not a multiple of 4, d not a power of 2
     acts = dense_code(19, 203, [3, 0, 6, 1], dtype)
     _, W_dec, b_dec = make_code(1, 1, 203, 72, dtype)[1:]
-    fn = lambda a, w, b: kernels().dense_decode_triton(a, w, b, max_density=1.0)
-    out, (acts_leaf, *_) = check_dense_decode(acts, W_dec, b_dec, fn)
+    out, (acts_leaf, *_) = check_dense_decode(acts, W_dec, b_dec, kernels().dense_decode_triton)
     assert "DenseDecodeSparseFunction" in autograd_nodes(out)
     # grad_acts is dense: nonzero where acts is zero too (grad_out @ W_dec^T at every latent)
     assert torch.count_nonzero(acts_leaf.grad[acts == 0]) > 0.9 * int((acts == 0).sum())
 
 
-def test_dense_decode_all_zero_code_and_threshold():
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_dense_decode_rows_beyond_capacity(monkeypatch, dtype):
+    """Rows with more nonzeros than the compact code's C slots are decoded (and their grad_W_dec
+    summed) by the dense-row kernels, beside the compact rows, with no host sync to choose:
+    mixed codes, an all-zero code, a fully dense one with negative entries."""
+    from fastsae.kernels import relu_encoder
+
+    monkeypatch.setattr(relu_encoder, "SPARSE_MIN_CAPACITY", 4)
+    monkeypatch.setattr(relu_encoder, "SPARSE_CAPACITY_FRACTION", 0.0)
     k = kernels()
-    _, W_dec, b_dec = make_code(1, 1, 256, 24, torch.float32)[1:]
-    zeros = torch.zeros(5, 256, device=KERNEL_DEVICE)
-    out, _ = check_dense_decode(zeros, W_dec, b_dec, k.dense_decode_triton)
-    assert "DenseDecodeSparseFunction" in autograd_nodes(out)
-    # one nonzero per row of 256 latents is exactly the default threshold (sparse path) ...
-    one_hot = dense_code(7, 256, [1], torch.float32)
-    assert k.code_profile(one_hot) == (pytest.approx(k.DENSE_DECODE_MAX_DENSITY), 1)
-    out, _ = check_dense_decode(one_hot, W_dec, b_dec, lambda a, w, b: dense_decode(a, w, b, backend="triton"))
-    assert "DenseDecodeSparseFunction" in autograd_nodes(out)
-    # ... and two per row is dense: one GEMM
-    out, _ = check_dense_decode(dense_code(7, 256, [2], torch.float32), W_dec, b_dec, k.dense_decode_triton)
-    assert "Addmm" in autograd_nodes(out)
+    _, W_dec, b_dec = make_code(1, 1, 150, 40, dtype)[1:]
+    mixed = dense_code(23, 150, [0, 2, 4, 9, 60, 5], dtype)
+    fully_dense = torch.randn(9, 150, device=KERNEL_DEVICE).to(dtype)
+    for acts in (mixed, torch.zeros(5, 150, device=KERNEL_DEVICE, dtype=dtype), fully_dense):
+        out, _ = check_dense_decode(acts, W_dec, b_dec, lambda a, w, b: dense_decode(a, w, b, backend="triton"))
+        assert "DenseDecodeSparseFunction" in autograd_nodes(out)
+    _, _, dense = k.compact_dense_code(mixed)
+    assert dense.n_rows.tolist() == [int(((mixed != 0).sum(1) > 4).sum())] and dense.n_rows.item() > 0
 
 
 def test_dense_decode_errors():
@@ -297,9 +319,9 @@ def test_empty_batch_matches_reference(leading):
         cases += [
             (lambda v, w, b: k.SparseDecodeFunction.apply(v, indices, w, b),
              lambda v, w, b: SparseDecodeReference.apply(v, indices, w, b), values),
-            (lambda a, w, b: k.DenseDecodeSparseFunction.apply(a, w, b, 1),
+            (lambda a, w, b: k.DenseDecodeSparseFunction.apply(a, w, b),
              lambda a, w, b: torch.addmm(b, a, w), acts),
-            (lambda a, w, b: k.dense_decode_triton(a, w, b, max_density=1.0),
+            (lambda a, w, b: k.dense_decode_triton(a, w, b),
              lambda a, w, b: torch.addmm(b, a, w), acts),
         ]
     for fn, ref_fn, code in cases:
@@ -359,51 +381,6 @@ def test_far_apart_decoder_rows():
 
 
 # --------------------------------------------------------------------------------------------
-# Compile for sm_80 / sm_90 at the shipped launch configurations
-
-
-def compile_cases():
-    """Every kernel at the shipped launch configurations, fp32 and bf16 (tests/compile_check.py).
-
-    BLOCK_D = 256 is the widest block_d_for() returns.
-    """
-    K = kernels()
-
-    def fwd_signature(dtype):
-        return dict(values_ptr=f"*{dtype}", indices_ptr="*i64", W_ptr=f"*{dtype}", b_ptr=f"*{dtype}",
-                    out_ptr=f"*{dtype}", n_tokens="i32", k="i32", d="i32", stride_w="i32", stride_out="i32")
-
-    def bwd_signature(dtype):
-        return dict(grad_out_ptr=f"*{dtype}", values_ptr=f"*{dtype}", W_ptr=f"*{dtype}", sorted_pairs_ptr="*i32",
-                    segment_start_ptr="*i32", grad_W_ptr=f"*{dtype}", partial_dots_ptr="*fp32", n_latents="i32",
-                    k="i32", d="i32", n_pairs="i32", stride_g="i32", stride_w="i32", stride_gw="i32")
-
-    def bwd(write_grad_W, write_grad_values):
-        return dict(BLOCK_P=K.BWD_BLOCK_P, BLOCK_D=K.MAX_BLOCK_D, LATENTS_PER_PROGRAM=K.BWD_LATENTS_PER_PROGRAM,
-                    WRITE_GRAD_W=write_grad_W, WRITE_GRAD_VALUES=write_grad_values)
-
-    kernel_cases = {
-        "fwd": (K._sparse_decode_fwd_kernel, fwd_signature,
-                dict(BLOCK_T=K.FWD_BLOCK_T, BLOCK_D=K.MAX_BLOCK_D, K_UNROLL=K.FWD_K_UNROLL)),
-        "bwd": (K._sparse_decode_bwd_kernel, bwd_signature, bwd(True, True)),
-        "bwd_grad_W_only": (K._sparse_decode_bwd_kernel, bwd_signature, bwd(True, False)),
-        "bwd_grad_values_only": (K._sparse_decode_bwd_kernel, bwd_signature, bwd(False, True)),
-    }
-    return {f"{case}-{dtype}": (kernel, signature(dtype), constexprs, K.NUM_WARPS, 3)
-            for case, (kernel, signature, constexprs) in kernel_cases.items() for dtype in ("fp32", "bf16")}
-
-
-COMPILE_CASES = ["fwd", "bwd", "bwd_grad_W_only", "bwd_grad_values_only"]
-
-
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("case", COMPILE_CASES)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_compiles(compile_reports, arch, case, dtype):
-    check_compile_report(compile_reports[f"{arch}-{case}-{dtype}"])
-
-
-# --------------------------------------------------------------------------------------------
 # GPU: bf16 and larger shapes
 
 
@@ -446,3 +423,21 @@ def test_gpu_dense_decode(dtype):
     _, W_dec, b_dec = make_code(1, 1, 8192, 768, dtype, device="cuda")[1:]
     out, _ = check_dense_decode(acts, W_dec, b_dec, lambda a, w, b: dense_decode(a, w, b, backend="triton"))
     assert "DenseDecodeSparseFunction" in autograd_nodes(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("active_per_row", [[8, 30, 0, 16], [600]], ids=["compact_rows", "dense_rows"])
+def test_gpu_dense_decode_has_no_host_sync(active_per_row):
+    """dense_decode's forward and backward (compaction, dense-row list, both kernels) never
+    wait on the GPU, whether the rows fit the compact code or not."""
+    acts = dense_code(512, 8192, active_per_row, torch.bfloat16).cuda().requires_grad_()
+    _, W_dec, b_dec = make_code(1, 1, 8192, 768, torch.bfloat16, device="cuda")[1:]
+    W_dec.requires_grad_()
+    grad_out = torch.randn(512, 768, device="cuda", dtype=torch.bfloat16)
+    dense_decode(acts, W_dec, b_dec, backend="triton").backward(grad_out)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        dense_decode(acts, W_dec, b_dec, backend="triton").backward(grad_out)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

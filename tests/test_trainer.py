@@ -13,30 +13,18 @@ import signal
 import pytest
 import torch
 
-from fastsae.model.lm import LanguageModel
 from fastsae.train import Trainer, load_config
 from fastsae.train import checkpoint as ckpt
 from fastsae.train.metrics import read_metrics
 from fastsae.train.trainer import lr_factor
-from helpers_models import save_tiny_gpt2
+from helpers_models import random_batches
 
 CTX, BATCH = 16, 4
 HOOK = "blocks.1.hook_resid_pre"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"), n_layer=3, n_embd=32, n_ctx=64)
-
-
-@pytest.fixture(scope="module")
-def lm(model_dir):
-    return LanguageModel.load(str(model_dir))
-
-
 def batches(n, seed=0, vocab=250):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (BATCH, CTX), generator=g) for _ in range(n)]
+    return random_batches(n, BATCH, CTX, seed=seed, vocab=vocab)
 
 
 def make_config(tmp_path, model_dir, *overrides):
@@ -178,8 +166,8 @@ def test_bf16_autocast_and_two_saes(tmp_path, model_dir, lm):
 
 def test_lr_schedule():
     warmup, total = 10, 110
-    assert lr_factor(0, warmup, total, 0.1) == pytest.approx(0.1)
-    assert lr_factor(9, warmup, total, 0.1) == pytest.approx(1.0)
+    assert lr_factor(0, warmup, total, 0.1) == 0.0  # the paper's warmup starts at 0
+    assert lr_factor(9, warmup, total, 0.1) == pytest.approx(0.9)
     assert lr_factor(10, warmup, total, 0.1) == pytest.approx(1.0)
     assert lr_factor(60, warmup, total, 0.1) == pytest.approx(0.55)
     assert lr_factor(110, warmup, total, 0.1) == pytest.approx(0.1)
@@ -401,3 +389,166 @@ def test_saved_sae_records_its_hook(tmp_path, model_dir, lm):
     assert saes[HOOK].metadata["hook"] == HOOK
     cfg = json.loads((ckpt.latest_checkpoint(trainer.run_dir) / "saes" / HOOK / "cfg.json").read_text())
     assert cfg["n_latents"] == 64
+
+
+# ---------------------------------------------------------------- run directories (issue 9)
+
+
+def test_a_used_run_dir_is_refused_and_overwrite_moves_it_aside(tmp_path, model_dir, lm):
+    first, _ = _fit(tmp_path, model_dir, lm, batches(6), "run", max_steps=2)
+    before = (first.run_dir / "metrics.jsonl").read_text()
+    again = Trainer(make_config(tmp_path, model_dir), model=lm, dataset=batches(6))
+    with pytest.raises(ckpt.RunDirError, match=r"already holds a run \(checkpoint step_00000002\).*--resume"):
+        again.fit()
+    assert (first.run_dir / "metrics.jsonl").read_text() == before  # nothing appended, nothing re-pointed
+    assert ckpt.latest_checkpoint(first.run_dir).name == "step_00000002"
+    fresh = Trainer(make_config(tmp_path, model_dir), model=lm, dataset=batches(6), overwrite=True)
+    fresh.fit(max_steps=1)
+    (aside,) = tmp_path.glob("run.replaced-*")
+    assert (aside / "metrics.jsonl").read_text() == before
+    assert [r["step"] for r in read_metrics(fresh.run_dir)] == [1]
+    assert _lock_is_free(fresh.run_dir)  # released when fit() returns
+
+
+def _lock_is_free(run_dir):
+    import fcntl
+
+    with open(run_dir / ckpt.LOCK_FILE) as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+    return True
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.parametrize("how", ["exception", "kill -9"])
+def test_a_run_that_stopped_before_its_first_checkpoint_starts_clean(tmp_path, model_dir, lm, monkeypatch, how):
+    import socket
+
+    def crash(*args, **kwargs):
+        raise OSError("killed (simulated)")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)  # the first checkpoint never gets written
+    with pytest.raises(OSError, match="simulated"):
+        _fit(tmp_path, model_dir, lm, batches(6), "run", max_steps=3)
+    monkeypatch.undo()
+    run_dir = tmp_path / "run"
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3] and ckpt.latest_checkpoint(run_dir) is None
+    lock = {"pid": _dead_pid(), "host": socket.gethostname()}
+    if how == "kill -9":  # a killed process leaves its lock behind
+        (run_dir / ckpt.LOCK_FILE).write_text(json.dumps(lock))
+    trainer, _ = _fit(tmp_path, model_dir, lm, batches(6), "run", max_steps=2)
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]  # not 1, 2, 3, 1, 2
+    # a lock a live process holds is a run in progress: never touched, even with overwrite
+    import subprocess
+    import sys
+
+    kept = (run_dir / "metrics.jsonl").read_text()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f.fileno(), fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+                               str(run_dir / ckpt.LOCK_FILE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ckpt.RunDirError, match="in use by another training process"):
+            Trainer(make_config(tmp_path, model_dir), model=lm, dataset=batches(6), overwrite=True).fit()
+    finally:
+        holder.communicate("")
+    assert (run_dir / "metrics.jsonl").read_text() == kept
+    with pytest.raises(ckpt.RunDirError, match="in use by another trainer of this process"):
+        ckpt.claim_run_dir(run_dir, resume=True)
+        ckpt.claim_run_dir(run_dir, resume=True)
+    ckpt.release_run_dir(run_dir)
+
+
+def test_resume_keeps_the_config_and_records_overrides(tmp_path, model_dir, lm):
+    import yaml
+
+    part, _ = _fit(tmp_path, model_dir, lm, batches(6), "run", max_steps=2)
+    original = (part.run_dir / "config.yaml").read_text()
+    resumed = Trainer.from_run_dir(part.run_dir, model=lm, dataset=batches(6), overrides=["optim.lr=1e-3"])
+    assert resumed.config.optim.lr == 1e-3
+    resumed.fit(max_steps=1)
+    assert (part.run_dir / "config.yaml").read_text() == original
+    (record,) = yaml.safe_load((part.run_dir / "overrides.yaml").read_text())
+    assert record["step"] == 2 and record["overrides"] == ["optim.lr=1e-3"]
+    again = Trainer.from_run_dir(part.run_dir, model=lm, dataset=batches(6), overrides=["log.every=2"])
+    assert again.config.optim.lr == 1e-3 and again.config.log.every == 2  # earlier overrides still apply
+    again.fit(max_steps=1)
+    records = yaml.safe_load((part.run_dir / "overrides.yaml").read_text())
+    assert [r["step"] for r in records] == [2, 3]
+
+
+def test_time_based_checkpoints(tmp_path, model_dir, lm):
+    # every_minutes so small that every step is due: a checkpoint after each step
+    trainer, _ = _fit(tmp_path, model_dir, lm, batches(6), "often", "checkpoint.every_minutes=1e-9",
+                      "checkpoint.keep=10")
+    steps = sorted(p.name for p in (trainer.run_dir / "checkpoints").glob("step_*"))
+    assert steps == [f"step_{i:08d}" for i in range(1, 7)]
+    trainer, _ = _fit(tmp_path, model_dir, lm, batches(6), "never", "checkpoint.every_minutes=0", "checkpoint.keep=10")
+    assert [p.name for p in (trainer.run_dir / "checkpoints").glob("step_*")] == ["step_00000006"]
+
+
+def test_every_preset_checkpoints_at_least_every_10_minutes():
+    from fastsae.train.config import list_presets
+
+    for name in list_presets():
+        minutes = load_config(name).checkpoint.every_minutes
+        assert 0 < minutes <= 10, (name, minutes)
+
+
+def test_progress_off_prints_a_plain_line_every_log_every(tmp_path, model_dir, lm, capsys):
+    _fit(tmp_path, model_dir, lm, batches(6), "run", "log.every=2")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fastsae: step")]
+    assert [line.split(",")[0] for line in lines] == ["fastsae: step 2/6", "fastsae: step 4/6", "fastsae: step 6/6"]
+    assert "loss " in lines[0] and "l0 " in lines[0] and f"tokens {2 * BATCH * CTX:,}" in lines[0]
+
+
+def test_files_honour_the_umask(tmp_path, model_dir, lm):
+    old = os.umask(0o027)
+    try:
+        trainer, _ = _fit(tmp_path, model_dir, lm, batches(6), "run", max_steps=2)
+    finally:
+        os.umask(old)
+    checked = 0
+    for root, dirs, files in os.walk(trainer.run_dir):
+        for name in dirs:
+            assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o750, name
+        for name in files:
+            assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o640, name
+            checked += 1
+    assert checked >= 5  # config, metrics, latest, the SAE's cfg.json + weights, trainer state
+
+
+def test_datasets_and_dataloaders_passed_to_the_trainer(tmp_path, model_dir, lm):
+    datasets = pytest.importorskip("datasets")
+    rows = torch.randint(0, 250, (24, CTX))
+    train = datasets.Dataset.from_dict({"tokens": rows.tolist()})
+    loader = torch.utils.data.DataLoader([{"input_ids": r} for r in rows[:8]], batch_size=BATCH)
+    cfg = make_config(tmp_path, model_dir)
+    trainer = Trainer(cfg, model=lm, dataset=train, eval_dataset=loader)
+    trainer.fit(max_steps=2)
+    assert trainer.evaluate()["eval/tokens"] == 8 * CTX
+    resumed = Trainer.from_run_dir(trainer.run_dir, model=lm, dataset=train, eval_dataset=loader)
+    assert resumed.dataset.state_dict()["examples_consumed"] == 2 * BATCH  # the data position came back
+    bad = datasets.Dataset.from_dict({"input_ids": [[lm.d_vocab + 7] * CTX] * BATCH})
+    trainer = Trainer(make_config(tmp_path, model_dir, f"run_dir={tmp_path / 'bad'}"), model=lm, dataset=bad)
+    with pytest.raises(ValueError, match=rf"Dataset passed as dataset: token id {lm.d_vocab + 7} .* "
+                                         rf"vocabulary of {lm.d_vocab}"):
+        trainer.fit(max_steps=1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_config_error(tmp_path, model_dir):
+    from fastsae.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="device='cuda' but CUDA is not available.*set device=cpu"):
+        Trainer(make_config(tmp_path, model_dir, "device=cuda"))

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from fastsae._files import honour_umask
+
 EMBEDDED_VERSION = "1"
 EOS = "<|endoftext|>"
 _DONE_FILE = "fastsae_embedded.json"  # written last inside the temp dir; metadata + losses
@@ -139,6 +141,7 @@ def ensure_embedded_model(
     # Build beside the target (same filesystem, so the rename is atomic).
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
+        honour_umask(tmp, directory=True)  # mkdtemp makes 0700; the cache is renamed into place
         if progress:
             expected = "; about a minute on 2 CPU cores" if config == DEFAULT_CONFIG else ""
             print(

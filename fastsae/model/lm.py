@@ -21,7 +21,9 @@ Two TransformerLens APIs are supported behind one interface:
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -132,6 +134,7 @@ class LanguageModel:
         # Whether the HF blocks return tuples (older transformers) or bare tensors (5.x); seen on
         # the first full bridge run and used by the block skip in _skip_bridge_blocks.
         self._block_returns_tuple: int | None = None
+        _check_unprocessed(model, api)
 
     # ---------------------------------------------------------------- construction
 
@@ -164,10 +167,30 @@ class LanguageModel:
 
             name_or_path = str(ensure_embedded_model())
 
+        _check_model_source(name_or_path)
+
         if api == "auto":
             api = "hooked" if transformer_lens_version()[0] < 4 else "bridge"
+            if api == "hooked":
+                # TL 3.x's HookedTransformer knows architectures by name: Gemma-2/3, OLMo and
+                # local paths with "llama" in them fail there, while the bridge loads them all.
+                try:
+                    return cls(cls._load_hooked(name_or_path, device, dtype), "hooked")
+                except Exception as error:
+                    if _bridge_class() is None:
+                        raise
+                    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    print(f"fastsae: HookedTransformer cannot load {name_or_path} ({reason[:200]}); "
+                          "using the TransformerBridge (model.api=bridge)", file=sys.stderr, flush=True)
+                    api = "bridge"
         if api == "hooked":
-            model = cls._load_hooked(name_or_path, device, dtype)
+            try:
+                model = cls._load_hooked(name_or_path, device, dtype)
+            except ImportError:
+                raise
+            except Exception as error:
+                hint = "; set model.api=bridge (the TransformerBridge loads every architecture)" if _bridge_class() else ""
+                raise ValueError(f"HookedTransformer cannot load {name_or_path}: {error}{hint}") from error
         else:
             model = cls._load_bridge(name_or_path, device, dtype)
         return cls(model, api)
@@ -284,8 +307,60 @@ class LanguageModel:
     # ---------------------------------------------------------------- passes
 
     def final_hidden(self, resid: Tensor) -> Tensor:
-        """The final layer norm: final_hidden(resid after the last block) @ W_U + b_U = logits."""
+        """The final layer norm: cap(final_hidden(resid after the last block) @ W_U + b_U) = logits,
+        cap the final-logit soft-capping (see logit_softcap)."""
         return self.model.ln_final(resid)
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """The model's final-logit soft-capping c (logits = c * tanh(z / c); Gemma-2: 30), or None.
+
+        Read from the TransformerLens config (`output_logits_soft_cap`, where -1 / 0 mean off), or
+        from the HF config (`final_logit_softcapping`) where a bridge's config lacks it.
+        """
+        cap = getattr(self.model.cfg, "output_logits_soft_cap", None)
+        if cap is None:
+            hf_config = getattr(getattr(self.model, "original_model", None), "config", None)
+            cap = getattr(hf_config, "final_logit_softcapping", None)
+        return float(cap) if cap is not None and cap > 0 else None
+
+    def check_logit_free_path(self, n_tokens: int = 8) -> None:
+        """Refuse a model whose logits the logit-free path does not reproduce.
+
+        fastsae's KL and CE never build logits: they take the final hidden state, W_U, b_U and
+        logit_softcap. This runs `n_tokens` tokens both ways, the logit-free path
+        (cap(final hidden @ W_U + b_U)) and the model's own forward, and raises ValueError when they
+        differ by more than the model dtype's rounding: a model that scales, shifts or otherwise
+        transforms its logits would train on a different objective without a word.
+        """
+        n = max(1, min(n_tokens, self.n_ctx))
+        # Spread-out ids (a prime stride) so that the check does not hinge on one embedding row.
+        tokens = (torch.arange(n, device=self.device) * 7919 % self.d_vocab).unsqueeze(0)
+        with torch.no_grad():
+            hidden, _ = self.clean_run(tokens)
+            free = hidden.float() @ self.W_U.float()
+            if self.b_U is not None:
+                free = free + self.b_U.float()
+            cap = self.logit_softcap
+            if cap is not None:
+                free = cap * torch.tanh(free / cap)
+            own = self.logits(tokens).float()
+        if own.shape != free.shape:
+            raise ValueError(f"the model's logits have shape {list(own.shape)}, but its final hidden state @ W_U "
+                             f"gives {list(free.shape)}: fastsae cannot compute this model's KL without logits")
+        scale = own.abs().max().clamp_min(1.0).item()
+        diff = (free - own).abs().max().item()
+        # 4 units of the model dtype's rounding at the largest logit (1e-5 at least, for fp32's
+        # matmul reduction order).
+        tolerance = max(4 * torch.finfo(self.dtype).eps, 1e-5) * scale
+        if not diff <= tolerance:
+            softcap = f", soft-capped at {cap:g}" if cap is not None else ""
+            raise ValueError(
+                f"the logit-free path (final hidden state @ W_U + b_U{softcap}) does not reproduce this "
+                f"model's logits: max difference {diff:.3g} at logits up to {scale:.3g} (tolerance "
+                f"{tolerance:.3g}). The model transforms its logits in a way fastsae does not model (a "
+                "scale, an offset, a cap it does not declare), so its KL and CE would train on a "
+                "different objective; this model is not supported")
 
     def clean_run(self, tokens: Tensor, cache_hooks: Sequence[str] = ()) -> tuple[Tensor, dict[str, Tensor]]:
         """One full pass without gradient and without logits.
@@ -519,6 +594,78 @@ class LanguageModel:
             yield
         finally:
             handle.remove()
+
+
+class ModelUnavailableError(FileNotFoundError):
+    """A model name that is neither a local directory nor reachable on the Hugging Face hub."""
+
+
+def _hub_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+
+
+def _check_model_source(name: str) -> None:
+    """Fail fast, in one line, when a model can be neither read locally nor downloaded, instead of
+    the hub client's retries and traceback (about 30 s offline).
+
+    A local directory is read as is. A path that does not exist is an error. A hub name is fine
+    when its config is in the local Hugging Face cache; otherwise the hub must be allowed
+    (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE unset) and reachable (a TCP connect, 3 s at most).
+    """
+    if Path(name).is_dir():
+        if not _is_local_model_dir(name):
+            raise ModelUnavailableError(f"model directory {name} has no config.json (save the model and its "
+                                        "tokenizer there with save_pretrained)")
+        return
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise ModelUnavailableError(f"no model directory at {name}")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except Exception:  # an invalid repo id or an old huggingface_hub: let the loader report it
+        return
+    needs = (f"model {name!r} is not a local directory and not in the Hugging Face cache: it needs hub access "
+             "(or set model.name to a local directory with the model saved by save_pretrained)")
+    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+           for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        raise ModelUnavailableError(f"{needs}; HF_HUB_OFFLINE is set")
+    import socket
+
+    host = _hub_host()
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as error:
+        raise ModelUnavailableError(f"{needs}; {host} is not reachable ({error})") from None
+
+
+def _check_unprocessed(model, api: str) -> None:
+    """Refuse a model whose weights TransformerLens processed so that its residual stream is no
+    longer the HF model's (an SAE trained on it would not fit the model anyone else runs)."""
+    if api == "bridge":
+        if getattr(model, "_weights_processed", False):
+            raise ValueError(
+                "this TransformerBridge's weights were processed (enable_compatibility_mode() or process_weights(): "
+                "fold_ln, center_writing_weights, ...): its residual stream differs from the HF model's, so SAEs "
+                "trained on it do not transfer. Boot it without processing (TransformerBridge.boot_transformers(name), "
+                "or enable_compatibility_mode(no_processing=True))")
+        return
+    # HookedTransformer.from_pretrained's center_writing_weights subtracts each writing weight's
+    # mean over d_model, W_E's included; no unprocessed model has rows with exactly zero mean.
+    W_E = model.W_E.detach().float()
+    if W_E.mean(-1).abs().max() <= 1e-5 * W_E.abs().max():
+        raise ValueError(
+            "this HookedTransformer was loaded with center_writing_weights (HookedTransformer.from_pretrained's "
+            "default): its residual stream is the HF model's minus its mean, so SAEs trained on it do not "
+            "transfer. Load it with HookedTransformer.from_pretrained_no_processing(name)")
+    if str(getattr(model.cfg, "normalization_type", "")).endswith("Pre"):
+        warnings.warn(
+            "this HookedTransformer has its LayerNorm weights folded (fold_ln): the residual stream is the HF "
+            "model's, but hooks inside the LayerNorms (ln*.hook_scale / hook_normalized) are not; "
+            "from_pretrained_no_processing avoids that", stacklevel=3)
 
 
 def _load_tokenizer(path: str):

@@ -12,6 +12,14 @@ trick): one matmul fewer than recomputing. For reduction="none" the gradient dep
 per-token grad_output, so backward recomputes the logits chunk by chunk. All math is fp32 for
 fp32/fp16/bf16 inputs (fp64 inputs stay fp64, so gradcheck can test the spec). There is no
 gradient for h_orig, W_U or b_U: the model is frozen.
+
+Numerics, shared with the kernel: the SAE run's logits are the clean logits plus
+(h_sae - h_orig) @ W_U, so the small difference that the KL measures is its own product and keeps
+its precision; without a cap b_U is shifted by its maximum (an exact, result-preserving shift),
+so a large common logit bias does not round the logits. Final-logit soft-capping
+(softcap=c: cap(z) = c * tanh(z / c), as Gemma-2) is applied to both runs' full logits; the capped
+difference is computed without cancellation (capped_logits), and the gradient carries the cap's
+slope sech^2(z / c) at the SAE run's logits.
 """
 
 from __future__ import annotations
@@ -62,14 +70,38 @@ def _workspace_rows(n_tokens: int, d_vocab: int) -> int:
 _ELEMENTWISE_ELEMENTS = 1 << 20
 
 
-def _kl_chunks(h_sae, h_orig, W, b, token_weight, labels, ignore_index, want_grad):
+def shifted_bias(b: torch.Tensor | None) -> torch.Tensor | None:
+    """b - max(b): softmax, KL, CE and argmax are unchanged by a common shift, and the shifted
+    bias keeps the logits near 0, where the precision resolves small differences (a +1e4 common
+    bias would otherwise round every logit to 1e-3). The shift is exact for entries within a
+    factor 2 of the maximum. Not for capped logits, where a shift changes the result."""
+    if b is None or b.numel() == 0:
+        return b
+    top = b.max()
+    return b - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+
+
+def capped_logits(a: torch.Tensor, d: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cap(a), cap(a + d) - cap(a)) for cap(z) = c * tanh(z / c). The difference is computed as
+    c * tanh(d/c) sech^2(a/c) / (1 + tanh(a/c) tanh(d/c)) where |d| < c / 2, so a small d (the
+    SAE's effect) keeps its relative precision; as c * tanh((a + d) / c) - cap(a) elsewhere."""
+    t_a, t_d = torch.tanh(a / softcap), torch.tanh(d / softcap)
+    sech2_a = torch.cosh(a / softcap).square().reciprocal()  # cosh overflows to inf: sech^2 = 0
+    diff = torch.where(d.abs() < 0.5 * softcap, softcap * t_d * sech2_a / (1 + t_a * t_d),
+                       softcap * (torch.tanh((a + d) / softcap) - t_a))
+    return softcap * t_a, diff
+
+
+def _kl_chunks(h_sae, h_orig, W, b, token_weight, labels, ignore_index, want_grad, softcap=None):
     """One pass over token chunks: per-token KL, optional grad wrt h_sae, stats sums.
 
-    W, b are already in the compute dtype. token_weight [N] scales each token's gradient (and
-    decides which tokens count for the stats: weight > 0). The [rows, d_vocab] buffers are
-    allocated once and reused by every chunk with in-place / out= ops: fresh multi-MiB
-    allocations page-fault on every chunk, which costs as much as the elementwise math itself.
-    The matmuls run on the whole chunk; the elementwise math on cache-sized slices of it.
+    W, b are already in the compute dtype (b already shifted where there is no cap). token_weight
+    [N] scales each token's gradient (and decides which tokens count for the stats: weight > 0).
+    The SAE run's logits are the clean ones plus (h_sae - h_orig) @ W: the small difference is its
+    own product, so it keeps its precision. The [rows, d_vocab] buffers are allocated once and
+    reused by every chunk with in-place / out= ops: fresh multi-MiB allocations page-fault on every
+    chunk, which costs as much as the elementwise math itself. The matmuls run on the whole chunk;
+    the elementwise math on cache-sized slices of it.
     """
     n_tokens, d_vocab = h_sae.shape[0], W.shape[1]
     dtype, device = W.dtype, h_sae.device
@@ -79,56 +111,80 @@ def _kl_chunks(h_sae, h_orig, W, b, token_weight, labels, ignore_index, want_gra
     sums = torch.zeros(5, dtype=torch.float32, device=device)
     rows = _workspace_rows(n_tokens, d_vocab)
     step = max(1, min(rows, _ELEMENTWISE_ELEMENTS // max(1, d_vocab)))
-    log_p_buf = torch.empty(rows, d_vocab, dtype=dtype, device=device)
-    log_q_buf = torch.empty(rows, d_vocab, dtype=dtype, device=device)
+    clean_buf = torch.empty(rows, d_vocab, dtype=dtype, device=device)
+    delta_buf = torch.empty(rows, d_vocab, dtype=dtype, device=device)
     p_buf = torch.empty(step, d_vocab, dtype=dtype, device=device)
+    slope_buf = torch.empty(step, d_vocab, dtype=dtype, device=device) if want_grad and softcap else None
     for start in range(0, n_tokens, rows):
         end = min(start + rows, n_tokens)
-        log_p, log_q = log_p_buf[: end - start], log_q_buf[: end - start]
-        # Logits of the clean run into log_p, of the spliced run into log_q (same op for both,
-        # so equal hidden states give bit-identical logits and an exact zero below).
-        for h, out in ((h_orig, log_p), (h_sae, log_q)):
-            if b is None:
-                torch.mm(h[start:end].to(dtype), W, out=out)
-            else:
-                torch.addmm(b, h[start:end].to(dtype), W, out=out)
+        logits, delta = clean_buf[: end - start], delta_buf[: end - start]
+        # The clean run's logits, and the difference (h_sae - h_orig) @ W of the SAE run's.
+        h_clean = h_orig[start:end].to(dtype)
+        if b is None:
+            torch.mm(h_clean, W, out=logits)
+        else:
+            torch.addmm(b, h_clean, W, out=logits)
+        torch.mm(h_sae[start:end].to(dtype) - h_clean, W, out=delta)
         w = token_weight[start:end]
         counted = w > 0
-        # top-1 on the logits (log_softmax is monotone); max().indices is faster than argmax here.
-        agree = log_p.max(-1).indices == log_q.max(-1).indices
-        sums[3] += (agree & counted).sum()
-        sums[4] += counted.sum()
-        torch.ops.aten._log_softmax.out(log_p, -1, False, out=log_p)  # in place, row by row
-        torch.ops.aten._log_softmax.out(log_q, -1, False, out=log_q)
+        lab = None
         if labels is not None:
             lab = labels[start:end]
             has_label = counted & (lab != ignore_index)
             safe = torch.where(has_label, lab, torch.zeros_like(lab)).unsqueeze(1)
-            sums[0] -= torch.where(has_label, log_p.gather(1, safe).squeeze(1), 0.0).sum()
-            sums[1] -= torch.where(has_label, log_q.gather(1, safe).squeeze(1), 0.0).sum()
             sums[2] += has_label.sum()
         for s0 in range(0, end - start, step):
             s1 = min(s0 + step, end - start)
-            lp, lq, p = log_p[s0:s1], log_q[s0:s1], p_buf[: s1 - s0]
-            torch.exp(lp, out=p)
-            # KL(p || q) = sum_v p_v (log p_v - log q_v): difference in place, then a row-wise dot.
-            kl[start + s0:start + s1] = torch.linalg.vecdot(p, lp.sub_(lq))
+            a, d, p = logits[s0:s1], delta[s0:s1], p_buf[: s1 - s0]
+            if softcap:
+                if want_grad:  # d cap / dz at the SAE run's logits, before they are overwritten
+                    torch.add(a, d, out=slope_buf[: s1 - s0]).div_(softcap).cosh_().square_().reciprocal_()
+                capped, capped_diff = capped_logits(a, d, softcap)
+                a.copy_(capped)
+                d.copy_(capped_diff)
+            # A = a (clean run), D = d (SAE run minus clean run). As the kernel: the maxima only
+            # stabilise; exp((A - m_b) + D) and dlse = (m_b - m_a) + log s_b - log s_a never
+            # subtract two large rounded logits. All in place in a, d and p: no allocation.
+            torch.add(a, d, out=p)  # the SAE run's logits, for the argmax and the label
+            m_b, top_b = p.max(-1)
+            m_a, top_a = a.max(-1)
+            sums[3] += ((top_a == top_b) & counted[s0:s1]).sum()
+            if lab is not None:  # cross-entropy = lse - the label's logit
+                keep, idx = has_label[s0:s1], safe[s0:s1]
+                label_a, label_b = a.gather(1, idx).squeeze(1), p.gather(1, idx).squeeze(1)
+            torch.sub(a, m_a[:, None], out=p).exp_()
+            s_a = p.sum(-1)
+            q = a.sub_(m_b[:, None]).add_(d).exp_()  # exp(B - m_b), in a
+            s_b = q.sum(-1)
+            dlse = (m_b - m_a) + (torch.log(s_b) - torch.log(s_a))  # lse(B) - lse(A)
+            p.div_(s_a[:, None])  # the clean run's probabilities
+            # KL(p || q) = sum_v p_v (log p_v - log q_v) = dlse - E_p[D]
+            kl[start + s0:start + s1] = dlse - torch.linalg.vecdot(p, d)
+            if lab is not None:
+                sums[0] += torch.where(keep, (m_a + torch.log(s_a)) - label_a, 0.0).sum()
+                sums[1] += torch.where(keep, (m_b + torch.log(s_b)) - label_b, 0.0).sum()
             if want_grad:
-                lq.exp_().sub_(p)  # d KL / d logits_sae = q - p
+                # d KL / d logits_sae = q - p, into d (which the matmul below reads)
+                torch.sub(q.div_(s_b[:, None]), p, out=d)
+                if softcap:
+                    d.mul_(slope_buf[: s1 - s0])  # ... times the cap's slope
+        sums[4] += counted.sum()
         if want_grad:
             # Chain through the unembedding, then weight the token. torch.where, not a product,
             # so a masked token with non-finite inputs gives 0.
-            torch.mm(log_q, W.t(), out=grad[start:end])
+            torch.mm(delta, W.t(), out=grad[start:end])
             grad[start:end] = torch.where((w != 0).unsqueeze(1), grad[start:end] * w.unsqueeze(1), 0.0)
     return kl, grad, sums
 
 
 class LinearKLReference(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_sae, h_orig, W_U, b_U, mask, labels, reduction, ignore_index):
+    def forward(ctx, h_sae, h_orig, W_U, b_U, mask, labels, reduction, ignore_index, softcap):
         dtype = _compute_dtype(h_sae.dtype)
         W = W_U.to(dtype)  # a copy only when W_U is fp16/bf16
         b = None if b_U is None else b_U.to(dtype)
+        if softcap is None:
+            b = shifted_bias(b)
         maskf = torch.ones(h_sae.shape[0], dtype=dtype, device=h_sae.device) if mask is None else mask.to(dtype)
         n_counted = maskf.sum()
         if reduction == "mean":
@@ -137,10 +193,11 @@ class LinearKLReference(torch.autograd.Function):
             token_weight = maskf
         want_grad = ctx.needs_input_grad[0] and reduction != "none"
         kl, grad, sums = _kl_chunks(
-            h_sae, h_orig, W, b, token_weight, labels, ignore_index, want_grad)
+            h_sae, h_orig, W, b, token_weight, labels, ignore_index, want_grad, softcap)
         kl = torch.where(maskf > 0, kl, 0.0)  # masked tokens count 0 (even if their KL is not finite)
         ctx.reduction = reduction
         ctx.h_dtype = h_sae.dtype
+        ctx.softcap = softcap
         if reduction == "none":
             ctx.save_for_backward(h_sae, h_orig, W_U, b_U, maskf)
             loss = kl
@@ -153,30 +210,35 @@ class LinearKLReference(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):
         if not ctx.needs_input_grad[0]:
-            return (None,) * 8
+            return (None,) * 9
         if ctx.reduction != "none":
             (grad,) = ctx.saved_tensors
-            return (grad * grad_loss).to(ctx.h_dtype), None, None, None, None, None, None, None
+            return (grad * grad_loss).to(ctx.h_dtype), None, None, None, None, None, None, None, None
         h_sae, h_orig, W_U, b_U, maskf = ctx.saved_tensors
-        dtype = maskf.dtype
-        W = W_U.to(dtype)
-        b = None if b_U is None else b_U.to(dtype)
-        _, grad, _ = _kl_chunks(h_sae, h_orig, W, b, maskf * grad_loss.to(dtype), None, -100, True)
-        return grad.to(ctx.h_dtype), None, None, None, None, None, None, None
+        W = W_U.to(maskf.dtype)
+        b = None if b_U is None else b_U.to(maskf.dtype)
+        if ctx.softcap is None:
+            b = shifted_bias(b)
+        _, grad, _ = _kl_chunks(h_sae, h_orig, W, b, maskf * grad_loss.to(maskf.dtype), None, -100, True,
+                                ctx.softcap)
+        return grad.to(ctx.h_dtype), None, None, None, None, None, None, None, None
 
 
 def fused_linear_kl(h_sae: torch.Tensor, h_orig: torch.Tensor, W_U: torch.Tensor,
                     b_U: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
                     labels: torch.Tensor | None = None, reduction: str = "mean",
-                    ignore_index: int = -100, return_stats: bool = False,
-                    backend: str | None = None):
-    """KL(p_orig || p_sae) per token, p = softmax(h @ W_U + b_U), without an [N, d_vocab] tensor.
+                    ignore_index: int = -100, softcap: float | None = None,
+                    return_stats: bool = False, backend: str | None = None):
+    """KL(p_orig || p_sae) per token, p = softmax(cap(h @ W_U + b_U)), without an [N, d_vocab] tensor.
 
     h_sae, h_orig: [..., d_model], the final hidden states (after the last layer norm) of the run
     with the SAE and of the clean run. W_U: [d_model, d_vocab]; b_U: [d_vocab] or None.
     mask: bool [...], tokens to count (padding False). labels: int [...] next-token ids
     (ignore_index skipped), only for the stats. reduction: "mean" over counted tokens (default),
     "sum", or "none" (shape [...], 0 at masked tokens).
+    softcap: final-logit soft-capping, cap(z) = softcap * tanh(z / softcap) (Gemma-2: 30; the
+    model's LanguageModel.logit_softcap), applied to both runs' logits in the KL and the CE, with
+    its gradient; None (default): no cap.
     Returns the loss, or (loss, LinearKLStats) with return_stats=True.
     Differentiable with respect to h_sae only.
     """
@@ -194,6 +256,10 @@ def fused_linear_kl(h_sae: torch.Tensor, h_orig: torch.Tensor, W_U: torch.Tensor
     check_same("h_sae", h_sae, h_orig=h_orig, W_U=W_U, b_U=b_U)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < float("inf"):
+            raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
+        softcap = float(softcap)
     leading = h_sae.shape[:-1]
     if mask is not None:
         check_tensor("mask", mask)
@@ -217,9 +283,10 @@ def fused_linear_kl(h_sae: torch.Tensor, h_orig: torch.Tensor, W_U: torch.Tensor
     if use_triton("fused_linear_kl", h_sae2d, h_orig2d, W_U, backend=backend):
         # Same contract as the reference: (loss, sums), differentiable in h_sae only.
         loss, sums = call_kernel("fused_linear_kl", h_sae2d, h_orig2d, W_U, b_U, mask, labels, reduction,
-                                 ignore_index)
+                                 ignore_index, softcap)
     else:
-        loss, sums = LinearKLReference.apply(h_sae2d, h_orig2d, W_U, b_U, mask, labels, reduction, ignore_index)
+        loss, sums = LinearKLReference.apply(h_sae2d, h_orig2d, W_U, b_U, mask, labels, reduction, ignore_index,
+                                             softcap)
     if reduction == "none":
         loss = loss.reshape(leading)
     if not return_stats:

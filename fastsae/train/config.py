@@ -50,8 +50,12 @@ class SAEConfig:
     activation: str = _field("relu", choices=("relu", "topk"))
     k: int | None = _field(None, low=1, help="active latents per token (topk only)")
     decoder_norm: str = _field("forward", choices=("forward", "project"))
+    init: str = _field("auto", choices=("auto", "paper", "topk", "orthogonal"),
+                       help="parameter init (E2ESAE's init=); auto: paper for relu, topk for topk")
     init_encoder_as_decoder_transpose: bool = _field(False)
     dtype: str = _field("float32", choices=DTYPES, help="dtype the SAE parameters are stored and run in")
+    shards: int = _field(1, low=1, help="ranks each SAE's latents are split across under torchrun (must divide "
+                                        "the number of processes and n_latents); 1: every rank holds whole SAEs")
 
 
 @dataclass
@@ -79,13 +83,17 @@ class DataConfig:
     split: str | None = _field(None, help="hf: the training split (default train)")
     eval_split: str | None = _field(None, help="hf: the held-out split (default: the training split)")
     eval_examples: int | None = _field(None, low=1, help="hf: hold out the first N examples of a split shared by train and eval")
-    column: str | None = _field(None, help="hf: the text column (default text; input_ids is used as tokens)")
+    column: str | None = _field(None, help="hf: the column to read (default: input_ids or tokens as token ids, "
+                                           "else text); text: the field of .jsonl records (default text)")
     streaming: bool | None = _field(None, help="hf: stream instead of downloading (default true)")
-    data_files: str | None = _field(None, help="hf: data_files for builders like json/parquet")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = _field(
+        None, help="hf: data_files for builders like json/parquet: a path, a list, or split -> path(s)")
     shuffle_buffer: int | None = _field(None, low=1, help="hf: seeded shuffle buffer, in examples")
-    dtype: str | None = _field(None, help="tokens: dtype of raw .bin files (default uint16)")
+    dtype: str | None = _field(None, help="tokens: dtype of raw .bin files (required for them: uint16, uint32, ...)")
     eval_fraction: float | None = _field(None, low=0, high=1, help="text / tokens: the held-out tail (default 0.05)")
     context_length: int = _field(128, low=2, help="tokens per sample")
+    prepend_bos: bool = _field(False, help="start every sample with the tokenizer's BOS (then context_length - 1 "
+                                           "data tokens); off: the packed data as it is")
 
 
 @dataclass
@@ -126,6 +134,8 @@ class WandbConfig:
 @dataclass
 class CheckpointConfig:
     every: int = _field(0, low=0, help="steps between checkpoints (0: only at the end and on interrupt)")
+    every_minutes: float = _field(10.0, low=0, help="also checkpoint when this many minutes of training passed "
+                                                    "since the last one (0: off), so a kill -9 loses at most that")
     keep: int = _field(1, low=1, help="checkpoints kept (the newest ones)")
 
 
@@ -135,6 +145,11 @@ class TrainConfig:
     seed: int = _field(0)
     device: str = _field("auto", help='"auto" (cuda if available), "cpu", "cuda", "cuda:1", ...')
     amp: str | None = _field(None, choices=(None, "bf16"), help="bf16 autocast for the LM passes (the SAE stays in its dtype)")
+    matmul_precision: str = _field(
+        "high", choices=("highest", "high", "medium"),
+        help="fp32 matmuls on CUDA (torch.set_float32_matmul_precision, read by cuBLAS and the Triton kernels): "
+             "high = TF32 tensor cores (10-bit mantissa operands, fp32 accumulation), highest = full fp32 on CUDA "
+             "cores (several times slower), medium = operands rounded to bf16 (8-bit mantissa); CPU runs ignore it")
     run_dir: str | None = _field(None, help="null: runs/<name>-<time>")
     model: ModelConfig = field(default_factory=ModelConfig)
     saes: SAEConfig = field(default_factory=SAEConfig)
@@ -158,7 +173,8 @@ class TrainConfig:
 
     @property
     def warmup_steps(self) -> int:
-        return math.ceil(self.optim.warmup_samples / self.optim.batch_size)
+        # rounded down, as the paper's code: warmup_samples // effective_batch_size
+        return self.optim.warmup_samples // self.optim.batch_size
 
     @property
     def is_e2e(self) -> bool:
@@ -287,6 +303,9 @@ def _type_name(hint) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) is list:
         return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if typing.get_origin(hint) is dict:
+        key_hint, item = typing.get_args(hint)
+        return f"a mapping of {_type_name(key_hint)} to {_type_name(item)}"
     return "null" if hint is type(None) else hint.__name__
 
 
@@ -308,6 +327,10 @@ def _coerce(key: str, value, hint):
         if isinstance(value, (list, tuple)):
             (item,) = typing.get_args(hint)
             return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            key_hint, item = typing.get_args(hint)
+            return {_coerce(key, k, key_hint): _coerce(f"{key}.{k}", v, item) for k, v in value.items()}
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

@@ -3,13 +3,32 @@
 A data spec is a small dict (from the YAML config or the CLI):
 
     {"kind": "embedded"}                                   the embedded corpus (fastsae.model.embedded)
-    {"kind": "text", "path": "data/*.txt"}                 local text file(s), one document each
+    {"kind": "text", "path": "data/*.txt"}                 local text file(s), one document each;
+                                                           .jsonl files: one JSON object per line,
+                                                           its "column" field (default "text") a document
     {"kind": "tokens", "path": "train.bin"}                a flat token array: .npy, .pt, or .bin
-                                                           (raw uint16 like nanoGPT; "dtype" to change)
-    {"kind": "hf", "name": "roneneldan/TinyStories"}       a Hugging Face dataset
+                                                           (raw, headerless: "dtype" is required)
+    {"kind": "hf", "name": "roneneldan/TinyStories"}       a Hugging Face dataset; "data_files" a path,
+                                                           a list, or a dict split -> path(s)
 
 Text is tokenized without special tokens; each document ends with the tokenizer's EOS, and the
 token sequence is cut into windows of context_length ("packing": no padding, every token counts).
+Pre-tokenized Hugging Face data (an "input_ids" column, or SAELens' "tokens") is packed as-is.
+
+"prepend_bos" (any kind, default false): every window is the tokenizer's BOS followed by
+context_length - 1 tokens of the stream, as TransformerLens' tokenize_and_concatenate and SAELens'
+activation store build their batches. It is off by default because the packed stream already
+separates documents with EOS (which is GPT-2's BOS), and SAELens' pretokenized datasets carry their
+own BOS at the start of each row: a second one would shift every position. Turn it on for models
+that expect BOS at position 0 (Gemma, Llama) when the data does not start windows with it.
+
+Token ids are checked against the model's vocabulary (vocab_size) as batches are made: an id out
+of range is an error naming the file or dataset and the id, not an IndexError deep in the model.
+
+as_token_stream() adapts what a user passes to Trainer(dataset=...): a TokenStream, a
+`datasets.Dataset` / `IterableDataset` (tokenized or text, packed like "hf" data and resumable), or
+any iterable of batches (LongTensor [batch, ctx], or dicts with "input_ids" / "tokens", as a
+DataLoader yields them).
 
 Two kinds of stream:
 - Local data (embedded, text, tokens) is finite: the windows are shuffled with a seeded permutation,
@@ -38,13 +57,16 @@ import numpy as np
 import torch
 
 SPEC_KEYS = {
-    "embedded": {"kind"},
-    "text": {"kind", "path", "eval_fraction"},
-    "tokens": {"kind", "path", "dtype", "eval_fraction"},
+    "embedded": {"kind", "prepend_bos"},
+    "text": {"kind", "path", "column", "eval_fraction", "prepend_bos"},
+    "tokens": {"kind", "path", "dtype", "eval_fraction", "prepend_bos"},
     "hf": {"kind", "name", "config", "split", "eval_split", "eval_examples", "column", "streaming", "data_files",
-           "shuffle_buffer"},
+           "shuffle_buffer", "prepend_bos"},
 }
 SPLITS = ("train", "eval")
+# Columns read as token ids when the spec names no column: HF's input_ids, SAELens' tokens.
+TOKEN_COLUMNS = ("input_ids", "tokens")
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 
 
 def build_token_stream(
@@ -55,36 +77,78 @@ def build_token_stream(
     batch_size: int,
     split: str = "train",
     seed: int = 0,
+    vocab_size: int | None = None,
 ) -> "TokenStream":
     """A TokenStream for `spec` (see the module docstring). `tokenizer` (a HF tokenizer) is needed
-    for text data; it may be None for pre-tokenized data."""
+    for text data and for prepend_bos; it may be None for pre-tokenized data. vocab_size: the
+    model's vocabulary, to check token ids against (None: not checked)."""
     spec = _check_spec(spec)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    for name, value in (("context_length", context_length), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _check_sizes(context_length, batch_size)
+    bos = _bos_id(spec, tokenizer)
     kind = spec["kind"]
     if kind == "hf":
-        return HFTokenStream(spec, tokenizer, context_length=context_length, batch_size=batch_size, split=split, seed=seed)
+        return HFTokenStream(spec, tokenizer, context_length=context_length, batch_size=batch_size, split=split,
+                             seed=seed, vocab_size=vocab_size, bos=bos)
 
     if kind == "embedded":
         from fastsae.model.embedded import embedded_corpus
 
         _require_tokenizer(tokenizer, kind)
         tokens = tokenize_documents(embedded_corpus(split).split("\n\n"), tokenizer)
-        return ArrayTokenStream(tokens, context_length=context_length, batch_size=batch_size, shuffle=split == "train", seed=seed)
+        return ArrayTokenStream(tokens, context_length=context_length, batch_size=batch_size, shuffle=split == "train",
+                                seed=seed, vocab_size=vocab_size, sources=[(0, "the embedded corpus")], bos=bos)
 
+    files = _expand(spec, "path")
     if kind == "text":
         _require_tokenizer(tokenizer, kind)
-        files = _expand(spec, "path")
-        tokens = tokenize_documents((Path(f).read_text(encoding="utf-8") for f in files), tokenizer)
+        column = spec.get("column", "text")
+        tokens = tokenize_documents((doc for f in files for doc in read_documents(f, column)), tokenizer)
+        sources = [(0, files[0] if len(files) == 1 else f"text files {spec['path']!r}")]
     else:
-        tokens = load_token_file(_expand(spec, "path"), spec.get("dtype", "uint16"))
-    windows = _split_windows(len(tokens) // context_length, spec.get("eval_fraction", 0.05), split)
+        tokens, sources = load_token_files(files, spec.get("dtype"))
+    window = context_length - (bos is not None)
+    windows = _split_windows(len(tokens) // window, spec.get("eval_fraction", 0.05), split)
     return ArrayTokenStream(
-        tokens, context_length=context_length, batch_size=batch_size, shuffle=split == "train", seed=seed, windows=windows
+        tokens, context_length=context_length, batch_size=batch_size, shuffle=split == "train", seed=seed,
+        windows=windows, vocab_size=vocab_size, sources=sources, bos=bos,
     )
+
+
+def as_token_stream(data, tokenizer=None, *, context_length: int, batch_size: int, seed: int = 0,
+                    vocab_size: int | None = None, prepend_bos: bool = False, name: str = "dataset"):
+    """What Trainer(dataset=...) accepts, as an iterable of LongTensor [batch, ctx] batches.
+
+    A TokenStream is returned as it is. A `datasets.Dataset` / `IterableDataset` becomes a
+    resumable stream packed like "hf" data (its "input_ids" / "tokens" column as token ids, else its
+    "text" column tokenized). Anything else is taken as an iterable of batches: tensors
+    [batch, ctx] or dicts holding one under "input_ids" / "tokens" (a DataLoader's batches); its
+    batches are checked for shape and token ids as they come. `name` is the argument's name for
+    error messages.
+    """
+    if isinstance(data, TokenStream):
+        if vocab_size is not None and getattr(data, "vocab_size", 0) is None:
+            data.vocab_size = vocab_size  # a stream built without the model: check its ids against it
+        return data
+    if _is_hf_dataset(data):
+        _check_sizes(context_length, batch_size)
+        spec = {"kind": "hf", "prepend_bos": prepend_bos}
+        return HFTokenStream(spec, tokenizer, context_length=context_length, batch_size=batch_size, split="train",
+                             seed=seed, vocab_size=vocab_size, bos=_bos_id(spec, tokenizer), dataset=data,
+                             label=f"the {type(data).__name__} passed as {name}")
+    if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"{name} must be a TokenStream, a datasets.Dataset / IterableDataset, or an iterable of "
+                        f"token batches (LongTensor [batch, ctx] or dicts with 'input_ids'), got {type(data).__name__}")
+    return BatchIterable(data, vocab_size=vocab_size, name=name)
+
+
+def _is_hf_dataset(data) -> bool:
+    try:
+        import datasets
+    except ImportError:
+        return False
+    return isinstance(data, (datasets.Dataset, datasets.IterableDataset))
 
 
 # ---------------------------------------------------------------- spec checks
@@ -107,7 +171,35 @@ def _check_spec(spec) -> dict:
         raise ValueError("data spec of kind 'hf' needs 'name' (a dataset name, a builder like 'json', or a local dir)")
     if "eval_fraction" in spec and not 0 < spec["eval_fraction"] < 1:
         raise ValueError(f"data spec 'eval_fraction' must be in (0, 1), got {spec['eval_fraction']!r}")
+    if not isinstance(spec.get("prepend_bos", False), bool):
+        raise ValueError(f"data spec 'prepend_bos' must be true or false, got {spec['prepend_bos']!r}")
+    files = spec.get("data_files")
+    if files is not None and not _is_paths(files) and not (
+            isinstance(files, dict) and all(isinstance(k, str) and _is_paths(v) for k, v in files.items())):
+        raise ValueError("data spec 'data_files' must be a path, a list of paths, or a dict of split name -> "
+                         f"path(s), got {files!r}")
     return spec
+
+
+def _is_paths(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+
+
+def _check_sizes(context_length, batch_size) -> None:
+    for name, value in (("context_length", context_length), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _bos_id(spec: dict, tokenizer) -> int | None:
+    """The BOS id each window starts with, or None without prepend_bos."""
+    if not spec.get("prepend_bos", False):
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise ValueError("data spec 'prepend_bos' needs the model's tokenizer and its bos_token_id "
+                         f"(got {'no tokenizer' if tokenizer is None else 'a tokenizer without bos_token_id'})")
+    return int(bos)
 
 
 def _require_tokenizer(tokenizer, kind: str) -> None:
@@ -151,9 +243,39 @@ def tokenize_documents(documents, tokenizer) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def load_token_file(files: list[str], dtype: str = "uint16") -> np.ndarray:
-    """A flat token array from .npy (memory-mapped), .pt (a 1-D tensor) or raw .bin files."""
-    arrays = []
+def read_documents(path: str, column: str = "text") -> list[str]:
+    """The documents of a text file: the whole file, or for JSON lines (.jsonl / .ndjson) the
+    `column` field of each line's object."""
+    if Path(path).suffix not in JSON_LINES_SUFFIXES:
+        return [Path(path).read_text(encoding="utf-8")]
+    import json
+
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not a JSON object per line ({error})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(column), str):
+                keys = list(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(f"{path}:{number}: expected an object with a text field {column!r} "
+                                 f"(data spec 'column'), got {keys}")
+            docs.append(record[column])
+    return docs
+
+
+def load_token_file(files: list[str], dtype: str | None = None) -> np.ndarray:
+    """A flat token array from .npy (memory-mapped), .pt (a 1-D tensor) or raw .bin files (which
+    have no header, so their dtype must be given)."""
+    return load_token_files(files, dtype)[0]
+
+
+def load_token_files(files: list[str], dtype: str | None = None) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """(the files' tokens concatenated, [(offset of each file's first token, file name)])."""
+    arrays, sources, offset = [], [], 0
     for f in files:
         suffix = Path(f).suffix
         if suffix == ".npy":
@@ -164,13 +286,42 @@ def load_token_file(files: list[str], dtype: str = "uint16") -> np.ndarray:
                 raise ValueError(f"{f}: expected a tensor of token ids, got {type(arr).__name__}")
             arr = arr.numpy()
         elif suffix == ".bin":
-            arr = np.memmap(f, dtype=np.dtype(dtype), mode="r")
+            arr = _load_bin(f, dtype)
         else:
             raise ValueError(f"token file {f!r}: suffix must be one of .npy, .pt, .bin")
         if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"{f}: expected a flat integer token array, got shape {arr.shape} dtype {arr.dtype}")
         arrays.append(arr)
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        sources.append((offset, f))
+        offset += len(arr)
+    return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)), sources
+
+
+def _load_bin(path: str, dtype: str | None) -> np.ndarray:
+    # A raw file does not say how wide its ids are: uint32 ids read as uint16 are valid-looking
+    # garbage, so the width is never guessed.
+    if dtype is None:
+        raise ValueError(f"{path} is a raw token file without a header: set data.dtype to its integer type "
+                         "(uint16 for nanoGPT-style GPT-2 files, uint32 or int32 for vocabularies over 65,536)")
+    try:
+        np_dtype = np.dtype(dtype)
+    except TypeError:
+        np_dtype = None
+    if np_dtype is None or not np.issubdtype(np_dtype, np.integer):
+        raise ValueError(f"data.dtype={dtype!r} is not an integer dtype (e.g. uint16, uint32, int32, int64)")
+    size = Path(path).stat().st_size
+    if size % np_dtype.itemsize:
+        raise ValueError(f"{path}: {size} bytes is not a whole number of {dtype} tokens; is data.dtype right?")
+    return np.memmap(path, dtype=np_dtype, mode="r")
+
+
+def _out_of_vocab(ids: np.ndarray, vocab_size: int | None):
+    """The first id of `ids` outside [0, vocab_size), or None."""
+    if vocab_size is None or ids.size == 0:
+        return None
+    ids = ids.reshape(-1)
+    bad = (ids < 0) | (ids >= vocab_size)
+    return int(ids[bad.argmax()]) if bad.any() else None
 
 
 # ---------------------------------------------------------------- streams
@@ -197,15 +348,28 @@ class TokenStream:
 
 
 class ArrayTokenStream(TokenStream):
-    """Windows of a finite token array, in a seeded permutation per epoch (or in order)."""
+    """Windows of a finite token array, in a seeded permutation per epoch (or in order).
 
-    def __init__(self, tokens, *, context_length: int, batch_size: int, shuffle: bool, seed: int = 0, windows=None):
+    sources: [(offset, name)] of the files the array was concatenated from, to name the file
+    when a token id is out of the vocabulary. bos: an id each window starts with (its window then
+    takes context_length - 1 tokens of the array), or None.
+    """
+
+    def __init__(self, tokens, *, context_length: int, batch_size: int, shuffle: bool, seed: int = 0, windows=None,
+                 vocab_size: int | None = None, sources: list[tuple[int, str]] | None = None,
+                 bos: int | None = None):
         self.tokens = tokens
         self.context_length = context_length
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        self.windows = np.arange(len(tokens) // context_length) if windows is None else np.asarray(windows)
+        self.vocab_size = vocab_size
+        self.sources = sources or [(0, "the token array")]
+        self.bos = bos
+        self.window = context_length - (bos is not None)  # tokens taken from the array per window
+        if self.window < 1:
+            raise ValueError(f"context_length must be at least 2 with prepend_bos, got {context_length}")
+        self.windows = np.arange(len(tokens) // self.window) if windows is None else np.asarray(windows)
         if len(self.windows) == 0:
             raise ValueError(
                 f"the data has {len(tokens)} tokens: fewer than one window of context_length={context_length}"
@@ -229,14 +393,24 @@ class ArrayTokenStream(TokenStream):
         return self._order
 
     def __next__(self) -> torch.Tensor:
-        T = self.context_length
+        W = self.window
         rows = []
         for _ in range(self.batch_size):  # a batch may straddle two epochs
             n = len(self.windows)
             w = self._order_for(self.consumed // n)[self.consumed % n]
-            rows.append(np.asarray(self.tokens[w * T : (w + 1) * T], dtype=np.int64))
+            row = np.asarray(self.tokens[w * W : (w + 1) * W], dtype=np.int64)
+            bad = _out_of_vocab(row, self.vocab_size)
+            if bad is not None:
+                position = w * W + int(np.flatnonzero(row == bad)[0])
+                start, name = max((s for s in self.sources if s[0] <= position), key=lambda s: s[0])
+                raise ValueError(f"{name}: token id {bad} at position {position - start} is outside the model's "
+                                 f"vocabulary of {self.vocab_size} (wrong tokenizer or data.dtype?)")
+            rows.append(row)
             self.consumed += 1
-        return torch.from_numpy(np.stack(rows))
+        batch = torch.from_numpy(np.stack(rows))
+        if self.bos is not None:
+            batch = torch.cat([torch.full((len(rows), 1), self.bos, dtype=torch.long), batch], dim=1)
+        return batch
 
     def state_dict(self) -> dict:
         return {"kind": "array", "windows_consumed": self.consumed, "seed": self.seed}
@@ -252,13 +426,22 @@ class ArrayTokenStream(TokenStream):
 class HFTokenStream(TokenStream):
     """Examples of a Hugging Face dataset, tokenized (or taken as input_ids) and packed in order."""
 
-    def __init__(self, spec: dict, tokenizer, *, context_length: int, batch_size: int, split: str, seed: int):
+    def __init__(self, spec: dict, tokenizer, *, context_length: int, batch_size: int, split: str, seed: int,
+                 vocab_size: int | None = None, bos: int | None = None, dataset=None, label: str | None = None):
         self.spec = spec
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.batch_size = batch_size
         self.seed = seed
-        self.column = spec.get("column", "text")
+        self.vocab_size = vocab_size
+        self.bos = bos
+        if context_length - (bos is not None) < 1:
+            raise ValueError(f"context_length must be at least 2 with prepend_bos, got {context_length}")
+        self.dataset = dataset  # a datasets.Dataset / IterableDataset given directly, else opened from the spec
+        files = f" (data_files {spec['data_files']!r})" if spec.get("data_files") else ""
+        self.label = label or f"dataset {spec.get('name')!r}{files}"
+        # None: the first token column present (TOKEN_COLUMNS), else "text".
+        self.column = spec.get("column")
         train_split = spec.get("split", "train")
         eval_split = spec.get("eval_split", train_split)
         self.hf_split = train_split if split == "train" else eval_split
@@ -279,10 +462,13 @@ class HFTokenStream(TokenStream):
         import datasets
 
         spec = self.spec
-        name = str(spec["name"])
+        name = str(spec.get("name"))
         streaming = spec.get("streaming", True)
         saved = Path(name)
-        if (saved / "dataset_info.json").exists() or (saved / "dataset_dict.json").exists():
+        if self.dataset is not None:
+            ds = self.dataset
+            streaming = isinstance(ds, datasets.IterableDataset)
+        elif (saved / "dataset_info.json").exists() or (saved / "dataset_dict.json").exists():
             ds = datasets.load_from_disk(name)  # a dataset saved with save_to_disk
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[self.hf_split]
@@ -304,26 +490,35 @@ class HFTokenStream(TokenStream):
                 ds = ds.shuffle(seed=self.seed + self.epoch)
         columns = ds.column_names
         if columns is not None:  # streaming datasets may not know their columns before reading
-            if "input_ids" in columns:
-                self._pretokenized = True
-            elif self.column not in columns:
-                raise ValueError(f"dataset {name!r} has no column {self.column!r} (data spec 'column'); columns: {columns}")
+            self._pick_column(columns)
         if self.examples_consumed:
             ds = ds.skip(self.examples_consumed) if streaming else ds.select(range(self.examples_consumed, len(ds)))
         return iter(ds)
 
+    def _pick_column(self, columns) -> None:
+        if self.column is None:
+            self.column = next((c for c in TOKEN_COLUMNS if c in columns), "text")
+        if self.column not in columns:
+            raise ValueError(f"{self.label} has no column {self.column!r} (data spec 'column'); columns: {list(columns)}")
+
     def _tokens_of(self, example: dict) -> list[int]:
         if self._pretokenized is None:
-            self._pretokenized = "input_ids" in example
-            if not self._pretokenized and self.column not in example:
-                raise ValueError(f"dataset has no column {self.column!r} (data spec 'column'); columns: {list(example)}")
-        if self._pretokenized:
-            return list(example["input_ids"])  # used as-is: packed, no EOS added
+            self._pick_column(list(example))
+            self._pretokenized = not isinstance(example[self.column], str)
+        value = example[self.column]
+        if self._pretokenized:  # used as-is: packed, no EOS added
+            ids = value.tolist() if hasattr(value, "tolist") else list(value)
+            bad = _out_of_vocab(np.asarray(ids, dtype=np.int64), self.vocab_size)
+            if bad is not None:
+                raise ValueError(f"{self.label}: token id {bad} in column {self.column!r} of example "
+                                 f"{self.examples_consumed} (split {self.hf_split!r}) is outside the model's "
+                                 f"vocabulary of {self.vocab_size} (data tokenized for another model?)")
+            return ids
         _require_tokenizer(self.tokenizer, "hf (text column)")
-        return self.tokenizer.encode(example[self.column], add_special_tokens=False) + [self.tokenizer.eos_token_id]
+        return self.tokenizer.encode(value, add_special_tokens=False) + [self.tokenizer.eos_token_id]
 
     def _next_window(self) -> list[int]:
-        T = self.context_length
+        T = self.context_length - (self.bos is not None)
         while len(self.buffer) < T:
             if self._iterator is None:
                 self._iterator = self._open()
@@ -331,7 +526,7 @@ class HFTokenStream(TokenStream):
                 example = next(self._iterator)
             except StopIteration:
                 if self.examples_consumed == 0:
-                    raise ValueError(f"dataset {self.spec['name']!r} split {self.hf_split!r} is empty") from None
+                    raise ValueError(f"{self.label} split {self.hf_split!r} is empty") from None
                 self.epoch += 1
                 self.examples_consumed = 0
                 self._iterator = None
@@ -339,7 +534,7 @@ class HFTokenStream(TokenStream):
             self.buffer.extend(self._tokens_of(example))
             self.examples_consumed += 1
         window, self.buffer = self.buffer[:T], self.buffer[T:]
-        return window
+        return window if self.bos is None else [self.bos] + window
 
     def __next__(self) -> torch.Tensor:
         return torch.tensor([self._next_window() for _ in range(self.batch_size)], dtype=torch.long)
@@ -361,3 +556,41 @@ class HFTokenStream(TokenStream):
         self.buffer = list(state["buffer"])
         self.seed = int(state.get("seed", self.seed))
         self._iterator = None  # reopened lazily, skipping the consumed examples
+
+
+class BatchIterable:
+    """A user's iterable of token batches (tensors, or dicts as a DataLoader yields them) as
+    LongTensor [batch, ctx] batches, each checked for shape and token ids. Re-iterable when the
+    wrapped iterable is (each iter() starts it again), which is what exact resume needs."""
+
+    def __init__(self, batches, *, vocab_size: int | None = None, name: str = "dataset"):
+        self.batches = batches
+        self.vocab_size = vocab_size
+        self.name = name
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for index, batch in enumerate(self.batches):
+            yield self._tokens(batch, index)
+
+    def _tokens(self, batch, index: int) -> torch.Tensor:
+        if isinstance(batch, dict):
+            key = next((k for k in TOKEN_COLUMNS if k in batch), None)
+            if key is None:
+                raise ValueError(f"{self.name}: batch {index} is a dict without a token column "
+                                 f"({' or '.join(TOKEN_COLUMNS)}); keys: {list(batch)}")
+            batch = batch[key]
+        if not isinstance(batch, torch.Tensor):
+            try:
+                batch = torch.as_tensor(np.asarray(batch))
+            except (TypeError, ValueError):
+                raise ValueError(f"{self.name}: batch {index} must be token ids [batch, ctx], got "
+                                 f"{type(batch).__name__}") from None
+        if batch.ndim != 2 or batch.dtype.is_floating_point or batch.dtype.is_complex or batch.dtype == torch.bool:
+            raise ValueError(f"{self.name}: batch {index} must be an integer tensor [batch, ctx], got shape "
+                             f"{list(batch.shape)} dtype {batch.dtype}")
+        if self.vocab_size is not None and batch.device.type == "cpu":  # a GPU batch would cost a sync
+            bad = _out_of_vocab(batch.numpy(), self.vocab_size)
+            if bad is not None:
+                raise ValueError(f"{self.name}: batch {index} holds token id {bad}, outside the model's "
+                                 f"vocabulary of {self.vocab_size}")
+        return batch.long()

@@ -34,10 +34,13 @@ def mse_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def kl_loss(h_sae: torch.Tensor, h_orig: torch.Tensor, W_U: torch.Tensor, b_U: torch.Tensor | None,
-            labels: torch.Tensor | None = None, ignore_index: int = -100):
-    """(KL(p_orig || p_sae) mean over tokens, LinearKLStats). Differentiable in h_sae only."""
+            labels: torch.Tensor | None = None, ignore_index: int = -100, softcap: float | None = None):
+    """(KL(p_orig || p_sae) mean over tokens, LinearKLStats). Differentiable in h_sae only.
+
+    softcap: the model's final-logit soft-capping (LanguageModel.logit_softcap; Gemma-2: 30),
+    applied to both runs' logits in the KL and the CE; None for models without it."""
     return ops.fused_linear_kl(h_sae, h_orig, W_U, b_U, labels=labels, ignore_index=ignore_index,
-                               reduction="mean", return_stats=True)
+                               softcap=softcap, reduction="mean", return_stats=True)
 
 
 def next_token_labels(tokens: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -63,8 +66,8 @@ def auxk_loss(sae: E2ESAE, x: torch.Tensor, reconstruction: torch.Tensor, dead: 
               k_aux: int | None = None) -> torch.Tensor:
     """AuxK: the k_aux largest pre-activations among the dead latents reconstruct e = x - x_hat.
 
-    dead: bool [n_latents]. Only the dead latents' columns of W_enc are read (an [d_in, n_dead]
-    gather), and topk_encode walks the tokens in chunks, so no [N, n_latents] tensor is built.
+    dead: bool [n_latents]. Only the dead latents' columns of W_enc are read (an [n_dead, d_in]
+    gather of its latent-major rows), and topk_encode walks the tokens in chunks, so no [N, n_latents] tensor is built.
     The gradient reaches only the dead latents' encoder and decoder rows: x and the error are
     detached. Loss = ||e_hat - e||^2 / ||e - mean(e)||^2 (as sparsify), scaled by
     min(1, n_dead / k_aux) so that a few dead latents do not get the full weight.
@@ -78,7 +81,10 @@ def auxk_loss(sae: E2ESAE, x: torch.Tensor, reconstruction: torch.Tensor, dead: 
     x2 = x.detach().reshape(-1, d_in)
     error = (x2 - reconstruction.detach().reshape(-1, d_in)).float()
     k = min(k_aux, n_dead)
-    values, local = ops.topk_encode(x2, sae.W_enc.index_select(1, dead_ids), sae.b_enc[dead_ids], k)
+    # W_enc is stored latent-major (W_enc.T is contiguous): gather whole rows of it, and keep the
+    # [d_in, n_dead] view in that layout, which the encoder kernels read fastest.
+    W_dead = sae.W_enc.T.index_select(0, dead_ids).T
+    values, local = ops.topk_encode(x2, W_dead, sae.b_enc[dead_ids], k)
     indices = dead_ids[local]
     scale = sae.decoder_row_scale()
     if scale is not None:  # "forward" decoder norm: the rows as the forward pass uses them
@@ -99,16 +105,22 @@ def l0(code: torch.Tensor | SparseCode) -> torch.Tensor:
 def fired_latents(code: torch.Tensor | SparseCode, n_latents: int) -> torch.Tensor:
     """bool [n_latents]: the latents active on at least one token of this batch."""
     if isinstance(code, SparseCode):
-        fired = torch.zeros(n_latents, dtype=torch.bool, device=code.values.device)
-        active = code.values.detach() > 0
-        fired[code.indices[active]] = True
-        return fired
+        # Counted with index_add_, not fired[indices[active]] = True: a bool index waits for the GPU.
+        active = (code.values.detach() > 0).reshape(-1).to(torch.int32)
+        counts = torch.zeros(n_latents, dtype=torch.int32, device=code.values.device)
+        return counts.index_add_(0, code.indices.reshape(-1), active) > 0
     return (code.detach() > 0).reshape(-1, n_latents).any(0)
 
 
 def explained_variance(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-    """1 - ||x - x_hat||^2 / ||x - mean(x)||^2 over the batch's tokens (the mean over tokens)."""
+    """The paper code's explained variance (e2e_sae.losses.calc_explained_variance, then .mean()):
+
+        mean over tokens t of  1 - ||x_t - x_hat_t||^2 / ||x_t - mean_s(x_s)||^2
+
+    a per-token ratio, averaged over the batch's tokens, with the mean taken over the batch's
+    tokens. x is the target (the clean activations), reconstruction the prediction.
+    """
     x2 = x.detach().float().reshape(-1, x.shape[-1])
     r2 = reconstruction.detach().float().reshape(-1, x.shape[-1])
-    total = (x2 - x2.mean(0)).pow(2).sum().clamp_min(1e-12)
-    return 1 - (x2 - r2).pow(2).sum() / total
+    per_token_total = (x2 - x2.mean(0)).pow(2).sum(-1).clamp_min(1e-12)
+    return (1 - (x2 - r2).pow(2).sum(-1) / per_token_total).mean()

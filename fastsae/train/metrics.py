@@ -1,4 +1,4 @@
-"""Training metrics: dead-latent tracking and the sinks (console, metrics.jsonl, wandb).
+"""Training metrics: dead-latent tracking and the sinks (console, metrics.jsonl, eval.json, wandb).
 
 Metric names (per SAE ones end in /<hook>; eval ones start with eval/):
     loss                  the total loss that was minimised
@@ -9,10 +9,15 @@ Metric names (per SAE ones end in /<hook>; eval ones start with eval/):
     top1_agreement        share of tokens where both runs' most likely next token agree
     l0/<hook>             mean active latents per token; l0 is the mean over SAEs
     mse/<hook>            SAE output vs input, mean over elements
-    explained_variance/<hook>   1 - ||x - x_hat||^2 / ||x - mean x||^2
+    explained_variance/<hook>   the paper code's: mean over tokens t of
+                          1 - ||x_t - x_hat_t||^2 / ||x_t - mean_s x_s||^2 (mean over the batch)
     alive/<hook>, dead/<hook>   latents that fired / did not fire in the last log.dead_window_tokens
-                          training tokens (eval: during the eval pass)
-    downstream_mse/<hook> spliced vs clean activations at a downstream hook
+                          training tokens (eval: on the eval tokens)
+    downstream_mse/<hook> spliced vs clean activations at a downstream hook, mean over elements
+                          (training: the e2e+ds loss hooks; eval: also every later block's
+                          hook_resid_pre and the final residual)
+    downstream_explained_variance/<hook>   (eval) explained variance of the clean activations
+                          by the spliced run's, as above
     grad_norm             SAE parameters' gradient norm before clipping
     lr, tokens, tokens_per_s, step
 """
@@ -25,6 +30,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from fastsae._files import atomic_write_text
 
 
 class DeadLatentTracker:
@@ -40,7 +47,7 @@ class DeadLatentTracker:
 
     def update(self, fired: torch.Tensor, n_tokens: int) -> None:
         self.since_fired += n_tokens
-        self.since_fired[fired] = 0
+        self.since_fired.masked_fill_(fired, 0)  # not since_fired[fired] = 0: a bool index syncs with the GPU
 
     def dead_mask(self) -> torch.Tensor:
         return self.since_fired >= self.window
@@ -119,9 +126,53 @@ def truncate_metrics(run_dir: str | os.PathLike, step: int) -> None:
     kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
     if len(kept) == len(lines):
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+EVAL_FILE = "eval.json"
+
+
+def run_kind(config: dict) -> str:
+    """"local", "e2e" or "e2e+ds" from a config dict's loss section (TrainConfig.to_dict())."""
+    loss = config["loss"]
+    if loss.get("downstream_coeff", 0) > 0:
+        return "e2e+ds"
+    return "e2e" if loss.get("kl_coeff", 0) > 0 else "local"
+
+
+def write_eval_json(run_dir: str | os.PathLike, metrics: dict, config: dict, *, step: int,
+                    training_tokens: int, n_latents: int | None = None) -> Path:
+    """Write RUN_DIR/eval.json atomically (temporary file, fsync, rename) and return its path.
+
+    It holds the run's name, kind (local / e2e / e2e+ds), sparsity coefficient, hooks and total
+    latents, the step and training tokens the SAEs had, the eval tokens, and `metrics`: Trainer.evaluate's
+    result with the "eval/" prefix dropped. A later eval of the run replaces it.
+    """
+    path = Path(run_dir) / EVAL_FILE
+    record = {
+        "run": config.get("name"),
+        "kind": run_kind(config),
+        "sparsity_coeff": config["loss"]["sparsity_coeff"],
+        "hooks": list(config["saes"]["hooks"]),
+        "n_latents": n_latents,
+        "step": step,
+        "training_tokens": training_tokens,
+        "eval_tokens": _jsonable(metrics.get("eval/tokens")),
+        "metrics": {key.removeprefix("eval/"): _jsonable(value) for key, value in metrics.items()},
+    }
+    atomic_write_text(path, json.dumps(record, indent=2))
+    return path
+
+
+def read_eval_json(run_dir: str | os.PathLike) -> dict:
+    """RUN_DIR/eval.json as written by write_eval_json (FileNotFoundError if the run has none)."""
+    path = Path(run_dir) / EVAL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no {EVAL_FILE}: run `fastsae eval {run_dir}` first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

@@ -1,0 +1,226 @@
+"""The paper's headline figure from evaluated runs: CE loss increase vs L0 and alive latents vs
+L0, one curve per kind (local, e2e, e2e+ds), plus the points as CSV and a markdown table.
+
+    fastsae plot runs/sweep-embedded --out docs/paper_figure      # a sweep dir or run dirs
+
+Each run contributes its eval.json (written by `fastsae train`, `fastsae eval` or `fastsae sweep`).
+Runs of one kind and sparsity coefficient (several seeds) are averaged into one point. Only the
+figure needs matplotlib (`pip install fastsae[plot]`); the CSV and table are written without it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastsae.train.metrics import EVAL_FILE, read_eval_json
+
+KIND_ORDER = ("local", "e2e", "e2e+ds")
+KIND_STYLE = {"local": ("tab:blue", "o"), "e2e": ("tab:orange", "s"), "e2e+ds": ("tab:green", "^")}
+COLUMNS = ("kind", "sparsity_coeff", "seeds", "l0", "ce_increase", "kl", "alive", "n_latents",
+           "explained_variance", "final_explained_variance", "training_tokens", "eval_tokens")
+
+
+@dataclass
+class Point:
+    """One (kind, sparsity coefficient) point, averaged over its runs (seeds)."""
+
+    kind: str
+    sparsity_coeff: float
+    seeds: int
+    l0: float
+    ce_increase: float
+    kl: float
+    alive: float
+    n_latents: int | None
+    explained_variance: float | None  # of the (first) SAE's input
+    final_explained_variance: float | None  # of the final residual, spliced vs clean
+    training_tokens: int
+    eval_tokens: int
+
+
+def find_runs(paths) -> list[Path]:
+    """The run directories with an eval.json among `paths` and, for a sweep directory, its children."""
+    runs = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise FileNotFoundError(f"no directory at {path}")
+        if (path / EVAL_FILE).is_file():
+            runs.append(path)
+            continue
+        children = sorted(child for child in path.iterdir() if (child / EVAL_FILE).is_file())
+        if not children:
+            raise FileNotFoundError(f"{path} has no {EVAL_FILE} and no run directory with one inside; "
+                                    "evaluate runs with `fastsae eval RUN_DIR`")
+        runs.extend(children)
+    return runs
+
+
+def _run_values(record: dict) -> dict:
+    metrics, hooks = record["metrics"], record["hooks"]
+    finals = sorted(k for k in metrics if k.startswith("downstream_explained_variance/") and k.endswith("hook_resid_post"))
+    n_latents = record.get("n_latents")
+    return {
+        "l0": metrics["l0"],
+        "ce_increase": metrics["ce_increase"],
+        "kl": metrics["kl"],
+        "alive": sum(metrics.get(f"alive/{hook}", 0) for hook in hooks),
+        "n_latents": n_latents,
+        "explained_variance": metrics.get(f"explained_variance/{hooks[0]}"),
+        "final_explained_variance": metrics[finals[-1]] if finals else None,
+        "training_tokens": record["training_tokens"],
+        "eval_tokens": record["eval_tokens"],
+    }
+
+
+def collect_points(run_dirs) -> list[Point]:
+    """One Point per (kind, sparsity coefficient): the mean over its runs, sorted by kind and L0."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for run_dir in run_dirs:
+        record = read_eval_json(run_dir)
+        groups.setdefault((record["kind"], float(record["sparsity_coeff"])), []).append(_run_values(record))
+    points = []
+    for (kind, coeff), runs in groups.items():
+        def mean(key):
+            values = [run[key] for run in runs if run[key] is not None]
+            return sum(values) / len(values) if values else None
+
+        points.append(Point(kind, coeff, len(runs), mean("l0"), mean("ce_increase"), mean("kl"), mean("alive"),
+                            runs[0]["n_latents"], mean("explained_variance"), mean("final_explained_variance"),
+                            int(mean("training_tokens")), int(mean("eval_tokens"))))
+    order = {kind: i for i, kind in enumerate(KIND_ORDER)}
+    return sorted(points, key=lambda p: (order.get(p.kind, len(order)), p.l0))
+
+
+def _interpolate(points: list[Point], l0: float) -> float:
+    """CE increase of a curve (points sorted by L0) at l0, linear in L0 between its points."""
+    for left, right in zip(points, points[1:]):
+        if left.l0 <= l0 <= right.l0:
+            if right.l0 == left.l0:
+                return min(left.ce_increase, right.ce_increase)
+            t = (l0 - left.l0) / (right.l0 - left.l0)
+            return left.ce_increase + t * (right.ce_increase - left.ce_increase)
+    raise ValueError(f"L0 {l0} is outside the curve's range")
+
+
+def compare_curves(points: list[Point], lower: str = "e2e", upper: str = "local") -> dict | None:
+    """Whether `lower`'s CE-increase curve lies below `upper`'s over the L0 range both cover.
+
+    Both curves are linear in L0 between their points; they are compared at every point of either
+    curve inside the shared range. Returns None when the curves share no L0 range.
+    """
+    a = sorted((p for p in points if p.kind == lower), key=lambda p: p.l0)
+    b = sorted((p for p in points if p.kind == upper), key=lambda p: p.l0)
+    if len(a) < 2 or len(b) < 2:
+        return None
+    low, high = max(a[0].l0, b[0].l0), min(a[-1].l0, b[-1].l0)
+    if low >= high:
+        return None
+    grid = sorted({low, high, *(p.l0 for p in a + b if low <= p.l0 <= high)})
+    gaps = [_interpolate(b, l0) - _interpolate(a, l0) for l0 in grid]
+    return {"lower": lower, "upper": upper, "l0_range": (low, high), "n_compared": len(grid),
+            "below_everywhere": all(gap > 0 for gap in gaps), "min_gap": min(gaps), "max_gap": max(gaps)}
+
+
+def _fmt(value, digits=4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def to_csv(points: list[Point]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for p in points:
+        writer.writerow([getattr(p, c) if getattr(p, c) is not None else "" for c in COLUMNS])
+    return out.getvalue()
+
+
+def to_markdown(points: list[Point], comparison: dict | None = None) -> str:
+    header = ("| kind | sparsity coeff | seeds | L0 | CE increase (nats) | KL | alive | "
+              "explained variance | final-residual EV |")
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    for p in points:
+        alive = f"{round(p.alive):,}" + (f" / {p.n_latents:,}" if p.n_latents else "")
+        lines.append(f"| {p.kind} | {_fmt(p.sparsity_coeff)} | {p.seeds} | {p.l0:.1f} | {p.ce_increase:.4f} | "
+                     f"{p.kl:.4f} | {alive} | {_fmt(p.explained_variance, 3)} | {_fmt(p.final_explained_variance, 3)} |")
+    if comparison is not None:
+        low, high = comparison["l0_range"]
+        verdict = "below" if comparison["below_everywhere"] else "NOT everywhere below"
+        lines.append("")
+        lines.append(f"Over the L0 range both cover ({low:.1f} to {high:.1f}), the {comparison['lower']} curve "
+                     f"lies {verdict} the {comparison['upper']} curve: CE-increase gap "
+                     f"{comparison['min_gap']:.4f} to {comparison['max_gap']:.4f} nats at "
+                     f"{comparison['n_compared']} L0 values.")
+    tokens = sorted({p.training_tokens for p in points})
+    seeds = sorted({p.seeds for p in points})
+    lines.append("")
+    lines.append(f"Training tokens per run: {', '.join(f'{t:,}' for t in tokens)}; runs (seeds) per point: "
+                 f"{', '.join(map(str, seeds))}; eval tokens per run: "
+                 f"{', '.join(f'{t:,}' for t in sorted({p.eval_tokens for p in points}))}.")
+    return "\n".join(lines) + "\n"
+
+
+def draw(points: list[Point], stem: Path, title: str | None = None) -> list[Path]:
+    """The two-panel figure as STEM.png and STEM.svg."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("`fastsae plot` draws with matplotlib: `pip install matplotlib` "
+                          "(or `pip install fastsae[plot]`)") from None
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ce, ax_alive) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for kind in [k for k in KIND_ORDER if any(p.kind == k for p in points)] + sorted(
+            {p.kind for p in points} - set(KIND_ORDER)):
+        curve = [p for p in points if p.kind == kind]
+        color, marker = KIND_STYLE.get(kind, (None, "x"))
+        l0 = [p.l0 for p in curve]
+        ax_ce.plot(l0, [p.ce_increase for p in curve], marker=marker, color=color, label=kind)
+        ax_alive.plot(l0, [p.alive for p in curve], marker=marker, color=color, label=kind)
+    log_ce = all(p.ce_increase > 0 for p in points)  # CE increases span decades across a sweep
+    ax_ce.set(xlabel="L0 (active latents per token)",
+              ylabel="CE loss increase (nats, log scale)" if log_ce else "CE loss increase (nats)",
+              title="CE loss increase vs L0")
+    ax_alive.set(xlabel="L0 (active latents per token)", ylabel="alive latents", title="alive latents vs L0")
+    n_latents = {p.n_latents for p in points if p.n_latents}
+    if len(n_latents) == 1:
+        ax_alive.axhline(n_latents.pop(), color="gray", linestyle=":", linewidth=1, label="dictionary size")
+    if log_ce:
+        ax_ce.set_yscale("log")
+    top = max([p.alive for p in points] + [p.n_latents or 0 for p in points])
+    ax_alive.set_ylim(0, 1.05 * top)  # alive counts read against the whole dictionary
+    for ax in (ax_ce, ax_alive):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1])
+    plt.close(fig)
+    return paths
+
+
+def plot_runs(run_paths, out: str | os.PathLike, name: str = "paper_figure", title: str | None = None) -> dict:
+    """Write OUT/NAME.csv, OUT/NAME.md, OUT/NAME.png and OUT/NAME.svg from the runs' eval.json.
+
+    Returns {"points", "comparison", "files"}.
+    """
+    points = collect_points(find_runs(run_paths))
+    comparison = compare_curves(points)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / name
+    files = [stem.with_suffix(".csv"), stem.with_suffix(".md")]
+    files[0].write_text(to_csv(points))
+    files[1].write_text(to_markdown(points, comparison))
+    files += draw(points, stem, title)
+    return {"points": points, "comparison": comparison, "files": files}

@@ -1,0 +1,270 @@
+"""`fastsae plan`: the memory one GPU needs for a run, and the largest dictionary that fits.
+
+    plan = memory_plan(load_config("gpt2-e2e"), gpus=8, gpu_memory=80 * GiB)
+    print(format_plan(plan))
+
+Per GPU, for the config's batch and sharding (world = gpus = data groups x saes.shards):
+- LM weights: the frozen model, every rank holds all of it (plus an fp32 W_U copy for the KL
+  when the LM is not fp32).
+- SAE weights / gradients / Adam state: per SAE, this rank's 1/shards of W_enc, b_enc and W_dec,
+  and the replicated b_dec; Adam keeps two moments in the parameters' dtype.
+- activations: what one micro-batch (batch_size / data groups / grad_accum sequences) keeps for
+  backward: the spliced run's saved tensors in the blocks after the first SAE, the clean run's
+  cached residuals, and the SAEs' inputs and codes (a ReLU SAE's dense [tokens, n_local] code and
+  its gradients; a TopK SAE's [tokens, k] code and the gathered [tokens, k x shards] candidates).
+- workspaces: the chunked buffers of the encoder (a [chunk, n_local] pre-activation block) and of
+  the fused KL (two [chunk, d_vocab] fp32 logits blocks), CHUNK_ELEMENTS elements each.
+- optimizer temporaries: Adam's foreach step allocates one parameter-sized temporary after the
+  activations are freed; the plan counts only what it adds beyond them.
+- reserve: the CUDA context and cuBLAS workspace (1 GiB) plus 5 % of the GPU for allocator
+  fragmentation, taken off the GPU's memory before "fits" is decided.
+
+The LM's activation terms count the tensors TransformerLens keeps per block (residuals, q/k/v,
+attention scores and pattern, MLP pre/post activations); they are estimates of eager PyTorch, not
+of a fused attention. The SAE terms are exact counts of the tensors the ops allocate; a test
+checks the whole estimate against a measured CPU peak.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastsae.train.config import ConfigError, TrainConfig
+
+GiB = 1 << 30
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The CUDA context, cuBLAS workspace and NCCL buffers, and the allocator's fragmentation.
+CONTEXT_RESERVE = 1 * GiB
+FRAGMENTATION = 0.05
+
+
+@dataclass(frozen=True)
+class LMShape:
+    """What the plan needs of a language model. n_params: all its weights."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+    n_params: int
+
+    @classmethod
+    def gpt2_like(cls, d_model, n_layers, n_heads, d_vocab, n_ctx, d_mlp=None) -> "LMShape":
+        """A GPT-2-style decoder: embeddings, attention + MLP blocks with biases, tied unembedding."""
+        d_mlp = d_mlp or 4 * d_model
+        block = 4 * d_model * d_model + 4 * d_model + 2 * d_model * d_mlp + d_mlp + d_model + 4 * d_model
+        n_params = d_vocab * d_model + n_ctx * d_model + n_layers * block + 2 * d_model
+        return cls(d_model, n_layers, n_heads, d_mlp, d_vocab, n_ctx, n_params)
+
+
+# Models whose configuration the hub would give, for planning offline.
+KNOWN_MODELS = {
+    "gpt2": LMShape.gpt2_like(768, 12, 12, 50257, 1024),
+    "gpt2-medium": LMShape.gpt2_like(1024, 24, 16, 50257, 1024),
+    "gpt2-large": LMShape.gpt2_like(1280, 36, 20, 50257, 1024),
+    "gpt2-xl": LMShape.gpt2_like(1600, 48, 25, 50257, 1024),
+    "roneneldan/TinyStories-1M": LMShape.gpt2_like(64, 8, 16, 50257, 2048),
+}
+
+
+def lm_shape(name: str) -> LMShape:
+    """The shape of config.model.name: a known name, "embedded", or a directory with an HF config.json."""
+    if name in KNOWN_MODELS:
+        return KNOWN_MODELS[name]
+    if name == "embedded":
+        from fastsae.model.embedded import DEFAULT_CONFIG as e
+
+        return LMShape.gpt2_like(e.n_embd, e.n_layer, e.n_head, e.vocab_size, e.n_ctx)
+    config_path = Path(name) / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"model.name: cannot plan for {name!r} offline: it is not one of {sorted(KNOWN_MODELS)}, "
+                          "'embedded', or a directory holding an HF config.json")
+    hf = json.loads(config_path.read_text())
+
+    def first(*keys, default=None):
+        value = next((hf[key] for key in keys if hf.get(key) is not None), default)
+        if value is None:
+            raise ConfigError(f"model.name: {config_path} has none of {list(keys)}")
+        return value
+
+    d_model = first("n_embd", "hidden_size", "d_model")
+    return LMShape.gpt2_like(d_model, first("n_layer", "num_hidden_layers", "num_layers"),
+                             first("n_head", "num_attention_heads", "num_heads"), first("vocab_size"),
+                             first("n_positions", "max_position_embeddings", "n_ctx"),
+                             first("n_inner", "intermediate_size", default=4 * d_model))
+
+
+def parse_memory(text: str | int | float) -> int:
+    """'80GB', '80 GiB', '141G', '512MiB' or a number of bytes -> bytes (GB and GiB both 2^30,
+    as GPU memory is quoted)."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9.]+)\s*(([KMGT])i?B?)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"--gpu-memory must look like 80GB, 141GiB or 512MiB, got {text!r}")
+    unit = (match.group(3) or "").upper()
+    return int(float(match.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per GPU by item, and what they add up to."""
+
+    items: dict[str, int]
+    gpus: int
+    shards: int
+    n_latents: int
+    micro_batch: int
+    gpu_memory: int
+    largest_n_latents: int  # same config, this sharding: the largest dictionary that fits
+    largest_n_latents_all_shards: int  # the same with every GPU a shard (saes.shards = gpus)
+
+    @property
+    def total(self) -> int:
+        return sum(self.items.values())
+
+    @property
+    def usable(self) -> int:
+        return usable_memory(self.gpu_memory)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.usable
+
+
+def usable_memory(gpu_memory: int) -> int:
+    return int((gpu_memory - CONTEXT_RESERVE) * (1 - FRAGMENTATION))
+
+
+def _items(cfg: TrainConfig, lm: LMShape, n_latents: int, gpus: int, shards: int) -> tuple[dict[str, int], int]:
+    from fastsae.ops._checks import CHUNK_ELEMENTS
+
+    n_saes = len(cfg.saes.hooks)
+    data_groups = gpus // shards
+    micro = cfg.optim.batch_size // data_groups // cfg.optim.grad_accum
+    ctx, d = cfg.data.context_length, lm.d_model
+    tokens = micro * ctx
+    lm_bytes, sae_bytes = _BYTES[cfg.model.dtype], _BYTES[cfg.saes.dtype]
+    act_bytes = 2 if cfg.amp == "bf16" else lm_bytes
+    n_local = n_latents // shards
+
+    items = {"LM weights": lm.n_params * lm_bytes}
+    if lm_bytes != 4 and cfg.is_e2e:
+        items["LM weights"] += d * lm.d_vocab * 4  # the trainer's fp32 W_U for the KL
+    sae_params = n_saes * (2 * d * n_local + n_local + d)
+    items["SAE weights"] = sae_params * sae_bytes
+    items["SAE gradients"] = sae_params * sae_bytes
+    items["Adam state"] = 2 * sae_params * sae_bytes
+
+    # The LM: per block and token, the tensors eager TransformerLens keeps for backward (~12
+    # d-wide: residuals, layer norms, q, k, v, z, attention and MLP outputs; 4 d_mlp-wide: MLP
+    # pre, post and the GELU's inputs; 3 per head and key: scores, masked scores, pattern).
+    per_block = 12 * d + 4 * lm.d_mlp + 3 * lm.n_heads * ctx
+    hook_blocks = sorted(_block(hook) for hook in cfg.saes.hooks)
+    if cfg.is_e2e:
+        grad_blocks = lm.n_layers - max(hook_blocks[0], 0)
+        cached = 2 + len(cfg.loss.downstream_hooks) * 2  # start residual, h_orig, downstream clean + spliced
+    else:
+        grad_blocks = 0  # local training: no gradient through the LM
+        cached = n_saes
+    items["LM activations"] = tokens * act_bytes * (grad_blocks * per_block + cached * d + per_block)
+
+    # The SAEs: the input and the reconstruction partials, plus the code and its gradients.
+    sae_acts = n_saes * tokens * sae_bytes * 4 * d
+    if cfg.saes.activation == "topk":
+        k = cfg.saes.k or 1
+        sae_acts += n_saes * tokens * k * (shards + 2) * (sae_bytes + 8)
+    else:
+        # the dense local code (kept for backward), its gradient (decoder and sparsity terms
+        # accumulate into one) and the pre-activation gradient: three [tokens, n_local] at the peak
+        sae_acts += n_saes * tokens * n_local * sae_bytes * 3
+    items["SAE activations"] = sae_acts
+
+    workspace = 0
+    if cfg.saes.activation == "topk":  # the encoder's pre-activation chunk (ReLU writes the code directly)
+        workspace += n_saes * min(CHUNK_ELEMENTS, tokens * n_local) * 4
+    if cfg.is_e2e:
+        workspace += min(CHUNK_ELEMENTS, tokens * 2 * lm.d_vocab) * 4  # the fused KL's two logits blocks
+    items["kernel workspaces"] = workspace
+    # Adam's foreach step builds one parameter-sized temporary (the denominator) after backward
+    # has freed the activations: only its excess over them raises the peak.
+    step_transients = items["LM activations"] + items["SAE activations"] + workspace
+    items["optimizer temporaries"] = max(0, sae_params * sae_bytes - step_transients)
+    return items, micro
+
+
+def _block(hook: str) -> int:
+    match = re.match(r"blocks\.(\d+)\.", hook)
+    return int(match.group(1)) if match else -1
+
+
+def memory_plan(cfg: TrainConfig, *, gpus: int = 1, gpu_memory: int | str = 80 * GiB,
+                lm: LMShape | None = None) -> MemoryPlan:
+    """The per-GPU memory of cfg run on `gpus` GPUs (world = data groups x cfg.saes.shards)."""
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise ConfigError(f"--gpus must be a positive int, got {gpus!r}")
+    gpu_memory = parse_memory(gpu_memory)
+    shards = cfg.saes.shards
+    if gpus % shards:
+        raise ConfigError(f"saes.shards={shards} must divide --gpus {gpus} (the GPUs are data groups x shards)")
+    data_groups = gpus // shards
+    if cfg.optim.batch_size % (data_groups * cfg.optim.grad_accum):
+        raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by the data groups "
+                          f"({data_groups}) x optim.grad_accum ({cfg.optim.grad_accum})")
+    lm = lm or lm_shape(cfg.model.name)
+    n_latents = cfg.saes.n_latents or int(round(cfg.saes.ratio * lm.d_model))
+    items, micro = _items(cfg, lm, n_latents, gpus, shards)
+    return MemoryPlan(items, gpus, shards, n_latents, micro, gpu_memory,
+                      _largest(cfg, lm, gpus, shards, usable_memory(gpu_memory)),
+                      _largest(cfg, lm, gpus, gpus, usable_memory(gpu_memory)))
+
+
+def _largest(cfg, lm, gpus, shards, budget) -> int:
+    """The largest n_latents (a multiple of shards) whose plan fits the budget; 0 if none does.
+
+    Every item grows linearly in n_latents but for the capped workspace, so a doubling search
+    followed by bisection finds it."""
+    if cfg.optim.batch_size % (gpus // shards * cfg.optim.grad_accum):
+        return 0
+    fits = lambda n: sum(_items(cfg, lm, n * shards, gpus, shards)[0].values()) <= budget
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while fits(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low * shards
+
+
+def format_plan(plan: MemoryPlan, cfg: TrainConfig) -> str:
+    gib = lambda b: f"{b / GiB:,.2f} GiB"
+    lines = [f"{cfg.name}: {cfg.model.name}, {len(cfg.saes.hooks)} SAE(s) of {plan.n_latents:,} latents "
+             f"({cfg.saes.activation}{f', k={cfg.saes.k}' if cfg.saes.k else ''}), {plan.gpus} GPU(s) = "
+             f"{plan.gpus // plan.shards} data x {plan.shards} shard(s), micro-batch {plan.micro_batch} x "
+             f"{cfg.data.context_length} tokens per GPU",
+             "", "memory per GPU:"]
+    width = max(map(len, plan.items))
+    lines += [f"  {name:<{width}}  {gib(value):>14}" for name, value in plan.items.items()]
+    lines.append(f"  {'total':<{width}}  {gib(plan.total):>14}")
+    verdict = "fits" if plan.fits else "does NOT fit"
+    lines.append(f"\n{verdict} in {gib(plan.gpu_memory)} ({gib(plan.usable)} usable after the CUDA context "
+                 f"and {FRAGMENTATION:.0%} fragmentation reserve)")
+    lines.append(f"largest dictionary that fits, saes.shards={plan.shards}: {_latents(plan.largest_n_latents)}")
+    if plan.shards != plan.gpus:
+        lines.append(f"largest dictionary that fits, saes.shards={plan.gpus}: "
+                     f"{_latents(plan.largest_n_latents_all_shards)}")
+    return "\n".join(lines)
+
+
+def _latents(n: int) -> str:
+    if n == 0:
+        return "none (even one latent per shard does not fit: lower the batch or raise grad_accum)"
+    return f"{n:,} latents (2^{math.log2(n):.2f})"

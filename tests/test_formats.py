@@ -1,0 +1,467 @@
+"""SAE file formats (fastsae.formats): fastsae, SAELens, sparsify and e2e_sae, in and out.
+
+Every format is written from a model built in the test and checked against the forward pass of
+the tool that defines it: reimplemented here from its source (always), and run from the real
+library when it is installed (sae-lens, eai-sparsify: the CI leg that installs them; elsewhere
+those tests skip). Exact means relative error 1e-5 on the reconstruction and the same code.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+import fastsae
+from fastsae import E2ESAE, formats
+from fastsae.sae import SparseCode
+
+D, N, K = 16, 48, 4
+HOOK = "blocks.1.hook_resid_pre"
+CASES = [("relu", "forward"), ("relu", "project"), ("topk", "forward"), ("topk", "project")]
+
+
+def make_sae(activation="relu", decoder_norm="forward", seed=0, d=D, n=N, hook=HOOK):
+    """An SAE with every parameter non-trivial: biases set, and in "forward" mode decoder rows of
+    unequal norms (so a conversion that drops the forward-pass normalisation would show)."""
+    torch.manual_seed(seed)
+    sae = E2ESAE(d, n, activation, K if activation == "topk" else None, decoder_norm=decoder_norm,
+                 metadata={"hook": hook, "model": "tiny-model", "run": "test"})
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 1.0)
+        if decoder_norm == "forward":
+            sae.W_dec.mul_(torch.rand(n, 1) * 2 + 0.1)
+    return sae
+
+
+def inputs(seed=1, d=D):
+    return torch.randn(3, 5, d, generator=torch.Generator().manual_seed(seed))
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def dense_code(sae, x):
+    code = sae.encode(x)
+    return code.to_dense(sae.n_latents) if isinstance(code, SparseCode) else code
+
+
+def assert_same_function(loaded, original, x):
+    assert (loaded.activation, loaded.k, loaded.d_in, loaded.n_latents) == \
+        (original.activation, original.k, original.d_in, original.n_latents)
+    assert rel_err(loaded(x), original(x)) < 1e-5
+    assert rel_err(dense_code(loaded, x), dense_code(original, x)) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# the other tools' forward passes, reimplemented from their source
+
+def saelens_forward(path, x):
+    """SAELens 6.x StandardSAE / TopKSAE.forward for a directory (sae_lens/saes/*.py)."""
+    cfg = json.loads((path / "cfg.json").read_text())
+    w = {k: v.double() for k, v in load_file(str(path / "sae_weights.safetensors")).items()}
+    x = x.double()
+    sae_in = x - w["b_dec"] * cfg.get("apply_b_dec_to_input", True)
+    hidden_pre = sae_in @ w["W_enc"] + w["b_enc"]
+    if cfg["architecture"] == "standard":
+        return F.relu(hidden_pre) @ w["W_dec"] + w["b_dec"]
+    norms = w["W_dec"].norm(dim=-1)
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        hidden_pre = hidden_pre * norms
+    values, indices = hidden_pre.topk(cfg["k"], dim=-1)
+    acts = torch.zeros_like(hidden_pre).scatter(-1, indices, values.relu())
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        acts = acts / norms
+    return acts @ w["W_dec"] + w["b_dec"]
+
+
+def sparsify_forward(path, x):
+    """sparsify's SparseCoder encode + decode (sparse_coder.py, fused_encoder.py)."""
+    cfg = json.loads((path / "cfg.json").read_text())
+    w = {k: v.double() for k, v in load_file(str(path / "sae.safetensors")).items()}
+    pre = F.relu((x.double() - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
+    values, indices = pre.topk(cfg["k"], dim=-1)
+    return (values.unsqueeze(-1) * w["W_dec"][indices]).sum(-2) + w["b_dec"]
+
+
+class E2eSaeSAE(nn.Module):
+    """e2e_sae/models/sparsifiers.py's SAE: the module tree (and so the state-dict keys) it saves."""
+
+    def __init__(self, input_size, n_dict_components):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(input_size, n_dict_components, bias=True), nn.ReLU())
+        self.decoder = nn.Linear(n_dict_components, input_size, bias=True)
+        self.decoder.weight.data = nn.init.orthogonal_(self.decoder.weight.data.T).T
+
+    def forward(self, x):
+        c = self.encoder(x)
+        return F.linear(c, F.normalize(self.decoder.weight, dim=0), bias=self.decoder.bias), c
+
+
+def write_e2e_sae_run(directory, hooks, samples=(200, 400), d=D, ratio=3):
+    """What e2e_sae's run_train_tlens_saes.py leaves: final_config.yaml (yaml.dump of its Config)
+    and samples_<N>.pt = torch.save(SAETransformer.saes.state_dict()) at each save."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"seed": 0, "tlens_model_name": "gpt2", "tlens_model_path": None, "batch_size": 8, "lr": 5e-4,
+              "saes": {"type_of_sparsifier": "sae", "dict_size_to_input_ratio": ratio, "k": None,
+                       "pretrained_sae_paths": None, "retrain_saes": False, "sae_positions": hooks}}
+    (directory / "final_config.yaml").write_text(yaml.dump(config))
+    saes = None
+    for step in samples:
+        saes = nn.ModuleDict({hook.replace(".", "-"): E2eSaeSAE(d, ratio * d) for hook in hooks})
+        with torch.no_grad():
+            for sae in saes.values():
+                sae.decoder.weight.mul_(torch.rand(1, ratio * d) + 0.5)  # un-normalised columns
+        torch.save(saes.state_dict(), directory / f"samples_{step}.pt")
+    return saes  # those of the latest file
+
+
+# --------------------------------------------------------------------------------------------
+# round trips and the other tools' forward passes
+
+def test_fastsae_round_trip_is_bit_exact(tmp_path):
+    sae = make_sae("topk", "forward")
+    sae.save_pretrained(tmp_path / "sae")
+    loaded = E2ESAE.from_pretrained(tmp_path / "sae")
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(loaded, name), getattr(sae, name))
+    assert loaded.decoder_norm == "forward" and loaded.metadata == sae.metadata
+
+
+@pytest.mark.parametrize("activation,decoder_norm", CASES)
+def test_saelens_export_round_trip(tmp_path, activation, decoder_norm):
+    sae, x = make_sae(activation, decoder_norm), inputs()
+    sae.save_pretrained(tmp_path / "sl", format="saelens")
+    assert rel_err(saelens_forward(tmp_path / "sl", x), sae(x)) < 1e-5
+    loaded = E2ESAE.from_pretrained(tmp_path / "sl")
+    assert_same_function(loaded, sae, x)
+    assert loaded.decoder_norm == decoder_norm and loaded.metadata == sae.metadata  # restored
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == HOOK and cfg["metadata"]["model_name"] == "tiny-model"
+    assert cfg["apply_b_dec_to_input"] is False and cfg["d_sae"] == N
+
+
+@pytest.mark.parametrize("decoder_norm", ["forward", "project"])
+def test_sparsify_export_round_trip(tmp_path, decoder_norm):
+    sae, x = make_sae("topk", decoder_norm), inputs()
+    sae.save_pretrained(tmp_path / "sp", format="sparsify")
+    assert rel_err(sparsify_forward(tmp_path / "sp", x), sae(x)) < 1e-5
+    loaded = E2ESAE.from_pretrained(tmp_path / "sp")
+    assert_same_function(loaded, sae, x)
+    assert loaded.decoder_norm == decoder_norm and loaded.metadata == sae.metadata
+
+
+def write_saelens_dir(path, architecture, *, apply_b_dec_to_input=True, rescale=False, seed=3, d=D, **extra):
+    """A SAELens directory as SAE.save_model writes it, with non-unit decoder rows."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"W_enc": torch.randn(d, N, generator=g) / 4, "b_enc": torch.randn(N, generator=g) / 4,
+               "W_dec": torch.randn(N, d, generator=g) / 4, "b_dec": torch.randn(d, generator=g)}
+    cfg = {"d_in": d, "d_sae": N, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": apply_b_dec_to_input,
+           "normalize_activations": "none", "reshape_activations": "none", "architecture": architecture,
+           "metadata": {"sae_lens_version": "6.54.0", "hook_name": HOOK, "model_name": "gpt2"}, **extra}
+    if architecture == "topk":
+        cfg.update(k=K, rescale_acts_by_decoder_norm=rescale)
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / "sae_weights.safetensors"))
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("architecture,apply_b_dec,rescale", [
+    ("standard", True, False), ("standard", False, False), ("topk", True, False), ("topk", True, True)])
+def test_saelens_import_matches_its_forward(tmp_path, architecture, apply_b_dec, rescale):
+    path = write_saelens_dir(tmp_path / "sl", architecture, apply_b_dec_to_input=apply_b_dec, rescale=rescale)
+    x = inputs()
+    sae = E2ESAE.from_pretrained(path, hook=HOOK)
+    assert sae.activation == {"standard": "relu", "topk": "topk"}[architecture]
+    assert sae.decoder_norm == "project" and sae.metadata["hook"] == HOOK and sae.metadata["model"] == "gpt2"
+    assert rel_err(sae(x), saelens_forward(path, x)) < 1e-5
+
+
+def test_sparsify_run_dir_maps_hookpoints(tmp_path):
+    saes = {hook: make_sae("topk", "project", seed=i, hook=hook)
+            for i, hook in enumerate(["blocks.1.hook_resid_pre", "blocks.3.hook_resid_pre"])}
+    written = formats.export(None, "sparsify", tmp_path / "run", saes=saes)
+    assert {p.name for p in written.values()} == {"layers.0", "layers.2"}
+    with pytest.raises(ValueError, match=r"holds 2 SAEs.*blocks\.1\.hook_resid_pre.*blocks\.3\.hook_resid_pre"):
+        E2ESAE.from_pretrained(tmp_path / "run")
+    x = inputs()
+    for name in ("blocks.3.hook_resid_pre", "blocks.2.hook_resid_post", "layers.2"):  # one residual, three names
+        loaded = E2ESAE.from_pretrained(tmp_path / "run", hook=name)
+        assert rel_err(loaded(x), saes["blocks.3.hook_resid_pre"](x)) < 1e-5
+    assert sorted(fastsae.load_run(tmp_path / "run")) == sorted(saes)
+    with pytest.raises(ValueError, match="no SAE for hook 'blocks.2.hook_resid_pre'"):
+        E2ESAE.from_pretrained(tmp_path / "run", hook="blocks.2.hook_resid_pre")
+
+
+def test_sparsify_hookpoint_names():
+    assert formats.sparsify_hookpoint("blocks.6.hook_resid_pre") == "layers.5"
+    assert formats.sparsify_hookpoint("blocks.6.hook_resid_post", "h") == "h.6"
+    assert formats.hook_from_sparsify("gpt_neox.layers.5") == "blocks.6.hook_resid_pre"
+    assert formats.hook_from_sparsify("layers.5.mlp") is None
+    with pytest.raises(ValueError, match="embedding output"):
+        formats.sparsify_hookpoint("blocks.0.hook_resid_pre")
+    with pytest.raises(ValueError, match="hook_mlp_out"):
+        formats.sparsify_hookpoint("blocks.2.hook_mlp_out")
+
+
+# --------------------------------------------------------------------------------------------
+# e2e_sae checkpoints
+
+def test_e2e_sae_checkpoint_matches_its_forward(tmp_path):
+    hooks = ["blocks.2.hook_resid_pre", "blocks.4.hook_resid_pre"]
+    reference = write_e2e_sae_run(tmp_path / "run", hooks)
+    x = inputs()
+    with pytest.raises(ValueError, match=r"holds 2 SAEs; choose one with hook=.*blocks\.2\.hook_resid_pre"):
+        E2ESAE.from_pretrained(tmp_path / "run")
+    for hook in hooks:
+        expected, expected_code = reference[hook.replace(".", "-")](x)
+        for path in (tmp_path / "run", tmp_path / "run" / "samples_400.pt"):  # the latest file, or that file
+            sae = E2ESAE.from_pretrained(path, hook=hook)
+            assert (sae.activation, sae.decoder_norm) == ("relu", "forward")
+            assert sae.metadata["hook"] == hook and sae.metadata["model"] == "gpt2"
+            assert rel_err(sae(x), expected.detach()) < 1e-5
+            assert rel_err(sae.encode(x), expected_code.detach()) < 1e-5
+    older = E2ESAE.from_pretrained(tmp_path / "run" / "samples_200.pt", hook=hooks[0])
+    assert rel_err(older(x), reference[hooks[0].replace(".", "-")](x)[0].detach()) > 1e-2
+    assert sorted(fastsae.load_run(tmp_path / "run")) == hooks
+
+
+def test_e2e_sae_foreign_keys_are_refused(tmp_path):
+    tmp_path.joinpath("run").mkdir()
+    torch.save({"blocks-2-hook_resid_pre.codebook": torch.zeros(3, D)}, tmp_path / "run" / "samples_10.pt")
+    with pytest.raises(ValueError, match="unexpected key 'blocks-2-hook_resid_pre.codebook'"):
+        E2ESAE.from_pretrained(tmp_path / "run")
+
+
+# --------------------------------------------------------------------------------------------
+# runs, export, the trainer
+
+def test_run_dir_checkpoint_and_export(tmp_path, capsys):
+    from fastsae.cli import main
+    from fastsae.train import checkpoint as ckpt
+
+    saes = {hook: make_sae("topk", "forward", seed=i, hook=hook)
+            for i, hook in enumerate(["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"])}
+    old = {hook: make_sae("topk", "forward", seed=10 + i, hook=hook) for i, hook in enumerate(saes)}
+    ckpt.save_checkpoint(tmp_path / "run", 5, old, {"step": 5}, keep=2)
+    step = ckpt.save_checkpoint(tmp_path / "run", 10, saes, {"step": 10}, keep=2)
+    x = inputs()
+    for path in (tmp_path / "run", step):
+        loaded = fastsae.load_run(path)
+        assert sorted(loaded) == sorted(saes)
+        for hook, sae in saes.items():
+            assert rel_err(loaded[hook](x), sae(x)) == 0
+            assert rel_err(E2ESAE.from_pretrained(path, hook=hook)(x), sae(x)) == 0
+    for fmt, names in (("saelens", sorted(saes)), ("sparsify", ["layers.0", "layers.1"])):
+        assert main(["export", str(tmp_path / "run"), "--format", fmt]) == 0
+        out = tmp_path / "run" / f"export-{fmt}"
+        assert sorted(p.name for p in out.iterdir()) == names
+        for hook, sae in saes.items():
+            assert_same_function(E2ESAE.from_pretrained(out, hook=hook), sae, x)
+    assert main(["export", str(tmp_path / "run"), "--format", "sparsify", "--out", str(tmp_path / "x")]) == 0
+    relu = {HOOK: make_sae("relu")}
+    ckpt.save_checkpoint(tmp_path / "relu_run", 1, relu, {"step": 1})
+    assert main(["export", str(tmp_path / "relu_run"), "--format", "sparsify"]) == 2
+    assert "sparsify stores TopK SAEs only" in capsys.readouterr().err
+
+
+def test_trainer_accepts_sae_paths(tmp_path):
+    from fastsae.model.lm import LanguageModel
+    from fastsae.train import Trainer, load_config
+    from helpers_models import save_tiny_gpt2
+
+    model_dir = save_tiny_gpt2(tmp_path / "model", n_layer=2, n_embd=D, n_head=2, n_ctx=32)
+    lm = LanguageModel.load(str(model_dir))
+    path = write_saelens_dir(tmp_path / "released", "topk")
+    config = load_config({}, [f"model.name={model_dir}", f"saes.hooks=[{HOOK}]", "log.progress=false",
+                              f"run_dir={tmp_path / 'run'}"])
+    trainer = Trainer(config, model=lm, saes={HOOK: str(path)})
+    x = inputs()
+    assert rel_err(trainer.saes[HOOK](x), saelens_forward(path, x)) < 1e-5
+    wide = write_saelens_dir(tmp_path / "wide", "standard", d=2 * D)
+    with pytest.raises(ValueError, match=f"saes\\['{HOOK}'\\] reads d_in={2 * D} but the model's d_model is {D}"):
+        Trainer(config, model=lm, saes={HOOK: wide})
+
+
+def test_cli_eval_of_a_released_sae(tmp_path, capsys):
+    from fastsae.cli import main
+    from helpers_models import save_tiny_gpt2
+
+    model_dir = save_tiny_gpt2(tmp_path / "model", n_layer=2, n_embd=D, n_head=2, n_ctx=32)
+    tokens = tmp_path / "tokens.bin"
+    np.random.default_rng(0).integers(0, 250, 4096).astype(np.uint16).tofile(tokens)
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.dump({"data": {"kind": "tokens", "path": str(tokens), "dtype": "uint16",
+                                         "context_length": 16},
+                                 "eval": {"n_tokens": 64, "batch_size": 2}, "log": {"progress": False}}))
+    make_sae("relu", "forward", hook="blocks.9.hook_resid_pre").save_pretrained(tmp_path / "sl", format="saelens")
+    argv = ["eval", "--sae", f"{tmp_path / 'sl'}@{HOOK}", "--model", str(model_dir), "--config", str(config),
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 2  # the file says blocks.9: a different hook is refused
+    assert "no SAE for hook" in capsys.readouterr().err
+    make_sae("relu", "forward").save_pretrained(tmp_path / "sl2", format="saelens")
+    argv[2] = str(tmp_path / "sl2")  # the hook from its metadata, the model from --model
+    assert main(argv) == 0
+    assert "eval of" in capsys.readouterr().out
+    assert (tmp_path / "out" / "eval.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# what must not load, or not load silently wrong
+
+@pytest.mark.parametrize("architecture", ["jumprelu", "gated", "batchtopk"])
+def test_saelens_other_architectures_are_refused(tmp_path, architecture):
+    path = write_saelens_dir(tmp_path / "sl", "standard")
+    cfg = json.loads((path / "cfg.json").read_text())
+    (path / "cfg.json").write_text(json.dumps({**cfg, "architecture": architecture}))
+    with pytest.raises(ValueError, match=f"SAELens architecture '{architecture}' is not supported"):
+        E2ESAE.from_pretrained(path)
+
+
+def test_saelens_activation_normalisation_is_refused(tmp_path):
+    path = write_saelens_dir(tmp_path / "sl", "standard", normalize_activations="expected_average_only_in")
+    with pytest.raises(ValueError, match="normalize_activations='expected_average_only_in'"):
+        E2ESAE.from_pretrained(path)
+
+
+def test_wrong_shapes_are_refused(tmp_path):
+    path = write_saelens_dir(tmp_path / "sl", "standard")
+    tensors = load_file(str(path / "sae_weights.safetensors"))
+    tensors["W_dec"] = tensors["W_dec"][:-1]
+    save_file(tensors, str(path / "sae_weights.safetensors"))
+    with pytest.raises(ValueError, match=r"W_dec has shape \(47, 16\), expected \(48, 16\)"):
+        E2ESAE.from_pretrained(path)
+    make_sae("topk", "project").save_pretrained(tmp_path / "sp", format="sparsify")
+    cfg = json.loads((tmp_path / "sp" / "cfg.json").read_text())
+    (tmp_path / "sp" / "cfg.json").write_text(json.dumps({**cfg, "d_in": D + 1}))
+    with pytest.raises(ValueError, match="d_in=17 but encoder.weight has shape"):
+        E2ESAE.from_pretrained(tmp_path / "sp")
+
+
+def test_sparsify_refuses_relu_and_reads_only_plain_sparse_coders(tmp_path):
+    with pytest.raises(ValueError, match="sparsify stores TopK SAEs only"):
+        make_sae("relu").save_pretrained(tmp_path / "sp", format="sparsify")
+    make_sae("topk", "project").save_pretrained(tmp_path / "sp", format="sparsify")
+    cfg = json.loads((tmp_path / "sp" / "cfg.json").read_text())
+    (tmp_path / "sp" / "cfg.json").write_text(json.dumps({**cfg, "transcode": True}))
+    with pytest.raises(ValueError, match="transcode=true"):
+        E2ESAE.from_pretrained(tmp_path / "sp")
+
+
+def test_missing_hook_and_unknown_paths(tmp_path):
+    make_sae().save_pretrained(tmp_path / "sae")
+    with pytest.raises(ValueError, match=r"no SAE for hook 'blocks.5.hook_resid_pre'; it holds SAEs for \['blocks.1"):
+        E2ESAE.from_pretrained(tmp_path / "sae", hook="blocks.5.hook_resid_pre")
+    assert E2ESAE.from_pretrained(tmp_path / "sae", hook="blocks.0.hook_resid_post").d_in == D  # the same residual
+    with pytest.raises(FileNotFoundError, match="no SAE directory or file"):
+        E2ESAE.from_pretrained(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no cfg.json and holds no SAE"):
+        E2ESAE.from_pretrained(tmp_path / "empty")
+    with pytest.raises(ValueError, match="format must be one of"):
+        make_sae().save_pretrained(tmp_path / "x", format="onnx")
+
+
+def test_fastsae_config_cannot_pass_for_saelens(tmp_path):
+    """The trap: renaming n_latents to d_sae in a fastsae cfg.json. SAELens reads `architecture`
+    (absent: "standard", a ReLU SAE that subtracts b_dec); ours names none of its architectures."""
+    make_sae("topk", "forward").save_pretrained(tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] not in formats.SAELENS_ARCHITECTURES
+    assert "format='saelens'" in cfg["architecture"]
+    assert cfg["apply_b_dec_to_input"] is False and cfg["normalize_activations"] == "none"
+    cfg["d_sae"] = cfg.pop("n_latents")
+    del cfg["format"]
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="fastsae config edited to look like SAELens's"):
+        E2ESAE.from_pretrained(tmp_path / "sae")
+
+
+# --------------------------------------------------------------------------------------------
+# against the real libraries (installed in CI's interop leg)
+
+@pytest.mark.parametrize("activation,decoder_norm", CASES)
+def test_against_saelens(tmp_path, activation, decoder_norm):
+    sae_lens = pytest.importorskip("sae_lens")
+    sae, x = make_sae(activation, decoder_norm), inputs()
+    sae.save_pretrained(tmp_path / "out", format="saelens")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "out"))
+    with torch.no_grad():
+        assert rel_err(theirs(x), sae(x)) < 1e-5
+        assert rel_err(theirs.encode(x), dense_code(sae, x)) < 1e-5
+    # and back: a directory SAELens itself wrote (apply_b_dec_to_input true, its own defaults)
+    config_cls = sae_lens.StandardSAEConfig if activation == "relu" else sae_lens.TopKSAEConfig
+    extra = {"k": K, "rescale_acts_by_decoder_norm": decoder_norm == "forward"} if activation == "topk" else {}
+    native = ({"relu": sae_lens.StandardSAE, "topk": sae_lens.TopKSAE}[activation])(
+        config_cls(d_in=D, d_sae=N, apply_b_dec_to_input=True, **extra))
+    with torch.no_grad():
+        for p in native.parameters():
+            p.normal_(0, 0.3)
+    native.save_model(str(tmp_path / "native"))
+    ours = E2ESAE.from_pretrained(tmp_path / "native")
+    with torch.no_grad():
+        assert rel_err(ours(x), native(x)) < 1e-5
+        assert rel_err(dense_code(ours, x), native.encode(x)) < 1e-5
+    (tmp_path / "fastsae").mkdir()
+    make_sae(activation, decoder_norm).save_pretrained(tmp_path / "fastsae" / "sae")
+    cfg = json.loads((tmp_path / "fastsae" / "sae" / "cfg.json").read_text())
+    cfg["d_sae"] = cfg.pop("n_latents")  # the trap: SAELens must refuse it, not load it wrong
+    (tmp_path / "fastsae" / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(KeyError, match="format='saelens'"):
+        sae_lens.SAE.load_from_disk(str(tmp_path / "fastsae" / "sae"))
+
+
+@pytest.mark.parametrize("decoder_norm", ["forward", "project"])
+def test_against_sparsify(tmp_path, decoder_norm):
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder needs CUDA
+    sparsify = pytest.importorskip("sparsify")
+    saes = {hook: make_sae("topk", decoder_norm, seed=i, hook=hook)
+            for i, hook in enumerate(["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"])}
+    formats.export(None, "sparsify", tmp_path / "run", saes=saes)
+    theirs = sparsify.SparseCoder.load_many(str(tmp_path / "run"), local=True)
+    assert sorted(theirs) == ["layers.0", "layers.1"]
+    x = inputs().reshape(-1, D)
+    with torch.no_grad():
+        for name, hook in (("layers.0", "blocks.1.hook_resid_pre"), ("layers.1", "blocks.2.hook_resid_pre")):
+            out = theirs[name](x)
+            assert rel_err(out.sae_out, saes[hook](x)) < 1e-5
+            code = saes[hook].encode(x)
+            assert rel_err(out.latent_acts.sort(-1).values, code.values.sort(-1).values) < 1e-5
+            assert torch.equal(out.latent_indices.sort(-1).values, code.indices.sort(-1).values)
+    native = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=N, k=K))
+    with torch.no_grad():
+        native.b_dec.normal_()
+        native.encoder.bias.normal_(0, 0.3)
+    native.save_to_disk(tmp_path / "native" / "layers.3")
+    ours = E2ESAE.from_pretrained(tmp_path / "native")
+    assert ours.metadata["hook"] == "blocks.4.hook_resid_pre"
+    with torch.no_grad():
+        assert rel_err(ours(x), native(x).sae_out) < 1e-5
+
+
+def test_saelens_runs_our_export_in_its_model(tmp_path):
+    """SAELens splices the exported SAE at the hook our metadata names (run_with_saes), and the
+    logits equal the model with fastsae's SAE as a plain TransformerLens hook."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from transformer_lens import HookedTransformerConfig
+
+    torch.manual_seed(0)
+    model = sae_lens.HookedSAETransformer(HookedTransformerConfig(
+        n_layers=2, d_model=D, n_ctx=16, d_head=4, n_heads=4, d_vocab=50, act_fn="gelu"))
+    tokens = torch.randint(0, 50, (2, 12))
+    for activation, decoder_norm in CASES:
+        sae = make_sae(activation, decoder_norm)
+        sae.save_pretrained(tmp_path / activation / decoder_norm, format="saelens")
+        theirs = sae_lens.SAE.load_from_disk(str(tmp_path / activation / decoder_norm))
+        with torch.no_grad():
+            expected = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda act, hook: sae(act))])
+            assert rel_err(model.run_with_saes(tokens, saes=[theirs]), expected) < 1e-5
+            assert rel_err(expected, model(tokens)) > 1e-3  # the SAE is really in the path

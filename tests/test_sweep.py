@@ -1,0 +1,128 @@
+"""`fastsae sweep` and `fastsae plot` on a tiny model: the grid's run directories, skip / resume /
+evaluate-only, the per-run lock, and the figure, CSV and table from the runs' eval.json."""
+
+import csv
+import json
+
+import pytest
+
+from fastsae.cli import main
+from fastsae.model.lm import LanguageModel
+from fastsae.plot import Point, collect_points, compare_curves, find_runs, plot_runs, to_markdown
+from fastsae.train import Trainer
+from fastsae.train.config import ConfigError
+from fastsae.train.sweep import claim, point_config, point_status, run_sweep, sweep_points
+from helpers_models import save_tiny_gpt2
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_sweep")
+    model_dir = save_tiny_gpt2(root / "model", n_layer=3, n_embd=32, n_ctx=64)
+    corpus = root / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. a sparse autoencoder reads the residual. " * 100)
+    overrides = [f"model.name={model_dir}", "data.kind=text", f"data.path={corpus}", "data.eval_fraction=0.3",
+                 "data.context_length=16", "optim.batch_size=4", "optim.n_tokens=192", "optim.warmup_samples=4",
+                 "eval.n_tokens=64", "eval.batch_size=4", "saes.n_latents=32", "log.progress=false",
+                 "loss.downstream_hooks=[blocks.2.hook_resid_pre]"]
+    return LanguageModel.load(str(model_dir)), overrides
+
+
+def test_grid_names_presets_and_errors(tmp_path):
+    points = sweep_points(tmp_path, "embedded", ["local", "e2e+ds"], {"local": [1, 2.5]}, seeds=[0, 3])
+    assert [p.name for p in points] == ["local-s1-seed0", "local-s1-seed3", "local-s2.5-seed0", "local-s2.5-seed3",
+                                        "e2eds-s0.75-seed0", "e2eds-s0.75-seed3", "e2eds-s1.5-seed0",
+                                        "e2eds-s1.5-seed3", "e2eds-s3-seed0", "e2eds-s3-seed3", "e2eds-s6-seed0",
+                                        "e2eds-s6-seed3"]
+    assert {p.preset for p in points} == {"embedded-local", "embedded-e2e-ds"}
+    cfg = point_config(points[2])
+    assert (cfg.loss.sparsity_coeff, cfg.seed, cfg.run_dir, cfg.name) == (2.5, 0, str(tmp_path / "local-s2.5-seed0"),
+                                                                       "local-s2.5-seed0")
+    with pytest.raises(ConfigError, match="kinds: each must be one of"):
+        sweep_points(tmp_path, kinds=["mse"])
+    with pytest.raises(ConfigError, match="family must be one of"):
+        sweep_points(tmp_path, "gpt3")
+
+
+def test_a_held_run_is_skipped_by_other_processes(tmp_path):
+    run_dir = tmp_path / "local-s1-seed0"
+    with claim(run_dir) as first:
+        assert first
+        with claim(run_dir) as second:  # a second open file description: as another process
+            assert not second
+    with claim(run_dir) as again:
+        assert again
+
+
+def test_sweep_trains_skips_resumes_evaluates_and_plots(tmp_path, tiny):
+    lm, overrides = tiny
+    out = tmp_path / "sweep"
+    points = sweep_points(out, "embedded", ["local", "e2e", "e2e+ds"],
+                          {"local": [0.5, 4.0], "e2e": [0.5, 4.0], "e2e+ds": [1.0]})
+    # one point already started elsewhere: a checkpoint at step 1 of 3
+    started = Trainer(point_config(points[0], overrides), model=lm, run_dir=points[0].run_dir)
+    started.fit(max_steps=1)
+    assert point_status(points[0], 3) == "partial"
+
+    outcomes = run_sweep(points, overrides, model=lm, log=lambda line: None)
+    assert outcomes[points[0].run_dir] == "resumed"
+    assert all(outcomes[p.run_dir] == "trained" for p in points[1:])
+    for point in points:
+        record = json.loads((point.run_dir / "eval.json").read_text())
+        assert record["step"] == 3 and record["kind"] == point.kind
+        assert record["sparsity_coeff"] == point.sparsity_coeff
+
+    (points[1].run_dir / "eval.json").unlink()
+    assert point_status(points[1], 3) == "needs_eval"
+    again = run_sweep(points, overrides, model=lm, log=lambda line: None)
+    assert again[points[1].run_dir] == "evaluated"
+    assert all(again[p.run_dir] == "skipped (done)" for p in points if p is not points[1])
+
+    result = plot_runs([out], tmp_path / "figure", title="tiny")
+    names = sorted(path.name for path in result["files"])
+    assert names == ["paper_figure.csv", "paper_figure.md", "paper_figure.png", "paper_figure.svg"]
+    assert all(path.stat().st_size > 0 for path in result["files"])
+    assert (tmp_path / "figure" / "paper_figure.png").read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader((tmp_path / "figure" / "paper_figure.csv").open()))
+    assert {(r["kind"], float(r["sparsity_coeff"])) for r in rows} == {
+        ("local", 0.5), ("local", 4.0), ("e2e", 0.5), ("e2e", 4.0), ("e2e+ds", 1.0)}
+    assert [r["kind"] for r in rows] == ["local", "local", "e2e", "e2e", "e2e+ds"]  # by kind, then L0
+    assert float(rows[0]["l0"]) <= float(rows[1]["l0"]) and float(rows[2]["l0"]) <= float(rows[3]["l0"])
+    assert len(rows) == 5 and all(int(r["n_latents"]) == 32 for r in rows)
+    assert "| kind | sparsity coeff |" in (tmp_path / "figure" / "paper_figure.md").read_text()
+
+    # the CLI: plot prints the table; a directory without runs is an error that names it
+    assert main(["plot", str(out), "--out", str(tmp_path / "cli"), "--name", "fig"]) == 0
+    assert (tmp_path / "cli" / "fig.svg").is_file()
+    (tmp_path / "empty").mkdir()
+    assert main(["plot", str(tmp_path / "empty")]) == 2
+
+
+def _point(kind, l0, ce, coeff=1.0):
+    return Point(kind, coeff, 1, l0, ce, 0.0, 10.0, 32, None, None, 1000, 100)
+
+
+def test_compare_curves_over_the_shared_l0_range():
+    local = [_point("local", 10, 0.5), _point("local", 30, 0.3), _point("local", 60, 0.1)]
+    below = [_point("e2e", 20, 0.2), _point("e2e", 80, 0.02)]
+    result = compare_curves(local + below)
+    assert result["l0_range"] == (20, 60) and result["below_everywhere"]
+    crossing = [_point("e2e", 20, 0.2), _point("e2e", 50, 0.25)]  # above local's 0.15 at L0 50
+    result = compare_curves(local + crossing)
+    assert not result["below_everywhere"] and result["min_gap"] < 0
+    assert "NOT everywhere below" in to_markdown(local + crossing, result)
+    assert compare_curves(local + [_point("e2e", 100, 0.1), _point("e2e", 120, 0.05)]) is None  # no overlap
+
+
+def test_seeds_of_a_point_are_averaged(tmp_path):
+    for seed, (l0, ce) in enumerate([(10.0, 0.2), (20.0, 0.4)]):
+        run = tmp_path / f"e2e-s1-seed{seed}"
+        run.mkdir()
+        (run / "eval.json").write_text(json.dumps({
+            "kind": "e2e", "sparsity_coeff": 1.0, "hooks": ["h"], "n_latents": 8, "step": 5,
+            "training_tokens": 640, "eval_tokens": 64,
+            "metrics": {"l0": l0, "ce_increase": ce, "kl": 0.1, "alive/h": 4 + seed,
+                        "explained_variance/h": 0.5, "downstream_explained_variance/blocks.2.hook_resid_post": 0.9}}))
+    (point,) = collect_points(find_runs([tmp_path]))
+    assert (point.seeds, point.l0, point.ce_increase, point.alive) == (2, 15.0, pytest.approx(0.3), 4.5)
+    assert point.final_explained_variance == pytest.approx(0.9)
