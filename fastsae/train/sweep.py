@@ -35,7 +35,7 @@ FAMILIES = {
 }
 # Sparsity coefficients per kind: around each preset's value, spread so that the curves share an
 # L0 range. On the embedded model they span L0 ~10 to ~190 (benchmarks/results/paper_figure/);
-# the 12 runs of 400k tokens took 27.7 min on a 2-core machine shared with other jobs.
+# the 12 runs of 400k tokens took 5.4 min on an idle 2-core CPU (two sweep processes, one thread each).
 DEFAULT_COEFFS = {
     "embedded": {"local": [0.5, 1.0, 2.0, 4.0], "e2e": [0.75, 1.5, 3.0, 6.0], "e2e+ds": [0.75, 1.5, 3.0, 6.0]},
     "gpt2": {"local": [0.8, 2.0, 4.0, 6.0, 10.0], "e2e": [0.5, 1.5, 3.0, 5.0, 10.0], "e2e+ds": [0.5, 1.5, 3.0, 5.0, 10.0]},
