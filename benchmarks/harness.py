@@ -390,7 +390,7 @@ def report_lines(records: list[dict], peaks: dict | None, device: str) -> list[s
                 ratio = r["median_s"] / base["median_s"]
                 lines.append(f"{name[:20]:<20} {_time(r['median_s']):>9} {spread:>19} {_rate(r.get('TFLOPs')):>8} "
                              f"{_rate(r.get('GBps')):>8} {roof:>6} {_bytes(r.get('peak_memory_bytes')):>10} "
-                             f"{ratio:>6.3g}x" if ratio < 1000 else f"{ratio:>6.0f}x")
+                             + (f"{ratio:>6.3g}x" if ratio < 1000 else f"{ratio:>6.0f}x"))
     notes = []
     if peaks is not None:
         notes.append(f"Device: {device}. roof: fraction of the {peaks['model']} roofline reached, compute or "

@@ -202,7 +202,9 @@ def _eval_released(args) -> int:
         if hook in saes:
             raise ConfigError(f"--sae {spec}: a second SAE for hook {hook!r}")
         saes[hook] = sae
-    overrides = [*args.overrides, f"saes.hooks={json.dumps(sorted(saes))}", "loss.downstream_hooks=[]"]
+    # the SAEs' hooks; no downstream loss terms (an e2e+ds --config would name hooks of its own)
+    overrides = [*args.overrides, f"saes.hooks={json.dumps(sorted(saes))}", "loss.downstream_hooks=[]",
+                 "loss.downstream_coeff=0", "loss.downstream_coeffs=null"]
     # the model: --model, else --set model.name=..., else the one the SAEs name (SAELens' model_name)
     models = sorted({sae.metadata.get("model") for sae in saes.values()} - {None})
     if args.model or not any(o.startswith("model.name=") for o in args.overrides):
@@ -214,7 +216,8 @@ def _eval_released(args) -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config, run_dir=args.out, saes=saes)
-    metrics = trainer.evaluate(args.tokens)
+    # eval.json only where --out says: the config's run_dir may be another run's directory
+    metrics = trainer.evaluate(args.tokens, write=bool(args.out))
     print(f"eval of {', '.join(args.sae)} on {config.model.name} ({metrics['eval/tokens']:,} held-out tokens):")
     print(summarize(metrics, trainer.hooks, "eval/"))
     if args.out:

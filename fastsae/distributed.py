@@ -319,10 +319,11 @@ class ShardedE2ESAE(E2ESAE):
     def fired_latents(self, code: torch.Tensor | SparseCode) -> torch.Tensor:
         """bool [n_local]: this shard's latents active on at least one token."""
         if isinstance(code, SparseCode):
-            fired = torch.zeros(self.n_local, dtype=torch.bool, device=code.values.device)
+            # counted with index_add_, not a bool index (which waits for the GPU), as losses.fired_latents
             active = (code.values > 0) & (code.indices >= self.start) & (code.indices < self.stop)
-            fired[code.indices[active] - self.start] = True
-            return fired
+            local = torch.where(active, code.indices - self.start, 0).reshape(-1)
+            counts = torch.zeros(self.n_local, dtype=torch.int32, device=code.values.device)
+            return counts.index_add_(0, local, active.reshape(-1).to(torch.int32)) > 0
         return (code > 0).reshape(-1, self.n_local).any(0)
 
     # ------------------------------------------------------------------ gathering the whole SAE

@@ -12,7 +12,8 @@ fastsae's function, with n_j = ||W_dec[j]||:
 Each conversion below gives the same reconstruction (to float rounding) and the same code values
 and TopK selection; all folds are computed in float64 and then cast.
 
-SAELens 6.x (cfg.json + sae_weights.safetensors; architectures "standard" = ReLU, "topk"):
+SAELens 6.x (cfg.json + sae_weights.safetensors; architectures "standard" = ReLU, "topk"; also 5.x
+configs, whose TopK SAEs are "standard" with activation_fn_str "topk" and hook_name at top level):
     it encodes x - b_dec * apply_b_dec_to_input, and decodes code @ W_dec + b_dec.
     in:  W_enc, W_dec, b_dec as stored;  b_enc <- b_enc - b_dec @ W_enc when apply_b_dec_to_input.
          topk with rescale_acts_by_decoder_norm (its code is relu(n_j * pre_j), decoded with
@@ -24,7 +25,9 @@ SAELens 6.x (cfg.json + sae_weights.safetensors; architectures "standard" = ReLU
          apply_b_dec_to_input false, normalize_activations "none", W_enc, b_enc, b_dec as they are,
          W_dec[j] <- W_dec[j] / n_j for decoder_norm="forward" (unit rows; the code is unchanged).
          metadata: hook_name, model_name, and a "fastsae" entry (decoder_norm, metadata) that
-         makes the round trip restore the SAE as it was.
+         makes the round trip restore the same function, decoder_norm and metadata (the stored
+         W_dec rows of a decoder_norm="forward" SAE come back unit norm, not at their old scale,
+         which matters only to an optimizer that continues training them).
 sparsify 1.x (cfg.json + sae.safetensors; TopK only; a run holds one such directory per hookpoint):
     it encodes (x - b_dec) @ encoder.weight.T + encoder.bias, then relu and the top k.
     in:  W_enc = encoder.weight.T, b_enc = encoder.bias - b_dec @ W_enc, W_dec and b_dec as stored
@@ -168,11 +171,13 @@ def detect_format(path: str | os.PathLike) -> str:
     if not path.is_dir():
         raise FileNotFoundError(f"no SAE directory or file at {path}")
     if (path / CONFIG_NAME).is_file():
-        if (path / SPARSIFY_WEIGHTS_NAME).is_file():
-            return "sparsify"
+        # cfg.json decides first: a directory saved again in another format may keep the old
+        # format's weights file beside the new one
         config = _read_json(path / CONFIG_NAME)
         if config.get("format") == "fastsae.E2ESAE" or "n_latents" in config:
             return "fastsae"
+        if (path / SPARSIFY_WEIGHTS_NAME).is_file():
+            return "sparsify"
         if (path / WEIGHTS_NAME).is_file():
             return "saelens"
         raise FileNotFoundError(f"{path} has {CONFIG_NAME} but neither {WEIGHTS_NAME} (SAELens) "
@@ -392,16 +397,26 @@ def _load_saelens(path: Path, device, dtype) -> E2ESAE:
         t["b_enc"] = t["b_enc"] - t["b_dec"] @ t["W_enc"]
     activation = SAELENS_ARCHITECTURES[architecture]
     k = config.get("k") if activation == "topk" else None
+    # SAELens before 6.0 wrote TopK SAEs as architecture "standard" with activation_fn_str "topk"
+    # (activation_fn in some 5.x versions) and k in activation_fn_kwargs
+    legacy_fn = config.get("activation_fn_str", config.get("activation_fn"))
+    if architecture == "standard" and legacy_fn not in (None, "relu"):
+        if legacy_fn != "topk":
+            raise ValueError(f"{config_path}: activation_fn {legacy_fn!r} is not supported; fastsae loads ReLU and "
+                             "TopK SAEs")
+        activation, k = "topk", (config.get("activation_fn_kwargs") or {}).get("k")
+    if activation == "topk" and not isinstance(k, int):
+        raise ValueError(f"{config_path}: a TopK SAE needs an integer k, got {k!r}")
     if activation == "topk" and config.get("rescale_acts_by_decoder_norm", False):
         # it selects and codes by n_j * pre_j and decodes with W_dec[j] / n_j (all-zero rows stay zero)
         norms = t["W_dec"].norm(dim=1).clamp_min(1e-12)
         t["W_enc"], t["b_enc"], t["W_dec"] = t["W_enc"] * norms, t["b_enc"] * norms, t["W_dec"] / norms[:, None]
     ours = metadata.get("fastsae") if isinstance(metadata.get("fastsae"), dict) else {}
     fastsae_metadata = dict(ours.get("metadata") or {})
-    if metadata.get("hook_name") is not None:
-        fastsae_metadata.setdefault("hook", metadata["hook_name"])
-    if metadata.get("model_name") is not None:
-        fastsae_metadata.setdefault("model", metadata["model_name"])
+    for key, ours_key in (("hook_name", "hook"), ("model_name", "model")):  # top level before SAELens 6
+        value = metadata.get(key, config.get(key))
+        if value is not None:
+            fastsae_metadata.setdefault(ours_key, value)
     if not ours:
         fastsae_metadata["source"] = {"format": "saelens", "path": str(path)}
     saved = config.get("dtype")

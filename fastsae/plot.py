@@ -51,7 +51,9 @@ def find_runs(paths) -> list[Path]:
         if (path / EVAL_FILE).is_file():
             runs.append(path)
             continue
-        children = sorted(child for child in path.iterdir() if (child / EVAL_FILE).is_file())
+        # a run moved aside by --overwrite (RUN.replaced-<time>) is not one of the sweep's points
+        children = sorted(child for child in path.iterdir()
+                          if (child / EVAL_FILE).is_file() and ".replaced-" not in child.name)
         if not children:
             raise FileNotFoundError(f"{path} has no {EVAL_FILE} and no run directory with one inside; "
                                     "evaluate runs with `fastsae eval RUN_DIR`")
@@ -79,9 +81,17 @@ def _run_values(record: dict) -> dict:
 def collect_points(run_dirs) -> list[Point]:
     """One Point per (kind, sparsity coefficient): the mean over its runs, sorted by kind and L0."""
     groups: dict[tuple[str, float], list[dict]] = {}
+    setups: dict[tuple[str, float], dict] = {}
     for run_dir in run_dirs:
         record = read_eval_json(run_dir)
-        groups.setdefault((record["kind"], float(record["sparsity_coeff"])), []).append(_run_values(record))
+        key = (record["kind"], float(record["sparsity_coeff"]))
+        # runs averaged into one point must differ only in their seed
+        setup = {"model": record.get("model"), "hooks": record["hooks"], "n_latents": record.get("n_latents"),
+                 "training_tokens": record["training_tokens"]}
+        if setups.setdefault(key, setup) != setup:
+            raise ValueError(f"{run_dir}: a {key[0]} run with sparsity coefficient {key[1]:g} like another one, but "
+                             f"trained differently ({setup} vs {setups[key]}); plot one setup at a time")
+        groups.setdefault(key, []).append(_run_values(record))
     points = []
     for (kind, coeff), runs in groups.items():
         def mean(key):

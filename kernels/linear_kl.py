@@ -10,9 +10,10 @@ Numerics (the reason for the D form). The SAE run's logits are never formed from
 read h_orig and delta = h_sae - h_orig and build a = h_orig @ W_U + b_U and d = delta @ W_U in the
 same tile loop (one W_U tile serves both products). d is the small difference the KL depends on;
 as its own product it keeps its relative precision on tensor cores (TF32 / bf16 operands round
-delta relative to delta, not to h) and under a large common logit bias. Without a cap, b_U is
-first shifted by its maximum (softmax, KL, CE and argmax are unchanged by a common shift; the
-shift is exact), so a +1e4 bias does not round the logits to 1e-3. With a cap, D is the exact
+delta relative to delta, not to h) and under a large common logit bias. b_U is read in fp32 with
+-inf entries (a masked vocabulary) raised to a finite floor, and without a cap it is first
+shifted by its maximum (kernels/_logits.prepared_bias; softmax, KL, CE and argmax are unchanged by
+a common shift, and the shift is exact), so a +1e4 bias does not round the logits to 1e-3. With a cap, D is the exact
 difference of the capped logits, c * [tanh((a + d) / c) - tanh(a / c)], computed as
 c * tanh(d/c) sech^2(a/c) / (1 + tanh(a/c) tanh(d/c)) (no cancellation) where |d| < c / 2.
 The online log-sum-exp of B uses exp((A - m_B) + D), and dlse is merged as
@@ -63,6 +64,7 @@ import triton
 import triton.language as tl
 
 from fastsae.kernels._common import CompileCase, matmul_mode, mma
+from fastsae.kernels._logits import prepared_bias
 
 # The forward kernel writes, per vocabulary slice and token, N_STATS fp32 numbers in this order:
 # m_orig, s_orig, t_delta, m_sae, s_sae, label_orig, label_sae  ->  stats [N_STATS, n_slices, N].
@@ -438,16 +440,6 @@ def loadable_columns(W_U: torch.Tensor) -> int:
     return W_U.shape[1]
 
 
-def shifted_bias(b_U: torch.Tensor | None) -> torch.Tensor | None:
-    """b_U - max(b_U): softmax, KL, CE and argmax are unchanged by a common shift, and the
-    shifted bias keeps the logits near 0, where fp32 resolves small differences (the shift is
-    exact for entries within a factor 2 of the maximum). Not for capped logits."""
-    if b_U is None or b_U.numel() == 0:
-        return b_U
-    top = b_U.max()
-    return b_U - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-
-
 def linear_kl_forward(h_orig, delta, W_U, b_U, mask, labels, softcap=None, *, config=None, n_slices=None):
     """Run the forward kernel and merge the vocabulary slices.
 
@@ -609,8 +601,7 @@ class LinearKLFunction(torch.autograd.Function):
         h_orig = h_orig.contiguous()
         mask8 = None if mask is None else mask.to(torch.int8)
         W_U = padded_unembedding(W_U)
-        if softcap is None:
-            b_U = shifted_bias(b_U)
+        b_U = prepared_bias(b_U, softcap)  # fp32, unit stride, -inf floored, shifted when uncapped
 
         kl, lse_orig, dlse, agree, ce_orig, ce_sae = linear_kl_forward(
             h_orig, delta, W_U, b_U, mask8, labels, softcap, config=config, n_slices=n_slices)

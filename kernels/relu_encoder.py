@@ -96,6 +96,7 @@ INTERPRETER_FWD_CONFIG = (16, 32, 32, 4, 1)
 
 def relu_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
     n_tokens, d_in = x.shape
+    b_enc = b_enc.contiguous()  # the kernel reads the bias at unit stride
     n_latents = W_enc.shape[1]
     cfg = FWD_CONFIGS[x.dtype] if x.is_cuda else INTERPRETER_FWD_CONFIG
     block_m, block_n, block_d, num_warps, num_stages = cfg

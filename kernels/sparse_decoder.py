@@ -25,7 +25,8 @@ biggest term of the whole backward (n = 131,072, d = 768: 400 MB in fp32), so pa
 what matters. The cost of the segmented form is load balance: a latent that fires on every token
 is walked serially by d / BLOCK_D programs only. Atomics share that weakness (adds to one row
 serialise); here the few busiest latents (more than HOT_LATENT_PAIRS pairs) leave the segments and
-take two small dense fp32 GEMMs instead (see hot_latents_backward). No atomics anywhere.
+take two small dense fp32 GEMMs instead (see hot_latents_backward). No atomics in the kernels
+(the hot path's scatter_add_ only ever adds zeros or writes a dropped column).
 
 grad_values needs the dot over all d columns while the programs split d: each column block writes
 its partial dots to a [d_blocks, N*k] fp32 buffer that torch sums afterwards (d_blocks = 3 at

@@ -260,10 +260,13 @@ def topk_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
                         splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused forward alone: (values [N, k] in x.dtype, indices [N, k] int64), largest first.
 
-    A NaN pre-activation comes out as torch.topk gives it: ranked first, value NaN.
+    A NaN pre-activation comes out as torch.topk gives it: ranked first, value NaN. A row with
+    fewer than k pre-activations above -inf (latents ablated with a -inf bias) fills its last slots
+    with value 0 at index 0, where torch.topk names distinct latents; both code the same zeros.
     """
     n_tokens, d_in = x.shape
     n_latents = W_enc.shape[1]
+    b_enc = b_enc.contiguous()  # the kernel reads the bias at unit stride
     k_pad = triton.next_power_of_2(k)
     if k_pad > MAX_FUSED_K:
         return _unfused_forward(x, W_enc, b_enc, k)

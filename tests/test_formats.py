@@ -185,6 +185,28 @@ def test_saelens_import_matches_its_forward(tmp_path, architecture, apply_b_dec,
     assert rel_err(sae(x), saelens_forward(path, x)) < 1e-5
 
 
+def test_saelens_5_topk_config_loads_as_topk(tmp_path):
+    """SAELens before 6.0: TopK SAEs as architecture "standard" with activation_fn_str "topk", k in
+    activation_fn_kwargs, hook_name / model_name at the top level."""
+    path = write_saelens_dir(tmp_path / "sl5", "standard", activation_fn_str="topk", activation_fn_kwargs={"k": K},
+                             hook_name=HOOK, model_name="gpt2", metadata={})
+    sae = E2ESAE.from_pretrained(path)
+    assert (sae.activation, sae.k, sae.metadata["hook"], sae.metadata["model"]) == ("topk", K, HOOK, "gpt2")
+    config = json.loads((path / "cfg.json").read_text())
+    config["activation_fn_str"] = "tanh-relu"
+    (path / "cfg.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="activation_fn 'tanh-relu' is not supported"):
+        E2ESAE.from_pretrained(path)
+
+
+def test_a_directory_saved_again_loads_its_latest_format(tmp_path):
+    old, new = make_sae("topk", "project", seed=1), make_sae("topk", "project", seed=2)
+    old.save_pretrained(tmp_path / "sae", format="sparsify")  # leaves sae.safetensors behind
+    new.save_pretrained(tmp_path / "sae")
+    loaded = E2ESAE.from_pretrained(tmp_path / "sae")
+    assert torch.equal(loaded.W_dec, new.W_dec)
+
+
 def test_sparsify_run_dir_maps_hookpoints(tmp_path):
     saes = {hook: make_sae("topk", "project", seed=i, hook=hook)
             for i, hook in enumerate(["blocks.1.hook_resid_pre", "blocks.3.hook_resid_pre"])}
@@ -312,6 +334,11 @@ def test_cli_eval_of_a_released_sae(tmp_path, capsys):
     assert main(argv) == 0
     assert "eval of" in capsys.readouterr().out
     assert (tmp_path / "out" / "eval.json").is_file()
+    # without --out nothing is written, not even into a run_dir the config names (another run's)
+    other_run = tmp_path / "other_run"
+    other_run.mkdir()
+    assert main(argv[:-2] + ["--set", f"run_dir={other_run}"]) == 0
+    assert not (other_run / "eval.json").exists()
 
 
 # --------------------------------------------------------------------------------------------

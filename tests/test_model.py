@@ -311,3 +311,17 @@ def test_tl3_falls_back_to_the_bridge_where_hooked_transformer_cannot_load(tmp_p
     assert "HookedTransformer cannot load" in err and "using the TransformerBridge (model.api=bridge)" in err
     with pytest.raises(ValueError, match="HookedTransformer cannot load .*set model.api=bridge"):
         LanguageModel.load(str(path), api="hooked")
+
+
+def test_a_transformer_lens_alias_is_found_in_the_cache_under_its_repo(monkeypatch):
+    import huggingface_hub
+
+    from fastsae.model import lm as lm_module
+
+    cached = {"gpt2"}  # the hub repo TransformerLens's alias gpt2-small names
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo, filename: "/cache/config.json" if repo in cached else None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lm_module._check_model_source("gpt2-small")  # no error: cached as gpt2
+    with pytest.raises(lm_module.ModelUnavailableError, match="HF_HUB_OFFLINE is set"):
+        lm_module._check_model_source("pythia-70m")

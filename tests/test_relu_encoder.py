@@ -153,6 +153,14 @@ def test_public_op_and_errors():
         ops.relu_encode(x, W.numpy(), b, backend="triton")
 
 
+def test_strided_bias():
+    """b_enc a strided view (every other entry of a longer tensor): read at its stride."""
+    x, W, _ = make_inputs(12, 16, 90, torch.float32)
+    b = torch.randn(180, device=x.device)[::2]
+    torch.testing.assert_close(ops.relu_encode(x, W, b, backend="triton"), relu_encode_reference(x, W, b),
+                               atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------ empty batch, int64 offsets, backward memory
 
 BACKWARDS = [False, True, None]

@@ -126,3 +126,20 @@ def test_seeds_of_a_point_are_averaged(tmp_path):
     (point,) = collect_points(find_runs([tmp_path]))
     assert (point.seeds, point.l0, point.ce_increase, point.alive) == (2, 15.0, pytest.approx(0.3), 4.5)
     assert point.final_explained_variance == pytest.approx(0.9)
+
+
+def test_runs_trained_differently_are_not_averaged_and_replaced_runs_are_skipped(tmp_path):
+    def write(name, **changes):
+        run = tmp_path / name
+        run.mkdir()
+        record = {"kind": "e2e", "sparsity_coeff": 1.0, "model": "m", "hooks": ["h"], "n_latents": 8, "step": 5,
+                  "training_tokens": 640, "eval_tokens": 64,
+                  "metrics": {"l0": 10.0, "ce_increase": 0.2, "kl": 0.1, "alive/h": 4}}
+        (run / "eval.json").write_text(json.dumps({**record, **changes}))
+
+    write("e2e-s1-seed0")
+    write("e2e-s1-seed0.replaced-20261129-101010", n_latents=16)  # moved aside by --overwrite
+    assert [run.name for run in find_runs([tmp_path])] == ["e2e-s1-seed0"]
+    write("e2e-s1-seed1", n_latents=16)  # another dictionary size, same coefficient
+    with pytest.raises(ValueError, match="trained differently"):
+        collect_points(find_runs([tmp_path]))

@@ -155,6 +155,16 @@ def test_leading_dimensions_and_no_grad_inputs():
     torch.testing.assert_close(grad_w, ref_grad_w, atol=1e-5, rtol=0)
 
 
+def test_strided_bias():
+    """b_enc a strided view (every other entry of a longer tensor): read at its stride."""
+    x, W, _ = make_inputs(12, 16, 90, torch.float32)
+    b = torch.randn(180, device=x.device)[::2]
+    values, indices = ops.topk_encode(x, W, b, 5, backend="triton")
+    ref_values, ref_indices = TopKEncodeReference.apply(x, W, b, 5)
+    torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=0)
+    assert torch.equal(indices, ref_indices)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sparse_backward_kernels_directly(dtype):
     """sparse_encoder_backward against the reference's sparse-dense helpers, with zeros and

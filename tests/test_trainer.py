@@ -331,11 +331,13 @@ def test_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path, model_dir, lm, 
     full, _ = _fit(tmp_path, model_dir, lm, data, "full")
     cfg = make_config(tmp_path, model_dir, f"run_dir={tmp_path / 'stopped'}")
     trainer = Trainer(cfg, model=lm, dataset=SignalAfter(data, 2, sig), eval_dataset=batches(2, seed=99))
+    # what was installed before (default_int_handler, or SIG_IGN in a background job)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     # The signal came while batch 3 was drawn: step 3 finished, then the checkpoint was written.
     assert ckpt.latest_checkpoint(trainer.run_dir).name == "step_00000003"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # handlers restored
     resumed = Trainer.from_run_dir(trainer.run_dir, model=lm, dataset=data, eval_dataset=batches(2, seed=99))
     resumed.fit()
     _assert_same_saes(full, resumed)
@@ -474,12 +476,20 @@ def test_resume_keeps_the_config_and_records_overrides(tmp_path, model_dir, lm):
 
     part, _ = _fit(tmp_path, model_dir, lm, batches(6), "run", max_steps=2)
     original = (part.run_dir / "config.yaml").read_text()
-    resumed = Trainer.from_run_dir(part.run_dir, model=lm, dataset=batches(6), overrides=["optim.lr=1e-3"])
+    resumed = Trainer.from_run_dir(part.run_dir, model=lm, dataset=batches(6),
+                                   overrides=["optim.lr=1e-3", "optim.betas=[0.8,0.99]"])
     assert resumed.config.optim.lr == 1e-3
+    # the optimizer runs the new lr (at the schedule's factor of step 2) and betas, not the checkpoint's
+    factor = lr_factor(2, resumed.config.warmup_steps, 6, resumed.config.optim.min_lr_factor)
+    (group,) = resumed.optimizer.param_groups
+    assert group["lr"] == pytest.approx(1e-3 * factor) and group["betas"] == (0.8, 0.99)
     resumed.fit(max_steps=1)
+    (group,) = resumed.optimizer.param_groups
+    assert group["lr"] == pytest.approx(1e-3 * lr_factor(3, resumed.config.warmup_steps, 6,
+                                                         resumed.config.optim.min_lr_factor))
     assert (part.run_dir / "config.yaml").read_text() == original
     (record,) = yaml.safe_load((part.run_dir / "overrides.yaml").read_text())
-    assert record["step"] == 2 and record["overrides"] == ["optim.lr=1e-3"]
+    assert record["step"] == 2 and record["overrides"] == ["optim.lr=1e-3", "optim.betas=[0.8,0.99]"]
     again = Trainer.from_run_dir(part.run_dir, model=lm, dataset=batches(6), overrides=["log.every=2"])
     assert again.config.optim.lr == 1e-3 and again.config.log.every == 2  # earlier overrides still apply
     again.fit(max_steps=1)
@@ -552,3 +562,38 @@ def test_device_cuda_without_cuda_is_a_config_error(tmp_path, model_dir):
 
     with pytest.raises(ConfigError, match="device='cuda' but CUDA is not available.*set device=cpu"):
         Trainer(make_config(tmp_path, model_dir, "device=cuda"))
+
+
+def test_a_directory_fastsae_did_not_make_is_never_cleared(tmp_path, model_dir, lm):
+    """Files named like a run's (a config.yaml, a wandb/ folder) in a directory without fastsae's
+    lock file belong to the user: training there is refused and nothing is touched."""
+    user = tmp_path / "project"
+    (user / "wandb" / "run-1").mkdir(parents=True)
+    (user / "wandb" / "run-1" / "logs.txt").write_text("mine")
+    (user / "config.yaml").write_text("mine: true\n")
+    trainer = Trainer(make_config(tmp_path, model_dir, f"run_dir={user}"), model=lm, dataset=batches(6))
+    with pytest.raises(ckpt.RunDirError, match="not a fastsae run directory"):
+        trainer.fit(max_steps=1)
+    assert (user / "config.yaml").read_text() == "mine: true\n"
+    assert (user / "wandb" / "run-1" / "logs.txt").read_text() == "mine"
+
+
+def test_a_half_written_metrics_line_does_not_stop_a_resume(tmp_path, model_dir, lm):
+    part, _ = _fit(tmp_path, model_dir, lm, batches(6), "run", max_steps=2)
+    with open(part.run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.1')  # a process killed mid-write
+    resumed = Trainer.from_run_dir(part.run_dir, model=lm, dataset=batches(6))
+    resumed.fit(max_steps=1)
+    assert [r["step"] for r in read_metrics(part.run_dir)] == [1, 2, 3]
+
+
+def test_a_token_stream_as_eval_data_is_read_from_its_start_each_time(tmp_path, model_dir, lm):
+    from fastsae.train.data import ArrayTokenStream
+
+    stream = ArrayTokenStream(torch.randint(0, 250, (4096,)), context_length=CTX, batch_size=BATCH, shuffle=False)
+    trainer = Trainer(make_config(tmp_path, model_dir), model=lm, dataset=batches(6), eval_dataset=stream)
+    assert trainer.evaluate(write=False) == trainer.evaluate(write=False)
+    wrong = ArrayTokenStream(torch.randint(0, 250, (4096,)), context_length=CTX + 1, batch_size=BATCH, shuffle=False)
+    with pytest.raises(ValueError, match="dataset is a TokenStream of .* batches; this run reads"):
+        Trainer(make_config(tmp_path, model_dir), model=lm, dataset=wrong)  # training batches must match
+

@@ -274,7 +274,10 @@ class LanguageModel:
         examples = ", ".join(f"blocks.{min(1, self.n_layers - 1)}.{h}" for h in LEGACY_BLOCK_HOOKS)
         hint = ""
         if match and int(match.group(1)) >= self.n_layers:
-            hint = f" (the model has {self.n_layers} blocks: 0..{self.n_layers - 1})"
+            hint = f" (the model has {self.n_layers} blocks: 0..{self.n_layers - 1}"
+            if name == f"blocks.{self.n_layers}.hook_resid_pre":  # e.g. a sparsify SAE of the last layer
+                hint += f"; the residual after the last block is blocks.{self.n_layers - 1}.hook_resid_post"
+            hint += ")"
         raise ValueError(
             f"unknown hook point {name!r}{hint}. Valid names look like: {examples}; "
             f"LanguageModel.hook_names() lists all {len(self.hook_names())}."
@@ -621,10 +624,19 @@ def _check_model_source(name: str) -> None:
         return
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
         raise ModelUnavailableError(f"no model directory at {name}")
+    repo = name
+    try:  # a TransformerLens alias (gpt2-small, pythia-70m) is cached under its hub repo's name
+        try:
+            from transformer_lens.supported_models import get_official_model_name  # TL 4
+        except ImportError:
+            from transformer_lens.loading_from_pretrained import get_official_model_name  # TL 3
+        repo = get_official_model_name(name)
+    except Exception:  # not an alias TransformerLens knows (or no such helper): the name is the repo
+        pass
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        if isinstance(try_to_load_from_cache(repo, "config.json"), str):
             return
     except Exception:  # an invalid repo id or an old huggingface_hub: let the loader report it
         return

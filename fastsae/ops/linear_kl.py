@@ -31,6 +31,7 @@ import torch
 from fastsae.ops._backend import call_kernel, register_kernel, use_triton
 from fastsae.ops import _checks
 from fastsae.ops._checks import check_same, check_shape, check_tensor
+from fastsae.kernels._logits import prepared_bias
 
 register_kernel("fused_linear_kl", "linear_kl", "linear_kl_triton")
 
@@ -68,17 +69,6 @@ def _workspace_rows(n_tokens: int, d_vocab: int) -> int:
 
 # Rows per elementwise step: its temporaries ([rows, d_vocab]) stay cache-sized (4 MiB in fp32).
 _ELEMENTWISE_ELEMENTS = 1 << 20
-
-
-def shifted_bias(b: torch.Tensor | None) -> torch.Tensor | None:
-    """b - max(b): softmax, KL, CE and argmax are unchanged by a common shift, and the shifted
-    bias keeps the logits near 0, where the precision resolves small differences (a +1e4 common
-    bias would otherwise round every logit to 1e-3). The shift is exact for entries within a
-    factor 2 of the maximum. Not for capped logits, where a shift changes the result."""
-    if b is None or b.numel() == 0:
-        return b
-    top = b.max()
-    return b - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
 
 
 def capped_logits(a: torch.Tensor, d: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,9 +172,8 @@ class LinearKLReference(torch.autograd.Function):
     def forward(ctx, h_sae, h_orig, W_U, b_U, mask, labels, reduction, ignore_index, softcap):
         dtype = _compute_dtype(h_sae.dtype)
         W = W_U.to(dtype)  # a copy only when W_U is fp16/bf16
-        b = None if b_U is None else b_U.to(dtype)
-        if softcap is None:
-            b = shifted_bias(b)
+        b = prepared_bias(b_U, softcap)  # shifted when uncapped, -inf floored (kernels/_logits.py)
+        b = None if b is None else b.to(dtype)
         maskf = torch.ones(h_sae.shape[0], dtype=dtype, device=h_sae.device) if mask is None else mask.to(dtype)
         n_counted = maskf.sum()
         if reduction == "mean":
@@ -216,9 +205,8 @@ class LinearKLReference(torch.autograd.Function):
             return (grad * grad_loss).to(ctx.h_dtype), None, None, None, None, None, None, None, None
         h_sae, h_orig, W_U, b_U, maskf = ctx.saved_tensors
         W = W_U.to(maskf.dtype)
-        b = None if b_U is None else b_U.to(maskf.dtype)
-        if ctx.softcap is None:
-            b = shifted_bias(b)
+        b = prepared_bias(b_U, ctx.softcap)
+        b = None if b is None else b.to(maskf.dtype)
         _, grad, _ = _kl_chunks(h_sae, h_orig, W, b, maskf * grad_loss.to(maskf.dtype), None, -100, True,
                                 ctx.softcap)
         return grad.to(ctx.h_dtype), None, None, None, None, None, None, None, None

@@ -62,7 +62,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, saes: dict[str, E2ESA
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"{_TMP_PREFIX}*"):  # left by a process killed mid-write
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     name = f"step_{step:08d}"
     final = root / name
     # The same step saved again (a Ctrl-C or the end of fit() right after a periodic save, or a
@@ -161,6 +164,9 @@ def claim_run_dir(run_dir: str | os.PathLike, *, resume: bool, overwrite: bool =
         raise RunDirError(f"{run_dir} is in use by another trainer of this process (pid {os.getpid()}); "
                           "one run directory per run")
     run_dir.mkdir(parents=True, exist_ok=True)
+    # A fastsae run leaves its lock file behind: without one, files named like a run's (a
+    # config.yaml, a wandb/ folder) belong to the user and are never cleared or moved.
+    made_by_fastsae = (run_dir / LOCK_FILE).is_file()
     holder = _read_lock(run_dir)
     handle = _take_lock(run_dir)
     if handle is None:
@@ -171,6 +177,9 @@ def claim_run_dir(run_dir: str | os.PathLike, *, resume: bool, overwrite: bool =
         used = [name for name in RUN_FILES if (run_dir / name).exists()]
         if used and not resume:
             checkpoint = latest_checkpoint(run_dir)
+            if not made_by_fastsae:
+                raise RunDirError(f"{run_dir} holds {', '.join(used)} but is not a fastsae run directory (no "
+                                  f"{LOCK_FILE}); pick a new or empty run directory")
             if overwrite:
                 aside = run_dir.with_name(f"{run_dir.name}.replaced-{datetime.now():%Y%m%d-%H%M%S}")
                 handle.close()  # the lock file moves with the old run

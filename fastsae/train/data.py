@@ -117,7 +117,8 @@ def build_token_stream(
 
 
 def as_token_stream(data, tokenizer=None, *, context_length: int, batch_size: int, seed: int = 0,
-                    vocab_size: int | None = None, prepend_bos: bool = False, name: str = "dataset"):
+                    vocab_size: int | None = None, prepend_bos: bool = False, name: str = "dataset",
+                    exact_batches: bool = True):
     """What Trainer(dataset=...) accepts, as an iterable of LongTensor [batch, ctx] batches.
 
     A TokenStream is returned as it is. A `datasets.Dataset` / `IterableDataset` becomes a
@@ -125,9 +126,13 @@ def as_token_stream(data, tokenizer=None, *, context_length: int, batch_size: in
     "text" column tokenized). Anything else is taken as an iterable of batches: tensors
     [batch, ctx] or dicts holding one under "input_ids" / "tokens" (a DataLoader's batches); its
     batches are checked for shape and token ids as they come. `name` is the argument's name for
-    error messages.
+    error messages. exact_batches: a TokenStream must yield [batch_size, context_length] batches
+    (training: they are the optimizer's batches; eval reads any).
     """
     if isinstance(data, TokenStream):
+        if exact_batches and (data.batch_size, data.context_length) != (batch_size, context_length):
+            raise ValueError(f"{name} is a TokenStream of [{data.batch_size}, {data.context_length}] batches; this run "
+                             f"reads [{batch_size}, {context_length}] (batch size, data.context_length)")
         if vocab_size is not None and getattr(data, "vocab_size", 0) is None:
             data.vocab_size = vocab_size  # a stream built without the model: check its ids against it
         return data

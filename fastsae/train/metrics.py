@@ -123,10 +123,18 @@ def truncate_metrics(run_dir: str | os.PathLike, step: int) -> None:
     if not path.is_file():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if _parsed_step(line) <= step]
     if len(kept) == len(lines):
         return
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _parsed_step(line: str) -> float:
+    """A metrics record's step; inf (dropped) for a line a killed process left half-written."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf
 
 
 EVAL_FILE = "eval.json"
@@ -151,6 +159,7 @@ def write_eval_json(run_dir: str | os.PathLike, metrics: dict, config: dict, *, 
     path = Path(run_dir) / EVAL_FILE
     record = {
         "run": config.get("name"),
+        "model": (config.get("model") or {}).get("name"),
         "kind": run_kind(config),
         "sparsity_coeff": config["loss"]["sparsity_coeff"],
         "hooks": list(config["saes"]["hooks"]),

@@ -41,6 +41,7 @@ from fastsae.sae import E2ESAE, SparseCode
 from fastsae.train import checkpoint as ckpt
 from fastsae.train import losses
 from fastsae.train.config import ConfigError, TrainConfig, load_config
+from fastsae.train.data import TokenStream
 from fastsae.train.metrics import (DeadLatentTracker, MetricsLogger, format_metrics, truncate_metrics,
                                    write_eval_json)
 
@@ -213,6 +214,8 @@ class Trainer:
 
         self.dataset = None if dataset is None else self._adapt_data(dataset, cfg.optim.batch_size, "dataset")
         self.eval_dataset = eval_dataset  # adapted at each evaluate(), which reads it from its start
+        # a TokenStream given as eval data: every eval restarts it where it stood when given
+        self._eval_start = eval_dataset.state_dict() if isinstance(eval_dataset, TokenStream) else None
         self.run_dir = Path(run_dir or cfg.run_dir or
                             Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}")
         self.overwrite = overwrite  # fit() may move an old run in run_dir aside (see ckpt.claim_run_dir)
@@ -261,7 +264,8 @@ class Trainer:
 
         cfg = self.config
         return as_token_stream(data, self.lm.tokenizer, context_length=cfg.data.context_length, batch_size=batch_size,
-                               seed=cfg.seed, vocab_size=self.lm.d_vocab, prepend_bos=cfg.data.prepend_bos, name=name)
+                               seed=cfg.seed, vocab_size=self.lm.d_vocab, prepend_bos=cfg.data.prepend_bos, name=name,
+                               exact_batches=name == "dataset")
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
@@ -480,8 +484,11 @@ class Trainer:
             batches = iter(self._build_stream("eval", cfg.eval.batch_size))
         else:
             batches = iter(self._adapt_data(self.eval_dataset, cfg.eval.batch_size, "eval_dataset"))
+            if self._eval_start is not None:
+                batches.load_state_dict(self._eval_start)
             # a datasets.Dataset becomes a stream built here, from its start, that loops like ours
-            own_stream = batches is not self.eval_dataset and hasattr(batches, "epoch")
+            own_stream = hasattr(batches, "epoch")
+        start_epoch = batches.epoch if own_stream else 0
         for sae in self.saes.values():
             sae.eval()
         sums: dict[str, float] = {}
@@ -495,7 +502,7 @@ class Trainer:
                 break
             # Token streams loop forever: a batch drawn after the held-out data wrapped around
             # would count tokens twice, so the pass ends at the first one.
-            if own_stream and batches.epoch > 0:
+            if own_stream and batches.epoch > start_epoch:
                 warnings.warn(f"the held-out data ran out after {seen} tokens (eval asked for {n_tokens}); "
                               "each held-out token was evaluated once", stacklevel=2)
                 break
@@ -597,6 +604,14 @@ class Trainer:
             optimizer_state = distributed.shard_optimizer_state(optimizer_state, self._param_names(), owners)
         self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(state["scheduler"])
+        # The config's lr and betas win over the checkpoint's, so a resume can change them (--set
+        # optim.lr=...): the schedule scales the new lr by the same factor at the same step.
+        optim = self.config.optim
+        self.scheduler.base_lrs = [optim.lr for _ in self.optimizer.param_groups]
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=optim.lr, lr=optim.lr * factor, betas=tuple(optim.betas))
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self._batches_consumed = state["batches_consumed"]
         if state["data"] is not None:
             if self.dataset is None:
@@ -647,8 +662,8 @@ class Trainer:
                     whole = getattr(sae, name)
                     param.copy_(self.saes[hook].local_block(whole, name) if self.layout.shards > 1 else whole)
         self.load_state_dict(state)
-        truncate_metrics(self.run_dir, self.step_count)
-        # a checkpoint of this run directory: fit() continues the run in it
+        # a checkpoint of this run directory: fit() continues the run in it (and, once it holds the
+        # directory's lock, drops the metrics logged after this checkpoint)
         self._resumed = path.resolve().is_relative_to((self.run_dir / ckpt.CHECKPOINTS).resolve())
         return path
 
@@ -702,7 +717,9 @@ class Trainer:
             print(f"fastsae: {note}", flush=True)
         if not self._claimed:
             try:
-                if not self._resumed:
+                if self._resumed:  # the steps after the checkpoint are trained (and logged) again
+                    truncate_metrics(self.run_dir, self.step_count)
+                else:
                     (self.run_dir / ckpt.CONFIG_FILE).write_text(self.config.to_yaml())
                 ckpt.record_overrides(self.run_dir, self._new_overrides, self.step_count)
             except BaseException:
