@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from fastsae import ops
-from fastsae.sae import E2ESAE, SAEOutput, SparseCode
+from fastsae.sae import E2ESAE, SAEOutput, SparseCode, draw_init
 
 # ---------------------------------------------------------------------------------------------
 # process groups
@@ -221,12 +221,13 @@ class ShardedE2ESAE(E2ESAE):
     global indices for TopK (replicated), and for ReLU this shard's [..., n_local] block of the
     dense code (use ``sparsity_loss``, ``l0`` and ``fired_latents`` for whole-SAE values).
 
-    Build it from a whole SAE with ``ShardedE2ESAE.from_full(sae, layout)`` (every rank holds the
-    same whole SAE once, e.g. drawn from the same seed, and keeps its block); ``gather()`` returns
+    Draw it with ``ShardedE2ESAE.drawn(layout, d_in, n_latents, ...)`` (this rank's block of the
+    whole SAE's init, never the whole dictionary), or build it from a whole SAE with
+    ``ShardedE2ESAE.from_full(sae, layout)`` (each rank keeps its block); ``gather()`` returns
     the whole E2ESAE on the shard group's first rank (None elsewhere), shard by shard on the CPU.
     """
 
-    def __init__(self, full: E2ESAE, layout: Layout):
+    def __init__(self, full: E2ESAE, layout: Layout, blocks: tuple | None = None):
         torch.nn.Module.__init__(self)
         self.layout = layout
         self.group = layout.shard_group
@@ -241,20 +242,40 @@ class ShardedE2ESAE(E2ESAE):
                              f"(n_latents={self.n_latents} / saes.shards={layout.shards})")
         block = slice(self.start, self.stop)
         with torch.no_grad():
-            self.W_enc = torch.nn.Parameter(full.W_enc[:, block].clone())
-            self.b_enc = torch.nn.Parameter(full.b_enc[block].clone())
-            self.W_dec = torch.nn.Parameter(full.W_dec[block].clone())
-            self.b_dec = torch.nn.Parameter(full.b_dec.detach().clone())
+            if blocks is None:
+                blocks = (full.W_enc[:, block], full.b_enc[block], full.W_dec[block], full.b_dec.detach())
+            W_enc, b_enc, W_dec, b_dec = (t.to(full.dtype) for t in blocks)
+            # W_enc latent-major, as E2ESAE stores it (a [d_in, n_local] view of [n_local, d_in] rows)
+            self.W_enc = torch.nn.Parameter(W_enc.t().clone(memory_format=torch.contiguous_format).t())
+            self.b_enc = torch.nn.Parameter(b_enc.clone())
+            self.W_dec = torch.nn.Parameter(W_dec.clone())
+            self.b_dec = torch.nn.Parameter(b_dec.clone())
 
     @classmethod
     def from_full(cls, sae: E2ESAE, layout: Layout) -> "ShardedE2ESAE":
         return cls(sae, layout)
 
+    @classmethod
+    def drawn(cls, layout: Layout, d_in: int, n_latents: int, activation: str = "relu", k: int | None = None,
+              *, device=None, **kwargs) -> "ShardedE2ESAE":
+        """This rank's shard of ``E2ESAE(d_in, n_latents, activation, k, **kwargs)``, on ``device``:
+        the parameters the whole SAE's init gives these latents (fastsae.sae.draw_init), drawn on
+        the CPU from torch's RNG with the whole draw streamed in chunks, so no process ever holds
+        the whole dictionary (host memory: a chunk). Every rank must start from the same RNG state
+        (the same seed), as for from_full."""
+        spec = E2ESAE(d_in, n_latents, activation, k, **{**kwargs, "device": "meta"})  # the config alone
+        spec.metadata["init"] = spec.init
+        start, stop = shard_range(n_latents, layout.shards, layout.shard_rank)
+        blocks = draw_init(spec.init, d_in, n_latents, rows=range(start, stop), device="cpu", out=device,
+                           decoder_norm=spec.decoder_norm,
+                           init_encoder_as_decoder_transpose=spec.init_encoder_as_decoder_transpose)
+        return cls(spec, layout, blocks)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", latents [{self.start}, {self.stop}) of shard {self.layout.shard_rank}"
 
     def reset_parameters(self) -> None:
-        raise RuntimeError("a ShardedE2ESAE takes its parameters from a whole E2ESAE (from_full)")
+        raise RuntimeError("a ShardedE2ESAE takes its parameters from drawn() or from a whole E2ESAE (from_full)")
 
     # ------------------------------------------------------------------ forward
 

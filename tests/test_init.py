@@ -4,6 +4,7 @@
 e2e_sae/losses.py's sparsity and logits-KL losses, its Adam + clipping + cosine warmup schedule)."""
 
 import math
+import textwrap
 
 import pytest
 import torch
@@ -185,3 +186,54 @@ def test_twenty_e2e_steps_turn_the_dictionary_as_far_as_the_papers_code(tmp_path
     # the check can fail: unit-norm rows (the earlier default) turn several times slower
     unit = fastsae_angle("saes.init=orthogonal")
     assert unit < 0.5 * paper_angle, (unit, paper_angle)
+
+
+# ------------------------------------------------------------------ blocks of an init (sharded SAEs)
+
+@pytest.mark.parametrize("init,decoder_norm,transpose", [
+    ("paper", "forward", False), ("orthogonal", "project", False), ("topk", "forward", False),
+    ("topk", "project", True), ("paper", "project", True)])
+def test_a_block_of_an_init_is_the_whole_init_s_rows(init, decoder_norm, transpose):
+    """draw_init(rows=...) streams the whole draw in chunks and keeps its rows: the whole init's
+    rows (orthogonal decoders to fp32 rounding, through the Cholesky form), the RNG left as the
+    whole init leaves it."""
+    from fastsae.sae import draw_init
+
+    d, n, shards = 32, 96, 3
+    kwargs = dict(decoder_norm=decoder_norm, init_encoder_as_decoder_transpose=transpose)
+    torch.manual_seed(0)
+    whole = draw_init(init, d, n, **kwargs)
+    after_whole = torch.rand(4)
+    for shard in range(shards):
+        rows = range(shard * n // shards, (shard + 1) * n // shards)
+        torch.manual_seed(0)
+        W_enc, b_enc, W_dec, b_dec = draw_init(init, d, n, rows=rows, chunk_rows=7, **kwargs)  # chunks cut blocks
+        assert torch.equal(torch.rand(4), after_whole)
+        block = slice(rows.start, rows.stop)
+        exact = init == "topk"  # uniform draws only; the orthogonal decoder differs in rounding
+        tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(W_dec, whole[2][block], **tol)
+        torch.testing.assert_close(W_enc, whole[0][:, block], **(tol if transpose else dict(rtol=0, atol=0)))
+        assert torch.equal(b_enc, whole[1][block]) and torch.equal(b_dec, whole[3])
+
+
+def test_a_block_of_a_large_init_never_holds_the_whole_dictionary():
+    """One shard of 8 of a 131,072 x 512 paper-init SAE: the whole init peaks at 16 * n * d bytes
+    (1 GiB here); the block, streamed, at its own size plus a chunk."""
+    import subprocess
+    import sys
+
+    code = textwrap.dedent("""
+        import resource, torch
+        from fastsae.sae import draw_init
+        torch.set_num_threads(1)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        n, d = 131072, 512
+        blocks = draw_init("paper", d, n, rows=range(0, n // 8))
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    peak = int(out.stdout.split()[-1])
+    whole = 16 * 131072 * 512
+    assert peak < whole / 4, (peak, whole)  # the block's weights are whole / 16

@@ -130,15 +130,3 @@ def test_plan_matches_the_measured_peak_of_training_steps(tmp_path, activation):
     print(f"plan vs measured ({activation}): {predicted:,} vs {measured:,} bytes")
     assert measured == pytest.approx(predicted, rel=0.15), (measured, predicted, plan.items)
 
-
-def test_host_memory_of_the_whole_init_is_reported_for_sharded_runs():
-    """Sharded SAEs are drawn whole on the host first: 16 * n * d bytes for one SAE (its fp32 W_enc and
-    W_dec plus the init's temporaries; 774 MiB measured for 65,536 x 768, 768 MiB predicted)."""
-    from fastsae.train.plan import format_plan, host_init_bytes
-
-    cfg = load_config("gpt2-e2e", ["saes.activation=topk", "saes.k=32", "saes.shards=8", "saes.n_latents=16777216"])
-    plan = memory_plan(cfg, gpus=8)
-    assert host_init_bytes(plan, cfg) == 16 * 16_777_216 * 768
-    assert "host memory at start, per process: 192.00 GiB" in format_plan(plan, cfg)
-    unsharded = load_config("gpt2-e2e")
-    assert "host memory" not in format_plan(memory_plan(unsharded, gpus=1), unsharded)

@@ -124,7 +124,6 @@ class MemoryPlan:
     gpu_memory: int
     largest_n_latents: int  # same config, this sharding: the largest dictionary that fits
     largest_n_latents_all_shards: int  # the same with every GPU a shard (saes.shards = gpus)
-    d_model: int = 0  # the SAEs' d_in
 
     @property
     def total(self) -> int:
@@ -223,7 +222,7 @@ def memory_plan(cfg: TrainConfig, *, gpus: int = 1, gpu_memory: int | str = 80 *
     items, micro = _items(cfg, lm, n_latents, gpus, shards)
     return MemoryPlan(items, gpus, shards, n_latents, micro, gpu_memory,
                       _largest(cfg, lm, gpus, shards, usable_memory(gpu_memory)),
-                      _largest(cfg, lm, gpus, gpus, usable_memory(gpu_memory)), d_model=lm.d_model)
+                      _largest(cfg, lm, gpus, gpus, usable_memory(gpu_memory)))
 
 
 def _largest(cfg, lm, gpus, shards, budget) -> int:
@@ -262,18 +261,7 @@ def format_plan(plan: MemoryPlan, cfg: TrainConfig) -> str:
     if plan.shards != plan.gpus:
         lines.append(f"largest dictionary that fits, saes.shards={plan.gpus}: "
                      f"{_latents(plan.largest_n_latents_all_shards)}")
-    if plan.shards > 1:
-        lines.append(f"\nhost memory at start, per process: {gib(host_init_bytes(plan, cfg))}. Sharded SAEs are "
-                     "still drawn whole on the host (fp32) before each process keeps its block")
     return "\n".join(lines)
-
-
-def host_init_bytes(plan: MemoryPlan, cfg: TrainConfig) -> int:
-    """Host memory a process peaks at while it builds sharded SAEs: every SAE drawn whole in fp32
-    (W_enc and W_dec, 8 * n * d bytes each) plus the init's temporaries for the one being drawn
-    (another 8 * n * d), before ShardedE2ESAE.from_full keeps this process's block."""
-    whole = 8 * plan.n_latents * plan.d_model
-    return len(cfg.saes.hooks) * whole + whole
 
 
 def _latents(n: int) -> str:

@@ -164,17 +164,27 @@ class Trainer:
 
         # The SAEs, built from the seed so that two runs of one config start equal.
         sae_dtype = _DTYPES[cfg.saes.dtype]
+        sharded = self.layout.shards > 1  # each rank keeps its block of every SAE's latents
+        if sharded and cfg.saes.activation == "topk" and cfg.loss.auxk_coeff:
+            raise ConfigError("config: loss.auxk_coeff: AuxK is not implemented for sharded SAEs "
+                              "(saes.shards > 1); set loss.auxk_coeff=0")
         if saes is None:
             torch.manual_seed(cfg.seed)
             n_latents = cfg.saes.n_latents or int(round(cfg.saes.ratio * self.lm.d_model))
-            saes = {hook: E2ESAE(self.lm.d_model, n_latents, cfg.saes.activation, cfg.saes.k,
-                                 decoder_norm=cfg.saes.decoder_norm,
-                                 init=None if cfg.saes.init == "auto" else cfg.saes.init,
-                                 init_encoder_as_decoder_transpose=cfg.saes.init_encoder_as_decoder_transpose,
-                                 metadata={"hook": hook, "model": cfg.model.name, "run": cfg.name},
-                                 # sharded: drawn whole on the host; each rank moves only its block
-                                 dtype=sae_dtype, device=self.device if self.layout.shards == 1 else "cpu")
-                    for hook in self.hooks}
+            spec = dict(decoder_norm=cfg.saes.decoder_norm, init=None if cfg.saes.init == "auto" else cfg.saes.init,
+                        init_encoder_as_decoder_transpose=cfg.saes.init_encoder_as_decoder_transpose, dtype=sae_dtype)
+            shape = (self.lm.d_model, n_latents, cfg.saes.activation, cfg.saes.k)
+            saes = {}
+            for hook in self.hooks:
+                metadata = {"hook": hook, "model": cfg.model.name, "run": cfg.name}
+                if not sharded:
+                    saes[hook] = E2ESAE(*shape, metadata=metadata, device=self.device, **spec)
+                    continue
+                try:  # this rank's block of the whole init, drawn without the whole dictionary
+                    saes[hook] = distributed.ShardedE2ESAE.drawn(self.layout, *shape, metadata=metadata,
+                                                                 device=self.device, **spec)
+                except ValueError as error:
+                    raise ConfigError(f"config: saes.shards: {error}") from None
         if sorted(saes) != sorted(self.hooks):
             raise ValueError(f"saes must have one SAE per hook in config.saes.hooks {self.hooks}, got {sorted(saes)}")
         # A path (a released SAE in any format E2ESAE.from_pretrained reads) is loaded for its hook.
@@ -183,16 +193,13 @@ class Trainer:
         for hook, sae in saes.items():
             if sae.d_in != self.lm.d_model:
                 raise ValueError(f"saes[{hook!r}] reads d_in={sae.d_in} but the model's d_model is {self.lm.d_model}")
-        self.saes = {hook: saes[hook] if self.layout.shards > 1 else saes[hook].to(self.device) for hook in self.hooks}
-        if self.layout.shards > 1:  # each rank keeps its block of every SAE's latents
-            if cfg.saes.activation == "topk" and cfg.loss.auxk_coeff:
-                raise ConfigError("config: loss.auxk_coeff: AuxK is not implemented for sharded SAEs "
-                                  "(saes.shards > 1); set loss.auxk_coeff=0")
+        if sharded:  # whole SAEs given by the caller: each rank keeps its block
             try:
-                self.saes = {hook: distributed.ShardedE2ESAE.from_full(sae, self.layout).to(self.device)
-                             for hook, sae in self.saes.items()}
+                saes = {hook: sae if isinstance(sae, distributed.ShardedE2ESAE)
+                        else distributed.ShardedE2ESAE.from_full(sae, self.layout) for hook, sae in saes.items()}
             except ValueError as error:
                 raise ConfigError(f"config: saes.shards: {error}") from None
+        self.saes = {hook: saes[hook].to(self.device) for hook in self.hooks}
         self.params = [p for hook in self.hooks for p in self.saes[hook].parameters()]
 
         # On CUDA, torch's fused Adam: one kernel for all parameters instead of several per tensor.
