@@ -8,6 +8,7 @@ gives: 0666 / 0777 minus the process umask.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -69,3 +70,15 @@ def atomic_write(path: str | os.PathLike, write, *, prefix: str | None = None) -
 def atomic_write_text(path: str | os.PathLike, text: str, *, prefix: str | None = None) -> Path:
     """atomic_write of a text file."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text), prefix=prefix)
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file holding an object (a cfg.json, an eval.json), or a ValueError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); the file is corrupt") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+

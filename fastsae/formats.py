@@ -59,8 +59,8 @@ from pathlib import Path
 
 import torch
 
-from fastsae._files import atomic_write, atomic_write_text
-from fastsae.sae import CONFIG_NAME, SAELENS_REFUSAL, WEIGHTS_NAME, E2ESAE
+from fastsae._files import atomic_write, atomic_write_text, read_json_object
+from fastsae.sae import CONFIG_NAME, SAELENS_REFUSAL, WEIGHTS_NAME, E2ESAE, load_safetensors
 
 FORMATS = ("fastsae", "saelens", "sparsify")
 SPARSIFY_WEIGHTS_NAME = "sae.safetensors"
@@ -148,16 +148,6 @@ class _Entry:
         self.hook, self.names, self.load = hook, names, load
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); the file is corrupt") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def detect_format(path: str | os.PathLike) -> str:
     """The format of an SAE file or directory: "fastsae", "saelens", "sparsify", "e2e_sae",
     "fastsae-run" (a run directory), "fastsae-checkpoint" (checkpoints/step_N) or "collection"
@@ -173,7 +163,7 @@ def detect_format(path: str | os.PathLike) -> str:
     if (path / CONFIG_NAME).is_file():
         # cfg.json decides first: a directory saved again in another format may keep the old
         # format's weights file beside the new one
-        config = _read_json(path / CONFIG_NAME)
+        config = read_json_object(path / CONFIG_NAME)
         if config.get("format") == "fastsae.E2ESAE" or "n_latents" in config:
             return "fastsae"
         if (path / SPARSIFY_WEIGHTS_NAME).is_file():
@@ -221,10 +211,10 @@ def _entries(path: Path, device, dtype) -> list[_Entry]:
 
 def _single_entry(path: Path, kind: str, device, dtype) -> _Entry:
     if kind == "fastsae":
-        hook = (_read_json(path / CONFIG_NAME).get("metadata") or {}).get("hook")
+        hook = (read_json_object(path / CONFIG_NAME).get("metadata") or {}).get("hook")
         load = partial(E2ESAE._load_fastsae, path, device=device, dtype=dtype)
     elif kind == "saelens":
-        hook = (_read_json(path / CONFIG_NAME).get("metadata") or {}).get("hook_name")
+        hook = (read_json_object(path / CONFIG_NAME).get("metadata") or {}).get("hook_name")
         load = partial(_load_saelens, path, device, dtype)
     else:
         hook = hook_from_sparsify(path.name)
@@ -319,16 +309,6 @@ def _export_tensors(sae: E2ESAE) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{path} is corrupt or not a safetensors file ({error})") from None
-
-
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype,
                       metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
@@ -360,7 +340,7 @@ def _require(tensors: dict, names, where: Path) -> None:
 
 def _load_saelens(path: Path, device, dtype) -> E2ESAE:
     config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    config = _read_json(config_path)
+    config = read_json_object(config_path)
     architecture = config.get("architecture", "standard")
     if architecture == SAELENS_REFUSAL:
         raise ValueError(f"{config_path} is a fastsae config edited to look like SAELens's; restore its "
@@ -376,7 +356,7 @@ def _load_saelens(path: Path, device, dtype) -> E2ESAE:
         raise ValueError(f"{config_path}: reshape_activations={config['reshape_activations']!r} (hook_z SAEs read "
                          "per-head activations); fastsae SAEs read [..., d_in] activations only")
     metadata = config.get("metadata") or {}
-    tensors = _load_safetensors(weights_path)
+    tensors = load_safetensors(weights_path)
     _require(tensors, _PARAMETERS, weights_path)
     extra = sorted(set(tensors) - set(_PARAMETERS))
     if extra:
@@ -451,13 +431,13 @@ def save_saelens(sae: E2ESAE, directory: str | os.PathLike) -> Path:
 
 def _load_sparsify(path: Path, device, dtype) -> E2ESAE:
     config_path, weights_path = path / CONFIG_NAME, path / SPARSIFY_WEIGHTS_NAME
-    config = _read_json(config_path)
+    config = read_json_object(config_path)
     for key, why in (("skip_connection", "a linear skip connection"), ("transcode", "a transcoder")):
         if config.get(key):
             raise ValueError(f"{config_path}: {key}=true ({why}) is not an SAE fastsae can load")
     if config.get("activation", "topk") != "topk":
         raise ValueError(f"{config_path}: activation={config['activation']!r}; fastsae loads sparsify's TopK SAEs only")
-    tensors = _load_safetensors(weights_path)
+    tensors = load_safetensors(weights_path)
     _require(tensors, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), weights_path)
     saved_dtype = tensors["encoder.weight"].dtype
     encoder = tensors["encoder.weight"].to(torch.float64)

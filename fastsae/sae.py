@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fastsae import ops
-from fastsae._files import atomic_write, atomic_write_text
+from fastsae._files import atomic_write, atomic_write_text, read_json_object
 from fastsae.ops._checks import check_k
 
 ACTIVATIONS = ("relu", "topk")
@@ -58,6 +58,16 @@ class SAEOutput(NamedTuple):
     reconstruction: torch.Tensor
     code: torch.Tensor | SparseCode
 
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or a ValueError naming the file when it is not one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is corrupt or not a safetensors file ({error})") from None
 
 # Latents per chunk when a block of an init is drawn (draw_init with rows=): the whole draw streams
 # through memory this many rows at a time (64 MiB of fp32 at d_in = 2,048).
@@ -364,8 +374,6 @@ class E2ESAE(nn.Module):
     def _load_fastsae(cls, directory: str | os.PathLike, *, device: torch.device | str | None = None,
                       dtype: torch.dtype | None = None) -> "E2ESAE":
         """Load a directory written by save_pretrained in fastsae's own format."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         directory = Path(directory)
         if not directory.is_dir():
@@ -374,19 +382,11 @@ class E2ESAE(nn.Module):
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{directory} has no {path.name}: not a saved E2ESAE")
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{config_path} is not valid JSON ({error}); the checkpoint is corrupt") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+        config = read_json_object(config_path)
         unknown = set(config) - _CONFIG_KEYS
         if unknown:
             raise ValueError(f"{config_path} has unknown keys {sorted(unknown)}; expected {sorted(_CONFIG_KEYS)}")
-        try:
-            tensors = load_file(str(weights_path))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise ValueError(f"{weights_path} is corrupt or not a safetensors file ({error})") from None
+        tensors = load_safetensors(weights_path)
         saved_dtype = getattr(torch, str(config.get("dtype", "float32")), None)
         if not isinstance(saved_dtype, torch.dtype):
             raise ValueError(f"{config_path}: unknown dtype {config.get('dtype')!r}")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from fastsae._files import atomic_write_text
+from fastsae._files import atomic_write_text, read_json_object
 
 
 class DeadLatentTracker:
@@ -178,10 +178,7 @@ def read_eval_json(run_dir: str | os.PathLike) -> dict:
     path = Path(run_dir) / EVAL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no {EVAL_FILE}: run `fastsae eval {run_dir}` first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    return read_json_object(path)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
