@@ -49,9 +49,10 @@ class SparseCode(NamedTuple):
     indices: torch.Tensor  # [..., k], int64
 
     def to_dense(self, n_latents: int) -> torch.Tensor:
-        """The [..., n_latents] dense code (for analysis; memory grows with n_latents)."""
+        """The [..., n_latents] dense code (for analysis; memory grows with n_latents). Entries are
+        added, so padding (value 0, as encode_sparse writes it) never overwrites a real entry."""
         dense = self.values.new_zeros(*self.values.shape[:-1], n_latents)
-        return dense.scatter_(-1, self.indices, self.values)
+        return dense.scatter_add_(-1, self.indices, self.values)
 
 
 class SAEOutput(NamedTuple):
@@ -272,6 +273,39 @@ class E2ESAE(nn.Module):
         if self.activation == "topk":
             return SparseCode(*ops.topk_encode(x, self.W_enc, self.b_enc, self.k))
         return ops.relu_encode(x, self.W_enc, self.b_enc)
+
+    @torch.no_grad()
+    def encode_sparse(self, x: torch.Tensor) -> SparseCode:
+        """x [..., d_in] -> the active latents of each token as a SparseCode, for analysis.
+
+        values, indices: [..., width], largest value first; a token with fewer active latents than
+        the width is padded with value 0 at index 0 (so ``values > 0`` marks the real entries).
+        TopK: width k. ReLU: width = the largest number of active latents of any token in x. No
+        [N, n_latents] tensor is built: the ReLU code is compacted chunk by chunk of tokens.
+        Not differentiable.
+        """
+        self._check_input(x)
+        if self.activation == "topk":
+            return SparseCode(*ops.topk_encode(x, self.W_enc, self.b_enc, self.k))
+        from fastsae.ops._checks import chunk_rows
+
+        x2d = x.reshape(-1, self.d_in)
+        chunks = []
+        for start in range(0, x2d.shape[0], chunk_rows(self.n_latents)):
+            acts = ops.relu_encode(x2d[start:start + chunk_rows(self.n_latents)], self.W_enc, self.b_enc)
+            width = max(1, int((acts > 0).sum(-1).max())) if acts.numel() else 1
+            chunks.append(acts.topk(width, dim=-1))
+        width = max((v.shape[-1] for v, _ in chunks), default=1)
+        values = x2d.new_zeros(x2d.shape[0], width)
+        indices = torch.zeros(x2d.shape[0], width, dtype=torch.int64, device=x.device)
+        row = 0
+        for chunk_values, chunk_indices in chunks:
+            rows, w = chunk_values.shape
+            kept = chunk_values > 0
+            values[row:row + rows, :w] = torch.where(kept, chunk_values, 0)
+            indices[row:row + rows, :w] = torch.where(kept, chunk_indices, 0)
+            row += rows
+        return SparseCode(values.reshape(*x.shape[:-1], width), indices.reshape(*x.shape[:-1], width))
 
     def decoder_row_scale(self) -> torch.Tensor | None:
         """1 / ||W_dec[j]|| per latent in "forward" mode (differentiable), None in "project" mode."""

@@ -200,3 +200,21 @@ def test_trains_through_the_triton_kernels_like_the_reference(monkeypatch, activ
     torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-4, rtol=1e-4)
     for got, want in zip(results["triton"][1], results["torch"][1]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("activation, k", [("relu", None), ("topk", 5)])
+def test_encode_sparse_holds_exactly_the_active_latents(monkeypatch, activation, k):
+    monkeypatch.setattr("fastsae.ops._checks.CHUNK_ELEMENTS", 64 * 3)  # 3 tokens per chunk: several chunks
+    torch.manual_seed(0)
+    sae = E2ESAE(16, 64, activation, k)
+    with torch.no_grad():
+        sae.b_enc[0] = 5.0  # latent 0 fires on every token: padding (index 0) must not hide it
+    x = torch.randn(2, 7, 16)
+    code = sae.encode_sparse(x)
+    dense = sae.encode(x)
+    dense = dense.to_dense(64) if activation == "topk" else dense
+    assert code.values.shape[:-1] == (2, 7) and code.indices.dtype == torch.int64
+    width = k or int((dense > 0).sum(-1).max())
+    assert code.values.shape[-1] == width
+    torch.testing.assert_close(code.to_dense(64), dense)  # chunked GEMMs round differently
+    assert torch.equal((code.values > 0).sum(-1), (dense > 0).sum(-1))
