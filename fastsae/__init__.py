@@ -1,17 +1,9 @@
 """fastsae: end-to-end sparse autoencoders with fused Triton kernels."""
 
-__version__ = "0.1.0"
-
-from fastsae import ops  # noqa: E402
-from fastsae.sae import E2ESAE, SAEOutput, SparseCode  # noqa: E402
-
-
-def load_run(run_dir, *, device=None, dtype=None) -> dict:
-    """{hook: E2ESAE}: the SAEs of a run's latest checkpoint (or of any path holding several SAEs:
-    a checkpoint directory, a `fastsae export` output, a sparsify run, an e2e_sae checkpoint)."""
-    from fastsae import formats
-
-    return formats.load_all(run_dir, device=device, dtype=dtype)
+from fastsae._version import __version__
+from fastsae import ops
+from fastsae.sae import E2ESAE, SAEOutput, SparseCode, load_run
+from fastsae.spec import SAESpec
 
 
 # The trainer and the model adapter import transformer-lens (seconds): load them on first use.
@@ -31,5 +23,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastsae' has no attribute {name!r}")
 
 
-__all__ = ["E2ESAE", "LanguageModel", "SAEOutput", "SparseCode", "TrainConfig", "Trainer", "load_config", "load_run",
-           "ops", "__version__"]
+__all__ = ["E2ESAE", "LanguageModel", "SAEOutput", "SAESpec", "SparseCode", "TrainConfig", "Trainer", "load_config",
+           "load_run", "ops", "__version__"]

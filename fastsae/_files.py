@@ -82,3 +82,22 @@ def read_json_object(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
 
+
+
+def load_safetensors(path: Path) -> dict:
+    """The tensors of a safetensors file, or a ValueError naming the file when it is not one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is corrupt or not a safetensors file ({error})") from None
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors (made contiguous) to a safetensors file atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {name: t.contiguous() for name, t in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

@@ -99,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args) -> int:
     from fastsae.train.config import ConfigError, load_config
-    from fastsae.train.trainer import Trainer, summarize
+    from fastsae.train.metrics import summarize
+    from fastsae.train.trainer import Trainer
 
     if args.resume:
         if args.config:
@@ -140,9 +141,9 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from fastsae.train import checkpoint as ckpt
     from fastsae.train.config import ConfigError
-    from fastsae.train.trainer import Trainer, summarize, resolve_device
+    from fastsae.train.evaluator import evaluate_run
+    from fastsae.train.metrics import summarize
 
     if args.sae:
         if args.run_dir:
@@ -153,17 +154,11 @@ def _eval(args) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    config = ckpt.load_run_config(run_dir, args.overrides)  # config.yaml + the overrides of its resumes
-    path = ckpt.latest_checkpoint(run_dir)
-    if path is None:
-        raise ConfigError(f"{run_dir} has no complete checkpoint")
-    saes, state = ckpt.load_checkpoint(path, device=resolve_device(config.device))
-    trainer = Trainer(config, run_dir=run_dir, saes=saes)
-    trainer.step_count, trainer.tokens_seen = state["step"], state["tokens_seen"]  # for eval.json
-    metrics = trainer.evaluate(args.tokens)
+    # config.yaml + the overrides of its resumes (+ --set); no optimizer is built to evaluate
+    metrics, path, state = evaluate_run(run_dir, overrides=args.overrides, n_tokens=args.tokens)
     print(f"eval of {path} (step {state['step']}, {state['tokens_seen']:,} training tokens) "
           f"on {metrics['eval/tokens']:,} held-out tokens:")
-    print(summarize(metrics, trainer.hooks, "eval/"))
+    print(summarize(metrics, prefix="eval/"))
     print(f"\nwritten to {run_dir / 'eval.json'}")
     return 0
 
@@ -184,7 +179,8 @@ def _eval_released(args) -> int:
 
     from fastsae import E2ESAE
     from fastsae.train.config import ConfigError, load_config
-    from fastsae.train.trainer import Trainer, summarize
+    from fastsae.train.evaluator import Evaluator
+    from fastsae.train.metrics import summarize
 
     saes = {}
     for spec in args.sae:
@@ -215,11 +211,11 @@ def _eval_released(args) -> int:
     config = load_config(args.config or "embedded", overrides)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, run_dir=args.out, saes=saes)
+    evaluator = Evaluator.build(config, saes)
     # eval.json only where --out says: the config's run_dir may be another run's directory
-    metrics = trainer.evaluate(args.tokens, write=bool(args.out))
+    metrics = evaluator.evaluate(args.tokens, run_dir=args.out)
     print(f"eval of {', '.join(args.sae)} on {config.model.name} ({metrics['eval/tokens']:,} held-out tokens):")
-    print(summarize(metrics, trainer.hooks, "eval/"))
+    print(summarize(metrics, evaluator.objective.hooks, "eval/"))
     if args.out:
         print(f"\nwritten to {Path(args.out) / 'eval.json'}")
     return 0

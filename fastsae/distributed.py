@@ -11,12 +11,14 @@ is laid out as W = data groups x shards:
 - The ranks of one *data group* (same shard_rank) hold the same latents and read disjoint token
   shards; their gradients are averaged after backward (``average_gradients``).
 
-Sharded forward (``ShardedE2ESAE``):
-- TopK: each rank takes the top k of its own latents, the candidates (k per rank) are all-gathered
-  and the global top k kept (replicated on every rank of the shard group); each rank decodes the
-  winners it owns and the partial reconstructions are summed by an all-reduce.
-- ReLU: each rank encodes and decodes its own latents; the partial reconstructions (and the
-  partial sparsity sums) are summed by an all-reduce.
+This module holds the layout and the collectives; the sharded SAE that uses them is
+fastsae.sharded.ShardedE2ESAE:
+- selection activations (TopK, BatchTopK in training): each rank keeps its own latents'
+  candidates, the candidates are all-gathered and the activation selects among all of them
+  (replicated on every rank of the shard group); each rank decodes the winners it owns and the
+  partial reconstructions are summed by an all-reduce.
+- elementwise activations (ReLU, JumpReLU): each rank encodes and decodes its own latents; the
+  partial reconstructions (and the per-token sparsity sums) are summed by an all-reduce.
 
 Backward follows the same split through three autograd Functions over the shard group, in the
 Megatron convention (a tensor after an all-reduce is replicated and its gradient is the same on
@@ -34,9 +36,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-from fastsae import ops
-from fastsae.sae import E2ESAE, SAEOutput, SparseCode, draw_init
 
 # ---------------------------------------------------------------------------------------------
 # process groups
@@ -212,181 +211,6 @@ def shard_range(n_latents: int, shards: int, shard_rank: int) -> tuple[int, int]
     return shard_rank * size, (shard_rank + 1) * size
 
 
-class ShardedE2ESAE(E2ESAE):
-    """One shard of an E2ESAE: the same parameter names, holding this rank's block of latents.
-
-    W_enc [d_in, n_local], b_enc [n_local], W_dec [n_local, d_in]; b_dec [d_in] replicated.
-    ``n_latents`` is the whole dictionary's size, ``n_local`` this shard's. forward() returns the
-    whole SAE's reconstruction on every rank of the shard group; the code is a SparseCode with
-    global indices for TopK (replicated), and for ReLU this shard's [..., n_local] block of the
-    dense code (use ``sparsity_loss``, ``l0`` and ``fired_latents`` for whole-SAE values).
-
-    Draw it with ``ShardedE2ESAE.drawn(layout, d_in, n_latents, ...)`` (this rank's block of the
-    whole SAE's init, never the whole dictionary), or build it from a whole SAE with
-    ``ShardedE2ESAE.from_full(sae, layout)`` (each rank keeps its block); ``gather()`` returns
-    the whole E2ESAE on the shard group's first rank (None elsewhere), shard by shard on the CPU.
-    """
-
-    def __init__(self, full: E2ESAE, layout: Layout, blocks: tuple | None = None):
-        torch.nn.Module.__init__(self)
-        self.layout = layout
-        self.group = layout.shard_group
-        self.d_in, self.n_latents, self.activation, self.k = full.d_in, full.n_latents, full.activation, full.k
-        self.decoder_norm = full.decoder_norm
-        self.init, self.init_encoder_as_decoder_transpose = full.init, full.init_encoder_as_decoder_transpose
-        self.metadata = dict(full.metadata)
-        self.start, self.stop = shard_range(full.n_latents, layout.shards, layout.shard_rank)
-        self.n_local = self.stop - self.start
-        if self.activation == "topk" and self.k > self.n_local:
-            raise ValueError(f"k={self.k} exceeds the {self.n_local} latents of one shard "
-                             f"(n_latents={self.n_latents} / saes.shards={layout.shards})")
-        block = slice(self.start, self.stop)
-        with torch.no_grad():
-            if blocks is None:
-                blocks = (full.W_enc[:, block], full.b_enc[block], full.W_dec[block], full.b_dec.detach())
-            W_enc, b_enc, W_dec, b_dec = (t.to(full.dtype) for t in blocks)
-            # W_enc latent-major, as E2ESAE stores it (a [d_in, n_local] view of [n_local, d_in] rows)
-            self.W_enc = torch.nn.Parameter(W_enc.t().clone(memory_format=torch.contiguous_format).t())
-            self.b_enc = torch.nn.Parameter(b_enc.clone())
-            self.W_dec = torch.nn.Parameter(W_dec.clone())
-            self.b_dec = torch.nn.Parameter(b_dec.clone())
-
-    @classmethod
-    def from_full(cls, sae: E2ESAE, layout: Layout) -> "ShardedE2ESAE":
-        return cls(sae, layout)
-
-    @classmethod
-    def drawn(cls, layout: Layout, d_in: int, n_latents: int, activation: str = "relu", k: int | None = None,
-              *, device=None, **kwargs) -> "ShardedE2ESAE":
-        """This rank's shard of ``E2ESAE(d_in, n_latents, activation, k, **kwargs)``, on ``device``:
-        the parameters the whole SAE's init gives these latents (fastsae.sae.draw_init), drawn on
-        the CPU from torch's RNG with the whole draw streamed in chunks, so no process ever holds
-        the whole dictionary (host memory: a chunk). Every rank must start from the same RNG state
-        (the same seed), as for from_full."""
-        spec = E2ESAE(d_in, n_latents, activation, k, **{**kwargs, "device": "meta"})  # the config alone
-        spec.metadata["init"] = spec.init
-        start, stop = shard_range(n_latents, layout.shards, layout.shard_rank)
-        blocks = draw_init(spec.init, d_in, n_latents, rows=range(start, stop), device="cpu", out=device,
-                           decoder_norm=spec.decoder_norm,
-                           init_encoder_as_decoder_transpose=spec.init_encoder_as_decoder_transpose)
-        return cls(spec, layout, blocks)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", latents [{self.start}, {self.stop}) of shard {self.layout.shard_rank}"
-
-    def reset_parameters(self) -> None:
-        raise RuntimeError("a ShardedE2ESAE takes its parameters from drawn() or from a whole E2ESAE (from_full)")
-
-    # ------------------------------------------------------------------ forward
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor | SparseCode:
-        self._check_input(x)
-        x = copy_to_shards(x, self.group)  # the encoders' partial input gradients are summed
-        if self.activation == "relu":
-            return ops.relu_encode(x, self.W_enc, self.b_enc)
-        values, local = ops.topk_encode(x, self.W_enc, self.b_enc, self.k)
-        if self.group is None:
-            return SparseCode(values, local + self.start)
-        candidates = gather_from_shards(values, self.group)  # [..., k * shards], rank order
-        candidate_ids = torch.cat(_all_gather(local + self.start, self.group), dim=-1)
-        top, position = candidates.topk(self.k, dim=-1)
-        return SparseCode(top, candidate_ids.gather(-1, position))
-
-    def decode(self, code: torch.Tensor | SparseCode) -> torch.Tensor:
-        scale = self.decoder_row_scale()
-        zero_bias = torch.zeros_like(self.b_dec)
-        if isinstance(code, SparseCode):
-            # this shard decodes the winners it owns (the others as value 0 at local row 0); the
-            # replicated values get the sum of the shards' gradients
-            values = copy_to_shards(code.values, self.group)
-            owned = (code.indices >= self.start) & (code.indices < self.stop)
-            local = torch.where(owned, code.indices - self.start, torch.zeros_like(code.indices))
-            if scale is not None:
-                values = values * scale[local]
-            values = torch.where(owned, values, torch.zeros_like(values))
-            partial = ops.sparse_decode(values, local, self.W_dec, zero_bias)
-        else:
-            if self.activation == "topk":
-                raise TypeError("this SAE is TopK: decode expects the SparseCode that encode returns")
-            W_dec = self.W_dec if scale is None else self.W_dec * scale.unsqueeze(1)
-            partial = ops.dense_decode(code, W_dec, zero_bias)
-        return reduce_from_shards(partial, self.group) + self.b_dec
-
-    def forward(self, x: torch.Tensor, return_code: bool = False):
-        code = self.encode(x)
-        reconstruction = self.decode(code)
-        return SAEOutput(reconstruction, code) if return_code else reconstruction
-
-    # ------------------------------------------------------------------ whole-SAE statistics of a code
-
-    def sparsity_loss(self, code: torch.Tensor | SparseCode, p: float = 1.0) -> torch.Tensor:
-        """The whole SAE's sparsity term (fastsae.train.losses.sparsity_loss): ||code||_p per
-        token over all latents, mean over tokens, / d_in; differentiable."""
-        if isinstance(code, SparseCode):  # replicated: every rank computes the same value
-            return torch.linalg.vector_norm(code.values.float(), ord=p, dim=-1).mean() / self.d_in
-        if p == 0 or math.isinf(p):
-            raise ValueError(f"sparsity p must be finite and positive for a sharded ReLU SAE, got {p}")
-        partial = code.float().abs().pow(p).sum(-1)
-        return reduce_from_shards(partial, self.group).pow(1.0 / p).mean() / self.d_in
-
-    @torch.no_grad()
-    def l0(self, code: torch.Tensor | SparseCode) -> torch.Tensor:
-        if isinstance(code, SparseCode):
-            return (code.values > 0).sum(-1, dtype=torch.float32).mean()
-        count = (code > 0).sum(-1, dtype=torch.float32)
-        return reduce_from_shards(count, self.group).mean()
-
-    @torch.no_grad()
-    def fired_latents(self, code: torch.Tensor | SparseCode) -> torch.Tensor:
-        """bool [n_local]: this shard's latents active on at least one token."""
-        if isinstance(code, SparseCode):
-            # counted with index_add_, not a bool index (which waits for the GPU), as losses.fired_latents
-            active = (code.values > 0) & (code.indices >= self.start) & (code.indices < self.stop)
-            local = torch.where(active, code.indices - self.start, 0).reshape(-1)
-            counts = torch.zeros(self.n_local, dtype=torch.int32, device=code.values.device)
-            return counts.index_add_(0, local, active.reshape(-1).to(torch.int32)) > 0
-        return (code > 0).reshape(-1, self.n_local).any(0)
-
-    # ------------------------------------------------------------------ gathering the whole SAE
-
-    @torch.no_grad()
-    def gather(self) -> E2ESAE | None:
-        """The whole E2ESAE (on the CPU) on the shard group's first rank, None on the others.
-
-        Collective over the shard group (see gather_latents).
-        """
-        whole = {name: gather_latents(getattr(self, name).detach(), dim, self.group)
-                 for name, dim in LATENT_DIMS.items()}
-        if whole["W_enc"] is None:
-            return None
-        return self._whole(whole["W_enc"], whole["b_enc"], whole["W_dec"])
-
-    def local_block(self, whole: torch.Tensor, name: str) -> torch.Tensor:
-        """This shard's block of a whole-SAE tensor shaped like parameter `name` (b_dec: all of it)."""
-        if name not in LATENT_DIMS:
-            return whole
-        return whole.narrow(LATENT_DIMS[name], self.start, self.n_local)
-
-    def _whole(self, W_enc, b_enc, W_dec) -> E2ESAE:
-        sae = E2ESAE(self.d_in, self.n_latents, self.activation, self.k, decoder_norm=self.decoder_norm,
-                     init=self.init, metadata=self.metadata, dtype=self.dtype, device="meta")
-        sae = sae.to_empty(device="cpu")
-        for name, value in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", self.b_dec.cpu())):
-            getattr(sae, name).data.copy_(value)
-        sae.metadata = dict(self.metadata)
-        return sae
-
-    def save_pretrained(self, directory):
-        """Collective: gathers the whole SAE and writes it from the shard group's first rank, so the
-        files load anywhere with E2ESAE.from_pretrained. Returns the directory (None on other ranks)."""
-        whole = self.gather()
-        return None if whole is None else whole.save_pretrained(directory)
-
-
-# The dimension along which each sharded parameter holds latents (b_dec is replicated).
-LATENT_DIMS = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
-
-
 @torch.no_grad()
 def gather_latents(tensor: torch.Tensor, dim: int, group) -> torch.Tensor | None:
     """The shards' blocks of a tensor concatenated along dim, in rank order, on the CPU of the
@@ -409,37 +233,39 @@ def gather_latents(tensor: torch.Tensor, dim: int, group) -> torch.Tensor | None
 
 
 @torch.no_grad()
-def gather_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], layout: Layout) -> dict | None:
+def gather_optimizer_state(optimizer: torch.optim.Optimizer, latent_dims: list[int | None], layout: Layout) -> dict | None:
     """optimizer.state_dict() with every per-latent state tensor (Adam's moments) gathered to
     the whole SAE's shape, as the optimizer of an unsharded run would hold it, so a checkpoint
-    resumes on any shard count. names[i]: the parameter name (W_enc, ...) of the optimizer's
-    i-th parameter. Collective; the whole state on the shard group's first rank, None elsewhere."""
+    resumes on any shard count. latent_dims[i]: the dimension along which the optimizer's i-th
+    parameter holds latents (None: replicated; E2ESAE.latent_dim). Collective; the whole state on
+    the shard group's first rank, None elsewhere."""
     state = optimizer.state_dict()
     if layout.shard_group is None:
         return state
     leader = _group_ranks(layout.shard_group)[0] == dist.get_rank()
     packed = {}
     for index, per_param in state["state"].items():
-        dim = LATENT_DIMS.get(names[index])
+        dim = latent_dims[index]
         packed[index] = {key: gather_latents(value, dim, layout.shard_group)
                          if dim is not None and torch.is_tensor(value) and value.ndim > 0 else value
                          for key, value in per_param.items()}
     return {**state, "state": packed} if leader else None
 
 
-def shard_optimizer_state(state: dict, names: list[str], saes: list["ShardedE2ESAE"]) -> dict:
+def shard_optimizer_state(state: dict, latent_dims: list[int | None], blocks: list[tuple[int, int]]) -> dict:
     """The inverse of gather_optimizer_state on one rank: each whole state tensor cut to this
-    shard's block. saes[i]: the ShardedE2ESAE the optimizer's i-th parameter belongs to."""
+    shard's block. blocks[i]: [start, stop) of the latents this rank holds of the optimizer's i-th
+    parameter's SAE."""
     packed = {}
     for index, per_param in state["state"].items():
-        name, sae = names[index], saes[index]
-        packed[index] = {key: sae.local_block(value, name).clone()
-                         if name in LATENT_DIMS and torch.is_tensor(value) and value.ndim > 0 else value
+        dim, (start, stop) = latent_dims[index], blocks[index]
+        packed[index] = {key: value.narrow(dim, start, stop - start).clone()
+                         if dim is not None and torch.is_tensor(value) and value.ndim > 0 else value
                          for key, value in per_param.items()}
     return {**state, "state": packed}
 
 
-def _all_gather(x: torch.Tensor, group) -> list[torch.Tensor]:
+def all_gather(x: torch.Tensor, group) -> list[torch.Tensor]:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return parts
@@ -452,8 +278,9 @@ def _all_gather(x: torch.Tensor, group) -> list[torch.Tensor]:
 @torch.no_grad()
 def average_gradients(saes, layout: Layout) -> None:
     """After backward: average the SAE gradients over the data group (ranks holding the same
-    latents, different tokens). b_dec is replicated across a shard group: its gradient is
-    averaged there too, so the replicas never drift apart by rounding."""
+    latents, different tokens). Parameters that hold no latents (b_dec) are replicated across a
+    shard group: their gradient is averaged there too, so the replicas never drift apart by
+    rounding."""
     if not layout.distributed:
         return
     for sae in saes:
@@ -463,7 +290,7 @@ def average_gradients(saes, layout: Layout) -> None:
             if layout.data_group is not None:
                 param.grad.div_(layout.data_size)
                 dist.all_reduce(param.grad, group=layout.data_group)
-            if name == "b_dec" and layout.shard_group is not None:
+            if sae.latent_dim(name) is None and layout.shard_group is not None:
                 param.grad.div_(layout.shards)
                 dist.all_reduce(param.grad, group=layout.shard_group)
 
@@ -471,12 +298,13 @@ def average_gradients(saes, layout: Layout) -> None:
 @torch.no_grad()
 def clip_grad_norm_(saes, max_norm: float, layout: Layout) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ over the whole SAEs: the shards' squared norms are summed
-    over the shard group (replicated b_dec counted once). Call after average_gradients."""
+    over the shard group (replicated parameters, b_dec, counted once). Call after average_gradients."""
     sharded, replicated = [], []
     for sae in saes:
         for name, param in sae.named_parameters():
             if param.grad is not None:
-                (replicated if name == "b_dec" or layout.shard_group is None else sharded).append(param.grad)
+                replicated_param = sae.latent_dim(name) is None or layout.shard_group is None
+                (replicated if replicated_param else sharded).append(param.grad)
     device = (sharded or replicated)[0].device
     square = lambda grads: sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=device))
     total = square(sharded)

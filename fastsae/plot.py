@@ -4,7 +4,8 @@ L0, one curve per kind (local, e2e, e2e+ds), plus the points as CSV and a markdo
     fastsae plot runs/sweep-embedded --out docs/paper_figure      # a sweep dir or run dirs
 
 Each run contributes its eval.json (written by `fastsae train`, `fastsae eval` or `fastsae sweep`).
-Runs of one kind and sparsity coefficient (several seeds) are averaged into one point. Only the
+Runs of one kind and sparsity coefficient (several seeds) are averaged into one point. SAEs of
+another activation than the paper's ReLU get curves of their own, labelled e.g. "e2e (topk)". Only the
 figure needs matplotlib (`pip install fastsae[plot]`); the CSV and table are written without it.
 """
 
@@ -78,13 +79,19 @@ def _run_values(record: dict) -> dict:
     }
 
 
+def curve_label(record: dict) -> str:
+    """The curve an eval.json belongs to: its kind, with the activation when it is not ReLU."""
+    activation = record.get("activation", "relu")  # eval.json files before activations were recorded
+    return record["kind"] if activation == "relu" else f"{record['kind']} ({activation})"
+
+
 def collect_points(run_dirs) -> list[Point]:
     """One Point per (kind, sparsity coefficient): the mean over its runs, sorted by kind and L0."""
     groups: dict[tuple[str, float], list[dict]] = {}
     setups: dict[tuple[str, float], dict] = {}
     for run_dir in run_dirs:
         record = read_eval_json(run_dir)
-        key = (record["kind"], float(record["sparsity_coeff"]))
+        key = (curve_label(record), float(record["sparsity_coeff"]))
         # runs averaged into one point must differ only in their seed
         setup = {"model": record.get("model"), "hooks": record["hooks"], "n_latents": record.get("n_latents"),
                  "training_tokens": record["training_tokens"]}

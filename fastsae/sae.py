@@ -1,22 +1,30 @@
-"""E2ESAE: the sparse autoencoder module (ReLU or TopK) that fastsae splices into a model.
+"""E2ESAE: the sparse autoencoder module that fastsae splices into a model.
 
 Parameters follow SAELens / TransformerLens conventions so SAEs move between tools:
-W_enc [d_in, n_latents], b_enc [n_latents], W_dec [n_latents, d_in], b_dec [d_in].
+W_enc [d_in, n_latents], b_enc [n_latents], W_dec [n_latents, d_in], b_dec [d_in], plus the
+activation's own tensors (JumpReLU's log_threshold, BatchTopK's inference threshold).
+
+The activation (relu, topk, jumprelu, batchtopk) is a module of fastsae.activations, and what
+defines the SAE is one SAESpec (fastsae.spec). The forward pass takes one of two fused paths, by
+the activation's family (see fastsae.activations.base): elementwise activations run through
+fastsae.ops.relu_autoencode, which never builds the [N, n_latents] code in training; selection
+activations through fastsae.ops.topk_encode and sparse_decode.
 
 Decoder rows have unit norm, in one of two ways (``decoder_norm``):
 - "forward" (default, as in the paper's code): the forward pass uses W_dec's rows divided by
   their norms; the stored weight is never edited, which keeps Adam's moments consistent. The
-  division is folded into the code (TopK: k values per token) or into a normalized copy of W_dec
-  (ReLU), never into an [N, n_latents, d_in] tensor.
+  division is folded into the code (a sparse code's values) or into a normalized copy of W_dec
+  (parameter-sized), never into an [N, n_latents, d_in] tensor.
 - "project" (as OpenAI's and EleutherAI's TopK SAEs): the stored rows are kept unit norm. The
   trainer calls ``remove_decoder_parallel_grad_()`` before each optimizer step and
   ``project_decoder_()`` after it; the forward pass uses W_dec as stored.
+
+Files: ``save_pretrained`` / ``from_pretrained`` are facades over fastsae.formats, which reads and
+writes every format (fastsae's own, SAELens, sparsify, the paper's e2e_sae) as SAE records.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -24,137 +32,19 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from fastsae import ops
-from fastsae._files import atomic_write, atomic_write_text, read_json_object
-from fastsae.ops._checks import check_k
+from fastsae import formats, ops
+from fastsae.activations import SAEForward, SparseCode
+from fastsae.activations.base import power_sum
+from fastsae.formats import SAERecord
+from fastsae.init import draw_init
+from fastsae.spec import DECODER_NORMS, INITS, SAESpec
 
-ACTIVATIONS = ("relu", "topk")
-DECODER_NORMS = ("forward", "project")
-INITS = ("paper", "topk", "orthogonal")
-DEFAULT_INITS = {"relu": "paper", "topk": "topk"}  # each activation's field convention
-CONFIG_NAME = "cfg.json"
-WEIGHTS_NAME = "sae_weights.safetensors"
-# fastsae's cfg.json names this as its "architecture", for SAELens's sake (see fastsae.formats).
-SAELENS_REFUSAL = ("fastsae.E2ESAE: not a SAELens SAE; convert it with "
-                   "E2ESAE.save_pretrained(path, format='saelens') or `fastsae export`")
-_PARAMETER_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
-_CONFIG_KEYS = {"format", "fastsae_version", "d_in", "n_latents", "activation", "k", "decoder_norm",
-                "dtype", "metadata", "architecture", "apply_b_dec_to_input", "normalize_activations"}
-
-
-class SparseCode(NamedTuple):
-    """A TopK code: the k active latents per token, largest first. Never densified in training."""
-
-    values: torch.Tensor  # [..., k], >= 0
-    indices: torch.Tensor  # [..., k], int64
-
-    def to_dense(self, n_latents: int) -> torch.Tensor:
-        """The [..., n_latents] dense code (for analysis; memory grows with n_latents). Entries are
-        added, so padding (value 0, as encode_sparse writes it) never overwrites a real entry."""
-        dense = self.values.new_zeros(*self.values.shape[:-1], n_latents)
-        return dense.scatter_add_(-1, self.indices, self.values)
+__all__ = ["DECODER_NORMS", "INITS", "E2ESAE", "SAEForward", "SAEOutput", "SparseCode", "load_run"]
 
 
 class SAEOutput(NamedTuple):
     reconstruction: torch.Tensor
     code: torch.Tensor | SparseCode
-
-
-def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, or a ValueError naming the file when it is not one."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{path} is corrupt or not a safetensors file ({error})") from None
-
-# Latents per chunk when a block of an init is drawn (draw_init with rows=): the whole draw streams
-# through memory this many rows at a time (64 MiB of fp32 at d_in = 2,048).
-INIT_CHUNK_ROWS = 8192
-
-
-@torch.no_grad()
-def draw_init(init: str, d_in: int, n_latents: int, *, rows: range | None = None, device=None, out=None,
-              decoder_norm: str = "forward", init_encoder_as_decoder_transpose: bool = False,
-              chunk_rows: int = INIT_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fp32 parameters an E2ESAE's ``init`` draws from torch's RNG: (W_enc [d_in, n], b_enc [n],
-    W_dec [n, d_in], b_dec [d_in]) for the latents in ``rows`` (all of them by default; n = len(rows)).
-
-    A block (``rows`` given, on the CPU) makes the whole SAE's draws in the same order and keeps
-    only its latents, streaming the draws ``chunk_rows`` latents at a time, so a process of a
-    sharded run never holds the whole dictionary, and the RNG ends where the whole init leaves it.
-    The block is exactly the whole init's rows, except the orthogonal decoder of the "paper" and
-    "orthogonal" inits: nn.init.orthogonal_ is the Q of a QR of the whole [n_latents, d_in]
-    Gaussian draw A, which a block gets as its rows of A R^-1 with R the Cholesky factor of A^T A
-    (accumulated in float64): the same matrix to fp32 rounding.
-
-    The draws run on ``device`` (whose RNG they use); the results are kept on ``out`` (default:
-    ``device``), so a block drawn on the CPU for a GPU never sits whole in host memory either.
-    """
-    whole = rows is None
-    out = device if out is None else out
-    rows = range(n_latents) if whole else rows
-    start, stop = rows.start, rows.stop
-    chunk = n_latents if whole else max(1, chunk_rows)
-    encoder_bound = 1.0 / math.sqrt(d_in)  # nn.Linear(d_in, n_latents): U(+-1/sqrt(fan_in))
-
-    def stream(n_rows: int, width: int, draw, keep_rows=None, keep_cols=None, each=None):
-        """Draw an [n_rows, width] matrix chunk by chunk (draw(chunk) fills it in place); return its
-        rows keep_rows or columns keep_cols, calling each(chunk) on every chunk."""
-        kept = []
-        step = chunk if keep_cols is None else max(1, chunk * d_in // max(width, 1))
-        for r0 in range(0, n_rows, step):
-            block = draw(torch.empty(min(step, n_rows - r0), width, device=device))
-            if each is not None:
-                each(block)
-            if keep_rows is not None:
-                lo, hi = max(keep_rows.start, r0), min(keep_rows.stop, r0 + len(block))
-                if lo < hi:
-                    kept.append(block if whole else block[lo - r0:hi - r0].to(out, copy=True))
-            else:
-                kept.append(block if whole else block[:, keep_cols.start:keep_cols.stop].to(out, copy=True))
-        return torch.cat(kept, dim=0) if len(kept) > 1 else kept[0]
-
-    uniform = lambda bound: (lambda t: t.uniform_(-bound, bound))  # noqa: E731
-    b_enc = torch.zeros(len(rows), device=out)
-    b_dec = torch.zeros(d_in, device=out)
-    if init == "topk":
-        # encoder = nn.Linear(d_in, n_latents) (weight [n_latents, d_in]); decoder = its rows
-        encoder_t = stream(n_latents, d_in, uniform(encoder_bound), keep_rows=rows)
-        decoder = encoder_t / encoder_t.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        encoder = encoder_t.t()
-    else:
-        # orthogonal_ on the [n_latents, d_in] matrix, as the paper's code gives it to the
-        # transpose of its [d_in, n_latents] decoder weight: orthonormal columns when
-        # n_latents >= d_in, so each row has norm ~sqrt(d_in / n_latents).
-        if whole or n_latents < d_in:  # (fewer latents than d_in: orthogonal_ works on the transpose)
-            decoder = torch.empty(n_latents, d_in, device=device)
-            nn.init.orthogonal_(decoder)
-            decoder = decoder[start:stop].to(out)
-        else:
-            gram = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
-
-            def accumulate(block):  # A^T A: fp32 products per chunk, summed in float64
-                gram.add_((block.t() @ block).double())
-
-            draws = stream(n_latents, d_in, lambda t: t.normal_(0, 1), keep_rows=rows, each=accumulate)
-            upper = torch.linalg.cholesky(gram, upper=True)  # A = Q R with diag(R) > 0, as orthogonal_'s
-            # R is well conditioned (A^T A ~ n_latents * I): solving in fp32 keeps fp32 rounding
-            decoder = torch.linalg.solve_triangular(upper.float().to(out), draws, upper=True, left=False)
-        encoder = stream(d_in, n_latents, uniform(encoder_bound), keep_cols=rows)
-        if init == "paper":  # the nn.Linear biases of the paper's encoder and decoder
-            b_enc = stream(1, n_latents, uniform(encoder_bound), keep_cols=rows)[0]
-            bound = 1.0 / math.sqrt(n_latents)
-            b_dec = torch.empty(d_in, device=device).uniform_(-bound, bound).to(out)
-        else:  # "orthogonal": unit-norm directions
-            decoder = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    if init_encoder_as_decoder_transpose:
-        encoder = (decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-8)).t()
-    if decoder_norm == "project":  # the forward pass uses the stored rows: make them unit
-        decoder = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    return encoder, b_enc, decoder, b_dec
 
 
 class E2ESAE(nn.Module):
@@ -163,12 +53,14 @@ class E2ESAE(nn.Module):
     Args:
         d_in: width of the activations it reads (d_model for a residual-stream hook).
         n_latents: dictionary size.
-        activation: "relu" (code is the dense ReLU output) or "topk" (code keeps the k largest
-            ReLU pre-activations per token as a SparseCode).
-        k: active latents per token, only and always for activation="topk".
+        activation: a name in fastsae.activations: "relu" (dense ReLU code), "topk" (the k largest
+            ReLU pre-activations per token, a SparseCode), "jumprelu" (ReLU gated by a learned
+            per-latent threshold), "batchtopk" (the k x N largest of a batch in training, a
+            threshold at inference).
+        k: active latents per token, for the activations that have it (topk, batchtopk).
         decoder_norm: "forward" (the paper's choice) or "project"; see the module docstring.
-        init: how the parameters start, by name (see ``INITS``); None: "paper" for ReLU SAEs,
-            "topk" for TopK SAEs. The name is recorded in ``metadata["init"]`` (saved in cfg.json).
+        init: how the parameters start, by name (see ``INITS``); None: the activation's default
+            ("paper" for relu / jumprelu, "topk" for topk / batchtopk).
             - "paper" (the paper's code, e2e_sae's SAE class): W_dec [n_latents, d_in] from
               nn.init.orthogonal_ and stored at that scale (rows of norm ~sqrt(d_in / n_latents) when
               n_latents > d_in; the forward pass normalises them), W_enc, b_enc and b_dec uniform
@@ -183,33 +75,32 @@ class E2ESAE(nn.Module):
         init_encoder_as_decoder_transpose: start W_enc as the transpose of the unit-norm decoder
             directions instead of the init's own encoder.
         metadata: JSON-serialisable facts saved with the weights (hook name, model name, ...).
+        **params: the activation's other hyperparameters (jumprelu: bandwidth, init_threshold;
+            batchtopk: threshold_lr); see its module in fastsae.activations.
     """
 
-    def __init__(self, d_in: int, n_latents: int, activation: str = "relu", k: int | None = None, *,
+    def __init__(self, d_in: int, n_latents: int, activation: str = "relu", k=None, *,
                  decoder_norm: str = "forward", init: str | None = None,
                  init_encoder_as_decoder_transpose: bool = False, metadata: dict | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None, **params):
         super().__init__()
-        for name, value in (("d_in", d_in), ("n_latents", n_latents)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if activation == "topk":
-            if k is None:
-                raise ValueError("k is required for activation='topk' (active latents per token)")
-            check_k(k, n_latents)
-        elif k is not None:
-            raise ValueError(f"k is only for activation='topk'; got k={k!r} with activation={activation!r}")
-        if decoder_norm not in DECODER_NORMS:
-            raise ValueError(f"decoder_norm must be one of {DECODER_NORMS}, got {decoder_norm!r}")
-        if init is None:
-            init = DEFAULT_INITS[activation]
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS} (or None for the activation's default), got {init!r}")
-        self.d_in, self.n_latents, self.activation, self.k = d_in, n_latents, activation, k
-        self.decoder_norm = decoder_norm
-        self.init, self.init_encoder_as_decoder_transpose = init, init_encoder_as_decoder_transpose
+        spec = SAESpec.create(d_in, n_latents, activation, k=k, params=params, decoder_norm=decoder_norm,
+                              init=init, init_encoder_as_decoder_transpose=init_encoder_as_decoder_transpose)
+        self._build(spec, spec.n_latents, metadata, dtype, device)
+        self.reset_parameters()
+
+    @classmethod
+    def from_spec(cls, spec: SAESpec, *, metadata: dict | None = None, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> "E2ESAE":
+        """A new SAE of ``spec``, drawn from its init (device "meta": parameters not allocated)."""
+        return cls(spec.d_in, spec.n_latents, spec.activation, decoder_norm=spec.decoder_norm, init=spec.init,
+                   init_encoder_as_decoder_transpose=spec.init_encoder_as_decoder_transpose, metadata=metadata,
+                   dtype=dtype, device=device, **spec.hyperparameters())
+
+    def _build(self, spec: SAESpec, n_rows: int, metadata, dtype, device) -> None:
+        """The parameters of ``spec`` for ``n_rows`` latents (all of them, or a shard's block)."""
+        self.spec = spec
+        self.activation_fn = spec.kind(spec.params)
         self.metadata = dict(metadata or {})
         factory = {"dtype": dtype, "device": device}
         # W_enc is stored as an [n_latents, d_in] buffer and exposed as its transpose, the public
@@ -217,28 +108,46 @@ class E2ESAE(nn.Module):
         # encoders' backward gathers (grad_x reads k rows per token) and the forward GEMM reads
         # as its K-major operand. Optimizers, state_dict / load_state_dict, .to() and
         # from_pretrained keep these strides; save_pretrained writes the contiguous SAELens layout.
-        self.W_enc = nn.Parameter(torch.empty(n_latents, d_in, **factory).t())
-        self.b_enc = nn.Parameter(torch.zeros(n_latents, **factory))
-        self.W_dec = nn.Parameter(torch.empty(n_latents, d_in, **factory))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
-        self.reset_parameters()
+        self.W_enc = nn.Parameter(torch.empty(n_rows, spec.d_in, **factory).t())
+        self.b_enc = nn.Parameter(torch.zeros(n_rows, **factory))
+        self.W_dec = nn.Parameter(torch.empty(n_rows, spec.d_in, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(spec.d_in, **factory))
+        for name, extra in self.activation_fn.extra_tensors.items():
+            value = torch.empty((n_rows,) if extra.per_latent else (), device=device,
+                                dtype=torch.float32 if extra.fp32 else dtype)
+            if extra.trainable:
+                setattr(self, name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Draw the parameters of ``self.init`` (see the class docstring) from torch's RNG.
+        """Draw the parameters of ``self.init`` (see the class docstring) from torch's RNG and set
+        the activation's tensors to their initial values.
 
         Everything is drawn in fp32 and cast, so an init does not depend on the SAE's dtype.
         """
-        if self.W_dec.is_meta:  # from_pretrained builds on "meta" and fills in the saved weights
+        if self.W_dec.is_meta:  # built on "meta" to be filled in (from_record, to_empty)
             return
-        W_enc, b_enc, W_dec, b_dec = draw_init(
-            self.init, self.d_in, self.n_latents, device=self.W_dec.device, decoder_norm=self.decoder_norm,
-            init_encoder_as_decoder_transpose=self.init_encoder_as_decoder_transpose)
-        self.W_enc.copy_(W_enc)
-        self.b_enc.copy_(b_enc)
-        self.W_dec.copy_(W_dec)
-        self.b_dec.copy_(b_dec)
-        self.metadata["init"] = self.init
+        for name, value in zip(("W_enc", "b_enc", "W_dec", "b_dec"), draw_init(self.spec, device=self.W_dec.device)):
+            getattr(self, name).copy_(value)
+        self._fill_extra_tensors()
+
+    @torch.no_grad()
+    def _fill_extra_tensors(self) -> None:
+        for name, extra in self.activation_fn.extra_tensors.items():
+            getattr(self, name).fill_(extra.fill(self.spec.params))
+
+    # ----------------------------------------------------------------------------------------
+    # what the spec defines, as attributes
+
+    d_in = property(lambda self: self.spec.d_in)
+    n_latents = property(lambda self: self.spec.n_latents)
+    activation = property(lambda self: self.spec.activation, doc="the activation's name")
+    k = property(lambda self: self.spec.k)
+    decoder_norm = property(lambda self: self.spec.decoder_norm)
+    init = property(lambda self: self.spec.init)
+    init_encoder_as_decoder_transpose = property(lambda self: self.spec.init_encoder_as_decoder_transpose)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -249,9 +158,40 @@ class E2ESAE(nn.Module):
         return self.W_enc.device
 
     def extra_repr(self) -> str:
-        k = f", k={self.k}" if self.k is not None else ""
-        return (f"d_in={self.d_in}, n_latents={self.n_latents}, activation={self.activation!r}{k}, "
+        params = "".join(f", {key}={value!r}" for key, value in self.spec.hyperparameters().items())
+        return (f"d_in={self.d_in}, n_latents={self.n_latents}, activation={self.activation!r}{params}, "
                 f"decoder_norm={self.decoder_norm!r}")
+
+    # ----------------------------------------------------------------------------------------
+    # where the latents are: all here. ShardedE2ESAE (fastsae.sharded) holds a block of them and
+    # overrides these few methods with the collectives; everything else is shared.
+
+    n_local = property(lambda self: self.W_dec.shape[0], doc="the latents this module holds")
+    latent_offset = 0  # the global id of its first latent
+    shard_count = 1  # modules that together hold the whole dictionary
+
+    def _enter(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the encoders read it (a sharded SAE sums the shards' input gradients here)."""
+        return x
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """A per-token sum over latents, from this module's latents to the whole SAE's."""
+        return partial
+
+    def _gather_candidates(self, values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selection candidates of every module holding latents, side by side (rank order)."""
+        return values, ids
+
+    def _local_code(self, code: SparseCode) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, local ids) of the entries of ``code`` this module decodes."""
+        return code.values, code.indices
+
+    def _partial_bias(self) -> torch.Tensor:
+        return self.b_dec
+
+    def _finish(self, partial: torch.Tensor) -> torch.Tensor:
+        """The reconstruction from this module's partial one (with _partial_bias added)."""
+        return partial
 
     # ----------------------------------------------------------------------------------------
     # forward pass
@@ -267,32 +207,51 @@ class E2ESAE(nn.Module):
             raise TypeError(f"x has dtype {x.dtype} but the SAE's parameters are {self.dtype}; "
                             "cast one to the other (x.to(sae.dtype) or sae.to(x.dtype))")
 
+    def _select(self, x2d: torch.Tensor) -> SparseCode:
+        """A selection activation's code: candidates from the TopK encoder, then its select()
+        (which may ask for wider candidates; see fastsae.activations.batchtopk)."""
+        x_in = self._enter(x2d)
+        while True:
+            values, local = ops.topk_encode(x_in, self.W_enc, self.b_enc, self.activation_fn.candidates(self.n_local))
+            values, ids = self._gather_candidates(values, local + self.latent_offset)
+            code = self.activation_fn.select(values, ids, self, self.training)
+            if code is not None:
+                return code
+
     def encode(self, x: torch.Tensor) -> torch.Tensor | SparseCode:
-        """x [..., d_in] -> the code: ReLU activations [..., n_latents], or a SparseCode [..., k]."""
+        """x [..., d_in] -> the code: a dense [..., n_latents] tensor for the elementwise
+        activations (relu, jumprelu, batchtopk in eval mode), else a SparseCode [..., width]."""
         self._check_input(x)
-        if self.activation == "topk":
-            return SparseCode(*ops.topk_encode(x, self.W_enc, self.b_enc, self.k))
-        return ops.relu_encode(x, self.W_enc, self.b_enc)
+        x2d = x.reshape(-1, self.d_in)
+        if self.activation_fn.selects(self.training):
+            code = self._select(x2d)
+            return SparseCode(*(t.reshape(*x.shape[:-1], t.shape[-1]) for t in code))
+        acts = ops.relu_encode(self._enter(x2d), self.W_enc, self.b_enc)
+        threshold = self.activation_fn.threshold(self)
+        if threshold is not None:  # relu(pre) > theta exactly where pre > theta (theta >= 0)
+            acts = torch.where(acts > threshold, acts, torch.zeros_like(acts))
+        return acts.reshape(*x.shape[:-1], self.n_local)
 
     @torch.no_grad()
     def encode_sparse(self, x: torch.Tensor) -> SparseCode:
         """x [..., d_in] -> the active latents of each token as a SparseCode, for analysis.
 
-        values, indices: [..., width], largest value first; a token with fewer active latents than
-        the width is padded with value 0 at index 0 (so ``values > 0`` marks the real entries).
-        TopK: width k. ReLU: width = the largest number of active latents of any token in x. No
-        [N, n_latents] tensor is built: the ReLU code is compacted chunk by chunk of tokens.
-        Not differentiable.
+        values, indices: [..., width]; a token with fewer active latents than the width is padded
+        with value 0 at index 0 (``values > 0`` marks the real entries). Selection activations:
+        their code as encode() gives it. Elementwise ones: width = the largest number of active
+        latents of any token in x; the code is compacted chunk by chunk of tokens, so no
+        [N, n_latents] tensor is built. Not differentiable.
         """
         self._check_input(x)
-        if self.activation == "topk":
-            return SparseCode(*ops.topk_encode(x, self.W_enc, self.b_enc, self.k))
+        if self.activation_fn.selects(self.training):
+            return self.encode(x)
         from fastsae.ops._checks import chunk_rows
 
         x2d = x.reshape(-1, self.d_in)
+        step = chunk_rows(self.n_latents)
         chunks = []
-        for start in range(0, x2d.shape[0], chunk_rows(self.n_latents)):
-            acts = ops.relu_encode(x2d[start:start + chunk_rows(self.n_latents)], self.W_enc, self.b_enc)
+        for start in range(0, x2d.shape[0], step):
+            acts = self.encode(x2d[start:start + step])
             width = max(1, int((acts > 0).sum(-1).max())) if acts.numel() else 1
             chunks.append(acts.topk(width, dim=-1))
         width = max((v.shape[-1] for v, _ in chunks), default=1)
@@ -313,28 +272,70 @@ class E2ESAE(nn.Module):
             return None
         return self.W_dec.norm(dim=1).clamp_min(1e-8).reciprocal()
 
+    def _normalised_decoder(self) -> torch.Tensor:
+        scale = self.decoder_row_scale()
+        return self.W_dec if scale is None else self.W_dec * scale.unsqueeze(1)
+
     def decode(self, code: torch.Tensor | SparseCode) -> torch.Tensor:
         """The code from ``encode`` -> the reconstruction [..., d_in]."""
-        scale = self.decoder_row_scale()
         if isinstance(code, SparseCode):
-            values = code.values if scale is None else code.values * scale[code.indices]
-            return ops.sparse_decode(values, code.indices, self.W_dec, self.b_dec)
+            values, local = self._local_code(code)
+            scale = self.decoder_row_scale()
+            if scale is not None:
+                values = values * scale[local]
+            return self._finish(ops.sparse_decode(values, local, self.W_dec, self._partial_bias()))
         if not isinstance(code, torch.Tensor):
             raise TypeError(f"code must be a tensor or a SparseCode, got {type(code).__name__}")
-        if self.activation == "topk":
-            raise TypeError("this SAE is TopK: decode expects the SparseCode that encode returns")
-        W_dec = self.W_dec if scale is None else self.W_dec * scale.unsqueeze(1)
-        return ops.dense_decode(code, W_dec, self.b_dec)
+        if self.activation_fn.selects(self.training):
+            raise TypeError(f"this SAE's {self.activation} code is sparse here: decode expects the SparseCode "
+                            "that encode returns")
+        return self._finish(ops.dense_decode(code, self._normalised_decoder(), self._partial_bias()))
 
     def forward(self, x: torch.Tensor, return_code: bool = False):
         """The reconstruction of x, shaped like x (so the module drops into any hook).
 
-        With return_code=True returns SAEOutput(reconstruction, code) from the same pass, for
-        training (the sparsity penalty needs the code).
+        With return_code=True returns SAEOutput(reconstruction, code) from the same pass. Training
+        uses training_forward(), which never builds a dense code.
         """
         code = self.encode(x)
         reconstruction = self.decode(code)
         return SAEOutput(reconstruction, code) if return_code else reconstruction
+
+    def training_forward(self, x: torch.Tensor, p: float = 1.0) -> SAEForward:
+        """The reconstruction and the code statistics training needs, from one fused pass.
+
+        p: the Lp norm of the sparsity term (loss.sparsity_p), for the activations that use it.
+        Elementwise activations run through fastsae.ops.relu_autoencode: no [N, n_latents] code
+        exists in forward or backward. Returns SAEForward (reconstruction shaped like x, the
+        activation's sparsity term, mean L0, the latents that fired, the SparseCode if any).
+        """
+        self._check_input(x)
+        x2d = x.reshape(-1, self.d_in)
+        act = self.activation_fn
+        if act.selects(self.training):
+            code = self._select(x2d)
+            reconstruction = self.decode(code)
+            lp_sum = power_sum(code.values, p)
+            l0 = (code.values > 0).sum(-1, dtype=lp_sum.dtype)
+            fired = self._fired(code)
+        else:
+            out = ops.relu_autoencode(self._enter(x2d), self.W_enc, self.b_enc, self._normalised_decoder(),
+                                      self._partial_bias(), threshold=act.threshold(self), bandwidth=act.bandwidth,
+                                      p=p)
+            reconstruction = self._finish(out.reconstruction)
+            lp_sum, l0, fired, code = self._reduce(out.lp_sum), self._reduce(out.l0), out.fired, None
+        sparsity = act.sparsity_term(lp_sum, l0, p, self.d_in)
+        return SAEForward(reconstruction.reshape(x.shape), sparsity, l0.detach().mean(), fired, code)
+
+    @torch.no_grad()
+    def _fired(self, code: SparseCode) -> torch.Tensor:
+        """bool [n_local]: this module's latents active in ``code``. Counted with index_add_, not a
+        bool index (which would wait for the GPU)."""
+        local = code.indices - self.latent_offset
+        owned = (code.values > 0) & (local >= 0) & (local < self.n_local)
+        counts = torch.zeros(self.n_local, dtype=torch.int32, device=code.values.device)
+        counts.index_add_(0, torch.where(owned, local, 0).reshape(-1), owned.reshape(-1).to(torch.int32))
+        return counts > 0
 
     # ----------------------------------------------------------------------------------------
     # "project" mode helpers
@@ -353,45 +354,47 @@ class E2ESAE(nn.Module):
         self.W_dec.grad.sub_(along * self.W_dec)
 
     # ----------------------------------------------------------------------------------------
-    # save / load
+    # save / load: facades over fastsae.formats, through SAE records
 
-    def config(self) -> dict:
-        from fastsae import __version__
+    def tensor_names(self) -> tuple[str, ...]:
+        """The tensors that define this SAE: W_enc, b_enc, W_dec, b_dec and the activation's."""
+        return ("W_enc", "b_enc", "W_dec", "b_dec", *self.activation_fn.extra_tensors)
 
-        return {
-            "format": "fastsae.E2ESAE",
-            "fastsae_version": __version__,
-            "d_in": self.d_in,
-            "n_latents": self.n_latents,
-            "activation": self.activation,
-            "k": self.k,
-            "decoder_norm": self.decoder_norm,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "metadata": self.metadata,
-            # For SAELens, which reads this file name too: no SAELens architecture has this name,
-            # so SAELens refuses the directory (also with n_latents renamed d_sae) instead of
-            # loading it wrong; the other two are right for both whatever SAELens is told.
-            "architecture": SAELENS_REFUSAL,
-            "apply_b_dec_to_input": False,
-            "normalize_activations": "none",
-        }
+    def latent_dim(self, name: str) -> int | None:
+        """The dimension along which tensor ``name`` holds latents (None: it holds none)."""
+        if name in ("W_enc",):
+            return 1
+        if name in ("b_enc", "W_dec"):
+            return 0
+        extra = self.activation_fn.extra_tensors.get(name)
+        return 0 if extra is not None and extra.per_latent else None
+
+    def to_record(self) -> SAERecord:
+        """The SAE as fastsae.formats writes it (tensors detached, on their device)."""
+        return SAERecord(self.spec, {name: getattr(self, name).detach() for name in self.tensor_names()},
+                         dict(self.metadata), self.dtype)
+
+    @classmethod
+    def from_record(cls, record: SAERecord, *, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> "E2ESAE":
+        """The SAE of a record, on ``device`` (default cpu) in ``dtype`` (default: the saved one)."""
+        dtype = dtype or record.dtype
+        sae = cls.from_spec(record.spec, metadata=record.metadata, dtype=dtype, device="meta")
+        sae = sae.to_empty(device=device or "cpu")
+        with torch.no_grad():
+            for name in sae.tensor_names():
+                target = getattr(sae, name)
+                expected = tuple(target.shape)
+                if tuple(record.tensors[name].shape) != expected:
+                    raise ValueError(f"{record.source}: {name} has shape {tuple(record.tensors[name].shape)}, "
+                                     f"but the SAE's spec implies {expected}")
+                target.copy_(record.tensors[name].to(device=target.device, dtype=target.dtype))
+        return sae
 
     def save_pretrained(self, directory: str | os.PathLike, format: str = "fastsae") -> Path:
         """Write the SAE to ``directory``: format "fastsae" (cfg.json + sae_weights.safetensors, each
         written atomically), "saelens" or "sparsify" (see fastsae.formats for the conversions)."""
-        from safetensors.torch import save_file
-
-        if format != "fastsae":
-            from fastsae import formats
-
-            return formats.save(self, directory, format)
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {name: getattr(self, name).detach().contiguous().cpu() for name in _PARAMETER_NAMES}
-        atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, str(path)))
-        config_text = json.dumps(self.config(), indent=2)
-        atomic_write_text(directory / CONFIG_NAME, config_text)
-        return directory
+        return formats.save(self.to_record(), directory, format)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, hook: str | None = None, *,
@@ -400,49 +403,12 @@ class E2ESAE(nn.Module):
         fastsae.formats reads, detected from the files: a fastsae, SAELens or sparsify directory,
         a fastsae run (its latest checkpoint) or checkpoint directory, a sparsify run, an e2e_sae
         run directory or samples_<N>.pt file. ``hook`` picks the SAE where the path holds several."""
-        from fastsae import formats
+        return cls.from_record(formats.load(path, hook), device=device, dtype=dtype)
 
-        return formats.load(path, hook, device=device, dtype=dtype)
 
-    @classmethod
-    def _load_fastsae(cls, directory: str | os.PathLike, *, device: torch.device | str | None = None,
-                      dtype: torch.dtype | None = None) -> "E2ESAE":
-        """Load a directory written by save_pretrained in fastsae's own format."""
-
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"no SAE directory at {directory}")
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{directory} has no {path.name}: not a saved E2ESAE")
-        config = read_json_object(config_path)
-        unknown = set(config) - _CONFIG_KEYS
-        if unknown:
-            raise ValueError(f"{config_path} has unknown keys {sorted(unknown)}; expected {sorted(_CONFIG_KEYS)}")
-        tensors = load_safetensors(weights_path)
-        saved_dtype = getattr(torch, str(config.get("dtype", "float32")), None)
-        if not isinstance(saved_dtype, torch.dtype):
-            raise ValueError(f"{config_path}: unknown dtype {config.get('dtype')!r}")
-        try:
-            sae = cls(config["d_in"], config["n_latents"], config["activation"], config.get("k"),
-                      decoder_norm=config.get("decoder_norm", "forward"), metadata=config.get("metadata"),
-                      dtype=dtype or saved_dtype, device="meta")
-        except KeyError as error:
-            raise ValueError(f"{config_path} lacks the key {error.args[0]!r}") from None
-        missing = [name for name in _PARAMETER_NAMES if name not in tensors]
-        extra = sorted(set(tensors) - set(_PARAMETER_NAMES))
-        if missing or extra:
-            raise ValueError(f"{weights_path} must hold exactly {list(_PARAMETER_NAMES)}; "
-                             f"missing {missing}, unexpected {extra}")
-        for name in _PARAMETER_NAMES:
-            expected = tuple(getattr(sae, name).shape)
-            if tuple(tensors[name].shape) != expected:
-                raise ValueError(f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}, "
-                                 f"but cfg.json implies {expected}")
-        target = {"device": device or "cpu", "dtype": dtype or saved_dtype}
-        sae = sae.to_empty(device=target["device"])
-        with torch.no_grad():
-            for name in _PARAMETER_NAMES:
-                getattr(sae, name).copy_(tensors[name].to(**target))
-        return sae
+def load_run(path: str | os.PathLike, *, device: torch.device | str | None = None,
+             dtype: torch.dtype | None = None) -> dict[str, E2ESAE]:
+    """{hook: E2ESAE}: the SAEs of a run's latest checkpoint (or of any path holding several SAEs:
+    a checkpoint directory, a `fastsae export` output, a sparsify run, an e2e_sae checkpoint)."""
+    return {hook: E2ESAE.from_record(record, device=device, dtype=dtype)
+            for hook, record in formats.load_all(path).items()}

@@ -79,7 +79,8 @@ def test_paths_and_presets_resolve(tmp_path):
     (["optim.lr.x=1"], r"optim.lr is a value, not a section"),
     (["optim=3"], r"optim must be a mapping"),
     # bad values: the allowed values or range
-    (["saes.activation=gelu"], r"saes.activation='gelu' is not allowed; allowed values: 'relu', 'topk'"),
+    (["saes.activation=gelu"], r"saes.activation='gelu' is not allowed; allowed values: 'batchtopk', 'jumprelu', "
+                               r"'relu', 'topk'"),
     (["amp=fp16"], r"amp='fp16' is not allowed; allowed values: null, 'bf16'"),
     (["model.dtype=float64"], r"model.dtype='float64' is not allowed"),
     (["optim.lr=-1"], r"optim.lr=-1.0 is out of range; allowed: \[0, inf\]"),
@@ -94,8 +95,13 @@ def test_paths_and_presets_resolve(tmp_path):
     # checks across keys
     (["saes.hooks=[]"], r"saes.hooks: give at least one hook"),
     (["saes.hooks=[a, a]"], r"saes.hooks: each hook at most once"),
-    (["saes.activation=topk"], r"saes.k is required"),
-    (["saes.k=4"], r"saes.k is only for saes.activation='topk'"),
+    (["saes.activation=topk"], r"saes.activation='topk': k is required for activation 'topk'"),
+    (["saes.k=4"], r"saes.activation='relu': k is only for the activations \['batchtopk', 'topk'\]"),
+    (["saes.activation=topk", "saes.k=100000", "saes.n_latents=2048"], r"k must be in \[1, n_latents=2048\]"),
+    (["saes.activation=jumprelu", "saes.params={band: 1}"], r"has no hyperparameter 'band'; its hyperparameters: "
+                                                          r"bandwidth, init_threshold"),
+    (["saes.activation=jumprelu", "loss.sparsity_p=0.5"], r"loss.sparsity_p=0.5 does not apply to "
+                                                         r"saes.activation='jumprelu'"),
     (["saes.n_latents=null", "saes.ratio=null"], r"saes.n_latents or saes.ratio"),
     (["loss.downstream_coeff=1"], r"loss.downstream_hooks: give the later hook points"),
     (["loss.downstream_coeff=1", "loss.downstream_hooks=[a, b]", "loss.downstream_coeffs=[1]"],

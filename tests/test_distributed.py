@@ -9,52 +9,18 @@ unsharded; 2 data x 2 shard groups compose; clear errors for a shard count or ba
 divide the processes or the dictionary.
 """
 
-import os
-import socket
-import traceback
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from fastsae.distributed import (Layout, ShardedE2ESAE, average_gradients, clip_grad_norm_, setup, shard_range,
-                                 teardown)
+import fastsae
+from fastsae.activations import ACTIVATIONS
+from fastsae.distributed import Layout, average_gradients, clip_grad_norm_, setup, shard_range
 from fastsae.sae import E2ESAE
+from fastsae.sharded import ShardedE2ESAE
 from fastsae.train import losses
+from helpers_distributed import run_ranks
 
 D_IN, N_LATENTS, K, STEPS = 8, 32, 4, 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(fn, world: int, *args):
-    """fn(rank, world, *args) in `world` gloo processes; re-raises a rank's failure here."""
-    port = _free_port()
-    errors = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_rank_main, args=(world, port, errors, fn, args), nprocs=world, join=True)
-    if not errors.empty():
-        raise AssertionError(errors.get())
-
-
-def _rank_main(rank, world, port, errors, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), FASTSAE_BACKEND="torch")
-    torch.set_num_threads(1)
-    try:
-        fn(rank, world, *args)
-    except BaseException:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-    finally:
-        teardown()
-
-
-def _loss(sae, out, x, sharded):
-    sparsity = sae.sparsity_loss(out.code) if sharded else losses.sparsity_loss(out.code, sae.d_in)
-    return losses.mse_loss(out.reconstruction, x) + 0.1 * sparsity
 
 
 def _train(sae, xs, sharded, layout=None):
@@ -64,8 +30,8 @@ def _train(sae, xs, sharded, layout=None):
     for x in xs:
         x = x.clone().requires_grad_(True)
         optimizer.zero_grad()
-        out = sae(x, return_code=True)
-        loss = _loss(sae, out, x, sharded)
+        out = sae.training_forward(x)
+        loss = losses.mse_loss(out.reconstruction, x) + 0.1 * out.sparsity
         loss.backward()
         if sharded:
             average_gradients([sae], layout)
@@ -84,7 +50,7 @@ def _train(sae, xs, sharded, layout=None):
 def _sharded_equals_whole(rank, world, activation, decoder_norm):
     layout = setup(shards=world)
     torch.manual_seed(0)
-    whole = E2ESAE(D_IN, N_LATENTS, activation, K if activation == "topk" else None, decoder_norm=decoder_norm)
+    whole = E2ESAE(D_IN, N_LATENTS, activation, decoder_norm=decoder_norm, **ACTIVATIONS[activation].example_params)
     xs = [torch.randn(3, 5, D_IN) for _ in range(STEPS)]
     shard = ShardedE2ESAE.from_full(whole, layout)
     start, stop = shard_range(N_LATENTS, world, rank)
@@ -94,28 +60,31 @@ def _sharded_equals_whole(rank, world, activation, decoder_norm):
 
     tol = dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.reconstruction, ref_out.reconstruction, **tol)
-    if activation == "topk":
+    torch.testing.assert_close(out.sparsity, ref_out.sparsity, **tol)
+    assert out.l0 == ref_out.l0
+    assert torch.equal(out.fired, ref_out.fired[start:stop])  # each shard: its own latents
+    if ref_out.code is not None:  # a selection code: the whole SAE's, on every shard
         torch.testing.assert_close(out.code.values, ref_out.code.values, **tol)
         assert torch.equal(out.code.indices, ref_out.code.indices)
-    else:
-        torch.testing.assert_close(out.code, ref_out.code[..., start:stop], **tol)
-        assert shard.l0(out.code) == losses.l0(ref_out.code)
     torch.testing.assert_close(torch.tensor(history), torch.tensor(ref_history), **tol)
-    blocks = {"W_enc": (slice(None), slice(start, stop)), "b_enc": (slice(start, stop),),
-              "W_dec": (slice(start, stop),), "b_dec": (slice(None),), "x": (...,)}
-    for name, block in blocks.items():
-        torch.testing.assert_close(grads[name], ref_grads[name][block], **tol, msg=lambda m: f"grad {name}: {m}")
+    for name, grad in grads.items():
+        dim = None if name == "x" else whole.latent_dim(name)
+        want = ref_grads[name] if dim is None else ref_grads[name].narrow(dim, start, stop - start)
+        torch.testing.assert_close(grad, want, **tol, msg=lambda m: f"grad {name}: {m}")
     gathered = shard.gather()
     if rank == 0:
-        for name, param in whole.named_parameters():
-            torch.testing.assert_close(getattr(gathered, name), param.detach(), **tol,
-                                       msg=lambda m: f"weights {name} after {STEPS} steps: {m}")
+        for name in whole.tensor_names():
+            torch.testing.assert_close(getattr(gathered, name), getattr(whole, name).detach(), **tol,
+                                       msg=lambda m: f"{name} after {STEPS} steps: {m}")
     else:
         assert gathered is None
 
 
-@pytest.mark.parametrize("activation,decoder_norm", [("topk", "forward"), ("relu", "forward"), ("topk", "project")])
+@pytest.mark.parametrize("activation,decoder_norm", [*((name, "forward") for name in sorted(ACTIVATIONS)),
+                                                     ("topk", "project")])
 def test_two_shards_equal_the_whole_sae(activation, decoder_norm):
+    """The registry's every activation: sharded over 2 ranks, the SAE's training pass, gradients and
+    weights after several Adam steps equal the unsharded SAE's."""
     run_ranks(_sharded_equals_whole, 2, activation, decoder_norm)
 
 
@@ -264,8 +233,8 @@ def test_a_killed_rank_resumes_from_the_last_checkpoint_exactly(tmp_path, model_
     shutil.copytree(tmp_path / "killed", tmp_path / "killed-copy")
     run_ranks(_dp_resume, 2, model_dir, str(tmp_path / "killed"))
 
-    whole = ckpt.load_saes(tmp_path / "whole")[HOOK]
-    resumed = ckpt.load_saes(tmp_path / "killed")[HOOK]
+    whole = fastsae.load_run(tmp_path / "whole")[HOOK]
+    resumed = fastsae.load_run(tmp_path / "killed")[HOOK]
     for name, param in whole.named_parameters():
         assert torch.equal(getattr(resumed, name), param), name
     losses_whole = [m["loss"] for m in read_metrics(tmp_path / "whole") if "loss" in m]
@@ -275,7 +244,7 @@ def test_a_killed_rank_resumes_from_the_last_checkpoint_exactly(tmp_path, model_
     one_process = Trainer.from_run_dir(tmp_path / "killed-copy", model=str(model_dir), dataset=global_batches())
     one_process.fit()
     _, weights = _single_steps(model_dir, tmp_path / "single")
-    for name, param in ckpt.load_saes(tmp_path / "killed-copy")[HOOK].named_parameters():
+    for name, param in fastsae.load_run(tmp_path / "killed-copy")[HOOK].named_parameters():
         torch.testing.assert_close(param, weights[name], rtol=1e-4, atol=1e-6)
 
 
@@ -324,7 +293,7 @@ def test_a_two_shard_run_equals_the_unsharded_run(tmp_path, model_dir, overrides
         got = [m[key] for m in read_metrics(tmp_path / "sharded") if key in m]
         want = [m[key] for m in read_metrics(tmp_path / "single") if key in m]
         assert got == pytest.approx(want, rel=1e-4, abs=1e-6) and len(got) == N_STEPS, key
-    sharded = ckpt.load_saes(tmp_path / "sharded")[HOOK]
+    sharded = fastsae.load_run(tmp_path / "sharded")[HOOK]
     for name, param in single.saes[HOOK].named_parameters():
         torch.testing.assert_close(getattr(sharded, name), param.detach(), rtol=1e-4, atol=1e-6)
 
@@ -342,7 +311,7 @@ def test_a_killed_two_shard_run_resumes_on_one_process(tmp_path, model_dir):
     assert resumed.step_count == 4
     resumed.fit()
     _, weights = _single_steps(model_dir, tmp_path / "single", ["loss.auxk_coeff=0"])
-    for name, param in ckpt.load_saes(tmp_path / "killed")[HOOK].named_parameters():
+    for name, param in fastsae.load_run(tmp_path / "killed")[HOOK].named_parameters():
         torch.testing.assert_close(param, weights[name], rtol=1e-4, atol=1e-6)
 
 
@@ -368,5 +337,5 @@ def test_data_parallel_and_sharding_compose(tmp_path, model_dir):
     run_ranks(_sharded_fit, 4, model_dir, str(tmp_path / "composed"), ["saes.activation=topk", "saes.k=4"], False)
     _, weights = _single_steps(model_dir, tmp_path / "single", ["loss.auxk_coeff=0", "saes.activation=topk",
                                                                 "saes.k=4"])
-    for name, param in ckpt.load_saes(tmp_path / "composed")[HOOK].named_parameters():
+    for name, param in fastsae.load_run(tmp_path / "composed")[HOOK].named_parameters():
         torch.testing.assert_close(param, weights[name], rtol=1e-4, atol=1e-6)

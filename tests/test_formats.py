@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 import fastsae
 from fastsae import E2ESAE, formats
+from fastsae.activations import ACTIVATIONS
 from fastsae.sae import SparseCode
 
 D, N, K = 16, 48, 4
@@ -210,7 +211,7 @@ def test_a_directory_saved_again_loads_its_latest_format(tmp_path):
 def test_sparsify_run_dir_maps_hookpoints(tmp_path):
     saes = {hook: make_sae("topk", "project", seed=i, hook=hook)
             for i, hook in enumerate(["blocks.1.hook_resid_pre", "blocks.3.hook_resid_pre"])}
-    written = formats.export(None, "sparsify", tmp_path / "run", saes=saes)
+    written = formats.export(None, "sparsify", tmp_path / "run", records={h: s.to_record() for h, s in saes.items()})
     assert {p.name for p in written.values()} == {"layers.0", "layers.2"}
     with pytest.raises(ValueError, match=r"holds 2 SAEs.*blocks\.1\.hook_resid_pre.*blocks\.3\.hook_resid_pre"):
         E2ESAE.from_pretrained(tmp_path / "run")
@@ -344,7 +345,7 @@ def test_cli_eval_of_a_released_sae(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 # what must not load, or not load silently wrong
 
-@pytest.mark.parametrize("architecture", ["jumprelu", "gated", "batchtopk"])
+@pytest.mark.parametrize("architecture", ["gated", "transcoder", "matryoshka_batchtopk"])
 def test_saelens_other_architectures_are_refused(tmp_path, architecture):
     path = write_saelens_dir(tmp_path / "sl", "standard")
     cfg = json.loads((path / "cfg.json").read_text())
@@ -402,7 +403,7 @@ def test_fastsae_config_cannot_pass_for_saelens(tmp_path):
     (absent: "standard", a ReLU SAE that subtracts b_dec); ours names none of its architectures."""
     make_sae("topk", "forward").save_pretrained(tmp_path / "sae")
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
-    assert cfg["architecture"] not in formats.SAELENS_ARCHITECTURES
+    assert not any(kind.reads_saelens(cfg) for kind in ACTIVATIONS.values())
     assert "format='saelens'" in cfg["architecture"]
     assert cfg["apply_b_dec_to_input"] is False and cfg["normalize_activations"] == "none"
     cfg["d_sae"] = cfg.pop("n_latents")
@@ -452,7 +453,7 @@ def test_against_sparsify(tmp_path, decoder_norm):
     sparsify = pytest.importorskip("sparsify")
     saes = {hook: make_sae("topk", decoder_norm, seed=i, hook=hook)
             for i, hook in enumerate(["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"])}
-    formats.export(None, "sparsify", tmp_path / "run", saes=saes)
+    formats.export(None, "sparsify", tmp_path / "run", records={h: s.to_record() for h, s in saes.items()})
     theirs = sparsify.SparseCoder.load_many(str(tmp_path / "run"), local=True)
     assert sorted(theirs) == ["layers.0", "layers.1"]
     x = inputs().reshape(-1, D)

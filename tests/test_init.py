@@ -24,9 +24,8 @@ HOOK = "blocks.1.hook_resid_pre"
 
 
 def test_default_init_is_paper_for_relu_and_topk_for_topk():
-    assert E2ESAE(8, 32).init == "paper" and E2ESAE(8, 32).metadata["init"] == "paper"
-    topk = E2ESAE(8, 32, "topk", k=4)
-    assert topk.init == "topk" and topk.metadata["init"] == "topk"
+    assert E2ESAE(8, 32).init == "paper" and E2ESAE(8, 32, "jumprelu").init == "paper"
+    assert E2ESAE(8, 32, "topk", k=4).init == "topk" and E2ESAE(8, 32, "batchtopk", k=4).init == "topk"
 
 
 def test_paper_init_matches_the_papers_sae_class():
@@ -60,15 +59,16 @@ def test_topk_init_is_openai_and_sparsify_convention():
 def test_every_init_by_name_for_both_activations_and_project_mode(init):
     for activation, k in (("relu", None), ("topk", 3)):
         sae = E2ESAE(8, 40, activation, k, init=init)
-        assert sae.init == init and sae.metadata["init"] == init
+        assert sae.init == init and sae.spec.init == init
         assert torch.isfinite(sae(torch.randn(5, 8))).all()
         projected = E2ESAE(8, 40, activation, k, init=init, decoder_norm="project")
         torch.testing.assert_close(projected.W_dec.norm(dim=1), torch.ones(40))  # project needs unit rows
 
 
 def test_init_is_saved_in_cfg_json_and_bad_names_are_refused(tmp_path):
-    E2ESAE(8, 16, init="orthogonal").save_pretrained(tmp_path / "sae")
-    assert E2ESAE.from_pretrained(tmp_path / "sae").metadata["init"] == "orthogonal"
+    E2ESAE(8, 16, init="orthogonal", init_encoder_as_decoder_transpose=True).save_pretrained(tmp_path / "sae")
+    loaded = E2ESAE.from_pretrained(tmp_path / "sae")
+    assert (loaded.init, loaded.init_encoder_as_decoder_transpose) == ("orthogonal", True)  # both saved
     with pytest.raises(ValueError, match=r"init must be one of \('paper', 'topk', 'orthogonal'\).*'xavier'"):
         E2ESAE(8, 16, init="xavier")
 
@@ -197,17 +197,18 @@ def test_a_block_of_an_init_is_the_whole_init_s_rows(init, decoder_norm, transpo
     """draw_init(rows=...) streams the whole draw in chunks and keeps its rows: the whole init's
     rows (orthogonal decoders to fp32 rounding, through the Cholesky form), the RNG left as the
     whole init leaves it."""
-    from fastsae.sae import draw_init
+    from fastsae.init import draw_init
+    from fastsae.spec import SAESpec
 
     d, n, shards = 32, 96, 3
-    kwargs = dict(decoder_norm=decoder_norm, init_encoder_as_decoder_transpose=transpose)
+    spec = SAESpec.create(d, n, init=init, decoder_norm=decoder_norm, init_encoder_as_decoder_transpose=transpose)
     torch.manual_seed(0)
-    whole = draw_init(init, d, n, **kwargs)
+    whole = draw_init(spec)
     after_whole = torch.rand(4)
     for shard in range(shards):
         rows = range(shard * n // shards, (shard + 1) * n // shards)
         torch.manual_seed(0)
-        W_enc, b_enc, W_dec, b_dec = draw_init(init, d, n, rows=rows, chunk_rows=7, **kwargs)  # chunks cut blocks
+        W_enc, b_enc, W_dec, b_dec = draw_init(spec, rows=rows, chunk_rows=7)  # chunks cut blocks
         assert torch.equal(torch.rand(4), after_whole)
         block = slice(rows.start, rows.stop)
         exact = init == "topk"  # uniform draws only; the orthogonal decoder differs in rounding
@@ -225,11 +226,12 @@ def test_a_block_of_a_large_init_never_holds_the_whole_dictionary():
 
     code = textwrap.dedent("""
         import resource, torch
-        from fastsae.sae import draw_init
+        from fastsae.init import draw_init
+        from fastsae.spec import SAESpec
         torch.set_num_threads(1)
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         n, d = 131072, 512
-        blocks = draw_init("paper", d, n, rows=range(0, n // 8))
+        blocks = draw_init(SAESpec.create(d, n, init="paper"), rows=range(0, n // 8))
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

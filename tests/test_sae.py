@@ -120,11 +120,14 @@ def test_save_is_atomic_a_crash_leaves_the_previous_checkpoint(tmp_path, monkeyp
 
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"activation": "gelu"}, ValueError, "activation must be one of"),
-    ({"activation": "topk"}, ValueError, "k is required"),
+    ({"activation": "topk"}, ValueError, "k is required for activation 'topk'"),
     ({"activation": "topk", "k": 0}, ValueError, r"k must be in \[1, n_latents=20\]"),
     ({"activation": "topk", "k": 21}, ValueError, r"k must be in \[1, n_latents=20\]"),
-    ({"activation": "topk", "k": 2.5}, TypeError, "k must be an int"),
-    ({"activation": "relu", "k": 4}, ValueError, "k is only for activation='topk'"),
+    ({"activation": "topk", "k": 2.5}, ValueError, "k must be an int"),
+    ({"activation": "relu", "k": 4}, ValueError, r"k is only for the activations \['batchtopk', 'topk'\]"),
+    ({"activation": "jumprelu", "bandwidth": 0}, ValueError, r"bandwidth must be in \(0, inf\)"),
+    ({"activation": "jumprelu", "band": 1}, ValueError, "activation 'jumprelu' has no hyperparameter 'band'"),
+    ({"activation": "batchtopk"}, ValueError, "k is required for activation 'batchtopk'"),
     ({"decoder_norm": "never"}, ValueError, "decoder_norm must be one of"),
     ({"n_latents": 0}, ValueError, "n_latents must be a positive int"),
 ])

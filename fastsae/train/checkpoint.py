@@ -37,11 +37,12 @@ from pathlib import Path
 import torch
 
 from fastsae._files import atomic_write_text, fsync_path, honour_umask
-from fastsae.sae import E2ESAE
-# The layout's names and its reading side live in fastsae.formats, below the trainer, so that
+# The layout's names and its reading side live in fastsae.runs, below the trainer, so that
 # E2ESAE.from_pretrained and fastsae.load_run open run directories without importing it.
-from fastsae.formats import CHECKPOINTS, LATEST, SAE_DIR, STATE_FILE, latest_checkpoint  # noqa: F401
-CONFIG_FILE = "config.yaml"
+from fastsae.runs import CHECKPOINTS, LATEST, RUN_CONFIG, SAE_DIR, STATE_FILE, latest_checkpoint  # noqa: F401
+from fastsae.sae import E2ESAE, load_run
+
+CONFIG_FILE = RUN_CONFIG
 OVERRIDES_FILE = "overrides.yaml"
 LOCK_FILE = ".lock"
 # What a run writes into its directory: cleared when a run that never checkpointed is started again.
@@ -98,19 +99,10 @@ def load_checkpoint(path: str | os.PathLike, *, device=None, dtype=None) -> tupl
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
-    saes = {sub.name: E2ESAE.from_pretrained(sub, device=device, dtype=dtype)
-            for sub in sorted((path / SAE_DIR).iterdir()) if sub.is_dir()}
+    saes = load_run(path, device=device, dtype=dtype)
     # Our own file: it holds numpy / python RNG states, which weights_only would refuse.
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     return saes, state
-
-
-def load_saes(run_dir: str | os.PathLike, *, device=None, dtype=None) -> dict[str, E2ESAE]:
-    """The SAEs of a run's newest checkpoint, by hook name."""
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint under {CHECKPOINTS}/")
-    return load_checkpoint(ckpt, device=device, dtype=dtype)[0]
 
 
 # ---------------------------------------------------------------------- run directories

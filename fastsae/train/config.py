@@ -19,8 +19,11 @@ from pathlib import Path
 
 import yaml
 
+from fastsae._dtypes import DTYPE_NAMES as DTYPES
+from fastsae.activations import ACTIVATION_NAMES, get_activation
+from fastsae.spec import DECODER_NORMS, INITS, check_params
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -47,11 +50,16 @@ class SAEConfig:
     hooks: list[str] = _field(["blocks.1.hook_resid_pre"], help="hook points, one SAE each")
     n_latents: int | None = _field(None, low=1, help="dictionary size; null: ratio * d_in")
     ratio: float | None = _field(60.0, low=0, help="n_latents / d_in when n_latents is null (the paper's dict_size_to_input_ratio)")
-    activation: str = _field("relu", choices=("relu", "topk"))
-    k: int | None = _field(None, low=1, help="active latents per token (topk only)")
-    decoder_norm: str = _field("forward", choices=("forward", "project"))
-    init: str = _field("auto", choices=("auto", "paper", "topk", "orthogonal"),
-                       help="parameter init (E2ESAE's init=); auto: paper for relu, topk for topk")
+    activation: str = _field("relu", choices=ACTIVATION_NAMES, help="the SAE activation (fastsae.activations)")
+    k: int | float | None = _field(None, low=0, help="active latents per token (topk; batchtopk: on average over "
+                                                     "the batch)")
+    params: dict[str, int | float | bool | str] = _field(
+        {}, help="the activation's other hyperparameters, e.g. {bandwidth: 0.001, init_threshold: 0.001} for "
+                 "jumprelu, {threshold_lr: 0.01} for batchtopk")
+    decoder_norm: str = _field("forward", choices=DECODER_NORMS)
+    init: str = _field("auto", choices=("auto", *INITS),
+                       help="parameter init (E2ESAE's init=); auto: the activation's (paper for relu and jumprelu, "
+                            "topk for topk and batchtopk)")
     init_encoder_as_decoder_transpose: bool = _field(False)
     dtype: str = _field("float32", choices=DTYPES, help="dtype the SAE parameters are stored and run in")
     shards: int = _field(1, low=1, help="ranks each SAE's latents are split across under torchrun (must divide "
@@ -218,12 +226,17 @@ class TrainConfig:
             raise ConfigError(f"saes.hooks: each hook at most once, got {s.hooks}")
         if s.n_latents is None and not s.ratio:
             raise ConfigError("saes.n_latents or saes.ratio must be set (the dictionary size)")
-        if s.activation == "topk" and s.k is None:
-            raise ConfigError("saes.k is required when saes.activation is 'topk'")
-        if s.activation == "relu" and s.k is not None:
-            raise ConfigError(f"saes.k is only for saes.activation='topk' (got k={s.k} with 'relu'); set saes.k=null")
+        kind = get_activation(s.activation)
+        try:  # k against n_latents waits for the model's width where the size is a ratio (Trainer)
+            check_params(kind, s.k, s.params, s.n_latents)
+        except ValueError as error:
+            raise ConfigError(f"saes.activation={s.activation!r}: {error} (hyperparameters: saes.k, "
+                              "saes.params)") from None
         if not 0 < loss.sparsity_p <= 2:
             raise ConfigError(f"loss.sparsity_p must be in (0, 2], got {loss.sparsity_p}")
+        if not kind.sparsity_uses_p and loss.sparsity_p != 1:
+            raise ConfigError(f"loss.sparsity_p={loss.sparsity_p} does not apply to saes.activation={s.activation!r}, "
+                              "whose sparsity term is not an Lp norm (see its module in fastsae.activations)")
         if loss.downstream_coeff > 0 and not loss.downstream_hooks:
             raise ConfigError("loss.downstream_hooks: give the later hook points for loss.downstream_coeff > 0")
         if loss.downstream_coeffs is not None:

@@ -1,6 +1,8 @@
 """The loss terms of SAE training, each as in the paper's code (Braun et al. 2024) unless noted.
 
-    sparsity      Lp norm of the code over latents, mean over tokens, divided by d_in.
+    sparsity      the activation's term (fastsae.activations; E2ESAE.training_forward computes it):
+                  the paper's Lp norm of the code over latents, mean over tokens, divided by d_in;
+                  JumpReLU's straight-through L0 / d_in.
     local MSE     the SAE's output vs its input, mean over all elements ("in_to_orig" for local SAEs).
     KL            KL(p_orig || p_sae) of the next-token distributions, mean over tokens, from the two
                   final hidden states through fastsae.ops.fused_linear_kl (no N x V logits).
@@ -18,14 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastsae import ops
-from fastsae.sae import E2ESAE, SparseCode
-
-
-def sparsity_loss(code: torch.Tensor | SparseCode, d_in: int, p: float = 1.0) -> torch.Tensor:
-    """||code||_p per token, mean over tokens, / d_in. For TopK the norm is over the k values
-    (the other latents are 0 and add nothing to the norm)."""
-    values = code.values if isinstance(code, SparseCode) else code
-    return torch.linalg.vector_norm(values.float(), ord=p, dim=-1).mean() / d_in
+from fastsae.sae import E2ESAE
 
 
 def mse_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -93,23 +88,6 @@ def auxk_loss(sae: E2ESAE, x: torch.Tensor, reconstruction: torch.Tensor, dead: 
     error_hat = ops.sparse_decode(values, indices, sae.W_dec, zero_bias).float()
     variance = (error - error.mean(0)).pow(2).sum().clamp_min(1e-12)
     return min(1.0, n_dead / k_aux) * (error_hat - error).pow(2).sum() / variance
-
-
-def l0(code: torch.Tensor | SparseCode) -> torch.Tensor:
-    """Mean number of active (non-zero) latents per token, detached."""
-    values = code.values if isinstance(code, SparseCode) else code
-    # a bool mask (1 byte per latent), counted without a float copy of the dense ReLU code
-    return (values.detach() > 0).sum(-1, dtype=torch.float32).mean()
-
-
-def fired_latents(code: torch.Tensor | SparseCode, n_latents: int) -> torch.Tensor:
-    """bool [n_latents]: the latents active on at least one token of this batch."""
-    if isinstance(code, SparseCode):
-        # Counted with index_add_, not fired[indices[active]] = True: a bool index waits for the GPU.
-        active = (code.values.detach() > 0).reshape(-1).to(torch.int32)
-        counts = torch.zeros(n_latents, dtype=torch.int32, device=code.values.device)
-        return counts.index_add_(0, code.indices.reshape(-1), active) > 0
-    return (code.detach() > 0).reshape(-1, n_latents).any(0)
 
 
 def explained_variance(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:

@@ -152,7 +152,7 @@ def write_eval_json(run_dir: str | os.PathLike, metrics: dict, config: dict, *, 
                     training_tokens: int, n_latents: int | None = None) -> Path:
     """Write RUN_DIR/eval.json atomically (temporary file, fsync, rename) and return its path.
 
-    It holds the run's name, kind (local / e2e / e2e+ds), sparsity coefficient, hooks and total
+    It holds the run's name, kind (local / e2e / e2e+ds), SAE activation, sparsity coefficient, hooks and total
     latents, the step and training tokens the SAEs had, the eval tokens, and `metrics`: Trainer.evaluate's
     result with the "eval/" prefix dropped. A later eval of the run replaces it.
     """
@@ -161,6 +161,7 @@ def write_eval_json(run_dir: str | os.PathLike, metrics: dict, config: dict, *, 
         "run": config.get("name"),
         "model": (config.get("model") or {}).get("name"),
         "kind": run_kind(config),
+        "activation": config["saes"]["activation"],
         "sparsity_coeff": config["loss"]["sparsity_coeff"],
         "hooks": list(config["saes"]["hooks"]),
         "n_latents": n_latents,
@@ -199,3 +200,29 @@ def format_metrics(metrics: dict, keys: list[str] | None = None) -> str:
         text = f"{value:.6g}" if isinstance(value, float) else str(value)
         lines.append(f"  {key:<{width}}  {text}")
     return "\n".join(lines)
+
+
+# The metrics printed at the end of fit() and by `fastsae eval`, in this order (then per SAE).
+SUMMARY_KEYS = ["kl", "ce_orig", "ce_sae", "ce_increase", "top1_agreement", "l0"]
+
+
+def log_line(metrics: dict, step: int, total: int) -> str:
+    """One plain console line for a logged step (what the progress bar shows, when it is off)."""
+    parts = [f"step {step}/{total}", f"tokens {int(metrics['tokens']):,}"]
+    for key, fmt in (("loss", ".4g"), ("kl", ".4g"), ("ce_increase", ".4g"), ("l0", ".1f"), ("lr", ".3g"),
+                     ("tokens_per_s", ".3g")):
+        if key in metrics:
+            parts.append(f"{key} {float(metrics[key]):{fmt}}")
+    return "fastsae: " + ", ".join(parts)
+
+
+def summarize(metrics: dict, hooks: list[str] | None = None, prefix: str = "") -> str:
+    """The headline metrics as a console table: the global ones, then each SAE's (hooks: in this
+    order; None: every hook with an l0 entry)."""
+    if hooks is None:
+        hooks = [key.removeprefix(prefix + "l0/") for key in metrics if key.startswith(prefix + "l0/")]
+    keys = [prefix + k for k in SUMMARY_KEYS]
+    for hook in hooks:
+        keys += [f"{prefix}{name}/{hook}" for name in ("l0", "explained_variance", "mse", "alive")]
+    keys += [k for k in metrics if k.startswith((prefix + "downstream_mse/", prefix + "downstream_explained_variance/"))]
+    return format_metrics(metrics, keys)

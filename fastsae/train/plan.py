@@ -12,8 +12,11 @@ Per GPU, for the config's batch and sharding (world = gpus = data groups x saes.
   backward: the spliced run's saved tensors in the blocks after the first SAE, the clean run's
   cached residuals, and the SAEs' inputs and codes (a ReLU SAE's dense [tokens, n_local] code and
   its gradients; a TopK SAE's [tokens, k] code and the gathered [tokens, k x shards] candidates).
-- workspaces: the chunked buffers of the encoder (a [chunk, n_local] pre-activation block) and of
-  the fused KL (two [chunk, d_vocab] fp32 logits blocks), CHUNK_ELEMENTS elements each.
+  The activation's family decides (fastsae.activations): a selection activation keeps its
+  candidates per token; an elementwise one (fastsae.ops.relu_autoencode) keeps no code at all.
+- workspaces: the chunked buffers of the encoder (a [chunk, n_local] pre-activation block; the
+  elementwise pass's forward and recomputing backward blocks) and of the fused KL (two
+  [chunk, d_vocab] fp32 logits blocks), CHUNK_ELEMENTS elements each.
 - optimizer temporaries: Adam's foreach step allocates one parameter-sized temporary after the
   activations are freed; the plan counts only what it adds beyond them.
 - reserve: the CUDA context and cuBLAS workspace (1 GiB) plus 5 % of the GPU for allocator
@@ -33,10 +36,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastsae._dtypes import DTYPES
+from fastsae.activations import get_activation
+from fastsae.spec import check_params
 from fastsae.train.config import ConfigError, TrainConfig
 
 GiB = 1 << 30
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+# [chunk, n_local] fp32 blocks an elementwise pass (fastsae.ops.relu_autoencode's reference) holds
+# at its peak: backward's recomputed pre-activations and code, the code's and the pre-activations'
+# gradients.
+_ELEMENTWISE_BLOCKS = 4
 # The CUDA context, cuBLAS workspace and NCCL buffers, and the allocator's fragmentation.
 CONTEXT_RESERVE = 1 * GiB
 FRAGMENTATION = 0.05
@@ -157,7 +167,9 @@ def _items(cfg: TrainConfig, lm: LMShape, n_latents: int, gpus: int, shards: int
     items = {"LM weights": lm.n_params * lm_bytes}
     if lm_bytes != 4 and cfg.is_e2e:
         items["LM weights"] += d * lm.d_vocab * 4  # the trainer's fp32 W_U for the KL
-    sae_params = n_saes * (2 * d * n_local + n_local + d)
+    # W_enc, W_dec, b_enc, b_dec and the activation's trained per-latent tensors (JumpReLU's threshold)
+    per_latent = sum(extra.per_latent and extra.trainable for extra in get_activation(cfg.saes.activation).extra_tensors.values())
+    sae_params = n_saes * (2 * d * n_local + (1 + per_latent) * n_local + d)
     items["SAE weights"] = sae_params * sae_bytes
     items["SAE gradients"] = sae_params * sae_bytes
     items["Adam state"] = 2 * sae_params * sae_bytes
@@ -177,18 +189,17 @@ def _items(cfg: TrainConfig, lm: LMShape, n_latents: int, gpus: int, shards: int
 
     # The SAEs: the input and the reconstruction partials, plus the code and its gradients.
     sae_acts = n_saes * tokens * sae_bytes * 4 * d
-    if cfg.saes.activation == "topk":
-        k = cfg.saes.k or 1
-        sae_acts += n_saes * tokens * k * (shards + 2) * (sae_bytes + 8)
-    else:
-        # the dense local code (kept for backward), its gradient (decoder and sparsity terms
-        # accumulate into one) and the pre-activation gradient: three [tokens, n_local] at the peak
-        sae_acts += n_saes * tokens * n_local * sae_bytes * 3
+    activation = _activation(cfg)
+    workspace = 0
+    if activation.selects(True):
+        # each shard's candidates, gathered, and the selected code; the encoder's pre-activation chunk
+        width = min(activation.candidates(n_local), n_local)
+        sae_acts += n_saes * tokens * width * (shards + 2) * (sae_bytes + 8)
+        workspace += n_saes * min(CHUNK_ELEMENTS, tokens * n_local) * 4
+    else:  # no code is kept: the pass recomputes its [chunk, n_local] blocks in backward
+        workspace += n_saes * _ELEMENTWISE_BLOCKS * min(CHUNK_ELEMENTS, tokens * n_local) * 4
     items["SAE activations"] = sae_acts
 
-    workspace = 0
-    if cfg.saes.activation == "topk":  # the encoder's pre-activation chunk (ReLU writes the code directly)
-        workspace += n_saes * min(CHUNK_ELEMENTS, tokens * n_local) * 4
     if cfg.is_e2e:
         workspace += min(CHUNK_ELEMENTS, tokens * 2 * lm.d_vocab) * 4  # the fused KL's two logits blocks
     items["kernel workspaces"] = workspace
@@ -197,6 +208,13 @@ def _items(cfg: TrainConfig, lm: LMShape, n_latents: int, gpus: int, shards: int
     step_transients = items["LM activations"] + items["SAE activations"] + workspace
     items["optimizer temporaries"] = max(0, sae_params * sae_bytes - step_transients)
     return items, micro
+
+
+def _activation(cfg: TrainConfig):
+    """The config's activation with its hyperparameters (checked without a dictionary size: the
+    planner tries many)."""
+    kind = get_activation(cfg.saes.activation)
+    return kind(check_params(kind, cfg.saes.k, cfg.saes.params, None))
 
 
 def _block(hook: str) -> int:

@@ -122,6 +122,7 @@ def point_status(point: SweepPoint, total_steps: int) -> str:
 
 def run_point(point: SweepPoint, overrides: list[str] | None = None, model=None, log=print) -> str:
     """Train (or resume, or only evaluate) one point; returns what was done."""
+    from fastsae.train.evaluator import evaluate_run
     from fastsae.train.trainer import Trainer
 
     config = point_config(point, overrides)
@@ -133,21 +134,19 @@ def run_point(point: SweepPoint, overrides: list[str] | None = None, model=None,
         trainer.fit()
         return "trained"
     # the saved config.yaml (not the preset as it is now) defines a started run
-    trainer = Trainer.from_run_dir(point.run_dir, model=model, overrides=overrides)
     if status == "partial":
+        trainer = Trainer.from_run_dir(point.run_dir, model=model, overrides=overrides)
         log(f"  resuming at step {trainer.step_count}")
         trainer.fit()
         return "resumed"
-    trainer.evaluate()  # writes eval.json
+    evaluate_run(point.run_dir, overrides=overrides, model=model)  # writes eval.json; no optimizer
     return "evaluated"
 
 
 def _load_model(config):
-    from fastsae.model.lm import LanguageModel
-    from fastsae.train.trainer import _DTYPES, resolve_device
+    from fastsae.train import setup
 
-    return LanguageModel.load(config.model.name, device=resolve_device(config.device),
-                              dtype=_DTYPES[config.model.dtype], api=config.model.api)
+    return setup.load_language_model(config, None, setup.resolve_device(config.device))[0]
 
 
 def run_sweep(points: list[SweepPoint], overrides: list[str] | None = None, model=None, log=print) -> dict:

@@ -3,28 +3,21 @@
     trainer = Trainer(load_config("embedded"))
     trainer.fit()                       # or, by hand: metrics = trainer.step(tokens)
 
-One training step (per micro-batch), e2e:
-    1. clean run, no grad: the final hidden state h_orig, the residual at the first SAE's block
-       (resid_pre) and the downstream hooks' activations. No logits.
-    2. spliced run from that cached residual: the blocks before the first SAE are not run again,
-       and the backward pass goes only through the blocks after it. Each SAE replaces its hook's
-       activation; the final hidden state h_sae comes out. No logits.
-    3. KL(p_orig || p_sae) from (h_sae, h_orig, W_U) by fastsae.ops.fused_linear_kl, which never
-       materialises the N x V logits; it also returns the CE of both runs and top-1 agreement.
-    4. + sparsity (+ downstream MSE, + local MSE, + AuxK for TopK SAEs); backward.
-Local training (no KL, no downstream term) runs the clean model only up to the last SAE hook.
+The trainer is the loop; its rooms are: fastsae.train.setup (model, SAEs, data, optimizer from
+the config), objective (one batch's forward pass and the table of loss terms), evaluator (the
+held-out eval pass), state (checkpoint and exact resume) and metrics (logging).
 
-Then: gradient clipping on the SAE parameters, Adam (torch's fused one on CUDA), the LR schedule
-(linear warmup by samples, cosine to min_lr_factor), and for decoder_norm="project" the
-parallel-gradient removal before the step and the row projection after it. The LM is frozen: no
-gradient, not in the optimizer. On CUDA nothing in a step waits for the GPU: metrics stay on the
-device until a logging step reads them (step_async / read_metrics).
+One optimizer step: the objective's loss per micro-batch (optim.grad_accum of them), backward,
+gradient clipping on the SAE parameters, Adam (torch's fused one on CUDA), the LR schedule (linear
+warmup by samples, cosine to min_lr_factor), and for decoder_norm="project" the parallel-gradient
+removal before the step and the row projection after it. The LM is frozen: no gradient, not in the
+optimizer. On CUDA nothing in a step waits for the GPU: metrics stay on the device until a logging
+step reads them (step_async / read_metrics).
 """
 
 from __future__ import annotations
 
 import math
-import random
 import signal
 import threading
 import time
@@ -33,49 +26,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from fastsae import distributed
-from fastsae.sae import E2ESAE, SparseCode
 from fastsae.train import checkpoint as ckpt
-from fastsae.train import losses
-from fastsae.train.config import ConfigError, TrainConfig, load_config
-from fastsae.train.data import TokenStream
-from fastsae.train.metrics import (DeadLatentTracker, MetricsLogger, format_metrics, truncate_metrics,
-                                   write_eval_json)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The metrics printed at the end of fit() and by `fastsae eval`, in this order (then per SAE).
-SUMMARY_KEYS = ["kl", "ce_orig", "ce_sae", "ce_increase", "top1_agreement", "l0"]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":  # a config error here, not a raw CUDA traceback at the first tensor
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={name!r} but CUDA is not available (torch {torch.__version__}, "
-                              f"{'a CPU build' if torch.version.cuda is None else 'no GPU visible'}); "
-                              "set device=cpu or device=auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device={name!r} but there are {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_factor: float) -> float:
-    """The paper code's schedule (e2e_sae.utils.get_cosine_schedule_with_warmup): linear warmup
-    from 0 (step 0 has factor 0, so the first update does not move the SAE), then cosine decay
-    from 1 to min_factor at total_steps, never below min_factor.
-
-    The paper's code passes warmup_samples // batch_size and n_samples // batch_size (both
-    rounded down), so a last partial batch runs just past total_steps, as there.
-    """
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return max(min_factor, min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
+from fastsae.train import setup
+from fastsae.train.config import TrainConfig, load_config
+from fastsae.train.evaluator import Evaluator
+from fastsae.train.metrics import DeadLatentTracker, MetricsLogger, log_line, truncate_metrics
+from fastsae.train.objective import Objective
+from fastsae.train.state import Checkpointing, rng_state
 
 
 class PendingMetrics(NamedTuple):
@@ -86,11 +46,6 @@ class PendingMetrics(NamedTuple):
     lr: float
     step: int
     tokens: int
-
-
-def _local_latents(sae: E2ESAE) -> int:
-    """The latents this process holds of an SAE: all of them, or a ShardedE2ESAE's block."""
-    return getattr(sae, "n_local", sae.n_latents)
 
 
 class _SilentLogger:
@@ -105,7 +60,7 @@ class _SilentLogger:
         pass
 
 
-class Trainer:
+class Trainer(Checkpointing):
     """Trains the SAEs of `config` (a TrainConfig, a preset name / YAML path, or a dict).
 
     model: a fastsae LanguageModel, a TransformerLens model (HookedTransformer or
@@ -118,111 +73,34 @@ class Trainer:
     """
 
     def __init__(self, config, model=None, dataset=None, *, eval_dataset=None, run_dir=None,
-                 saes: dict[str, E2ESAE] | None = None, overwrite: bool = False):
+                 saes: dict | None = None, overwrite: bool = False):
         if not isinstance(config, TrainConfig):
             config = load_config(config)
         self.config = cfg = config
         # Under torchrun: this process's place in data groups x shards (see fastsae.distributed);
         # one process otherwise. Every data rank reads the whole global batch and keeps its rows.
-        try:
-            self.layout = distributed.setup(cfg.saes.shards)
-        except ValueError as error:
-            raise ConfigError(f"config: {error}") from None
-        if cfg.optim.batch_size % (self.layout.data_size * cfg.optim.grad_accum):
-            raise ConfigError(f"config: optim.batch_size={cfg.optim.batch_size} must be divisible by the data "
-                              f"ranks ({self.layout.data_size} = {self.layout.world_size} processes / saes.shards="
-                              f"{self.layout.shards}) x optim.grad_accum ({cfg.optim.grad_accum})")
-        self.device = resolve_device(cfg.device)
+        self.layout = setup.setup_layout(cfg)
+        self.device = setup.resolve_device(cfg.device)
         if self.layout.distributed and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
-        self.lm = self._language_model(model)
+        self.lm, self.device = setup.load_language_model(cfg, model, self.device)
         # The KL and CE never build logits: refuse a model whose logits that path cannot reproduce.
         self.lm.check_logit_free_path()
-        self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
         if self.device.type == "cuda":
             # Process-wide, like torch's own switch: cuBLAS and fastsae's kernels (through
             # fastsae.kernels._common.matmul_mode) both read it. CPU runs keep torch's setting.
             torch.set_float32_matmul_precision(cfg.matmul_precision)
-
-        # Hooks in the order the model computes them; the spliced run starts at the first one.
-        for hook in [*cfg.saes.hooks, *cfg.loss.downstream_hooks]:
-            try:
-                self.lm.validate_hook(hook)
-            except ValueError as error:
-                raise ConfigError(f"config: {error}") from None
-        self.hooks = sorted(cfg.saes.hooks, key=self.lm.block_index)
-        self.downstream = cfg.downstream_weights()
-        last_sae_block = self.lm.block_index(self.hooks[-1])
-        for hook in self.downstream:
-            if hook in self.hooks or self.lm.block_index(hook) < last_sae_block:
-                raise ConfigError(f"config: loss.downstream_hooks: {hook!r} must come after the last SAE "
-                                 f"hook {self.hooks[-1]!r}")
-        try:
-            self.start_hook = self.lm.start_point(self.hooks[0])
-        except ValueError:  # an SAE on the embedding: the spliced run starts from the tokens
-            self.start_hook = None
-
-        # The SAEs, built from the seed so that two runs of one config start equal.
-        sae_dtype = _DTYPES[cfg.saes.dtype]
-        sharded = self.layout.shards > 1  # each rank keeps its block of every SAE's latents
-        if sharded and cfg.saes.activation == "topk" and cfg.loss.auxk_coeff:
-            raise ConfigError("config: loss.auxk_coeff: AuxK is not implemented for sharded SAEs "
-                              "(saes.shards > 1); set loss.auxk_coeff=0")
-        if saes is None:
-            torch.manual_seed(cfg.seed)
-            n_latents = cfg.saes.n_latents or int(round(cfg.saes.ratio * self.lm.d_model))
-            spec = dict(decoder_norm=cfg.saes.decoder_norm, init=None if cfg.saes.init == "auto" else cfg.saes.init,
-                        init_encoder_as_decoder_transpose=cfg.saes.init_encoder_as_decoder_transpose, dtype=sae_dtype)
-            shape = (self.lm.d_model, n_latents, cfg.saes.activation, cfg.saes.k)
-            saes = {}
-            for hook in self.hooks:
-                metadata = {"hook": hook, "model": cfg.model.name, "run": cfg.name}
-                if not sharded:
-                    saes[hook] = E2ESAE(*shape, metadata=metadata, device=self.device, **spec)
-                    continue
-                try:  # this rank's block of the whole init, drawn without the whole dictionary
-                    saes[hook] = distributed.ShardedE2ESAE.drawn(self.layout, *shape, metadata=metadata,
-                                                                 device=self.device, **spec)
-                except ValueError as error:
-                    raise ConfigError(f"config: saes.shards: {error}") from None
-        if sorted(saes) != sorted(self.hooks):
-            raise ValueError(f"saes must have one SAE per hook in config.saes.hooks {self.hooks}, got {sorted(saes)}")
-        # A path (a released SAE in any format E2ESAE.from_pretrained reads) is loaded for its hook.
-        saes = {hook: E2ESAE.from_pretrained(sae, hook=hook) if isinstance(sae, (str, Path)) else sae
-                for hook, sae in saes.items()}
-        for hook, sae in saes.items():
-            if sae.d_in != self.lm.d_model:
-                raise ValueError(f"saes[{hook!r}] reads d_in={sae.d_in} but the model's d_model is {self.lm.d_model}")
-        if sharded:  # whole SAEs given by the caller: each rank keeps its block
-            try:
-                saes = {hook: sae if isinstance(sae, distributed.ShardedE2ESAE)
-                        else distributed.ShardedE2ESAE.from_full(sae, self.layout) for hook, sae in saes.items()}
-            except ValueError as error:
-                raise ConfigError(f"config: saes.shards: {error}") from None
-        self.saes = {hook: saes[hook].to(self.device) for hook in self.hooks}
+        self.hooks = setup.check_hooks(cfg, self.lm)
+        self.saes = setup.build_saes(cfg, self.hooks, self.lm.d_model, self.layout, self.device, saes)
         self.params = [p for hook in self.hooks for p in self.saes[hook].parameters()]
-
-        # On CUDA, torch's fused Adam: one kernel for all parameters instead of several per tensor.
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                          fused=True if self.device.type == "cuda" else None)
-        # the schedule's length is n_samples // batch_size as in the paper's code (total_steps,
-        # the steps run, rounds up)
-        warmup, floor = cfg.warmup_steps, cfg.optim.min_lr_factor
-        total = max(1, cfg.optim.n_tokens // cfg.tokens_per_step)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, warmup, total, floor))
-        self.trackers = {hook: DeadLatentTracker(_local_latents(sae), cfg.log.dead_window_tokens, self.device)
+        self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.params, self.device)
+        self.trackers = {hook: DeadLatentTracker(sae.n_local, cfg.log.dead_window_tokens, self.device)
                          for hook, sae in self.saes.items()}
+        self.objective = Objective(cfg, self.lm, self.saes, self.hooks, self.layout, self.trackers)
+        self.evaluator = Evaluator(self.objective, eval_dataset)
 
-        # W_U for the KL in fp32 (a copy only when the LM is not fp32): the op's math is fp32, and
-        # rounding both hidden states to bf16 would add noise of the size of a small KL.
-        self.W_U = self.lm.W_U.detach().float()
-        self.b_U = None if self.lm.b_U is None else self.lm.b_U.detach().float()
-
-        self.dataset = None if dataset is None else self._adapt_data(dataset, cfg.optim.batch_size, "dataset")
-        self.eval_dataset = eval_dataset  # adapted at each evaluate(), which reads it from its start
-        # a TokenStream given as eval data: every eval restarts it where it stood when given
-        self._eval_start = eval_dataset.state_dict() if isinstance(eval_dataset, TokenStream) else None
+        self.dataset = None if dataset is None else setup.adapt_data(cfg, self.lm, dataset, cfg.optim.batch_size,
+                                                                     "dataset")
         self.run_dir = Path(run_dir or cfg.run_dir or
                             Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}")
         self.overwrite = overwrite  # fit() may move an old run in run_dir aside (see ckpt.claim_run_dir)
@@ -232,143 +110,20 @@ class Trainer:
         self.step_count = 0
         self.tokens_seen = 0
         self._unread_tokens, self._unread_seconds = 0, 0.0  # steps since the last read_metrics()
-        self._stream = None  # the training batches, built on first use
-        self._batches = None
+        self._batches = None  # the training batches, built on first use
         self._batches_consumed = 0  # for plain iterables: how many to skip on resume
         self._resume_point = None  # data/RNG state before the batch of a step in progress
         self._updating = False  # inside optimizer.step(): an interrupt there leaves no clean state
         self._stop_signal = None
         self._wandb_id = None
 
-    # ------------------------------------------------------------------ construction helpers
-
-    def _language_model(self, model):
-        from fastsae.model.lm import LanguageModel
-
-        cfg = self.config
-        if model is None or isinstance(model, (str, Path)):
-            return LanguageModel.load(str(model or cfg.model.name), device=self.device,
-                                      dtype=_DTYPES[cfg.model.dtype], api=cfg.model.api)
-        if isinstance(model, LanguageModel):
-            if model.device != self.device and cfg.device != "auto":
-                raise ValueError(f"the model is on {model.device} but config.device is {cfg.device!r}")
-            self.device = model.device
-            return model
-        lm = LanguageModel.wrap(model)
-        self.device = lm.device
-        return lm
+    @property
+    def start_hook(self) -> str | None:
+        """The resid_pre hook the spliced run starts from (None: from the tokens)."""
+        return self.objective.start_hook
 
     def _build_stream(self, split: str, batch_size: int):
-        from fastsae.train.data import build_token_stream
-
-        cfg = self.config
-        return build_token_stream(cfg.data_spec(), self.lm.tokenizer, context_length=cfg.data.context_length,
-                                  batch_size=batch_size, split=split, seed=cfg.seed, vocab_size=self.lm.d_vocab)
-
-    def _adapt_data(self, data, batch_size: int, name: str):
-        """A user's dataset / eval_dataset as token batches (see fastsae.train.data.as_token_stream)."""
-        from fastsae.train.data import as_token_stream
-
-        cfg = self.config
-        return as_token_stream(data, self.lm.tokenizer, context_length=cfg.data.context_length, batch_size=batch_size,
-                               seed=cfg.seed, vocab_size=self.lm.d_vocab, prepend_bos=cfg.data.prepend_bos, name=name,
-                               exact_batches=name == "dataset")
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                              enabled=self.amp_dtype is not None)
-
-    # ------------------------------------------------------------------ the passes
-
-    def _run_sae(self, hook: str, acts: torch.Tensor):
-        """The SAE on acts, in the SAE's dtype and outside autocast -> (x, SAEOutput)."""
-        sae = self.saes[hook]
-        x = acts.to(sae.dtype)
-        with torch.autocast(self.device.type, enabled=False):
-            return x, sae(x, return_code=True)
-
-    def _replacement(self, hook: str, records: dict):
-        def replace(acts):
-            x, out = self._run_sae(hook, acts)
-            records[hook] = (x, out)
-            return out.reconstruction.to(acts.dtype)  # back to the LM's dtype
-
-        return replace
-
-    def _forward(self, tokens: torch.Tensor, *, train: bool, recon_hooks: tuple[str, ...] = ()):
-        """Loss (differentiable) and detached metrics of one batch, plus the latents that fired.
-
-        recon_hooks (eval): later hooks where the spliced run's activations are compared with the
-        clean run's (downstream_mse/<hook>, downstream_explained_variance/<hook>).
-        """
-        cfg, lm = self.config, self.lm
-        coeffs = cfg.loss
-        tokens = tokens.to(lm.device, torch.long)
-        records: dict[str, tuple[torch.Tensor, object]] = {}
-        metrics: dict[str, torch.Tensor] = {}
-        terms: dict[str, torch.Tensor] = {}
-        spliced = cfg.is_e2e or not train  # eval always measures the spliced model
-
-        with self._autocast():
-            if spliced:
-                watched = list(dict.fromkeys([*self.downstream, *recon_hooks]))  # loss hooks first
-                cache_hooks = [h for h in [self.start_hook, *watched] if h is not None]
-                h_orig, clean = lm.clean_run(tokens, cache_hooks)
-                start = {} if self.start_hook is None else {"start_hook": self.start_hook,
-                                                             "start_acts": clean[self.start_hook]}
-                h_sae, captured = lm.spliced_run(
-                    tokens, {hook: self._replacement(hook, records) for hook in self.hooks},
-                    capture_hooks=watched, **start)
-            else:
-                clean = lm.activations(tokens, self.hooks)
-                for hook in self.hooks:
-                    records[hook] = self._run_sae(hook, clean[hook])
-
-        if spliced:
-            with torch.autocast(self.device.type, enabled=False):
-                kl, stats = losses.kl_loss(h_sae.float(), h_orig.float(), self.W_U, self.b_U,
-                                           labels=losses.next_token_labels(tokens), softcap=self.lm.logit_softcap)
-            metrics.update(kl=kl.detach(), ce_orig=stats.ce_orig, ce_sae=stats.ce_sae,
-                           ce_increase=stats.ce_sae - stats.ce_orig, top1_agreement=stats.top1_agreement)
-            if coeffs.kl_coeff:
-                terms["kl"] = coeffs.kl_coeff * kl
-            if self.downstream:
-                ds_total, per_hook = losses.downstream_loss(captured, clean, self.downstream)
-                terms["downstream"] = ds_total
-                metrics.update({f"downstream_mse/{h}": v for h, v in per_hook.items()})
-            for hook in recon_hooks:
-                metrics[f"downstream_mse/{hook}"] = losses.mse_loss(captured[hook], clean[hook]).detach()
-                metrics[f"downstream_explained_variance/{hook}"] = losses.explained_variance(
-                    clean[hook], captured[hook])
-
-        fired = {}
-        for hook in self.hooks:
-            sae = self.saes[hook]
-            x, out = records[hook]
-            mse = losses.mse_loss(out.reconstruction, x)
-            if coeffs.sparsity_coeff:
-                term = coeffs.sparsity_coeff * (
-                    sae.sparsity_loss(out.code, coeffs.sparsity_p) if self.layout.shards > 1
-                    else losses.sparsity_loss(out.code, sae.d_in, coeffs.sparsity_p))
-                terms["sparsity"] = terms["sparsity"] + term if "sparsity" in terms else term
-            if coeffs.local_mse_coeff:
-                term = coeffs.local_mse_coeff * mse
-                terms["local_mse"] = terms["local_mse"] + term if "local_mse" in terms else term
-            if train and coeffs.auxk_coeff and isinstance(out.code, SparseCode):
-                dead = self.trackers[hook].dead_mask()
-                term = coeffs.auxk_coeff * losses.auxk_loss(sae, x, out.reconstruction, dead, coeffs.auxk_k)
-                terms["auxk"] = terms["auxk"] + term if "auxk" in terms else term
-            metrics[f"l0/{hook}"] = sae.l0(out.code) if self.layout.shards > 1 else losses.l0(out.code)
-            metrics[f"mse/{hook}"] = mse.detach()
-            metrics[f"explained_variance/{hook}"] = losses.explained_variance(x, out.reconstruction)
-            fired[hook] = (sae.fired_latents(out.code) if self.layout.shards > 1  # this shard's latents
-                           else losses.fired_latents(out.code, sae.n_latents))
-        metrics["l0"] = torch.stack([metrics[f"l0/{h}"] for h in self.hooks]).mean()
-
-        loss = sum(terms.values())
-        metrics["loss"] = loss.detach()
-        metrics.update({f"loss/{name}": term.detach() for name, term in terms.items()})
-        return loss, metrics, fired
+        return setup.build_stream(self.config, self.lm, split, batch_size)
 
     # ------------------------------------------------------------------ one optimizer step
 
@@ -399,7 +154,7 @@ class Trainer:
             # data parallel: this rank's rows of each micro-batch, so that the ranks together see
             # the micro-batches of a one-process run (the dead-latent windows count the same)
             micro = micro.chunk(self.layout.data_size)[self.layout.data_rank]
-            loss, metrics, fired = self._forward(micro, train=True)
+            loss, metrics, fired = self.objective(micro, train=True)
             (loss / n_micro).backward()
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0) + value / n_micro
@@ -465,77 +220,15 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def reconstruction_hooks(self) -> list[str]:
-        """The hooks where eval compares the spliced run with the clean one, as the paper's eval:
-        blocks.L.hook_resid_pre for every block L after the first SAE's block, and the final
-        residual (the last block's hook_resid_post, before ln_final); SAE hooks excluded."""
-        n_layers = self.lm.n_layers
-        first = max(self.lm.block_index(self.hooks[0]), -1)
-        hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(first + 1, n_layers)]
-        hooks.append(f"blocks.{n_layers - 1}.hook_resid_post")
-        return [hook for hook in hooks if hook not in self.hooks]
+        return self.evaluator.reconstruction_hooks()
 
-    @torch.no_grad()
     def evaluate(self, n_tokens: int | None = None, *, write: bool = True) -> dict[str, float]:
-        """The eval pass on held-out data: metrics of the spliced model, as "eval/<name>".
+        """The eval pass on held-out data (see Evaluator.evaluate); with write=True and an existing
+        run directory the result is also written to RUN_DIR/eval.json."""
+        return self.evaluator.evaluate(n_tokens, run_dir=self.run_dir if write else None, step=self.step_count,
+                                       training_tokens=self.tokens_seen)
 
-        Besides the training metrics: downstream_mse/<hook> and downstream_explained_variance/<hook>
-        at every reconstruction_hooks() hook, and alive/<hook>, the latents that fired on the eval
-        tokens. With write=True and an existing run directory the result is also written to
-        RUN_DIR/eval.json (atomically; see metrics.write_eval_json).
-        """
-        cfg = self.config
-        recon_hooks = tuple(self.reconstruction_hooks())
-        n_tokens = n_tokens or cfg.eval.n_tokens
-        own_stream = self.eval_dataset is None  # built fresh here: it starts at the held-out data's start
-        if own_stream:
-            batches = iter(self._build_stream("eval", cfg.eval.batch_size))
-        else:
-            batches = iter(self._adapt_data(self.eval_dataset, cfg.eval.batch_size, "eval_dataset"))
-            if self._eval_start is not None:
-                batches.load_state_dict(self._eval_start)
-            # a datasets.Dataset becomes a stream built here, from its start, that loops like ours
-            own_stream = hasattr(batches, "epoch")
-        start_epoch = batches.epoch if own_stream else 0
-        for sae in self.saes.values():
-            sae.eval()
-        sums: dict[str, float] = {}
-        fired = {hook: torch.zeros(_local_latents(sae), dtype=torch.bool, device=self.device)
-                 for hook, sae in self.saes.items()}
-        seen = 0
-        while seen < n_tokens:
-            try:
-                tokens = next(batches)
-            except StopIteration:
-                break
-            # Token streams loop forever: a batch drawn after the held-out data wrapped around
-            # would count tokens twice, so the pass ends at the first one.
-            if own_stream and batches.epoch > start_epoch:
-                warnings.warn(f"the held-out data ran out after {seen} tokens (eval asked for {n_tokens}); "
-                              "each held-out token was evaluated once", stacklevel=2)
-                break
-            _, metrics, batch_fired = self._forward(tokens, train=False, recon_hooks=recon_hooks)
-            n = tokens.numel()
-            for key, value in metrics.items():  # token-weighted means over the eval set
-                sums[key] = sums.get(key, 0.0) + float(value) * n
-            for hook, mask in batch_fired.items():
-                fired[hook] |= mask
-            seen += n
-        for sae in self.saes.values():
-            sae.train()
-        if seen == 0:
-            raise RuntimeError("the eval data yielded no full batch: it holds fewer than eval.batch_size x "
-                               "data.context_length tokens")
-        out = {f"eval/{key}": value / seen for key, value in sums.items()}
-        for hook, mask in fired.items():
-            out[f"eval/alive/{hook}"] = int(distributed.sum_over_shards(mask.sum(), self.layout))
-        out["eval/tokens"] = seen
-        if write and self.layout.is_main and self.run_dir.is_dir():
-            write_eval_json(self.run_dir, out, self.config.to_dict(), step=self.step_count,
-                            training_tokens=self.tokens_seen,
-                            n_latents=sum(sae.n_latents for sae in self.saes.values()))
-        return out
-
-    # ------------------------------------------------------------------ state, checkpoints
+    # ------------------------------------------------------------------ the training data
 
     def _train_batches(self):
         """An endless iterator of training batches (a finite dataset is cycled, with a warning)."""
@@ -557,137 +250,6 @@ class Trainer:
                 raise RuntimeError("the training data yielded no batches")
             warnings.warn("the training data ran out; starting it again from the beginning", stacklevel=2)
             self._batches_consumed = 0
-
-    def _data_state(self):
-        if self.dataset is not None and hasattr(self.dataset, "state_dict"):
-            return self.dataset.state_dict()
-        return None
-
-    @staticmethod
-    def _rng_state() -> dict:
-        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    @staticmethod
-    def _set_rng_state(state: dict) -> None:
-        torch.set_rng_state(state["torch"])
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-    def state_dict(self) -> dict:
-        """Everything but the SAE weights that an exact resume needs."""
-        data, rng, consumed = self._data_state(), self._rng_state(), self._batches_consumed
-        if self._resume_point is not None:  # interrupted mid-step: the state before its batch
-            data, rng, consumed = self._resume_point
-        return {
-            "step": self.step_count,
-            "tokens_seen": self.tokens_seen,
-            # sharded SAEs: Adam's moments and the dead-latent counters gathered to whole-SAE shapes
-            # (on rank 0), so the checkpoint is the same as an unsharded run's and resumes on any layout
-            "optimizer": distributed.gather_optimizer_state(self.optimizer, self._param_names(), self.layout),
-            "scheduler": self.scheduler.state_dict(),
-            "data": data,
-            "batches_consumed": consumed,
-            "rng": rng,
-            # collective under torchrun: every rank's RNG states, and the layout they belong to
-            "rng_per_rank": distributed.gather_objects(rng, self.layout),
-            "world_size": self.layout.world_size,
-            "trackers": {hook: {**t.state_dict(), "since_fired": distributed.gather_latents(
-                             t.since_fired, 0, self.layout.shard_group)} for hook, t in self.trackers.items()},
-            "wandb_id": self._wandb_id,
-            "config": self.config.to_dict(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step_count = state["step"]
-        self.tokens_seen = state["tokens_seen"]
-        optimizer_state = state["optimizer"]
-        if self.layout.shards > 1:  # the checkpoint holds whole-SAE moments: keep this shard's block
-            owners = [sae for hook in self.hooks for sae in [self.saes[hook]] for _ in sae.parameters()]
-            optimizer_state = distributed.shard_optimizer_state(optimizer_state, self._param_names(), owners)
-        self.optimizer.load_state_dict(optimizer_state)
-        self.scheduler.load_state_dict(state["scheduler"])
-        # The config's lr and betas win over the checkpoint's, so a resume can change them (--set
-        # optim.lr=...): the schedule scales the new lr by the same factor at the same step.
-        optim = self.config.optim
-        self.scheduler.base_lrs = [optim.lr for _ in self.optimizer.param_groups]
-        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        for group in self.optimizer.param_groups:
-            group.update(initial_lr=optim.lr, lr=optim.lr * factor, betas=tuple(optim.betas))
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-        self._batches_consumed = state["batches_consumed"]
-        if state["data"] is not None:
-            if self.dataset is None:
-                self.dataset = self._build_stream("train", self.config.optim.batch_size)
-            self.dataset.load_state_dict(state["data"])
-        # Each rank resumes its own RNG. Every data rank reads the same global batches and keeps its
-        # rows, so a run also resumes exactly on another number of ranks; the ranks then take
-        # rank 0's RNG (training draws nothing per rank).
-        per_rank = state.get("rng_per_rank")
-        same_layout = per_rank is not None and len(per_rank) == self.layout.world_size
-        self._set_rng_state(per_rank[self.layout.rank] if same_layout else state["rng"])
-        for hook, tracker_state in state["trackers"].items():
-            if self.layout.shards > 1:
-                since = self.saes[hook].local_block(tracker_state["since_fired"], "b_enc")
-                tracker_state = {**tracker_state, "since_fired": since}
-            self.trackers[hook].load_state_dict(tracker_state)
-        self._wandb_id = state.get("wandb_id")
-
-    def _param_names(self) -> list[str]:
-        """The parameter name (W_enc, b_enc, W_dec, b_dec) of each optimizer parameter, in order."""
-        return [name for hook in self.hooks for name, _ in self.saes[hook].named_parameters()]
-
-    def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the run (from rank 0; collective under torchrun, and every rank
-        waits until it is on disk). Returns its path (None on the other ranks)."""
-        state = self.state_dict()
-        saes = self.saes
-        if self.layout.shards > 1:  # the whole SAEs, gathered on rank 0
-            saes = {hook: sae.gather() for hook, sae in self.saes.items()}
-        path = None
-        if self.layout.is_main:
-            path = ckpt.save_checkpoint(self.run_dir, self.step_count, saes, state,
-                                        keep=self.config.checkpoint.keep)
-        distributed.barrier(self.layout)
-        return path
-
-    def load_checkpoint(self, path: str | Path | None = None) -> Path:
-        """Restore the SAEs and trainer state from a checkpoint (default: this run's latest)."""
-        path = Path(path) if path is not None else ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
-            raise FileNotFoundError(f"{self.run_dir} has no complete checkpoint to resume from")
-        saes, state = ckpt.load_checkpoint(path, device=self.device)
-        if sorted(saes) != sorted(self.saes):
-            raise ValueError(f"checkpoint {path} has SAEs for {sorted(saes)}, the config for {sorted(self.saes)}")
-        with torch.no_grad():
-            for hook, sae in saes.items():
-                for name, param in self.saes[hook].named_parameters():
-                    whole = getattr(sae, name)
-                    param.copy_(self.saes[hook].local_block(whole, name) if self.layout.shards > 1 else whole)
-        self.load_state_dict(state)
-        # a checkpoint of this run directory: fit() continues the run in it (and, once it holds the
-        # directory's lock, drops the metrics logged after this checkpoint)
-        self._resumed = path.resolve().is_relative_to((self.run_dir / ckpt.CHECKPOINTS).resolve())
-        return path
-
-    @classmethod
-    def from_run_dir(cls, run_dir, model=None, dataset=None, *, eval_dataset=None,
-                     overrides: list[str] | None = None) -> "Trainer":
-        """A trainer for an existing run, restored from its latest checkpoint (for --resume).
-
-        The config is the run's config.yaml with the overrides of its earlier resumes and then
-        `overrides`; fit() records these in RUN_DIR/overrides.yaml and leaves config.yaml as it is.
-        """
-        run_dir = Path(run_dir)
-        config = ckpt.load_run_config(run_dir, overrides)
-        trainer = cls(config, model, dataset, eval_dataset=eval_dataset, run_dir=run_dir)
-        trainer.load_checkpoint()
-        trainer._new_overrides = list(overrides or [])
-        return trainer
 
     # ------------------------------------------------------------------ the loop
 
@@ -752,7 +314,7 @@ class Trainer:
         last_save = time.monotonic()  # for checkpoint.every_minutes
         try:
             while self.step_count < stop_at:
-                self._resume_point = (self._data_state(), self._rng_state(), self._batches_consumed)
+                self._resume_point = (self._data_state(), rng_state(), self._batches_consumed)
                 tokens = next(batches)
                 pending = self.step_async(tokens)
                 bar.update(min(tokens.numel(), cfg.optim.n_tokens - bar.n))
@@ -818,22 +380,3 @@ class Trainer:
     def _restore_signal_handlers(handlers) -> None:
         for sig, handler in (handlers or {}).items():
             signal.signal(sig, handler)
-
-
-def log_line(metrics: dict, step: int, total: int) -> str:
-    """One plain console line for a logged step (what the progress bar shows, when it is off)."""
-    parts = [f"step {step}/{total}", f"tokens {int(metrics['tokens']):,}"]
-    for key, fmt in (("loss", ".4g"), ("kl", ".4g"), ("ce_increase", ".4g"), ("l0", ".1f"), ("lr", ".3g"),
-                     ("tokens_per_s", ".3g")):
-        if key in metrics:
-            parts.append(f"{key} {float(metrics[key]):{fmt}}")
-    return "fastsae: " + ", ".join(parts)
-
-
-def summarize(metrics: dict, hooks: list[str], prefix: str = "") -> str:
-    """The headline metrics as a console table: the global ones, then each SAE's."""
-    keys = [prefix + k for k in SUMMARY_KEYS]
-    for hook in hooks:
-        keys += [f"{prefix}{name}/{hook}" for name in ("l0", "explained_variance", "mse", "alive")]
-    keys += [k for k in metrics if k.startswith((prefix + "downstream_mse/", prefix + "downstream_explained_variance/"))]
-    return format_metrics(metrics, keys)

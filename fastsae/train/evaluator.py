@@ -1,0 +1,139 @@
+"""The eval pass: held-out metrics of the spliced model, without an optimizer.
+
+The trainer evaluates through it at the end of a run (and every eval.every steps); `fastsae eval`
+and the sweep build one directly (Evaluator.build) to evaluate saved or released SAEs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from fastsae import distributed
+from fastsae.train import setup
+from fastsae.train.config import TrainConfig
+from fastsae.train.data import TokenStream
+from fastsae.train.metrics import write_eval_json
+from fastsae.train.objective import Objective
+
+
+class Evaluator:
+    """Evaluates ``objective``'s SAEs on the held-out data: the config's eval split, or
+    ``eval_dataset`` (a TokenStream, an iterable of [batch, ctx] token batches, a datasets.Dataset,
+    ...; read from its start at every evaluate())."""
+
+    def __init__(self, objective: Objective, eval_dataset=None):
+        self.objective, self.config, self.lm = objective, objective.config, objective.lm
+        self.eval_dataset = eval_dataset
+        # a TokenStream given as eval data: every eval restarts it where it stood when given
+        self._eval_start = eval_dataset.state_dict() if isinstance(eval_dataset, TokenStream) else None
+
+    @classmethod
+    def build(cls, config: TrainConfig, saes: dict, *, model=None, eval_dataset=None) -> "Evaluator":
+        """An evaluator of ``saes`` ({hook: E2ESAE or a path from_pretrained reads}) on the config's
+        model and held-out data: no optimizer, no run directory."""
+        device = setup.resolve_device(config.device)
+        lm, device = setup.load_language_model(config, model, device)
+        lm.check_logit_free_path()
+        hooks = setup.check_hooks(config, lm)
+        layout = distributed.SINGLE
+        saes = setup.build_saes(config, hooks, lm.d_model, layout, device, saes)
+        return cls(Objective(config, lm, saes, hooks, layout, trackers={}), eval_dataset)
+
+    def reconstruction_hooks(self) -> list[str]:
+        """The hooks where eval compares the spliced run with the clean one, as the paper's eval:
+        blocks.L.hook_resid_pre for every block L after the first SAE's block, and the final
+        residual (the last block's hook_resid_post, before ln_final); SAE hooks excluded."""
+        hooks, n_layers = self.objective.hooks, self.lm.n_layers
+        first = max(self.lm.block_index(hooks[0]), -1)
+        names = [f"blocks.{layer}.hook_resid_pre" for layer in range(first + 1, n_layers)]
+        names.append(f"blocks.{n_layers - 1}.hook_resid_post")
+        return [hook for hook in names if hook not in hooks]
+
+    def _batches(self):
+        """(iterator of eval batches, whether it loops: a stream built here from the start of the
+        held-out data, which wraps around at its end)."""
+        cfg = self.config
+        if self.eval_dataset is None:
+            return iter(setup.build_stream(cfg, self.lm, "eval", cfg.eval.batch_size)), True
+        batches = iter(setup.adapt_data(cfg, self.lm, self.eval_dataset, cfg.eval.batch_size, "eval_dataset"))
+        if self._eval_start is not None:
+            batches.load_state_dict(self._eval_start)
+        # a datasets.Dataset becomes a stream built here, from its start, that loops like ours
+        return batches, hasattr(batches, "epoch")
+
+    @torch.no_grad()
+    def evaluate(self, n_tokens: int | None = None, *, run_dir: str | Path | None = None, step: int = 0,
+                 training_tokens: int = 0) -> dict[str, float]:
+        """The eval metrics of the spliced model, as "eval/<name>".
+
+        Besides the training metrics: downstream_mse/<hook> and downstream_explained_variance/<hook>
+        at every reconstruction_hooks() hook, and alive/<hook>, the latents that fired on the eval
+        tokens. With ``run_dir`` (an existing directory) the result is also written to
+        RUN_DIR/eval.json (atomically, from rank 0; see metrics.write_eval_json), with the step and
+        training tokens of the SAEs evaluated.
+        """
+        cfg, objective = self.config, self.objective
+        recon_hooks = tuple(self.reconstruction_hooks())
+        n_tokens = n_tokens or cfg.eval.n_tokens
+        batches, loops = self._batches()
+        start_epoch = batches.epoch if loops else 0
+        saes = objective.saes
+        for sae in saes.values():
+            sae.eval()
+        sums: dict[str, float] = {}
+        fired = {hook: torch.zeros(sae.n_local, dtype=torch.bool, device=objective.device) for hook, sae in saes.items()}
+        seen = 0
+        try:
+            while seen < n_tokens:
+                try:
+                    tokens = next(batches)
+                except StopIteration:
+                    break
+                # Token streams loop forever: a batch drawn after the held-out data wrapped around
+                # would count tokens twice, so the pass ends at the first one.
+                if loops and batches.epoch > start_epoch:
+                    warnings.warn(f"the held-out data ran out after {seen} tokens (eval asked for {n_tokens}); "
+                                  "each held-out token was evaluated once", stacklevel=3)
+                    break
+                _, metrics, batch_fired = objective(tokens, train=False, recon_hooks=recon_hooks)
+                n = tokens.numel()
+                for key, value in metrics.items():  # token-weighted means over the eval set
+                    sums[key] = sums.get(key, 0.0) + float(value) * n
+                for hook, mask in batch_fired.items():
+                    fired[hook] |= mask
+                seen += n
+        finally:
+            for sae in saes.values():
+                sae.train()
+        if seen == 0:
+            raise RuntimeError("the eval data yielded no full batch: it holds fewer than eval.batch_size x "
+                               "data.context_length tokens")
+        out = {f"eval/{key}": value / seen for key, value in sums.items()}
+        for hook, mask in fired.items():
+            out[f"eval/alive/{hook}"] = int(distributed.sum_over_shards(mask.sum(), objective.layout))
+        out["eval/tokens"] = seen
+        if run_dir is not None and objective.layout.is_main and Path(run_dir).is_dir():
+            write_eval_json(run_dir, out, cfg.to_dict(), step=step, training_tokens=training_tokens,
+                            n_latents=sum(sae.n_latents for sae in saes.values()))
+        return out
+
+
+def evaluate_run(run_dir: str | Path, *, overrides: list[str] | None = None, n_tokens: int | None = None,
+                 model=None) -> tuple[dict[str, float], Path, dict]:
+    """Evaluate the latest checkpoint of a run with the run's config (config.yaml and the overrides
+    of its resumes, then ``overrides``) and write RUN_DIR/eval.json. Returns (metrics, the
+    checkpoint evaluated, its trainer state)."""
+    from fastsae.train import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    config = ckpt.load_run_config(run_dir, overrides)
+    path = ckpt.latest_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
+    saes, state = ckpt.load_checkpoint(path, device=setup.resolve_device(config.device))
+    evaluator = Evaluator.build(config, saes, model=model)
+    metrics = evaluator.evaluate(n_tokens, run_dir=run_dir, step=state["step"], training_tokens=state["tokens_seen"])
+    return metrics, path, state

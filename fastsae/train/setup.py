@@ -1,0 +1,172 @@
+"""What a run is made of, built from its config: device, model, SAEs, data, optimizer.
+
+The trainer, the evaluator (`fastsae eval`, sweeps) and the tools that read runs build their parts
+here, so one config means one model, one set of SAEs and one data stream everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from fastsae import distributed
+from fastsae._dtypes import DTYPES
+from fastsae.sae import E2ESAE
+from fastsae.sharded import ShardedE2ESAE
+from fastsae.spec import SAESpec
+from fastsae.train.config import ConfigError, TrainConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":  # a config error here, not a raw CUDA traceback at the first tensor
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r} but CUDA is not available (torch {torch.__version__}, "
+                              f"{'a CPU build' if torch.version.cuda is None else 'no GPU visible'}); "
+                              "set device=cpu or device=auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r} but there are {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def load_language_model(cfg: TrainConfig, model, device: torch.device):
+    """(LanguageModel, device): the config's model, or the one given (a LanguageModel, a
+    TransformerLens model, a name or directory). A given model's device wins over "auto"."""
+    from fastsae.model.lm import LanguageModel
+
+    if model is None or isinstance(model, (str, Path)):
+        lm = LanguageModel.load(str(model or cfg.model.name), device=device, dtype=DTYPES[cfg.model.dtype],
+                                api=cfg.model.api)
+        return lm, device
+    if isinstance(model, LanguageModel):
+        if model.device != device and cfg.device != "auto":
+            raise ValueError(f"the model is on {model.device} but config.device is {cfg.device!r}")
+        return model, model.device
+    lm = LanguageModel.wrap(model)
+    return lm, lm.device
+
+
+def sae_spec(cfg: TrainConfig, d_in: int) -> SAESpec:
+    """The spec of the config's SAEs for a model of width d_in; a ConfigError names a bad key."""
+    s = cfg.saes
+    n_latents = s.n_latents or int(round(s.ratio * d_in))
+    try:
+        return SAESpec.create(d_in, n_latents, s.activation, k=s.k, params=s.params, decoder_norm=s.decoder_norm,
+                              init=None if s.init == "auto" else s.init,
+                              init_encoder_as_decoder_transpose=s.init_encoder_as_decoder_transpose)
+    except ValueError as error:
+        size = f"n_latents={n_latents}" + ("" if s.n_latents else f" (saes.ratio={s.ratio:g} x d_model={d_in})")
+        raise ConfigError(f"config: saes: {error} ({size})") from None
+
+
+def build_saes(cfg: TrainConfig, hooks: list[str], d_model: int, layout, device: torch.device,
+               saes: dict | None = None) -> dict[str, E2ESAE]:
+    """One SAE per hook, on ``device``: fresh ones drawn from the config's seed (so two runs of one
+    config start equal), or the caller's (E2ESAE objects, or paths E2ESAE.from_pretrained reads).
+    With saes.shards > 1 each rank keeps its block of every SAE (ShardedE2ESAE)."""
+    sharded = layout.shards > 1
+
+    def refuse_sharded_auxk(kinds):
+        if sharded and cfg.loss.auxk_coeff and any(kind.selects(True) for kind in kinds):
+            raise ConfigError("config: loss.auxk_coeff: AuxK is not implemented for sharded SAEs "
+                              "(saes.shards > 1); set loss.auxk_coeff=0")
+
+    if saes is None:
+        spec = sae_spec(cfg, d_model)
+        refuse_sharded_auxk([spec.kind])  # before drawing a large dictionary for nothing
+        dtype = DTYPES[cfg.saes.dtype]
+        torch.manual_seed(cfg.seed)
+        saes = {}
+        for hook in hooks:
+            metadata = {"hook": hook, "model": cfg.model.name, "run": cfg.name}
+            try:
+                saes[hook] = (ShardedE2ESAE.drawn(layout, spec, metadata=metadata, dtype=dtype, device=device)
+                              if sharded else E2ESAE.from_spec(spec, metadata=metadata, dtype=dtype, device=device))
+            except ValueError as error:  # this rank's block of the whole init, never the whole dictionary
+                raise ConfigError(f"config: saes.shards: {error}") from None
+    if sorted(saes) != sorted(hooks):
+        raise ValueError(f"saes must have one SAE per hook in config.saes.hooks {hooks}, got {sorted(saes)}")
+    # A path (a released SAE in any format E2ESAE.from_pretrained reads) is loaded for its hook.
+    saes = {hook: E2ESAE.from_pretrained(sae, hook=hook) if isinstance(sae, (str, Path)) else sae
+            for hook, sae in saes.items()}
+    for hook, sae in saes.items():
+        if sae.d_in != d_model:
+            raise ValueError(f"saes[{hook!r}] reads d_in={sae.d_in} but the model's d_model is {d_model}")
+    refuse_sharded_auxk([sae.activation_fn for sae in saes.values()])
+    if sharded:  # whole SAEs given by the caller: each rank keeps its block
+        try:
+            saes = {hook: sae if isinstance(sae, ShardedE2ESAE) else ShardedE2ESAE.from_full(sae, layout)
+                    for hook, sae in saes.items()}
+        except ValueError as error:
+            raise ConfigError(f"config: saes.shards: {error}") from None
+    return {hook: saes[hook].to(device) for hook in hooks}
+
+
+def build_stream(cfg: TrainConfig, lm, split: str, batch_size: int):
+    """The config's token stream of ``split`` ("train" or "eval")."""
+    from fastsae.train.data import build_token_stream
+
+    return build_token_stream(cfg.data_spec(), lm.tokenizer, context_length=cfg.data.context_length,
+                              batch_size=batch_size, split=split, seed=cfg.seed, vocab_size=lm.d_vocab)
+
+
+def adapt_data(cfg: TrainConfig, lm, data, batch_size: int, name: str):
+    """A user's dataset / eval_dataset as token batches (see fastsae.train.data.as_token_stream)."""
+    from fastsae.train.data import as_token_stream
+
+    return as_token_stream(data, lm.tokenizer, context_length=cfg.data.context_length, batch_size=batch_size,
+                           seed=cfg.seed, vocab_size=lm.d_vocab, prepend_bos=cfg.data.prepend_bos, name=name,
+                           exact_batches=name == "dataset")
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_factor: float) -> float:
+    """The paper code's schedule (e2e_sae.utils.get_cosine_schedule_with_warmup): linear warmup
+    from 0 (step 0 has factor 0, so the first update does not move the SAE), then cosine decay
+    from 1 to min_factor at total_steps, never below min_factor.
+
+    The paper's code passes warmup_samples // batch_size and n_samples // batch_size (both
+    rounded down), so a last partial batch runs just past total_steps, as there.
+    """
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(min_factor, min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_optimizer(cfg: TrainConfig, params: list, device: torch.device):
+    """Adam (torch's fused one on CUDA: one kernel for all parameters) and the paper's schedule,
+    whose length is n_samples // batch_size as in the paper's code (the steps run round up)."""
+    optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                 fused=True if device.type == "cuda" else None)
+    warmup, floor = cfg.warmup_steps, cfg.optim.min_lr_factor
+    total = max(1, cfg.optim.n_tokens // cfg.tokens_per_step)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, floor))
+    return optimizer, scheduler
+
+
+def setup_layout(cfg: TrainConfig):
+    """This process's place in data groups x shards under torchrun (one process otherwise)."""
+    try:
+        layout = distributed.setup(cfg.saes.shards)
+    except ValueError as error:
+        raise ConfigError(f"config: {error}") from None
+    if cfg.optim.batch_size % (layout.data_size * cfg.optim.grad_accum):
+        raise ConfigError(f"config: optim.batch_size={cfg.optim.batch_size} must be divisible by the data "
+                          f"ranks ({layout.data_size} = {layout.world_size} processes / saes.shards="
+                          f"{layout.shards}) x optim.grad_accum ({cfg.optim.grad_accum})")
+    return layout
+
+
+def check_hooks(cfg: TrainConfig, lm) -> list[str]:
+    """The SAE hooks in the order the model computes them (the spliced run starts at the first),
+    after checking every SAE and downstream hook against the model."""
+    for hook in [*cfg.saes.hooks, *cfg.loss.downstream_hooks]:
+        try:
+            lm.validate_hook(hook)
+        except ValueError as error:
+            raise ConfigError(f"config: {error}") from None
+    return sorted(cfg.saes.hooks, key=lm.block_index)

@@ -1,0 +1,175 @@
+"""The activation registry's conformance suite: every activation in fastsae.activations, by name.
+
+For each one, with the hyperparameters its module gives as example_params:
+- E2ESAE's fused training pass equals the activation's naive dense form (dense_forward):
+  reconstruction, sparsity term, L0, fired latents, and the gradients of every parameter and of
+  the input, in float64, in training and eval mode, for both decoder norms;
+- encode / decode / encode_sparse give the naive code and reconstruction;
+- save and load in every format that expresses it give the same spec and function, and a format
+  that cannot is refused with the activation's reason;
+- a Trainer trains it on a tiny model (every trainable tensor moves, the loss goes down on a fixed
+  batch), and a run resumed from a checkpoint equals an uninterrupted one exactly.
+Sharded == unsharded runs over the same registry in tests/test_distributed.py. The library
+round trips against SAELens's own loader are in tests/test_formats.py (CI's second leg).
+"""
+
+import pytest
+import torch
+
+from fastsae import E2ESAE, formats
+from fastsae.activations import ACTIVATIONS, SparseCode
+from fastsae.activations.base import power_sum
+from fastsae.spec import SAESpec
+from fastsae.train import Trainer, load_config
+from fastsae.train import checkpoint as ckpt
+from fastsae.train.metrics import read_metrics
+from helpers_models import random_batches
+
+NAMES = sorted(ACTIVATIONS)
+D, N = 8, 24
+
+
+def make(name, decoder_norm="forward", dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    sae = E2ESAE(D, N, name, decoder_norm=decoder_norm, dtype=dtype, **ACTIVATIONS[name].example_params)
+    with torch.no_grad():  # a code neither empty nor full, thresholds not all equal
+        sae.b_enc.add_(0.2 * torch.randn(N, dtype=dtype))
+        if hasattr(sae, "log_threshold"):
+            sae.log_threshold.add_(0.3 * torch.randn(N, dtype=dtype))
+        if hasattr(sae, "threshold"):
+            sae.threshold.fill_(0.15)
+    return sae
+
+
+def naive(sae, x, p=1.0):
+    """The activation's dense form: (reconstruction, sparsity term, mean L0, fired, dense code)."""
+    pre = x.reshape(-1, D) @ sae.W_enc + sae.b_enc
+    code, l0 = sae.activation_fn.dense_forward(pre, sae, sae.training)
+    scale = sae.decoder_row_scale()
+    W_dec = sae.W_dec if scale is None else sae.W_dec * scale[:, None]
+    reconstruction = code @ W_dec + sae.b_dec
+    lp_sum = power_sum(code, p)
+    sparsity = sae.activation_fn.sparsity_term(lp_sum, l0, p, D)
+    return reconstruction.reshape(x.shape), sparsity, l0.mean(), (code > 0).any(0), code
+
+
+def _parameters_and_input(sae, x):
+    return {**{name: p for name, p in sae.named_parameters()}, "x": x}
+
+
+@pytest.mark.parametrize("decoder_norm", ["forward", "project"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", NAMES)
+def test_training_pass_equals_the_naive_form_with_gradients(name, training, decoder_norm):
+    ps = (1.0, 0.5) if ACTIVATIONS[name].sparsity_uses_p else (1.0,)
+    for p in ps:
+        sae = make(name, decoder_norm).train(training)
+        x = torch.randn(3, 7, D, dtype=torch.float64, requires_grad=True)
+        out = sae.training_forward(x, p)
+        want = naive(sae, x, p)
+        torch.testing.assert_close(out.reconstruction, want[0])
+        torch.testing.assert_close(out.sparsity, want[1])
+        torch.testing.assert_close(out.l0, want[2].detach())
+        assert torch.equal(out.fired, want[3])
+        assert 0 < want[2] < N  # a code neither empty nor full: the test sees both kinds of latent
+        if out.code is not None:
+            torch.testing.assert_close(out.code.to_dense(N).reshape(-1, N), want[4])
+
+        loss = (out.reconstruction - 1).square().mean() + 0.3 * out.sparsity
+        reference = (want[0] - 1).square().mean() + 0.3 * want[1]
+        mine = torch.autograd.grad(loss, list(_parameters_and_input(sae, x).values()), allow_unused=True)
+        theirs = torch.autograd.grad(reference, list(_parameters_and_input(sae, x).values()), allow_unused=True)
+        for key, a, b in zip(_parameters_and_input(sae, x), mine, theirs):
+            if b is None:
+                assert a is None or not a.any(), key
+                continue
+            torch.testing.assert_close(a, b, msg=lambda m: f"{name} grad {key} (p={p}): {m}")
+        if hasattr(sae, "log_threshold") and training:
+            assert theirs[list(_parameters_and_input(sae, x)).index("log_threshold")].abs().sum() > 0
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", NAMES)
+def test_encode_decode_and_encode_sparse_give_the_naive_code(name, training):
+    sae = make(name).train(training)
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    reconstruction, _, _, _, code = naive(sae, x)
+    encoded = sae.encode(x)
+    dense = encoded.to_dense(N) if isinstance(encoded, SparseCode) else encoded
+    torch.testing.assert_close(dense.reshape(-1, N), code.detach())
+    torch.testing.assert_close(sae.decode(encoded), reconstruction.detach())
+    torch.testing.assert_close(sae(x), reconstruction.detach())
+    if name != "batchtopk" or not training:  # a batch selection depends on the whole batch
+        torch.testing.assert_close(sae.encode_sparse(x).to_dense(N).reshape(-1, N), code.detach())
+
+
+@pytest.mark.parametrize("decoder_norm", ["forward", "project"])
+@pytest.mark.parametrize("name", NAMES)
+def test_every_format_round_trips_the_activation_or_refuses_it(tmp_path, name, decoder_norm):
+    sae = make(name, decoder_norm, dtype=torch.float32).eval()
+    sae.metadata.update(hook="blocks.1.hook_resid_pre", model="gpt2")
+    x = torch.randn(4, 6, D)
+    for fmt in formats.FORMATS:
+        refusal = ACTIVATIONS[name].sparsify_refusal if fmt == "sparsify" else None
+        if refusal:
+            with pytest.raises(ValueError, match="sparsify stores"):
+                sae.save_pretrained(tmp_path / fmt, format=fmt)
+            continue
+        loaded = E2ESAE.from_pretrained(sae.save_pretrained(tmp_path / fmt, format=fmt)).eval()
+        assert (loaded.spec.activation, loaded.spec.params) == (sae.spec.activation, sae.spec.params), fmt
+        if fmt == "fastsae":
+            assert loaded.spec == sae.spec and loaded.metadata == sae.metadata
+            for tensor in sae.tensor_names():
+                assert torch.equal(getattr(loaded, tensor), getattr(sae, tensor)), tensor
+        torch.testing.assert_close(loaded(x), sae(x), rtol=1e-5, atol=1e-6, msg=lambda m: f"{fmt}: {m}")
+        if fmt == "saelens":  # fastsae's spec travels in the metadata: the same SAE comes back
+            assert loaded.spec == SAESpec.create(D, N, name, params=sae.spec.hyperparameters(),
+                                                 decoder_norm=decoder_norm, init=sae.init)
+
+
+# ------------------------------------------------------------------ the trainer
+
+CTX, BATCH = 16, 4
+HOOK = "blocks.1.hook_resid_pre"
+
+
+def _config(tmp_path, model_dir, name, run):
+    params = dict(ACTIVATIONS[name].example_params)
+    k = params.pop("k", None)
+    return load_config({}, [
+        f"model.name={model_dir}", f"saes.hooks=[{HOOK}]", "saes.n_latents=64", f"saes.activation={name}",
+        f"saes.k={'null' if k is None else k}", f"saes.params={params}", "loss.local_mse_coeff=1",
+        f"optim.batch_size={BATCH}", f"data.context_length={CTX}", f"optim.n_tokens={6 * BATCH * CTX}",
+        "optim.warmup_samples=8", "optim.lr=3e-3", "eval.n_tokens=128", "log.every=1", "log.progress=false",
+        "log.dead_window_tokens=128", f"run_dir={tmp_path / run}"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_trainer_trains_it_and_resumes_it_exactly(tmp_path, model_dir, lm, name):
+    data = random_batches(6, BATCH, CTX, seed=0, vocab=250)
+    eval_data = random_batches(2, BATCH, CTX, seed=99, vocab=250)
+    full = Trainer(_config(tmp_path, model_dir, name, "full"), model=lm, dataset=data, eval_dataset=eval_data)
+    before = {t: getattr(full.saes[HOOK], t).detach().clone() for t in full.saes[HOOK].tensor_names()}
+    full.fit()
+    for tensor, value in before.items():
+        moved = not torch.equal(getattr(full.saes[HOOK], tensor), value)
+        assert moved or tensor not in dict(full.saes[HOOK].named_parameters()), f"{name}: {tensor} did not train"
+    part = Trainer(_config(tmp_path, model_dir, name, "part"), model=lm, dataset=data, eval_dataset=eval_data)
+    part.fit(max_steps=3)
+    resumed = Trainer.from_run_dir(part.run_dir, model=lm, dataset=data, eval_dataset=eval_data)
+    resumed.fit()
+    for tensor in before:
+        assert torch.equal(getattr(resumed.saes[HOOK], tensor), getattr(full.saes[HOOK], tensor)), f"{name}: {tensor}"
+    losses = lambda run: [r["loss"] for r in read_metrics(run.run_dir) if "loss" in r]  # noqa: E731
+    assert losses(resumed) == losses(full)
+    assert ckpt.latest_checkpoint(full.run_dir).name == "step_00000006"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_loss_goes_down_on_a_fixed_batch(tmp_path, model_dir, lm, name):
+    trainer = Trainer(_config(tmp_path, model_dir, name, "run"), model=lm)
+    tokens = random_batches(1, BATCH, CTX, seed=0, vocab=250)[0]
+    history = [trainer.step(tokens) for _ in range(8)]
+    main = [m["loss"] - m.get("loss/auxk", 0.0) for m in history]
+    assert main[-1] < 0.8 * main[0], main
+    assert {"l0", f"l0/{HOOK}", f"alive/{HOOK}", "kl", "loss/sparsity"} <= set(history[-1])
