@@ -133,3 +133,14 @@ def test_device_cuda_without_cuda_is_a_config_error(setup, capsys):
     assert main(["train", str(config), "--run-dir", str(root / "cuda"), "--set", "device=cuda"]) == 2
     err = capsys.readouterr().err
     assert "device='cuda' but CUDA is not available" in err and "Traceback" not in err
+
+
+def test_a_k_larger_than_the_dictionary_is_one_config_error(setup, capsys):
+    """saes.k beyond n_latents (known only once the model's width sets it from saes.ratio): one
+    line naming the key and the size, exit code 2, no traceback."""
+    root, config = setup
+    code = main(["train", str(config), "--run-dir", str(root / "bad-k"), "--set", "saes.n_latents=null",
+                 "--set", "saes.ratio=16", "--set", "saes.activation=topk", "--set", "saes.k=100000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "k must be in [1, n_latents=512]" in err and "saes.ratio=16 x d_model=32" in err

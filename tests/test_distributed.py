@@ -9,6 +9,8 @@ unsharded; 2 data x 2 shard groups compose; clear errors for a shard count or ba
 divide the processes or the dictionary.
 """
 
+import os
+
 import pytest
 import torch
 

@@ -11,7 +11,7 @@ from fastsae.cli import main
 from fastsae.train import Trainer, load_config
 from fastsae.train import losses
 from fastsae.train.metrics import read_eval_json, run_kind
-from fastsae.train.trainer import lr_factor
+from fastsae.train.setup import lr_factor
 from helpers_models import random_batches
 
 CTX, BATCH = 16, 4

@@ -447,6 +447,68 @@ def test_against_saelens(tmp_path, activation, decoder_norm):
         sae_lens.SAE.load_from_disk(str(tmp_path / "fastsae" / "sae"))
 
 
+def threshold_sae(activation, decoder_norm, seed=0):
+    """A JumpReLU or BatchTopK SAE in eval mode (its inference code: a threshold per latent, or one
+    for all), thresholds set so that part of the latents are gated off."""
+    params = {"k": K} if activation == "batchtopk" else {}
+    torch.manual_seed(seed)
+    sae = E2ESAE(D, N, activation, decoder_norm=decoder_norm, metadata={"hook": HOOK, "model": "tiny-model"},
+                 **params).eval()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 1.0)
+        if activation == "jumprelu":
+            sae.log_threshold.copy_(torch.rand(N).mul(0.4).add(0.05).log())
+        else:
+            sae.threshold.fill_(0.2)
+    return sae
+
+
+@pytest.mark.parametrize("decoder_norm", ["forward", "project"])
+@pytest.mark.parametrize("activation", ["jumprelu", "batchtopk"])
+def test_threshold_activations_against_saelens(tmp_path, activation, decoder_norm):
+    """JumpReLU and BatchTopK both ways with SAELens's own classes: our export loads with
+    SAE.load_from_disk (as a JumpReLU SAE, which is how SAELens saves BatchTopK for inference) and
+    runs the same function; SAELens's own files (a JumpReLU SAE; a BatchTopK training SAE with its
+    topk_threshold) load here with the same inference function."""
+    sae_lens = pytest.importorskip("sae_lens")
+    sae, x = threshold_sae(activation, decoder_norm), inputs()
+    code = dense_code(sae, x)
+    assert 0 < (code > 0).float().mean() < 0.9  # the thresholds gate part of the code
+    sae.save_pretrained(tmp_path / "out", format="saelens")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "out"))
+    assert type(theirs).__name__ == "JumpReLUSAE"
+    with torch.no_grad():
+        assert rel_err(theirs(x), sae(x)) < 1e-5
+        assert rel_err(theirs.encode(x), code) < 1e-5
+    back = E2ESAE.from_pretrained(tmp_path / "out").eval()
+    assert back.spec == sae.spec
+    if activation == "jumprelu":
+        native = sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(d_in=D, d_sae=N, apply_b_dec_to_input=True))
+        with torch.no_grad():
+            for p in native.parameters():
+                p.normal_(0, 0.3)
+            native.threshold.uniform_(0.0, 0.5)
+        native.save_model(str(tmp_path / "native"))
+        reference = native
+    else:
+        from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+        native = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D, d_sae=N, k=K, apply_b_dec_to_input=True))
+        with torch.no_grad():
+            for p in native.parameters():
+                p.normal_(0, 0.3)
+            native.topk_threshold.fill_(0.25)
+        native.save_model(str(tmp_path / "native"))
+        native.save_inference_model(str(tmp_path / "native-inference"))
+        reference = sae_lens.SAE.load_from_disk(str(tmp_path / "native-inference"))
+    ours = E2ESAE.from_pretrained(tmp_path / "native").eval()
+    assert ours.activation == activation
+    with torch.no_grad():
+        assert rel_err(ours(x), reference(x)) < 1e-5
+        assert rel_err(dense_code(ours, x), reference.encode(x)) < 1e-5
+
+
 @pytest.mark.parametrize("decoder_norm", ["forward", "project"])
 def test_against_sparsify(tmp_path, decoder_norm):
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder needs CUDA

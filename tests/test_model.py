@@ -4,7 +4,8 @@ TL 3.x). Tiny random GPT-2 models saved to disk and loaded through the by-direct
 import pytest
 import torch
 
-from fastsae.model.lm import LanguageModel, _bridge_class, _hooked_transformer_class
+from fastsae.model.backends import bridge_class as _bridge_class, hooked_transformer_class as _hooked_transformer_class
+from fastsae.model.lm import LanguageModel
 from tests.helpers_dispatch import AllocationRecorder
 from tests.helpers_models import save_tiny_gpt2
 
@@ -250,7 +251,7 @@ def test_bad_arguments(lm, tokens):
 def test_a_hub_model_offline_is_one_fast_error(tmp_path, monkeypatch):
     import time
 
-    from fastsae.model import lm as lm_module
+    from fastsae.model import sources as lm_module
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
@@ -316,12 +317,12 @@ def test_tl3_falls_back_to_the_bridge_where_hooked_transformer_cannot_load(tmp_p
 def test_a_transformer_lens_alias_is_found_in_the_cache_under_its_repo(monkeypatch):
     import huggingface_hub
 
-    from fastsae.model import lm as lm_module
+    from fastsae.model import sources as lm_module
 
     cached = {"gpt2"}  # the hub repo TransformerLens's alias gpt2-small names
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
                         lambda repo, filename: "/cache/config.json" if repo in cached else None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    lm_module._check_model_source("gpt2-small")  # no error: cached as gpt2
+    lm_module.check_model_source("gpt2-small")  # no error: cached as gpt2
     with pytest.raises(lm_module.ModelUnavailableError, match="HF_HUB_OFFLINE is set"):
-        lm_module._check_model_source("pythia-70m")
+        lm_module.check_model_source("pythia-70m")

@@ -20,7 +20,8 @@ import math
 import pytest
 import torch
 
-from fastsae.model.lm import LanguageModel, transformer_lens_version
+from fastsae.model.backends import transformer_lens_version
+from fastsae.model.lm import LanguageModel
 from fastsae.train import Trainer, load_config
 from fastsae.train.metrics import read_metrics
 from helpers_models import MODEL_FAMILIES, random_batches, save_tiny_model

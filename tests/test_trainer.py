@@ -13,10 +13,12 @@ import signal
 import pytest
 import torch
 
+import fastsae
+
 from fastsae.train import Trainer, load_config
 from fastsae.train import checkpoint as ckpt
 from fastsae.train.metrics import read_metrics
-from fastsae.train.trainer import lr_factor
+from fastsae.train.setup import lr_factor
 from helpers_models import random_batches
 
 CTX, BATCH = 16, 4
@@ -90,10 +92,12 @@ def test_spliced_logits_equal_run_with_hooks(tmp_path, model_dir, lm):
     for _ in range(2):  # trained a little, so the SAEs are not at their init
         trainer.step(batches(1)[0])
     tokens = batches(1, seed=5)[0]
-    records = {}
+    from fastsae.train.objective import Batch
+
+    batch = Batch(tokens, train=False)
     with torch.no_grad():
         _, clean = lm.clean_run(tokens, [trainer.start_hook])
-        hidden, _ = lm.spliced_run(tokens, {h: trainer._replacement(h, records) for h in trainer.hooks},
+        hidden, _ = lm.spliced_run(tokens, {h: trainer.objective.replacement(h, batch) for h in trainer.hooks},
                                    start_hook=trainer.start_hook, start_acts=clean[trainer.start_hook])
         logits = hidden @ lm.W_U + lm.b_U
         hooks = [(h, lambda acts, hook, sae=trainer.saes[h]: sae(acts)) for h in trainer.hooks]
@@ -348,7 +352,7 @@ def test_keyboard_interrupt_mid_step_saves_the_last_complete_step(tmp_path, mode
     full, _ = _fit(tmp_path, model_dir, lm, data, "full")
     cfg = make_config(tmp_path, model_dir, f"run_dir={tmp_path / 'cut'}")
     trainer = Trainer(cfg, model=lm, dataset=data, eval_dataset=batches(2, seed=99))
-    forward, calls = trainer._forward, []
+    forward, calls = trainer.objective.__call__, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -356,7 +360,7 @@ def test_keyboard_interrupt_mid_step_saves_the_last_complete_step(tmp_path, mode
             raise KeyboardInterrupt
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "_forward", interrupted)
+    monkeypatch.setattr(trainer, "objective", interrupted)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     assert ckpt.latest_checkpoint(trainer.run_dir).name == "step_00000004"
@@ -387,7 +391,7 @@ def test_bad_hook_in_config_names_it(tmp_path, model_dir, lm):
 
 def test_saved_sae_records_its_hook(tmp_path, model_dir, lm):
     trainer, _ = _fit(tmp_path, model_dir, lm, batches(6), "run")
-    saes = ckpt.load_saes(trainer.run_dir)
+    saes = fastsae.load_run(trainer.run_dir)
     assert saes[HOOK].metadata["hook"] == HOOK
     cfg = json.loads((ckpt.latest_checkpoint(trainer.run_dir) / "saes" / HOOK / "cfg.json").read_text())
     assert cfg["n_latents"] == 64

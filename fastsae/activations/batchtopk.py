@@ -3,7 +3,7 @@
 While training, a batch of N tokens keeps its k x N largest ReLU pre-activations over all tokens
 and latents together, so a token may keep more or fewer than k (k may be fractional). fastsae
 selects exactly and never builds the [N, n_latents] pre-activations: the TopK encoder keeps each
-token's largest `candidates` values (several times k), the k x N-th largest of those is the
+token's largest `candidates` values (twice k), the k x N-th largest of those is the
 threshold t, and every candidate >= t (and > 0) is kept. That is the batch's selection as long as no
 token has a value >= t beyond its candidates, which holds when each token's smallest candidate is
 below t; where it is not, select() asks for twice the candidates and the encoder runs again (and
@@ -28,8 +28,10 @@ import torch
 
 from fastsae.activations.base import Activation, ExtraTensor, SparseCode, check_number
 
-# Candidates per token the encoder keeps, as a multiple of k, before any widening.
-CANDIDATE_FACTOR = 4
+# Candidates per token the encoder keeps, as a multiple of k, before any widening: the encoder's
+# backward runs over every candidate (the ones not kept get a zero gradient), so a step costs about
+# what a TopK SAE's with k = CANDIDATE_FACTOR x k does.
+CANDIDATE_FACTOR = 2
 
 
 @dataclass(frozen=True)

@@ -12,24 +12,29 @@ This file gives the trainer the three passes it needs and nothing more:
 Neither pass computes logits: the fused linear-KL op takes the final hidden states and W_U and never
 stores the N x V logits. `logits()` exists for tests and evaluation only.
 
-Two TransformerLens APIs are supported behind one interface:
-    HookedTransformer  (TransformerLens 3.x): native start_at_layer / stop_at_layer.
-    TransformerBridge  (TransformerLens 3.9 and 4.x): wraps the HF model; see _run_bridge for how
-                       we stop before the unembedding and skip the blocks before the start layer.
+Two TransformerLens APIs are supported behind one interface (HookedTransformer on 3.x, the
+TransformerBridge on 3.9 and 4.x): fastsae.model.backends loads and runs each, and
+fastsae.model.sources says where a model comes from (a local directory or the hub).
+
+This file is longer than the house's ~400 lines because the adapter's public surface (loading,
+hook names and their order, the three passes, the logit-free check, tokenizer helpers) is one
+interface that the trainer, the evaluator and the analyses all use; splitting it would split that.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
+
+from fastsae.model import backends
+from fastsae.model.backends import Replacement, describe
+from fastsae.model.sources import check_model_source
 
 # The TransformerLens hook names that work on both APIs (the bridge maps them to its own names).
 LEGACY_BLOCK_HOOKS = (
@@ -43,53 +48,9 @@ _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
 _EMBED_STAGE = ("hook_embed", "hook_pos_embed", "hook_tokens", "embed.", "pos_embed.")
 _FINAL_STAGE = ("ln_final.", "unembed.", "hook_unembed")
 
-Replacement = Callable[[Tensor], Tensor]
-
-
 class _Collected(Exception):
     """Raised from a hook once every activation `activations()` asked for is cached: the rest of
     the model does not run."""
-
-
-class _ReachedUnembed(Exception):
-    """Raised from a hook on the bridge's unembedding input to end the forward before the logits.
-
-    Our own exception, caught by our own code: it does not depend on how a TransformerLens version
-    handles its StopAtLayerException. It passes through the HF forward and the bridge's `finally`
-    blocks, which restore their state.
-    """
-
-    def __init__(self, hidden: Tensor):
-        super().__init__()
-        self.hidden = hidden
-
-
-def transformer_lens_version() -> tuple[int, int]:
-    from importlib.metadata import version
-
-    major, minor = version("transformer-lens").split(".")[:2]
-    return int(major), int(re.match(r"\d+", minor).group())
-
-
-def _hooked_transformer_class():
-    """HookedTransformer, or None where TransformerLens no longer has it (4.x)."""
-    try:
-        from transformer_lens import HookedTransformer
-    except ImportError:
-        return None
-    return HookedTransformer
-
-
-def _bridge_class():
-    try:
-        from transformer_lens.model_bridge import TransformerBridge
-    except ImportError:
-        return None
-    return TransformerBridge
-
-
-def _is_local_model_dir(name_or_path: str) -> bool:
-    return (Path(name_or_path) / "config.json").is_file()
 
 
 class LanguageModel:
@@ -134,7 +95,7 @@ class LanguageModel:
         # Whether the HF blocks return tuples (older transformers) or bare tensors (5.x); seen on
         # the first full bridge run and used by the block skip in _skip_bridge_blocks.
         self._block_returns_tuple: int | None = None
-        _check_unprocessed(model, api)
+        backends.check_unprocessed(model, api)
 
     # ---------------------------------------------------------------- construction
 
@@ -167,17 +128,17 @@ class LanguageModel:
 
             name_or_path = str(ensure_embedded_model())
 
-        _check_model_source(name_or_path)
+        check_model_source(name_or_path)
 
         if api == "auto":
-            api = "hooked" if transformer_lens_version()[0] < 4 else "bridge"
+            api = "hooked" if backends.transformer_lens_version()[0] < 4 else "bridge"
             if api == "hooked":
                 # TL 3.x's HookedTransformer knows architectures by name: Gemma-2/3, OLMo and
                 # local paths with "llama" in them fail there, while the bridge loads them all.
                 try:
-                    return cls(cls._load_hooked(name_or_path, device, dtype), "hooked")
+                    return cls(backends.load_hooked(name_or_path, device, dtype), "hooked")
                 except Exception as error:
-                    if _bridge_class() is None:
+                    if backends.bridge_class() is None:
                         raise
                     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                     print(f"fastsae: HookedTransformer cannot load {name_or_path} ({reason[:200]}); "
@@ -185,66 +146,21 @@ class LanguageModel:
                     api = "bridge"
         if api == "hooked":
             try:
-                model = cls._load_hooked(name_or_path, device, dtype)
+                model = backends.load_hooked(name_or_path, device, dtype)
             except ImportError:
                 raise
             except Exception as error:
-                hint = "; set model.api=bridge (the TransformerBridge loads every architecture)" if _bridge_class() else ""
+                hint = "; set model.api=bridge (the TransformerBridge loads every architecture)" if backends.bridge_class() else ""
                 raise ValueError(f"HookedTransformer cannot load {name_or_path}: {error}{hint}") from error
         else:
-            model = cls._load_bridge(name_or_path, device, dtype)
+            model = backends.load_bridge(name_or_path, device, dtype)
         return cls(model, api)
-
-    @staticmethod
-    def _load_bridge(name_or_path: str, device, dtype):
-        TransformerBridge = _bridge_class()
-        if TransformerBridge is None:
-            raise ImportError(
-                "api='bridge' needs transformer-lens >= 3.9 (TransformerBridge); "
-                f"installed: {'.'.join(map(str, transformer_lens_version()))}"
-            )
-        # boot_transformers reads a local directory's config, weights and tokenizer offline.
-        return TransformerBridge.boot_transformers(name_or_path, device=device, dtype=dtype)
-
-    @staticmethod
-    def _load_hooked(name_or_path: str, device, dtype):
-        HookedTransformer = _hooked_transformer_class()
-        if HookedTransformer is None:
-            raise ImportError(
-                "api='hooked' needs transformer-lens < 4 (HookedTransformer was removed in 4.0); "
-                "use api='bridge' or api='auto'"
-            )
-        if not _is_local_model_dir(name_or_path):
-            return HookedTransformer.from_pretrained_no_processing(name_or_path, device=device, dtype=dtype)
-
-        # HookedTransformer.from_pretrained only accepts official names. Its loading helpers do
-        # accept a local directory, so build the model from them directly: this reads only the
-        # directory and works offline. (GPT-2 configs must carry n_ctx, which save_pretrained
-        # writes only when it was set; fastsae's own models set it.)
-        import transformer_lens.loading_from_pretrained as loading
-        from transformers import AutoModelForCausalLM
-
-        hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-        cfg = loading.get_pretrained_model_config(name_or_path, fold_ln=False, device=device, dtype=dtype)
-        state_dict = loading.get_pretrained_state_dict(name_or_path, cfg, hf_model, dtype=dtype)
-        with warnings.catch_warnings():  # TL 3.9 warns that HookedTransformer goes away in 4.0
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            model = HookedTransformer(cfg, _load_tokenizer(name_or_path), move_to_device=False)
-        model.load_and_process_state_dict(
-            state_dict,
-            fold_ln=False,
-            center_writing_weights=False,
-            center_unembed=False,
-            fold_value_biases=False,
-            refactor_factored_attn_matrices=False,
-        )
-        return model.to(device)
 
     @classmethod
     def wrap(cls, model: torch.nn.Module) -> "LanguageModel":
         """Adapt a HookedTransformer or TransformerBridge built elsewhere (it gets frozen)."""
-        HookedTransformer = _hooked_transformer_class()
-        TransformerBridge = _bridge_class()
+        HookedTransformer = backends.hooked_transformer_class()
+        TransformerBridge = backends.bridge_class()
         if HookedTransformer is not None and isinstance(model, HookedTransformer):
             return cls(model, "hooked")
         if TransformerBridge is not None and isinstance(model, TransformerBridge):
@@ -439,7 +355,7 @@ class LanguageModel:
             start_layer = self._check_start(start_hook, start_acts, tokens, list(replacements) + capture_names)
 
         captured: dict[str, Tensor] = {}
-        hooks = [(name, _replacement_hook(name, fn)) for name, fn in replacements.items()]
+        hooks = [(name, backends.replacement_hook(name, fn)) for name, fn in replacements.items()]
         hooks += [(name, _capture_hook(captured, name, detach=False)) for name in capture_names]
         hidden = self._run(tokens, hooks, start_layer=start_layer, start_acts=start_acts)
         return hidden, captured
@@ -447,7 +363,7 @@ class LanguageModel:
     def logits(self, tokens: Tensor, replacements: dict[str, Replacement] | None = None) -> Tensor:
         """Full logits [B, T, V], optionally with replacements. Materializes B*T*V: tests/eval only."""
         tokens = self._check_tokens(tokens)
-        hooks = [(self.validate_hook(n), _replacement_hook(n, fn)) for n, fn in (replacements or {}).items()]
+        hooks = [(self.validate_hook(n), backends.replacement_hook(n, fn)) for n, fn in (replacements or {}).items()]
         with self.hooks(hooks):
             return self.model(tokens)
 
@@ -496,7 +412,7 @@ class LanguageModel:
 
     def _check_tokens(self, tokens: Tensor) -> Tensor:
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32):
-            raise ValueError(f"tokens must be an integer tensor [batch, pos], got {_describe(tokens)}")
+            raise ValueError(f"tokens must be an integer tensor [batch, pos], got {describe(tokens)}")
         if tokens.shape[1] > self.n_ctx:
             raise ValueError(f"tokens has {tokens.shape[1]} positions, more than the model's n_ctx={self.n_ctx}")
         return tokens.to(self.device, torch.long)
@@ -510,7 +426,7 @@ class LanguageModel:
             )
         expected = (*tokens.shape, self.d_model)
         if not isinstance(start_acts, Tensor) or tuple(start_acts.shape) != expected:
-            raise ValueError(f"start_acts must have shape {list(expected)}, got {_describe(start_acts)}")
+            raise ValueError(f"start_acts must have shape {list(expected)}, got {describe(start_acts)}")
         for name in hook_names:
             if self.block_index(name) < layer:
                 raise ValueError(
@@ -521,199 +437,14 @@ class LanguageModel:
 
     def _run(self, tokens: Tensor, hooks: list, start_layer: int | None = None, start_acts: Tensor | None = None) -> Tensor:
         if self.api == "hooked":
-            return self._run_hooked(tokens, hooks, start_layer, start_acts)
-        return self._run_bridge(tokens, hooks, start_layer, start_acts)
-
-    def _run_hooked(self, tokens, hooks, start_layer, start_acts) -> Tensor:
-        # stop_at_layer=n_layers returns the residual after the last block: no ln_final, no logits.
-        with self.hooks(hooks):
-            if start_layer is None:
-                resid = self.model(tokens, stop_at_layer=self.n_layers)
-            else:
-                resid = self.model(start_acts, start_at_layer=start_layer, stop_at_layer=self.n_layers)
-        return self.final_hidden(resid)
-
-    def _run_bridge(self, tokens, hooks, start_layer, start_acts) -> Tensor:
-        # The bridge's stop_at_layer=n_layers would run on to the logits (no block has that
-        # index), so we end the pass ourselves at the unembedding's input, which is the final
-        # hidden state exactly as the model feeds it to W_U.
-        def stop(acts, hook):
-            raise _ReachedUnembed(acts)
-
-        all_hooks = list(hooks) + [("unembed.hook_in", stop)]
-        skip = contextlib.nullcontext()
-        if start_layer is not None:
-            # The bridge runs the HF forward from the tokens. Blocks before start_layer are made
-            # pass-throughs (nothing computed), and the first hook at the start block's resid_pre
-            # swaps in the cached residual, ahead of any replacement there.
-            inject = _replacement_hook("start_acts", lambda acts: start_acts.to(acts.dtype))
-            all_hooks.insert(0, (f"blocks.{start_layer}.hook_resid_pre", inject))
-            skip = self._skip_bridge_blocks(start_layer)
-        probe = self._probe_block_output() if start_layer is None else contextlib.nullcontext()
-        try:
-            with self.hooks(all_hooks), skip, probe:
-                self.model(tokens)
-        except _ReachedUnembed as reached:
-            return reached.hidden
-        raise RuntimeError("the bridge's forward ended without reaching unembed.hook_in")
-
-    @contextlib.contextmanager
-    def _skip_bridge_blocks(self, n: int) -> Iterator[None]:
-        """Replace the forward of HF blocks 0..n-1 by the identity for the duration of the block.
-
-        An instance attribute `forward` shadows the class method for nn.Module.__call__; deleting
-        it restores the original. The bridge's block wrapper still fires its hooks around the
-        identity, on values nobody reads (hooks before the start block are refused in spliced_run).
-        """
-        as_tuple = self._block_returns_tuple
-
-        def identity(*args, **kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            return (hidden,) + (None,) * (as_tuple - 1) if as_tuple else hidden
-
-        patched = []
-        try:
-            for block in list(self.model.blocks)[:n]:
-                inner = block.original_component
-                inner.forward = identity
-                patched.append(inner)
-            yield
-        finally:
-            for inner in patched:
-                del inner.forward
-
-    @contextlib.contextmanager
-    def _probe_block_output(self) -> Iterator[None]:
-        """Note once whether the HF blocks return a tuple (and of what length) or a tensor."""
-        if self._block_returns_tuple is not None:
-            yield
-            return
-
-        def record(module, args, output):
-            self._block_returns_tuple = len(output) if isinstance(output, tuple) else 0
-
-        handle = self.model.blocks[0].original_component.register_forward_hook(record)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-
-class ModelUnavailableError(FileNotFoundError):
-    """A model name that is neither a local directory nor reachable on the Hugging Face hub."""
-
-
-def _hub_host() -> str:
-    from urllib.parse import urlparse
-
-    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-
-
-def _check_model_source(name: str) -> None:
-    """Fail fast, in one line, when a model can be neither read locally nor downloaded, instead of
-    the hub client's retries and traceback (about 30 s offline).
-
-    A local directory is read as is. A path that does not exist is an error. A hub name is fine
-    when its config is in the local Hugging Face cache; otherwise the hub must be allowed
-    (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE unset) and reachable (a TCP connect, 3 s at most).
-    """
-    if Path(name).is_dir():
-        if not _is_local_model_dir(name):
-            raise ModelUnavailableError(f"model directory {name} has no config.json (save the model and its "
-                                        "tokenizer there with save_pretrained)")
-        return
-    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
-        raise ModelUnavailableError(f"no model directory at {name}")
-    repo = name
-    try:  # a TransformerLens alias (gpt2-small, pythia-70m) is cached under its hub repo's name
-        try:
-            from transformer_lens.supported_models import get_official_model_name  # TL 4
-        except ImportError:
-            from transformer_lens.loading_from_pretrained import get_official_model_name  # TL 3
-        repo = get_official_model_name(name)
-    except Exception:  # not an alias TransformerLens knows (or no such helper): the name is the repo
-        pass
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        if isinstance(try_to_load_from_cache(repo, "config.json"), str):
-            return
-    except Exception:  # an invalid repo id or an old huggingface_hub: let the loader report it
-        return
-    needs = (f"model {name!r} is not a local directory and not in the Hugging Face cache: it needs hub access "
-             "(or set model.name to a local directory with the model saved by save_pretrained)")
-    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-           for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        raise ModelUnavailableError(f"{needs}; HF_HUB_OFFLINE is set")
-    import socket
-
-    host = _hub_host()
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError as error:
-        raise ModelUnavailableError(f"{needs}; {host} is not reachable ({error})") from None
-
-
-def _check_unprocessed(model, api: str) -> None:
-    """Refuse a model whose weights TransformerLens processed so that its residual stream is no
-    longer the HF model's (an SAE trained on it would not fit the model anyone else runs)."""
-    if api == "bridge":
-        if getattr(model, "_weights_processed", False):
-            raise ValueError(
-                "this TransformerBridge's weights were processed (enable_compatibility_mode() or process_weights(): "
-                "fold_ln, center_writing_weights, ...): its residual stream differs from the HF model's, so SAEs "
-                "trained on it do not transfer. Boot it without processing (TransformerBridge.boot_transformers(name), "
-                "or enable_compatibility_mode(no_processing=True))")
-        return
-    # HookedTransformer.from_pretrained's center_writing_weights subtracts each writing weight's
-    # mean over d_model, W_E's included; no unprocessed model has rows with exactly zero mean.
-    W_E = model.W_E.detach().float()
-    if W_E.mean(-1).abs().max() <= 1e-5 * W_E.abs().max():
-        raise ValueError(
-            "this HookedTransformer was loaded with center_writing_weights (HookedTransformer.from_pretrained's "
-            "default): its residual stream is the HF model's minus its mean, so SAEs trained on it do not "
-            "transfer. Load it with HookedTransformer.from_pretrained_no_processing(name)")
-    if str(getattr(model.cfg, "normalization_type", "")).endswith("Pre"):
-        warnings.warn(
-            "this HookedTransformer has its LayerNorm weights folded (fold_ln): the residual stream is the HF "
-            "model's, but hooks inside the LayerNorms (ln*.hook_scale / hook_normalized) are not; "
-            "from_pretrained_no_processing avoids that", stacklevel=3)
-
-
-def _load_tokenizer(path: str):
-    """The tokenizer saved beside a local model, or None if there is none."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        return None
-
+            return backends.run_hooked(self, tokens, hooks, start_layer, start_acts)
+        return backends.run_bridge(self, tokens, hooks, start_layer, start_acts)
 
 def _capture_hook(store: dict, name: str, *, detach: bool):
     def hook(acts, hook):
         store[name] = acts.detach() if detach else acts
 
     return hook
-
-
-def _replacement_hook(name: str, fn: Replacement):
-    def hook(acts, hook):
-        new = fn(acts)
-        if not isinstance(new, Tensor) or new.shape != acts.shape:
-            raise ValueError(
-                f"the replacement at {name!r} must return a tensor of shape {list(acts.shape)}, "
-                f"got {_describe(new)}"
-            )
-        return new
-
-    return hook
-
-
-def _describe(x) -> str:
-    if isinstance(x, Tensor):
-        return f"tensor of shape {list(x.shape)} and dtype {x.dtype}"
-    return f"{type(x).__name__}"
 
 
 def _hook_sort_key(name: str):

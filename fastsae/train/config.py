@@ -6,6 +6,9 @@ A config names a preset (a YAML file shipped in fastsae/configs/) or a path to a
 key is checked: an unknown key is reported with the keys allowed in its section, a bad value with
 the allowed values or range. Missing keys take the defaults below. The resolved config is saved as
 config.yaml in the run directory, which is what `--resume` and `fastsae eval` read back.
+
+This file is longer than the house's ~400 lines because every key carries its check and its help
+text beside its default, and the loader that checks them is here.
 """
 
 from __future__ import annotations

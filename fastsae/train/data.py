@@ -1,5 +1,9 @@
 """Token streams for training and evaluation: endless batches of LongTensor [batch_size, context_length].
 
+This file is longer than the house's ~400 lines because it is the one place that turns every data
+source a user has (the embedded corpus, text, token files, Hugging Face datasets, DataLoaders,
+plain iterables) into one resumable stream with one set of checks.
+
 A data spec is a small dict (from the YAML config or the CLI):
 
     {"kind": "embedded"}                                   the embedded corpus (fastsae.model.embedded)

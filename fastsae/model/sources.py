@@ -1,0 +1,79 @@
+"""Where a model comes from: a local Hugging Face directory, or the hub (and whether it is reachable).
+
+LanguageModel.load checks the source first, so a model that can be neither read locally nor
+downloaded fails at once in one line instead of after the hub client's retries.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def is_local_model_dir(name_or_path: str) -> bool:
+    return (Path(name_or_path) / "config.json").is_file()
+
+
+class ModelUnavailableError(FileNotFoundError):
+    """A model name that is neither a local directory nor reachable on the Hugging Face hub."""
+
+
+def _hub_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+
+
+def check_model_source(name: str) -> None:
+    """Fail fast, in one line, when a model can be neither read locally nor downloaded, instead of
+    the hub client's retries and traceback (about 30 s offline).
+
+    A local directory is read as is. A path that does not exist is an error. A hub name is fine
+    when its config is in the local Hugging Face cache; otherwise the hub must be allowed
+    (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE unset) and reachable (a TCP connect, 3 s at most).
+    """
+    if Path(name).is_dir():
+        if not is_local_model_dir(name):
+            raise ModelUnavailableError(f"model directory {name} has no config.json (save the model and its "
+                                        "tokenizer there with save_pretrained)")
+        return
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise ModelUnavailableError(f"no model directory at {name}")
+    repo = name
+    try:  # a TransformerLens alias (gpt2-small, pythia-70m) is cached under its hub repo's name
+        try:
+            from transformer_lens.supported_models import get_official_model_name  # TL 4
+        except ImportError:
+            from transformer_lens.loading_from_pretrained import get_official_model_name  # TL 3
+        repo = get_official_model_name(name)
+    except Exception:  # not an alias TransformerLens knows (or no such helper): the name is the repo
+        pass
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+            return
+    except Exception:  # an invalid repo id or an old huggingface_hub: let the loader report it
+        return
+    needs = (f"model {name!r} is not a local directory and not in the Hugging Face cache: it needs hub access "
+             "(or set model.name to a local directory with the model saved by save_pretrained)")
+    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+           for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        raise ModelUnavailableError(f"{needs}; HF_HUB_OFFLINE is set")
+    import socket
+
+    host = _hub_host()
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as error:
+        raise ModelUnavailableError(f"{needs}; {host} is not reachable ({error})") from None
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved beside a local model, or None if there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
