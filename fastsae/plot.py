@@ -21,7 +21,7 @@ from fastsae.train.metrics import EVAL_FILE, read_eval_json
 
 KIND_ORDER = ("local", "e2e", "e2e+ds")
 KIND_STYLE = {"local": ("tab:blue", "o"), "e2e": ("tab:orange", "s"), "e2e+ds": ("tab:green", "^")}
-COLUMNS = ("kind", "sparsity_coeff", "seeds", "l0", "ce_increase", "kl", "alive", "n_latents",
+COLUMNS = ("kind", "sparsity_coeff", "k", "seeds", "l0", "ce_increase", "kl", "alive", "n_latents",
            "explained_variance", "final_explained_variance", "training_tokens", "eval_tokens")
 
 
@@ -41,6 +41,7 @@ class Point:
     final_explained_variance: float | None  # of the final residual, spliced vs clean
     training_tokens: int
     eval_tokens: int
+    k: float | None = None  # the activation's k (topk, batchtopk): their curves run over k
 
 
 def find_runs(paths) -> list[Path]:
@@ -87,11 +88,11 @@ def curve_label(record: dict) -> str:
 
 def collect_points(run_dirs) -> list[Point]:
     """One Point per (kind, sparsity coefficient): the mean over its runs, sorted by kind and L0."""
-    groups: dict[tuple[str, float], list[dict]] = {}
-    setups: dict[tuple[str, float], dict] = {}
+    groups: dict[tuple, list[dict]] = {}
+    setups: dict[tuple, dict] = {}
     for run_dir in run_dirs:
         record = read_eval_json(run_dir)
-        key = (curve_label(record), float(record["sparsity_coeff"]))
+        key = (curve_label(record), float(record["sparsity_coeff"]), record.get("k"))
         # runs averaged into one point must differ only in their seed
         setup = {"model": record.get("model"), "hooks": record["hooks"], "n_latents": record.get("n_latents"),
                  "training_tokens": record["training_tokens"]}
@@ -100,14 +101,14 @@ def collect_points(run_dirs) -> list[Point]:
                              f"trained differently ({setup} vs {setups[key]}); plot one setup at a time")
         groups.setdefault(key, []).append(_run_values(record))
     points = []
-    for (kind, coeff), runs in groups.items():
+    for (kind, coeff, k), runs in groups.items():
         def mean(key):
             values = [run[key] for run in runs if run[key] is not None]
             return sum(values) / len(values) if values else None
 
         points.append(Point(kind, coeff, len(runs), mean("l0"), mean("ce_increase"), mean("kl"), mean("alive"),
                             runs[0]["n_latents"], mean("explained_variance"), mean("final_explained_variance"),
-                            int(mean("training_tokens")), int(mean("eval_tokens"))))
+                            int(mean("training_tokens")), int(mean("eval_tokens")), k))
     order = {kind: i for i, kind in enumerate(KIND_ORDER)}
     return sorted(points, key=lambda p: (order.get(p.kind, len(order)), p.l0))
 
@@ -165,7 +166,8 @@ def to_markdown(points: list[Point], comparison: dict | None = None) -> str:
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for p in points:
         alive = f"{round(p.alive):,}" + (f" / {p.n_latents:,}" if p.n_latents else "")
-        lines.append(f"| {p.kind} | {_fmt(p.sparsity_coeff)} | {p.seeds} | {p.l0:.1f} | {p.ce_increase:.4f} | "
+        coeff = _fmt(p.sparsity_coeff) + (f" (k={_fmt(p.k)})" if p.k is not None else "")
+        lines.append(f"| {p.kind} | {coeff} | {p.seeds} | {p.l0:.1f} | {p.ce_increase:.4f} | "
                      f"{p.kl:.4f} | {alive} | {_fmt(p.explained_variance, 3)} | {_fmt(p.final_explained_variance, 3)} |")
     if comparison is not None:
         low, high = comparison["l0_range"]

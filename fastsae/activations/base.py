@@ -170,7 +170,8 @@ class Activation:
 
     # ---------------------------------------------------------------- the function
 
-    def selects(self, training: bool) -> bool:
+    @classmethod
+    def selects(cls, training: bool) -> bool:
         """True: the selection family in this mode (topk_encode candidates + select); False: the
         elementwise family (relu_autoencode with threshold())."""
         return False

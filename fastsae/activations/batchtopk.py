@@ -59,7 +59,8 @@ class BatchTopK(Activation):
         super().__init__(params)
         self._width = 0  # the candidates per token that the last widening needed
 
-    def selects(self, training: bool) -> bool:
+    @classmethod
+    def selects(cls, training: bool) -> bool:
         return training
 
     def threshold(self, sae) -> torch.Tensor:

@@ -32,7 +32,8 @@ class TopK(Activation):
     saelens_architectures = ("topk",)
     example_params = {"k": 4}
 
-    def selects(self, training: bool) -> bool:
+    @classmethod
+    def selects(cls, training: bool) -> bool:
         return True
 
     def candidates(self, n_latents: int) -> int:

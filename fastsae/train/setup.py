@@ -59,8 +59,8 @@ def sae_spec(cfg: TrainConfig, d_in: int) -> SAESpec:
                               init=None if s.init == "auto" else s.init,
                               init_encoder_as_decoder_transpose=s.init_encoder_as_decoder_transpose)
     except ValueError as error:
-        size = f"n_latents={n_latents}" + ("" if s.n_latents else f" (saes.ratio={s.ratio:g} x d_model={d_in})")
-        raise ConfigError(f"config: saes: {error} ({size})") from None
+        size = "" if s.n_latents else f" (n_latents = saes.ratio={s.ratio:g} x d_model={d_in})"
+        raise ConfigError(f"config: saes: {error}{size}") from None
 
 
 def build_saes(cfg: TrainConfig, hooks: list[str], d_model: int, layout, device: torch.device,
