@@ -1,0 +1,277 @@
+"""What a dashboard shows of each latent, collected in one streaming pass over the tokens.
+
+Per SAE, batch by batch, from the SparseCode of ``E2ESAE.encode_sparse`` (so every activation
+function is handled alike, and no [tokens, n_latents] tensor ever exists):
+
+    top        each latent's ``top_k`` largest activations, with a window of tokens around each and
+               the latent's activation on every token of the window (for the shading);
+    samples    a uniform random sample of ``n_samples`` of each latent's firings, with the same
+               windows (the dashboard groups them by activation quantile);
+    by_token   for each token id of the vocabulary, the ``token_latents`` latents that fired most
+               strongly on it (their largest activation on that token): "which latents fire on ` def`";
+    stats      fastsae.analysis.LatentStats: firing counts, max and mean activations, histograms.
+
+All of it stays on the SAE's device; the state is O(n_latents x (top_k + n_samples) x window +
+d_vocab x token_latents), the temporaries O(batch tokens x code width).
+
+The selections are exact and do not depend on how the tokens are split into batches: the top
+entries are the largest activations, ties going to the earlier token; the samples are the firings
+with the largest keys of a fixed hash of (token position, latent), which is a uniform random
+sample of each latent's firings; ``by_token`` keeps each latent's largest activation on the token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from fastsae.analysis.latent_stats import LatentStats
+from fastsae.sae import E2ESAE, SparseCode
+
+# Window of tokens shown around an activation: this many before it and after it (the model is
+# causal: the tokens before explain the activation, the few after show where the text goes).
+DEFAULT_BEFORE, DEFAULT_AFTER = 16, 6
+EMPTY_TOKEN = -1  # window slots outside the token's row (before its start, after its end)
+# Query elements per chunk when a batch's candidates look up their windows' activations.
+LOOKUP_CHUNK = 1 << 22
+
+
+class SegmentTopK:
+    """For each of ``n_segments`` segments (latents, or token ids), the ``k`` entries of largest key
+    seen so far in a stream of entries, with a payload per entry, merged batch by batch.
+
+    State on ``device``: keys float64 [n_segments, k] (largest first; -inf marks an empty slot) and
+    one payload tensor [n_segments, k, *shape] per name. With ``unique=True`` each entry carries an
+    id (e.g. a latent) and a segment keeps only one entry per id, the one of largest key.
+
+    Ties go to the entry seen first (earlier batches; within a batch, the earlier entry), so the
+    result is the same however a stream is cut into batches.
+    """
+
+    def __init__(self, n_segments: int, k: int, payload: dict[str, tuple[tuple[int, ...], torch.dtype]], *,
+                 device: torch.device | str | None = None, unique: bool = False):
+        if n_segments < 1 or k < 1:
+            raise ValueError(f"n_segments and k must be positive, got {n_segments} and {k}")
+        self.n_segments, self.k, self.unique = n_segments, k, unique
+        self.keys = torch.full((n_segments, k), float("-inf"), dtype=torch.float64, device=device)
+        self.payload = {name: torch.zeros((n_segments, k, *shape), dtype=dtype, device=device)
+                        for name, (shape, dtype) in payload.items()}
+        if unique:
+            self.payload.setdefault("id", torch.full((n_segments, k), -1, dtype=torch.int64, device=device))
+
+    @torch.no_grad()
+    def update(self, segments: torch.Tensor, keys: torch.Tensor,
+               make_payload: Callable[[torch.Tensor], dict[str, torch.Tensor]], ids: torch.Tensor | None = None) -> None:
+        """Merge entries (segments int64 [E], keys [E], ids int64 [E] when unique) in stream order.
+
+        make_payload(entries) -> {name: [m, *shape]}: the payload of the entries at those indices
+        (into the E entries); it is called once, only for the entries that enter a top k.
+        """
+        if self.unique and ids is None:
+            raise ValueError("a unique SegmentTopK needs the entries' ids")
+        keys = keys.to(torch.float64)
+        # An entry whose key does not beat its segment's k-th (an equal one came first) cannot enter.
+        candidates = (keys > self.keys[segments, -1]).nonzero().squeeze(1)
+        if candidates.numel() == 0:
+            return
+        touched, local = torch.unique(segments[candidates], return_inverse=True)
+        n_touched, k = touched.numel(), self.k
+        old_keys = self.keys[touched].reshape(-1)
+        # Sources: old slot s (flat in [n_touched, k]) as s; new candidate j as n_touched * k + j.
+        all_keys = torch.cat([old_keys, keys[candidates]])
+        all_local = torch.cat([torch.arange(n_touched, device=keys.device).repeat_interleave(k), local])
+        source = torch.arange(all_keys.numel(), device=keys.device)
+        filled = all_keys > float("-inf")
+        all_keys, all_local, source = all_keys[filled], all_local[filled], source[filled]
+        # Largest key first; the stable sorts keep stream order among equal keys (old slots first).
+        order = torch.sort(all_keys, descending=True, stable=True).indices
+        if self.unique:
+            old_ids = self.payload["id"][touched].reshape(-1)
+            all_ids = torch.cat([old_ids, ids[candidates].to(torch.int64)])[filled][order]
+            key = all_local[order] * (int(all_ids.max()) + 1) + all_ids
+            by_id = torch.sort(key, stable=True).indices
+            first = torch.ones_like(by_id, dtype=torch.bool)
+            first[1:] = key[by_id[1:]] != key[by_id[:-1]]
+            order = order[torch.sort(by_id[first]).values]  # each id's largest key, in key order
+        order = order[torch.sort(all_local[order], stable=True).indices]
+        sorted_local = all_local[order]
+        counts = torch.bincount(sorted_local, minlength=n_touched)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(order.numel(), device=keys.device) - starts[sorted_local]
+        kept = rank < k
+        order, sorted_local, rank = order[kept], sorted_local[kept], rank[kept]
+
+        new_keys = torch.full((n_touched, k), float("-inf"), dtype=torch.float64, device=keys.device)
+        new_keys[sorted_local, rank] = all_keys[order]
+        chosen = source[order]
+        from_old = chosen < n_touched * k
+        fresh = candidates[chosen[~from_old] - n_touched * k]
+        fresh_payload = make_payload(fresh) if fresh.numel() else {}
+        if self.unique and fresh.numel():
+            fresh_payload = {**fresh_payload, "id": ids[fresh].to(torch.int64)}
+        for name, store in self.payload.items():
+            old = store[touched]
+            merged = torch.zeros_like(old) if name != "id" else torch.full_like(old, -1)
+            merged[sorted_local[from_old], rank[from_old]] = old.reshape(-1, *old.shape[2:])[chosen[from_old]]
+            if fresh.numel():
+                merged[sorted_local[~from_old], rank[~from_old]] = fresh_payload[name].to(store.dtype)
+            store[touched] = merged
+        self.keys[touched] = new_keys
+
+    def counts(self) -> torch.Tensor:
+        """int64 [n_segments]: filled slots per segment."""
+        return (self.keys > float("-inf")).sum(1)
+
+
+def sample_keys(positions: torch.Tensor, latents: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A fixed pseudo-random key in [0, 1) per (global token position, latent): the largest keys of
+    a latent's firings are a uniform random sample of them, the same however the stream is batched
+    and on any device. Integer mixing kept below 2^62, so int64 never overflows."""
+    mask = (1 << 31) - 1
+    x = (positions.to(torch.int64) * 1_000_003 + latents.to(torch.int64) * 7_919 + seed * 65_537) & mask
+    for multiplier in (0x2C1B3C6D, 0x297A2D39, 0x1B873593):
+        x = ((x ^ (x >> 15)) * multiplier) & mask
+    x = x ^ (x >> 13)
+    return x.to(torch.float64) / float(1 << 31)
+
+
+@dataclass
+class LatentRecords:
+    """What the pass collected for one SAE (tensors on the SAE's device).
+
+    top, samples: SegmentTopK over latents with payload position (int64, global token index in the
+    stream), tokens (int32 [window], EMPTY_TOKEN outside the row), acts (float32 [window], the
+    latent's activation on each window token), value (float32, the activation); the window's
+    centre is index ``before``. by_token: SegmentTopK over token ids, unique by latent (payload id).
+    """
+
+    top: SegmentTopK
+    samples: SegmentTopK
+    by_token: SegmentTopK
+    stats: LatentStats
+    before: int
+    after: int
+
+    @property
+    def window(self) -> int:
+        return self.before + 1 + self.after
+
+
+@dataclass
+class DashboardCollector:
+    """The one-pass collection for several SAEs (see the module docstring).
+
+        collector = DashboardCollector({"e2e": (hook, sae)}, d_vocab=lm.d_vocab)
+        for batch in ActivationStream(lm, batches, hooks=[hook], n_tokens=n):
+            collector.update(batch.tokens, batch.activations)
+        records = collector.records["e2e"]
+    """
+
+    saes: dict[str, tuple[str, E2ESAE]]
+    d_vocab: int
+    top_k: int = 20
+    n_samples: int = 20
+    token_latents: int = 16
+    before: int = DEFAULT_BEFORE
+    after: int = DEFAULT_AFTER
+    seed: int = 0
+    records: dict[str, LatentRecords] = field(init=False)
+    n_tokens: int = field(init=False, default=0)
+
+    def __post_init__(self):
+        for name, value in (("top_k", self.top_k), ("n_samples", self.n_samples), ("token_latents", self.token_latents),
+                            ("d_vocab", self.d_vocab)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, value in (("before", self.before), ("after", self.after)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        window = self.before + 1 + self.after
+        context = {"position": ((), torch.int64), "tokens": ((window,), torch.int32),
+                   "acts": ((window,), torch.float32), "value": ((), torch.float32)}
+        self.records = {}
+        for name, (_, sae) in self.saes.items():
+            device = sae.device
+            self.records[name] = LatentRecords(
+                top=SegmentTopK(sae.n_latents, self.top_k, context, device=device),
+                samples=SegmentTopK(sae.n_latents, self.n_samples, context, device=device),
+                by_token=SegmentTopK(self.d_vocab, self.token_latents, {"value": ((), torch.float32)}, device=device,
+                                     unique=True),
+                stats=LatentStats(sae.n_latents, device=device), before=self.before, after=self.after)
+
+    @torch.no_grad()
+    def update(self, tokens: torch.Tensor, activations: dict[str, torch.Tensor]) -> None:
+        """One batch: tokens [B, T] and the activations {hook: [B, T, d_in]} the SAEs read."""
+        for name, (hook, sae) in self.saes.items():
+            code = sae.encode_sparse(activations[hook].to(sae.device, sae.dtype))
+            self._update_one(self.records[name], tokens.to(sae.device), code.values, code.indices, sae.n_latents)
+        self.n_tokens += tokens.numel()
+
+    def _update_one(self, rec: LatentRecords, tokens, values, indices, n_latents: int) -> None:
+        ctx = tokens.shape[1]
+        width = values.shape[-1]
+        flat_values = values.reshape(-1)
+        active = (flat_values > 0).nonzero().squeeze(1)
+        rec.stats.update(_packed(flat_values[active], indices.reshape(-1)[active], tokens.numel()))
+        if active.numel() == 0:
+            return
+        value = flat_values[active].float()
+        latent = indices.reshape(-1)[active].to(torch.int64)
+        position = active // width  # token index within the batch, row-major
+        flat_tokens = tokens.reshape(-1)
+        offsets = torch.arange(-rec.before, rec.after + 1, device=tokens.device)
+        lookup = []  # the batch's (position, latent) -> activation, sorted, built when first needed
+
+        def sorted_entries():
+            if not lookup:
+                entry_key, by_key = torch.sort(position * n_latents + latent)
+                lookup.extend([entry_key, value[by_key]])
+            return lookup
+
+        def windows(entries: torch.Tensor) -> dict[str, torch.Tensor]:
+            window_tokens = torch.empty(entries.numel(), offsets.numel(), dtype=torch.int32, device=tokens.device)
+            acts = torch.empty(entries.numel(), offsets.numel(), dtype=torch.float32, device=tokens.device)
+            step = max(1, LOOKUP_CHUNK // offsets.numel())  # bounds the [chunk, window] temporaries
+            for start in range(0, entries.numel(), step):
+                part = entries[start:start + step]
+                pos, lat = position[part], latent[part]
+                cols = (pos % ctx)[:, None] + offsets[None, :]
+                inside = (cols >= 0) & (cols < ctx)
+                where = (pos // ctx)[:, None] * ctx + cols.clamp(0, ctx - 1)
+                window_tokens[start:start + step] = torch.where(inside, flat_tokens[where], EMPTY_TOKEN)
+                query = where * n_latents + lat[:, None]
+                entry_key, entry_value = sorted_entries()
+                slot = torch.searchsorted(entry_key, query.reshape(-1)).clamp_max(entry_key.numel() - 1).view(query.shape)
+                hit = (entry_key[slot] == query) & inside
+                acts[start:start + step] = torch.where(hit, entry_value[slot], 0.0)
+            return {"position": position[entries] + self.n_tokens, "tokens": window_tokens, "acts": acts,
+                    "value": value[entries]}
+
+        rec.top.update(latent, value, windows)
+        rec.samples.update(latent, sample_keys(position + self.n_tokens, latent, self.seed), windows)
+        token_of_entry = flat_tokens[position]
+        rec.by_token.update(token_of_entry, value, lambda entries: {"value": value[entries]}, ids=latent)
+
+
+def _packed(values: torch.Tensor, latents: torch.Tensor, n_tokens: int) -> SparseCode:
+    """A batch's active entries as a SparseCode [n_tokens, ceil(entries / n_tokens)] (value-0
+    padding), for LatentStats: its statistics are sums and maxima over entries, which token an entry
+    sits at does not matter to them, and encode_sparse's width (the batch's largest L0, often ten
+    times the mean: a few tokens fire hundreds of latents) would make it process mostly padding."""
+    width = max(1, -(-values.numel() // n_tokens))
+    packed_values = values.new_zeros(n_tokens * width)
+    packed_latents = latents.new_zeros(n_tokens * width)
+    packed_values[:values.numel()] = values
+    packed_latents[:latents.numel()] = latents
+    return SparseCode(packed_values.view(n_tokens, width), packed_latents.view(n_tokens, width))
+
+
+def collect(stream: Iterable, saes: dict[str, tuple[str, E2ESAE]], d_vocab: int, **options) -> DashboardCollector:
+    """Run the pass over ``stream`` (fastsae.analysis.ActivationStream: batches with .tokens and
+    .activations) for ``saes`` {name: (hook, sae)}; options as DashboardCollector's."""
+    collector = DashboardCollector(saes, d_vocab, **options)
+    for batch in stream:
+        collector.update(batch.tokens, batch.activations)
+    return collector
