@@ -350,3 +350,192 @@ def test_explained_variance_variants_against_the_paper_formula():
     assert float(losses.explained_variance_out_to_in(x, x_hat)) < float(losses.explained_variance(x, x_hat))
     # layer norm ignores each token's scale
     torch.testing.assert_close(losses.explained_variance_ln(x, 0.5 * x), torch.tensor(1.0), atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------ pair rules
+
+def _target(label, kind, coeff, seed, ce, l0, hook="blocks.1.hook_resid_pre"):
+    from fastsae.analysis.stream import SAETarget
+
+    record = {"metrics": {"ce_increase": ce, f"l0/{hook}": l0, "l0": l0}}
+    return SAETarget(label, hook, None, label, None, kind, coeff, seed, 1, record)
+
+
+def test_matched_sets_follow_the_papers_two_rules():
+    from fastsae.analysis.pairs import cross_seed_pairs, cross_type_pairs, matched_sets
+
+    targets = [_target("l1", "local", 1, 0, ce=0.15, l0=70), _target("l2", "local", 2, 0, ce=0.39, l0=31),
+               _target("e1", "e2e", 0.75, 0, ce=0.081, l0=73), _target("e2", "e2e", 3, 0, ce=0.185, l0=32),
+               _target("d1", "e2e+ds", 3, 0, ce=0.08, l0=69), _target("d2", "e2e+ds", 6, 0, ce=0.17, l0=38),
+               _target("l1b", "local", 1, 1, ce=0.16, l0=71), _target("e1b", "e2e", 0.75, 1, ce=0.2, l0=10)]
+    ce = matched_sets(targets, "ce")[0]
+    assert ce["targets"] == {"local": "l1", "e2e": "e2", "e2e+ds": "d2"}  # 0.15, 0.185, 0.17: the tightest
+    assert ce["spread_log_ratio"] == pytest.approx(math.log(0.185 / 0.15))
+    l0 = matched_sets(targets, "l0")[0]
+    assert l0["targets"] == {"local": "l1", "e2e": "e1", "e2e+ds": "d1"}  # 70, 73, 69
+    pairs = cross_type_pairs([ce])
+    assert [(p.a, p.b) for p in pairs] == [("e2", "l1"), ("d2", "l1"), ("e2", "d2")]
+    seeds = cross_seed_pairs(targets, ["l1", "e1", "d1"])
+    assert [(p.a, p.b) for p in seeds] == [("l1", "l1b"), ("e1", "e1b")]
+    assert matched_sets([t for t in targets if t.kind == "local"], "ce") == []  # one kind: nothing to match
+
+
+# ------------------------------------------------------------------------------ `fastsae analyze`
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory, lm, model_dir):
+    """local, e2e and e2e+ds runs at two seeds on the tiny model (module lm: 3 layers, d_model 32)."""
+    from fastsae.train.sweep import run_sweep, sweep_points
+    from helpers_models import TINY_TEXT
+
+    root = tmp_path_factory.mktemp("analysis_sweep")
+    corpus = root / "corpus.txt"
+    corpus.write_text(TINY_TEXT * 60)
+    overrides = [f"model.name={model_dir}", "data.kind=text", f"data.path={corpus}", "data.eval_fraction=0.3",
+                 "data.context_length=16", "optim.batch_size=4", "optim.n_tokens=256", "optim.warmup_samples=4",
+                 "eval.n_tokens=64", "eval.batch_size=4", "saes.n_latents=48", "log.progress=false",
+                 "loss.downstream_hooks=[blocks.2.hook_resid_pre]", "device=cpu"]
+    points = sweep_points(root / "sweep", "embedded", ["local", "e2e", "e2e+ds"],
+                          {"local": [0.5, 2.0], "e2e": [0.5], "e2e+ds": [1.0]}, seeds=[0, 1])
+    run_sweep(points, overrides, model=lm, log=lambda line: None)
+    return root / "sweep"
+
+
+def test_analyze_a_sweep_writes_every_output_and_matches_direct_computation(tiny_sweep, lm, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from fastsae import load_run
+    from fastsae.analysis.stream import held_out_batches, load_targets
+    from fastsae.cli import main
+
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(tiny_sweep), "--out", str(out), "--tokens", "200", "--no-umap"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    for stem in ("feature_density", "within_sae_similarity", "within_sae_similarity_vs_l0", "cross_type_similarity",
+                 "cross_seed_similarity", "activation_geometry"):
+        assert f"{stem}.png" in names and f"{stem}.svg" in names, stem
+        assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+    assert {"analysis.json", "analysis.md", "similarities.safetensors", "latent_stats"} <= set(names)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".analysis")]  # no staging left
+    result = json.loads((out / "analysis.json").read_text())
+    assert len(result["saes"]) == 8 and result["tokens"] == 208  # 200 asked: 13 windows of 16
+    assert {g["rule"] for g in result["matched"]["ce"] + result["matched"]["l0"]} == {"ce", "l0"}
+    assert len(result["cross_type"]) == 6 and len(result["cross_seed"]) == 3
+    assert "## Cross-seed similarity" in (out / "analysis.md").read_text()
+
+    # one SAE recomputed directly: dense code, dense similarity matrix, its output and the spliced run
+    label = "e2e-s0.5-seed0"
+    hook = "blocks.1.hook_resid_pre"
+    sae = load_run(tiny_sweep / label)[hook]
+    config = load_targets([tiny_sweep / label]).config
+    tokens = torch.cat(list(TokenBatches(held_out_batches(lm, config), 200)))
+    x = lm.activations(tokens, [hook])[hook]
+    dense = sae.encode(x)
+    alive = (dense > 0).reshape(-1, sae.n_latents).any(0)
+    stats = LatentStats.load(out / "latent_stats" / label)
+    assert torch.equal(stats.alive, alive) and stats.n_tokens == 208
+    assert torch.equal(stats.count, (dense > 0).reshape(-1, sae.n_latents).sum(0))
+    arrays = load_file(str(out / "similarities.safetensors"))
+    assert torch.equal(arrays[f"alive_ids/{label}"], alive.nonzero().squeeze(1))
+    sims = dense_max(sae.W_dec[alive].detach())
+    torch.testing.assert_close(arrays[f"within/{label}/max_cosine"].double(), sims.max(1).values, rtol=0, atol=1e-6)
+    entry = result["saes"][label]
+    assert entry["within_similarity"]["mean"] == pytest.approx(float(sims.max(1).values.mean()), abs=1e-6)
+    x_hat = sae(x).detach()
+    io = entry["activation_geometry"]["sae_output_vs_input"]
+    ratio = x_hat.norm(dim=-1) / x.norm(dim=-1)
+    assert io["norm_ratio"]["mean"] == pytest.approx(float(ratio.mean()), rel=1e-5)
+    assert io["norm_ratio"]["pos0"] == pytest.approx(float(ratio[:, 0].mean()), rel=1e-5)
+    cos = torch.nn.functional.cosine_similarity(x, x_hat, dim=-1)
+    assert io["cosine"]["pos_gt_0"] == pytest.approx(float(cos[:, 1:].mean()), rel=1e-5)
+    # EVs as the trainer's eval: per batch (4 rows; here 4, 4, 4, 1), then token-weighted
+    for name, fn in (("explained_variance", losses.explained_variance),
+                     ("explained_variance_out_to_in_ln", lambda a, b: losses.explained_variance_out_to_in(a, b, True))):
+        per_batch = [(float(fn(a, b)), a.shape[:-1].numel()) for a, b in zip(x.split(4), x_hat.split(4))]
+        expected = sum(v * n for v, n in per_batch) / sum(n for _, n in per_batch)
+        assert io["metrics"][name] == pytest.approx(expected, rel=1e-4)
+    final = "blocks.2.hook_resid_post"
+    _, clean = lm.clean_run(tokens, [final])
+    _, spliced = lm.spliced_run(tokens, {hook: lambda a: sae(a)}, capture_hooks=[final])
+    drift = entry["activation_geometry"]["downstream"][final]
+    cos = torch.nn.functional.cosine_similarity(clean[final], spliced[final].detach(), dim=-1)
+    assert drift["cosine"]["mean"] == pytest.approx(float(cos.mean()), rel=1e-4)
+    assert set(entry["activation_geometry"]["downstream"]) == {"blocks.2.hook_resid_pre", final}
+    # a cross-type pair, recomputed
+    pair = result["cross_type"][0]
+    other = load_run(tiny_sweep / pair["b"])[hook]
+    alive_b = LatentStats.load(out / "latent_stats" / pair["b"]).alive
+    first = load_run(tiny_sweep / pair["a"])[hook]
+    alive_a = LatentStats.load(out / "latent_stats" / pair["a"]).alive
+    cross = dense_max(first.W_dec[alive_a].detach(), other.W_dec[alive_b].detach())
+    assert pair["mean"] == pytest.approx(float(cross.max(1).values.mean()), abs=1e-6)
+
+
+def test_analyze_bad_input_is_one_line_and_writes_nothing(tiny_sweep, lm, tmp_path, capsys, monkeypatch):
+    import shutil
+    import sys
+
+    from fastsae import load_run
+    from fastsae.cli import main
+
+    hook = "blocks.1.hook_resid_pre"
+    out = tmp_path / "out"
+
+    def fails(argv, message):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.split("\n")  # (model loading may print progress bars before it)
+        assert err[-1] == "" and err[-2].startswith("fastsae analyze: error: ") and message in err[-2], err
+        assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+    # a sweep run without eval data
+    broken = tmp_path / "sweep"
+    shutil.copytree(tiny_sweep, broken)
+    (broken / "local-s2-seed1" / "eval.json").unlink()
+    fails(["analyze", str(broken), "--out", str(out), "--no-umap"], "local-s2-seed1 has no eval.json")
+    # an SAE with no alive latent
+    sae = load_run(tiny_sweep / "local-s0.5-seed0")[hook]
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e4)
+    sae.save_pretrained(tmp_path / "dead")
+    fails(["analyze", f"{tmp_path / 'dead'}@{hook}", "--out", str(out), "--no-umap", "--tokens", "64",
+           "--config", str(tiny_sweep / "local-s0.5-seed0" / "config.yaml")], "has no alive latent")
+    # SAEs at different hooks compared
+    sae = load_run(tiny_sweep / "local-s0.5-seed0")[hook]
+    sae.metadata["hook"] = "blocks.2.hook_resid_pre"
+    sae.save_pretrained(tmp_path / "later")
+    fails(["analyze", str(tiny_sweep / "e2e-s0.5-seed0"), str(tmp_path / "later"), "--out", str(out), "--no-umap",
+           "--pair", "e2e-s0.5-seed0", "later"], "they read different hooks")
+    # an SAE of another width than the model's hook
+    E2ESAE(16, 32, metadata={"hook": hook}).save_pretrained(tmp_path / "narrow")
+    fails(["analyze", str(tiny_sweep / "e2e-s0.5-seed0"), str(tmp_path / "narrow"), "--out", str(out),
+           "--no-umap"], "reads d_in=16")
+    # a missing optional extra
+    monkeypatch.setitem(sys.modules, "umap", None)  # import umap raises ImportError
+    fails(["analyze", str(tiny_sweep), "--out", str(out)], "pip install 'fastsae[analysis]'")
+    monkeypatch.undo()
+    # a failure while drawing leaves an existing output directory as it was
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    from fastsae.analysis import figures
+
+    def broken_figures(*args, **kwargs):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(figures, "draw_all", broken_figures)
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        main(["analyze", str(tiny_sweep / "e2e-s0.5-seed0"), "--out", str(out), "--no-umap", "--tokens", "64"])
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_analyze_with_umap_reports_regions(tiny_sweep, tmp_path):
+    pytest.importorskip("umap")
+    from fastsae.analysis import analyze
+
+    out = tmp_path / "a"
+    result = analyze([tiny_sweep], out, n_tokens=128, log=lambda line: None)
+    assert len(result["umap"]) == 2  # e2e and e2e+ds against local at similar CE increase
+    for entry in result["umap"]:
+        assert (out / f"umap_{entry['a']}_vs_{entry['b']}.png").is_file()
+        for region in entry["regions"]:
+            assert region["sae"] in (entry["a"], entry["b"]) and region["size"] == len(region["latents"]) >= 10
