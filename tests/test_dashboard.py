@@ -295,7 +295,9 @@ def test_logit_effect_is_the_folded_layer_norm_direction(tiny):
     sae = tiny["sae"]
     effect, _ = logit_effect(sae.W_dec, lm, k=5)
     d = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
-    direct = ((d - d.mean(1, keepdim=True)) * lm.model.ln_final.original_component.weight) @ lm.W_U
+    norm = getattr(lm.model.ln_final, "original_component", lm.model.ln_final)  # bridge / HookedTransformer
+    gamma = norm.weight if hasattr(norm, "weight") else norm.w
+    direct = ((d - d.mean(1, keepdim=True)) * gamma) @ lm.W_U
     torch.testing.assert_close(effect["top_values"], direct.topk(5, dim=1).values)
     assert torch.equal(effect["top_ids"], direct.topk(5, dim=1).indices)
     assert torch.equal(effect["bottom_ids"], direct.topk(5, dim=1, largest=False).indices)

@@ -22,6 +22,7 @@ sample of each latent's firings; ``by_token`` keeps each latent's largest activa
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -103,22 +104,26 @@ class SegmentTopK:
         kept = rank < k
         order, sorted_local, rank = order[kept], sorted_local[kept], rank[kept]
 
-        new_keys = torch.full((n_touched, k), float("-inf"), dtype=torch.float64, device=keys.device)
-        new_keys[sorted_local, rank] = all_keys[order]
+        slot = sorted_local * k + rank  # destination, flat in [n_touched * k]
+        new_keys = torch.full((n_touched * k,), float("-inf"), dtype=torch.float64, device=keys.device)
+        new_keys[slot] = all_keys[order]
         chosen = source[order]
         from_old = chosen < n_touched * k
         fresh = candidates[chosen[~from_old] - n_touched * k]
         fresh_payload = make_payload(fresh) if fresh.numel() else {}
         if self.unique and fresh.numel():
             fresh_payload = {**fresh_payload, "id": ids[fresh].to(torch.int64)}
+        # Flat index_select / index_copy_ over the [n_touched * k] slots: much faster than indexing
+        # the [n_touched, k, ...] tensors with two index tensors.
         for name, store in self.payload.items():
-            old = store[touched]
+            shape = store.shape[2:]
+            old = store.index_select(0, touched).reshape(n_touched * k, *shape)
             merged = torch.zeros_like(old) if name != "id" else torch.full_like(old, -1)
-            merged[sorted_local[from_old], rank[from_old]] = old.reshape(-1, *old.shape[2:])[chosen[from_old]]
+            merged.index_copy_(0, slot[from_old], old.index_select(0, chosen[from_old]))
             if fresh.numel():
-                merged[sorted_local[~from_old], rank[~from_old]] = fresh_payload[name].to(store.dtype)
-            store[touched] = merged
-        self.keys[touched] = new_keys
+                merged.index_copy_(0, slot[~from_old], fresh_payload[name].to(store.dtype))
+            store.index_copy_(0, touched, merged.reshape(n_touched, k, *shape))
+        self.keys.index_copy_(0, touched, new_keys.reshape(n_touched, k))
 
     def counts(self) -> torch.Tensor:
         """int64 [n_segments]: filled slots per segment."""
@@ -210,49 +215,63 @@ class DashboardCollector:
         self.n_tokens += tokens.numel()
 
     def _update_one(self, rec: LatentRecords, tokens, values, indices, n_latents: int) -> None:
-        ctx = tokens.shape[1]
-        width = values.shape[-1]
+        batch = BatchEntries(tokens, values, indices, n_latents, offset=self.n_tokens)
+        rec.stats.update(_packed(batch.values, batch.latents, tokens.numel()))
+        if batch.latents.numel() == 0:
+            return
+        windows = functools.partial(batch.windows, before=rec.before, after=rec.after)
+        rec.top.update(batch.latents, batch.values, windows)
+        rec.samples.update(batch.latents, sample_keys(batch.positions + self.n_tokens, batch.latents, self.seed), windows)
+        rec.by_token.update(batch.tokens.reshape(-1)[batch.positions], batch.values,
+                            lambda entries: {"value": batch.values[entries]}, ids=batch.latents)
+
+
+class BatchEntries:
+    """The active entries of one batch's SparseCode, flat: values (float32), latents and positions
+    (int64; the token's index in the batch, row-major) [E] each, in token order; tokens [B, T].
+    ``offset``: the batch's first token's index in the stream."""
+
+    def __init__(self, tokens: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n_latents: int,
+                 offset: int = 0):
         flat_values = values.reshape(-1)
         active = (flat_values > 0).nonzero().squeeze(1)
-        rec.stats.update(_packed(flat_values[active], indices.reshape(-1)[active], tokens.numel()))
-        if active.numel() == 0:
-            return
-        value = flat_values[active].float()
-        latent = indices.reshape(-1)[active].to(torch.int64)
-        position = active // width  # token index within the batch, row-major
-        flat_tokens = tokens.reshape(-1)
-        offsets = torch.arange(-rec.before, rec.after + 1, device=tokens.device)
-        lookup = []  # the batch's (position, latent) -> activation, sorted, built when first needed
+        self.tokens, self.n_latents, self.offset = tokens, n_latents, offset
+        self.values = flat_values[active].float()
+        self.latents = indices.reshape(-1)[active].to(torch.int64)
+        self.positions = active // values.shape[-1]
+        self._lookup = None
 
-        def sorted_entries():
-            if not lookup:
-                entry_key, by_key = torch.sort(position * n_latents + latent)
-                lookup.extend([entry_key, value[by_key]])
-            return lookup
+    def _sorted(self):
+        """(position * n_latents + latent) of every entry, sorted, and the entries' values in that
+        order: the lookup of a latent's activation at a token, built when first needed."""
+        if self._lookup is None:
+            keys, order = torch.sort(self.positions * self.n_latents + self.latents)
+            self._lookup = keys, self.values[order]
+        return self._lookup
 
-        def windows(entries: torch.Tensor) -> dict[str, torch.Tensor]:
-            window_tokens = torch.empty(entries.numel(), offsets.numel(), dtype=torch.int32, device=tokens.device)
-            acts = torch.empty(entries.numel(), offsets.numel(), dtype=torch.float32, device=tokens.device)
-            step = max(1, LOOKUP_CHUNK // offsets.numel())  # bounds the [chunk, window] temporaries
-            for start in range(0, entries.numel(), step):
-                part = entries[start:start + step]
-                pos, lat = position[part], latent[part]
-                cols = (pos % ctx)[:, None] + offsets[None, :]
-                inside = (cols >= 0) & (cols < ctx)
-                where = (pos // ctx)[:, None] * ctx + cols.clamp(0, ctx - 1)
-                window_tokens[start:start + step] = torch.where(inside, flat_tokens[where], EMPTY_TOKEN)
-                query = where * n_latents + lat[:, None]
-                entry_key, entry_value = sorted_entries()
-                slot = torch.searchsorted(entry_key, query.reshape(-1)).clamp_max(entry_key.numel() - 1).view(query.shape)
-                hit = (entry_key[slot] == query) & inside
-                acts[start:start + step] = torch.where(hit, entry_value[slot], 0.0)
-            return {"position": position[entries] + self.n_tokens, "tokens": window_tokens, "acts": acts,
-                    "value": value[entries]}
-
-        rec.top.update(latent, value, windows)
-        rec.samples.update(latent, sample_keys(position + self.n_tokens, latent, self.seed), windows)
-        token_of_entry = flat_tokens[position]
-        rec.by_token.update(token_of_entry, value, lambda entries: {"value": value[entries]}, ids=latent)
+    def windows(self, entries: torch.Tensor, *, before: int, after: int) -> dict[str, torch.Tensor]:
+        """For the entries at these indices: position in the stream, value, and the window of tokens
+        around each (``before`` + 1 + ``after``; EMPTY_TOKEN outside the token's row) with the
+        entry's latent's activation on each of them."""
+        ctx = self.tokens.shape[1]
+        flat_tokens = self.tokens.reshape(-1)
+        offsets = torch.arange(-before, after + 1, device=self.tokens.device)
+        window_tokens = torch.empty(entries.numel(), offsets.numel(), dtype=torch.int32, device=self.tokens.device)
+        acts = torch.empty(entries.numel(), offsets.numel(), dtype=torch.float32, device=self.tokens.device)
+        step = max(1, LOOKUP_CHUNK // offsets.numel())  # bounds the [chunk, window] temporaries
+        for start in range(0, entries.numel(), step):
+            part = entries[start:start + step]
+            pos, lat = self.positions[part], self.latents[part]
+            cols = (pos % ctx)[:, None] + offsets[None, :]
+            inside = (cols >= 0) & (cols < ctx)
+            where = (pos // ctx)[:, None] * ctx + cols.clamp(0, ctx - 1)
+            window_tokens[start:start + step] = torch.where(inside, flat_tokens[where], EMPTY_TOKEN)
+            query = where * self.n_latents + lat[:, None]
+            keys, values = self._sorted()
+            slot = torch.searchsorted(keys, query.reshape(-1)).clamp_max(keys.numel() - 1).view(query.shape)
+            acts[start:start + step] = torch.where((keys[slot] == query) & inside, values[slot], 0.0)
+        return {"position": self.positions[entries] + self.offset, "tokens": window_tokens, "acts": acts,
+                "value": self.values[entries]}
 
 
 def _packed(values: torch.Tensor, latents: torch.Tensor, n_tokens: int) -> SparseCode:

@@ -325,6 +325,7 @@
     const hits = shard.tokens[String(tokenId)] || [];
     const heading = el("h4", {}, "latents that fire most on ", tokenChip(tokenId));
     target.appendChild(heading);
+    target.appendChild(el("p", { class: "note", text: "by their largest activation on this token; then their frequency and the tokens they fire most on" }));
     if (!hits.length) {
       target.appendChild(el("div", { text: "No latent fired on this token in the " + intfmt(meta.tokens) +
         " tokens read (it may not occur in them)." }));
