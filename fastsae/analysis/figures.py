@@ -44,6 +44,16 @@ def _stairs(ax, hist: dict, color, label=None, fill=True):
     ax.stairs(counts, edges, fill=fill, color=color, alpha=0.6 if fill else 1.0, label=label)
 
 
+def _occupied(hist: dict, pad: float) -> tuple[float, float]:
+    """The x range of a histogram's non-empty bins, widened by ``pad``."""
+    counts = np.asarray(hist["counts"])
+    edges = np.asarray(hist["edges"], dtype=float)
+    filled = np.flatnonzero(counts)
+    if not len(filled):
+        return float(edges[0]), float(edges[-1])
+    return max(float(edges[0]), float(edges[filled[0]]) - pad), min(float(edges[-1]), float(edges[filled[-1] + 1]) + pad)
+
+
 def _describe(result: dict, label: str) -> str:
     sae = result["saes"][label]
     if sae["kind"] is None:
@@ -241,7 +251,7 @@ def activation_geometry(result: dict, scatter: dict, stem: Path) -> list[Path]:
         ax = axes[r][0]
         _stairs(ax, io["histograms"]["cosine"], color)
         ax.axvline(io["cosine"]["mean"], color="k", linestyle="--", linewidth=1)
-        ax.set_xlim(min(0.0, io["cosine"]["mean"] - 0.1), 1)
+        ax.set_xlim(_occupied(io["histograms"]["cosine"], 0.05)[0], 1)
         ax.set_yticks([])
         ax.set_ylabel(_describe(result, label), fontsize=8)
         ax.text(0.02, 0.95, f"mean {io['cosine']['mean']:.3f}", transform=ax.transAxes, va="top", fontsize=8)
@@ -249,6 +259,7 @@ def activation_geometry(result: dict, scatter: dict, stem: Path) -> list[Path]:
         _stairs(ax, io["histograms"]["norm_ratio"], color)
         ax.axvline(1.0, color="gray", linewidth=0.8)
         ax.axvline(io["norm_ratio"]["mean"], color="k", linestyle="--", linewidth=1)
+        ax.set_xlim(0, max(1.1, _occupied(io["histograms"]["norm_ratio"], 0.1)[1]))
         ax.set_yticks([])
         pos0 = io["norm_ratio"]["pos0"]
         ax.text(0.98, 0.95, f"mean {io['norm_ratio']['mean']:.3f}\npos 0: {pos0:.3f}\npos > 0: "
@@ -268,7 +279,7 @@ def activation_geometry(result: dict, scatter: dict, stem: Path) -> list[Path]:
             drift = geo["downstream"][final[0]]
             _stairs(ax, drift["histograms"]["cosine"], color)
             ax.axvline(drift["cosine"]["mean"], color="k", linestyle="--", linewidth=1)
-            ax.set_xlim(min(0.0, drift["cosine"]["mean"] - 0.1), 1)
+            ax.set_xlim(_occupied(drift["histograms"]["cosine"], 0.05)[0], 1)
             ax.text(0.02, 0.95, f"mean {drift['cosine']['mean']:.3f}\nnorm ratio {drift['norm_ratio']['mean']:.3f}",
                     transform=ax.transAxes, va="top", fontsize=8)
             if r == 0:

@@ -4,9 +4,9 @@ e2e_sae scripts/analysis/activation_analysis.py), with the per-latent statistics
 
 One pass over held-out token batches serves every SAE: per batch one clean run caches the hooks
 all SAEs need, then each SAE's spliced run starts from the cached residual of its block (as
-Trainer._forward does). The SAE inside the spliced run is ``sae.decode(sae.encode_sparse(x))``:
-encode_sparse is every activation's entry point, and its SparseCode also feeds the SAE's
-LatentStats, so no [tokens, n_latents] code is built.
+Trainer._forward does). Inside the spliced run the SAE's output is its own forward, ``sae(x)``, as
+in training and eval; its statistics come from ``sae.encode_sparse(x)`` (every activation's entry
+point), so the only code as wide as the dictionary is the one batch's code the forward builds.
 
 Per SAE, per token (x the SAE's input, x_hat its output):
     norm ratio  ||x_hat|| / ||x||          (the paper's get_norm_ratios: a mean of per-token
@@ -180,9 +180,8 @@ def activation_pass(lm, token_batches, saes: dict[str, tuple[str, object]]) -> t
 
             def replace(acts, sae=sae, name=name, seen=seen):
                 x = acts.to(sae.device, sae.dtype)
-                code = sae.encode_sparse(x)
-                stats[name].update(code)
-                x_hat = sae.decode(code)
+                stats[name].update(sae.encode_sparse(x))
+                x_hat = sae(x)
                 seen["x"], seen["x_hat"] = x, x_hat
                 return x_hat.to(acts.device, acts.dtype)
 
