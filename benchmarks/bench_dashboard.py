@@ -55,7 +55,7 @@ def streaming_pass(sae, xs, tokens):
     collector = DashboardCollector({"s": ("hook", sae)}, d_vocab=VOCAB, top_k=TOP_K, before=BEFORE, after=AFTER)
     for x, t in zip(xs, tokens):
         collector.update(t, {"hook": x})
-    return collector.records["s"].top
+    return collector.finish().records["s"].top
 
 
 def streaming_top_k(sae, xs, tokens):
@@ -69,7 +69,7 @@ def streaming_top_k(sae, xs, tokens):
         batch = BatchEntries(t, code.values, code.indices, sae.n_latents, offset=seen)
         top.update(batch.latents, batch.values, functools.partial(batch.windows, before=BEFORE, after=AFTER))
         seen += t.numel()
-    return top
+    return top.sort_()
 
 
 def naive_dense(sae, xs, tokens):

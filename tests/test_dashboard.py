@@ -83,7 +83,7 @@ def test_segment_topk_is_the_brute_force_top_k_however_batched(unique):
         top = SegmentTopK(n_segments, k, {"position": ((), torch.int64)}, unique=unique)
         for a, b in zip(cuts[:-1], cuts[1:]):
             top.update(segments[a:b], keys[a:b], lambda e, a=a: {"position": e + a}, ids=ids[a:b] if unique else None)
-        return top
+        return top.sort_()
 
     one = run([0, n_entries])
     many = run([0, 1, 7, 700, 701, 2500, n_entries])
@@ -115,7 +115,7 @@ def test_collector_matches_dense_references(activation, k):
                                    before=before, after=after)
     for x, t in zip(batches_x, batches_t):
         collector.update(t, {HOOK: x})
-    rec = collector.records["s"]
+    rec = collector.finish().records["s"]
     dense = torch.cat(dense_codes(sae, batches_x))
     tokens = torch.cat([t.reshape(-1) for t in batches_t])
     n = sae.n_latents
@@ -165,7 +165,7 @@ def test_collection_is_the_same_in_one_batch_or_many():
         collector = DashboardCollector({"s": (HOOK, sae)}, d_vocab=50, top_k=4, n_samples=5, token_latents=3)
         for r in range(0, 8, rows):
             collector.update(t[r:r + rows], {HOOK: x[r:r + rows]})
-        return collector.records["s"]
+        return collector.finish().records["s"]
 
     one, many = run(8), run(3)
     for name in ("top", "samples", "by_token"):

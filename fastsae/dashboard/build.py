@@ -232,6 +232,7 @@ def build_dashboard(target: str, out: str | Path, *, compare: str | None = None,
             if now - last_log > 15:
                 last_log = now
                 log(f"  {collector.n_tokens:,} tokens, {collector.n_tokens / (now - pass_start):,.0f} tokens/s")
+    collector.finish()
     if device.type == "cuda":
         torch.cuda.synchronize()
     pass_seconds = time.perf_counter() - pass_start

@@ -43,9 +43,15 @@ class SegmentTopK:
     """For each of ``n_segments`` segments (latents, or token ids), the ``k`` entries of largest key
     seen so far in a stream of entries, with a payload per entry, merged batch by batch.
 
-    State on ``device``: keys float64 [n_segments, k] (largest first; -inf marks an empty slot) and
-    one payload tensor [n_segments, k, *shape] per name. With ``unique=True`` each entry carries an
-    id (e.g. a latent) and a segment keeps only one entry per id, the one of largest key.
+    State on ``device``: keys float64 [n_segments, k] (-inf marks an empty slot), seq int64 [n, k]
+    (each held entry's place in the stream) and one payload tensor [n_segments, k, *shape] per name.
+    With ``unique=True`` each entry carries an id (e.g. a latent) and a segment keeps one entry per
+    id, the one of largest key.
+
+    Slots are kept unordered while the stream runs: a batch's entries that enter a segment's top k
+    take the slots of the entries they push out, so an update writes payload only for the entries
+    that enter (not for every slot of every segment it touches: at 46,080 latents most latents are
+    touched by every batch). ``sort_()`` orders each row, largest key first, when the stream ends.
 
     Ties go to the entry seen first (earlier batches; within a batch, the earlier entry), so the
     result is the same however a stream is cut into batches.
@@ -57,10 +63,14 @@ class SegmentTopK:
             raise ValueError(f"n_segments and k must be positive, got {n_segments} and {k}")
         self.n_segments, self.k, self.unique = n_segments, k, unique
         self.keys = torch.full((n_segments, k), float("-inf"), dtype=torch.float64, device=device)
+        self.seq = torch.full((n_segments, k), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
         self.payload = {name: torch.zeros((n_segments, k, *shape), dtype=dtype, device=device)
                         for name, (shape, dtype) in payload.items()}
         if unique:
             self.payload.setdefault("id", torch.full((n_segments, k), -1, dtype=torch.int64, device=device))
+        # the smallest key a segment holds (-inf while it has an empty slot): what an entry must beat
+        self.threshold = torch.full((n_segments,), float("-inf"), dtype=torch.float64, device=device)
+        self.seen = 0  # entries seen so far: the next entry's place in the stream
 
     @torch.no_grad()
     def update(self, segments: torch.Tensor, keys: torch.Tensor,
@@ -73,57 +83,65 @@ class SegmentTopK:
         if self.unique and ids is None:
             raise ValueError("a unique SegmentTopK needs the entries' ids")
         keys = keys.to(torch.float64)
-        # An entry whose key does not beat its segment's k-th (an equal one came first) cannot enter.
-        candidates = (keys > self.keys[segments, -1]).nonzero().squeeze(1)
+        first_seq = self.seen
+        self.seen += keys.numel()
+        # An entry whose key does not beat its segment's smallest (an equal one came first) cannot enter.
+        candidates = (keys > self.threshold[segments]).nonzero().squeeze(1)
         if candidates.numel() == 0:
             return
+        device, k = keys.device, self.k
         touched, local = torch.unique(segments[candidates], return_inverse=True)
-        n_touched, k = touched.numel(), self.k
-        old_keys = self.keys[touched].reshape(-1)
-        # Sources: old slot s (flat in [n_touched, k]) as s; new candidate j as n_touched * k + j.
-        all_keys = torch.cat([old_keys, keys[candidates]])
-        all_local = torch.cat([torch.arange(n_touched, device=keys.device).repeat_interleave(k), local])
-        source = torch.arange(all_keys.numel(), device=keys.device)
-        filled = all_keys > float("-inf")
-        all_keys, all_local, source = all_keys[filled], all_local[filled], source[filled]
-        # Largest key first; the stable sorts keep stream order among equal keys (old slots first).
-        order = torch.sort(all_keys, descending=True, stable=True).indices
-        if self.unique:
-            old_ids = self.payload["id"][touched].reshape(-1)
-            all_ids = torch.cat([old_ids, ids[candidates].to(torch.int64)])[filled][order]
-            key = all_local[order] * (int(all_ids.max()) + 1) + all_ids
+        n_old = touched.numel() * k
+        # The union of the touched segments' slots (first) and the candidates.
+        all_keys = torch.cat([self.keys[touched].reshape(-1), keys[candidates]])
+        all_seq = torch.cat([self.seq[touched].reshape(-1), candidates + first_seq])
+        all_local = torch.cat([torch.arange(touched.numel(), device=device).repeat_interleave(k), local])
+        # Rank: larger key first, then earlier in the stream (two stable sorts).
+        order = torch.sort(all_seq, stable=True).indices
+        order = order[torch.sort(all_keys[order], descending=True, stable=True).indices]
+        if self.unique:  # keep each id's best entry; empty slots get distinct negative ids
+            all_ids = torch.cat([self.payload["id"][touched].reshape(-1), ids[candidates].to(torch.int64)])
+            empty = all_keys == float("-inf")
+            all_ids = torch.where(empty, -1 - torch.arange(all_ids.numel(), device=device), all_ids) + all_ids.numel()
+            key = all_local[order] * (int(all_ids.max()) + 1) + all_ids[order]
             by_id = torch.sort(key, stable=True).indices
             first = torch.ones_like(by_id, dtype=torch.bool)
             first[1:] = key[by_id[1:]] != key[by_id[:-1]]
-            order = order[torch.sort(by_id[first]).values]  # each id's largest key, in key order
+            order = order[torch.sort(by_id[first]).values]
         order = order[torch.sort(all_local[order], stable=True).indices]
-        sorted_local = all_local[order]
-        counts = torch.bincount(sorted_local, minlength=n_touched)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(order.numel(), device=keys.device) - starts[sorted_local]
-        kept = rank < k
-        order, sorted_local, rank = order[kept], sorted_local[kept], rank[kept]
-
-        slot = sorted_local * k + rank  # destination, flat in [n_touched * k]
-        new_keys = torch.full((n_touched * k,), float("-inf"), dtype=torch.float64, device=keys.device)
-        new_keys[slot] = all_keys[order]
-        chosen = source[order]
-        from_old = chosen < n_touched * k
-        fresh = candidates[chosen[~from_old] - n_touched * k]
-        fresh_payload = make_payload(fresh) if fresh.numel() else {}
-        if self.unique and fresh.numel():
-            fresh_payload = {**fresh_payload, "id": ids[fresh].to(torch.int64)}
-        # Flat index_select / index_copy_ over the [n_touched * k] slots: much faster than indexing
-        # the [n_touched, k, ...] tensors with two index tensors.
+        counts = torch.bincount(all_local[order], minlength=touched.numel())
+        rank = torch.arange(order.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[all_local[order]]
+        kept = torch.zeros(all_keys.numel(), dtype=torch.bool, device=device)
+        kept[order[rank < k]] = True
+        # Each segment keeps k entries, so the old slots it drops and the candidates it takes are as
+        # many: paired in segment order, each entering candidate takes a dropped slot.
+        dropped = (~kept[:n_old]).nonzero().squeeze(1)  # ascending flat slots: in segment order
+        entering = kept[n_old:].nonzero().squeeze(1)
+        entering = entering[torch.sort(local[entering], stable=True).indices]
+        if entering.numel() == 0:
+            return
+        slots = touched[dropped // k] * k + dropped % k  # flat in [n_segments * k]
+        entries = candidates[entering]
+        self.keys.view(-1)[slots] = keys[entries]
+        self.seq.view(-1)[slots] = entries + first_seq
+        fresh = make_payload(entries)
+        if self.unique:
+            fresh = {**fresh, "id": ids[entries].to(torch.int64)}
         for name, store in self.payload.items():
-            shape = store.shape[2:]
-            old = store.index_select(0, touched).reshape(n_touched * k, *shape)
-            merged = torch.zeros_like(old) if name != "id" else torch.full_like(old, -1)
-            merged.index_copy_(0, slot[from_old], old.index_select(0, chosen[from_old]))
-            if fresh.numel():
-                merged.index_copy_(0, slot[~from_old], fresh_payload[name].to(store.dtype))
-            store.index_copy_(0, touched, merged.reshape(n_touched, k, *shape))
-        self.keys.index_copy_(0, touched, new_keys.reshape(n_touched, k))
+            store.view(-1, *store.shape[2:]).index_copy_(0, slots, fresh[name].to(store.dtype))
+        self.threshold[touched] = self.keys[touched].min(1).values
+
+    @torch.no_grad()
+    def sort_(self) -> "SegmentTopK":
+        """Order every row: largest key first, ties by place in the stream, empty slots last."""
+        order = torch.sort(self.seq, dim=1, stable=True).indices
+        order = order.gather(1, torch.sort(self.keys.gather(1, order), dim=1, descending=True, stable=True).indices)
+        self.keys = self.keys.gather(1, order)
+        self.seq = self.seq.gather(1, order)
+        for name, store in self.payload.items():
+            index = order.reshape(*order.shape, *([1] * (store.ndim - 2))).expand_as(store)
+            self.payload[name] = store.gather(1, index)
+        return self
 
     def counts(self) -> torch.Tensor:
         """int64 [n_segments]: filled slots per segment."""
@@ -214,6 +232,13 @@ class DashboardCollector:
             self._update_one(self.records[name], tokens.to(sae.device), code.values, code.indices, sae.n_latents)
         self.n_tokens += tokens.numel()
 
+    def finish(self) -> "DashboardCollector":
+        """Order every latent's top entries and samples, largest first (call once the stream ends)."""
+        for rec in self.records.values():
+            for store in (rec.top, rec.samples, rec.by_token):
+                store.sort_()
+        return self
+
     def _update_one(self, rec: LatentRecords, tokens, values, indices, n_latents: int) -> None:
         batch = BatchEntries(tokens, values, indices, n_latents, offset=self.n_tokens)
         rec.stats.update(_packed(batch.values, batch.latents, tokens.numel()))
@@ -241,24 +266,33 @@ class BatchEntries:
         self.positions = active // values.shape[-1]
         self._lookup = None
 
-    def _sorted(self):
-        """(position * n_latents + latent) of every entry, sorted, and the entries' values in that
-        order: the lookup of a latent's activation at a token, built when first needed."""
+    def _by_latent(self):
+        """The entries ordered by (latent, position), and each entry's rank in that order: a
+        latent's firings within a window of its token sit next to each other there. Built when
+        first needed."""
         if self._lookup is None:
-            keys, order = torch.sort(self.positions * self.n_latents + self.latents)
-            self._lookup = keys, self.values[order]
+            order = torch.sort(self.latents * self.tokens.numel() + self.positions).indices
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(order.numel(), device=order.device)
+            self._lookup = order, rank
         return self._lookup
 
     def windows(self, entries: torch.Tensor, *, before: int, after: int) -> dict[str, torch.Tensor]:
         """For the entries at these indices: position in the stream, value, and the window of tokens
         around each (``before`` + 1 + ``after``; EMPTY_TOKEN outside the token's row) with the
-        entry's latent's activation on each of them."""
+        entry's latent's activation on each of them.
+
+        The activations come from the entry's neighbours in (latent, position) order: the latent's
+        firings on the window's tokens are the ones at most ``before`` ranks before it and ``after``
+        after (a latent fires at most once per token), so no search is needed."""
         ctx = self.tokens.shape[1]
         flat_tokens = self.tokens.reshape(-1)
+        order, rank = self._by_latent()
         offsets = torch.arange(-before, after + 1, device=self.tokens.device)
-        window_tokens = torch.empty(entries.numel(), offsets.numel(), dtype=torch.int32, device=self.tokens.device)
-        acts = torch.empty(entries.numel(), offsets.numel(), dtype=torch.float32, device=self.tokens.device)
-        step = max(1, LOOKUP_CHUNK // offsets.numel())  # bounds the [chunk, window] temporaries
+        width = offsets.numel()
+        window_tokens = torch.empty(entries.numel(), width, dtype=torch.int32, device=self.tokens.device)
+        acts = torch.zeros(entries.numel(), width, dtype=torch.float32, device=self.tokens.device)
+        step = max(1, LOOKUP_CHUNK // width)  # bounds the [chunk, window] temporaries
         for start in range(0, entries.numel(), step):
             part = entries[start:start + step]
             pos, lat = self.positions[part], self.latents[part]
@@ -266,10 +300,15 @@ class BatchEntries:
             inside = (cols >= 0) & (cols < ctx)
             where = (pos // ctx)[:, None] * ctx + cols.clamp(0, ctx - 1)
             window_tokens[start:start + step] = torch.where(inside, flat_tokens[where], EMPTY_TOKEN)
-            query = where * self.n_latents + lat[:, None]
-            keys, values = self._sorted()
-            slot = torch.searchsorted(keys, query.reshape(-1)).clamp_max(keys.numel() - 1).view(query.shape)
-            acts[start:start + step] = torch.where((keys[slot] == query) & inside, values[slot], 0.0)
+            near = rank[part][:, None] + offsets[None, :]
+            real = (near >= 0) & (near < order.numel())
+            neighbour = order[near.clamp(0, order.numel() - 1)]  # entry indices [chunk, window]
+            shift = self.positions[neighbour] - pos[:, None]  # its token relative to the entry's
+            same = (real & (self.latents[neighbour] == lat[:, None]) & (shift >= -before) & (shift <= after)
+                    & (self.positions[neighbour] // ctx == (pos // ctx)[:, None]))
+            # each window column gets at most one neighbour; the others add 0 somewhere
+            acts[start:start + step].scatter_add_(1, torch.where(same, shift + before, 0),
+                                                  torch.where(same, self.values[neighbour], 0.0))
         return {"position": self.positions[entries] + self.offset, "tokens": window_tokens, "acts": acts,
                 "value": self.values[entries]}
 
@@ -293,4 +332,4 @@ def collect(stream: Iterable, saes: dict[str, tuple[str, E2ESAE]], d_vocab: int,
     collector = DashboardCollector(saes, d_vocab, **options)
     for batch in stream:
         collector.update(batch.tokens, batch.activations)
-    return collector
+    return collector.finish()
