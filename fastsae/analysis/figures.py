@@ -31,7 +31,7 @@ def _marker(kind):
 
 
 def _save(fig, stem: Path) -> list[Path]:
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    paths = [stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.svg"]  # a label may hold a "."
     fig.savefig(paths[0], dpi=150)
     fig.savefig(paths[1])
     _plt().close(fig)
@@ -303,10 +303,10 @@ def draw_all(result: dict, scatter: dict, out: Path, embeddings: dict | None = N
     files = feature_density(result, out / "feature_density")
     files += within_similarity(result, out / "within_sae_similarity")
     files += within_similarity_vs(result, out / "within_sae_similarity_vs_l0") or []
-    files += cross_similarity(result, "cross_type", out / "cross_type_similarity", "Cross-type similarity: each "
+    files += cross_similarity(result, "cross_type", out / "cross_type_similarity", "Cross-type similarity:\neach "
                               "alive latent of A's nearest alive latent of B", "max cosine similarity") or []
-    files += cross_similarity(result, "cross_seed", out / "cross_seed_similarity", "Cross-seed similarity: each "
-                              "alive latent's nearest alive latent in the other seed's SAE", "max cosine similarity") or []
+    files += cross_similarity(result, "cross_seed", out / "cross_seed_similarity", "Cross-seed similarity:\neach "
+                              "alive latent's nearest\nalive latent in the other seed's SAE", "max cosine similarity") or []
     for entry in result["umap"]:
         embedding = (embeddings or {})[(entry["a"], entry["b"])]
         files += umap_figure(result, entry, embedding, out / f"umap_{_file_label(entry['a'])}_vs_{_file_label(entry['b'])}")
