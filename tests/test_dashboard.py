@@ -636,3 +636,26 @@ def test_opens_from_disk(browser, site):
     panel = _latent_loaded(browser, 3)[0]
     assert panel.find_elements("css selector", "[data-card=logit] .tokchip")
     assert _errors(browser) == []
+
+
+def test_compare_links_open_the_other_sae(browser, tiny, tmp_path):
+    other = calibrated_sae(tiny["model"], tiny["config"], n_latents=40)
+    with torch.no_grad():
+        other.W_dec[3] = tiny["sae"].W_dec[9] * 2  # latent 3 of the other SAE is latent 9's direction
+    other_dir = other.save_pretrained(tmp_path / "other")
+    out = tmp_path / "dash"
+    build_dashboard(tiny["spec"], out, compare=f"{other_dir}@{HOOK}", model=str(tiny["model"]),
+                    config=str(tiny["config"]), n_tokens=256, device="cpu", log=None)
+    second = read_data(out / "data" / "meta.js")["saes"][1]
+    assert read_data(out / "data" / second["key"] / "index.js")["count"][3] > 0
+    _open(browser, (out / "index.html").resolve().as_uri() + "#latent=9")
+    panel = _latent_loaded(browser, 9)[0]
+    link = panel.find_element("css selector", f"[data-card=nearest] a[data-sae='{second['key']}']")
+    assert link.get_attribute("data-latent") == "3"
+    link.click()
+    panel = _latent_loaded(browser, 3)[0]
+    assert second["label"] in panel.find_element("css selector", ".latent-head").text
+    assert browser.current_url.endswith(f"#sae={second['key']}&latent=3")
+    assert int(browser.find_element("css selector", "#latent-rows tr").get_attribute("data-latent")) == 0
+    assert len(browser.find_elements("css selector", "#latent-rows tr")) == 40  # the other SAE's index
+    assert _errors(browser) == []
