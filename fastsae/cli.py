@@ -11,6 +11,8 @@
     fastsae plan gpt2-e2e --gpus 8 --gpu-memory 80GB   memory per GPU; the largest dictionary that fits
     fastsae sweep                               local / e2e / e2e+ds over a grid of sparsity coefficients
     fastsae plot runs/sweep-embedded --out figs the paper's figure (PNG, SVG) + CSV / markdown table
+    fastsae analyze runs/sweep-embedded --out analysis   what the SAEs learned: similarities, UMAP, geometry
+    fastsae dashboard runs/e2e --compare runs/local --out dash   feature dashboards: open dash/index.html
 """
 
 from __future__ import annotations
@@ -94,7 +96,68 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default=".", help="where NAME.png/.svg/.csv/.md go (default: .)")
     plot.add_argument("--name", default="paper_figure", help="file name stem (default: paper_figure)")
     plot.add_argument("--title", help="figure title")
+    _add_analyze_parser(commands)
+    _add_dashboard_parser(commands)
     return parser
+
+
+def _add_dashboard_parser(commands) -> None:
+    dashboard = commands.add_parser(
+        "dashboard", help="feature dashboards in the browser: what each latent fires on",
+        description="Writes a static site to --out (open OUT/index.html from disk or any static server; nothing "
+                    "is fetched from outside it): every latent's frequency, max activation and top tokens, "
+                    "searchable by id and by token, and per latent its activation histogram, top activating "
+                    "contexts, samples across activation quantiles, logit effect and nearest latents. Collected in "
+                    "one streaming pass over --tokens tokens.")
+    dashboard.add_argument("target", metavar="RUN_OR_SAE",
+                           help="a run directory, a sweep directory, or an SAE path PATH[@HOOK] in any format "
+                                "E2ESAE.from_pretrained reads")
+    dashboard.add_argument("--compare", metavar="OTHER_SAE",
+                           help="one more SAE (same forms): each latent lists its nearest latents there by decoder "
+                                "cosine similarity, with links; it gets its own pages in the site")
+    dashboard.add_argument("--out", required=True, help="output directory (a previous dashboard there is replaced)")
+    dashboard.add_argument("--tokens", type=int, default=1_000_000,
+                           help="tokens to read (default 1,000,000; fewer if the data ends: each is read once)")
+    dashboard.add_argument("--split", default="eval", choices=("eval", "train"),
+                           help="the data split read: eval (held out, default) or train")
+    dashboard.add_argument("--model", help="the model for SAE paths (default: the one the SAE names)")
+    dashboard.add_argument("--config", help="preset or YAML for the data (default: the run's own; embedded)")
+    dashboard.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a config key, e.g. --set eval.batch_size=32")
+    dashboard.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda, cuda:1, ...")
+    dashboard.add_argument("--top-k", type=int, default=20, help="top activating contexts per latent (default 20)")
+    dashboard.add_argument("--samples", type=int, default=20,
+                           help="random firings per latent shown by activation quantile (default 20)")
+    dashboard.add_argument("--window", type=int, nargs=2, default=(16, 6), metavar=("BEFORE", "AFTER"),
+                           help="tokens shown before and after each activation (default 16 6)")
+    dashboard.add_argument("--seed", type=int, default=0, help="of the quantile samples (default 0)")
+
+
+def _add_analyze_parser(commands) -> None:
+    analyze = commands.add_parser(
+        "analyze", help="geometric and activation analysis of trained SAEs (the paper's second half)",
+        description="Per-latent statistics, within-SAE, cross-type and cross-seed similarities of the alive "
+                    "decoder directions, UMAPs, and activation geometry, over held-out tokens. From a sweep "
+                    "directory the compared SAEs are picked as the paper does (similar CE increase, similar L0); "
+                    "--pair adds others. Writes figures (PNG, SVG), analysis.json, analysis.md and per-SAE "
+                    "latent statistics to --out (needs the extra: pip install 'fastsae[analysis]').")
+    analyze.add_argument("paths", nargs="+", metavar="RUN_OR_SAE",
+                         help="run directories, sweep directories, or SAE paths PATH[@HOOK] in any format "
+                              "E2ESAE.from_pretrained reads")
+    analyze.add_argument("--out", required=True, help="output directory")
+    analyze.add_argument("--tokens", type=int, default=1_000_000,
+                         help="held-out tokens to stream (default 1,000,000; fewer if the held-out data ends)")
+    analyze.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
+                         help="also compare SAE A with SAE B (labels: run directory names, or file names; repeatable)")
+    analyze.add_argument("--no-umap", action="store_true", help="leave out the UMAPs (no umap-learn needed)")
+    analyze.add_argument("--model", help="the model for SAE paths (default: the one the SAE names)")
+    analyze.add_argument("--config", help="preset or YAML for the held-out data (default: the runs' own; embedded)")
+    analyze.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key, e.g. --set eval.batch_size=8")
+    analyze.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda, cuda:1, ...")
+    analyze.add_argument("--precision", default="auto", choices=("auto", "fp32", "tf32", "bf16"),
+                         help="of the similarity GEMMs (auto: TF32 on CUDA, fp32 on CPU)")
+    analyze.add_argument("--seed", type=int, default=0, help="of the bootstrap intervals and the UMAP (default 0)")
 
 
 def _train(args) -> int:
@@ -276,12 +339,48 @@ def _plot(args) -> int:
     return 0
 
 
+def _analyze(args) -> int:
+    from fastsae.analysis.pipeline import analyze
+    from fastsae.analysis.stream import AnalysisError
+    from fastsae.analysis.umap_regions import MissingExtraError
+    from fastsae.train.config import ConfigError
+
+    try:
+        analyze(args.paths, args.out, n_tokens=args.tokens, model=args.model, config=args.config,
+                overrides=args.overrides, pairs=[tuple(p) for p in args.pair], umap=not args.no_umap,
+                device=args.device, precision=args.precision, seed=args.seed,
+                log=lambda line: print(line, flush=True))
+    except (AnalysisError, MissingExtraError) as error:
+        raise ConfigError(str(error)) from None
+    print(f"written: {Path(args.out) / 'analysis.md'}, analysis.json and the figures")
+    return 0
+
+
+def _dashboard(args) -> int:
+    from fastsae.analysis.stream import AnalysisError
+    from fastsae.dashboard import build_dashboard
+    from fastsae.train.config import ConfigError
+
+    try:
+        record = build_dashboard(args.target, args.out, compare=args.compare, n_tokens=args.tokens, model=args.model,
+                                 config=args.config, overrides=args.overrides, split=args.split, device=args.device,
+                                 top_k=args.top_k, n_samples=args.samples, before=args.window[0],
+                                 after=args.window[1], seed=args.seed, log=lambda line: print(line, flush=True))
+    except AnalysisError as error:
+        raise ConfigError(str(error)) from None
+    for note in record["notes"]:
+        print(f"note: {note}")
+    print(f"written: {record['index']} (open it in a browser; #latent=N addresses a latent)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastsae.train.config import ConfigError
 
     args = _parser().parse_args(argv)
     command = {"train": _train, "eval": _eval, "presets": _presets, "sweep": _sweep, "plot": _plot,
-               "plan": _plan, "export": _export}[args.command]
+               "plan": _plan, "export": _export, "analyze": _analyze,
+               "dashboard": _dashboard}[args.command]
     from fastsae.train.checkpoint import RunDirError
 
     try:

@@ -28,12 +28,14 @@ def train_tiny_tokenizer(vocab_size: int = 300):
     )
 
 
-def save_tiny_gpt2(path: Path, *, n_layer: int = 3, n_embd: int = 32, n_head: int = 4, n_ctx: int = 64, seed: int = 0) -> Path:
-    """A random-weight GPT2LMHeadModel + tokenizer saved in `path`; returns path."""
+def save_tiny_gpt2(path: Path, *, n_layer: int = 3, n_embd: int = 32, n_head: int = 4, n_ctx: int = 64, seed: int = 0,
+                   tokenizer=None) -> Path:
+    """A random-weight GPT2LMHeadModel + tokenizer (default: train_tiny_tokenizer()) saved in `path`;
+    returns path."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokenizer = train_tiny_tokenizer()
+    tokenizer = tokenizer or train_tiny_tokenizer()
     torch.manual_seed(seed)
     # n_ctx is set explicitly: TransformerLens 3.x reads config.n_ctx for GPT-2 models.
     config = GPT2Config(

@@ -31,7 +31,8 @@ def test_benchmark_option_collects_the_benchmarks_alone():
     assert collected and all(line.startswith("benchmarks/bench_") for line in collected)
     ops = {line.split("::")[0] for line in collected}
     assert ops == {f"benchmarks/bench_{op}.py" for op in
-                   ("topk_encoder", "relu_encoder", "sparse_decoder", "linear_kl", "e2e_step")}
+                   ("topk_encoder", "relu_encoder", "sparse_decoder", "linear_kl", "e2e_step", "analysis",
+                    "dashboard")}
 
 
 def test_benchmark_option_deselects_tests_named_beside_it():

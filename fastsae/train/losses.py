@@ -102,3 +102,36 @@ def explained_variance(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.T
     r2 = reconstruction.detach().float().reshape(-1, x.shape[-1])
     per_token_total = (x2 - x2.mean(0)).pow(2).sum(-1).clamp_min(1e-12)
     return (1 - (x2 - r2).pow(2).sum(-1) / per_token_total).mean()
+
+
+def _layer_norm_pre(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Layer norm without its affine part (e2e_sae.losses._layer_norm_pre): centre each token's
+    vector, divide by sqrt(mean of squares + eps)."""
+    x = x - x.mean(dim=-1, keepdim=True)
+    return x / (x.pow(2).mean(dim=-1, keepdim=True) + eps).sqrt()
+
+
+def explained_variance_ln(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """explained_variance (x the target) after layer-norming both x and the reconstruction per
+    token (no affine part, eps 1e-5): e2e_sae's ``calc_explained_variance(..., layer_norm=True)``,
+    logged there as ``explained_variance_ln``. It ignores each token's scale and mean, so it
+    measures direction only (what the next block's LayerNorm sees)."""
+    x2 = _layer_norm_pre(x.detach().float().reshape(-1, x.shape[-1]))
+    r2 = _layer_norm_pre(reconstruction.detach().float().reshape(-1, x.shape[-1]))
+    return explained_variance(x2, r2)
+
+
+def explained_variance_out_to_in(x: torch.Tensor, reconstruction: torch.Tensor, layer_norm: bool = False) -> torch.Tensor:
+    """The local explained variance as the paper's code logs it (e2e_sae OutToInLoss:
+    ``calc_explained_variance(input, output)``, key ``out_to_in/explained_variance``): the same
+    per-token formula with the SAE's *output* as the target,
+
+        mean over tokens t of  1 - ||x_t - x_hat_t||^2 / ||x_hat_t - mean_s(x_hat_s)||^2
+
+    so the denominator is the reconstruction's spread, not the input's. It differs from
+    explained_variance (the input as target, the usual definition) whenever the SAE shrinks or
+    inflates its output; compare it only with the published runs' out_to_in numbers.
+    layer_norm=True: both layer-normed first (``out_to_in/explained_variance_ln``)."""
+    if layer_norm:
+        return explained_variance_ln(reconstruction, x)
+    return explained_variance(reconstruction, x)
