@@ -242,7 +242,8 @@ class E2ESAE(nn.Module):
         values, indices: [..., width]; a token with fewer active latents than the width is padded
         with value 0 at index 0 (``values > 0`` marks the real entries). Selection activations:
         their code as encode() gives it. Elementwise ones: width = the largest number of active
-        latents of any token in x; the code is compacted chunk by chunk of tokens, so no
+        latents of any token in x, entries in latent order; the code is compacted chunk by chunk of
+        tokens (a running count per row places each entry, linear in the chunk), so no
         [N, n_latents] tensor is built. Not differentiable.
         """
         self._check_input(x)
@@ -252,21 +253,22 @@ class E2ESAE(nn.Module):
 
         x2d = x.reshape(-1, self.d_in)
         step = chunk_rows(self.n_latents)
-        chunks = []
+        rows, slots, ids, kept = [], [], [], []
         for start in range(0, x2d.shape[0], step):
             acts = self.encode(x2d[start:start + step])
-            width = max(1, int((acts > 0).sum(-1).max())) if acts.numel() else 1
-            chunks.append(acts.topk(width, dim=-1))
-        width = max((v.shape[-1] for v, _ in chunks), default=1)
+            active = acts > 0
+            slot = active.cumsum(-1, dtype=torch.int32) - 1  # each active entry's place in its row
+            row, col = active.nonzero(as_tuple=True)
+            rows.append(row + start)
+            slots.append(slot[row, col].long())
+            ids.append(col)
+            kept.append(acts[row, col])
+        rows, slots, ids, kept = (torch.cat(t) for t in (rows, slots, ids, kept))
+        width = int(slots.max()) + 1 if slots.numel() else 1
         values = x2d.new_zeros(x2d.shape[0], width)
         indices = torch.zeros(x2d.shape[0], width, dtype=torch.int64, device=x.device)
-        row = 0
-        for chunk_values, chunk_indices in chunks:
-            rows, w = chunk_values.shape
-            kept = chunk_values > 0
-            values[row:row + rows, :w] = torch.where(kept, chunk_values, 0)
-            indices[row:row + rows, :w] = torch.where(kept, chunk_indices, 0)
-            row += rows
+        values[rows, slots] = kept
+        indices[rows, slots] = ids
         return SparseCode(values.reshape(*x.shape[:-1], width), indices.reshape(*x.shape[:-1], width))
 
     def decoder_row_scale(self) -> torch.Tensor | None:

@@ -4,7 +4,7 @@ e2e_sae scripts/analysis/activation_analysis.py), with the per-latent statistics
 
 One pass over held-out token batches serves every SAE: per batch one clean run caches the hooks
 all SAEs need, then each SAE's spliced run starts from the cached residual of its block (as
-Trainer._forward does). Inside the spliced run the SAE's output is its own forward, ``sae(x)``, as
+the training objective does). Inside the spliced run the SAE's output is its own forward, ``sae(x)``, as
 in training and eval; its statistics come from ``sae.encode_sparse(x)`` (every activation's entry
 point), so the only code as wide as the dictionary is the one batch's code the forward builds.
 
@@ -17,7 +17,7 @@ Per SAE, per token (x the SAE's input, x_hat its output):
         explained_variance_out_to_in the paper code's logged local EV: x_hat the target
         explained_variance_out_to_in_ln
 and at every downstream hook (blocks.L.hook_resid_pre after the SAE's block, and the final
-residual; as Trainer.reconstruction_hooks) the spliced activation against the clean one: norm
+residual; as the evaluator's reconstruction_hooks) the spliced activation against the clean one: norm
 ratio, cosine, MSE, explained variance (clean the target) and its layer-normed variant.
 """
 
@@ -29,6 +29,7 @@ import torch
 
 from fastsae.analysis.latent_stats import LatentStats
 from fastsae.train import losses
+from fastsae.train.evaluator import reconstruction_hooks
 
 COSINE_BINS = 100  # over [-1, 1]
 RATIO_BINS, RATIO_MAX = 60, 3.0  # over [0, RATIO_MAX]; larger ratios are counted in the last bin
@@ -36,12 +37,9 @@ SCATTER_TOKENS = 20_000  # (||x||, ||x_hat||) pairs kept for the norm scatter pl
 
 
 def downstream_hooks(lm, hook: str) -> list[str]:
-    """Where the spliced run is compared with the clean one for an SAE at ``hook``: every later
-    block's hook_resid_pre and the final residual (the same hooks as Trainer.reconstruction_hooks)."""
-    first = max(lm.block_index(hook), -1)
-    hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(first + 1, lm.n_layers)]
-    hooks.append(f"blocks.{lm.n_layers - 1}.hook_resid_post")
-    return [h for h in hooks if h != hook]
+    """Where the spliced run is compared with the clean one for an SAE at ``hook``: the evaluator's
+    reconstruction hooks (every later block's hook_resid_pre and the final residual)."""
+    return reconstruction_hooks(lm, [hook])
 
 
 class VectorComparison:

@@ -182,7 +182,7 @@ class LatentStats:
         """Statistics written by save(); ``.metadata`` holds what save() was given."""
         from safetensors import safe_open
 
-        from fastsae.sae import load_safetensors
+        from fastsae._files import load_safetensors
 
         directory = Path(directory)
         json_path, tensors_path = directory / JSON_NAME, directory / TENSORS_NAME

@@ -241,32 +241,30 @@ def _make_labels_unique(targets: list[SAETarget]) -> None:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None or "auto": CUDA where there is one, else the CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AnalysisError("device cuda asked for, but this machine has no CUDA device")
-    return device
+    """None or "auto": CUDA where there is one, else the CPU (fastsae.train.setup.resolve_device)."""
+    from fastsae.train import setup
+    from fastsae.train.config import ConfigError
+
+    try:
+        return setup.resolve_device("auto" if device is None else str(device))
+    except ConfigError as error:
+        raise AnalysisError(str(error)) from None
 
 
 def load_language_model(config, device: str | torch.device | None = None):
     """The LanguageModel that ``config`` (a TrainConfig) names, in its dtype, on ``device``."""
-    from fastsae.model.lm import LanguageModel
+    from fastsae.train import setup
 
-    return LanguageModel.load(config.model.name, device=resolve_device(device),
-                              dtype=getattr(torch, config.model.dtype), api=config.model.api)
+    return setup.load_language_model(config, None, resolve_device(device))[0]
 
 
 def held_out_batches(lm, config, *, split: str = "eval", batch_size: int | None = None):
-    """The token stream a run's eval reads (Trainer.evaluate): ``config``'s data, its ``split``
+    """The token stream a run's eval reads (the evaluator's): ``config``'s data, its ``split``
     ("eval": held out from training), config.eval.batch_size rows of data.context_length tokens."""
-    from fastsae.train.data import build_token_stream
+    from fastsae.train import setup
 
     try:
-        return build_token_stream(config.data_spec(), lm.tokenizer, context_length=config.data.context_length,
-                                  batch_size=batch_size or config.eval.batch_size, split=split, seed=config.seed,
-                                  vocab_size=lm.d_vocab)
+        return setup.build_stream(config, lm, split, batch_size or config.eval.batch_size)
     except (ValueError, FileNotFoundError) as error:
         raise AnalysisError(f"the {split} data: {error}") from None
 

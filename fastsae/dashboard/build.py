@@ -62,17 +62,6 @@ def _peak_memory() -> dict:
     return out
 
 
-def _has_vocabulary(tokenizer) -> bool:
-    """Whether a tokenizer can give token texts: TransformerLens's bridge gives a model directory
-    without tokenizer files an empty GPT2Tokenizer (its special tokens only), not None."""
-    if tokenizer is None:
-        return False
-    try:
-        return len(tokenizer.get_vocab()) > len(set(tokenizer.all_special_ids))
-    except (AttributeError, NotImplementedError):
-        return True
-
-
 def _check_widths(lm, targets: Sequence[SAETarget]) -> None:
     """Each SAE's d_in against the width of its hook's activations (one 2-token probe)."""
     hooks = sorted({t.hook for t in targets})
@@ -206,7 +195,7 @@ def build_dashboard(target: str, out: str | Path, *, compare: str | None = None,
         raise DashboardError("SAE labels collide")
 
     lm = load_language_model(main.config, device)
-    if not _has_vocabulary(lm.tokenizer):
+    if lm.tokenizer is None:
         raise DashboardError(f"the model {main.config.model.name} has no tokenizer: a dashboard shows the text of "
                              "the tokens; save the tokenizer beside the model (tokenizer.save_pretrained(DIR))")
     _check_widths(lm, targets)

@@ -226,3 +226,14 @@ def describe(x) -> str:
     if isinstance(x, Tensor):
         return f"tensor of shape {list(x.shape)} and dtype {x.dtype}"
     return f"{type(x).__name__}"
+
+
+def has_vocabulary(tokenizer) -> bool:
+    """Whether a tokenizer holds a vocabulary: TransformerLens's bridge gives a model directory
+    without tokenizer files an empty GPT2Tokenizer (its special tokens only), not None."""
+    if tokenizer is None:
+        return False
+    try:
+        return len(tokenizer.get_vocab()) > len(set(tokenizer.all_special_ids))
+    except (AttributeError, NotImplementedError):
+        return True

@@ -67,6 +67,8 @@ class LanguageModel:
         self.model = model
         self.api = api
         self.tokenizer = getattr(model, "tokenizer", None)
+        if not backends.has_vocabulary(self.tokenizer):  # the bridge's stand-in for a directory without one
+            self.tokenizer = None
 
         # Frozen: no gradient and so no optimizer state for any LM weight. The bridge's
         # parameters() already yields the wrapped HF model's; nn.Module.parameters catches the rest.

@@ -19,6 +19,17 @@ from fastsae.train.metrics import write_eval_json
 from fastsae.train.objective import Objective
 
 
+def reconstruction_hooks(lm, sae_hooks: list[str]) -> list[str]:
+    """The hooks where eval compares the spliced run with the clean one, as the paper's eval:
+    blocks.L.hook_resid_pre for every block L after the first SAE's block, and the final residual
+    (the last block's hook_resid_post, before ln_final); SAE hooks excluded. sae_hooks: in model
+    order."""
+    first = max(lm.block_index(sae_hooks[0]), -1)
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(first + 1, lm.n_layers)]
+    names.append(f"blocks.{lm.n_layers - 1}.hook_resid_post")
+    return [hook for hook in names if hook not in sae_hooks]
+
+
 class Evaluator:
     """Evaluates ``objective``'s SAEs on the held-out data: the config's eval split, or
     ``eval_dataset`` (a TokenStream, an iterable of [batch, ctx] token batches, a datasets.Dataset,
@@ -43,14 +54,7 @@ class Evaluator:
         return cls(Objective(config, lm, saes, hooks, layout, trackers={}), eval_dataset)
 
     def reconstruction_hooks(self) -> list[str]:
-        """The hooks where eval compares the spliced run with the clean one, as the paper's eval:
-        blocks.L.hook_resid_pre for every block L after the first SAE's block, and the final
-        residual (the last block's hook_resid_post, before ln_final); SAE hooks excluded."""
-        hooks, n_layers = self.objective.hooks, self.lm.n_layers
-        first = max(self.lm.block_index(hooks[0]), -1)
-        names = [f"blocks.{layer}.hook_resid_pre" for layer in range(first + 1, n_layers)]
-        names.append(f"blocks.{n_layers - 1}.hook_resid_post")
-        return [hook for hook in names if hook not in hooks]
+        return reconstruction_hooks(self.lm, self.objective.hooks)
 
     def _batches(self):
         """(iterator of eval batches, whether it loops: a stream built here from the start of the

@@ -9,15 +9,20 @@ Metric names (per SAE ones end in /<hook>; eval ones start with eval/):
     top1_agreement        share of tokens where both runs' most likely next token agree
     l0/<hook>             mean active latents per token; l0 is the mean over SAEs
     mse/<hook>            SAE output vs input, mean over elements
-    explained_variance/<hook>   the paper code's: mean over tokens t of
+    explained_variance/<hook>   the SAE's input x the target (the usual definition, the paper
+                          code's calc_explained_variance with x as target): mean over tokens t of
                           1 - ||x_t - x_hat_t||^2 / ||x_t - mean_s x_s||^2 (mean over the batch)
+    explained_variance_ln/<hook>   (eval) the same after layer-norming both (e2e_sae's _ln variant)
+    explained_variance_out_to_in/<hook>, ..._out_to_in_ln/<hook>   (eval) what the paper's code logs
+                          as the local EV (OutToInLoss): the SAE's *output* as the target; compare
+                          it only with the published runs
     alive/<hook>, dead/<hook>   latents that fired / did not fire in the last log.dead_window_tokens
                           training tokens (eval: on the eval tokens)
     downstream_mse/<hook> spliced vs clean activations at a downstream hook, mean over elements
                           (training: the e2e+ds loss hooks; eval: also every later block's
                           hook_resid_pre and the final residual)
-    downstream_explained_variance/<hook>   (eval) explained variance of the clean activations
-                          by the spliced run's, as above
+    downstream_explained_variance/<hook>, downstream_explained_variance_ln/<hook>   (eval)
+                          explained variance of the clean activations by the spliced run's, as above
     grad_norm             SAE parameters' gradient norm before clipping
     lr, tokens, tokens_per_s, step
 """

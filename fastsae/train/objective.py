@@ -170,9 +170,10 @@ class Objective:
                 batch.downstream, per_hook = losses.downstream_loss(batch.captured, batch.clean, self.downstream)
                 metrics.update({f"downstream_mse/{h}": v for h, v in per_hook.items()})
             for hook in recon_hooks:
-                metrics[f"downstream_mse/{hook}"] = losses.mse_loss(batch.captured[hook], batch.clean[hook]).detach()
-                metrics[f"downstream_explained_variance/{hook}"] = losses.explained_variance(
-                    batch.clean[hook], batch.captured[hook])
+                clean, spliced_acts = batch.clean[hook], batch.captured[hook]
+                metrics[f"downstream_mse/{hook}"] = losses.mse_loss(spliced_acts, clean).detach()
+                metrics[f"downstream_explained_variance/{hook}"] = losses.explained_variance(clean, spliced_acts)
+                metrics[f"downstream_explained_variance_ln/{hook}"] = losses.explained_variance_ln(clean, spliced_acts)
 
         terms = self.loss_terms(batch)
         fired = {}
@@ -181,6 +182,12 @@ class Objective:
             metrics[f"l0/{hook}"] = out.l0
             metrics[f"mse/{hook}"] = losses.mse_loss(out.reconstruction, x).detach()
             metrics[f"explained_variance/{hook}"] = losses.explained_variance(x, out.reconstruction)
+            if not train:  # the variants the paper's code logs, to compare with its published runs
+                metrics[f"explained_variance_ln/{hook}"] = losses.explained_variance_ln(x, out.reconstruction)
+                metrics[f"explained_variance_out_to_in/{hook}"] = losses.explained_variance_out_to_in(
+                    x, out.reconstruction)
+                metrics[f"explained_variance_out_to_in_ln/{hook}"] = losses.explained_variance_out_to_in(
+                    x, out.reconstruction, layer_norm=True)
             fired[hook] = out.fired
         metrics["l0"] = torch.stack([metrics[f"l0/{h}"] for h in self.hooks]).mean()
         loss = sum(terms.values())
