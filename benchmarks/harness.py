@@ -168,6 +168,15 @@ def sparse_decoder_cost(N, k, n, d, s, passes):
     return flops, bytes_
 
 
+def batchtopk_cost(N, d, n, k, candidates, s, passes):
+    """A BatchTopK SAE's training pass (fastsae.activations.batchtopk): the TopK encoder keeping
+    `candidates` per token (its backward runs over all of them), the batch selection, and the
+    sparse decoder over about k kept per token."""
+    flops, bytes_ = topk_encoder_cost(N, d, n, candidates, s, passes)
+    decode = sparse_decoder_cost(N, k, n, d, s, passes)
+    return flops + decode[0], bytes_ + decode[1]
+
+
 def linear_kl_cost(N, d, V, s, passes):
     # Forward: the clean and the SAE logits, 2*N*d*V each; the gradient wrt h_sae one more pass
     # (6*N*d*V at best; a backward that recomputes both passes does 10*N*d*V).
