@@ -435,16 +435,16 @@ SAMPLED_DOTS_CONFIG = dict(BLOCK_T=4, BLOCK_D=256, num_warps=4)
 INTERPRETER_DENSE_TILE_CONFIG = dict(BLOCK_R=16, BLOCK_N=32, BLOCK_D=32, num_warps=4, num_stages=1)
 INTERPRETER_DENSE_MATMUL_CONFIG = dict(BLOCK_R=16, BLOCK_D=32, BLOCK_K=32, num_warps=4, num_stages=1)
 
-# The dense rows' workspaces are [N, W] with W = dense_chunk_width(N, n) latents: at most this many
-# elements each (W >= CHUNK_ALIGN), so memory does not grow with n. 2^26: at 16,384 tokens 4,096
-# latents a chunk (128 MiB per bf16 workspace), 12 chunks at n = 46,080.
-DENSE_CHUNK_ELEMENTS = 1 << 26
-CHUNK_ALIGN = 128  # a multiple of every latent tile (BLOCK_N, BLOCK_L) of the chunk kernels
+# The dense rows' workspaces are [N, W]: W = dense_chunk_width(N, n, elements) latents, a multiple
+# of CHUNK_ALIGN (every latent tile of the chunk kernels divides it), with N * W at most the
+# caller's budget (fastsae.ops.relu_autoencoder: 4 x CHUNK_ELEMENTS = 2^26 by default, 4,096
+# latents a chunk at 16,384 tokens, 12 chunks at n = 46,080), so memory does not grow with n.
+CHUNK_ALIGN = 128
 
 
-def dense_chunk_width(n_tokens: int, n_latents: int) -> int:
-    """Latents per chunk of the dense rows' path (a multiple of CHUNK_ALIGN)."""
-    width = max(CHUNK_ALIGN, DENSE_CHUNK_ELEMENTS // max(1, n_tokens) // CHUNK_ALIGN * CHUNK_ALIGN)
+def dense_chunk_width(n_tokens: int, n_latents: int, workspace_elements: int) -> int:
+    """Latents per chunk of the dense rows' path (a multiple of CHUNK_ALIGN, at least one)."""
+    width = max(CHUNK_ALIGN, workspace_elements // max(1, n_tokens) // CHUNK_ALIGN * CHUNK_ALIGN)
     return min(width, triton.cdiv(n_latents, CHUNK_ALIGN) * CHUNK_ALIGN)
 
 
@@ -511,7 +511,7 @@ def encode_compact(x, W_enc, b_enc, theta, bandwidth) -> tuple[CompactCode, torc
     return CompactCode(values, indices, band, slots, dense, rows, n_rows), fired
 
 
-def relu_autoencode_forward(x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p):
+def relu_autoencode_forward(x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p, workspace_elements):
     """(reconstruction [N, d] W_dec.dtype, lp_sum [N] fp32, l0 [N] fp32, fired [n] bool, CompactCode).
 
     x [N, d] contiguous, W_enc [d, n] (latent-major is fastest), W_dec [n, d] row-major."""
@@ -527,7 +527,7 @@ def relu_autoencode_forward(x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p):
     # Dense rows: chunks of latents through a fixed-size workspace.
     mode = matmul_mode(x.dtype)
     _, tile_cfg, mm_cfg = _configs(x, mode)
-    width = dense_chunk_width(n_tokens, n_latents)
+    width = dense_chunk_width(n_tokens, n_latents, workspace_elements)
     ws = torch.empty(n_tokens, width, dtype=x.dtype, device=x.device)
     several = n_latents > width
     acc = torch.empty(n_tokens if several else 1, d, dtype=torch.float32, device=x.device)
@@ -556,7 +556,7 @@ def relu_autoencode_forward(x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p):
 
 
 def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_dec, theta, bandwidth, p,
-                             code: CompactCode, needs: tuple):
+                             code: CompactCode, needs: tuple, workspace_elements: int):
     """(grad_x, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, grad_theta); None where not needed.
 
     grad_recon [N, d] (W_dec's dtype), grad_lp [N] and grad_l0 [N] (fp32; grad_l0 only for JumpReLU)."""
@@ -612,7 +612,7 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
         sorted_values = code.values.reshape(-1)[entries.order]
         sorted_theta = theta_terms.reshape(-1)[entries.order] if jump else sorted_gpre
 
-    width = dense_chunk_width(n_tokens, n_latents)
+    width = dense_chunk_width(n_tokens, n_latents, workspace_elements)
     gpre_ws = torch.empty(n_tokens, width, dtype=x.dtype, device=device)
     code_ws = torch.empty(n_tokens, width, dtype=x.dtype, device=device)
     theta_ws = torch.empty(n_tokens, width, dtype=torch.float32, device=device) if jump else gpre_ws
@@ -669,11 +669,12 @@ class ReLUAutoencodeTriton(torch.autograd.Function):
     """fastsae.ops.relu_autoencode on the kernels above; matches ReLUAutoencodeReference."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p):
-        recon, lp_sum, l0, fired, code = relu_autoencode_forward(x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p)
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p, workspace_elements):
+        recon, lp_sum, l0, fired, code = relu_autoencode_forward(x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p,
+                                                                 workspace_elements)
         ctx.save_for_backward(x, W_enc, b_enc, W_dec, theta, code.values, code.indices, code.band, code.slots,
                               code.dense, code.rows, code.n_rows)
-        ctx.bandwidth, ctx.p = bandwidth, p
+        ctx.bandwidth, ctx.p, ctx.workspace_elements = bandwidth, p, workspace_elements
         ctx.mark_non_differentiable(fired)
         if theta is None:
             ctx.mark_non_differentiable(l0)  # a ReLU's L0 has no gradient
@@ -685,15 +686,16 @@ class ReLUAutoencodeTriton(torch.autograd.Function):
         code = CompactCode(values, indices, band, slots, dense, rows, n_rows)
         needs = ctx.needs_input_grad[:6]
         grads = relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_dec, theta, ctx.bandwidth,
-                                         ctx.p, code, needs)
-        return (*grads, None, None)
+                                         ctx.p, code, needs, ctx.workspace_elements)
+        return (*grads, None, None, None)
 
 
-def relu_autoencode_triton(x2d, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, p):
+def relu_autoencode_triton(x2d, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, p, workspace_elements):
     """The fused op on validated inputs: x2d [N, d] (N > 0) contiguous, W_enc [d, n] latent-major,
-    W_dec [n, d] row-major, all one dtype (fp32 / fp16 / bf16). Returns (reconstruction, lp_sum,
-    l0, fired) as fastsae.ops.relu_autoencode documents them."""
-    return ReLUAutoencodeTriton.apply(x2d, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, p)
+    W_dec [n, d] row-major, all one dtype (fp32 / fp16 / bf16). workspace_elements: the budget of
+    each dense-row workspace ([N, W] elements at most, see dense_chunk_width). Returns
+    (reconstruction, lp_sum, l0, fired) as fastsae.ops.relu_autoencode documents them."""
+    return ReLUAutoencodeTriton.apply(x2d, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, p, workspace_elements)
 
 
 # --------------------------------------------------------------------------------------------
@@ -704,6 +706,7 @@ COMPILE_SHAPES = {
     "gpt2": dict(n_tokens=16384, d_in=768, n_latents=46080),
     "d4096": dict(n_tokens=16384, d_in=4096, n_latents=131072),
 }
+COMPILE_WORKSPACE_ELEMENTS = 1 << 26  # fastsae.ops.relu_autoencoder's default budget
 
 
 def compile_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, CompileCase]:
@@ -717,7 +720,7 @@ def compile_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, Compi
     for shape_name, shape in (shapes or COMPILE_SHAPES).items():
         n_tokens, d, n = shape["n_tokens"], shape["d_in"], shape["n_latents"]
         capacity = sparse_capacity(n)
-        width = dense_chunk_width(n_tokens, n)
+        width = dense_chunk_width(n_tokens, n, COMPILE_WORKSPACE_ELEMENTS)
         for mode, dtype in (("bf16", torch.bfloat16), ("tf32", torch.float32), ("ieee", torch.float32)):
             hot = mode != "ieee"
             key = f"{shape_name}-{mode}"

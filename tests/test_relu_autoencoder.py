@@ -184,12 +184,8 @@ def test_rows_past_the_capacity_mixed_with_compact_rows(monkeypatch, backend, ju
 def test_dense_rows_over_several_latent_chunks(monkeypatch, backend):
     """The dense rows' workspace holds fewer latents than the dictionary: chunks of 128 latents
     (first, middle, last), the reconstruction and grad_x summed across them in fp32."""
-    monkeypatch.setattr(checks, "CHUNK_ELEMENTS", 1000)  # the reference: a few tokens per chunk
-    if backend == "triton":
-        from fastsae.kernels import relu_autoencoder
-
-        monkeypatch.setattr(relu_autoencoder, "DENSE_CHUNK_ELEMENTS", 128 * 9)
-        assert relu_autoencoder.dense_chunk_width(9, 300) == 128
+    monkeypatch.setattr(checks, "CHUNK_ELEMENTS", 400)  # the reference: one token per chunk
+    assert reference_module.workspace_elements() // 9 // 128 == 1  # the kernels: 128 latents per chunk
     for jump in (False, True):
         check_against_naive(make_inputs(9, 20, 300, jump=jump, bias_shift=0.2), backend, p=0.5)
 
@@ -382,14 +378,10 @@ def largest_code_sized(fn, n_tokens, n_latents, weight_shapes):
 @pytest.mark.parametrize("density", ["sparse", "dense"])
 def test_no_n_by_n_latents_tensor_in_forward_and_backward(monkeypatch, backend, density):
     """Forward + backward with MSE + Lp at 96 tokens x 1,024 latents allocate nothing near
-    [N, n_latents] (98,304 elements): the reference's chunks are [chunk, n] with chunk = 8, the
-    kernels' dense-row workspaces [N, 128]; the weights and their gradients are left out."""
+    [N, n_latents] (98,304 elements): the reference's chunks are [1, n], the kernels' dense-row
+    workspaces [N, 256] (4 x CHUNK_ELEMENTS); the weights and their gradients are left out."""
     n_tokens, d, n_latents = 96, 16, 1024
-    monkeypatch.setattr(checks, "CHUNK_ELEMENTS", 8 * n_latents)
-    if backend == "triton":
-        from fastsae.kernels import relu_autoencoder
-
-        monkeypatch.setattr(relu_autoencoder, "DENSE_CHUNK_ELEMENTS", n_tokens * 128)
+    monkeypatch.setattr(checks, "CHUNK_ELEMENTS", 6 * n_latents)  # reference [1, n]; kernels [N, 256]
     for jump in (False, True):
         inputs = make_inputs(n_tokens, d, n_latents, jump=jump, bias_shift=-1.5 if density == "sparse" else 0.0)
         leaves = [t.detach().requires_grad_() for t in inputs if t is not None]
@@ -402,7 +394,7 @@ def test_no_n_by_n_latents_tensor_in_forward_and_backward(monkeypatch, backend, 
 
         weights = {(d, n_latents), (n_latents, d), (n_latents,), (d,)}
         largest = largest_code_sized(step, n_tokens, n_latents, weights)
-        assert largest <= n_tokens * n_latents // 8, f"a temporary of {largest} elements ({density}, jump={jump})"
+        assert largest <= n_tokens * n_latents // 4, f"a temporary of {largest} elements ({density}, jump={jump})"
 
 
 # ------------------------------------------------------------------------------------------ GPU only

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 
 from fastsae.ops._backend import call_kernel, register_kernel, use_triton
+from fastsae.ops import _checks
 from fastsae.ops._checks import check_same, check_shape, check_tensor, chunk_rows
 from fastsae.ops._sparse import accumulation_dtype
 
@@ -65,14 +66,27 @@ def reference_capacity(n_latents: int) -> int:
     return max(1, min(n_latents, max(REFERENCE_MIN_CAPACITY, int(n_latents * REFERENCE_CAPACITY_FRACTION))))
 
 
-def _activation(pre: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
-    return torch.relu(pre) if theta is None else torch.relu(pre) * (pre > theta)
+# The kernels' dense-row workspaces ([N, W], two in backward) hold at most this many elements
+# each: 4 x CHUNK_ELEMENTS (2^26 by default), read at call time so tests can shrink it.
+WORKSPACE_CHUNKS = 4
+
+
+def workspace_elements() -> int:
+    return WORKSPACE_CHUNKS * _checks.CHUNK_ELEMENTS
+
+
+def _code_(pre: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
+    """The code, written over pre: relu(pre), or relu(pre) * (pre > theta). NaN stays NaN."""
+    if theta is None:
+        return pre.relu_()
+    above = pre > theta
+    return pre.relu_().mul_(above)
 
 
 def _in_band(pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
     """rect((pre - theta) / bandwidth) as a bool, as SAELens evaluates it (in at least fp32)."""
     acc = accumulation_dtype(pre.dtype)
-    u = (pre.to(acc) - theta.to(acc)) / bandwidth
+    u = (pre.to(acc) - theta.to(acc)).div_(bandwidth)
     return (u > -0.5) & (u < 0.5)
 
 
@@ -80,12 +94,15 @@ def _abs_pow(v: torch.Tensor, p: float) -> torch.Tensor:
     return v.abs() if p == 1 else v.abs().pow(p)
 
 
-def _abs_pow_grad(v: torch.Tensor, p: float) -> torch.Tensor:
-    """d |v|^p / d v for a code value v >= 0 (or NaN): p v^(p-1) where v > 0, 0 at 0, NaN at NaN."""
-    positive = v > 0
-    grad = positive.to(v.dtype) if p == 1 else torch.where(positive, p * v.clamp_min(torch.finfo(v.dtype).tiny)
-                                                           .pow(p - 1), 0)
-    return torch.where(v.isnan(), v, grad)
+def _add_lp_grad_(grad_code: torch.Tensor, code: torch.Tensor, grad_lp: torch.Tensor, p: float) -> torch.Tensor:
+    """grad_code += grad_lp[:, None] * d|code|^p / d code, in place: p code^(p-1) where code > 0,
+    0 at 0, NaN where code is NaN (code >= 0 or NaN; grad_lp [rows])."""
+    if p == 1:
+        grad_code.add_(torch.where(code > 0, grad_lp[:, None], 0))
+    else:
+        positive = code > 0
+        grad_code.add_(torch.where(positive, code, 1).pow_(p - 1).mul_(p * grad_lp[:, None]).masked_fill_(~positive, 0))
+    return grad_code.masked_fill_(code.isnan(), float("nan"))
 
 
 class _Entries(NamedTuple):
@@ -97,9 +114,16 @@ class _Entries(NamedTuple):
     band: torch.Tensor | None  # bool [E] (JumpReLU)
 
 
+# The reference's chunks hold a quarter of CHUNK_ELEMENTS: about four [rows, width] temporaries are
+# alive at once (pre-activations / code, the code's gradient, masks, a product), so together
+# they stay near the budget.
+def _rows_per_chunk(width: int) -> int:
+    return chunk_rows(4 * width)
+
+
 def _entry_steps(n_entries: int, width: int):
     """Slices of the entry list whose [entries, width] temporaries stay within the chunk budget."""
-    step = chunk_rows(width)
+    step = _rows_per_chunk(width)
     return (slice(start, start + step) for start in range(0, n_entries, step))
 
 
@@ -115,22 +139,21 @@ class ReLUAutoencodeReference(torch.autograd.Function):
         l0 = torch.empty(n_tokens, dtype=acc, device=x.device)
         fired = torch.zeros(n_latents, dtype=torch.bool, device=x.device)
         parts, dense_rows = [], []
-        step = chunk_rows(n_latents)
+        step = _rows_per_chunk(n_latents)
         for start in range(0, n_tokens, step):
-            pre = torch.addmm(b_enc, x[start:start + step], W_enc)
-            code = _activation(pre, theta)
-            band = None if theta is None else _in_band(pre, theta, bandwidth)
-            del pre
-            active = code > 0
-            l0[start:start + step] = active.sum(1)
-            fired |= active.any(0)
-            del active
-            held = code != 0  # NaN is held (and makes its row dense below)
+            code = torch.addmm(b_enc, x[start:start + step], W_enc)
+            band = None if theta is None else _in_band(code, theta, bandwidth)
+            code = _code_(code, theta)
+            held = code > 0  # active; NaN is held too but makes its row dense below
+            counts = held.count_nonzero(1)
+            l0[start:start + step] = counts
+            fired |= held.any(0)
             if band is not None:
                 held |= band
-            dense = (held.sum(1) > capacity) | code.isnan().any(1)
+                counts = held.count_nonzero(1)
+            dense = (counts > capacity) | code.sum(1).isnan()  # code >= 0: a NaN row sums to NaN
             sparse_rows = (~dense).nonzero().squeeze(1)
-            rows, latents = held[sparse_rows].nonzero(as_tuple=True)
+            rows, latents = (held if sparse_rows.numel() == held.shape[0] else held[sparse_rows]).nonzero(as_tuple=True)
             del held
             rows = sparse_rows[rows]
             values = code[rows, latents]
@@ -150,14 +173,12 @@ class ReLUAutoencodeReference(torch.autograd.Function):
             # The dense rows: one product; the code is dropped (recomputed in backward).
             dense_ids = dense.nonzero().squeeze(1)
             if dense_ids.numel():
-                code_dense = code[dense_ids]
-                del code
-                reconstruction[dense_ids + start] = torch.addmm(b_dec, code_dense, W_dec)
-                lp_sum[dense_ids + start] = _abs_pow(code_dense.to(acc), p).sum(1)
+                if dense_ids.numel() < code.shape[0]:
+                    code = code[dense_ids]
+                reconstruction[dense_ids + start] = torch.addmm(b_dec, code, W_dec)
+                lp_sum[dense_ids + start] = _abs_pow(code.to(acc), p).sum(1)
                 dense_rows.append(dense_ids + start)
-                del code_dense
-            else:
-                del code
+            del code
         long = torch.zeros(0, dtype=torch.int64, device=x.device)
         entries = _Entries(torch.cat([e.tokens for e in parts]) if parts else long,
                            torch.cat([e.latents for e in parts]) if parts else long,
@@ -197,7 +218,8 @@ class ReLUAutoencodeReference(torch.autograd.Function):
             t, l = tokens[part], latents[part]
             v = values[part].to(acc)
             g_rows = g[t]
-            grad_code = (g_rows * W_dec[l].to(acc)).sum(1) + grad_lp[t] * _abs_pow_grad(v, p)
+            grad_code = (g_rows * W_dec[l].to(acc)).sum(1)
+            _add_lp_grad_(grad_code[:, None], v[:, None], grad_lp[t], p)
             grad_pre = torch.where(v > 0, grad_code, 0).to(x.dtype).to(acc)  # in x's dtype, as the kernel
             grad_x.index_add_(0, t, grad_pre[:, None] * W_enc_t[l].to(acc))
             grad_w_enc_t.index_add_(0, l, grad_pre[:, None] * x[t].to(acc))
@@ -206,29 +228,74 @@ class ReLUAutoencodeReference(torch.autograd.Function):
             if theta is not None:
                 term = -(theta[l].to(acc) / bandwidth) * grad_code - grad_l0[t] / bandwidth
                 grad_theta.index_add_(0, l, torch.where(band[part], term, 0))
+            del g_rows
 
         # Dense rows: the chunk's code recomputed from x.
-        step = chunk_rows(n_latents)
+        W_dec_t = W_dec.t().to(acc)
+        step = _rows_per_chunk(n_latents)
         for start in range(0, dense_rows.numel(), step):
             rows = dense_rows[start:start + step]
             x_rows = x[rows]
-            pre = torch.addmm(b_enc, x_rows, W_enc)
-            code = _activation(pre, theta).to(acc)
-            grad_code = torch.addmm(grad_lp[rows, None] * _abs_pow_grad(code, p), g[rows], W_dec.t().to(acc))
-            passes = ~(pre <= (0 if theta is None else theta))
-            grad_pre = torch.where(passes, grad_code, 0).to(x.dtype).to(acc)
+            code = torch.addmm(b_enc, x_rows, W_enc)
+            passes = ~(code <= (0 if theta is None else theta))  # NaN passes, as torch.relu's backward
+            band = None if theta is None else _in_band(code, theta, bandwidth)
+            code = _code_(code, theta).to(acc)
+            grad_code = _add_lp_grad_(g[rows] @ W_dec_t, code, grad_lp[rows], p)
+            if theta is not None:
+                term = (-(theta.to(acc) / bandwidth) * grad_code).sub_(grad_l0[rows, None] / bandwidth)
+                grad_theta += term.masked_fill_(~band, 0).sum(0)
+                del term, band
+            grad_pre = grad_code.masked_fill_(~passes, 0).to(x.dtype).to(acc)
             del passes
             grad_x[rows] = grad_pre @ W_enc_t.to(acc)
             grad_w_enc_t.addmm_(grad_pre.t(), x_rows.to(acc))
             grad_b_enc += grad_pre.sum(0)
-            del grad_pre
+            del grad_pre, grad_code
             grad_w_dec.addmm_(code.t(), g[rows])
-            if theta is not None:
-                term = -(theta.to(acc) / bandwidth) * grad_code - grad_l0[rows, None] / bandwidth
-                grad_theta += torch.where(_in_band(pre, theta, bandwidth), term, 0).sum(0)
+            del code
         return (grad_x.to(x.dtype), grad_w_enc_t.t().to(W_enc.dtype), grad_b_enc.to(b_enc.dtype),
                 grad_w_dec.to(W_dec.dtype), g.sum(0).to(W_dec.dtype),
                 None if theta is None else grad_theta.to(theta.dtype), None, None)
+
+
+class MemoryEstimate(NamedTuple):
+    """Bytes one relu_autoencode call holds at its peak beyond the weights and their gradients."""
+
+    code: int  # the code kept from forward to backward, and its per-entry backward temporaries
+    workspaces: int  # the dense rows' workspaces (kernels) or the chunk temporaries (reference)
+
+
+# Per slot of the kernels' compact code (C = kernels.relu_encoder.sparse_capacity(n) slots per
+# token, within 16 of reference_capacity): value (s bytes) and int32 id kept from forward to
+# backward; in backward the fp32 sampled dots, code and code gradient, a mask, the pre-activation
+# gradient (s), the sort by latent (int64 order, three int32 token lists, int32 latents) and two
+# sorted weight lists (s each). JumpReLU adds a band flag, the threshold's fp32 terms and their
+# sorted copy.
+_SLOT_BYTES = 4 + 4 + 4 + 4 + 1 + 8 + 12 + 4
+_SLOT_BYTES_JUMP = 1 + 4 + 4 + 4
+# The reference: about this many [rows, n] temporaries of a quarter CHUNK_ELEMENTS each are
+# alive at its peak (measured: 3.5 with a dense code, 1.7 with a sparse one, fp32).
+_REFERENCE_LIVE_CHUNKS = 4
+
+
+def memory_estimate(n_tokens: int, n_latents: int, d_in: int, itemsize: int, *, jump: bool = False) -> MemoryEstimate:
+    """What one call holds at its peak (forward and backward), the larger of the Triton path's and
+    the reference's, for N = n_tokens: fastsae plan's model of a ReLU / JumpReLU SAE's memory.
+    None of it is an [N, n_latents] tensor: the code costs O(N * n / 256), the workspaces a fixed
+    budget (4 x CHUNK_ELEMENTS each in the kernels), whatever the density."""
+    capacity = reference_capacity(n_latents) + 16
+    per_slot = (3 * itemsize + 4 + _SLOT_BYTES + (_SLOT_BYTES_JUMP if jump else 0))
+    kernel_code = n_tokens * capacity * per_slot + 13 * n_tokens
+    # The reference's entries: token and latent (int64), value, band flag.
+    reference_code = n_tokens * reference_capacity(n_latents) * (16 + itemsize + (1 if jump else 0))
+    aligned = -(-n_latents // 128) * 128
+    width = min(aligned, max(128, workspace_elements() // max(1, n_tokens) // 128 * 128))
+    kernel_ws = n_tokens * width * (2 * itemsize + (4 if jump else 0))  # the pre-activations' gradient, the code
+    kernel_ws += 4 * n_tokens * d_in if width < n_latents else 0  # fp32 grad_x across chunks
+    rows = _rows_per_chunk(n_latents)
+    reference_ws = _REFERENCE_LIVE_CHUNKS * min(rows, n_tokens) * n_latents * max(4, itemsize)
+    reference_ws += max(4, itemsize) * n_tokens * d_in  # the fp32 grad_x accumulator
+    return MemoryEstimate(max(kernel_code, reference_code), max(kernel_ws, reference_ws))
 
 
 def _check_positive(name: str, value, *, required: bool) -> float | None:
@@ -288,7 +355,8 @@ def relu_autoencode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W
         # The kernels read W_enc latent-major and W_dec row-major: other layouts are copied once.
         W_enc_k = W_enc if W_enc.t().is_contiguous() else W_enc.t().contiguous().t()
         out = call_kernel("relu_autoencode", x2d.contiguous(), W_enc_k, b_enc.contiguous(), W_dec.contiguous(),
-                          b_dec.contiguous(), None if threshold is None else threshold.contiguous(), bandwidth, p)
+                          b_dec.contiguous(), None if threshold is None else threshold.contiguous(), bandwidth, p,
+                          workspace_elements())
     else:
         out = ReLUAutoencodeReference.apply(x2d, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, p)
     reconstruction, lp_sum, l0, fired = out

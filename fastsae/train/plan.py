@@ -10,10 +10,13 @@ Per GPU, for the config's batch and sharding (world = gpus = data groups x saes.
   and the replicated b_dec; Adam keeps two moments in the parameters' dtype.
 - activations: what one micro-batch (batch_size / data groups / grad_accum sequences) keeps for
   backward: the spliced run's saved tensors in the blocks after the first SAE, the clean run's
-  cached residuals, and the SAEs' inputs and codes (a ReLU SAE's dense [tokens, n_local] code and
-  its gradients; a TopK SAE's [tokens, k] code and the gathered [tokens, k x shards] candidates).
-- workspaces: the chunked buffers of the encoder (a [chunk, n_local] pre-activation block) and of
-  the fused KL (two [chunk, d_vocab] fp32 logits blocks), CHUNK_ELEMENTS elements each.
+  cached residuals, and the SAEs' inputs and codes (a ReLU SAE's code as fastsae.ops.relu_autoencode
+  keeps it, compact: about tokens x n_local / 256 entries, with its backward's per-entry buffers;
+  a TopK SAE's [tokens, k] code and the gathered [tokens, k x shards] candidates).
+- workspaces: the chunked buffers of the TopK encoder (a [chunk, n_local] pre-activation block), of
+  a ReLU SAE (relu_autoencode's dense-row workspaces, a fixed budget: 4 x CHUNK_ELEMENTS) and of
+  the fused KL (two [chunk, d_vocab] fp32 logits blocks), CHUNK_ELEMENTS elements each. No term
+  is [tokens, n_local]: a ReLU SAE's memory does not depend on its code's density.
 - optimizer temporaries: Adam's foreach step allocates one parameter-sized temporary after the
   activations are freed; the plan counts only what it adds beyond them.
 - reserve: the CUDA context and cuBLAS workspace (1 GiB) plus 5 % of the GPU for allocator
@@ -144,6 +147,7 @@ def usable_memory(gpu_memory: int) -> int:
 
 def _items(cfg: TrainConfig, lm: LMShape, n_latents: int, gpus: int, shards: int) -> tuple[dict[str, int], int]:
     from fastsae.ops._checks import CHUNK_ELEMENTS
+    from fastsae.ops.relu_autoencoder import memory_estimate
 
     n_saes = len(cfg.saes.hooks)
     data_groups = gpus // shards
@@ -180,15 +184,16 @@ def _items(cfg: TrainConfig, lm: LMShape, n_latents: int, gpus: int, shards: int
     if cfg.saes.activation == "topk":
         k = cfg.saes.k or 1
         sae_acts += n_saes * tokens * k * (shards + 2) * (sae_bytes + 8)
-    else:
-        # the dense local code (kept for backward), its gradient (decoder and sparsity terms
-        # accumulate into one) and the pre-activation gradient: three [tokens, n_local] at the peak
-        sae_acts += n_saes * tokens * n_local * sae_bytes * 3
+    else:  # relu_autoencode: the compact code and its backward's per-entry buffers
+        relu = memory_estimate(tokens, n_local, d, sae_bytes)
+        sae_acts += n_saes * relu.code
     items["SAE activations"] = sae_acts
 
     workspace = 0
-    if cfg.saes.activation == "topk":  # the encoder's pre-activation chunk (ReLU writes the code directly)
+    if cfg.saes.activation == "topk":  # the encoder's pre-activation chunk
         workspace += n_saes * min(CHUNK_ELEMENTS, tokens * n_local) * 4
+    else:  # the dense rows' workspaces (kernels) or the reference's chunk temporaries
+        workspace += n_saes * relu.workspaces
     if cfg.is_e2e:
         workspace += min(CHUNK_ELEMENTS, tokens * 2 * lm.d_vocab) * 4  # the fused KL's two logits blocks
     items["kernel workspaces"] = workspace
