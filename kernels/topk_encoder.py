@@ -43,12 +43,16 @@ grad_pre = grad_values * (values > 0):
   `_latent_segment_grad_kernel` reduces that run with a tensor-core product
   onehot^T @ x[tokens], where onehot[e, l] = grad_pre[e] if entry e belongs to latent l: no
   atomics, deterministic, fp32 accumulation, and every tile of grad_W_enc (including the all-zero
-  ones of latents nobody picked) is written once, coalesced, in W_enc's own layout.
+  ones of latents nobody picked) is written once, coalesced, in W_enc's own layout. A token whose x
+  row is not finite stays out of the product (0 * NaN would reach every latent of the tile) and
+  is added to its own latents alone, as the reference's scatter (accumulate_latent_segment).
 
 Matmul precision: fp32 operands follow torch.get_float32_matmul_precision() (kernels/_common.py).
 compile_cases() at the end lists every launch configuration for the compile check.
 
-`sparse_encoder_backward` is shared with the ReLU encoder's sparse backward path.
+`sparse_encoder_backward` is shared with the ReLU encoder's sparse backward path; the gather, the
+segmented reduction (latent_segment_grad, accumulate_latent_segment) and matmul_tile with the
+dense decoder's weight gradient and the ReLU autoencoder (kernels/relu_autoencoder.py).
 """
 
 from __future__ import annotations

@@ -24,13 +24,19 @@ its shards first), the paper's sparsity term its mean over tokens / d_in; decode
 passes W_dec already scaled (W_dec * scale[:, None]).
 
 The reference below is the spec and the CPU path. It walks the tokens in chunks of
-chunk_rows(n_latents) (at most a few [chunk, n] temporaries) and keeps each token's code in one of
-two forms, as the Triton kernels do (kernels/relu_autoencoder.py): a sparse row (at most
-reference_capacity(n) held entries: active, and for JumpReLU inside the threshold's band, whose
-entries the threshold's gradient needs) as a list of (token, latent, value) entries, decoded and
-differentiated entry by entry; a dense row (more entries, or a NaN) not at all: its code is
-recomputed from x in backward, as a fused MLP does. Peak memory: the chunk temporaries, the entry
-list (at most N * reference_capacity(n)) and parameter-sized gradient accumulators.
+chunk_rows(4 * n_latents) (the few [chunk, n] temporaries alive at once hold about CHUNK_ELEMENTS
+together) and keeps each token's code in one of two forms, as the Triton kernels do
+(kernels/relu_autoencoder.py): a sparse row (at most reference_capacity(n) held entries: active,
+and for JumpReLU inside the threshold's band, whose entries the threshold's gradient needs) as a
+list of (token, latent, value) entries, decoded and differentiated entry by entry; a dense row
+(more entries, or a NaN) not at all: its code is recomputed from x in backward, as a fused MLP
+does. Peak memory: the chunk temporaries, the entry list (at most N * reference_capacity(n)) and
+parameter-sized gradient accumulators. memory_estimate() is fastsae plan's model of both paths.
+
+Non-finite inputs: a NaN pre-activation makes its row dense, where the products spread it as the
+dense form's do (that token's reconstruction, lp_sum and grad_x; every latent's weight gradients).
+The sparse rows form products over their held entries only: 0 * inf with an inf decoder weight
+of an inactive latent is not formed, as in any sparse decoder.
 """
 
 from __future__ import annotations
