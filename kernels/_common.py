@@ -48,7 +48,7 @@ def mma(a, b, acc, MATMUL_MODE: tl.constexpr):
 # Compile cases: what a launch compiles, for compiling without a GPU (tests/compile_check.py)
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
-                  torch.int32: "*i32", torch.int64: "*i64"}
+                  torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8"}
 
 
 class CompileCase:
@@ -56,9 +56,9 @@ class CompileCase:
 
     ``args`` maps every runtime argument of the kernel to an example value: a torch.dtype stands
     for a tensor argument (a pointer; torch's allocations are 16-byte aligned, so the launch marks
-    it 16-divisible), an int for an int argument. The specialisation is the one a launch applies:
-    an int equal to 1 becomes a constant (so a unit stride turns into contiguous, vectorisable
-    addresses) and an int divisible by 16 gets ``tt.divisibility = 16``. ``meta`` holds the
+    it 16-divisible), an int for an int argument, a float for an fp32 scalar (never specialised).
+    The specialisation is the one a launch applies: an int equal to 1 becomes a constant (so a
+    unit stride turns into contiguous, vectorisable addresses) and an int divisible by 16 gets ``tt.divisibility = 16``. ``meta`` holds the
     kernel's constexprs. ``hot`` marks the configs that must compile to tensor-core MMAs with
     pipelined loads and no spills (see the issue's compile targets).
     """
@@ -83,9 +83,11 @@ class CompileCase:
             if isinstance(value, torch.dtype):
                 signature[name] = _POINTER_TYPES[value]
                 attrs[(position,)] = [["tt.divisibility", 16]]
+            elif isinstance(value, float):
+                signature[name] = "fp32"
             elif isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"CompileCase of {fn.__name__}: argument {name!r} must be a torch.dtype "
-                                f"(a tensor) or an int, got {value!r}")
+                                f"(a tensor), an int or a float, got {value!r}")
             elif value == 1:
                 signature[name] = "constexpr"
                 constexprs[name] = 1
