@@ -58,8 +58,8 @@ class CompileCase:
     for a tensor argument (a pointer; torch's allocations are 16-byte aligned, so the launch marks
     it 16-divisible), an int for an int argument, a float for an fp32 scalar (never specialised).
     The specialisation is the one a launch applies: an int equal to 1 becomes a constant (so a
-    unit stride turns into contiguous, vectorisable addresses) and an int divisible by 16 gets ``tt.divisibility = 16``. ``meta`` holds the
-    kernel's constexprs. ``hot`` marks the configs that must compile to tensor-core MMAs with
+    unit stride turns into contiguous, vectorisable addresses) and an int divisible by 16 gets
+    ``tt.divisibility = 16``. ``meta`` holds the kernel's constexprs. ``hot`` marks the configs that must compile to tensor-core MMAs with
     pipelined loads and no spills (see the issue's compile targets).
     """
 
