@@ -59,8 +59,9 @@ class CompileCase:
     it 16-divisible), an int for an int argument, a float for an fp32 scalar (never specialised).
     The specialisation is the one a launch applies: an int equal to 1 becomes a constant (so a
     unit stride turns into contiguous, vectorisable addresses) and an int divisible by 16 gets
-    ``tt.divisibility = 16``. ``meta`` holds the kernel's constexprs. ``hot`` marks the configs that must compile to tensor-core MMAs with
-    pipelined loads and no spills (see the issue's compile targets).
+    ``tt.divisibility = 16``. ``meta`` holds the kernel's constexprs. ``hot`` marks the configs
+    that must compile to tensor-core MMAs with pipelined loads and no spills (see the issue's
+    compile targets).
     """
 
     def __init__(self, kernel, args: dict, meta: dict, *, num_warps: int, num_stages: int, hot: bool = False):
