@@ -56,12 +56,11 @@ class CompileCase:
 
     ``args`` maps every runtime argument of the kernel to an example value: a torch.dtype stands
     for a tensor argument (a pointer; torch's allocations are 16-byte aligned, so the launch marks
-    it 16-divisible), an int for an int argument, a float for an fp32 scalar (never specialised).
-    The specialisation is the one a launch applies: an int equal to 1 becomes a constant (so a
-    unit stride turns into contiguous, vectorisable addresses) and an int divisible by 16 gets
-    ``tt.divisibility = 16``. ``meta`` holds the kernel's constexprs. ``hot`` marks the configs
-    that must compile to tensor-core MMAs with pipelined loads and no spills (see the issue's
-    compile targets).
+    it 16-divisible), an int for an int argument. The specialisation is the one a launch applies:
+    an int equal to 1 becomes a constant (so a unit stride turns into contiguous, vectorisable
+    addresses) and an int divisible by 16 gets ``tt.divisibility = 16``. ``meta`` holds the
+    kernel's constexprs. ``hot`` marks the configs that must compile to tensor-core MMAs with
+    pipelined loads and no spills (see the issue's compile targets).
     """
 
     def __init__(self, kernel, args: dict, meta: dict, *, num_warps: int, num_stages: int, hot: bool = False):
@@ -84,7 +83,7 @@ class CompileCase:
             if isinstance(value, torch.dtype):
                 signature[name] = _POINTER_TYPES[value]
                 attrs[(position,)] = [["tt.divisibility", 16]]
-            elif isinstance(value, float):
+            elif isinstance(value, float):  # an fp32 scalar: a launch never specialises it
                 signature[name] = "fp32"
             elif isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"CompileCase of {fn.__name__}: argument {name!r} must be a torch.dtype "
