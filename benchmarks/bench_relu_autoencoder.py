@@ -32,8 +32,8 @@ import time
 
 import pytest
 import torch
-from harness import (DEVICE, DTYPE, GPT2_PRESET, HAS_CUDA, LARGE, bench_size, measure, peak_memory_bytes,
-                     relu_autoencoder_cost, variants)
+from harness import (DEVICE, DTYPE, GPT2_PRESET, HAS_CUDA, LARGE, bench_size, device_name, measure,
+                     peak_memory_bytes, relu_autoencoder_cost, variants, versions)
 
 from fastsae import ops
 
@@ -201,7 +201,8 @@ def main(argv=None):
               f"{r['process_peak_rss_bytes'] / gib:>8.2f}G {r['step_s']:>7.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(rows=rows, load_average_1min=os.getloadavg()[0], cpu_count=os.cpu_count()), f, indent=2)
+            json.dump(dict(device=device_name(), versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                           load_average_1min=os.getloadavg()[0], rows=rows), f, indent=2)
 
 
 if __name__ == "__main__":

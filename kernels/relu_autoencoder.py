@@ -423,9 +423,13 @@ def _sampled_dots_kernel(
 # Launch configuration (compile_cases() at the end; tests/test_compile.py)
 
 # The encoder with its compacting epilogue: the ReLU encoder's GEMM configs (kernels/relu_encoder.py).
-# The dense-row chunk kernels: 64 rows x 128 latents x 64 columns on one warpgroup (two
-# accumulators in the gradient kernel); the matmul 64 rows x 128 columns x 64 latents per step.
+# The dense-row code kernel: 64 rows x 128 latents x 64 columns on one warpgroup. The gradient
+# kernel holds two such accumulators (pre-activations and the code's gradient) and, for JumpReLU,
+# the threshold terms: on one warpgroup that spilled up to 280 B on sm_90 (255 registers), on two
+# (8 warps, each a [64, 64] half of both tiles) it does not. The matmul: 64 rows x 128 columns x
+# 64 latents per step.
 DENSE_TILE_CONFIG = dict(BLOCK_R=64, BLOCK_N=128, BLOCK_D=64, num_warps=4, num_stages=3)
+DENSE_GRAD_CONFIG = dict(BLOCK_R=64, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
 DENSE_MATMUL_CONFIG = dict(BLOCK_R=64, BLOCK_D=128, BLOCK_K=64, num_warps=4, num_stages=3)
 # Full-fp32 FMAs ("ieee") hold both operand tiles in registers: smaller tiles.
 DENSE_TILE_CONFIG_FMA = dict(BLOCK_R=32, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=3)
@@ -448,12 +452,15 @@ def dense_chunk_width(n_tokens: int, n_latents: int, workspace_elements: int) ->
     return min(width, triton.cdiv(n_latents, CHUNK_ALIGN) * CHUNK_ALIGN)
 
 
-def _configs(x: torch.Tensor, mode: str) -> tuple[tuple, dict, dict]:
+def _configs(x: torch.Tensor, mode: str) -> tuple[tuple, dict, dict, dict]:
+    """(encoder config, dense code tile, dense gradient tile, dense matmul) for x's device and mode."""
     if not x.is_cuda:
-        return INTERPRETER_FWD_CONFIG, dict(INTERPRETER_DENSE_TILE_CONFIG), dict(INTERPRETER_DENSE_MATMUL_CONFIG)
+        return (INTERPRETER_FWD_CONFIG, dict(INTERPRETER_DENSE_TILE_CONFIG), dict(INTERPRETER_DENSE_TILE_CONFIG),
+                dict(INTERPRETER_DENSE_MATMUL_CONFIG))
     if mode == "ieee":
-        return FWD_CONFIGS[x.dtype], dict(DENSE_TILE_CONFIG_FMA), dict(DENSE_MATMUL_CONFIG_FMA)
-    return FWD_CONFIGS[x.dtype], dict(DENSE_TILE_CONFIG), dict(DENSE_MATMUL_CONFIG)
+        return (FWD_CONFIGS[x.dtype], dict(DENSE_TILE_CONFIG_FMA), dict(DENSE_TILE_CONFIG_FMA),
+                dict(DENSE_MATMUL_CONFIG_FMA))
+    return FWD_CONFIGS[x.dtype], dict(DENSE_TILE_CONFIG), dict(DENSE_GRAD_CONFIG), dict(DENSE_MATMUL_CONFIG)
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,7 +492,7 @@ def encode_compact(x, W_enc, b_enc, theta, bandwidth) -> tuple[CompactCode, torc
     count = torch.zeros(n_tokens, dtype=torch.int32, device=device)
     fired = torch.zeros(n_latents, dtype=torch.uint8, device=device)
     mode = matmul_mode(x.dtype)
-    (block_m, block_n, block_d, num_warps, num_stages), _, _ = _configs(x, mode)
+    (block_m, block_n, block_d, num_warps, num_stages), _, _, _ = _configs(x, mode)
     grid = (triton.cdiv(n_tokens, block_m) * triton.cdiv(n_latents, block_n),)
     _encode_compact_kernel[grid](
         x, W_enc, b_enc, theta if jump else b_enc, values, indices, band if jump else count, count, fired,
@@ -526,7 +533,7 @@ def relu_autoencode_forward(x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p, 
 
     # Dense rows: chunks of latents through a fixed-size workspace.
     mode = matmul_mode(x.dtype)
-    _, tile_cfg, mm_cfg = _configs(x, mode)
+    _, tile_cfg, _, mm_cfg = _configs(x, mode)
     width = dense_chunk_width(n_tokens, n_latents, workspace_elements)
     ws = torch.empty(n_tokens, width, dtype=x.dtype, device=x.device)
     several = n_latents > width
@@ -569,7 +576,7 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
     g = grad_recon.contiguous()
     grad_lp = grad_lp.float().contiguous()
     mode = matmul_mode(x.dtype)
-    _, tile_cfg, mm_cfg = _configs(x, mode)
+    _, _, tile_cfg, mm_cfg = _configs(x, mode)
     seg_cfg = segment_config(mode)
 
     # Sparse rows: the code's gradient at the held entries.
@@ -726,8 +733,10 @@ def compile_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, Compi
             key = f"{shape_name}-{mode}"
             block_m, block_n, block_d, warps, stages = FWD_CONFIGS[dtype]
             tile_cfg = dict(DENSE_TILE_CONFIG_FMA if mode == "ieee" else DENSE_TILE_CONFIG)
+            grad_cfg = dict(DENSE_TILE_CONFIG_FMA if mode == "ieee" else DENSE_GRAD_CONFIG)
             mm_cfg = dict(DENSE_MATMUL_CONFIG_FMA if mode == "ieee" else DENSE_MATMUL_CONFIG)
             tile_warps, tile_stages = tile_cfg.pop("num_warps"), tile_cfg.pop("num_stages")
+            grad_warps, grad_stages = grad_cfg.pop("num_warps"), grad_cfg.pop("num_stages")
             mm_warps, mm_stages = mm_cfg.pop("num_warps"), mm_cfg.pop("num_stages")
             for jump in (False, True):
                 act = "jumprelu" if jump else "relu"
@@ -755,8 +764,8 @@ def compile_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, Compi
                                 stride_wn=d, stride_wdec=d, stride_g=d, stride_ws=width, p=1.0 if p_one else 0.5,
                                 bandwidth=0.001 if jump else 1.0)
                     cases[f"ae_dense_grad-{act}-p{'1' if p_one else 'x'}-{key}"] = CompileCase(
-                        _dense_grad_chunk_kernel, args, dict(tile_cfg, MATMUL_MODE=mode, JUMP=jump, P_ONE=p_one),
-                        num_warps=tile_warps, num_stages=tile_stages, hot=hot)
+                        _dense_grad_chunk_kernel, args, dict(grad_cfg, MATMUL_MODE=mode, JUMP=jump, P_ONE=p_one),
+                        num_warps=grad_warps, num_stages=grad_stages, hot=hot)
             # The dense rows' matmul: decode (first / middle / last chunk, p = 1 and other p) and grad_x.
             for variant, first, last, bias, stats, p_one in (
                     ("decode_first", True, False, True, True, True), ("decode_mid", False, False, True, True, True),
