@@ -182,7 +182,8 @@ class ReLUAutoencodeReference(torch.autograd.Function):
                 if dense_ids.numel() < code.shape[0]:
                     code = code[dense_ids]
                 reconstruction[dense_ids + start] = torch.addmm(b_dec, code, W_dec)
-                lp_sum[dense_ids + start] = _abs_pow(code.to(acc), p).sum(1)
+                # code >= 0 (or NaN): |code|^1 is the code itself
+                lp_sum[dense_ids + start] = (code.sum(1, dtype=acc) if p == 1 else _abs_pow(code.to(acc), p).sum(1))
                 dense_rows.append(dense_ids + start)
             del code
         long = torch.zeros(0, dtype=torch.int64, device=x.device)
@@ -246,7 +247,12 @@ class ReLUAutoencodeReference(torch.autograd.Function):
             passes = ~(code <= (0 if theta is None else theta))  # NaN passes, as torch.relu's backward
             band = None if theta is None else _in_band(code, theta, bandwidth)
             code = _code_(code, theta).to(acc)
-            grad_code = _add_lp_grad_(g[rows] @ W_dec_t, code, grad_lp[rows], p)
+            grad_code = g[rows] @ W_dec_t
+            if theta is None and p == 1 and not bool(code.isnan().any()):
+                # d|c|/dc is 1 exactly where the gradient passes (c > 0): one in-place pass, masked below
+                grad_code.add_(grad_lp[rows, None])
+            else:
+                _add_lp_grad_(grad_code, code, grad_lp[rows], p)
             if theta is not None:
                 term = (-(theta.to(acc) / bandwidth) * grad_code).sub_(grad_l0[rows, None] / bandwidth)
                 grad_theta += term.masked_fill_(~band, 0).sum(0)
