@@ -174,7 +174,9 @@ def _encode_compact_kernel(
         tl.store(fired_ptr + cols, tl.full([BLOCK_N], 1, tl.uint8), mask=fired)
         base = tl.atomic_add(count_ptr + rows, n_add, mask=row_ok & (n_add > 0), sem="relaxed")
         room = tl.where(has_nan > 0, 0, tl.maximum(0, tl.minimum(n_held, capacity - base)))
-        key = tl.where(held, pre, float("-inf"))  # held entries are never -inf
+        # Held entries are never -inf. A NaN row takes no slot (room 0); its NaN stays out of the
+        # key, where the interpreter's argmax would raise on an all-NaN row.
+        key = tl.where(held & (pre == pre), pre, float("-inf"))
         out = rows.to(tl.int64) * capacity + base
         for i in range(0, tl.max(room, axis=0)):
             best, col = tl.max(key, axis=1, return_indices=True)
@@ -443,15 +445,16 @@ def _sampled_dots_kernel(
 # kernel holds two such accumulators (pre-activations and the code's gradient) and, for JumpReLU,
 # the threshold terms: on one warpgroup that spilled up to 280 B on sm_90 (255 registers), on two
 # (8 warps, each a [64, 64] half of both tiles) it does not. The matmul: 64 rows x 128 columns x
-# 64 latents per step.
+# 64 latents per step, on 8 warps: with the code's Lp / L0 sums in its loop, 4 warps spilled up
+# to 48 B on sm_80.
 DENSE_TILE_CONFIG = dict(BLOCK_R=64, BLOCK_N=128, BLOCK_D=64, num_warps=4, num_stages=3)
 DENSE_GRAD_CONFIG = dict(BLOCK_R=64, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
-DENSE_MATMUL_CONFIG = dict(BLOCK_R=64, BLOCK_D=128, BLOCK_K=64, num_warps=4, num_stages=3)
+DENSE_MATMUL_CONFIG = dict(BLOCK_R=64, BLOCK_D=128, BLOCK_K=64, num_warps=8, num_stages=3)
 # Full-fp32 FMAs ("ieee") hold both operand tiles in registers: smaller tiles (the encoder's
 # 128 x 128 tile spilled 40 to 64 B there). (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages).
 ENCODE_CONFIG_FMA = (32, 64, 16, 8, 3)
 DENSE_TILE_CONFIG_FMA = dict(BLOCK_R=32, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=3)
-DENSE_MATMUL_CONFIG_FMA = dict(BLOCK_R=32, BLOCK_D=64, BLOCK_K=32, num_warps=4, num_stages=3)
+DENSE_MATMUL_CONFIG_FMA = dict(BLOCK_R=32, BLOCK_D=64, BLOCK_K=16, num_warps=4, num_stages=3)
 SAMPLED_DOTS_CONFIG = dict(BLOCK_T=4, BLOCK_D=256, num_warps=4)
 # The interpreter (CPU tests) pays per program and per tile op: small tiles.
 INTERPRETER_DENSE_TILE_CONFIG = dict(BLOCK_R=16, BLOCK_N=32, BLOCK_D=32, num_warps=4, num_stages=1)
