@@ -312,7 +312,7 @@ class E2ESAE(nn.Module):
         p: the Lp norm of the sparsity term (loss.sparsity_p), for the activations that use it.
         Elementwise activations run through fastsae.ops.relu_autoencode: no [N, n_latents] code
         exists in forward or backward. Returns SAEForward (reconstruction shaped like x, the
-        activation's sparsity term, mean L0, the latents that fired, the SparseCode if any).
+        activation's sparsity term, mean L0, each latent's active tokens, the SparseCode if any).
         """
         self._check_input(x)
         x2d = x.reshape(-1, self.d_in)
@@ -322,25 +322,25 @@ class E2ESAE(nn.Module):
             reconstruction = self.decode(code)
             lp_sum = power_sum(code.values, p)
             l0 = (code.values > 0).sum(-1, dtype=lp_sum.dtype)
-            fired = self._fired(code)
+            fire_counts = self._fire_counts(code)
         else:
             out = ops.relu_autoencode(self._enter(x2d), self.W_enc, self.b_enc, self._normalised_decoder(),
                                       self._partial_bias(), threshold=act.threshold(self), bandwidth=act.bandwidth,
                                       p=p)
             reconstruction = self._finish(out.reconstruction)
-            lp_sum, l0, fired, code = self._reduce(out.lp_sum), self._reduce(out.l0), out.fired, None
+            lp_sum, l0, fire_counts, code = self._reduce(out.lp_sum), self._reduce(out.l0), out.fire_counts, None
         sparsity = act.sparsity_term(lp_sum, l0, p, self.d_in)
-        return SAEForward(reconstruction.reshape(x.shape), sparsity, l0.detach().mean(), fired, code)
+        return SAEForward(reconstruction.reshape(x.shape), sparsity, l0.detach().mean(), fire_counts, code)
 
     @torch.no_grad()
-    def _fired(self, code: SparseCode) -> torch.Tensor:
-        """bool [n_local]: this module's latents active in ``code``. Counted with index_add_, not a
-        bool index (which would wait for the GPU)."""
+    def _fire_counts(self, code: SparseCode) -> torch.Tensor:
+        """int32 [n_local]: the tokens on which each of this module's latents is active in ``code``.
+        Counted with index_add_, not a bool index (which would wait for the GPU)."""
         local = code.indices - self.latent_offset
         owned = (code.values > 0) & (local >= 0) & (local < self.n_local)
         counts = torch.zeros(self.n_local, dtype=torch.int32, device=code.values.device)
         counts.index_add_(0, torch.where(owned, local, 0).reshape(-1), owned.reshape(-1).to(torch.int32))
-        return counts > 0
+        return counts
 
     # ----------------------------------------------------------------------------------------
     # "project" mode helpers

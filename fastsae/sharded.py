@@ -12,7 +12,7 @@ of fastsae.distributed over the shard group:
 - per-token sums over latents (the partial reconstruction, the sparsity sums) are summed by
   reduce_from_shards, then b_dec is added.
 So forward and training_forward return the whole SAE's reconstruction and statistics on every rank
-of the shard group (``fired`` is this shard's latents). For an elementwise activation, encode()
+of the shard group (``fire_counts`` is this shard's latents'). For an elementwise activation, encode()
 returns this shard's [..., n_local] block of the dense code.
 """
 

@@ -48,7 +48,7 @@ def mma(a, b, acc, MATMUL_MODE: tl.constexpr):
 # Compile cases: what a launch compiles, for compiling without a GPU (tests/compile_check.py)
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
-                  torch.int32: "*i32", torch.int64: "*i64"}
+                  torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8"}
 
 
 class CompileCase:
@@ -83,9 +83,11 @@ class CompileCase:
             if isinstance(value, torch.dtype):
                 signature[name] = _POINTER_TYPES[value]
                 attrs[(position,)] = [["tt.divisibility", 16]]
+            elif isinstance(value, float):  # an fp32 scalar: a launch never specialises it
+                signature[name] = "fp32"
             elif isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"CompileCase of {fn.__name__}: argument {name!r} must be a torch.dtype "
-                                f"(a tensor) or an int, got {value!r}")
+                                f"(a tensor), an int or a float, got {value!r}")
             elif value == 1:
                 signature[name] = "constexpr"
                 constexprs[name] = 1

@@ -200,19 +200,19 @@ def _compact_active_kernel(
 COMPACT_CONFIG = dict(BLOCK_M=8, BLOCK_N=256, num_warps=4)
 
 
-def compact_active(grad_acts: torch.Tensor, acts: torch.Tensor, capacity: int, *, nonzero: bool = False,
-                   pad_index: int = torch.iinfo(torch.int32).max) -> tuple[torch.Tensor, torch.Tensor, DenseRows]:
+def compact_active(grad_acts: torch.Tensor, acts: torch.Tensor, capacity: int, *,
+                   nonzero: bool = False) -> tuple[torch.Tensor, torch.Tensor, DenseRows]:
     """A capacity-bounded code: (values [N, C] in acts' dtype, indices [N, C] int32, DenseRows).
 
     values / indices hold each row's active entries of grad_acts (where acts > 0, or acts != 0
-    with ``nonzero``), padded with value 0 at latent ``pad_index`` (INT32_MAX by default, past
-    every latent block of the sparse encoder backward); rows with more than C active latents are
+    with ``nonzero``), in its first count slots, padded with value 0 at latent INT32_MAX (past
+    every latent block of the segmented reductions); rows with more than C active latents are
     named by the DenseRows (count, the dense rows first, their number), all on the device.
     """
     acts = acts.contiguous()  # the forward's output: already contiguous, no copy
     n_tokens, n_latents = acts.shape
     values = torch.zeros(n_tokens, capacity, dtype=acts.dtype, device=acts.device)
-    indices = torch.full((n_tokens, capacity), pad_index, dtype=torch.int32, device=acts.device)
+    indices = torch.full((n_tokens, capacity), torch.iinfo(torch.int32).max, dtype=torch.int32, device=acts.device)
     count = torch.empty(n_tokens, dtype=torch.int32, device=acts.device)
     cfg = dict(COMPACT_CONFIG)
     if n_tokens:

@@ -35,7 +35,8 @@ d = 768; a few MB, deterministic).
 dense_decode_triton: the ReLU SAE's decoder from a dense code acts [N, n]. The code is compacted
 on the device into C slots per row (the ReLU encoder's compaction kernel) and goes through the
 kernels above; rows with more than C nonzeros are decoded by tensor-core tiles over all latents
-(`_dense_rows_decode_kernel`, `_dense_rows_grad_w_kernel`). No host sync: nothing about the code
+(`_dense_rows_decode_kernel`; their weight gradient in the TopK encoder's segmented reduction,
+kernels/topk_encoder.latent_segment_grad). No host sync: nothing about the code
 is read back to choose a path. See DenseDecodeSparseFunction for the gradient with respect to
 acts, which must stay dense.
 """
@@ -50,6 +51,8 @@ import triton.language as tl
 
 from fastsae.kernels._common import CompileCase, matmul_mode, mma
 from fastsae.kernels.relu_encoder import compact_active, compact_compile_case, sparse_capacity
+from fastsae.kernels.topk_encoder import (DenseRows, latent_segment_grad, segment_compile_case, segment_config,
+                                          sort_entries_by_latent)
 
 # ---------------------------------------------------------------------------------------------
 # Launch configuration (compile_cases() at the end; tests/test_compile.py).
@@ -225,14 +228,8 @@ def sort_pairs_by_latent(indices: torch.Tensor, n_latents: int, skip: torch.Tens
 
 
 def sparse_decode_backward(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-                           W_dec: torch.Tensor, *, need_grad_values: bool, need_grad_W: bool,
-                           skip_zero_values: bool = False):
-    """(grad_values [N, k] fp32 or None, grad_W_dec [n, d] in W_dec's dtype or None).
-
-    skip_zero_values drops pairs with value 0 from the segments; only valid when grad_values is
-    not wanted (the gradient of a zero value is not zero).
-    """
-    assert not (skip_zero_values and need_grad_values)
+                           W_dec: torch.Tensor, *, need_grad_values: bool, need_grad_W: bool):
+    """(grad_values [N, k] fp32 or None, grad_W_dec [n, d] in W_dec's dtype or None)."""
     grad_out, values, indices = grad_out.contiguous(), values.contiguous(), indices.contiguous()
     W_dec = _row_major(W_dec)
     n_tokens, k = values.shape
@@ -241,11 +238,9 @@ def sparse_decode_backward(grad_out: torch.Tensor, values: torch.Tensor, indices
     if n_pairs >= 2**31:
         raise ValueError(f"sparse_decode: N*k = {n_pairs} pairs exceeds the int32 pair ids of the backward")
     device = W_dec.device
-    skip = (values == 0) if skip_zero_values else None
     hot = find_hot_latents(indices, n_latents) if n_pairs > HOT_LATENT_PAIRS else None
-    if hot is not None:
-        skip = hot.pair_is_hot if skip is None else (skip | hot.pair_is_hot)
-    sorted_pairs, segment_start = sort_pairs_by_latent(indices, n_latents, skip=skip)
+    sorted_pairs, segment_start = sort_pairs_by_latent(indices, n_latents,
+                                                       skip=None if hot is None else hot.pair_is_hot)
 
     block_d = bwd_block_d_for(d, W_dec.dtype)
     d_blocks = triton.cdiv(d, block_d)
@@ -410,46 +405,10 @@ def _dense_rows_decode_kernel(
                  mask=slot_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
-def _dense_rows_grad_w_kernel(
-    acts_ptr, grad_out_ptr, grad_W_ptr, rows_ptr, n_rows_ptr,
-    n_latents, d, stride_a, stride_g, stride_gw,
-    BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, MATMUL_MODE: tl.constexpr,
-):
-    """grad_W[latents, cols] += acts[rows, latents]^T @ grad_out[rows, cols] over rows[:n_rows].
-
-    Adds to what the segment kernel wrote; with no dense row (n_rows = 0 on the device) it
-    neither reads nor writes grad_W.
-    """
-    pid_l = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    n_rows = tl.load(n_rows_ptr)
-    if n_rows > 0:
-        lats = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-        lat_ok = lats < n_latents
-        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        col_ok = cols < d
-        acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
-        for r_start in range(0, n_rows, BLOCK_R):
-            slots = r_start + tl.arange(0, BLOCK_R)
-            slot_ok = slots < n_rows
-            row = tl.load(rows_ptr + slots, mask=slot_ok, other=0).to(tl.int64)
-            a_t = tl.load(acts_ptr + row[None, :] * stride_a + lats[:, None], mask=lat_ok[:, None] & slot_ok[None, :],
-                          other=0.0)
-            g = tl.load(grad_out_ptr + row[:, None] * stride_g + cols[None, :],
-                        mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = mma(a_t.to(g.dtype), g, acc, MATMUL_MODE)
-        out = grad_W_ptr + lats.to(tl.int64)[:, None] * stride_gw + cols[None, :]
-        tile_ok = lat_ok[:, None] & col_ok[None, :]
-        acc += tl.load(out, mask=tile_ok, other=0.0).to(tl.float32)
-        tl.store(out, acc.to(grad_W_ptr.dtype.element_ty), mask=tile_ok)
-
-
-# Tiles of the dense-row kernels: 64 rows (or latents) x 64 latents (or rows) x 64 columns on one
-# warpgroup, the smallest wgmma-sized tile; dense rows are the exception (a dense code early in
-# training), so these favour few registers over peak throughput.
+# Tiles of the dense-row decode: 64 rows x 64 latents x 64 columns on one warpgroup, the smallest
+# wgmma-sized tile; dense rows are the exception (a dense code early in training), so this favours
+# few registers over peak throughput.
 DENSE_ROWS_CONFIG = dict(BLOCK_R=64, BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=3)
-DENSE_ROWS_GRAD_CONFIG = dict(BLOCK_L=64, BLOCK_R=64, BLOCK_D=64, num_warps=4, num_stages=3)
 
 
 def dense_rows_config(mode: str) -> dict:
@@ -461,10 +420,11 @@ def dense_rows_config(mode: str) -> dict:
 def compact_dense_code(acts: torch.Tensor):
     """(values [N, C], indices [N, C] int32, DenseRows) of a dense-layout code, on the device.
 
-    Each row's nonzeros in C = sparse_capacity(n) slots, padded with value 0 at latent 0 (the
-    kernels skip zero values); rows with more nonzeros are listed in the DenseRows.
+    Each row's nonzeros in C = sparse_capacity(n) slots, padded with value 0 at latent INT32_MAX
+    (the gather skips zero values; the weight gradient's sort puts them past every latent); rows
+    with more nonzeros are listed in the DenseRows (whose grad and acts are both the code).
     """
-    return compact_active(acts, acts, sparse_capacity(acts.shape[1]), nonzero=True, pad_index=0)
+    return compact_active(acts, acts, sparse_capacity(acts.shape[1]), nonzero=True)
 
 
 class DenseDecodeSparseFunction(torch.autograd.Function):
@@ -474,7 +434,10 @@ class DenseDecodeSparseFunction(torch.autograd.Function):
     derivative of acts @ W_dec does not vanish where acts is zero. A ReLU encoder's backward
     happens to mask it by acts > 0 afterwards, but dense_decode cannot assume its caller does
     (any function of acts may feed it), so grad_acts is one dense GEMM (cuBLAS), as in the
-    reference. Only the forward and grad_W_dec, which do vanish on zeros, use the sparse path.
+    reference. (fastsae.ops.relu_autoencode fuses encoder and decoder and needs no such GEMM.)
+    grad_W_dec, which does vanish on zeros, is one segmented reduction over the compact entries
+    and the dense rows together (kernels/topk_encoder.latent_segment_grad), so a 16-bit grad_W_dec
+    is rounded once from one fp32 accumulator.
     """
 
     @staticmethod
@@ -490,28 +453,28 @@ class DenseDecodeSparseFunction(torch.autograd.Function):
         _dense_rows_decode_kernel[grid](
             acts, W_row_major, b_dec.contiguous(), out, dense.rows, dense.n_rows,
             acts.shape[1], d, acts.stride(0), W_row_major.stride(0), out.stride(0), MATMUL_MODE=mode, **cfg)
-        # The dense rows' compact entries are partial: drop them from the weight gradient's pairs.
-        values = torch.where((dense.count > values.shape[1])[:, None], torch.zeros_like(values), values)
-        ctx.save_for_backward(acts, values, indices, W_dec, dense.rows, dense.n_rows)
+        ctx.save_for_backward(acts, values, indices, W_dec, dense.count, dense.rows, dense.n_rows)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        acts, values, indices, W_dec, rows, n_rows = ctx.saved_tensors
+        acts, values, indices, W_dec, count, rows, n_rows = ctx.saved_tensors
         need_acts, need_W, need_b = ctx.needs_input_grad
         grad_acts = grad_W = grad_b = None
         if need_acts:
             grad_acts = grad_out.to(W_dec.dtype) @ W_dec.t()
         if need_W:
             grad_out = grad_out.contiguous()
-            _, grad_W = sparse_decode_backward(grad_out, values, indices, W_dec, need_grad_values=False,
-                                               need_grad_W=True, skip_zero_values=True)
-            cfg = dict(DENSE_ROWS_GRAD_CONFIG)
-            n_latents, d = grad_W.shape
-            grid = (triton.cdiv(n_latents, cfg["BLOCK_L"]), triton.cdiv(d, cfg["BLOCK_D"]))
-            _dense_rows_grad_w_kernel[grid](
-                acts, grad_out, grad_W, rows, n_rows, n_latents, d, acts.stride(0), grad_out.stride(0),
-                grad_W.stride(0), MATMUL_MODE=matmul_mode(W_dec.dtype), **cfg)
+            n_latents, d = W_dec.shape
+            mode = matmul_mode(W_dec.dtype)
+            # The dense rows' compact entries are partial: left out of the sort, their rows come
+            # from acts in the same kernel.
+            entries = sort_entries_by_latent(indices, n_latents, segment_config(mode)["BLOCK_L"],
+                                             skip_rows=count > values.shape[1])
+            grad_W = torch.empty(n_latents, d, dtype=W_dec.dtype, device=W_dec.device)
+            latent_segment_grad(grad_out, entries, values.reshape(-1)[entries.order], n_latents, mode,
+                                grad_w=grad_W, grad_w_strides=(d, 1), grad_b=None,
+                                dense_rows=DenseRows(count, rows, n_rows, acts, acts), dense_masked=False)
         if need_b:
             grad_b = grad_out.float().sum(0).to(W_dec.dtype)
         return grad_acts, grad_W, grad_b
@@ -580,12 +543,6 @@ def compile_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, Compi
             cases[f"dense_rows_decode-{shape_name}-{mode}"] = CompileCase(
                 _dense_rows_decode_kernel, args, dict(cfg, MATMUL_MODE=mode), num_warps=warps,
                 num_stages=stages, hot=False)  # dense rows are the exception, not the hot path
-            cfg = dict(DENSE_ROWS_GRAD_CONFIG)
-            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            args = dict(acts_ptr=dtype, grad_out_ptr=dtype, grad_W_ptr=dtype, rows_ptr=torch.int32,
-                        n_rows_ptr=torch.int32, n_latents=n_latents, d=d, stride_a=n_latents, stride_g=d,
-                        stride_gw=d)
-            cases[f"dense_rows_grad_w-{shape_name}-{mode}"] = CompileCase(
-                _dense_rows_grad_w_kernel, args, dict(cfg, MATMUL_MODE=mode), num_warps=warps,
-                num_stages=stages, hot=False)
+            cases[f"dense_decode_grad_w-{shape_name}-{mode}"] = segment_compile_case(
+                dict(d_in=d, n_latents=n_latents), mode, dense_rows=True, dense_masked=False)
     return cases

@@ -43,12 +43,16 @@ grad_pre = grad_values * (values > 0):
   `_latent_segment_grad_kernel` reduces that run with a tensor-core product
   onehot^T @ x[tokens], where onehot[e, l] = grad_pre[e] if entry e belongs to latent l: no
   atomics, deterministic, fp32 accumulation, and every tile of grad_W_enc (including the all-zero
-  ones of latents nobody picked) is written once, coalesced, in W_enc's own layout.
+  ones of latents nobody picked) is written once, coalesced, in W_enc's own layout. A token whose x
+  row is not finite stays out of the product (0 * NaN would reach every latent of the tile) and
+  is added to its own latents alone, as the reference's scatter (accumulate_latent_segment).
 
 Matmul precision: fp32 operands follow torch.get_float32_matmul_precision() (kernels/_common.py).
 compile_cases() at the end lists every launch configuration for the compile check.
 
-`sparse_encoder_backward` is shared with the ReLU encoder's sparse backward path.
+`sparse_encoder_backward` is shared with the ReLU encoder's sparse backward path; the gather, the
+segmented reduction (latent_segment_grad, accumulate_latent_segment) and matmul_tile with the
+dense decoder's weight gradient and the ReLU autoencoder (kernels/relu_autoencoder.py).
 """
 
 from __future__ import annotations
@@ -68,6 +72,38 @@ from fastsae.kernels._common import CompileCase, dtype_name, matmul_mode, mma
 
 
 @triton.jit
+def matmul_tile(
+    a_ptr, b_ptr, rows, cols, row_ok, col_ok, K,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MATMUL_MODE: tl.constexpr,
+):
+    """a[rows, :K] @ b[:K, cols]: one [BLOCK_M, BLOCK_N] fp32 tile, rows and cols any index vectors.
+
+    A tl.dot over K in steps of BLOCK_K, fp32 accumulation (operands as MATMUL_MODE says,
+    kernels/_common.py); masked rows / columns read 0. rows may be a gathered list of row ids (the
+    ReLU autoencoder's dense rows), so both operands are addressed through their index vectors.
+
+    Offsets are int64: rows * stride_am passes 2^31 at 524,288 tokens of d = 4,096, and K *
+    n_latents at wide dictionaries (either operand may also be column-major, so both index
+    vectors of each operand are widened). Only the 1-D index vectors are cast; the 2-D pointer
+    tiles are 64-bit whatever the offset type.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_am
+    b_cols = b_ptr + cols.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        ks = k_start + offs_k
+        ks64 = ks.to(tl.int64)
+        a_tile = tl.load(a_rows + ks64[None, :] * stride_ak,
+                         mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
+        b_tile = tl.load(b_cols + ks64[:, None] * stride_bk,
+                         mask=(ks[:, None] < K) & col_ok[None, :], other=0.0)
+        acc = mma(a_tile, b_tile, acc, MATMUL_MODE)
+    return acc
+
+
+@triton.jit
 def encoder_preactivation_tile(
     x_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, d_in,
     stride_xm, stride_xd, stride_wd, stride_wn,
@@ -75,32 +111,16 @@ def encoder_preactivation_tile(
 ):
     """x[rows] @ W_enc[:, cols] + b_enc[cols]: one [BLOCK_M, BLOCK_N] fp32 tile of pre-activations.
 
-    A tl.dot over d_in in steps of BLOCK_D, fp32 accumulation (operands as MATMUL_MODE says,
-    kernels/_common.py); masked rows / columns read 0. Shared by the TopK encoder's forward and
-    kernels/relu_encoder.py's.
+    matmul_tile over d_in plus the bias. Shared by the TopK encoder's forward, the ReLU encoder's
+    (kernels/relu_encoder.py) and the ReLU autoencoder's (kernels/relu_autoencoder.py).
 
     E2ESAE stores W_enc as an [n_latents, d_in] buffer seen through its transpose, so here
     stride_wd == 1 (a launch turns it into a constant): the [BLOCK_D, BLOCK_N] W tile is the
     K-major B operand that wgmma / mma read from shared memory as they are, each latent's BLOCK_D
     weights one contiguous vectorised read. Any other strides are correct too.
-
-    Offsets are int64: N * stride_xm passes 2^31 at 524,288 tokens of d = 4,096, and d_in *
-    n_latents at wide dictionaries (either operand may also be column-major, so both index
-    vectors of each operand are widened). Only the 1-D index vectors are cast; the 2-D pointer
-    tiles are 64-bit whatever the offset type.
     """
-    offs_d = tl.arange(0, BLOCK_D)
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
-    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for d_start in range(0, d_in, BLOCK_D):
-        ds = d_start + offs_d
-        ds64 = ds.to(tl.int64)
-        x_tile = tl.load(x_rows + ds64[None, :] * stride_xd,
-                         mask=row_ok[:, None] & (ds[None, :] < d_in), other=0.0)
-        w_tile = tl.load(w_cols + ds64[:, None] * stride_wd,
-                         mask=(ds[:, None] < d_in) & col_ok[None, :], other=0.0)
-        acc = mma(x_tile, w_tile, acc, MATMUL_MODE)
+    acc = matmul_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, d_in, stride_xm, stride_xd, stride_wd, stride_wn,
+                      BLOCK_M, BLOCK_N, BLOCK_D, MATMUL_MODE)
     bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     return acc + bias[None, :]
 
@@ -335,10 +355,14 @@ def _gather_latents_kernel(
     (16-byte loads when stride_wn is 16-divisible): a token's k latents cost k row reads, not
     k * BLOCK_D scattered 32-byte sectors as with a column of a [d_in, n_latents] matrix.
 
-    HAS_DENSE_ROWS (the ReLU encoder's capacity-bounded code, see DenseRows): count[t] is row t's
-    number of active latents; a row with count[t] > k did not fit its k slots and is computed
-    densely instead, out[t] = (grad_dense[t] * (acts[t] > 0)) @ W^T, by tensor-core tiles over
-    all latents. The choice is made here, per row block, on the device: no host sync.
+    Every entry of the code is read, a zero gradient too: 0 * W is not skipped, so a non-finite
+    weight gives NaN as the reference's product does (skipping zeros hid an inf in W_enc).
+
+    HAS_DENSE_ROWS (the ReLU encoders' capacity-bounded code, see DenseRows): count[t] is row t's
+    number of entries, in its first count[t] slots (the rest is padding, never read); a row with
+    count[t] > k did not fit its k slots and is computed densely instead,
+    out[t] = (grad_dense[t] * (acts[t] > 0)) @ W^T, by tensor-core tiles over all latents. The
+    choice is made here, per row block, on the device: no host sync.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -351,17 +375,16 @@ def _gather_latents_kernel(
     if HAS_DENSE_ROWS:
         count = tl.load(count_ptr + rows, mask=row_ok, other=0)
         dense_row = row_ok & (count > k)
-        sparse_row = row_ok & (count <= k)
-        n_slots = tl.max(tl.where(sparse_row, count, 0), axis=0)  # the block's widest compact row
+        row_slots = tl.where(row_ok & (count <= k), count, 0)
+        n_slots = tl.max(row_slots, axis=0)  # the block's widest compact row
     else:
-        sparse_row = row_ok
+        row_slots = tl.where(row_ok, k, 0)
         n_slots = k
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for j in range(0, n_slots):
-        latent = tl.load(idx_ptr + code + j, mask=sparse_row, other=0).to(tl.int64)
-        weight = tl.load(grad_ptr + code + j, mask=sparse_row, other=0.0).to(tl.float32)
-        # Entries with zero gradient (ReLU-clamped, or padding of the ReLU path) need no load.
-        live = sparse_row & (weight != 0.0)
+        live = j < row_slots
+        latent = tl.load(idx_ptr + code + j, mask=live, other=0).to(tl.int64)
+        weight = tl.load(grad_ptr + code + j, mask=live, other=0.0).to(tl.float32)
         w_row = tl.load(w_cols + latent[:, None] * stride_wn, mask=live[:, None] & d_ok[None, :], other=0.0)
         acc += weight[:, None] * w_row.to(tl.float32)
     if HAS_DENSE_ROWS:
@@ -382,6 +405,62 @@ def _gather_latents_kernel(
 
 
 @triton.jit
+def accumulate_latent_segment(
+    acc, bias_acc, x_ptr, tok_ptr, lat_ptr, grad_ptr, entry_start, entry_end, latent0, ds64, d_ok,
+    stride_xm, stride_xd,
+    BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, MATMUL_MODE: tl.constexpr, WRITE_BIAS: tl.constexpr,
+):
+    """acc[l] += sum of grad[e] * x[tok[e]] over the entries e in [entry_start, entry_end) of
+    latent latent0 + l (entries sorted by latent); bias_acc[l] += the sum of their grad[e].
+
+    The tile is computed latent-major, [BLOCK_L, BLOCK_D] += onehot^T @ x[tokens], where
+    onehot[e, l] = grad[e] if entry e belongs to latent l: the x rows are the B operand as they
+    lie in memory (d contiguous). No atomics, fp32 accumulation, deterministic.
+
+    Non-finite x rows: the launcher stores such an entry's token as -1 - token. Its row stays out
+    of the dot (where 0 * NaN would reach all BLOCK_L latents of the tile) and is added to its own
+    latent alone in a second pass, grad[e] * x[t] in fp32, as the reference's scatter does.
+    """
+    offs_l = tl.arange(0, BLOCK_L)
+    lanes = tl.arange(0, BLOCK_E)
+    for e_start in range(entry_start, entry_end, BLOCK_E):
+        es = e_start + lanes
+        e_ok = es < entry_end
+        token = tl.load(tok_ptr + es, mask=e_ok, other=0)
+        latent = tl.load(lat_ptr + es, mask=e_ok, other=-1)
+        weight = tl.load(grad_ptr + es, mask=e_ok, other=0.0)
+        # x rows of these entries: [BLOCK_E, BLOCK_D]. int64 offsets: token * stride_xm passes
+        # 2^31 at N * d >= 2^31 (and d * stride_xd for a column-major x).
+        x_rows = tl.load(x_ptr + token.to(tl.int64)[:, None] * stride_xm + ds64[None, :] * stride_xd,
+                         mask=(e_ok & (token >= 0))[:, None] & d_ok[None, :], other=0.0)
+        # onehot_t[l, e] = weight[e] where entry e is latent0 + l: the segmented sum becomes a dot.
+        # weight comes from a tensor of x's dtype, so the cast below is exact.
+        hit = offs_l[:, None] == (latent - latent0)[None, :]
+        onehot_t = tl.where(hit, weight[None, :], 0.0)
+        acc = mma(onehot_t.to(x_rows.dtype), x_rows, acc, MATMUL_MODE)
+        if WRITE_BIAS:
+            bias_acc += tl.sum(onehot_t.to(tl.float32), axis=1)
+    # The second pass reads only the token ids (already in cache): non-finite rows are rare.
+    for e_start in range(entry_start, entry_end, BLOCK_E):
+        es = e_start + lanes
+        e_ok = es < entry_end
+        token = tl.load(tok_ptr + es, mask=e_ok, other=0)
+        bad = e_ok & (token < 0)
+        if tl.max(bad.to(tl.int32), axis=0) > 0:
+            latent = tl.load(lat_ptr + es, mask=bad, other=-1)
+            weight = tl.load(grad_ptr + es, mask=bad, other=0.0).to(tl.float32)
+            for e in range(0, BLOCK_E):
+                pick = lanes == e
+                if tl.sum(tl.where(pick & bad, 1, 0), axis=0) > 0:
+                    row = -1 - tl.sum(tl.where(pick, token, 0), axis=0).to(tl.int64)
+                    lat = tl.sum(tl.where(pick, latent, 0), axis=0)
+                    w = tl.sum(tl.where(pick, weight, 0.0), axis=0)
+                    x_row = tl.load(x_ptr + row * stride_xm + ds64 * stride_xd, mask=d_ok, other=0.0)
+                    acc += tl.where(offs_l[:, None] == lat - latent0, (w * x_row.to(tl.float32))[None, :], 0.0)
+    return acc, bias_acc
+
+
+@triton.jit
 def _latent_segment_grad_kernel(
     x_ptr, tok_ptr, lat_ptr, grad_ptr, block_start_ptr, grad_w_ptr, grad_b_ptr,
     dense_rows_ptr, n_dense_rows_ptr, dense_grad_ptr, acts_ptr,
@@ -389,22 +468,23 @@ def _latent_segment_grad_kernel(
     stride_xm, stride_xd, stride_gwd, stride_gwn, stride_gm, stride_gn,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     MATMUL_MODE: tl.constexpr, WRITE_BIAS: tl.constexpr, HAS_DENSE_ROWS: tl.constexpr,
+    DENSE_MASKED: tl.constexpr,
 ):
     """grad_W[:, l] = sum over entries e of latent l of grad[e] * x[tok[e]]; grad_b[l] = sum grad[e].
 
-    Entries are sorted by latent; block_start[i] is the first entry of latent block i. The tile is
-    computed latent-major, [BLOCK_L, BLOCK_D] = onehot^T @ x[tokens]: the x rows are the B operand
-    as they lie in memory (d contiguous), and with grad_W in W_enc's [n_latents, d_in] storage
+    Entries are sorted by latent; block_start[i] is the first entry of latent block i
+    (accumulate_latent_segment). With grad_W in W_enc's [n_latents, d_in] storage
     (stride_gwd == 1) every latent's row of the tile is one contiguous store.
 
-    HAS_DENSE_ROWS: the rows dense_rows[:n_dense_rows] (a device count) add their dense gradient,
-    (grad_dense * (acts > 0))[rows, latents]^T @ x[rows], by the same tensor-core product.
+    HAS_DENSE_ROWS: the rows dense_rows[:n_dense_rows] (a device count) add their dense gradient
+    [rows, latents]^T @ x[rows] by the same tensor-core product, in the same fp32 accumulator (so
+    a 16-bit grad_W is rounded once): (grad_dense * (acts > 0)) for the ReLU encoder
+    (DENSE_MASKED), grad_dense as it is for the dense decoder (x = grad_out, grad_dense = the code).
     """
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     latent0 = pid_l * BLOCK_L
-    offs_l = tl.arange(0, BLOCK_L)
-    lats = latent0 + offs_l
+    lats = latent0 + tl.arange(0, BLOCK_L)
     l_ok = lats < n_latents
     ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     ds64 = ds.to(tl.int64)
@@ -414,23 +494,9 @@ def _latent_segment_grad_kernel(
 
     acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
     bias_acc = tl.zeros([BLOCK_L], dtype=tl.float32)
-    for e_start in range(entry_start, entry_end, BLOCK_E):
-        es = e_start + tl.arange(0, BLOCK_E)
-        e_ok = es < entry_end
-        token = tl.load(tok_ptr + es, mask=e_ok, other=0)
-        latent = tl.load(lat_ptr + es, mask=e_ok, other=-1)
-        weight = tl.load(grad_ptr + es, mask=e_ok, other=0.0)
-        # x rows of these entries: [BLOCK_E, BLOCK_D]. int64 offsets: token * stride_xm passes
-        # 2^31 at N * d >= 2^31 (and d * stride_xd for a column-major x).
-        x_rows = tl.load(x_ptr + token.to(tl.int64)[:, None] * stride_xm + ds64[None, :] * stride_xd,
-                         mask=e_ok[:, None] & d_ok[None, :], other=0.0)
-        # onehot_t[l, e] = weight[e] where entry e is latent0 + l: the segmented sum becomes a dot.
-        # weight comes from a tensor of x's dtype, so the cast below is exact.
-        hit = offs_l[:, None] == (latent - latent0)[None, :]
-        onehot_t = tl.where(hit, weight[None, :], 0.0)
-        acc = mma(onehot_t.to(x_rows.dtype), x_rows, acc, MATMUL_MODE)
-        if WRITE_BIAS:
-            bias_acc += tl.sum(onehot_t.to(tl.float32), axis=1)
+    acc, bias_acc = accumulate_latent_segment(acc, bias_acc, x_ptr, tok_ptr, lat_ptr, grad_ptr, entry_start,
+                                              entry_end, latent0, ds64, d_ok, stride_xm, stride_xd,
+                                              BLOCK_L, BLOCK_E, MATMUL_MODE, WRITE_BIAS)
     if HAS_DENSE_ROWS:
         n_dense = tl.load(n_dense_rows_ptr)
         lats64 = lats.to(tl.int64)
@@ -439,9 +505,11 @@ def _latent_segment_grad_kernel(
             r_ok = rs < n_dense
             row = tl.load(dense_rows_ptr + rs, mask=r_ok, other=0).to(tl.int64)
             tile_ok = l_ok[:, None] & r_ok[None, :]
-            acts_t = tl.load(acts_ptr + row[None, :] * n_latents + lats64[:, None], mask=tile_ok, other=0.0)
+            if DENSE_MASKED:
+                acts_t = tl.load(acts_ptr + row[None, :] * n_latents + lats64[:, None], mask=tile_ok, other=0.0)
+                tile_ok = tile_ok & (acts_t > 0)
             grad_t = tl.load(dense_grad_ptr + row[None, :] * stride_gm + lats64[:, None] * stride_gn,
-                             mask=tile_ok & (acts_t > 0), other=0.0)
+                             mask=tile_ok, other=0.0)
             x_rows = tl.load(x_ptr + row[:, None] * stride_xm + ds64[None, :] * stride_xd,
                              mask=r_ok[:, None] & d_ok[None, :], other=0.0)
             grad_t = grad_t.to(x_rows.dtype)  # the gradient in x's dtype, as the compact entries are
@@ -526,39 +594,93 @@ def sparse_encoder_backward(grad_pre: torch.Tensor, indices: torch.Tensor, x: to
                                      HAS_DENSE_ROWS=dense_rows is not None, MATMUL_MODE=mode, **cfg)
 
     if need_w or need_b:
-        # Sort the N*k (token, slot) entries by latent; then latent block i owns the entries
-        # [block_start[i], block_start[i + 1]). The entries of dense rows are moved past the last
-        # block (latent INT32_MAX), as the ReLU code's padding slots already are.
-        flat = indices
-        if dense_rows is not None:
-            flat = torch.where((dense_rows.count > k)[:, None], torch.iinfo(torch.int32).max, indices)
-        flat = flat.reshape(-1)
-        order = torch.argsort(flat)
-        sorted_latents = flat[order].to(torch.int32)
-        sorted_tokens = (order // k).to(torch.int32)
-        sorted_grad = grad_pre.reshape(-1)[order]
         cfg = segment_config(mode)
-        block_l = cfg["BLOCK_L"]
-        n_blocks = triton.cdiv(n_latents, block_l)
-        boundaries = torch.arange(0, (n_blocks + 1) * block_l, block_l, device=x.device, dtype=torch.int32)
-        block_start = torch.searchsorted(sorted_latents, boundaries).to(torch.int32)
+        skip = None if dense_rows is None else dense_rows.count > k  # their entries are partial
+        entries = sort_entries_by_latent(indices, n_latents, cfg["BLOCK_L"], skip_rows=skip)
         # grad_W is written straight in W_enc's dtype and layout from the fp32 accumulator
         # (empty_like keeps the strides of a dense tensor, else gives a contiguous one).
         grad_w = torch.empty_like(W_enc, memory_format=torch.preserve_format) if need_w else None
         grad_b = torch.empty(n_latents, dtype=W_enc.dtype, device=x.device) if need_b else None
-        # Without a weight gradient, one program per latent block covers d (the bias needs no x).
-        d_blocks = triton.cdiv(d_in, cfg["BLOCK_D"]) if need_w else 1
-        scratch = grad_w if need_w else torch.empty(1, 1, dtype=W_enc.dtype, device=x.device)
-        rows_args = (dense_rows.rows, dense_rows.n_rows) if dense_rows is not None else dense_args[:1] * 2
-        _latent_segment_grad_kernel[(n_blocks, d_blocks)](
-            x, sorted_tokens, sorted_latents, sorted_grad, block_start,
-            scratch, grad_b if need_b else scratch, *rows_args, *dense_args[1:],
-            d_in if need_w else 0, n_latents,
-            x.stride(0), x.stride(1), scratch.stride(0), scratch.stride(1), *dense_strides,
-            MATMUL_MODE=mode, WRITE_BIAS=need_b, HAS_DENSE_ROWS=dense_rows is not None,
-            num_stages=SEGMENT_NUM_STAGES, **cfg,
-        )
+        latent_segment_grad(x, entries, grad_pre.reshape(-1)[entries.order], n_latents, mode,
+                            grad_w=grad_w, grad_w_strides=None if grad_w is None else (grad_w.stride(1), grad_w.stride(0)),
+                            grad_b=grad_b, dense_rows=dense_rows, dense_masked=True)
     return grad_x, grad_w, grad_b
+
+
+INT32_MAX = torch.iinfo(torch.int32).max
+
+
+class SortedEntries(NamedTuple):
+    """The entries (t, j) of an [N, k] code sorted by latent, for the segmented reductions."""
+
+    order: torch.Tensor  # [N*k] int64: flat entry ids t * k + j, sorted by latent (stable: token order)
+    tokens: torch.Tensor  # [N*k] int32: each entry's token
+    latents: torch.Tensor  # [N*k] int32: the sorted latents; skipped entries are INT32_MAX, past every block
+    block_start: torch.Tensor  # [n_blocks + 1] int32: latent block i owns entries [block_start[i], block_start[i+1])
+
+
+def nonfinite_rows(rows: torch.Tensor) -> torch.Tensor:
+    """bool [N]: rows holding a NaN or an inf (or summing past fp32's range, which is harmless: such
+    a row only takes the exact per-entry path). One reduction, no [N, d] temporary."""
+    return ~torch.isfinite(rows.sum(1, dtype=torch.float32))
+
+
+def sort_entries_by_latent(indices: torch.Tensor, n_latents: int, block_l: int,
+                           skip_rows: torch.Tensor | None = None) -> SortedEntries:
+    """Sort the N*k entries of ``indices`` by latent, on the device (no host sync).
+
+    skip_rows: bool [N], rows whose entries are left out (moved past the last block); entries
+    whose index is already INT32_MAX (a padded ReLU code) sort there too.
+    """
+    n_tokens, k = indices.shape
+    flat = indices if skip_rows is None else torch.where(skip_rows[:, None], INT32_MAX, indices)
+    sorted_latents, order = torch.sort(flat.reshape(-1), stable=True)
+    sorted_latents = sorted_latents.to(torch.int32)
+    n_blocks = triton.cdiv(n_latents, block_l)
+    boundaries = torch.arange(0, (n_blocks + 1) * block_l, block_l, device=indices.device, dtype=torch.int32)
+    block_start = torch.searchsorted(sorted_latents, boundaries).to(torch.int32)
+    return SortedEntries(order, (order // k).to(torch.int32), sorted_latents, block_start)
+
+
+def marked_tokens(tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The entries' tokens as accumulate_latent_segment reads them: -1 - token where the row of
+    ``rows`` (the dense operand the reduction gathers per entry) is not finite."""
+    return torch.where(nonfinite_rows(rows)[tokens], -1 - tokens, tokens)
+
+
+def latent_segment_grad(rows: torch.Tensor, entries: SortedEntries, sorted_weights: torch.Tensor, n_latents: int,
+                        mode: str, *, grad_w: torch.Tensor | None, grad_w_strides: tuple[int, int] | None,
+                        grad_b: torch.Tensor | None, dense_rows: DenseRows | None = None,
+                        dense_masked: bool = True) -> None:
+    """Fill grad_w[l] = sum over entries e of latent l of weight[e] * rows[tok[e]] (grad_w_strides:
+    its (latent, column) strides) and grad_b[l] = sum of weight[e], with _latent_segment_grad_kernel.
+
+    sorted_weights [N*k] in rows' dtype, in entries' order. dense_rows: rows that add their dense
+    code (see DenseRows; masked by acts > 0 with dense_masked, else taken as they are).
+    """
+    cfg = segment_config(mode)
+    d = rows.shape[1]
+    device = rows.device
+    n_blocks = entries.block_start.numel() - 1
+    # Without a weight gradient, one program per latent block covers d (the bias needs no rows).
+    d_blocks = triton.cdiv(d, cfg["BLOCK_D"]) if grad_w is not None else 1
+    scratch = grad_w if grad_w is not None else torch.empty(1, 1, dtype=rows.dtype, device=device)
+    stride_gwn, stride_gwd = grad_w_strides if grad_w is not None else (0, 0)
+    if dense_rows is not None:
+        dense_args = (dense_rows.rows, dense_rows.n_rows, dense_rows.grad, dense_rows.acts)
+        dense_strides = (dense_rows.grad.stride(0), dense_rows.grad.stride(1))
+    else:
+        dummy = torch.empty(1, dtype=torch.int32, device=device)  # stands in for unused pointers
+        dense_args = (dummy, dummy, sorted_weights, sorted_weights)
+        dense_strides = (0, 0)
+    _latent_segment_grad_kernel[(n_blocks, d_blocks)](
+        rows, marked_tokens(entries.tokens, rows), entries.latents, sorted_weights, entries.block_start,
+        scratch, grad_b if grad_b is not None else scratch, *dense_args,
+        d if grad_w is not None else 0, n_latents,
+        rows.stride(0), rows.stride(1), stride_gwd, stride_gwn, *dense_strides,
+        MATMUL_MODE=mode, WRITE_BIAS=grad_b is not None, HAS_DENSE_ROWS=dense_rows is not None,
+        DENSE_MASKED=dense_masked, num_stages=SEGMENT_NUM_STAGES, **cfg,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -650,8 +772,10 @@ def compile_cases(arch: int = 90, shapes: dict | None = None, ks=COMPILE_KS) -> 
 _MODE_DTYPES = {"bf16": torch.bfloat16, "tf32": torch.float32, "ieee": torch.float32}
 
 
-def segment_compile_case(shape: dict, mode: str, *, dense_rows: bool) -> CompileCase:
-    """_latent_segment_grad_kernel as sparse_encoder_backward launches it (see compile_cases)."""
+def segment_compile_case(shape: dict, mode: str, *, dense_rows: bool, dense_masked: bool = True) -> CompileCase:
+    """_latent_segment_grad_kernel as latent_segment_grad launches it (see compile_cases): for an
+    encoder (rows = x, grad_W in W_enc's latent-major layout, the bias) or, with dense_masked=False,
+    for the dense decoder's grad_W_dec (rows = grad_out, grad_W_dec row-major, no bias)."""
     dtype = _MODE_DTYPES[mode]
     d_in, n_latents = shape["d_in"], shape["n_latents"]
     cfg = segment_config(mode)
@@ -663,7 +787,8 @@ def segment_compile_case(shape: dict, mode: str, *, dense_rows: bool) -> Compile
                 stride_gwd=1, stride_gwn=d_in, stride_gm=n_latents if dense_rows else 0,
                 stride_gn=1 if dense_rows else 0)
     return CompileCase(_latent_segment_grad_kernel, args,
-                       dict(cfg, MATMUL_MODE=mode, WRITE_BIAS=True, HAS_DENSE_ROWS=dense_rows),
+                       dict(cfg, MATMUL_MODE=mode, WRITE_BIAS=dense_masked, HAS_DENSE_ROWS=dense_rows,
+                            DENSE_MASKED=dense_masked),
                        num_warps=warps, num_stages=SEGMENT_NUM_STAGES, hot=mode != "ieee")
 
 

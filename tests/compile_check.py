@@ -77,7 +77,7 @@ from pathlib import Path
 ARCHS = (80, 90)
 # Shared memory one block may use (bytes): A100 (sm_80) 163 KiB, H100 / H200 (sm_90) 227 KiB.
 MAX_SHARED_BYTES = {80: 163 * 1024, 90: 227 * 1024}
-KERNEL_MODULES = ("topk_encoder", "relu_encoder", "sparse_decoder", "linear_kl")
+KERNEL_MODULES = ("topk_encoder", "relu_encoder", "sparse_decoder", "relu_autoencoder", "linear_kl")
 FLOAT32_MATMUL_PRECISION = "high"
 
 CACHE_DIR = Path(os.environ.get("FASTSAE_COMPILE_CACHE", Path(tempfile.gettempdir()) / "fastsae-compile-check"))

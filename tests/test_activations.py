@@ -2,7 +2,7 @@
 
 For each one, with the hyperparameters its module gives as example_params:
 - E2ESAE's fused training pass equals the activation's naive dense form (dense_forward):
-  reconstruction, sparsity term, L0, fired latents, and the gradients of every parameter and of
+  reconstruction, sparsity term, L0, per-latent fire counts, and the gradients of every parameter and of
   the input, in float64, in training and eval mode, for both decoder norms;
 - encode / decode / encode_sparse give the naive code and reconstruction;
 - save and load in every format that expresses it give the same spec and function, and a format
@@ -42,7 +42,7 @@ def make(name, decoder_norm="forward", dtype=torch.float64, seed=0):
 
 
 def naive(sae, x, p=1.0):
-    """The activation's dense form: (reconstruction, sparsity term, mean L0, fired, dense code)."""
+    """The activation's dense form: (reconstruction, sparsity term, mean L0, fire counts, dense code)."""
     pre = x.reshape(-1, D) @ sae.W_enc + sae.b_enc
     code, l0 = sae.activation_fn.dense_forward(pre, sae, sae.training)
     scale = sae.decoder_row_scale()
@@ -50,7 +50,7 @@ def naive(sae, x, p=1.0):
     reconstruction = code @ W_dec + sae.b_dec
     lp_sum = power_sum(code, p)
     sparsity = sae.activation_fn.sparsity_term(lp_sum, l0, p, D)
-    return reconstruction.reshape(x.shape), sparsity, l0.mean(), (code > 0).any(0), code
+    return reconstruction.reshape(x.shape), sparsity, l0.mean(), (code > 0).sum(0, dtype=torch.int32), code
 
 
 def _parameters_and_input(sae, x):
@@ -70,7 +70,7 @@ def test_training_pass_equals_the_naive_form_with_gradients(name, training, deco
         torch.testing.assert_close(out.reconstruction, want[0])
         torch.testing.assert_close(out.sparsity, want[1])
         torch.testing.assert_close(out.l0, want[2].detach())
-        assert torch.equal(out.fired, want[3])
+        assert torch.equal(out.fire_counts, want[3])
         assert 0 < want[2] < N  # a code neither empty nor full: the test sees both kinds of latent
         if out.code is not None:
             torch.testing.assert_close(out.code.to_dense(N).reshape(-1, N), want[4])

@@ -31,8 +31,8 @@ def test_benchmark_option_collects_the_benchmarks_alone():
     assert collected and all(line.startswith("benchmarks/bench_") for line in collected)
     ops = {line.split("::")[0] for line in collected}
     assert ops == {f"benchmarks/bench_{op}.py" for op in
-                   ("topk_encoder", "relu_encoder", "sparse_decoder", "linear_kl", "e2e_step", "analysis",
-                    "dashboard", "batchtopk")}
+                   ("topk_encoder", "relu_encoder", "sparse_decoder", "relu_autoencoder", "linear_kl", "e2e_step",
+                    "analysis", "dashboard", "batchtopk")}
 
 
 def test_benchmark_option_deselects_tests_named_beside_it():
@@ -70,6 +70,9 @@ def test_cost_model_matches_the_guide():
     assert harness.topk_encoder_cost(N, d, n, k, 2, "fwd")[0] == 2 * N * d * n
     flops, bytes_ = harness.sparse_decoder_cost(N, k, n, d, 2, "fwd")
     assert flops == 2 * N * k * d and bytes_ > N * k * d * 2  # bound by the gathered rows
+    # a ReLU SAE step: one dense GEMM (the encoder) plus O(N * L0 * d) for the decoder and the gradients
+    l0 = 50
+    assert harness.relu_autoencoder_cost(N, d, n, l0, 2, "fwd_bwd")[0] == 2 * N * d * n + 10 * N * l0 * d
     e2e = harness.train_step_cost("e2e", 12, d, V, 1024, 6, n, 16)
     local = harness.train_step_cost("local", 12, d, V, 1024, 6, n, 16)
     assert e2e > local > 0

@@ -64,7 +64,7 @@ def _sharded_equals_whole(rank, world, activation, decoder_norm):
     torch.testing.assert_close(out.reconstruction, ref_out.reconstruction, **tol)
     torch.testing.assert_close(out.sparsity, ref_out.sparsity, **tol)
     assert out.l0 == ref_out.l0
-    assert torch.equal(out.fired, ref_out.fired[start:stop])  # each shard: its own latents
+    assert torch.equal(out.fire_counts, ref_out.fire_counts[start:stop])  # each shard: its own latents
     if ref_out.code is not None:  # a selection code: the whole SAE's, on every shard (widths may differ)
         torch.testing.assert_close(out.code.to_dense(N_LATENTS), ref_out.code.to_dense(N_LATENTS), **tol)
     torch.testing.assert_close(torch.tensor(history), torch.tensor(ref_history), **tol)

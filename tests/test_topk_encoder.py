@@ -237,6 +237,45 @@ def test_nan_and_inf_preactivations_surface_as_torch_topk(dtype):
     torch.testing.assert_close(got[2], ref_grad_b, atol=0, rtol=0)
 
 
+def test_nan_token_reaches_only_its_own_latents_weight_gradient():
+    """A NaN in one token's x: the reference's grad_W_enc is NaN at that token's k latents only
+    (0 * NaN per selected entry); the segmented kernel's tensor-core tile used to spread it over
+    the 64 latents of every block holding one of them."""
+    x, W, b = make_inputs(9, 24, 300, torch.float32)
+    x[4, 7] = float("nan")
+    leaves = [t.requires_grad_() for t in (x, W, b)]
+    values, indices = ops.topk_encode(*leaves, 5, backend="triton")
+    grad_w = torch.autograd.grad(values.nan_to_num(0).sum(), leaves[1])[0]
+    nan_latents = set(grad_w.isnan().any(0).nonzero().squeeze(1).tolist())
+    assert nan_latents == set(indices[4].tolist())
+    ref_values, ref_indices = TopKEncodeReference.apply(*leaves, 5)
+    ref_grad_w = torch.autograd.grad(ref_values.nan_to_num(0).sum(), leaves[1])[0]
+    assert set(ref_grad_w.isnan().any(0).nonzero().squeeze(1).tolist()) == set(ref_indices[4].tolist())
+    # the other latents' gradients are the reference's
+    others = [l for l in range(300) if l not in nan_latents | set(ref_indices[4].tolist())]
+    torch.testing.assert_close(grad_w[:, others], ref_grad_w[:, others], atol=1e-5, rtol=0)
+
+
+def test_inf_in_w_enc_gives_nan_in_grad_x_as_the_reference():
+    """An inf weight W_enc[3, 17] with x[:, 3] = 0: latent 17's pre-activation is 0 * inf = NaN,
+    ranked first and selected with value NaN, so its gradient is 0 (NaN > 0 is False); the
+    reference's grad_x is then 0 * inf = NaN in column 3, where the gather used to skip the zero
+    gradient and return a finite number."""
+    x, W, b = make_inputs(6, 16, 40, torch.float32)
+    W[3, 17] = float("inf")
+    x[:, 3] = 0.0
+    leaves = [t.requires_grad_() for t in (x, W, b)]
+    values, indices = ops.topk_encode(*leaves, 5, backend="triton")
+    assert bool((indices[:, 0] == 17).all())
+    grad_x = torch.autograd.grad(values.nan_to_num(0).sum(), leaves[0])[0]
+    ref_values, _ = TopKEncodeReference.apply(*leaves, 5)
+    ref_grad_x = torch.autograd.grad(ref_values.nan_to_num(0).sum(), leaves[0])[0]
+    assert bool(ref_grad_x[:, 3].isnan().all()) and int(ref_grad_x.isnan().sum()) == 6
+    assert torch.equal(grad_x.isnan(), ref_grad_x.isnan())
+    finite = ~ref_grad_x.isnan()
+    torch.testing.assert_close(grad_x[finite], ref_grad_x[finite], atol=1e-5, rtol=0)
+
+
 def latent_major(W):
     """W [d_in, n_latents] stored as E2ESAE stores it: an [n_latents, d_in] buffer, transposed."""
     return W.t().contiguous().t()

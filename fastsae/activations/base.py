@@ -47,14 +47,14 @@ class SAEForward(NamedTuple):
 
     reconstruction: shaped like the input. sparsity: the activation's sparsity term (differentiable;
     the trainer multiplies it by loss.sparsity_coeff). l0: active latents per token, mean (detached).
-    fired: bool [latents held here], the latents active on at least one token. code: the SparseCode
+    fire_counts: int32 [latents held here], the tokens each latent is active on. code: the SparseCode
     where the pass made one (selection), else None (the elementwise path never builds a code).
     """
 
     reconstruction: torch.Tensor
     sparsity: torch.Tensor
     l0: torch.Tensor
-    fired: torch.Tensor
+    fire_counts: torch.Tensor
     code: SparseCode | None
 
 

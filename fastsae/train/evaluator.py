@@ -88,7 +88,8 @@ class Evaluator:
         for sae in saes.values():
             sae.eval()
         sums: dict[str, float] = {}
-        fired = {hook: torch.zeros(sae.n_local, dtype=torch.bool, device=objective.device) for hook, sae in saes.items()}
+        fire_counts = {hook: torch.zeros(sae.n_local, dtype=torch.int64, device=objective.device)
+                       for hook, sae in saes.items()}
         seen = 0
         try:
             while seen < n_tokens:
@@ -102,12 +103,12 @@ class Evaluator:
                     warnings.warn(f"the held-out data ran out after {seen} tokens (eval asked for {n_tokens}); "
                                   "each held-out token was evaluated once", stacklevel=3)
                     break
-                _, metrics, batch_fired = objective(tokens, train=False, recon_hooks=recon_hooks)
+                _, metrics, batch_counts = objective(tokens, train=False, recon_hooks=recon_hooks)
                 n = tokens.numel()
                 for key, value in metrics.items():  # token-weighted means over the eval set
                     sums[key] = sums.get(key, 0.0) + float(value) * n
-                for hook, mask in batch_fired.items():
-                    fired[hook] |= mask
+                for hook, counts in batch_counts.items():
+                    fire_counts[hook] += counts
                 seen += n
         finally:
             for sae in saes.values():
@@ -116,8 +117,8 @@ class Evaluator:
             raise RuntimeError("the eval data yielded no full batch: it holds fewer than eval.batch_size x "
                                "data.context_length tokens")
         out = {f"eval/{key}": value / seen for key, value in sums.items()}
-        for hook, mask in fired.items():
-            out[f"eval/alive/{hook}"] = int(distributed.sum_over_shards(mask.sum(), objective.layout))
+        for hook, counts in fire_counts.items():
+            out[f"eval/alive/{hook}"] = int(distributed.sum_over_shards((counts > 0).sum(), objective.layout))
         out["eval/tokens"] = seen
         if run_dir is not None and objective.layout.is_main and Path(run_dir).is_dir():
             write_eval_json(run_dir, out, cfg.to_dict(), step=step, training_tokens=training_tokens,

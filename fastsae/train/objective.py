@@ -91,8 +91,8 @@ class Objective:
     """The loss of a batch for the SAEs at ``hooks`` (in model order) spliced into ``lm``.
 
     trackers: hook -> DeadLatentTracker (AuxK reads the dead latents). Calling it returns
-    (loss, metrics, fired): the differentiable loss, detached 0-d metrics, and per hook the bool
-    mask of this process's latents that fired on the batch.
+    (loss, metrics, fire_counts): the differentiable loss, detached 0-d metrics, and per hook the
+    tokens of the batch on which each of this process's latents fired (int32).
     """
 
     def __init__(self, config: TrainConfig, lm, saes: dict, hooks: list[str], layout, trackers: dict):
@@ -136,7 +136,7 @@ class Objective:
         return replace
 
     def __call__(self, tokens: torch.Tensor, *, train: bool, recon_hooks: tuple[str, ...] = ()):
-        """(loss, metrics, fired) of one batch; see the class docstring.
+        """(loss, metrics, fire_counts) of one batch; see the class docstring.
 
         recon_hooks (eval): later hooks where the spliced run's activations are compared with the
         clean run's (downstream_mse/<hook>, downstream_explained_variance/<hook>).
@@ -176,7 +176,7 @@ class Objective:
                 metrics[f"downstream_explained_variance_ln/{hook}"] = losses.explained_variance_ln(clean, spliced_acts)
 
         terms = self.loss_terms(batch)
-        fired = {}
+        fire_counts = {}
         for hook in self.hooks:
             x, out = batch.saes[hook]
             metrics[f"l0/{hook}"] = out.l0
@@ -188,12 +188,12 @@ class Objective:
                     x, out.reconstruction)
                 metrics[f"explained_variance_out_to_in_ln/{hook}"] = losses.explained_variance_out_to_in(
                     x, out.reconstruction, layer_norm=True)
-            fired[hook] = out.fired
+            fire_counts[hook] = out.fire_counts
         metrics["l0"] = torch.stack([metrics[f"l0/{h}"] for h in self.hooks]).mean()
         loss = sum(terms.values())
         metrics["loss"] = loss.detach()
         metrics.update({f"loss/{name}": term.detach() for name, term in terms.items()})
-        return loss, metrics, fired
+        return loss, metrics, fire_counts
 
     def loss_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
         """weight x term for every LOSS_TERMS entry whose weight is not 0 and that the batch has."""

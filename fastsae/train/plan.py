@@ -10,13 +10,15 @@ Per GPU, for the config's batch and sharding (world = gpus = data groups x saes.
   and the replicated b_dec; Adam keeps two moments in the parameters' dtype.
 - activations: what one micro-batch (batch_size / data groups / grad_accum sequences) keeps for
   backward: the spliced run's saved tensors in the blocks after the first SAE, the clean run's
-  cached residuals, and the SAEs' inputs and codes (a ReLU SAE's dense [tokens, n_local] code and
-  its gradients; a TopK SAE's [tokens, k] code and the gathered [tokens, k x shards] candidates).
-  The activation's family decides (fastsae.activations): a selection activation keeps its
-  candidates per token; an elementwise one (fastsae.ops.relu_autoencode) keeps no code at all.
-- workspaces: the chunked buffers of the encoder (a [chunk, n_local] pre-activation block; the
-  elementwise pass's forward and recomputing backward blocks) and of the fused KL (two
-  [chunk, d_vocab] fp32 logits blocks), CHUNK_ELEMENTS elements each.
+  cached residuals, and the SAEs' inputs and codes. The activation's family decides
+  (fastsae.activations): a selection activation (TopK, BatchTopK in training) keeps each token's
+  candidates, gathered over shards, and the selected code; an elementwise one (ReLU, JumpReLU)
+  keeps its code as fastsae.ops.relu_autoencode does, compact: about tokens x n_local / 256
+  entries, with its backward's per-entry buffers.
+- workspaces: the chunked buffers of the selection encoder (a [chunk, n_local] pre-activation
+  block), of relu_autoencode (its dense-row workspaces, a fixed budget: 4 x CHUNK_ELEMENTS) and of
+  the fused KL (two [chunk, d_vocab] fp32 logits blocks), CHUNK_ELEMENTS elements each. No term
+  is [tokens, n_local]: an elementwise SAE's memory does not depend on its code's density.
 - optimizer temporaries: Adam's foreach step allocates one parameter-sized temporary after the
   activations are freed; the plan counts only what it adds beyond them.
 - reserve: the CUDA context and cuBLAS workspace (1 GiB) plus 5 % of the GPU for allocator
@@ -43,10 +45,6 @@ from fastsae.train.config import ConfigError, TrainConfig
 
 GiB = 1 << 30
 _BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
-# [chunk, n_local] fp32 blocks an elementwise pass (fastsae.ops.relu_autoencode's reference) holds
-# at its peak: backward's recomputed pre-activations and code, the code's and the pre-activations'
-# gradients.
-_ELEMENTWISE_BLOCKS = 4
 # The CUDA context, cuBLAS workspace and NCCL buffers, and the allocator's fragmentation.
 CONTEXT_RESERVE = 1 * GiB
 FRAGMENTATION = 0.05
@@ -154,6 +152,7 @@ def usable_memory(gpu_memory: int) -> int:
 
 def _items(cfg: TrainConfig, lm: LMShape, n_latents: int, gpus: int, shards: int) -> tuple[dict[str, int], int]:
     from fastsae.ops._checks import CHUNK_ELEMENTS
+    from fastsae.ops.relu_autoencoder import memory_estimate
 
     n_saes = len(cfg.saes.hooks)
     data_groups = gpus // shards
@@ -190,16 +189,16 @@ def _items(cfg: TrainConfig, lm: LMShape, n_latents: int, gpus: int, shards: int
     # The SAEs: the input and the reconstruction partials, plus the code and its gradients.
     sae_acts = n_saes * tokens * sae_bytes * 4 * d
     activation = _activation(cfg)
-    workspace = 0
     if activation.selects(True):
         # each shard's candidates, gathered, and the selected code; the encoder's pre-activation chunk
         width = min(activation.candidates(n_local), n_local)
         sae_acts += n_saes * tokens * width * (shards + 2) * (sae_bytes + 8)
-        workspace += n_saes * min(CHUNK_ELEMENTS, tokens * n_local) * 4
-    else:  # no code is kept: the pass recomputes its [chunk, n_local] blocks in backward
-        workspace += n_saes * _ELEMENTWISE_BLOCKS * min(CHUNK_ELEMENTS, tokens * n_local) * 4
+        workspace = n_saes * min(CHUNK_ELEMENTS, tokens * n_local) * 4
+    else:  # relu_autoencode: the compact code, its backward's per-entry buffers, its workspaces
+        estimate = memory_estimate(tokens, n_local, d, sae_bytes, jump=activation.bandwidth is not None)
+        sae_acts += n_saes * estimate.code
+        workspace = n_saes * estimate.workspaces
     items["SAE activations"] = sae_acts
-
     if cfg.is_e2e:
         workspace += min(CHUNK_ELEMENTS, tokens * 2 * lm.d_vocab) * 4  # the fused KL's two logits blocks
     items["kernel workspaces"] = workspace

@@ -149,16 +149,16 @@ class Trainer(Checkpointing):
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, torch.Tensor] = {}
-        fired_per_micro = []
+        counts_per_micro = []
         for micro in tokens.chunk(n_micro):
             # data parallel: this rank's rows of each micro-batch, so that the ranks together see
             # the micro-batches of a one-process run (the dead-latent windows count the same)
             micro = micro.chunk(self.layout.data_size)[self.layout.data_rank]
-            loss, metrics, fired = self.objective(micro, train=True)
+            loss, metrics, fire_counts = self.objective(micro, train=True)
             (loss / n_micro).backward()
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0) + value / n_micro
-            fired_per_micro.append((fired, micro.numel()))
+            counts_per_micro.append((fire_counts, micro.numel()))
         # data parallel: the mean gradient and metrics of the global batch on every rank
         distributed.average_gradients(self.saes.values(), self.layout)
         totals = distributed.mean_over_data(totals, self.layout)
@@ -174,9 +174,9 @@ class Trainer(Checkpointing):
         # From here to the end of the update the state is in flux: an interrupt inside it cannot
         # be checkpointed (fit() then keeps the previous checkpoint).
         self._updating = True
-        for fired, micro_tokens in fired_per_micro:  # dead latents, counted per micro-batch (of all data ranks)
-            for hook, mask in fired.items():
-                self.trackers[hook].update(distributed.any_across(mask, self.layout.data_group),
+        for fire_counts, micro_tokens in counts_per_micro:  # dead latents, per micro-batch (of all data ranks)
+            for hook, counts in fire_counts.items():
+                self.trackers[hook].update(distributed.any_across(counts > 0, self.layout.data_group),
                                            micro_tokens * self.layout.data_size)
         self.optimizer.step()
         self.scheduler.step()
