@@ -99,16 +99,20 @@ def test_op_triton_matches_kl_div(dtype, shape, reduction):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n_slices", [1, 4])
-@pytest.mark.parametrize("grad_in_forward", [False, True])
-def test_kernel_direct_tiles_slices_and_mask(dtype, n_slices, grad_in_forward):
+@pytest.mark.parametrize("reduction", ["mean", "none"], ids=["one_sweep", "two_pass"])
+def test_kernel_direct_tiles_slices_and_mask(dtype, n_slices, reduction):
     """Small tiles: several vocabulary tiles per slice, d in 16-wide steps, 3 row blocks; the
-    slices merge (and the gradient's atomics) when n_slices > 1; a mask and no bias."""
+    slices merge (and the two-pass gradient's atomics) when n_slices > 1; a mask and no bias.
+    "mean" runs the one-sweep kernel, "none" the forward and then the two-pass gradient kernel."""
     h_sae, h_orig, W_U, _ = make_inputs(40, 72, 203, dtype, bias=False)
     mask = torch.rand(40) > 0.3
-    mask[16:32] = False  # a whole row block masked: the gradient kernel skips it
+    mask[16:32] = False  # a whole row block masked: the kernels skip it
     mask = mask.to(KERNEL_DEVICE)
-    loss, sums = K.linear_kl_triton(h_sae, h_orig, W_U, None, mask, None, "mean", -100,
-                                    grad_in_forward=grad_in_forward, config=SMALL_TILES, n_slices=n_slices)
+    loss, sums = K.linear_kl_triton(h_sae, h_orig, W_U, None, mask, None, reduction, -100, config=SMALL_TILES,
+                                    n_slices=n_slices)
+    if reduction == "none":
+        assert torch.all(loss[~mask] == 0)
+        loss = loss.sum() / mask.sum()
     (grad,) = torch.autograd.grad(loss, h_sae)
     want_loss, want_grad = ground_truth(h_sae, h_orig, W_U, None, "mean", mask.cpu())
     check(loss, grad, want_loss, want_grad, dtype)
@@ -216,9 +220,8 @@ def test_triton_errors():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("grad_in_forward", [False, True])
 @pytest.mark.parametrize("with_mask_and_labels", [False, True], ids=["plain", "mask+labels"])
-def test_empty_batch_matches_reference(reduction, grad_in_forward, with_mask_and_labels):
+def test_empty_batch_matches_reference(reduction, with_mask_and_labels):
     """N = 0: the reference's loss (0 for "mean" and "sum", an empty tensor for "none"), zero
     stats sums and an empty gradient, from the kernel entry point and from the op."""
     _, _, W_U, b_U = make_inputs(1, 24, 70)
@@ -226,8 +229,7 @@ def test_empty_batch_matches_reference(reduction, grad_in_forward, with_mask_and
     h_sae = h_orig.clone().requires_grad_()
     mask = torch.zeros(0, dtype=torch.bool, device=KERNEL_DEVICE) if with_mask_and_labels else None
     labels = torch.zeros(0, dtype=torch.int64, device=KERNEL_DEVICE) if with_mask_and_labels else None
-    loss, sums = K.linear_kl_triton(h_sae, h_orig, W_U, b_U, mask, labels, reduction, -100,
-                                    grad_in_forward=grad_in_forward)
+    loss, sums = K.linear_kl_triton(h_sae, h_orig, W_U, b_U, mask, labels, reduction, -100)
     ref_h = h_orig.clone().requires_grad_()
     ref_loss, ref_stats = ops.fused_linear_kl(ref_h, h_orig, W_U, b_U, mask=mask, labels=labels,
                                               reduction=reduction, return_stats=True, backend="torch")
@@ -346,12 +348,12 @@ def test_masked_vocabulary_and_strided_bias(backend, softcap):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n_slices", [1, 3])
-@pytest.mark.parametrize("grad_in_forward", [False, True])
-def test_masked_nan_tokens_are_never_read(backend, n_slices, grad_in_forward):
+@pytest.mark.parametrize("reduction", ["mean", "none"], ids=["one_sweep", "two_pass"])
+def test_masked_nan_tokens_are_never_read(backend, n_slices, reduction):
     """A masked token whose hidden states are NaN (and +-inf): finite loss, stats and gradient, the
     same as without those tokens; no argmax over an all-NaN row (it raises in the interpreter)."""
-    if backend == "torch" and (n_slices > 1 or grad_in_forward):
-        pytest.skip("slices and grad_in_forward are kernel options")
+    if backend == "torch" and (n_slices > 1 or reduction == "none"):
+        pytest.skip("slices are a kernel option; the reference's 'none' is tested elsewhere")
     h_sae, h_orig, W_U, b_U = make_inputs(40, 32, 150)
     mask = torch.rand(40, generator=torch.Generator().manual_seed(3)) > 0.3
     mask[[0, 17, 39]] = False
@@ -364,8 +366,10 @@ def test_masked_nan_tokens_are_never_read(backend, n_slices, grad_in_forward):
     h_bad.requires_grad_()
     dev = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
     if backend == "triton":
-        loss, sums = K.linear_kl_triton(h_bad, h_orig_bad, W_U, b_U, dev(mask), dev(labels), "mean", -100,
-                                        grad_in_forward=grad_in_forward, config=SMALL_TILES, n_slices=n_slices)
+        loss, sums = K.linear_kl_triton(h_bad, h_orig_bad, W_U, b_U, dev(mask), dev(labels), reduction, -100,
+                                        config=SMALL_TILES, n_slices=n_slices)
+        if reduction == "none":
+            loss = loss.sum() / mask.sum()
     else:
         loss, sums = LinearKLReference.apply(h_bad, h_orig_bad, W_U, b_U, dev(mask), dev(labels),
                                                            "mean", -100, None)
@@ -513,9 +517,9 @@ def test_gpu_gpt2_shapes(dtype):
     """V = 50,257, d = 768: against the fp32 reference on the same (rounded) inputs."""
     h_sae, h_orig, W_U, b_U = make_inputs(1000, 768, 50257, dtype, device="cuda")
     labels = torch.randint(0, 50257, (1000,), device="cuda")
-    for grad_in_forward in (False, True):
-        loss, sums = K.linear_kl_triton(h_sae, h_orig, W_U, b_U, None, labels, "mean", -100,
-                                        grad_in_forward=grad_in_forward)
+    for reduction in ("mean", "none"):  # the one-sweep kernel; the forward and two-pass gradient
+        loss, sums = K.linear_kl_triton(h_sae, h_orig, W_U, b_U, None, labels, reduction, -100)
+        loss = loss if reduction == "mean" else loss.mean()
         (grad,) = torch.autograd.grad(loss, h_sae)
         ref_h = h_sae.detach().float().requires_grad_()
         ref_loss, ref_sums = ops.fused_linear_kl(ref_h, h_orig.float(), W_U.float(), b_U.float(), backend="torch",
