@@ -152,26 +152,22 @@ def _logit_tiles(h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, w_ok, 
     a = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     d = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_D)
-    # Pointer tiles built once and advanced by a scalar step (int64: far rows / columns stay
-    # addressable): per-iteration int64 address math would hold two registers per element.
-    h_offsets = rows.to(tl.int64)[:, None] * stride_hn + ks[None, :] * stride_hd
-    h_ptrs = h_ptr + h_offsets
-    dh_ptrs = dh_ptr + h_offsets
-    w_ptrs = w_ptr + ks.to(tl.int64)[:, None] * stride_wd + cols.to(tl.int64)[None, :] * stride_wv
-    h_step = tl.full((), BLOCK_D, tl.int64) * stride_hd
-    w_step = tl.full((), BLOCK_D, tl.int64) * stride_wd
+    # Addresses formed per step from per-row / per-column int64 offsets (far rows and columns stay
+    # addressable): pointer tiles carried through the loop would hold two registers per element
+    # for the whole sweep, which the one-sweep kernel cannot spare.
+    h_rows = rows.to(tl.int64) * stride_hn
+    w_cols = cols.to(tl.int64) * stride_wv
     for k0 in range(0, d_model, BLOCK_D):
         k_ok = (k0 + ks) < d_model
+        h_offsets = h_rows[:, None] + (k0 + ks).to(tl.int64)[None, :] * stride_hd
         h_mask = row_ok[:, None] & k_ok[None, :]
-        h = tl.load(h_ptrs, mask=h_mask, other=0.0)
-        dh = tl.load(dh_ptrs, mask=h_mask, other=0.0)
+        h = tl.load(h_ptr + h_offsets, mask=h_mask, other=0.0)
+        dh = tl.load(dh_ptr + h_offsets, mask=h_mask, other=0.0)
         # One W_U tile serves both products: the main memory traffic is W_U, read once per sweep.
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & w_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + (k0 + ks).to(tl.int64)[:, None] * stride_wd + w_cols[None, :],
+                    mask=k_ok[:, None] & w_ok[None, :], other=0.0)
         a = mma(h, w, a, MATMUL_MODE)
         d = mma(dh, w, d, MATMUL_MODE)
-        h_ptrs += h_step
-        dh_ptrs += h_step
-        w_ptrs += w_step
     if HAS_BIAS:
         a += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if SOFTCAP:
@@ -253,18 +249,95 @@ def _dlogit_tile(h_ptr, dh_ptr, w_ptr, b_ptr, lse, dlse, rows, row_ok, cols, col
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def _sweep_tile(h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, label, v0, v_end, w_end, d_model, softcap,
+                stride_hn, stride_hd, stride_wd, stride_wv,
+                m_orig, m_sae, centre, s_sum, u_sum, r_sum, t_sum, top_orig, top_sae, label_orig, label_sae,
+                HAS_BIAS: tl.constexpr, HAS_LABELS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, MATMUL_MODE: tl.constexpr):
+    """One vocabulary tile [v0, v0 + BLOCK_V) of the sweep: its logits, then the running state
+    (maxima, centre, scaled sums, argmaxes, label logits) moved past it. Also returns the tile's
+    rescaling factors (a, b, b - a) of the accumulators, their operands (e and e * expm1(x), times
+    cap'), and the filter's two numbers (largest bound on p and q; how far the maxima moved)."""
+    cols = v0 + tl.arange(0, BLOCK_V)
+    col_ok = cols < v_end
+    a, d, slope = _logit_tiles(h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, cols < w_end, d_model,
+                               softcap, stride_hn, stride_hd, stride_wd, stride_wv,
+                               HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, MATMUL_MODE)
+    b = a + d  # the SAE run's logits: for the max, the argmax and the label only
+
+    # Running argmax: strict > keeps the first index on ties, like torch.argmax.
+    tile_max_orig = tl.max(a, axis=1)
+    tile_max_sae = tl.max(b, axis=1)
+    tile_top_orig = tl.argmax(a, axis=1, tie_break_left=True).to(tl.int32) + v0
+    tile_top_sae = tl.argmax(b, axis=1, tie_break_left=True).to(tl.int32) + v0
+    top_orig = tl.where(tile_max_orig > m_orig, tile_top_orig, top_orig)
+    top_sae = tl.where(tile_max_sae > m_sae, tile_top_sae, top_sae)
+    if HAS_LABELS:
+        is_label = (cols[None, :] == label[:, None]) & col_ok[None, :]
+        label_orig += tl.sum(tl.where(is_label, a, 0.0), axis=1)
+        label_sae += tl.sum(tl.where(is_label, b, 0.0), axis=1)
+
+    # New maxima and centre c = m_B - m_A; the first tile has m = -inf: a = b = 0 below (and a
+    # finite k, from the centre's initial 0).
+    new_m_orig = tl.maximum(m_orig, tile_max_orig)
+    new_m_sae = tl.maximum(m_sae, tile_max_sae)
+    new_centre = new_m_sae - new_m_orig
+    k = centre - new_centre
+    alpha, beta, beta_minus_alpha, alpha_phi = _rescale_factors(m_orig - new_m_orig, k)
+    x = d - new_centre[:, None]
+    e, e_em, e_phi = _centered_terms(a - new_m_orig[:, None], x)
+    # Every right-hand side reads the sums before this tile.
+    r_sum = alpha * r_sum + beta_minus_alpha * u_sum + alpha_phi * s_sum + tl.sum(e_phi, axis=1)
+    u_sum = beta * u_sum + beta_minus_alpha * s_sum + tl.sum(e_em, axis=1)
+    t_sum = alpha * (t_sum + k * s_sum) + tl.sum(e * x, axis=1)
+    s_sum = alpha * s_sum + tl.sum(e, axis=1)
+
+    # The filter (module docstring): e >= p and e + |e_em| >= exp(B - m_B) >= q at the end of the
+    # sweep; moved is 0 where every row kept its maxima (a = 1, k = 0). NaN never compares below.
+    largest = tl.max(tl.max(e + tl.abs(e_em), axis=1), axis=0)
+    moved = tl.max(tl.abs(k) + (1.0 - alpha), axis=0)
+    if SOFTCAP:
+        e = e * slope
+        e_em = e_em * slope
+    # Tensor-core operands in W_U's dtype (both bounded by 1 in magnitude), transposed for
+    # _accumulate_step.
+    op0 = tl.trans(e.to(w_ptr.dtype.element_ty))
+    op1 = tl.trans(e_em.to(w_ptr.dtype.element_ty))
+    return (new_m_orig, new_m_sae, new_centre, s_sum, u_sum, r_sum, t_sum, top_orig, top_sae, label_orig,
+            label_sae, alpha, beta, beta_minus_alpha, op0, op1, largest, moved)
+
+
+@triton.jit
+def _accumulate_step(g0, g1, op0, op1, w_ptr, cols, w_ok, k0, d_model, alpha, beta, beta_minus_alpha,
+                     stride_wd, stride_wv, BLOCK_D: tl.constexpr, MATMUL_MODE: tl.constexpr):
+    """One d chunk of one tile's update of the transposed accumulators ([BLOCK_D, BLOCK_N] chunks
+    of G^T): G1 <- b G1 + (b - a) G0 + W op1, G0 <- a G0 + W op0, with W the tile's [BLOCK_D,
+    BLOCK_V] slice of W_U and op the [BLOCK_V, BLOCK_N] operands. Transposed, the operands are the
+    MMA's B side, which the tensor cores read from shared memory (on sm_90): held as the A side
+    they would take BLOCK_V / 2 registers per thread each. Addresses are formed per step: a pointer
+    tile carried through the loop would hold two registers per element."""
+    ks = k0 + tl.arange(0, BLOCK_D)
+    w = tl.load(w_ptr + ks.to(tl.int64)[:, None] * stride_wd + cols.to(tl.int64)[None, :] * stride_wv,
+                mask=(ks < d_model)[:, None] & w_ok[None, :], other=0.0)
+    g1 = mma(w, op1, beta[None, :] * g1 + beta_minus_alpha[None, :] * g0, MATMUL_MODE)
+    g0 = mma(w, op0, alpha[None, :] * g0, MATMUL_MODE)
+    return g0, g1
+
+
+@triton.jit
 def _linear_kl_forward_kernel(
-    h_ptr, dh_ptr, w_ptr, b_ptr, mask_ptr, labels_ptr, stats_ptr, argmax_ptr, g0_ptr, g1_ptr,
+    h_ptr, dh_ptr, w_ptr, b_ptr, mask_ptr, labels_ptr, stats_ptr, argmax_ptr, acc_ptr,
     n_tokens, d_model, d_vocab, w_cols, tiles_per_slice, softcap, filter_eps,
     stride_hn, stride_hd, stride_wd, stride_wv,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LABELS: tl.constexpr, SOFTCAP: tl.constexpr,
     WITH_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    MATMUL_MODE: tl.constexpr,
+    BLOCK_DG: tl.constexpr, MATMUL_MODE: tl.constexpr,
 ):
     """Per (row block, vocabulary slice): running maxima and argmaxes of A and B, the scaled sums
     S, U, R, T, the label's logits; WITH_GRAD: the accumulators G0, G1 of the slice, updated in
-    place in g0/g1[slice, rows, :] after every vocabulary tile. Writes stats[:, slice, rows] and
-    argmax[:, slice, rows]; nothing for a block whose tokens are all masked."""
+    place in acc[:, slice, :, rows] (transposed) after every vocabulary tile, in BLOCK_DG-wide d
+    chunks. Writes stats[:, slice, rows] and argmax[:, slice, rows]; nothing for a block whose
+    tokens are all masked."""
     row_block = tl.program_id(0)
     vocab_slice = tl.program_id(1)
     n_slices = tl.num_programs(1)
@@ -275,8 +348,7 @@ def _linear_kl_forward_kernel(
         row_ok = row_ok & (tl.load(mask_ptr + rows, mask=in_range, other=0) != 0)
         if tl.max(row_ok.to(tl.int32), axis=0) == 0:
             return  # the epilogue ignores masked tokens: nothing to write
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    label = tl.load(labels_ptr + rows, mask=row_ok, other=-1) if HAS_LABELS else rows
 
     m_orig = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     m_sae = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
@@ -293,83 +365,34 @@ def _linear_kl_forward_kernel(
     v_begin = vocab_slice * tiles_per_slice * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_slice * BLOCK_V, d_vocab)
     w_end = tl.minimum(v_begin + tiles_per_slice * BLOCK_V, w_cols)  # W_U's zero padding may load
-    if WITH_GRAD:
-        ks = tl.arange(0, BLOCK_D)
-        # g0/g1 are [n_slices, N, d] contiguous; int64: n_slices * N * d may pass 2^31.
-        g_offsets = (vocab_slice.to(tl.int64) * n_tokens + rows)[:, None] * d_model + ks[None, :]
-        w_step = tl.full((), BLOCK_D, tl.int64) * stride_wd
+    # acc = [G0^T, G1^T], [2, n_slices, d, N] contiguous: G1 sits g1_offset elements after G0
+    # (int64: 2 * n_slices * d * N may pass 2^31).
+    g_first = vocab_slice.to(tl.int64) * d_model
+    g1_offset = n_slices.to(tl.int64) * d_model * n_tokens
+    ks = tl.arange(0, BLOCK_DG)
     for v0 in range(v_begin, v_end, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < v_end
-        w_ok = cols < w_end
-        a, d, slope = _logit_tiles(h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, w_ok, d_model, softcap,
-                                   stride_hn, stride_hd, stride_wd, stride_wv,
-                                   HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, MATMUL_MODE)
-        b = a + d  # the SAE run's logits: for the max and the argmax only
-
-        # Running argmax: strict > keeps the first index on ties, like torch.argmax.
-        tile_max_orig = tl.max(a, axis=1)
-        tile_max_sae = tl.max(b, axis=1)
-        tile_top_orig = tl.argmax(a, axis=1, tie_break_left=True).to(tl.int32) + v0
-        tile_top_sae = tl.argmax(b, axis=1, tie_break_left=True).to(tl.int32) + v0
-        top_orig = tl.where(tile_max_orig > m_orig, tile_top_orig, top_orig)
-        top_sae = tl.where(tile_max_sae > m_sae, tile_top_sae, top_sae)
-
-        # New maxima and centre c = m_B - m_A; the first tile has m = -inf: a = b = 0 below
-        # (and a finite k, from the centre's initial 0).
-        new_m_orig = tl.maximum(m_orig, tile_max_orig)
-        new_m_sae = tl.maximum(m_sae, tile_max_sae)
-        new_centre = new_m_sae - new_m_orig
-        k = centre - new_centre
-        alpha, beta, beta_minus_alpha, alpha_phi = _rescale_factors(m_orig - new_m_orig, k)
-        x = d - new_centre[:, None]
-        e, e_em, e_phi = _centered_terms(a - new_m_orig[:, None], x)
-        # Every right-hand side reads the sums before this tile.
-        r_sum = alpha * r_sum + beta_minus_alpha * u_sum + alpha_phi * s_sum + tl.sum(e_phi, axis=1)
-        u_sum = beta * u_sum + beta_minus_alpha * s_sum + tl.sum(e_em, axis=1)
-        t_sum = alpha * (t_sum + k * s_sum) + tl.sum(e * x, axis=1)
-        s_sum = alpha * s_sum + tl.sum(e, axis=1)
-        m_orig = new_m_orig
-        m_sae = new_m_sae
-        centre = new_centre
-
-        if HAS_LABELS:
-            is_label = cols[None, :] == label[:, None]
-            label_orig += tl.sum(tl.where(is_label, a, 0.0), axis=1)
-            label_sae += tl.sum(tl.where(is_label, b, 0.0), axis=1)
-
+        (m_orig, m_sae, centre, s_sum, u_sum, r_sum, t_sum, top_orig, top_sae, label_orig, label_sae,
+         alpha, beta, beta_minus_alpha, op0, op1, largest, moved) = _sweep_tile(
+            h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, label, v0, v_end, w_end, d_model, softcap,
+            stride_hn, stride_hd, stride_wd, stride_wv,
+            m_orig, m_sae, centre, s_sum, u_sum, r_sum, t_sum, top_orig, top_sae, label_orig, label_sae,
+            HAS_BIAS, HAS_LABELS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, MATMUL_MODE)
+        # The filter skips a tile only if it may (module docstring); NaN is never skipped.
         if WITH_GRAD:
-            # The filter (module docstring): e >= p and e + |e_em| >= exp(B - m_B) >= q at the
-            # end. A skipped tile must leave the accumulators' scale alone: every row kept its
-            # maxima (alpha = 1, k = 0). Written so that a NaN is never skipped.
-            largest = tl.max(tl.max(e + tl.abs(e_em), axis=1), axis=0)
-            moved = tl.max(tl.abs(k) + (1.0 - alpha), axis=0)
             if not ((largest < filter_eps) & (moved == 0.0)):
-                if SOFTCAP:
-                    e = e * slope
-                    e_em = e_em * slope
-                # Tensor-core operands in W_U's dtype (both bounded by 1 in magnitude).
-                op0 = e.to(w_ptr.dtype.element_ty)
-                op1 = e_em.to(w_ptr.dtype.element_ty)
-                # W_U[ks, cols] as a [BLOCK_V, BLOCK_D] tile: the tile of W_U^T.
-                wt_ptrs = w_ptr + ks.to(tl.int64)[None, :] * stride_wd + cols.to(tl.int64)[:, None] * stride_wv
-                g0_ptrs = g0_ptr + g_offsets
-                g1_ptrs = g1_ptr + g_offsets
+                cols = v0 + tl.arange(0, BLOCK_V)
+                w_ok = cols < w_end
                 keep = v0 != v_begin  # on the slice's first tile the buffers hold nothing yet
-                for k0 in range(0, d_model, BLOCK_D):
-                    k_ok = (k0 + ks) < d_model
-                    w_t = tl.load(wt_ptrs, mask=w_ok[:, None] & k_ok[None, :], other=0.0)
-                    g_mask = in_range[:, None] & k_ok[None, :]
+                for k0 in range(0, d_model, BLOCK_DG):
+                    g_mask = ((k0 + ks) < d_model)[:, None] & in_range[None, :]
+                    g_ptrs = acc_ptr + (g_first + k0 + ks)[:, None] * n_tokens + rows[None, :]
                     # where, not a zero factor: the first tile's reads are uninitialised memory
-                    g0 = tl.where(keep, tl.load(g0_ptrs, mask=g_mask, other=0.0), 0.0)
-                    g1 = tl.where(keep, tl.load(g1_ptrs, mask=g_mask, other=0.0), 0.0)
-                    g1 = mma(op1, w_t, beta[:, None] * g1 + beta_minus_alpha[:, None] * g0, MATMUL_MODE)
-                    g0 = mma(op0, w_t, alpha[:, None] * g0, MATMUL_MODE)
-                    tl.store(g0_ptrs, g0, mask=g_mask)
-                    tl.store(g1_ptrs, g1, mask=g_mask)
-                    wt_ptrs += w_step
-                    g0_ptrs += BLOCK_D
-                    g1_ptrs += BLOCK_D
+                    g0 = tl.where(keep, tl.load(g_ptrs, mask=g_mask, other=0.0), 0.0)
+                    g1 = tl.where(keep, tl.load(g_ptrs + g1_offset, mask=g_mask, other=0.0), 0.0)
+                    g0, g1 = _accumulate_step(g0, g1, op0, op1, w_ptr, cols, w_ok, k0, d_model, alpha, beta,
+                                              beta_minus_alpha, stride_wd, stride_wv, BLOCK_DG, MATMUL_MODE)
+                    tl.store(g_ptrs, g0, mask=g_mask)
+                    tl.store(g_ptrs + g1_offset, g1, mask=g_mask)
 
     # int64: N_STATS * n_slices * N passes 2^31 where a caller-chosen n_slices meets a large N.
     stride_stat = n_slices.to(tl.int64) * n_tokens
@@ -475,18 +498,24 @@ KERNEL_KINDS = ("forward", "sweep", "grad")
 
 
 def kernel_config(dtype: torch.dtype, device: torch.device, arch: int | None = None, *,
-                  kind: str = "forward", mode: str | None = None) -> dict:
+                  kind: str = "forward", mode: str | None = None, softcap: bool = False) -> dict:
     """Block sizes and launch options of one kernel kind for one dtype on one device: "forward"
-    (loss and stats), "sweep" (loss and gradient in one sweep), "grad" (the two-pass gradient of
-    reduction="none", which adds V_GROUP).
+    (loss and stats), "sweep" (loss and gradient in one sweep: adds BLOCK_DG, the d chunk of the
+    accumulators' update), "grad" (the two-pass gradient of reduction="none": adds V_GROUP, the
+    vocabulary tiles per write-back).
 
     arch: the compute capability as 10 * major + minor (read from a CUDA device when None).
-    sm_90 and later (wgmma, accumulators in registers, operands in shared memory): 64 x 128 tiles
-    of A and D are 2 x 32 KiB of fp32 accumulators (8 warps: 64 registers a thread); BLOCK_D 64
-    for 16-bit inputs, 32 for fp32; three pipeline stages; the two-pass gradient sums V_GROUP = 2
-    vocabulary tiles per write-back. sm_80 (mma.sync holds its operands in registers too): 64 x 64
-    tiles for the forward and 32 x 64 tiles (BLOCK_D 32, 8 warps) for both gradient kernels (one
-    tile per write-back), the largest that compile without spills.
+    softcap: capped logits (more live tiles in the sweep).
+    sm_90 and later (wgmma, accumulators in registers, operands in shared memory), 8 warps, three
+    stages, BLOCK_D 64 for 16-bit inputs and 32 for fp32:
+    - forward and sweep: 64 x 64 tiles (64 x 32 for the capped sweep); the sweep updates its
+      transposed accumulators in 64-wide d chunks (BLOCK_DG = 64: wgmma needs M >= 64; smaller
+      chunks fall back to mma.sync), once per tile. Wider tiles, or two tiles per update (tried:
+      64 x 128, and 2 x 64 x 64 with the factors chained), spill;
+    - grad: 64 x 128 tiles, two tiles per write-back.
+    sm_80 (mma.sync holds its operands in registers too): 64 x 64 tiles for the forward, 32 x 64
+    (BLOCK_D 32) for both gradient kernels, one tile per write-back; the sweep's accumulators in
+    16-wide d chunks.
     mode: the MATMUL_MODE (matmul_mode(dtype) when None). "ieee" (exact fp32 by request) runs on
     CUDA-core FMAs, whose operands live in registers: 32 x 64 tiles (sm_90), or 16 x 64 with
     BLOCK_D 16 for the forward and 16 x 32 for the gradient kernels (sm_80), 4 warps.
@@ -496,23 +525,31 @@ def kernel_config(dtype: torch.dtype, device: torch.device, arch: int | None = N
         raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
     grad = kind != "forward"
     if device.type != "cuda":
-        config = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1, V_GROUP=GRAD_V_GROUP)
+        config = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1)
+        v_group = GRAD_V_GROUP
     else:
         if arch is None:
             major, minor = torch.cuda.get_device_capability(device)
             arch = 10 * major + minor
         block_d = 32 if dtype == torch.float32 else 64
+        v_group = 1
         if (mode or matmul_mode(dtype)) == "ieee":
             block_n, block_v, block_d = (32, 64, 32) if arch >= 90 else (16, 32, 32) if grad else (16, 64, 16)
-            config = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=4, num_stages=3, V_GROUP=1)
+            config = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=4, num_stages=3)
         elif arch >= 90:
-            config = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=block_d, num_warps=8, num_stages=3, V_GROUP=GRAD_V_GROUP)
+            block_v = 32 if kind == "sweep" and softcap else 128 if kind == "grad" else 64
+            config = dict(BLOCK_N=64, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=8, num_stages=3)
+            if kind == "sweep":
+                config["BLOCK_DG"] = 64
+            v_group = GRAD_V_GROUP
         elif grad:
-            config = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=3, V_GROUP=1)
+            config = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=3)
+            if kind == "sweep":
+                config["BLOCK_DG"] = 16  # mma.sync's operands sit in registers: 32 spills
         else:
             config = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=block_d, num_warps=8, num_stages=3)
-    if kind != "grad":
-        config.pop("V_GROUP", None)
+    if kind == "grad":
+        config["V_GROUP"] = v_group
     return config
 
 
@@ -626,8 +663,10 @@ def linear_kl_forward(h_orig, delta, W_U, b_U, mask, labels, softcap=None, *, to
     n_tokens, d_model = h_orig.shape
     d_vocab = W_U.shape[1]
     with_grad = token_weight is not None
-    config = dict(config or kernel_config(h_orig.dtype, h_orig.device, kind="sweep" if with_grad else "forward"))
-    config.pop("V_GROUP", None)
+    config = dict(config or kernel_config(h_orig.dtype, h_orig.device, kind="sweep" if with_grad else "forward",
+                                          softcap=softcap is not None))
+    config.pop("V_GROUP", None)  # a config made for the two-pass gradient (tests) may carry it
+    config.setdefault("BLOCK_DG", config["BLOCK_D"])
     n_row_blocks = triton.cdiv(n_tokens, config["BLOCK_N"])
     tiles_per_slice, slices = _vocab_slices(n_row_blocks, triton.cdiv(d_vocab, config["BLOCK_V"]), h_orig.device,
                                             n_slices, waves=1 if with_grad else 2)
@@ -635,11 +674,10 @@ def linear_kl_forward(h_orig, delta, W_U, b_U, mask, labels, softcap=None, *, to
     stats = torch.empty(N_STATS, slices, n_tokens, dtype=torch.float32, device=device)
     top = torch.empty(2, slices, n_tokens, dtype=torch.int32, device=device)
     # The accumulators of the gradient (module docstring); without it, unused pointers.
-    g0 = torch.empty(slices, n_tokens, d_model, dtype=torch.float32, device=device) if with_grad else stats
-    g1 = torch.empty(slices, n_tokens, d_model, dtype=torch.float32, device=device) if with_grad else stats
+    acc = torch.empty(2, slices, d_model, n_tokens, dtype=torch.float32, device=device) if with_grad else stats
     args = dict(h_ptr=h_orig, dh_ptr=delta, w_ptr=W_U, b_ptr=b_U if b_U is not None else W_U,
                 mask_ptr=mask if mask is not None else top, labels_ptr=labels if labels is not None else top,
-                stats_ptr=stats, argmax_ptr=top, g0_ptr=g0, g1_ptr=g1,
+                stats_ptr=stats, argmax_ptr=top, acc_ptr=acc,
                 n_tokens=n_tokens, d_model=d_model, d_vocab=d_vocab,
                 w_cols=loadable_columns(W_U) if w_cols is None else w_cols, tiles_per_slice=tiles_per_slice,
                 softcap=float(softcap or 1.0), filter_eps=float(filter_eps),
@@ -649,10 +687,10 @@ def linear_kl_forward(h_orig, delta, W_U, b_U, mask, labels, softcap=None, *, to
                 SOFTCAP=softcap is not None, WITH_GRAD=with_grad, MATMUL_MODE=matmul_mode(h_orig.dtype), **config)
     if not _launch(_linear_kl_forward_kernel, (n_row_blocks, slices), args, meta):
         return None
-    return _merge_slices(stats, top, g0 if with_grad else None, g1 if with_grad else None, token_weight)
+    return _merge_slices(stats, top, acc if with_grad else None, token_weight)
 
 
-def _merge_slices(stats, top, g0, g1, token_weight) -> LinearKLForward:
+def _merge_slices(stats, top, acc, token_weight) -> LinearKLForward:
     """Merge the vocabulary slices: each slice's scaled sums and accumulators move to the global
     maximum and centre with the same exact rescaling as inside a slice (flash-decoding style).
     Tokens of a block that was all masked have no stats (the kernel returned at once): their
@@ -674,16 +712,17 @@ def _merge_slices(stats, top, g0, g1, token_weight) -> LinearKLForward:
     ce_orig = lse_orig - label_orig.sum(0)  # only the slice holding the label adds a nonzero logit
     ce_sae = (lse_orig + dlse) - label_sae.sum(0)
     grad = None
-    if g0 is not None:
+    if acc is not None:
+        g0, g1 = acc.unbind(0)
         # grad = token_weight / (S (1 + u)) * (G1 - u G0), G0 = sum_s a_s G0_s, G1 = sum_s (b_s G1_s + (b_s - a_s) G0_s)
         u = total_u / total_s
         scale = token_weight / (total_s + total_u)
         coef0 = scale * (beta_minus_alpha - u * alpha)  # [slices, N]
         coef1 = scale * beta
-        if g0.shape[0] == 1:  # in place: no third [N, d] buffer
-            grad = g1[0].mul_(coef1[0, :, None]).addcmul_(g0[0], coef0[0, :, None])
+        if g0.shape[0] == 1:  # in place: no third [N, d] buffer (a transposed view of G1's)
+            grad = g1[0].mul_(coef1[0, None, :]).addcmul_(g0[0], coef0[0, None, :]).t()
         else:
-            grad = torch.einsum("sn,snd->nd", coef1, g1).add_(torch.einsum("sn,snd->nd", coef0, g0))
+            grad = torch.einsum("sn,sdn->nd", coef1, g1).add_(torch.einsum("sn,sdn->nd", coef0, g0))
         # torch.where, not a product: a masked token's accumulators may be garbage (never written).
         grad = torch.where((token_weight != 0)[:, None], grad, 0.0)
     return LinearKLForward(kl, lse_orig, dlse, agree, ce_orig, ce_sae, grad)
@@ -799,7 +838,7 @@ def _recorded_case(kind, d_model, d_vocab, n_tokens, dtype, mode, layout, has_ma
     b_U = torch.empty(d_vocab, dtype=torch.float32, device=meta_device) if has_bias else None
     mask = torch.empty(n_tokens, dtype=torch.int8, device=meta_device) if has_mask else None
     per_token = torch.empty(n_tokens, dtype=torch.float32, device=meta_device)
-    config = kernel_config(dtype, cuda, arch, kind=kind, mode=mode)
+    config = kernel_config(dtype, cuda, arch, kind=kind, mode=mode, softcap=softcap is not None)
     n_row_blocks = triton.cdiv(n_tokens, config["BLOCK_N"])
     with recorded_launches() as launches:
         if kind == "grad":
