@@ -152,22 +152,26 @@ def _logit_tiles(h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, w_ok, 
     a = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     d = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_D)
-    # Addresses formed per step from per-row / per-column int64 offsets (far rows and columns stay
-    # addressable): pointer tiles carried through the loop would hold two registers per element
-    # for the whole sweep, which the one-sweep kernel cannot spare.
-    h_rows = rows.to(tl.int64) * stride_hn
-    w_cols = cols.to(tl.int64) * stride_wv
+    # Pointer tiles built once and advanced by a scalar step (int64: far rows / columns stay
+    # addressable): per-iteration int64 address math would hold two registers per element.
+    h_offsets = rows.to(tl.int64)[:, None] * stride_hn + ks[None, :] * stride_hd
+    h_ptrs = h_ptr + h_offsets
+    dh_ptrs = dh_ptr + h_offsets
+    w_ptrs = w_ptr + ks.to(tl.int64)[:, None] * stride_wd + cols.to(tl.int64)[None, :] * stride_wv
+    h_step = tl.full((), BLOCK_D, tl.int64) * stride_hd
+    w_step = tl.full((), BLOCK_D, tl.int64) * stride_wd
     for k0 in range(0, d_model, BLOCK_D):
         k_ok = (k0 + ks) < d_model
-        h_offsets = h_rows[:, None] + (k0 + ks).to(tl.int64)[None, :] * stride_hd
         h_mask = row_ok[:, None] & k_ok[None, :]
-        h = tl.load(h_ptr + h_offsets, mask=h_mask, other=0.0)
-        dh = tl.load(dh_ptr + h_offsets, mask=h_mask, other=0.0)
+        h = tl.load(h_ptrs, mask=h_mask, other=0.0)
+        dh = tl.load(dh_ptrs, mask=h_mask, other=0.0)
         # One W_U tile serves both products: the main memory traffic is W_U, read once per sweep.
-        w = tl.load(w_ptr + (k0 + ks).to(tl.int64)[:, None] * stride_wd + w_cols[None, :],
-                    mask=k_ok[:, None] & w_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & w_ok[None, :], other=0.0)
         a = mma(h, w, a, MATMUL_MODE)
         d = mma(dh, w, d, MATMUL_MODE)
+        h_ptrs += h_step
+        dh_ptrs += h_step
+        w_ptrs += w_step
     if HAS_BIAS:
         a += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if SOFTCAP:
@@ -510,15 +514,17 @@ def kernel_config(dtype: torch.dtype, device: torch.device, arch: int | None = N
     stages, BLOCK_D 64 for 16-bit inputs and 32 for fp32:
     - forward and sweep: 64 x 64 tiles (64 x 32 for the capped sweep); the sweep updates its
       transposed accumulators in 64-wide d chunks (BLOCK_DG = 64: wgmma needs M >= 64; smaller
-      chunks fall back to mma.sync), once per tile. Wider tiles, or two tiles per update (tried:
-      64 x 128, and 2 x 64 x 64 with the factors chained), spill;
+      chunks fall back to mma.sync), once per tile. Wider tiles spill (64 x 128, the forward's
+      tile before the stable KL added its sums; for the sweep also 2 x 64 x 64 with the
+      rescaling factors chained);
     - grad: 64 x 128 tiles, two tiles per write-back.
     sm_80 (mma.sync holds its operands in registers too): 64 x 64 tiles for the forward, 32 x 64
     (BLOCK_D 32) for both gradient kernels, one tile per write-back; the sweep's accumulators in
     16-wide d chunks.
     mode: the MATMUL_MODE (matmul_mode(dtype) when None). "ieee" (exact fp32 by request) runs on
-    CUDA-core FMAs, whose operands live in registers: 32 x 64 tiles (sm_90), or 16 x 64 with
-    BLOCK_D 16 for the forward and 16 x 32 for the gradient kernels (sm_80), 4 warps.
+    CUDA-core FMAs, whose operands live in registers, 4 warps: 32 x 64 tiles (sm_90), or 16 x 64
+    with BLOCK_D 16 for the forward and 16 x 32 for the two-pass gradient (sm_80); the sweep
+    16 x 32 with BLOCK_D 16 on both, accumulators in 16-wide d chunks.
     Compile facts: compile_cases(). Interpreter (CPU): bigger tiles mean fewer numpy steps.
     """
     if kind not in KERNEL_KINDS:
@@ -535,9 +541,13 @@ def kernel_config(dtype: torch.dtype, device: torch.device, arch: int | None = N
         v_group = 1
         if (mode or matmul_mode(dtype)) == "ieee":
             block_n, block_v, block_d = (32, 64, 32) if arch >= 90 else (16, 32, 32) if grad else (16, 64, 16)
+            if kind == "sweep":  # two more [BLOCK_N, BLOCK_V] operands live in registers
+                block_n, block_v, block_d = 16, 32, 16
             config = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=4, num_stages=3)
+            if kind == "sweep":
+                config["BLOCK_DG"] = 16
         elif arch >= 90:
-            block_v = 32 if kind == "sweep" and softcap else 128 if kind == "grad" else 64
+            block_v = 128 if kind == "grad" else 32 if softcap and kind == "sweep" else 64
             config = dict(BLOCK_N=64, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=8, num_stages=3)
             if kind == "sweep":
                 config["BLOCK_DG"] = 64
@@ -884,11 +894,12 @@ class LinearKLFunction(torch.autograd.Function):
 
     Scalar reductions that need a gradient run the one-sweep kernel (the gradient is computed in
     the forward; backward scales it by grad_output); reduction="none" runs the forward kernel, then
-    the two-pass gradient kernel in backward with the per-token grad_output."""
+    the two-pass gradient kernel in backward with the per-token grad_output. one_sweep=False runs
+    scalar reductions the two-pass way too (the dispatch takes it where it was measured faster)."""
 
     @staticmethod
     def forward(ctx, h_sae, h_orig, W_U, b_U, mask, labels, reduction, ignore_index, softcap, filter_eps, config,
-                n_slices):
+                n_slices, one_sweep):
         n_tokens = h_sae.shape[0]
         counted = torch.ones(n_tokens, dtype=torch.bool, device=h_sae.device) if mask is None else mask
         maskf = counted.float()
@@ -900,7 +911,7 @@ class LinearKLFunction(torch.autograd.Function):
         mask8 = None if mask is None else mask.to(torch.int8)
         W_U = padded_unembedding(W_U)
         b_U = prepared_bias(b_U, softcap)  # fp32, unit stride, -inf floored, shifted when uncapped
-        one_sweep = reduction != "none" and ctx.needs_input_grad[0]
+        one_sweep = one_sweep and reduction != "none" and ctx.needs_input_grad[0]
 
         out = linear_kl_forward(h_orig, delta, W_U, b_U, mask8, labels, softcap,
                                 token_weight=token_weight if one_sweep else None, filter_eps=filter_eps,
@@ -919,37 +930,39 @@ class LinearKLFunction(torch.autograd.Function):
 
         ctx.reduction, ctx.h_dtype, ctx.softcap = reduction, h_sae.dtype, softcap
         ctx.filter_eps, ctx.config, ctx.n_slices = filter_eps, config, n_slices
-        if reduction == "none":
-            loss = kl
+        ctx.one_sweep = one_sweep
+        loss = kl if reduction == "none" else (kl * token_weight).sum() if reduction == "mean" else kl.sum()
+        if one_sweep:
+            ctx.save_for_backward(out.grad)
+        elif ctx.needs_input_grad[0]:
             ctx.save_for_backward(h_orig, delta, W_U, b_U, mask8, out.lse_orig, out.dlse, token_weight)
-        else:
-            loss = (kl * token_weight).sum() if reduction == "mean" else kl.sum()
-            if one_sweep:
-                ctx.save_for_backward(out.grad)
         ctx.mark_non_differentiable(sums)
         return loss, sums
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):
         if not ctx.needs_input_grad[0]:
-            return (None,) * 12
-        if ctx.reduction != "none":
+            return (None,) * 13
+        if ctx.one_sweep:
             (grad,) = ctx.saved_tensors
             grad = grad * grad_loss
         else:
             h_orig, delta, W_U, b_U, mask8, lse_orig, dlse, token_weight = ctx.saved_tensors
-            # one grad_output per token
+            # "none": one grad_output per token; a scalar one broadcasts
             grad = linear_kl_grad(h_orig, delta, W_U, b_U, mask8, lse_orig, dlse, token_weight * grad_loss.float(),
                                   ctx.softcap, filter_eps=ctx.filter_eps, config=ctx.config, n_slices=ctx.n_slices)
-        return (grad.to(ctx.h_dtype),) + (None,) * 11
+        return (grad.to(ctx.h_dtype),) + (None,) * 12
 
 
 def linear_kl_triton(h_sae, h_orig, W_U, b_U=None, mask=None, labels=None, reduction="mean",
-                     ignore_index=-100, softcap=None, *, filter_eps=FILTER_EPS, config=None, n_slices=None):
+                     ignore_index=-100, softcap=None, one_sweep=True, *, filter_eps=FILTER_EPS, config=None,
+                     n_slices=None):
     """Fused linear + KL on validated, flattened inputs: h_* [N, d], W_U [d, V], b_U [V] or None,
     mask [N] bool or None, labels [N] int64 or None, softcap a positive float or None (final-logit
     soft-capping). Returns (loss, sums) like the reference.
 
+    one_sweep: scalar reductions compute the gradient in the forward's sweep (8*N*d*V); False runs
+    the forward, then the two-pass gradient in backward (4 + 6*N*d*V), as reduction="none" does.
     filter_eps: the gradient filter's threshold (module docstring; 0 disables it).
     config / n_slices: override the block sizes and the number of vocabulary slices (tests).
     """
@@ -964,4 +977,4 @@ def linear_kl_triton(h_sae, h_orig, W_U, b_U=None, mask=None, labels=None, reduc
         mask = mask.bool()
     return LinearKLFunction.apply(h_sae, h_orig.detach(), W_U.detach(), None if b_U is None else b_U.detach(),
                                   mask, labels, reduction, ignore_index, None if softcap is None else float(softcap),
-                                  filter_eps, config, n_slices)
+                                  filter_eps, config, n_slices, one_sweep)

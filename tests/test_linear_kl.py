@@ -320,6 +320,120 @@ def test_large_common_bias_keeps_the_kl_exact(backend):
     torch.testing.assert_close(grad.double().cpu() / scale, want_grad / scale, atol=1e-5, rtol=0)
 
 
+def two_lse_kl_fp32(h_sae, h_orig, W_U, b_U, softcap=None):
+    """The paper's form in fp32: KL = lse(B) - lse(A) - E_p[B - A] from materialised logits (what
+    loses its relative precision when the KL is small)."""
+    def logits(h):
+        z = h.detach().float().cpu() @ W_U.float().cpu() + (0 if b_U is None else b_U.float().cpu())
+        return z if softcap is None else softcap * torch.tanh(z / softcap)
+    a, b = logits(h_orig), logits(h_sae)
+    return torch.logsumexp(b, -1) - torch.logsumexp(a, -1) - (torch.softmax(a, -1) * (b - a)).sum(-1)
+
+
+SMALL_KL_CASES = {
+    # (noise, softcap, offset, bias_ramp): KL about 5e-5 nats per token in each
+    "plain": (3.5e-3, None, 0.0, False),
+    "softcap": (3.5e-3, 4.0, 0.0, False),
+    # h_sae moves every logit by +5 (a constant shift, which the KL ignores) besides the small
+    # change: D is 500 times the change the KL sees (exp(D) without a centre would cancel by
+    # e^5 / 5e-5; fp32 rounds D itself to 5 * 2^-24, which caps the offset a 1e-4 test can use)
+    "large_common_delta": (3.5e-3, None, 5.0, False),
+    # the clean logits rise across the vocabulary, so the running maximum moves on every tile
+    "rising_max": (3.5e-3, None, 0.0, True),
+}
+
+
+def small_kl_inputs(noise, offset, bias_ramp):
+    """N = 17, d = 40, V = 301 as in the issue, h_sae = h_orig + noise; W_U's last row is all
+    ones, so a shift of h along it adds `offset` to every logit."""
+    h_sae, h_orig, W_U, b_U = make_inputs(17, 40, 301, noise=noise)
+    W_U[-1] = 1.0
+    h_sae = h_sae.detach().clone()
+    h_sae[:, -1] += offset
+    if bias_ramp:
+        b_U = b_U + torch.linspace(-20.0, 20.0, 301)
+    return h_sae.requires_grad_(), h_orig, W_U, b_U
+
+
+@pytest.mark.parametrize("case", list(SMALL_KL_CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_kl_keeps_its_relative_precision(backend, case):
+    """KL about 5e-5 per token (a good SAE): fp32 relative error <= 1e-4 per token against fp64,
+    where the difference of two log-sum-exps (the paper's form, in fp32) is off by far more. The
+    kernel with small tiles and 3 vocabulary slices, so the online rescaling and the merge act."""
+    noise, softcap, offset, bias_ramp = SMALL_KL_CASES[case]
+    h_sae, h_orig, W_U, b_U = small_kl_inputs(noise, offset, bias_ramp)
+    want_kl, want_grad, _ = capped_kl_truth(h_sae, h_orig, W_U, b_U, softcap)
+    assert 1e-5 < want_kl.mean() < 2e-4, want_kl.mean()
+    if softcap is not None:  # the cap bites: logits reach past the cap
+        assert (h_orig @ W_U + b_U).abs().max() > 2 * softcap
+    if backend == "triton":
+        kl, _ = K.linear_kl_triton(h_sae, h_orig, W_U, b_U, None, None, "none", -100, softcap,
+                                   config=SMALL_TILES, n_slices=3)
+        loss, _ = K.linear_kl_triton(h_sae, h_orig, W_U, b_U, None, None, "sum", -100, softcap,
+                                     config=SMALL_TILES, n_slices=3)
+    else:
+        kl = ops.fused_linear_kl(h_sae, h_orig, W_U, b_U, reduction="none", softcap=softcap, backend="torch")
+        loss = ops.fused_linear_kl(h_sae, h_orig, W_U, b_U, reduction="sum", softcap=softcap, backend="torch")
+    relative = ((kl.double().cpu() - want_kl).abs() / want_kl).max().item()
+    assert relative <= 1e-4, relative
+    assert abs(loss.item() - want_kl.sum().item()) <= 1e-4 * want_kl.sum().item()
+    (grad,) = torch.autograd.grad(loss, h_sae)  # the one-sweep gradient (kernel) for a sum
+    scale = want_grad.abs().max()
+    # With the offset, fp32 rounds each D to 5 * 2^-24 = 3e-7, against the 1e-2 changes the
+    # gradient (q - p) follows: 3e-5 of it per entry, in the inputs, whatever the algorithm.
+    grad_atol = 1e-4 if offset else 1e-5
+    torch.testing.assert_close(grad.double().cpu() / scale, want_grad / scale, atol=grad_atol, rtol=0)
+    # the test can fail: the two-log-sum-exp form in fp32 is far off here
+    naive = ((two_lse_kl_fp32(h_sae, h_orig, W_U, b_U, softcap).double() - want_kl).abs() / want_kl).max()
+    assert naive > 1e-3, naive
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_kl_with_huge_deltas_and_logits(backend):
+    """D up to about 1e3 (h_sae far from h_orig) on logits up to 1e3 with a +1e4 bias: finite, and
+    fp32-relative right (the stable form's other branch, log1p(u) - E_p[x], and exp(B - max B)
+    in place of exp(x))."""
+    h_sae, h_orig, W_U, b_U = make_inputs(19, 32, 203, noise=3.0)
+    W_U = W_U * (1e3 / (h_orig @ W_U).abs().max())
+    b_U = b_U + 1e4
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    args = [t.detach().to(device) for t in (h_sae, h_orig, W_U, b_U)]
+    args[0].requires_grad_()
+    if backend == "triton":
+        kl, _ = K.linear_kl_triton(*args, None, None, "none", -100, config=SMALL_TILES, n_slices=2)
+        loss, _ = K.linear_kl_triton(*args, None, None, "sum", -100, config=SMALL_TILES, n_slices=2)
+    else:
+        kl = ops.fused_linear_kl(*args, reduction="none", backend=backend)
+        loss = ops.fused_linear_kl(*args, reduction="sum", backend=backend)
+    (grad,) = torch.autograd.grad(loss, args[0])
+    want_kl, want_grad, _ = capped_kl_truth(h_sae, h_orig, W_U, b_U, None)
+    delta = (h_sae - h_orig).detach() @ W_U
+    assert delta.abs().max() > 300 and want_kl.min() > 10  # the regime this test is about
+    assert torch.isfinite(kl).all() and torch.isfinite(grad).all()
+    # the logits carry fp32 rounding of 1e3 * 2^-24 each; the KL is hundreds of nats
+    torch.testing.assert_close(kl.double().cpu(), want_kl, rtol=1e-5, atol=0)
+    scale = want_grad.abs().max()
+    torch.testing.assert_close(grad.double().cpu() / scale, want_grad / scale, atol=1e-5, rtol=0)
+
+
+def test_reference_gradcheck_in_float64():
+    """The reference's gradient (in float64) against finite differences, for the scalar (computed
+    in forward) and per-token (recomputed in backward) paths, with a cap and a mask."""
+    gen = torch.Generator().manual_seed(7)
+    h_orig = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    h_sae = (h_orig + 0.1 * torch.randn(5, 6, generator=gen, dtype=torch.float64)).requires_grad_()
+    W_U = torch.randn(6, 11, generator=gen, dtype=torch.float64) * 2
+    b_U = torch.randn(11, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([True, True, False, True, True])
+    for reduction in ("mean", "none"):
+        for softcap in (None, 3.0):
+            def f(h, reduction=reduction, softcap=softcap):
+                return ops.fused_linear_kl(h, h_orig, W_U, b_U, mask=mask, reduction=reduction, softcap=softcap,
+                                           backend="torch")
+            assert torch.autograd.gradcheck(f, (h_sae,))
+
+
 # capped, the -1e30 floor overflows inside tanh's exp (numpy warns under the interpreter): tanh -> -1, as meant
 @pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
 @pytest.mark.parametrize("backend", BACKENDS)

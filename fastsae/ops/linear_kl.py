@@ -19,7 +19,17 @@ its precision; without a cap b_U is shifted by its maximum (an exact, result-pre
 so a large common logit bias does not round the logits. Final-logit soft-capping
 (softcap=c: cap(z) = c * tanh(z / c), as Gemma-2) is applied to both runs' full logits; the capped
 difference is computed without cancellation (capped_logits), and the gradient carries the cap's
-slope sech^2(z / c) at the SAE run's logits.
+slope sech^2(z / c) at the SAE run's logits. The KL itself is formed without cancellation,
+E_p[phi(x)] + psi(u) around the centre max(B) - max(A) (kernels/_logits.py): at KL = 5e-5 nats
+per token it keeps fp32's relative precision (1e-6 measured; the difference of two log-sum-exps,
+the paper's form, is 3.6e-2 off), and the gradient q - p = p (expm1(x) - u) / (1 + u) is exact
+where q ~ p.
+
+Dispatch: backend="triton" (or FASTSAE_BACKEND) forces the kernel, "torch" the reference. Under
+"auto" CUDA tensors take the fused kernel (for a scalar reduction with a gradient, the one-sweep
+kernel) unless benchmarks/gpu_check.py recorded another variant faster for this GPU and shape
+class (fastsae/ops/_backend.py: measured dispatch; shape_class here): the fused two-pass kernel or
+this reference. No record for the device: the fused kernel.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastsae.ops._backend import call_kernel, register_kernel, use_triton
+from fastsae.ops._backend import call_kernel, device_name, measured_fastest, register_kernel, requested_backend, use_triton
 from fastsae.ops import _checks
 from fastsae.ops._checks import check_same, check_shape, check_tensor
 from fastsae.kernels._logits import centered_terms, kl_from_sums, prepared_bias
@@ -36,6 +46,37 @@ from fastsae.kernels._logits import centered_terms, kl_from_sums, prepared_bias
 register_kernel("fused_linear_kl", "linear_kl", "linear_kl_triton")
 
 REDUCTIONS = ("mean", "sum", "none")
+# The variants benchmarks/gpu_check.py times (the measured dispatch, fastsae/ops/_backend.py):
+# "one_sweep" (loss and gradient in one sweep over W_U, 8*N*d*V), "two_pass" (forward, then the
+# gradient's own sweep in backward, 4 + 6*N*d*V), "forward" (loss only, 4*N*d*V), "reference".
+VARIANTS_WITH_GRAD = ("one_sweep", "two_pass", "reference")
+VARIANTS_LOSS_ONLY = ("forward", "reference")
+
+
+def shape_class(dtype: torch.dtype, d_model: int, d_vocab: int, with_grad: bool) -> str:
+    """The measured dispatch's key for a call: the operand dtype (fp32 with torch's matmul
+    precision, which picks TF32 / bf16 / fp32 tensor-core modes), d, V, and whether a gradient
+    is computed ("fwd_bwd") or not ("fwd"). The token count is matched separately."""
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+    name = name or f"fp32-{torch.get_float32_matmul_precision()}"
+    return f"{name}/d{d_model}/V{d_vocab}/{'fwd_bwd' if with_grad else 'fwd'}"
+
+
+def _kernel_variant(h_sae: torch.Tensor, W_U: torch.Tensor, reduction: str, backend: str | None) -> str:
+    """Under backend "auto" on a GPU, the variant recorded fastest for this device and shape class
+    ("reference" among them); without a record, or with a forced backend, the fused kernel."""
+    with_grad = torch.is_grad_enabled() and h_sae.requires_grad
+    default = "one_sweep" if with_grad and reduction != "none" else "two_pass" if with_grad else "forward"
+    if requested_backend(backend) != "auto":
+        return default
+    if not with_grad:
+        variants = VARIANTS_LOSS_ONLY
+    else:  # reduction="none" has no one-sweep form: its gradient needs the per-token grad_output
+        variants = VARIANTS_WITH_GRAD if reduction != "none" else ("two_pass", "reference")
+    fastest = measured_fastest("fused_linear_kl", device_name(h_sae),
+                               shape_class(h_sae.dtype, W_U.shape[0], W_U.shape[1], with_grad), h_sae.shape[0],
+                               variants)
+    return fastest or default
 
 
 class LinearKLStats(NamedTuple):
@@ -270,10 +311,13 @@ def fused_linear_kl(h_sae: torch.Tensor, h_orig: torch.Tensor, W_U: torch.Tensor
                 raise ValueError(f"labels must lie in [0, d_vocab={d_vocab}) or equal ignore_index={ignore_index}, "
                                  f"got {int(labels[bad][0])}")
     h_sae2d, h_orig2d = h_sae.reshape(-1, d_model), h_orig.reshape(-1, d_model).detach()
+    variant = "reference"
     if use_triton("fused_linear_kl", h_sae2d, h_orig2d, W_U, backend=backend):
+        variant = _kernel_variant(h_sae2d, W_U, reduction, backend)
+    if variant != "reference":
         # Same contract as the reference: (loss, sums), differentiable in h_sae only.
         loss, sums = call_kernel("fused_linear_kl", h_sae2d, h_orig2d, W_U, b_U, mask, labels, reduction,
-                                 ignore_index, softcap)
+                                 ignore_index, softcap, variant != "two_pass")
     else:
         loss, sums = LinearKLReference.apply(h_sae2d, h_orig2d, W_U, b_U, mask, labels, reduction, ignore_index,
                                              softcap)
