@@ -622,6 +622,121 @@ def test_reference_extreme_logits_and_exact_zero():
 
 
 # ----------------------------------------------------------------------------------------------
+# Measured dispatch (fastsae/ops/_backend.py): a faked GPU and a record of the test's own
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """fused_linear_kl's "auto" dispatch as on a GPU named "Fake GPU" whose record is a temporary
+    file (the kernel runs under the interpreter). Yields (record path, the variants that ran)."""
+    import fastsae.ops.linear_kl as op_module
+    from fastsae.ops import _backend
+
+    record = tmp_path / "measured_dispatch.json"
+    monkeypatch.setattr(_backend, "MEASURED_DISPATCH", record)
+    monkeypatch.setattr(op_module, "use_triton",
+                        lambda op, *tensors, backend=None: _backend.requested_backend(backend) != "torch")
+    monkeypatch.setattr(op_module, "device_name", lambda tensor: "Fake GPU")
+    ran = []
+    call_kernel, reference = op_module.call_kernel, LinearKLReference.apply
+
+    def kernel(op, *args):
+        ran.append("fused" if args[-1] else "two_pass")  # fused: one sweep, or loss only without a gradient
+        return call_kernel(op, *args)
+
+    def traced_reference(*args):
+        ran.append("reference")
+        return reference(*args)
+
+    monkeypatch.setattr(op_module, "call_kernel", kernel)
+    monkeypatch.setattr(LinearKLReference, "apply", traced_reference)
+    return record, ran
+
+
+def test_measured_dispatch_takes_the_recorded_fastest(fake_gpu):
+    """No record: the fused kernel (one sweep with a gradient). A record for this GPU and shape
+    class: its fastest variant among those that can run (reduction="none" has no one-sweep form;
+    no gradient: loss-only kernel or reference), from the entry nearest in token count. A forced
+    backend or another GPU ignores it."""
+    from fastsae.ops._backend import measured_fastest, record_measurement
+    from fastsae.ops.linear_kl import VARIANTS_WITH_GRAD, shape_class
+
+    record, ran = fake_gpu
+    h_sae, h_orig, W_U, b_U = make_inputs(20, 16, 50)
+
+    def variant(reduction="mean", grad=True, **kwargs):
+        ran.clear()
+        h = h_sae.detach().clone().requires_grad_(grad)
+        loss = ops.fused_linear_kl(h, h_orig, W_U, b_U, reduction=reduction, **kwargs)
+        if grad:
+            torch.autograd.grad(loss.sum(), h)
+        return ran[0]
+
+    def measured(n_tokens, with_grad=True, **seconds):
+        record_measurement("fused_linear_kl", "Fake GPU", shape_class(torch.float32, 16, 50, with_grad), n_tokens,
+                           seconds, path=record)
+
+    assert variant() == "fused" and variant("none") == "two_pass" and variant(grad=False) == "fused"
+    measured(20, one_sweep=2.0, two_pass=3.0, reference=1.0)
+    assert variant() == "reference"
+    assert variant(backend="triton") == "fused" and variant(backend="torch") == "reference"
+    measured(20, one_sweep=2.0, two_pass=1.0, reference=3.0)  # replaces the entry at N = 20
+    assert variant() == "two_pass"
+    measured(20, one_sweep=1.0, two_pass=3.0, reference=2.0)
+    assert variant() == "fused" and variant("none") == "reference"  # none: two_pass or reference
+    measured(16384, one_sweep=2.0, two_pass=3.0, reference=1.0)  # another token count
+    assert variant() == "fused"  # N = 20 is nearest to the entry at 20
+    cls = shape_class(torch.float32, 16, 50, True)
+    assert measured_fastest("fused_linear_kl", "Fake GPU", cls, 9000, VARIANTS_WITH_GRAD, path=record) == "reference"
+    assert measured_fastest("fused_linear_kl", "Other GPU", cls, 20, VARIANTS_WITH_GRAD, path=record) is None
+    measured(20, with_grad=False, forward=2.0, reference=1.0)  # loss only: its own shape class
+    assert variant(grad=False) == "reference" and variant() == "fused"
+    torch.set_float32_matmul_precision("high")  # another fp32 shape class: no record
+    try:
+        assert variant() == "fused"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert shape_class(torch.bfloat16, 768, 50257, True) == "bf16/d768/V50257/fwd_bwd"
+
+
+@pytest.mark.slow
+def test_gpu_check_records_the_kl_dispatch(tmp_path, monkeypatch):
+    """benchmarks/gpu_check.py's kl_dispatch worker at its smoke size (interpreter): every variant
+    timed per shape class, the fastest recorded where the op's dispatch reads it."""
+    import sys
+    from pathlib import Path
+
+    from fastsae.ops._backend import measured_fastest
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "gpu_check", raising=False)
+    import gpu_check
+
+    record = tmp_path / "record.json"
+    result = gpu_check.kl_dispatch_worker(smoke=True, deadline=float("inf"), record_path=record)
+    assert result["status"] == "ok" and len(result["measurements"]) == 2
+    for entry in result["measurements"]:
+        assert set(entry["seconds"]) == ({"one_sweep", "two_pass", "reference"} if entry["shape_class"].endswith(
+            "fwd_bwd") else {"forward", "reference"})
+        got = measured_fastest("fused_linear_kl", result["device"], entry["shape_class"], entry["N"],
+                               entry["seconds"], path=record)
+        assert got == entry["fastest"]
+
+
+def test_one_sweep_and_two_pass_agree():
+    """The two fused paths of a scalar reduction give the same loss, stats and gradient."""
+    h_sae, h_orig, W_U, b_U = make_inputs(21, 24, 100)
+    labels = torch.randint(0, 100, (21,), device=KERNEL_DEVICE)
+    results = []
+    for one_sweep in (True, False):
+        loss, sums = K.linear_kl_triton(h_sae, h_orig, W_U, b_U, None, labels, "mean", -100, None, one_sweep,
+                                        config=SMALL_TILES, n_slices=2)
+        results.append((loss, sums, torch.autograd.grad(loss, h_sae)[0]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------
 
