@@ -14,7 +14,8 @@ Two kernels, chosen by the autograd function at the bottom:
   reduction="none", or no gradient wanted).
 - `_linear_kl_grad_kernel`: the gradient for reduction="none", whose per-token grad_output is only
   known in backward: a second sweep recomputes A and D from the forward's lse's (6*N*d*V; 10 in
-  all). It is kept only for that case.
+  all). Scalar reductions take it only with one_sweep=False, which the op's measured dispatch
+  picks where benchmarks/gpu_check.py found it faster on the GPU (see "Which is faster" below).
 
 Numerics: the delta form. The SAE run's logits are never formed from h_sae: the kernels read
 h_orig and delta = h_sae - h_orig and build a = h_orig @ W_U + b_U and d = delta @ W_U in the
@@ -50,11 +51,25 @@ combined once u is known. G1 carries expm1(x), not exp(B - m_B): where q ~ p its
 small and exact, so the gradient keeps its relative precision when the KL is small (the
 difference G_q - G_p of two expectations would cancel). [BLOCK_N, d] fp32 does not fit in
 registers (64 x 768 x 4 B = 192 KiB; at d = 4,096 a megabyte), so each program keeps G0 and G1 in
-its own slice of a global [n_slices, N, d] buffer and updates them once per vocabulary tile: a
-second d loop reads the tile's W_U columns again (an L2 hit: the same [d, BLOCK_V] tile the
-logit loop just streamed; HBM reads W_U once per token block) and read-modify-writes the two
-blocks (plain loads and stores: the program owns them, no atomics). A torch epilogue merges the
-vocabulary slices (flash-decoding style; same rescaling) and forms the gradient.
+its own slice of a global buffer and updates them once per vocabulary tile: a second d loop
+reads the tile's W_U columns again (an L2 hit: the same [d, BLOCK_V] tile the logit loop just
+streamed; HBM reads W_U once per token block) and read-modify-writes the two blocks (plain loads
+and stores: the program owns them, no atomics). The buffer is transposed, [2, n_slices, d, N]:
+the update is G^T += W_U[k-chunk, tile] @ op^T, whose operands (the [BLOCK_V, BLOCK_N] tiles of e
+and e expm1(x)) are the MMA's B side, read from shared memory on sm_90, where as the A side they
+would take two 64-register copies per thread and spill. A torch epilogue merges the vocabulary
+slices (flash-decoding style; same rescaling) and forms the gradient.
+
+Which is faster, one sweep or two. The sweep does 8*N*d*V FLOPs against 10, but moves more bytes
+through L2 per FLOP. Per program and vocabulary tile (BLOCK_N = BLOCK_V = 64, d model width, s
+bytes per operand): h and delta 2 * 64 d s, the W_U tile twice 2 * 64 d s, G0 and G1 read and
+written 4 * 64 d * 4 B, for 8 * 64 * 64 d FLOPs: 21 FLOP/B in bf16, 16 in fp32. The two-pass
+kernels' 64 x 128 tiles (two per write-back of their single accumulator) run at about 64 (forward)
+and 48 (gradient) FLOP/B in bf16. Compute-bound, the sweep is 20 % faster; L2-bound (at a few
+TB/s of L2, plausible on H100 / H200), the two-pass kernels are. The wider sweep tiles or groups
+that would amortise the accumulators spill (kernel_config). This is an estimate, not a
+measurement: the op's dispatch takes whichever benchmarks/gpu_check.py measured faster on the GPU
+(fastsae/ops/_backend.py), the one sweep where nothing was measured.
 
 Cut Cross-Entropy's filter in one sweep. Final p and q are not known during the sweep, but the
 running maxima bound them: p_v <= exp(A_v - m_A) and q_v <= exp(B_v - m_B) at any point of the
@@ -69,8 +84,11 @@ than a two-pass filter, never more loosely). The two-pass gradient kernel filter
 p and q.
 
 Matmul precision: fp32 operands follow torch.get_float32_matmul_precision() through
-kernels._common.mma (TF32 tensor cores when it is "high", as the trainer sets on CUDA). The
-gradient products take their (bounded, |.| <= 1) operands in W_U's dtype.
+kernels._common.mma (TF32 tensor cores when it is "high", as the trainer sets on CUDA: Triton
+feeds fp32 registers to the .tf32 MMAs, which truncate them to 10 mantissa bits). The gradient
+products take their (bounded, |.| <= 1) operands in W_U's dtype. tests/test_precision.py checks
+TF32 and bf16 operands on an interpreter that rounds as the GPU does: TF32 costs 5e-4 to 2.5e-3
+of the KL and 2e-3 of the gradient, bf16 operands up to 1e-2 and 7.5e-3.
 
 Memory layout: W_U with a row stride that is not a multiple of 16 elements (GPT-2's V = 50,257,
 row-major) loses the vectorised, pipelined tile loads; such a W_U is copied once into a padded
@@ -78,8 +96,8 @@ buffer (`padded_unembedding`), cached while W_U is unchanged (W_U is frozen). A 
 (TransformerLens 4 passes lm_head.weight.T) is read as it is. Masked tokens are never read: their
 rows load as zeros (a masked token with a NaN hidden state gives finite loss and gradients), and a
 block of only masked tokens returns at once. Extra memory: the stats ([8, n_slices, N] fp32) and,
-with the gradient, G0 and G1 (2 * n_slices * N * d fp32; n_slices = 1 from N = 8,448 on 132
-SMs).
+with the gradient, G0 and G1 (2 * n_slices * N * d fp32; one slice from one row block per SM:
+N = 8,448 on 132 SMs at BLOCK_N = 64).
 """
 
 from __future__ import annotations
@@ -517,14 +535,14 @@ def kernel_config(dtype: torch.dtype, device: torch.device, arch: int | None = N
       chunks fall back to mma.sync), once per tile. Wider tiles spill (64 x 128, the forward's
       tile before the stable KL added its sums; for the sweep also 2 x 64 x 64 with the
       rescaling factors chained);
-    - grad: 64 x 128 tiles, two tiles per write-back.
+    - grad: 64 x 128 tiles, two tiles per write-back (capped: 64 x 64, one).
     sm_80 (mma.sync holds its operands in registers too): 64 x 64 tiles for the forward, 32 x 64
     (BLOCK_D 32) for both gradient kernels, one tile per write-back; the sweep's accumulators in
     16-wide d chunks.
     mode: the MATMUL_MODE (matmul_mode(dtype) when None). "ieee" (exact fp32 by request) runs on
-    CUDA-core FMAs, whose operands live in registers, 4 warps: 32 x 64 tiles (sm_90), or 16 x 64
-    with BLOCK_D 16 for the forward and 16 x 32 for the two-pass gradient (sm_80); the sweep
-    16 x 32 with BLOCK_D 16 on both, accumulators in 16-wide d chunks.
+    CUDA-core FMAs, whose operands live in registers, 4 warps: the forward 16 x 64 with BLOCK_D 16,
+    the sweep 16 x 32 with BLOCK_D 16 and 16-wide accumulator chunks, the two-pass gradient 32 x 64
+    (sm_90) or 16 x 32 (sm_80).
     Compile facts: compile_cases(). Interpreter (CPU): bigger tiles mean fewer numpy steps.
     """
     if kind not in KERNEL_KINDS:
@@ -540,18 +558,19 @@ def kernel_config(dtype: torch.dtype, device: torch.device, arch: int | None = N
         block_d = 32 if dtype == torch.float32 else 64
         v_group = 1
         if (mode or matmul_mode(dtype)) == "ieee":
-            block_n, block_v, block_d = (32, 64, 32) if arch >= 90 else (16, 32, 32) if grad else (16, 64, 16)
+            block_n, block_v, block_d = ((32, 64, 32) if arch >= 90 else (16, 32, 32)) if grad else (16, 64, 16)
             if kind == "sweep":  # two more [BLOCK_N, BLOCK_V] operands live in registers
                 block_n, block_v, block_d = 16, 32, 16
             config = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=4, num_stages=3)
             if kind == "sweep":
                 config["BLOCK_DG"] = 16
         elif arch >= 90:
-            block_v = 128 if kind == "grad" else 32 if softcap and kind == "sweep" else 64
+            # capped logits hold more live tiles: narrower tiles, one per write-back
+            block_v = (64 if softcap else 128) if kind == "grad" else 32 if softcap and kind == "sweep" else 64
             config = dict(BLOCK_N=64, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=8, num_stages=3)
             if kind == "sweep":
                 config["BLOCK_DG"] = 64
-            v_group = GRAD_V_GROUP
+            v_group = 1 if softcap else GRAD_V_GROUP
         elif grad:
             config = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=3)
             if kind == "sweep":
@@ -745,7 +764,7 @@ def linear_kl_grad(h_orig, delta, W_U, b_U, mask, lse_orig, dlse, token_weight, 
     None under recorded_launches()."""
     n_tokens, d_model = h_orig.shape
     d_vocab = W_U.shape[1]
-    config = dict(config or kernel_config(h_orig.dtype, h_orig.device, kind="grad"))
+    config = dict(config or kernel_config(h_orig.dtype, h_orig.device, kind="grad", softcap=softcap is not None))
     v_group = config.pop("V_GROUP", GRAD_V_GROUP)
     n_row_blocks = triton.cdiv(n_tokens, config["BLOCK_N"])
     groups_per_slice, slices = _vocab_slices(
@@ -787,7 +806,8 @@ def _compile_scenarios(shape: str, mode: str):
     layouts = ("row", "col")
     found = [("sweep", layout, TRAIN_TOKENS, mask, bias, False)
              for layout in layouts for mask in (False, True) for bias in (True, False)]
-    found += [("sweep", "row", TRAIN_TOKENS, False, True, True)]  # Gemma-2's soft-capping
+    # Gemma-2's soft-capping: more live tiles in every kernel
+    found += [(kind, "row", TRAIN_TOKENS, False, True, True) for kind in KERNEL_KINDS]
     if shape == "gpt2":
         found += [("forward", layout, n, mask, True, False)
                   for layout in layouts for n, mask in ((TRAIN_TOKENS, False), (EVAL_TOKENS, True))]
