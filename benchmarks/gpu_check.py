@@ -1,6 +1,6 @@
 """One-shot GPU check: everything worth measuring the first time a GPU is lent, in one JSON.
 
-    python benchmarks/gpu_check.py                 # on one H100 / H200: under 8 minutes
+    python benchmarks/gpu_check.py                 # on one H100 / H200: under 9 minutes
     python benchmarks/gpu_check.py --smoke         # anywhere (CPU too): tiny sizes, every part
                                                    # (Triton under the interpreter: minutes on CPU)
 
@@ -18,6 +18,11 @@ recorded with its error and output tail, and the next part runs):
     distributed  with 2+ GPUs: `torchrun --nproc-per-node 2 -m fastsae train` (data parallel on
                  NCCL) vs one process, same global batch: the held-out KL must agree (1 %);
                  fewer GPUs: recorded as skipped (--smoke: the same on CPU with gloo)
+    kl_dispatch  fused_linear_kl's variants timed per shape class (bf16 and fp32 under TF32, the
+                 GPT-2 preset and d=4096 shapes, with and without a gradient): one-sweep kernel,
+                 two-pass kernel, loss-only kernel, chunked reference. Which is fastest goes into
+                 this JSON and into the measured-dispatch record the op reads under backend
+                 "auto" (fastsae/ops/measured_dispatch.json; --dispatch-record; not with --smoke)
 
 Writes benchmarks/results/gpu_check_<device>.json (device, versions, peaks, every part's status,
 seconds and results; --smoke: benchmarks/out/, untracked) or the --out path. The training parts
@@ -42,9 +47,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-# Seconds per part on the GPU: under 8 minutes on one H100 / H200 (distributed runs only with 2+ GPUs).
+# Seconds per part on the GPU: under 9 minutes on one H100 / H200 (distributed runs only with 2+ GPUs).
 BUDGETS = {"gpu_tests": 60, "bench_topk_encoder": 60, "bench_relu_encoder": 60, "bench_sparse_decoder": 35,
-           "bench_linear_kl": 45, "bench_e2e_step": 65, "train_e2e": 65, "train_local": 45, "distributed": 60}
+           "bench_linear_kl": 45, "bench_e2e_step": 65, "train_e2e": 65, "train_local": 45, "distributed": 60,
+           "kl_dispatch": 90}
 BENCH_FILES = ("bench_topk_encoder", "bench_relu_encoder", "bench_sparse_decoder", "bench_linear_kl",
                "bench_e2e_step")
 # The model the training parts run: GPT-2 small's shape (smoke: a tiny one, same vocabulary).
@@ -171,6 +177,95 @@ def distributed(args, budget) -> dict:
     return record
 
 
+def kl_dispatch(args, budget) -> dict:
+    """The KL variants' timings (worker `--worker kl_dispatch`, its own process and budget)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "kl_dispatch",
+               "--deadline", str(time.time() + budget - 10)]
+    if args.smoke:
+        command.append("--smoke")
+    elif args.dispatch_record:
+        command += ["--dispatch-record", str(args.dispatch_record)]
+    result, output = run_part(command, budget)
+    for line in reversed(output.splitlines()):
+        if line.startswith("{"):
+            result.update(json.loads(line))
+            if result["status"] == "ok":
+                del result["output_tail"]
+            break
+    else:
+        if result["status"] == "ok":
+            result.update(status="failed", error="the worker printed no result")
+    return result
+
+
+def kl_dispatch_worker(smoke: bool, deadline: float, record_path: Path | None) -> dict:
+    """Median seconds per call of each fused_linear_kl variant per shape class (fastsae.ops.linear_kl:
+    shape_class, VARIANTS_*), the fastest recorded with fastsae.ops._backend.record_measurement
+    where record_path is given. --smoke: one tiny shape, the kernels under the interpreter on CPU,
+    nothing recorded. Stops (status "out of time") when the clock passes deadline."""
+    import torch
+    from harness import DEVICE, GPT2_PRESET, LARGE, device_name, synchronize, versions
+
+    from fastsae import ops
+    from fastsae.kernels.linear_kl import linear_kl_triton
+    from fastsae.ops._backend import record_measurement
+    from fastsae.ops.linear_kl import VARIANTS_LOSS_ONLY, VARIANTS_WITH_GRAD, shape_class
+
+    shapes = [(64, 32, 500)] if smoke else [tuple(s[key] for key in "NdV") for s in (GPT2_PRESET, LARGE)]
+    # smoke: fp32 (the interpreter's bf16 dot is wrong: times only, but no garbage either)
+    dtypes = [("fp32", torch.float32)] if smoke else [("bf16", torch.bfloat16), ("fp32", torch.float32)]
+    repeats = 1 if smoke else 3
+    measurements, status = [], "ok"
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # the trainer's CUDA setting: fp32 runs on TF32
+    try:
+        for n, d, v in shapes:
+            for name, dtype in dtypes:
+                gen = torch.Generator(device=DEVICE).manual_seed(0)
+                h_orig = torch.randn(n, d, generator=gen, device=DEVICE)
+                h_sae = (h_orig + 0.1 * torch.randn(n, d, generator=gen, device=DEVICE)).to(dtype)
+                W_U = (torch.randn(d, v, generator=gen, device=DEVICE) / d ** 0.5 * 3).to(dtype)
+                b_U = torch.randn(v, generator=gen, device=DEVICE).to(dtype)
+                h_orig = h_orig.to(dtype)
+                for with_grad in (True, False):
+                    seconds = {}
+                    for variant in VARIANTS_WITH_GRAD if with_grad else VARIANTS_LOSS_ONLY:
+                        if time.time() > deadline:
+                            status = "out of time"
+                            break
+
+                        def step(variant=variant):
+                            h = h_sae.detach().requires_grad_(with_grad)
+                            with torch.set_grad_enabled(with_grad):
+                                if variant == "reference":
+                                    loss = ops.fused_linear_kl(h, h_orig, W_U, b_U, backend="torch")
+                                else:
+                                    loss = linear_kl_triton(h, h_orig, W_U, b_U, one_sweep=variant != "two_pass")[0]
+                                if with_grad:
+                                    torch.autograd.grad(loss, h)
+                            synchronize()
+
+                        step()  # compile / warm up
+                        times = []
+                        for _ in range(repeats):
+                            start = time.perf_counter()
+                            step()
+                            times.append(time.perf_counter() - start)
+                        seconds[variant] = statistics.median(times)
+                    if len(seconds) < (3 if with_grad else 2):
+                        break
+                    key = shape_class(dtype, d, v, with_grad)
+                    entry = dict(shape_class=key, N=n, seconds=seconds, fastest=min(seconds, key=seconds.get))
+                    if record_path is not None:
+                        record_measurement("fused_linear_kl", device_name(), key, n, seconds, path=record_path,
+                                           date=time.strftime("%Y-%m-%d"), triton=versions().get("triton"))
+                    measurements.append(entry)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    return {"status": status, "device": device_name(), "measurements": measurements,
+            "record": str(record_path) if record_path is not None else None}
+
+
 # ---------------------------------------------------------------------------- the training worker
 
 def train_worker(kind: str, steps: int, smoke: bool, deadline: float) -> dict:
@@ -235,9 +330,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="the JSON to write (default: benchmarks/results/"
                         "gpu_check_<device>.json; with --smoke benchmarks/out/gpu_check_smoke_<device>.json)")
     parser.add_argument("--parts", help="comma-separated subset of: " + ", ".join(
-        ["gpu_tests", "bench", "train_e2e", "train_local", "distributed"]))
+        ["gpu_tests", "bench", "train_e2e", "train_local", "distributed", "kl_dispatch"]))
     parser.add_argument("--steps", type=int, default=50, help="training steps per training part (default 50)")
-    parser.add_argument("--worker", choices=["train"], help=argparse.SUPPRESS)
+    parser.add_argument("--dispatch-record", type=Path, default=ROOT / "fastsae" / "ops" / "measured_dispatch.json",
+                        help="the measured-dispatch record kl_dispatch updates for this GPU (default: the one "
+                        "fastsae ships, fastsae/ops/measured_dispatch.json; never written with --smoke)")
+    parser.add_argument("--worker", choices=["train", "kl_dispatch"], help=argparse.SUPPRESS)
     parser.add_argument("--kind", choices=["e2e", "local"], help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -245,13 +343,17 @@ def main(argv=None) -> int:
     if args.worker == "train":
         print(json.dumps(train_worker(args.kind, args.steps, args.smoke, args.deadline), default=str))
         return 0
+    if args.worker == "kl_dispatch":
+        record = None if args.smoke else args.dispatch_record
+        print(json.dumps(kl_dispatch_worker(args.smoke, args.deadline, record), default=str))
+        return 0
 
     import torch
     from harness import HAS_CUDA, device_name, device_peaks, device_slug, versions
 
     if not HAS_CUDA and not args.smoke:
         parser.error("no CUDA device: the full check needs a GPU (use --smoke to check the script on CPU)")
-    known = {"gpu_tests", "bench", "train_e2e", "train_local", "distributed"}
+    known = {"gpu_tests", "bench", "train_e2e", "train_local", "distributed", "kl_dispatch"}
     wanted = set(args.parts.split(",")) if args.parts else known
     if wanted - known:
         parser.error(f"--parts: unknown {', '.join(sorted(wanted - known))}; "
@@ -268,6 +370,8 @@ def main(argv=None) -> int:
               for kind in ("e2e", "local") if f"train_{kind}" in wanted]
     if "distributed" in wanted:
         parts.append(("distributed", lambda budget: distributed(args, budget)))
+    if "kl_dispatch" in wanted:
+        parts.append(("kl_dispatch", lambda budget: kl_dispatch(args, budget)))
 
     report = {"device": device_name(), "device_peaks": device_peaks(), "gpus": torch.cuda.device_count(),
               "smoke": args.smoke, "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -200,12 +200,26 @@ def batchtopk_cost(N, d, n, k, candidates, s, passes):
 
 def linear_kl_cost(N, d, V, s, passes):
     # Forward: the clean and the SAE logits, 2*N*d*V each; the gradient wrt h_sae one more pass
-    # (6*N*d*V at best; a backward that recomputes both passes does 10*N*d*V).
+    # (6*N*d*V at best, with the logits held per chunk; what each variant does: linear_kl_flops).
     flops = (4 if passes == "fwd" else 6) * N * d * V
     bytes_ = 2 * N * d * s + d * V * s + V * s              # h_orig, h_sae, W_U, b_U
     if passes == "fwd_bwd":
         bytes_ += d * V * s + N * d * s                     # W_U again, grad_h_sae
     return flops, bytes_
+
+
+# N*d*V multiples each fused_linear_kl variant computes (bench_linear_kl's rows; GUIDE section 5):
+# the fused one-sweep kernel forms both runs' logit tiles and then updates the gradient's two
+# accumulators (G0, G1: kernels/linear_kl.py) with W_U^T, 8; the fused two-pass kernels recompute
+# both logit tiles in backward, 4 + 6 = 10; the chunked reference and the naive form hold the
+# logits of a chunk (all of them) and do one gradient product, 6. Loss only: 4 for all.
+LINEAR_KL_FLOPS = {"fused": {"fwd": 4, "fwd_bwd": 8}, "fused_two_pass": {"fwd": 4, "fwd_bwd": 10},
+                   "reference": {"fwd": 4, "fwd_bwd": 6}, "naive": {"fwd": 4, "fwd_bwd": 6}}
+
+
+def linear_kl_flops(variant, N, d, V, passes):
+    """FLOPs one call of a fused_linear_kl variant does (not the must-do count of linear_kl_cost)."""
+    return LINEAR_KL_FLOPS[variant][passes] * N * d * V
 
 
 def lm_forward_flops(n_layers, d, ctx):
@@ -219,7 +233,8 @@ def train_step_cost(kind, n_layer, d_model, d_vocab, ctx, layer, n_latents, batc
 
     e2e: the clean pass (no logits), the spliced pass from the SAE's block, the backward of those
     blocks for activations only (about one forward), the SAE (encoder forward + both backward
-    GEMMs: 6*d*n; the sparse decoder is negligible), and the KL: 10*d*V per token.
+    GEMMs: 6*d*n; the sparse decoder is negligible), and the KL: 8*d*V per token, what the fused
+    one-sweep kernel does on a GPU (linear_kl_flops; 6 at best, 10 before it).
     local: the clean pass up to the SAE's hook and the SAE.
     """
     tokens = batch * ctx
@@ -228,7 +243,7 @@ def train_step_cost(kind, n_layer, d_model, d_vocab, ctx, layer, n_latents, batc
         return tokens * (lm_forward_flops(layer, d_model, ctx) + sae)
     after = n_layer - layer
     lm = lm_forward_flops(n_layer, d_model, ctx) + 2 * lm_forward_flops(after, d_model, ctx)
-    return tokens * (lm + sae + 10 * d_model * d_vocab)
+    return tokens * (lm + sae + LINEAR_KL_FLOPS["fused"]["fwd_bwd"] * d_model * d_vocab)
 
 
 # ---------------------------------------------------------------------------- memory and timing
@@ -414,7 +429,9 @@ def report_lines(records: list[dict], peaks: dict | None, device: str) -> list[s
             lines.append(f"{passes} | {shape} | {rows[0]['dtype']} | per call: {', '.join(cost) or 'not modelled'}")
             lines.append(header)
             for r in rows:
-                name = r["variant"] + (" [interp]" if r.get("interpreted") else "")
+                # flops_label: what the variant itself computes where it differs by variant (KL)
+                name = r["variant"] + (f" {r['flops_label']}" if r.get("flops_label") else "") + \
+                    (" [interp]" if r.get("interpreted") else "")
                 spread = f"{_time(r['p20_s'])}..{_time(r['p80_s'])}"
                 roof = f"{100 * r['peak_fraction']:.1f}%" if "peak_fraction" in r else "-"
                 ratio = r["median_s"] / base["median_s"]

@@ -2,78 +2,125 @@
 
 p_orig = softmax(A), A = cap(h_orig @ W_U + b_U), the frozen model; p_sae = softmax(B),
 B = cap(h_sae @ W_U + b_U), the model with the SAE spliced in; cap(z) = c * tanh(z / c) for models
-with final-logit soft-capping (Gemma-2: c = 30), the identity otherwise. Per token
+with final-logit soft-capping (Gemma-2: c = 30), the identity otherwise. D = B - A.
 
-    KL = sum_v p_v (A_v - B_v) - lse(A) + lse(B) = dlse - E_p[D],   D = B - A, dlse = lse(B) - lse(A).
+Two kernels, chosen by the autograd function at the bottom:
 
-Numerics (the reason for the D form). The SAE run's logits are never formed from h_sae: the kernels
-read h_orig and delta = h_sae - h_orig and build a = h_orig @ W_U + b_U and d = delta @ W_U in the
+- `_linear_kl_forward_kernel` with WITH_GRAD=True: the training loss (reduction "mean" / "sum").
+  Loss AND gradient with respect to h_sae in one sweep over W_U per token block: 8*N*d*V FLOPs
+  (the two logit products, then the two products of the gradient's accumulators with W_U^T).
+  The gradient is computed in the forward and backward only scales it (Liger-Kernel's trick).
+- `_linear_kl_forward_kernel` with WITH_GRAD=False: the loss and stats only, 4*N*d*V (evaluation,
+  reduction="none", or no gradient wanted).
+- `_linear_kl_grad_kernel`: the gradient for reduction="none", whose per-token grad_output is only
+  known in backward: a second sweep recomputes A and D from the forward's lse's (6*N*d*V; 10 in
+  all). Scalar reductions take it only with one_sweep=False, which the op's measured dispatch
+  picks where benchmarks/gpu_check.py found it faster on the GPU (see "Which is faster" below).
+
+Numerics: the delta form. The SAE run's logits are never formed from h_sae: the kernels read
+h_orig and delta = h_sae - h_orig and build a = h_orig @ W_U + b_U and d = delta @ W_U in the
 same tile loop (one W_U tile serves both products). d is the small difference the KL depends on;
 as its own product it keeps its relative precision on tensor cores (TF32 / bf16 operands round
 delta relative to delta, not to h) and under a large common logit bias. b_U is read in fp32 with
 -inf entries (a masked vocabulary) raised to a finite floor, and without a cap it is first
 shifted by its maximum (kernels/_logits.prepared_bias; softmax, KL, CE and argmax are unchanged by
-a common shift, and the shift is exact), so a +1e4 bias does not round the logits to 1e-3. With a cap, D is the exact
-difference of the capped logits, c * [tanh((a + d) / c) - tanh(a / c)], computed as
-c * tanh(d/c) sech^2(a/c) / (1 + tanh(a/c) tanh(d/c)) (no cancellation) where |d| < c / 2.
-The online log-sum-exp of B uses exp((A - m_B) + D), and dlse is merged as
-(m_B - m_A) + log(s_B) - log(s_A): no step subtracts two large rounded logits. h_sae == h_orig
-gives delta = 0, D = 0, and exactly 0 loss and 0 gradient.
+a common shift, and the shift is exact), so a +1e4 bias does not round the logits to 1e-3. With a
+cap, D is the exact difference of the capped logits, c * [tanh((a + d) / c) - tanh(a / c)],
+computed as c * tanh(d/c) sech^2(a/c) / (1 + tanh(a/c) tanh(d/c)) (no cancellation) where
+|d| < c / 2. h_sae == h_orig gives delta = 0, D = 0, and exactly 0 loss and 0 gradient.
 
-Forward (`_linear_kl_forward_kernel`): one program per (block of BLOCK_N tokens, slice of the
-vocabulary). It walks its slice in BLOCK_V tiles and keeps per row the online lse of A and of B,
-the p-weighted sum of D, the running argmax of A and B, and the label's logits; a tiny torch
-epilogue merges the slices (flash-decoding style). Slicing the vocabulary gives the GPU enough
-programs when N is small.
+Numerics: the KL without cancellation (kernels/_logits.py has the derivation). With the centre
+c = max(B) - max(A) and x = D - c, KL = E_p[phi(x)] + psi(u), u = E_p[expm1(x)],
+phi(x) = expm1(x) - x, psi(u) = log1p(u) - u, each by its series where small: a KL of 5e-5 nats
+keeps fp32's relative precision (the difference log s_B - log s_A of two log-sum-exps, the
+paper's form, loses it: 3.6e-2 relative). A program keeps per row the running maxima m_A, m_B and
+the scaled sums S = sum exp(A - m_A), U = sum exp(A - m_A) expm1(x), R = sum exp(A - m_A) phi(x),
+T = sum exp(A - m_A) x, rescaled exactly whenever m_A or the centre moves (the factors a, b - a,
+a phi(k) of _logits.rescale_factors, in _rescale_factors here). exp(A - m_A + x) = exp(B - m_B)
+<= 1, so no term overflows however large the logits or D are.
 
-Gradient (`_linear_kl_grad_kernel`): d KL / d h_sae = ((q - p) * cap'(b)) @ W_U^T times the token's
-weight, with q - p = p * expm1(D - dlse) (a Taylor series where |D - dlse| < 1/4, so small
-differences are not lost). A second sweep recomputes the tiles: one program per (row block,
-vocabulary slice) forms the (q - p) tiles of V_GROUP vocabulary tiles in registers (2 on sm_90,
-1 on sm_80, where registers are scarcer) and adds their product with W_U^T to the fp32
-[BLOCK_N, d] gradient block in one write-back per group, so the block is rewritten V / (V_GROUP *
-BLOCK_V) times instead of once per tile (a plain read-modify-write when one slice covers the
-vocabulary; relaxed atomic adds, RED without memory fences, when several slices share rows).
-Cut Cross-Entropy's filter: a group whose |q - p| (after the cap's slope) is below filter_eps
-everywhere is skipped. Error bound: each skipped entry is below filter_eps, so for token i and
-model dimension k the gradient changes by at most
+The gradient in one sweep. d KL / d b_v = q_v - p_v = p_v (expm1(x_v) - u) / (1 + u) (times
+cap'(b_v) with a cap), so
+
+    grad_h_sae = token_weight / (S (1 + u)) * (G1 - u G0),
+    G0 = sum_v exp(A_v - m_A) cap'(b_v) W_U[:, v],   G1 = sum_v exp(A_v - m_A) expm1(x_v) cap'(b_v) W_U[:, v]
+
+(the two expectations of W_U's columns, under p and under q - p, scaled). G0 and G1 are [BLOCK_N, d]
+accumulators rescaled as the running maxima move (G0' = a G0, G1' = b G1 + (b - a) G0, as U) and
+combined once u is known. G1 carries expm1(x), not exp(B - m_B): where q ~ p its entries are
+small and exact, so the gradient keeps its relative precision when the KL is small (the
+difference G_q - G_p of two expectations would cancel). [BLOCK_N, d] fp32 does not fit in
+registers (64 x 768 x 4 B = 192 KiB; at d = 4,096 a megabyte), so each program keeps G0 and G1 in
+its own slice of a global buffer and updates them once per vocabulary tile: a second d loop
+reads the tile's W_U columns again (an L2 hit: the same [d, BLOCK_V] tile the logit loop just
+streamed; HBM reads W_U once per token block) and read-modify-writes the two blocks (plain loads
+and stores: the program owns them, no atomics). The buffer is transposed, [2, n_slices, d, N]:
+the update is G^T += W_U[k-chunk, tile] @ op^T, whose operands (the [BLOCK_V, BLOCK_N] tiles of e
+and e expm1(x)) are the MMA's B side, read from shared memory on sm_90, where as the A side they
+would take two 64-register copies per thread and spill. A torch epilogue merges the vocabulary
+slices (flash-decoding style; same rescaling) and forms the gradient.
+
+Which is faster, one sweep or two. The sweep does 8*N*d*V FLOPs against 10, but moves more bytes
+through L2 per FLOP. Per program and vocabulary tile (BLOCK_N = BLOCK_V = 64, d model width, s
+bytes per operand): h and delta 2 * 64 d s, the W_U tile twice 2 * 64 d s, G0 and G1 read and
+written 4 * 64 d * 4 B, for 8 * 64 * 64 d FLOPs: 21 FLOP/B in bf16, 16 in fp32. The two-pass
+kernels' 64 x 128 tiles (two per write-back of their single accumulator) run at about 64 (forward)
+and 48 (gradient) FLOP/B in bf16. Compute-bound, the sweep is 20 % faster; L2-bound (at a few
+TB/s of L2, plausible on H100 / H200), the two-pass kernels are. The wider sweep tiles or groups
+that would amortise the accumulators spill (kernel_config). This is an estimate, not a
+measurement: the op's dispatch takes whichever benchmarks/gpu_check.py measured faster on the GPU
+(fastsae/ops/_backend.py), the one sweep where nothing was measured.
+
+Cut Cross-Entropy's filter in one sweep. Final p and q are not known during the sweep, but the
+running maxima bound them: p_v <= exp(A_v - m_A) and q_v <= exp(B_v - m_B) at any point of the
+sweep. A tile where both bounds are below filter_eps for every row (and whose rows kept their
+maxima, so the accumulators need no rescale) skips the gradient products: each skipped entry has
+|q - p| < filter_eps, so for token i and model dimension k the gradient changes by at most
     token_weight_i * filter_eps * sum_{v skipped} |W_U[k, v]|  <=  token_weight_i * filter_eps * ||W_U[k, :]||_1.
 FILTER_EPS (2^-30, about 1e-9) is the default: at V = 50,257 and |W_U| <= 0.1 that bounds the
-change by 5e-6 * token_weight per element, below TF32's rounding of the product; it skips the
-tiles of tokens the model rules out (probabilities under 1e-9 in both runs).
+change by 5e-6 * token_weight per element, below TF32's rounding of the product. The bound uses
+the running maxima, so it skips only tiles that come after the large logits of a row (it acts less
+than a two-pass filter, never more loosely). The two-pass gradient kernel filters with the final
+p and q.
 
 Matmul precision: fp32 operands follow torch.get_float32_matmul_precision() through
-kernels._common.mma (TF32 tensor cores when it is "high", as the trainer sets on CUDA).
-
-Cost (GUIDE section 5): forward 4*N*d*V FLOPs (two products), gradient 6*N*d*V (two products
-again + the product with W_U^T; less where the filter skips). ``grad_in_forward=True`` runs the
-gradient sweep in the forward for scalar reductions; by default it runs in backward (a
-forward-only call, e.g. evaluation, costs 4*N*d*V and holds no [N, d] gradient).
+kernels._common.mma (TF32 tensor cores when it is "high", as the trainer sets on CUDA: Triton
+feeds fp32 registers to the .tf32 MMAs, which truncate them to 10 mantissa bits). The gradient
+products take their (bounded, |.| <= 1) operands in W_U's dtype. tests/test_precision.py checks
+TF32 and bf16 operands on an interpreter that rounds as the GPU does: TF32 costs 5e-4 to 2.5e-3
+of the KL and 2e-3 of the gradient, bf16 operands up to 1e-2 and 7.5e-3.
 
 Memory layout: W_U with a row stride that is not a multiple of 16 elements (GPT-2's V = 50,257,
 row-major) loses the vectorised, pipelined tile loads; such a W_U is copied once into a padded
-buffer (`padded_unembedding`), cached while W_U is unchanged (W_U is frozen). Masked tokens are
-never read: their rows load as zeros, so a masked token with a NaN hidden state gives finite
-loss and gradients.
+buffer (`padded_unembedding`), cached while W_U is unchanged (W_U is frozen). A column-major W_U
+(TransformerLens 4 passes lm_head.weight.T) is read as it is. Masked tokens are never read: their
+rows load as zeros (a masked token with a NaN hidden state gives finite loss and gradients), and a
+block of only masked tokens returns at once. Extra memory: the stats ([8, n_slices, N] fp32) and,
+with the gradient, G0 and G1 (2 * n_slices * N * d fp32; one slice from one row block per SM:
+N = 8,448 on 132 SMs at BLOCK_N = 64).
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from fastsae.kernels._common import CompileCase, matmul_mode, mma
-from fastsae.kernels._logits import prepared_bias
+from fastsae.kernels._logits import kl_from_sums, prepared_bias, rescale_factors
 
 # The forward kernel writes, per vocabulary slice and token, N_STATS fp32 numbers in this order:
-# m_orig, s_orig, t_delta, m_sae, s_sae, label_orig, label_sae  ->  stats [N_STATS, n_slices, N].
-N_STATS = 7
-# Cut Cross-Entropy's gradient filter: skip a group of vocabulary tiles whose |q - p| is below this
+# m_orig, m_sae, S, U, R, T (the scaled sums of the module docstring), label_orig, label_sae
+# ->  stats [N_STATS, n_slices, N].
+N_STATS = 8
+# Cut Cross-Entropy's gradient filter: skip vocabulary tiles whose |q - p| is below this
 # everywhere (error bound in the module docstring). 0 disables it.
 FILTER_EPS = 2.0**-30
-# Vocabulary tiles whose gradient products are summed before one write-back of the [BLOCK_N, d]
-# gradient block (1 or 2; kernel_config uses 1 on sm_80).
+# Vocabulary tiles whose gradient products the two-pass gradient kernel sums before one write-back
+# of its [BLOCK_N, d] gradient block (1 or 2; kernel_config uses 1 on sm_80).
 GRAD_V_GROUP = 2
 
 
@@ -155,11 +202,50 @@ def _logit_tiles(h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, w_ok, 
 
 
 @triton.jit
+def _phi_series(x):
+    """phi(x) = expm1(x) - x = x^2/2! + ... + x^10/10!: fp32-exact for |x| <= 1/2 (the next
+    term is below 1e-10 of the sum)."""
+    return x * x * (1.0 / 2.0 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0 + x * (1.0 / 720.0 + x * (
+        1.0 / 5040.0 + x * (1.0 / 40320.0 + x * (1.0 / 362880.0 + x * (1.0 / 3628800.0)))))))))
+
+
+@triton.jit
+def _centered_terms(log_p, x):
+    """(e, e * expm1(x), e * phi(x)) per entry, e = exp(log_p), log_p = A - m_A <= 0, x = D - c.
+
+    |x| <= 1/2: the series (small differences keep their precision). Elsewhere e * expm1(x) is
+    exp(log_p + x) - e, where log_p + x = B - m_B <= 0 cannot overflow (exp(x) alone could), and
+    the subtractions lose at most a factor 2.5 (x > 1/2) or 20 (phi at |x| = 1/2) of fp32's
+    precision. log_p = -inf (columns past the slice) gives three zeros."""
+    e = tl.exp(log_p)
+    small = tl.abs(x) <= 0.5
+    xs = tl.where(small, x, 0.0)
+    phi = _phi_series(xs)
+    e_em = tl.where(small, e * (xs + phi), tl.exp(log_p + x) - e)
+    return e, e_em, tl.where(small, e * phi, e_em - e * x)
+
+
+@triton.jit
+def _rescale_factors(log_alpha, k):
+    """(a, b, b - a, a phi(k)) for a = exp(log_alpha) and b = a exp(k): the exact rescaling of the
+    scaled sums when the running maximum moves by log_alpha <= 0 and the centre by -k (series
+    where |k| <= 1/2). log_alpha = -inf (the first tile) gives four zeros for finite k."""
+    a = tl.exp(log_alpha)
+    b = tl.exp(log_alpha + k)  # exp(m_B - m_B') up to rounding: <= 1
+    small = tl.abs(k) <= 0.5
+    ks = tl.where(small, k, 0.0)
+    phi = _phi_series(ks)
+    b_minus_a = tl.where(small, a * (ks + phi), b - a)
+    return a, b, b_minus_a, tl.where(small, a * phi, b_minus_a - a * k)
+
+
+@triton.jit
 def _dlogit_tile(h_ptr, dh_ptr, w_ptr, b_ptr, lse, dlse, rows, row_ok, cols, col_ok, w_ok, d_model, softcap,
                  stride_hn, stride_hd, stride_wd, stride_wv,
                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, MATMUL_MODE: tl.constexpr):
-    """d KL / d (uncapped SAE logits) on one tile: (q - p) * cap'(b), fp32; 0 past the slice.
+    """d KL / d (uncapped SAE logits) on one tile, from the final lse's: (q - p) * cap'(b), fp32;
+    0 past the slice.
 
     q - p = p * (exp(D - dlse) - 1), with a Taylor series for expm1 where |D - dlse| < 1/4 (a
     small difference keeps its precision); elsewhere exp(la + x) - p (p may underflow there
@@ -185,30 +271,114 @@ def _dlogit_tile(h_ptr, dh_ptr, w_ptr, b_ptr, lse, dlse, rows, row_ok, cols, col
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def _sweep_tile(h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, label, v0, v_end, w_end, d_model, softcap,
+                stride_hn, stride_hd, stride_wd, stride_wv,
+                m_orig, m_sae, centre, s_sum, u_sum, r_sum, t_sum, top_orig, top_sae, label_orig, label_sae,
+                HAS_BIAS: tl.constexpr, HAS_LABELS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, MATMUL_MODE: tl.constexpr):
+    """One vocabulary tile [v0, v0 + BLOCK_V) of the sweep: its logits, then the running state
+    (maxima, centre, scaled sums, argmaxes, label logits) moved past it. Also returns the tile's
+    rescaling factors (a, b, b - a) of the accumulators, their operands (e and e * expm1(x), times
+    cap'), and the filter's two numbers (largest bound on p and q; how far the maxima moved)."""
+    cols = v0 + tl.arange(0, BLOCK_V)
+    col_ok = cols < v_end
+    a, d, slope = _logit_tiles(h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, cols < w_end, d_model,
+                               softcap, stride_hn, stride_hd, stride_wd, stride_wv,
+                               HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, MATMUL_MODE)
+    b = a + d  # the SAE run's logits: for the max, the argmax and the label only
+
+    # Running argmax: strict > keeps the first index on ties, like torch.argmax.
+    tile_max_orig = tl.max(a, axis=1)
+    tile_max_sae = tl.max(b, axis=1)
+    tile_top_orig = tl.argmax(a, axis=1, tie_break_left=True).to(tl.int32) + v0
+    tile_top_sae = tl.argmax(b, axis=1, tie_break_left=True).to(tl.int32) + v0
+    top_orig = tl.where(tile_max_orig > m_orig, tile_top_orig, top_orig)
+    top_sae = tl.where(tile_max_sae > m_sae, tile_top_sae, top_sae)
+    if HAS_LABELS:
+        is_label = (cols[None, :] == label[:, None]) & col_ok[None, :]
+        label_orig += tl.sum(tl.where(is_label, a, 0.0), axis=1)
+        label_sae += tl.sum(tl.where(is_label, b, 0.0), axis=1)
+
+    # New maxima and centre c = m_B - m_A; the first tile has m = -inf: a = b = 0 below (and a
+    # finite k, from the centre's initial 0).
+    new_m_orig = tl.maximum(m_orig, tile_max_orig)
+    new_m_sae = tl.maximum(m_sae, tile_max_sae)
+    new_centre = new_m_sae - new_m_orig
+    k = centre - new_centre
+    alpha, beta, beta_minus_alpha, alpha_phi = _rescale_factors(m_orig - new_m_orig, k)
+    x = d - new_centre[:, None]
+    e, e_em, e_phi = _centered_terms(a - new_m_orig[:, None], x)
+    # Every right-hand side reads the sums before this tile.
+    r_sum = alpha * r_sum + beta_minus_alpha * u_sum + alpha_phi * s_sum + tl.sum(e_phi, axis=1)
+    u_sum = beta * u_sum + beta_minus_alpha * s_sum + tl.sum(e_em, axis=1)
+    t_sum = alpha * (t_sum + k * s_sum) + tl.sum(e * x, axis=1)
+    s_sum = alpha * s_sum + tl.sum(e, axis=1)
+
+    # The filter (module docstring): e >= p and e + |e_em| >= exp(B - m_B) >= q at the end of the
+    # sweep; moved is 0 where every row kept its maxima (a = 1, k = 0). NaN never compares below.
+    largest = tl.max(tl.max(e + tl.abs(e_em), axis=1), axis=0)
+    moved = tl.max(tl.abs(k) + (1.0 - alpha), axis=0)
+    if SOFTCAP:
+        e = e * slope
+        e_em = e_em * slope
+    # Tensor-core operands in W_U's dtype (both bounded by 1 in magnitude), transposed for
+    # _accumulate_step.
+    op0 = tl.trans(e.to(w_ptr.dtype.element_ty))
+    op1 = tl.trans(e_em.to(w_ptr.dtype.element_ty))
+    return (new_m_orig, new_m_sae, new_centre, s_sum, u_sum, r_sum, t_sum, top_orig, top_sae, label_orig,
+            label_sae, alpha, beta, beta_minus_alpha, op0, op1, largest, moved)
+
+
+@triton.jit
+def _accumulate_step(g0, g1, op0, op1, w_ptr, cols, w_ok, k0, d_model, alpha, beta, beta_minus_alpha,
+                     stride_wd, stride_wv, BLOCK_D: tl.constexpr, MATMUL_MODE: tl.constexpr):
+    """One d chunk of one tile's update of the transposed accumulators ([BLOCK_D, BLOCK_N] chunks
+    of G^T): G1 <- b G1 + (b - a) G0 + W op1, G0 <- a G0 + W op0, with W the tile's [BLOCK_D,
+    BLOCK_V] slice of W_U and op the [BLOCK_V, BLOCK_N] operands. Transposed, the operands are the
+    MMA's B side, which the tensor cores read from shared memory (on sm_90): held as the A side
+    they would take BLOCK_V / 2 registers per thread each. Addresses are formed per step: a pointer
+    tile carried through the loop would hold two registers per element."""
+    ks = k0 + tl.arange(0, BLOCK_D)
+    w = tl.load(w_ptr + ks.to(tl.int64)[:, None] * stride_wd + cols.to(tl.int64)[None, :] * stride_wv,
+                mask=(ks < d_model)[:, None] & w_ok[None, :], other=0.0)
+    g1 = mma(w, op1, beta[None, :] * g1 + beta_minus_alpha[None, :] * g0, MATMUL_MODE)
+    g0 = mma(w, op0, alpha[None, :] * g0, MATMUL_MODE)
+    return g0, g1
+
+
+@triton.jit
 def _linear_kl_forward_kernel(
-    h_ptr, dh_ptr, w_ptr, b_ptr, mask_ptr, labels_ptr, stats_ptr, argmax_ptr,
-    n_tokens, d_model, d_vocab, w_cols, tiles_per_slice, softcap,
+    h_ptr, dh_ptr, w_ptr, b_ptr, mask_ptr, labels_ptr, stats_ptr, argmax_ptr, acc_ptr,
+    n_tokens, d_model, d_vocab, w_cols, tiles_per_slice, softcap, filter_eps,
     stride_hn, stride_hd, stride_wd, stride_wv,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LABELS: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, MATMUL_MODE: tl.constexpr,
+    WITH_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DG: tl.constexpr, MATMUL_MODE: tl.constexpr,
 ):
-    """Per (row block, vocabulary slice): online lse of A and B, p-weighted sum of D, argmax of A
-    and B, label logits. Writes stats[:, slice, rows] and argmax[:, slice, rows]."""
+    """Per (row block, vocabulary slice): running maxima and argmaxes of A and B, the scaled sums
+    S, U, R, T, the label's logits; WITH_GRAD: the accumulators G0, G1 of the slice, updated in
+    place in acc[:, slice, :, rows] (transposed) after every vocabulary tile, in BLOCK_DG-wide d
+    chunks. Writes stats[:, slice, rows] and argmax[:, slice, rows]; nothing for a block whose
+    tokens are all masked."""
     row_block = tl.program_id(0)
     vocab_slice = tl.program_id(1)
     n_slices = tl.num_programs(1)
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_tokens
+    in_range = rows < n_tokens
+    row_ok = in_range
     if HAS_MASK:  # masked tokens are never read (a NaN hidden state there stays out)
-        row_ok = row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+        row_ok = row_ok & (tl.load(mask_ptr + rows, mask=in_range, other=0) != 0)
+        if tl.max(row_ok.to(tl.int32), axis=0) == 0:
+            return  # the epilogue ignores masked tokens: nothing to write
+    label = tl.load(labels_ptr + rows, mask=row_ok, other=-1) if HAS_LABELS else rows
 
     m_orig = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     m_sae = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    s_orig = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    s_sae = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    t_delta = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_v exp(A_v - m_orig) * D_v
+    centre = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    u_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    r_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     top_orig = tl.zeros((BLOCK_N,), dtype=tl.int32)
     top_sae = tl.zeros((BLOCK_N,), dtype=tl.int32)
     label_orig = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -217,52 +387,46 @@ def _linear_kl_forward_kernel(
     v_begin = vocab_slice * tiles_per_slice * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_slice * BLOCK_V, d_vocab)
     w_end = tl.minimum(v_begin + tiles_per_slice * BLOCK_V, w_cols)  # W_U's zero padding may load
+    # acc = [G0^T, G1^T], [2, n_slices, d, N] contiguous: G1 sits g1_offset elements after G0
+    # (int64: 2 * n_slices * d * N may pass 2^31).
+    g_first = vocab_slice.to(tl.int64) * d_model
+    g1_offset = n_slices.to(tl.int64) * d_model * n_tokens
+    ks = tl.arange(0, BLOCK_DG)
     for v0 in range(v_begin, v_end, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < v_end
-        a, d, _ = _logit_tiles(h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, cols < w_end, d_model, softcap,
-                               stride_hn, stride_hd, stride_wd, stride_wv,
-                               HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, MATMUL_MODE)
-        b = a + d  # the SAE run's logits: for the max and the argmax only
-
-        # Running argmax: strict > keeps the first index on ties, like torch.argmax.
-        tile_max_orig = tl.max(a, axis=1)
-        tile_max_sae = tl.max(b, axis=1)
-        tile_top_orig = tl.argmax(a, axis=1, tie_break_left=True).to(tl.int32) + v0
-        tile_top_sae = tl.argmax(b, axis=1, tie_break_left=True).to(tl.int32) + v0
-        top_orig = tl.where(tile_max_orig > m_orig, tile_top_orig, top_orig)
-        top_sae = tl.where(tile_max_sae > m_sae, tile_top_sae, top_sae)
-
-        # Online log-sum-exp; the first tile has m = -inf and alpha = exp(-inf) = 0.
-        new_m_orig = tl.maximum(m_orig, tile_max_orig)
-        new_m_sae = tl.maximum(m_sae, tile_max_sae)
-        alpha_orig = tl.exp(m_orig - new_m_orig)
-        alpha_sae = tl.exp(m_sae - new_m_sae)
-        e_orig = tl.exp(a - new_m_orig[:, None])  # 0 past the slice
-        # exp(B - m): (A - m) is exact near the maximum, then the small D is added.
-        e_sae = tl.exp((a - new_m_sae[:, None]) + d)
-        s_orig = s_orig * alpha_orig + tl.sum(e_orig, axis=1)
-        s_sae = s_sae * alpha_sae + tl.sum(e_sae, axis=1)
-        t_delta = t_delta * alpha_orig + tl.sum(e_orig * d, axis=1)
-        m_orig = new_m_orig
-        m_sae = new_m_sae
-
-        if HAS_LABELS:
-            is_label = cols[None, :] == label[:, None]
-            label_orig += tl.sum(tl.where(is_label, a, 0.0), axis=1)
-            label_sae += tl.sum(tl.where(is_label, b, 0.0), axis=1)
+        (m_orig, m_sae, centre, s_sum, u_sum, r_sum, t_sum, top_orig, top_sae, label_orig, label_sae,
+         alpha, beta, beta_minus_alpha, op0, op1, largest, moved) = _sweep_tile(
+            h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, label, v0, v_end, w_end, d_model, softcap,
+            stride_hn, stride_hd, stride_wd, stride_wv,
+            m_orig, m_sae, centre, s_sum, u_sum, r_sum, t_sum, top_orig, top_sae, label_orig, label_sae,
+            HAS_BIAS, HAS_LABELS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, MATMUL_MODE)
+        # The filter skips a tile only if it may (module docstring); NaN is never skipped.
+        if WITH_GRAD:
+            if not ((largest < filter_eps) & (moved == 0.0)):
+                cols = v0 + tl.arange(0, BLOCK_V)
+                w_ok = cols < w_end
+                keep = v0 != v_begin  # on the slice's first tile the buffers hold nothing yet
+                for k0 in range(0, d_model, BLOCK_DG):
+                    g_mask = ((k0 + ks) < d_model)[:, None] & in_range[None, :]
+                    g_ptrs = acc_ptr + (g_first + k0 + ks)[:, None] * n_tokens + rows[None, :]
+                    # where, not a zero factor: the first tile's reads are uninitialised memory
+                    g0 = tl.where(keep, tl.load(g_ptrs, mask=g_mask, other=0.0), 0.0)
+                    g1 = tl.where(keep, tl.load(g_ptrs + g1_offset, mask=g_mask, other=0.0), 0.0)
+                    g0, g1 = _accumulate_step(g0, g1, op0, op1, w_ptr, cols, w_ok, k0, d_model, alpha, beta,
+                                              beta_minus_alpha, stride_wd, stride_wv, BLOCK_DG, MATMUL_MODE)
+                    tl.store(g_ptrs, g0, mask=g_mask)
+                    tl.store(g_ptrs + g1_offset, g1, mask=g_mask)
 
     # int64: N_STATS * n_slices * N passes 2^31 where a caller-chosen n_slices meets a large N.
     stride_stat = n_slices.to(tl.int64) * n_tokens
-    in_range = rows < n_tokens
     out = stats_ptr + vocab_slice.to(tl.int64) * n_tokens + rows
     tl.store(out + 0 * stride_stat, m_orig, mask=in_range)
-    tl.store(out + 1 * stride_stat, s_orig, mask=in_range)
-    tl.store(out + 2 * stride_stat, t_delta, mask=in_range)
-    tl.store(out + 3 * stride_stat, m_sae, mask=in_range)
-    tl.store(out + 4 * stride_stat, s_sae, mask=in_range)
-    tl.store(out + 5 * stride_stat, label_orig, mask=in_range)
-    tl.store(out + 6 * stride_stat, label_sae, mask=in_range)
+    tl.store(out + 1 * stride_stat, m_sae, mask=in_range)
+    tl.store(out + 2 * stride_stat, s_sum, mask=in_range)
+    tl.store(out + 3 * stride_stat, u_sum, mask=in_range)
+    tl.store(out + 4 * stride_stat, r_sum, mask=in_range)
+    tl.store(out + 5 * stride_stat, t_sum, mask=in_range)
+    tl.store(out + 6 * stride_stat, label_orig, mask=in_range)
+    tl.store(out + 7 * stride_stat, label_sae, mask=in_range)
     top = argmax_ptr + vocab_slice.to(tl.int64) * n_tokens + rows
     tl.store(top, top_orig, mask=in_range)
     tl.store(top + stride_stat, top_sae, mask=in_range)
@@ -352,56 +516,91 @@ def _linear_kl_grad_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
+KERNEL_KINDS = ("forward", "sweep", "grad")
+
+
 def kernel_config(dtype: torch.dtype, device: torch.device, arch: int | None = None, *,
-                  grad: bool = False, mode: str | None = None) -> dict:
-    """Block sizes and launch options of the forward kernel (grad=False) or the gradient kernel
-    (grad=True, which adds V_GROUP) for one dtype on one device.
+                  kind: str = "forward", mode: str | None = None, softcap: bool = False) -> dict:
+    """Block sizes and launch options of one kernel kind for one dtype on one device: "forward"
+    (loss and stats), "sweep" (loss and gradient in one sweep: adds BLOCK_DG, the d chunk of the
+    accumulators' update), "grad" (the two-pass gradient of reduction="none": adds V_GROUP, the
+    vocabulary tiles per write-back).
 
     arch: the compute capability as 10 * major + minor (read from a CUDA device when None).
-    sm_90 and later (wgmma, accumulators in registers, operands in shared memory): 64 x 128 tiles
-    of a and d are 2 x 32 KiB of fp32 accumulators (8 warps: 64 registers a thread); BLOCK_D 64
-    for 16-bit inputs, 32 for fp32; three pipeline stages; the gradient sums V_GROUP = 2
-    vocabulary tiles per write-back. sm_80 (mma.sync holds its operands in registers too): 64 x 64
-    tiles for the forward and 32 x 64 tiles (BLOCK_D 32, 8 warps), one per write-back, for the
-    gradient, the largest that compile without spills.
+    softcap: capped logits (more live tiles in the sweep).
+    sm_90 and later (wgmma, accumulators in registers, operands in shared memory), 8 warps, three
+    stages, BLOCK_D 64 for 16-bit inputs and 32 for fp32:
+    - forward and sweep: 64 x 64 tiles (64 x 32 for the capped sweep); the sweep updates its
+      transposed accumulators in 64-wide d chunks (BLOCK_DG = 64: wgmma needs M >= 64; smaller
+      chunks fall back to mma.sync), once per tile. Wider tiles spill (64 x 128, the forward's
+      tile before the stable KL added its sums; for the sweep also 2 x 64 x 64 with the
+      rescaling factors chained);
+    - grad: 64 x 128 tiles, two tiles per write-back (capped: 64 x 64, one).
+    sm_80 (mma.sync holds its operands in registers too): 64 x 64 tiles for the forward, 32 x 64
+    (BLOCK_D 32) for both gradient kernels, one tile per write-back; the sweep's accumulators in
+    16-wide d chunks.
     mode: the MATMUL_MODE (matmul_mode(dtype) when None). "ieee" (exact fp32 by request) runs on
-    CUDA-core FMAs, whose operands live in registers: 32 x 64 tiles (sm_90), or 16 x 64 with
-    BLOCK_D 16 and 16 x 32 for the gradient (sm_80), 4 warps.
+    CUDA-core FMAs, whose operands live in registers, 4 warps: the forward 16 x 64 with BLOCK_D 16,
+    the sweep 16 x 32 with BLOCK_D 16 and 16-wide accumulator chunks, the two-pass gradient 32 x 64
+    (sm_90) or 16 x 32 (sm_80).
     Compile facts: compile_cases(). Interpreter (CPU): bigger tiles mean fewer numpy steps.
     """
+    if kind not in KERNEL_KINDS:
+        raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
+    grad = kind != "forward"
     if device.type != "cuda":
-        config = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1, V_GROUP=GRAD_V_GROUP)
+        config = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1)
+        v_group = GRAD_V_GROUP
     else:
         if arch is None:
             major, minor = torch.cuda.get_device_capability(device)
             arch = 10 * major + minor
         block_d = 32 if dtype == torch.float32 else 64
+        v_group = 1
         if (mode or matmul_mode(dtype)) == "ieee":
-            block_n, block_v, block_d = (32, 64, 32) if arch >= 90 else (16, 32, 32) if grad else (16, 64, 16)
-            config = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=4, num_stages=3, V_GROUP=1)
+            block_n, block_v, block_d = ((32, 64, 32) if arch >= 90 else (16, 32, 32)) if grad else (16, 64, 16)
+            if kind == "sweep":  # two more [BLOCK_N, BLOCK_V] operands live in registers
+                block_n, block_v, block_d = 16, 32, 16
+            config = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=4, num_stages=3)
+            if kind == "sweep":
+                config["BLOCK_DG"] = 16
         elif arch >= 90:
-            config = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=block_d, num_warps=8, num_stages=3, V_GROUP=GRAD_V_GROUP)
+            # capped logits hold more live tiles: narrower tiles, one per write-back
+            block_v = (64 if softcap else 128) if kind == "grad" else 32 if softcap and kind == "sweep" else 64
+            config = dict(BLOCK_N=64, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=8, num_stages=3)
+            if kind == "sweep":
+                config["BLOCK_DG"] = 64
+            v_group = 1 if softcap else GRAD_V_GROUP
         elif grad:
-            config = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=3, V_GROUP=1)
+            config = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=3)
+            if kind == "sweep":
+                config["BLOCK_DG"] = 16  # mma.sync's operands sit in registers: 32 spills
         else:
             config = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=block_d, num_warps=8, num_stages=3)
-    if not grad:
-        config.pop("V_GROUP", None)
+    if kind == "grad":
+        config["V_GROUP"] = v_group
     return config
 
 
 def _vocab_slices(n_row_blocks: int, n_vocab_tiles: int, device: torch.device,
-                  n_slices: int | None) -> tuple[int, int]:
-    """(tiles per slice, slices): enough programs for two waves over the GPU's SMs."""
+                  n_slices: int | None, *, waves: int = 2) -> tuple[int, int]:
+    """(tiles per slice, slices): enough programs for `waves` waves over the GPU's SMs.
+
+    The one-sweep kernel asks for one wave (waves=1): each slice costs it 2 x N x d fp32 of
+    accumulators and a share of the merge, and from one row block per SM on it needs no slicing."""
     if n_slices is None:
         if device.type == "cuda":
-            target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-            n_slices = -(-target // max(1, n_row_blocks))  # N = 0 has no row blocks
+            n_slices = _slices_for_sms(n_row_blocks, torch.cuda.get_device_properties(device).multi_processor_count,
+                                       waves)
         else:
             n_slices = 1
     n_slices = max(1, min(n_slices, n_vocab_tiles))
     tiles_per_slice = -(-n_vocab_tiles // n_slices)
     return tiles_per_slice, -(-n_vocab_tiles // tiles_per_slice)  # no empty slice
+
+
+def _slices_for_sms(n_row_blocks: int, sm_count: int, waves: int) -> int:
+    return -(-waves * sm_count // max(1, n_row_blocks))  # N = 0 has no row blocks
 
 
 # One cached padded copy of a frozen W_U: (key, the source tensor, the padded view).
@@ -440,120 +639,251 @@ def loadable_columns(W_U: torch.Tensor) -> int:
     return W_U.shape[1]
 
 
-def linear_kl_forward(h_orig, delta, W_U, b_U, mask, labels, softcap=None, *, config=None, n_slices=None):
-    """Run the forward kernel and merge the vocabulary slices.
+# While recorded_launches() is active: the list its launches go to instead of the GPU.
+_RECORDING: list | None = None
 
-    h_orig and delta = h_sae - h_orig share one layout; mask int8 [N] or None. Returns
-    (kl [N], lse_orig [N], dlse [N] = lse_sae - lse_orig, top-1 agreement [N] bool, ce_orig [N],
-    ce_sae [N]) in fp32; ce_* are lse - label logit (meaningless where the token has no label).
+
+@contextlib.contextmanager
+def recorded_launches():
+    """Within this block the launchers do not launch: they append (kernel, arguments, constexprs
+    and options) to the yielded list and return None. compile_cases() runs the launchers on meta
+    tensors this way, so the compile check compiles exactly what they launch."""
+    global _RECORDING
+    previous, _RECORDING = _RECORDING, []
+    try:
+        yield _RECORDING
+    finally:
+        _RECORDING = previous
+
+
+def _launch(kernel, grid: tuple, args: dict, meta: dict) -> bool:
+    """kernel[grid](**args, **meta), or its record under recorded_launches() (returns False)."""
+    if _RECORDING is not None:
+        _RECORDING.append((kernel, dict(args), dict(meta)))
+        return False
+    kernel[grid](**args, **meta)
+    return True
+
+
+class LinearKLForward(NamedTuple):
+    """The forward's per-token results, fp32 [N]: kl; lse_orig and dlse = lse_sae - lse_orig (for
+    the two-pass gradient); agree (top-1 agreement, bool); ce_orig / ce_sae (lse - the label's
+    logit; meaningless where the token has no label); grad [N, d] = token_weight * dKL/dh_sae
+    (the one-sweep kernel), else None."""
+
+    kl: torch.Tensor
+    lse_orig: torch.Tensor
+    dlse: torch.Tensor
+    agree: torch.Tensor
+    ce_orig: torch.Tensor
+    ce_sae: torch.Tensor
+    grad: torch.Tensor | None
+
+
+def linear_kl_forward(h_orig, delta, W_U, b_U, mask, labels, softcap=None, *, token_weight=None,
+                      filter_eps=FILTER_EPS, config=None, n_slices=None, w_cols=None) -> LinearKLForward | None:
+    """Run the forward kernel and merge its vocabulary slices; with token_weight [N] (fp32), the
+    one-sweep kernel, which also returns the gradient.
+
+    h_orig and delta = h_sae - h_orig share one layout; W_U [d, V] (any strides); b_U fp32 [V]
+    (prepared_bias) or None; mask int8 [N] or None; labels int64 [N] or None. w_cols: the columns
+    the kernel may load (loadable_columns(W_U) when None). None under recorded_launches().
     """
     n_tokens, d_model = h_orig.shape
     d_vocab = W_U.shape[1]
-    config = dict(config or kernel_config(h_orig.dtype, h_orig.device))
-    config.pop("V_GROUP", None)
+    with_grad = token_weight is not None
+    config = dict(config or kernel_config(h_orig.dtype, h_orig.device, kind="sweep" if with_grad else "forward",
+                                          softcap=softcap is not None))
+    config.pop("V_GROUP", None)  # a config made for the two-pass gradient (tests) may carry it
+    config.setdefault("BLOCK_DG", config["BLOCK_D"])
     n_row_blocks = triton.cdiv(n_tokens, config["BLOCK_N"])
-    tiles_per_slice, slices = _vocab_slices(
-        n_row_blocks, triton.cdiv(d_vocab, config["BLOCK_V"]), h_orig.device, n_slices)
-    stats = torch.empty(N_STATS, slices, n_tokens, dtype=torch.float32, device=h_orig.device)
-    top = torch.empty(2, slices, n_tokens, dtype=torch.int32, device=h_orig.device)
-    _linear_kl_forward_kernel[(n_row_blocks, slices)](
-        h_orig, delta, W_U, b_U if b_U is not None else W_U, mask if mask is not None else top,
-        labels if labels is not None else top, stats, top,
-        n_tokens, d_model, d_vocab, loadable_columns(W_U), tiles_per_slice, float(softcap or 1.0),
-        h_orig.stride(0), h_orig.stride(1), W_U.stride(0), W_U.stride(1),
-        HAS_BIAS=b_U is not None, HAS_MASK=mask is not None, HAS_LABELS=labels is not None,
-        SOFTCAP=softcap is not None, MATMUL_MODE=matmul_mode(h_orig.dtype), **config)
+    tiles_per_slice, slices = _vocab_slices(n_row_blocks, triton.cdiv(d_vocab, config["BLOCK_V"]), h_orig.device,
+                                            n_slices, waves=1 if with_grad else 2)
+    device = h_orig.device
+    stats = torch.empty(N_STATS, slices, n_tokens, dtype=torch.float32, device=device)
+    top = torch.empty(2, slices, n_tokens, dtype=torch.int32, device=device)
+    # The accumulators of the gradient (module docstring); without it, unused pointers.
+    acc = torch.empty(2, slices, d_model, n_tokens, dtype=torch.float32, device=device) if with_grad else stats
+    args = dict(h_ptr=h_orig, dh_ptr=delta, w_ptr=W_U, b_ptr=b_U if b_U is not None else W_U,
+                mask_ptr=mask if mask is not None else top, labels_ptr=labels if labels is not None else top,
+                stats_ptr=stats, argmax_ptr=top, acc_ptr=acc,
+                n_tokens=n_tokens, d_model=d_model, d_vocab=d_vocab,
+                w_cols=loadable_columns(W_U) if w_cols is None else w_cols, tiles_per_slice=tiles_per_slice,
+                softcap=float(softcap or 1.0), filter_eps=float(filter_eps),
+                stride_hn=h_orig.stride(0), stride_hd=h_orig.stride(1), stride_wd=W_U.stride(0),
+                stride_wv=W_U.stride(1))
+    meta = dict(HAS_BIAS=b_U is not None, HAS_MASK=mask is not None, HAS_LABELS=labels is not None,
+                SOFTCAP=softcap is not None, WITH_GRAD=with_grad, MATMUL_MODE=matmul_mode(h_orig.dtype), **config)
+    if not _launch(_linear_kl_forward_kernel, (n_row_blocks, slices), args, meta):
+        return None
+    return _merge_slices(stats, top, acc if with_grad else None, token_weight)
 
-    # Merge the slices: lse = M + log sum_s s_s exp(m_s - M); t rescales with the clean run's sums.
-    m_orig, s_orig, t_delta, m_sae, s_sae, label_orig, label_sae = stats.unbind(0)
+
+def _merge_slices(stats, top, acc, token_weight) -> LinearKLForward:
+    """Merge the vocabulary slices: each slice's scaled sums and accumulators move to the global
+    maximum and centre with the same exact rescaling as inside a slice (flash-decoding style).
+    Tokens of a block that was all masked have no stats (the kernel returned at once): their
+    entries here are garbage, and the caller masks them out (token_weight is 0 there)."""
+    m_orig, m_sae, s_sum, u_sum, r_sum, t_sum, label_orig, label_sae = stats.unbind(0)
     max_orig, best_orig = m_orig.max(0)  # first slice wins ties: the lower vocabulary index
     max_sae, best_sae = m_sae.max(0)
-    sum_orig = (s_orig * torch.exp(m_orig - max_orig)).sum(0)
-    sum_sae = (s_sae * torch.exp(m_sae - max_sae)).sum(0)
-    t_total = (t_delta * torch.exp(m_orig - max_orig)).sum(0)
-    lse_orig = max_orig + torch.log(sum_orig)
-    # lse_sae - lse_orig, grouped so that the large terms cancel first (exactly, when close).
-    dlse = (max_sae - max_orig) + (torch.log(sum_sae) - torch.log(sum_orig))
-    kl = dlse - t_total / sum_orig
+    centre = max_sae - max_orig
+    k = (m_sae - m_orig) - centre  # exactly 0 for one slice
+    alpha, beta, beta_minus_alpha, alpha_phi = rescale_factors(m_orig - max_orig, k)
+    total_s = (alpha * s_sum).sum(0)
+    total_u = (beta * u_sum + beta_minus_alpha * s_sum).sum(0)
+    total_r = (alpha * r_sum + beta_minus_alpha * u_sum + alpha_phi * s_sum).sum(0)
+    total_t = (alpha * (t_sum + k * s_sum)).sum(0)
+    kl, log1p_u = kl_from_sums(total_s, total_u, total_r, total_t)
+    lse_orig = max_orig + torch.log(total_s)
+    dlse = centre + log1p_u
     agree = top[0].gather(0, best_orig[None]).squeeze(0) == top[1].gather(0, best_sae[None]).squeeze(0)
     ce_orig = lse_orig - label_orig.sum(0)  # only the slice holding the label adds a nonzero logit
-    ce_sae = max_sae + torch.log(sum_sae) - label_sae.sum(0)
-    return kl, lse_orig, dlse, agree, ce_orig, ce_sae
+    ce_sae = (lse_orig + dlse) - label_sae.sum(0)
+    grad = None
+    if acc is not None:
+        g0, g1 = acc.unbind(0)
+        # grad = token_weight / (S (1 + u)) * (G1 - u G0), G0 = sum_s a_s G0_s, G1 = sum_s (b_s G1_s + (b_s - a_s) G0_s)
+        u = total_u / total_s
+        scale = token_weight / (total_s + total_u)
+        coef0 = scale * (beta_minus_alpha - u * alpha)  # [slices, N]
+        coef1 = scale * beta
+        if g0.shape[0] == 1:  # in place: no third [N, d] buffer (a transposed view of G1's)
+            grad = g1[0].mul_(coef1[0, None, :]).addcmul_(g0[0], coef0[0, None, :]).t()
+        else:
+            grad = torch.einsum("sn,sdn->nd", coef1, g1).add_(torch.einsum("sn,sdn->nd", coef0, g0))
+        # torch.where, not a product: a masked token's accumulators may be garbage (never written).
+        grad = torch.where((token_weight != 0)[:, None], grad, 0.0)
+    return LinearKLForward(kl, lse_orig, dlse, agree, ce_orig, ce_sae, grad)
 
 
 def linear_kl_grad(h_orig, delta, W_U, b_U, mask, lse_orig, dlse, token_weight, softcap=None, *,
-                   filter_eps=FILTER_EPS, config=None, n_slices=None):
-    """grad_h_sae [N, d] fp32 = token_weight[:, None] * ((q - p) * cap') @ W_U^T."""
+                   filter_eps=FILTER_EPS, config=None, n_slices=None, w_cols=None):
+    """The two-pass gradient (reduction="none"): grad_h_sae [N, d] fp32 =
+    token_weight[:, None] * ((q - p) * cap') @ W_U^T, from the forward's lse_orig and dlse.
+    None under recorded_launches()."""
     n_tokens, d_model = h_orig.shape
     d_vocab = W_U.shape[1]
-    config = dict(config or kernel_config(h_orig.dtype, h_orig.device, grad=True))
+    config = dict(config or kernel_config(h_orig.dtype, h_orig.device, kind="grad", softcap=softcap is not None))
     v_group = config.pop("V_GROUP", GRAD_V_GROUP)
     n_row_blocks = triton.cdiv(n_tokens, config["BLOCK_N"])
     groups_per_slice, slices = _vocab_slices(
         n_row_blocks, triton.cdiv(d_vocab, v_group * config["BLOCK_V"]), h_orig.device, n_slices)
     grad = torch.zeros(n_tokens, d_model, dtype=torch.float32, device=h_orig.device)
-    _linear_kl_grad_kernel[(n_row_blocks, slices)](
-        h_orig, delta, W_U, b_U if b_U is not None else W_U, mask if mask is not None else grad,
-        lse_orig.contiguous(), dlse.contiguous(), token_weight.float().contiguous(), grad,
-        n_tokens, d_model, d_vocab, loadable_columns(W_U), groups_per_slice, float(softcap or 1.0), float(filter_eps),
-        h_orig.stride(0), h_orig.stride(1), W_U.stride(0), W_U.stride(1), grad.stride(0),
-        HAS_BIAS=b_U is not None, HAS_MASK=mask is not None, SOFTCAP=softcap is not None,
-        USE_ATOMICS=slices > 1, V_GROUP=v_group, MATMUL_MODE=matmul_mode(h_orig.dtype), **config)
+    args = dict(h_ptr=h_orig, dh_ptr=delta, w_ptr=W_U, b_ptr=b_U if b_U is not None else W_U,
+                mask_ptr=mask if mask is not None else grad, lse_ptr=lse_orig.contiguous(),
+                dlse_ptr=dlse.contiguous(), weight_ptr=token_weight.float().contiguous(), grad_ptr=grad,
+                n_tokens=n_tokens, d_model=d_model, d_vocab=d_vocab,
+                w_cols=loadable_columns(W_U) if w_cols is None else w_cols, groups_per_slice=groups_per_slice,
+                softcap=float(softcap or 1.0), filter_eps=float(filter_eps),
+                stride_hn=h_orig.stride(0), stride_hd=h_orig.stride(1), stride_wd=W_U.stride(0),
+                stride_wv=W_U.stride(1), stride_gn=grad.stride(0))
+    meta = dict(HAS_BIAS=b_U is not None, HAS_MASK=mask is not None, SOFTCAP=softcap is not None,
+                USE_ATOMICS=slices > 1, V_GROUP=v_group, MATMUL_MODE=matmul_mode(h_orig.dtype), **config)
+    if not _launch(_linear_kl_grad_kernel, (n_row_blocks, slices), args, meta):
+        return None
     return grad
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile cases: the launchers' exact configurations (tests/compile_check.py compiles them)
+# Compile cases: the launches the launchers make, recorded (tests/compile_check.py compiles them)
 # ----------------------------------------------------------------------------------------------
 
-# (name, d_model, d_vocab, n_tokens): the GPT-2 preset (16 x 1,024 tokens) and a Llama-3-8B-sized
-# model. The vocabulary size enters the specialisation only through W_U's row stride.
-COMPILE_SHAPES = (("gpt2", 768, 50257, 16384), ("d4096", 4096, 128256, 16384))
+# (name, d_model, d_vocab): the GPT-2 preset and a Llama-3-8B-sized model.
+COMPILE_SHAPES = (("gpt2", 768, 50257), ("d4096", 4096, 128256))
+# Tokens per launch: the GPT-2 preset's step (16 x 1,024), an evaluation batch, and a step long
+# enough for one vocabulary slice per row block in the two-pass gradient (no atomics).
+TRAIN_TOKENS, EVAL_TOKENS, LONG_TOKENS = 16384, 1024, 32768
+
+
+def _compile_scenarios(shape: str, mode: str):
+    """(kind, layout, n_tokens, has_mask, has_bias, softcap) per launch to compile. The trainer's
+    step (sweep, no mask, a bias or none, both W_U layouts) in full; evaluation and
+    reduction="none" launches, capped logits and the full-fp32 mode ("ieee", not a tensor-core
+    config) by example."""
+    if mode == "ieee":
+        return [(kind, "row", TRAIN_TOKENS, False, True, False) for kind in KERNEL_KINDS]
+    layouts = ("row", "col")
+    found = [("sweep", layout, TRAIN_TOKENS, mask, bias, False)
+             for layout in layouts for mask in (False, True) for bias in (True, False)]
+    # Gemma-2's soft-capping: more live tiles in every kernel
+    found += [(kind, "row", TRAIN_TOKENS, False, True, True) for kind in KERNEL_KINDS]
+    if shape == "gpt2":
+        found += [("forward", layout, n, mask, True, False)
+                  for layout in layouts for n, mask in ((TRAIN_TOKENS, False), (EVAL_TOKENS, True))]
+        found += [("grad", layout, n, mask, True, False)
+                  for layout in layouts for n, mask in ((TRAIN_TOKENS, False), (LONG_TOKENS, False), (EVAL_TOKENS, True))]
+    else:
+        found += [(kind, layout, TRAIN_TOKENS, False, True, False) for kind in ("forward", "grad") for layout in layouts]
+    return found
 
 
 def compile_cases(arch: int = 90, shapes=COMPILE_SHAPES, sm_count: int = 132) -> dict[str, CompileCase]:
-    """{key: CompileCase} for every launch of this file's kernels, exactly as the launchers make
-    them on CUDA sm_<arch>: kernel_config's block sizes, warps and stages for that arch; the
-    constexprs; the arguments a launch passes (W_U row-major after `padded_unembedding`, h and
-    delta contiguous, a mask, labels, a bias), so Triton's 16-divisibility / unit-stride
-    specialisation is the launch's; the slice count for ``sm_count`` SMs (132: H100 / H200), which
-    decides USE_ATOMICS.
+    """{key: CompileCase} for the launches of this file's kernels on CUDA sm_<arch>, recorded from
+    the launchers themselves (recorded_launches) run on meta tensors with the layouts real calls
+    pass: h_orig and delta contiguous; W_U row-major after padded_unembedding ("row") or
+    column-major as TransformerLens 4 passes lm_head.weight.T ("col"); b_U fp32 (prepared_bias
+    makes every bias fp32) or none; an int8 mask or none; int64 labels (the trainer always passes
+    them). Block sizes come from kernel_config for the arch, the slice count from the launchers'
+    rule for ``sm_count`` SMs (132: H100 / H200), which decides USE_ATOMICS in the two-pass
+    gradient.
 
-    Keys: f"{kernel}-{shape}-{mode}", kernel "kl_fwd" / "kl_grad", shape a COMPILE_SHAPES name,
-    mode "bf16" (bf16 inputs), "tf32" (fp32 inputs, TF32 tensor cores: the trainer's default) and
-    "ieee" (fp32 FMA, by request). bf16 and tf32 are hot: they must compile to tensor-core MMAs
-    with pipelined loads and no spills.
+    Keys: f"kl_{kind}-{shape}-{mode}-{layout}-N{n}" plus "-mask", "-nobias", "-softcap"; kind
+    "forward" / "sweep" / "grad" (kernel_config), shape a COMPILE_SHAPES name, mode "bf16" (bf16
+    inputs), "tf32" (fp32 inputs, TF32 tensor cores: the trainer's default) and "ieee" (fp32 FMA,
+    by request). bf16 and tf32 are hot: they must compile to tensor-core MMAs with pipelined loads
+    and no spills.
     """
     cases = {}
-    for name, d_model, d_vocab, n_tokens in shapes:
-        w_row_stride = -(-d_vocab // 16) * 16  # padded_unembedding
-        for mode, dtype in (("bf16", torch.bfloat16), ("tf32", torch.float32), ("ieee", torch.float32)):
-            matmul = "tf32" if mode == "bf16" else mode  # matmul_mode(): 16-bit inputs get "tf32"
-            common = dict(h_ptr=dtype, dh_ptr=dtype, w_ptr=dtype, b_ptr=dtype, mask_ptr=torch.int8,
-                          n_tokens=n_tokens, d_model=d_model, d_vocab=d_vocab, w_cols=w_row_stride, softcap=1.0,
-                          stride_hn=d_model, stride_hd=1, stride_wd=w_row_stride, stride_wv=1)
-            flags = dict(HAS_BIAS=True, HAS_MASK=True, SOFTCAP=False, MATMUL_MODE=matmul)
-            for grad in (False, True):
-                config = kernel_config(dtype, torch.device("cuda"), arch, grad=grad, mode=matmul)
-                launch = dict(num_warps=config.pop("num_warps"), num_stages=config.pop("num_stages"),
-                              hot=mode != "ieee")
-                n_row_blocks = triton.cdiv(n_tokens, config["BLOCK_N"])
-                tile = config.get("V_GROUP", 1) * config["BLOCK_V"]
-                per_slice, slices = _vocab_slices_for(n_row_blocks, triton.cdiv(d_vocab, tile), sm_count)
-                if not grad:
-                    cases[f"kl_fwd-{name}-{mode}"] = _CompileCase(
-                        _linear_kl_forward_kernel,
-                        dict(common, labels_ptr=torch.int64, stats_ptr=torch.float32, argmax_ptr=torch.int32,
-                             tiles_per_slice=per_slice),
-                        dict(config, **flags, HAS_LABELS=True), **launch)
-                else:
-                    cases[f"kl_grad-{name}-{mode}"] = _CompileCase(
-                        _linear_kl_grad_kernel,
-                        dict(common, lse_ptr=torch.float32, dlse_ptr=torch.float32, weight_ptr=torch.float32,
-                             grad_ptr=torch.float32, groups_per_slice=per_slice, filter_eps=FILTER_EPS,
-                             stride_gn=d_model),
-                        dict(config, **flags, USE_ATOMICS=slices > 1), **launch)
+    cuda = torch.device("cuda")
+    previous = torch.get_float32_matmul_precision()
+    for name, d_model, d_vocab in shapes:
+        for mode in ("bf16", "tf32", "ieee"):
+            dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+            # matmul_mode() reads the precision: set it as the trainer does for this mode.
+            torch.set_float32_matmul_precision("highest" if mode == "ieee" else "high")
+            try:
+                for kind, layout, n_tokens, has_mask, has_bias, capped in _compile_scenarios(name, mode):
+                    key = f"kl_{kind}-{name}-{mode}-{layout}-N{n_tokens}" + ("-mask" if has_mask else "") + \
+                        ("" if has_bias else "-nobias") + ("-softcap" if capped else "")
+                    cases[key] = _recorded_case(kind, d_model, d_vocab, n_tokens, dtype, mode, layout, has_mask,
+                                                has_bias, 30.0 if capped else None, arch, sm_count, cuda)
+            finally:
+                torch.set_float32_matmul_precision(previous)
     return cases
+
+
+def _recorded_case(kind, d_model, d_vocab, n_tokens, dtype, mode, layout, has_mask, has_bias, softcap, arch,
+                   sm_count, cuda) -> CompileCase:
+    """The CompileCase of one launch, recorded from its launcher on meta tensors."""
+    meta_device = torch.device("meta")
+    padded = -(-d_vocab // 16) * 16
+    if layout == "row":  # padded_unembedding's buffer
+        W_U = torch.empty(d_model, padded, dtype=dtype, device=meta_device)[:, :d_vocab]
+        w_cols = padded
+    else:
+        W_U = torch.empty(d_vocab, d_model, dtype=dtype, device=meta_device).t()
+        w_cols = d_vocab
+    h = torch.empty(n_tokens, d_model, dtype=dtype, device=meta_device)
+    b_U = torch.empty(d_vocab, dtype=torch.float32, device=meta_device) if has_bias else None
+    mask = torch.empty(n_tokens, dtype=torch.int8, device=meta_device) if has_mask else None
+    per_token = torch.empty(n_tokens, dtype=torch.float32, device=meta_device)
+    config = kernel_config(dtype, cuda, arch, kind=kind, mode=mode, softcap=softcap is not None)
+    n_row_blocks = triton.cdiv(n_tokens, config["BLOCK_N"])
+    with recorded_launches() as launches:
+        if kind == "grad":
+            linear_kl_grad(h, h, W_U, b_U, mask, per_token, per_token, per_token, softcap, config=config,
+                           n_slices=_slices_for_sms(n_row_blocks, sm_count, waves=2), w_cols=w_cols)
+        else:
+            labels = torch.empty(n_tokens, dtype=torch.int64, device=meta_device)
+            linear_kl_forward(h, h, W_U, b_U, mask, labels, softcap,
+                              token_weight=per_token if kind == "sweep" else None, config=config,
+                              n_slices=_slices_for_sms(n_row_blocks, sm_count, waves=1 if kind == "sweep" else 2),
+                              w_cols=w_cols)
+    ((kernel, args, meta),) = launches
+    example = {name: value.dtype if isinstance(value, torch.Tensor) else value for name, value in args.items()}
+    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+    return _CompileCase(kernel, example, meta, num_warps=warps, num_stages=stages, hot=mode != "ieee")
 
 
 class _CompileCase(CompileCase):
@@ -575,22 +905,21 @@ class _CompileCase(CompileCase):
         return signature, constexprs, attrs
 
 
-def _vocab_slices_for(n_row_blocks: int, n_vocab_tiles: int, sm_count: int) -> tuple[int, int]:
-    """_vocab_slices' CUDA choice for a device with sm_count SMs (no device needed)."""
-    n_slices = -(-2 * sm_count // max(1, n_row_blocks))
-    return _vocab_slices(n_row_blocks, n_vocab_tiles, torch.device("cpu"), n_slices)
-
-
 # ----------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------
 
 class LinearKLFunction(torch.autograd.Function):
-    """(loss, sums) with the reference's contract; differentiable in h_sae only."""
+    """(loss, sums) with the reference's contract; differentiable in h_sae only.
+
+    Scalar reductions that need a gradient run the one-sweep kernel (the gradient is computed in
+    the forward; backward scales it by grad_output); reduction="none" runs the forward kernel, then
+    the two-pass gradient kernel in backward with the per-token grad_output. one_sweep=False runs
+    scalar reductions the two-pass way too (the dispatch takes it where it was measured faster)."""
 
     @staticmethod
-    def forward(ctx, h_sae, h_orig, W_U, b_U, mask, labels, reduction, ignore_index, softcap,
-                grad_in_forward, filter_eps, config, n_slices):
+    def forward(ctx, h_sae, h_orig, W_U, b_U, mask, labels, reduction, ignore_index, softcap, filter_eps, config,
+                n_slices, one_sweep):
         n_tokens = h_sae.shape[0]
         counted = torch.ones(n_tokens, dtype=torch.bool, device=h_sae.device) if mask is None else mask
         maskf = counted.float()
@@ -602,35 +931,31 @@ class LinearKLFunction(torch.autograd.Function):
         mask8 = None if mask is None else mask.to(torch.int8)
         W_U = padded_unembedding(W_U)
         b_U = prepared_bias(b_U, softcap)  # fp32, unit stride, -inf floored, shifted when uncapped
+        one_sweep = one_sweep and reduction != "none" and ctx.needs_input_grad[0]
 
-        kl, lse_orig, dlse, agree, ce_orig, ce_sae = linear_kl_forward(
-            h_orig, delta, W_U, b_U, mask8, labels, softcap, config=config, n_slices=n_slices)
-        kl = torch.where(counted, kl, 0.0)
+        out = linear_kl_forward(h_orig, delta, W_U, b_U, mask8, labels, softcap,
+                                token_weight=token_weight if one_sweep else None, filter_eps=filter_eps,
+                                config=config, n_slices=n_slices)
+        kl = torch.where(counted, out.kl, 0.0)
 
         # [ce_orig sum, ce_sae sum, labelled tokens, top-1 agreements, counted tokens]
         sums = torch.zeros(5, dtype=torch.float32, device=h_sae.device)
         if labels is not None:
             has_label = counted & (labels != ignore_index)
-            sums[0] = torch.where(has_label, ce_orig, 0.0).sum()
-            sums[1] = torch.where(has_label, ce_sae, 0.0).sum()
+            sums[0] = torch.where(has_label, out.ce_orig, 0.0).sum()
+            sums[1] = torch.where(has_label, out.ce_sae, 0.0).sum()
             sums[2] = has_label.sum()
-        sums[3] = (agree & counted).sum()
+        sums[3] = (out.agree & counted).sum()
         sums[4] = n_counted
 
         ctx.reduction, ctx.h_dtype, ctx.softcap = reduction, h_sae.dtype, softcap
         ctx.filter_eps, ctx.config, ctx.n_slices = filter_eps, config, n_slices
-        ctx.grad_in_forward = False
-        grad_args = (h_orig, delta, W_U, b_U, mask8, lse_orig, dlse)
-        if reduction == "none":
-            loss = kl
-        else:
-            loss = (kl * token_weight).sum() if reduction == "mean" else kl.sum()
-            if grad_in_forward and ctx.needs_input_grad[0]:
-                ctx.grad_in_forward = True
-                ctx.save_for_backward(linear_kl_grad(*grad_args, token_weight, softcap, filter_eps=filter_eps,
-                                                     config=config, n_slices=n_slices))
-        if not ctx.grad_in_forward:
-            ctx.save_for_backward(*grad_args, token_weight)
+        ctx.one_sweep = one_sweep
+        loss = kl if reduction == "none" else (kl * token_weight).sum() if reduction == "mean" else kl.sum()
+        if one_sweep:
+            ctx.save_for_backward(out.grad)
+        elif ctx.needs_input_grad[0]:
+            ctx.save_for_backward(h_orig, delta, W_U, b_U, mask8, out.lse_orig, out.dlse, token_weight)
         ctx.mark_non_differentiable(sums)
         return loss, sums
 
@@ -638,25 +963,26 @@ class LinearKLFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_sums):
         if not ctx.needs_input_grad[0]:
             return (None,) * 13
-        if ctx.grad_in_forward:
+        if ctx.one_sweep:
             (grad,) = ctx.saved_tensors
             grad = grad * grad_loss
         else:
-            *grad_args, token_weight = ctx.saved_tensors
-            # scalar reductions: one grad_output for all tokens; "none": one per token.
-            grad = linear_kl_grad(*grad_args, token_weight * grad_loss.float(), ctx.softcap,
-                                  filter_eps=ctx.filter_eps, config=ctx.config, n_slices=ctx.n_slices)
+            h_orig, delta, W_U, b_U, mask8, lse_orig, dlse, token_weight = ctx.saved_tensors
+            # "none": one grad_output per token; a scalar one broadcasts
+            grad = linear_kl_grad(h_orig, delta, W_U, b_U, mask8, lse_orig, dlse, token_weight * grad_loss.float(),
+                                  ctx.softcap, filter_eps=ctx.filter_eps, config=ctx.config, n_slices=ctx.n_slices)
         return (grad.to(ctx.h_dtype),) + (None,) * 12
 
 
 def linear_kl_triton(h_sae, h_orig, W_U, b_U=None, mask=None, labels=None, reduction="mean",
-                     ignore_index=-100, softcap=None, *, grad_in_forward=False, filter_eps=FILTER_EPS,
-                     config=None, n_slices=None):
+                     ignore_index=-100, softcap=None, one_sweep=True, *, filter_eps=FILTER_EPS, config=None,
+                     n_slices=None):
     """Fused linear + KL on validated, flattened inputs: h_* [N, d], W_U [d, V], b_U [V] or None,
     mask [N] bool or None, labels [N] int64 or None, softcap a positive float or None (final-logit
     soft-capping). Returns (loss, sums) like the reference.
 
-    grad_in_forward: compute the gradient in the forward (scalar reductions only; same FLOPs).
+    one_sweep: scalar reductions compute the gradient in the forward's sweep (8*N*d*V); False runs
+    the forward, then the two-pass gradient in backward (4 + 6*N*d*V), as reduction="none" does.
     filter_eps: the gradient filter's threshold (module docstring; 0 disables it).
     config / n_slices: override the block sizes and the number of vocabulary slices (tests).
     """
@@ -671,4 +997,4 @@ def linear_kl_triton(h_sae, h_orig, W_U, b_U=None, mask=None, labels=None, reduc
         mask = mask.bool()
     return LinearKLFunction.apply(h_sae, h_orig.detach(), W_U.detach(), None if b_U is None else b_U.detach(),
                                   mask, labels, reduction, ignore_index, None if softcap is None else float(softcap),
-                                  grad_in_forward, filter_eps, config, n_slices)
+                                  filter_eps, config, n_slices, one_sweep)

@@ -99,16 +99,20 @@ def test_op_triton_matches_kl_div(dtype, shape, reduction):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n_slices", [1, 4])
-@pytest.mark.parametrize("grad_in_forward", [False, True])
-def test_kernel_direct_tiles_slices_and_mask(dtype, n_slices, grad_in_forward):
+@pytest.mark.parametrize("reduction", ["mean", "none"], ids=["one_sweep", "two_pass"])
+def test_kernel_direct_tiles_slices_and_mask(dtype, n_slices, reduction):
     """Small tiles: several vocabulary tiles per slice, d in 16-wide steps, 3 row blocks; the
-    slices merge (and the gradient's atomics) when n_slices > 1; a mask and no bias."""
+    slices merge (and the two-pass gradient's atomics) when n_slices > 1; a mask and no bias.
+    "mean" runs the one-sweep kernel, "none" the forward and then the two-pass gradient kernel."""
     h_sae, h_orig, W_U, _ = make_inputs(40, 72, 203, dtype, bias=False)
     mask = torch.rand(40) > 0.3
-    mask[16:32] = False  # a whole row block masked: the gradient kernel skips it
+    mask[16:32] = False  # a whole row block masked: the kernels skip it
     mask = mask.to(KERNEL_DEVICE)
-    loss, sums = K.linear_kl_triton(h_sae, h_orig, W_U, None, mask, None, "mean", -100,
-                                    grad_in_forward=grad_in_forward, config=SMALL_TILES, n_slices=n_slices)
+    loss, sums = K.linear_kl_triton(h_sae, h_orig, W_U, None, mask, None, reduction, -100, config=SMALL_TILES,
+                                    n_slices=n_slices)
+    if reduction == "none":
+        assert torch.all(loss[~mask] == 0)
+        loss = loss.sum() / mask.sum()
     (grad,) = torch.autograd.grad(loss, h_sae)
     want_loss, want_grad = ground_truth(h_sae, h_orig, W_U, None, "mean", mask.cpu())
     check(loss, grad, want_loss, want_grad, dtype)
@@ -216,9 +220,8 @@ def test_triton_errors():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("grad_in_forward", [False, True])
 @pytest.mark.parametrize("with_mask_and_labels", [False, True], ids=["plain", "mask+labels"])
-def test_empty_batch_matches_reference(reduction, grad_in_forward, with_mask_and_labels):
+def test_empty_batch_matches_reference(reduction, with_mask_and_labels):
     """N = 0: the reference's loss (0 for "mean" and "sum", an empty tensor for "none"), zero
     stats sums and an empty gradient, from the kernel entry point and from the op."""
     _, _, W_U, b_U = make_inputs(1, 24, 70)
@@ -226,8 +229,7 @@ def test_empty_batch_matches_reference(reduction, grad_in_forward, with_mask_and
     h_sae = h_orig.clone().requires_grad_()
     mask = torch.zeros(0, dtype=torch.bool, device=KERNEL_DEVICE) if with_mask_and_labels else None
     labels = torch.zeros(0, dtype=torch.int64, device=KERNEL_DEVICE) if with_mask_and_labels else None
-    loss, sums = K.linear_kl_triton(h_sae, h_orig, W_U, b_U, mask, labels, reduction, -100,
-                                    grad_in_forward=grad_in_forward)
+    loss, sums = K.linear_kl_triton(h_sae, h_orig, W_U, b_U, mask, labels, reduction, -100)
     ref_h = h_orig.clone().requires_grad_()
     ref_loss, ref_stats = ops.fused_linear_kl(ref_h, h_orig, W_U, b_U, mask=mask, labels=labels,
                                               reduction=reduction, return_stats=True, backend="torch")
@@ -318,6 +320,120 @@ def test_large_common_bias_keeps_the_kl_exact(backend):
     torch.testing.assert_close(grad.double().cpu() / scale, want_grad / scale, atol=1e-5, rtol=0)
 
 
+def two_lse_kl_fp32(h_sae, h_orig, W_U, b_U, softcap=None):
+    """The paper's form in fp32: KL = lse(B) - lse(A) - E_p[B - A] from materialised logits (what
+    loses its relative precision when the KL is small)."""
+    def logits(h):
+        z = h.detach().float().cpu() @ W_U.float().cpu() + (0 if b_U is None else b_U.float().cpu())
+        return z if softcap is None else softcap * torch.tanh(z / softcap)
+    a, b = logits(h_orig), logits(h_sae)
+    return torch.logsumexp(b, -1) - torch.logsumexp(a, -1) - (torch.softmax(a, -1) * (b - a)).sum(-1)
+
+
+SMALL_KL_CASES = {
+    # (noise, softcap, offset, bias_ramp): KL about 5e-5 nats per token in each
+    "plain": (3.5e-3, None, 0.0, False),
+    "softcap": (3.5e-3, 4.0, 0.0, False),
+    # h_sae moves every logit by +5 (a constant shift, which the KL ignores) besides the small
+    # change: D is 500 times the change the KL sees (exp(D) without a centre would cancel by
+    # e^5 / 5e-5; fp32 rounds D itself to 5 * 2^-24, which caps the offset a 1e-4 test can use)
+    "large_common_delta": (3.5e-3, None, 5.0, False),
+    # the clean logits rise across the vocabulary, so the running maximum moves on every tile
+    "rising_max": (3.5e-3, None, 0.0, True),
+}
+
+
+def small_kl_inputs(noise, offset, bias_ramp):
+    """N = 17, d = 40, V = 301 as in the issue, h_sae = h_orig + noise; W_U's last row is all
+    ones, so a shift of h along it adds `offset` to every logit."""
+    h_sae, h_orig, W_U, b_U = make_inputs(17, 40, 301, noise=noise)
+    W_U[-1] = 1.0
+    h_sae = h_sae.detach().clone()
+    h_sae[:, -1] += offset
+    if bias_ramp:
+        b_U = b_U + torch.linspace(-20.0, 20.0, 301)
+    return h_sae.requires_grad_(), h_orig, W_U, b_U
+
+
+@pytest.mark.parametrize("case", list(SMALL_KL_CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_kl_keeps_its_relative_precision(backend, case):
+    """KL about 5e-5 per token (a good SAE): fp32 relative error <= 1e-4 per token against fp64,
+    where the difference of two log-sum-exps (the paper's form, in fp32) is off by far more. The
+    kernel with small tiles and 3 vocabulary slices, so the online rescaling and the merge act."""
+    noise, softcap, offset, bias_ramp = SMALL_KL_CASES[case]
+    h_sae, h_orig, W_U, b_U = small_kl_inputs(noise, offset, bias_ramp)
+    want_kl, want_grad, _ = capped_kl_truth(h_sae, h_orig, W_U, b_U, softcap)
+    assert 1e-5 < want_kl.mean() < 2e-4, want_kl.mean()
+    if softcap is not None:  # the cap bites: logits reach past the cap
+        assert (h_orig @ W_U + b_U).abs().max() > 2 * softcap
+    if backend == "triton":
+        kl, _ = K.linear_kl_triton(h_sae, h_orig, W_U, b_U, None, None, "none", -100, softcap,
+                                   config=SMALL_TILES, n_slices=3)
+        loss, _ = K.linear_kl_triton(h_sae, h_orig, W_U, b_U, None, None, "sum", -100, softcap,
+                                     config=SMALL_TILES, n_slices=3)
+    else:
+        kl = ops.fused_linear_kl(h_sae, h_orig, W_U, b_U, reduction="none", softcap=softcap, backend="torch")
+        loss = ops.fused_linear_kl(h_sae, h_orig, W_U, b_U, reduction="sum", softcap=softcap, backend="torch")
+    relative = ((kl.double().cpu() - want_kl).abs() / want_kl).max().item()
+    assert relative <= 1e-4, relative
+    assert abs(loss.item() - want_kl.sum().item()) <= 1e-4 * want_kl.sum().item()
+    (grad,) = torch.autograd.grad(loss, h_sae)  # the one-sweep gradient (kernel) for a sum
+    scale = want_grad.abs().max()
+    # With the offset, fp32 rounds each D to 5 * 2^-24 = 3e-7, against the 1e-2 changes the
+    # gradient (q - p) follows: 3e-5 of it per entry, in the inputs, whatever the algorithm.
+    grad_atol = 1e-4 if offset else 1e-5
+    torch.testing.assert_close(grad.double().cpu() / scale, want_grad / scale, atol=grad_atol, rtol=0)
+    # the test can fail: the two-log-sum-exp form in fp32 is far off here
+    naive = ((two_lse_kl_fp32(h_sae, h_orig, W_U, b_U, softcap).double() - want_kl).abs() / want_kl).max()
+    assert naive > 1e-3, naive
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_kl_with_huge_deltas_and_logits(backend):
+    """D up to about 1e3 (h_sae far from h_orig) on logits up to 1e3 with a +1e4 bias: finite, and
+    fp32-relative right (the stable form's other branch, log1p(u) - E_p[x], and exp(B - max B)
+    in place of exp(x))."""
+    h_sae, h_orig, W_U, b_U = make_inputs(19, 32, 203, noise=3.0)
+    W_U = W_U * (1e3 / (h_orig @ W_U).abs().max())
+    b_U = b_U + 1e4
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    args = [t.detach().to(device) for t in (h_sae, h_orig, W_U, b_U)]
+    args[0].requires_grad_()
+    if backend == "triton":
+        kl, _ = K.linear_kl_triton(*args, None, None, "none", -100, config=SMALL_TILES, n_slices=2)
+        loss, _ = K.linear_kl_triton(*args, None, None, "sum", -100, config=SMALL_TILES, n_slices=2)
+    else:
+        kl = ops.fused_linear_kl(*args, reduction="none", backend=backend)
+        loss = ops.fused_linear_kl(*args, reduction="sum", backend=backend)
+    (grad,) = torch.autograd.grad(loss, args[0])
+    want_kl, want_grad, _ = capped_kl_truth(h_sae, h_orig, W_U, b_U, None)
+    delta = (h_sae - h_orig).detach() @ W_U
+    assert delta.abs().max() > 300 and want_kl.min() > 10  # the regime this test is about
+    assert torch.isfinite(kl).all() and torch.isfinite(grad).all()
+    # the logits carry fp32 rounding of 1e3 * 2^-24 each; the KL is hundreds of nats
+    torch.testing.assert_close(kl.double().cpu(), want_kl, rtol=1e-5, atol=0)
+    scale = want_grad.abs().max()
+    torch.testing.assert_close(grad.double().cpu() / scale, want_grad / scale, atol=1e-5, rtol=0)
+
+
+def test_reference_gradcheck_in_float64():
+    """The reference's gradient (in float64) against finite differences, for the scalar (computed
+    in forward) and per-token (recomputed in backward) paths, with a cap and a mask."""
+    gen = torch.Generator().manual_seed(7)
+    h_orig = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    h_sae = (h_orig + 0.1 * torch.randn(5, 6, generator=gen, dtype=torch.float64)).requires_grad_()
+    W_U = torch.randn(6, 11, generator=gen, dtype=torch.float64) * 2
+    b_U = torch.randn(11, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([True, True, False, True, True])
+    for reduction in ("mean", "none"):
+        for softcap in (None, 3.0):
+            def f(h, reduction=reduction, softcap=softcap):
+                return ops.fused_linear_kl(h, h_orig, W_U, b_U, mask=mask, reduction=reduction, softcap=softcap,
+                                           backend="torch")
+            assert torch.autograd.gradcheck(f, (h_sae,))
+
+
 # capped, the -1e30 floor overflows inside tanh's exp (numpy warns under the interpreter): tanh -> -1, as meant
 @pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -346,12 +462,12 @@ def test_masked_vocabulary_and_strided_bias(backend, softcap):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n_slices", [1, 3])
-@pytest.mark.parametrize("grad_in_forward", [False, True])
-def test_masked_nan_tokens_are_never_read(backend, n_slices, grad_in_forward):
+@pytest.mark.parametrize("reduction", ["mean", "none"], ids=["one_sweep", "two_pass"])
+def test_masked_nan_tokens_are_never_read(backend, n_slices, reduction):
     """A masked token whose hidden states are NaN (and +-inf): finite loss, stats and gradient, the
     same as without those tokens; no argmax over an all-NaN row (it raises in the interpreter)."""
-    if backend == "torch" and (n_slices > 1 or grad_in_forward):
-        pytest.skip("slices and grad_in_forward are kernel options")
+    if backend == "torch" and (n_slices > 1 or reduction == "none"):
+        pytest.skip("slices are a kernel option; the reference's 'none' is tested elsewhere")
     h_sae, h_orig, W_U, b_U = make_inputs(40, 32, 150)
     mask = torch.rand(40, generator=torch.Generator().manual_seed(3)) > 0.3
     mask[[0, 17, 39]] = False
@@ -364,8 +480,10 @@ def test_masked_nan_tokens_are_never_read(backend, n_slices, grad_in_forward):
     h_bad.requires_grad_()
     dev = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
     if backend == "triton":
-        loss, sums = K.linear_kl_triton(h_bad, h_orig_bad, W_U, b_U, dev(mask), dev(labels), "mean", -100,
-                                        grad_in_forward=grad_in_forward, config=SMALL_TILES, n_slices=n_slices)
+        loss, sums = K.linear_kl_triton(h_bad, h_orig_bad, W_U, b_U, dev(mask), dev(labels), reduction, -100,
+                                        config=SMALL_TILES, n_slices=n_slices)
+        if reduction == "none":
+            loss = loss.sum() / mask.sum()
     else:
         loss, sums = LinearKLReference.apply(h_bad, h_orig_bad, W_U, b_U, dev(mask), dev(labels),
                                                            "mean", -100, None)
@@ -504,6 +622,121 @@ def test_reference_extreme_logits_and_exact_zero():
 
 
 # ----------------------------------------------------------------------------------------------
+# Measured dispatch (fastsae/ops/_backend.py): a faked GPU and a record of the test's own
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """fused_linear_kl's "auto" dispatch as on a GPU named "Fake GPU" whose record is a temporary
+    file (the kernel runs under the interpreter). Yields (record path, the variants that ran)."""
+    import fastsae.ops.linear_kl as op_module
+    from fastsae.ops import _backend
+
+    record = tmp_path / "measured_dispatch.json"
+    monkeypatch.setattr(_backend, "MEASURED_DISPATCH", record)
+    monkeypatch.setattr(op_module, "use_triton",
+                        lambda op, *tensors, backend=None: _backend.requested_backend(backend) != "torch")
+    monkeypatch.setattr(op_module, "device_name", lambda tensor: "Fake GPU")
+    ran = []
+    call_kernel, reference = op_module.call_kernel, LinearKLReference.apply
+
+    def kernel(op, *args):
+        ran.append("fused" if args[-1] else "two_pass")  # fused: one sweep, or loss only without a gradient
+        return call_kernel(op, *args)
+
+    def traced_reference(*args):
+        ran.append("reference")
+        return reference(*args)
+
+    monkeypatch.setattr(op_module, "call_kernel", kernel)
+    monkeypatch.setattr(LinearKLReference, "apply", traced_reference)
+    return record, ran
+
+
+def test_measured_dispatch_takes_the_recorded_fastest(fake_gpu):
+    """No record: the fused kernel (one sweep with a gradient). A record for this GPU and shape
+    class: its fastest variant among those that can run (reduction="none" has no one-sweep form;
+    no gradient: loss-only kernel or reference), from the entry nearest in token count. A forced
+    backend or another GPU ignores it."""
+    from fastsae.ops._backend import measured_fastest, record_measurement
+    from fastsae.ops.linear_kl import VARIANTS_WITH_GRAD, shape_class
+
+    record, ran = fake_gpu
+    h_sae, h_orig, W_U, b_U = make_inputs(20, 16, 50)
+
+    def variant(reduction="mean", grad=True, **kwargs):
+        ran.clear()
+        h = h_sae.detach().clone().requires_grad_(grad)
+        loss = ops.fused_linear_kl(h, h_orig, W_U, b_U, reduction=reduction, **kwargs)
+        if grad:
+            torch.autograd.grad(loss.sum(), h)
+        return ran[0]
+
+    def measured(n_tokens, with_grad=True, **seconds):
+        record_measurement("fused_linear_kl", "Fake GPU", shape_class(torch.float32, 16, 50, with_grad), n_tokens,
+                           seconds, path=record)
+
+    assert variant() == "fused" and variant("none") == "two_pass" and variant(grad=False) == "fused"
+    measured(20, one_sweep=2.0, two_pass=3.0, reference=1.0)
+    assert variant() == "reference"
+    assert variant(backend="triton") == "fused" and variant(backend="torch") == "reference"
+    measured(20, one_sweep=2.0, two_pass=1.0, reference=3.0)  # replaces the entry at N = 20
+    assert variant() == "two_pass"
+    measured(20, one_sweep=1.0, two_pass=3.0, reference=2.0)
+    assert variant() == "fused" and variant("none") == "reference"  # none: two_pass or reference
+    measured(16384, one_sweep=2.0, two_pass=3.0, reference=1.0)  # another token count
+    assert variant() == "fused"  # N = 20 is nearest to the entry at 20
+    cls = shape_class(torch.float32, 16, 50, True)
+    assert measured_fastest("fused_linear_kl", "Fake GPU", cls, 9000, VARIANTS_WITH_GRAD, path=record) == "reference"
+    assert measured_fastest("fused_linear_kl", "Other GPU", cls, 20, VARIANTS_WITH_GRAD, path=record) is None
+    measured(20, with_grad=False, forward=2.0, reference=1.0)  # loss only: its own shape class
+    assert variant(grad=False) == "reference" and variant() == "fused"
+    torch.set_float32_matmul_precision("high")  # another fp32 shape class: no record
+    try:
+        assert variant() == "fused"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert shape_class(torch.bfloat16, 768, 50257, True) == "bf16/d768/V50257/fwd_bwd"
+
+
+@pytest.mark.slow
+def test_gpu_check_records_the_kl_dispatch(tmp_path, monkeypatch):
+    """benchmarks/gpu_check.py's kl_dispatch worker at its smoke size (interpreter): every variant
+    timed per shape class, the fastest recorded where the op's dispatch reads it."""
+    import sys
+    from pathlib import Path
+
+    from fastsae.ops._backend import measured_fastest
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "gpu_check", raising=False)
+    import gpu_check
+
+    record = tmp_path / "record.json"
+    result = gpu_check.kl_dispatch_worker(smoke=True, deadline=float("inf"), record_path=record)
+    assert result["status"] == "ok" and len(result["measurements"]) == 2
+    for entry in result["measurements"]:
+        assert set(entry["seconds"]) == ({"one_sweep", "two_pass", "reference"} if entry["shape_class"].endswith(
+            "fwd_bwd") else {"forward", "reference"})
+        got = measured_fastest("fused_linear_kl", result["device"], entry["shape_class"], entry["N"],
+                               entry["seconds"], path=record)
+        assert got == entry["fastest"]
+
+
+def test_one_sweep_and_two_pass_agree():
+    """The two fused paths of a scalar reduction give the same loss, stats and gradient."""
+    h_sae, h_orig, W_U, b_U = make_inputs(21, 24, 100)
+    labels = torch.randint(0, 100, (21,), device=KERNEL_DEVICE)
+    results = []
+    for one_sweep in (True, False):
+        loss, sums = K.linear_kl_triton(h_sae, h_orig, W_U, b_U, None, labels, "mean", -100, None, one_sweep,
+                                        config=SMALL_TILES, n_slices=2)
+        results.append((loss, sums, torch.autograd.grad(loss, h_sae)[0]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------
 
@@ -513,9 +746,9 @@ def test_gpu_gpt2_shapes(dtype):
     """V = 50,257, d = 768: against the fp32 reference on the same (rounded) inputs."""
     h_sae, h_orig, W_U, b_U = make_inputs(1000, 768, 50257, dtype, device="cuda")
     labels = torch.randint(0, 50257, (1000,), device="cuda")
-    for grad_in_forward in (False, True):
-        loss, sums = K.linear_kl_triton(h_sae, h_orig, W_U, b_U, None, labels, "mean", -100,
-                                        grad_in_forward=grad_in_forward)
+    for reduction in ("mean", "none"):  # the one-sweep kernel; the forward and two-pass gradient
+        loss, sums = K.linear_kl_triton(h_sae, h_orig, W_U, b_U, None, labels, reduction, -100)
+        loss = loss if reduction == "mean" else loss.mean()
         (grad,) = torch.autograd.grad(loss, h_sae)
         ref_h = h_sae.detach().float().requires_grad_()
         ref_loss, ref_sums = ops.fused_linear_kl(ref_h, h_orig.float(), W_U.float(), b_U.float(), backend="torch",

@@ -4,15 +4,32 @@
 otherwise. ``FASTSAE_BACKEND=triton|torch`` (or an op's ``backend=`` argument) forces one. With
 ``TRITON_INTERPRET=1`` set before triton is imported, the Triton path also runs on CPU tensors,
 which is how CI tests the kernels without a GPU.
+
+Measured dispatch. Where an op's fused kernel is not sure to beat its reference on every GPU, the
+op asks measured_fastest() under ``auto``: benchmarks/gpu_check.py times the op's variants on a
+GPU and records them in MEASURED_DISPATCH (fastsae/ops/measured_dispatch.json, shipped with the
+package) as
+
+    {op: {device name (torch.cuda.get_device_name): {shape class: [
+        {"N": tokens, "seconds": {variant: median seconds per call}, "fastest": variant, ...}]}}}
+
+The shape class is the op's own key (fused_linear_kl: dtype, matmul precision, d, V, passes); the
+entry nearest the call's token count (log scale) answers. With no entry for the device and shape
+class the op keeps its default, the fused kernel. A forced backend never consults the record.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import math
 import os
+from pathlib import Path
 
 import torch
+
+from fastsae._files import atomic_write_text, read_json_object
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -97,3 +114,52 @@ def call_kernel(op: str, *args):
         with torch.cuda.device(first.device):
             return kernel(*args)
     return kernel(*args)
+
+
+# ------------------------------------------------------------------------------- measured dispatch
+
+MEASURED_DISPATCH = Path(__file__).with_name("measured_dispatch.json")
+_RECORD_CACHE: dict = {}  # path -> (mtime, record)
+
+
+def device_name(tensor: torch.Tensor) -> str:
+    """The record's device key: torch.cuda.get_device_name of a CUDA tensor's GPU, else "cpu"."""
+    return torch.cuda.get_device_name(tensor.device) if tensor.is_cuda else "cpu"
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        mtime = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return {}
+    cached = _RECORD_CACHE.get(path)
+    if cached is None or cached[0] != mtime:
+        cached = (mtime, read_json_object(path))
+        _RECORD_CACHE[path] = cached
+    return cached[1]
+
+
+def measured_fastest(op: str, device: str, shape_class: str, n_tokens: int, variants, *,
+                     path: Path | None = None) -> str | None:
+    """The fastest of ``variants`` in the record of ``op`` on ``device`` at ``shape_class``, from
+    the measurement whose token count is nearest ``n_tokens`` (log scale); None where the record
+    has no such entry or times none of the variants (the caller keeps its default)."""
+    entries = _read_record(path or MEASURED_DISPATCH).get(op, {}).get(device, {}).get(shape_class)
+    if not entries:
+        return None
+    nearest = min(entries, key=lambda e: abs(math.log(max(1, e["N"])) - math.log(max(1, n_tokens))))
+    seconds = {v: nearest["seconds"][v] for v in variants if nearest["seconds"].get(v) is not None}
+    return min(seconds, key=seconds.get) if seconds else None
+
+
+def record_measurement(op: str, device: str, shape_class: str, n_tokens: int, seconds: dict, *,
+                       path: Path | None = None, **info) -> dict:
+    """Add one measurement (median seconds per call by variant) to the record, replacing one at the
+    same token count; written atomically. Returns the entry."""
+    path = Path(path or MEASURED_DISPATCH)
+    record = read_json_object(path) if path.exists() else {}
+    entry = dict(N=int(n_tokens), seconds=dict(seconds), fastest=min(seconds, key=seconds.get), **info)
+    entries = record.setdefault(op, {}).setdefault(device, {}).setdefault(shape_class, [])
+    entries[:] = [e for e in entries if e["N"] != entry["N"]] + [entry]
+    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return entry

@@ -19,7 +19,17 @@ its precision; without a cap b_U is shifted by its maximum (an exact, result-pre
 so a large common logit bias does not round the logits. Final-logit soft-capping
 (softcap=c: cap(z) = c * tanh(z / c), as Gemma-2) is applied to both runs' full logits; the capped
 difference is computed without cancellation (capped_logits), and the gradient carries the cap's
-slope sech^2(z / c) at the SAE run's logits.
+slope sech^2(z / c) at the SAE run's logits. The KL itself is formed without cancellation,
+E_p[phi(x)] + psi(u) around the centre max(B) - max(A) (kernels/_logits.py): at KL = 5e-5 nats
+per token it keeps fp32's relative precision (1e-6 measured; the difference of two log-sum-exps,
+the paper's form, is 3.6e-2 off), and the gradient q - p = p (expm1(x) - u) / (1 + u) is exact
+where q ~ p.
+
+Dispatch: backend="triton" (or FASTSAE_BACKEND) forces the kernel, "torch" the reference. Under
+"auto" CUDA tensors take the fused kernel (for a scalar reduction with a gradient, the one-sweep
+kernel) unless benchmarks/gpu_check.py recorded another variant faster for this GPU and shape
+class (fastsae/ops/_backend.py: measured dispatch; shape_class here): the fused two-pass kernel or
+this reference. No record for the device: the fused kernel.
 """
 
 from __future__ import annotations
@@ -28,14 +38,45 @@ from typing import NamedTuple
 
 import torch
 
-from fastsae.ops._backend import call_kernel, register_kernel, use_triton
+from fastsae.ops._backend import call_kernel, device_name, measured_fastest, register_kernel, requested_backend, use_triton
 from fastsae.ops import _checks
 from fastsae.ops._checks import check_same, check_shape, check_tensor
-from fastsae.kernels._logits import prepared_bias
+from fastsae.kernels._logits import centered_terms, kl_from_sums, prepared_bias
 
 register_kernel("fused_linear_kl", "linear_kl", "linear_kl_triton")
 
 REDUCTIONS = ("mean", "sum", "none")
+# The variants benchmarks/gpu_check.py times (the measured dispatch, fastsae/ops/_backend.py):
+# "one_sweep" (loss and gradient in one sweep over W_U, 8*N*d*V), "two_pass" (forward, then the
+# gradient's own sweep in backward, 4 + 6*N*d*V), "forward" (loss only, 4*N*d*V), "reference".
+VARIANTS_WITH_GRAD = ("one_sweep", "two_pass", "reference")
+VARIANTS_LOSS_ONLY = ("forward", "reference")
+
+
+def shape_class(dtype: torch.dtype, d_model: int, d_vocab: int, with_grad: bool) -> str:
+    """The measured dispatch's key for a call: the operand dtype (fp32 with torch's matmul
+    precision, which picks TF32 / bf16 / fp32 tensor-core modes), d, V, and whether a gradient
+    is computed ("fwd_bwd") or not ("fwd"). The token count is matched separately."""
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+    name = name or f"fp32-{torch.get_float32_matmul_precision()}"
+    return f"{name}/d{d_model}/V{d_vocab}/{'fwd_bwd' if with_grad else 'fwd'}"
+
+
+def _kernel_variant(h_sae: torch.Tensor, W_U: torch.Tensor, reduction: str, backend: str | None) -> str:
+    """Under backend "auto" on a GPU, the variant recorded fastest for this device and shape class
+    ("reference" among them); without a record, or with a forced backend, the fused kernel."""
+    with_grad = torch.is_grad_enabled() and h_sae.requires_grad
+    default = "one_sweep" if with_grad and reduction != "none" else "two_pass" if with_grad else "forward"
+    if requested_backend(backend) != "auto":
+        return default
+    if not with_grad:
+        variants = VARIANTS_LOSS_ONLY
+    else:  # reduction="none" has no one-sweep form: its gradient needs the per-token grad_output
+        variants = VARIANTS_WITH_GRAD if reduction != "none" else ("two_pass", "reference")
+    fastest = measured_fastest("fused_linear_kl", device_name(h_sae),
+                               shape_class(h_sae.dtype, W_U.shape[0], W_U.shape[1], with_grad), h_sae.shape[0],
+                               variants)
+    return fastest or default
 
 
 class LinearKLStats(NamedTuple):
@@ -88,10 +129,12 @@ def _kl_chunks(h_sae, h_orig, W, b, token_weight, labels, ignore_index, want_gra
     W, b are already in the compute dtype (b already shifted where there is no cap). token_weight
     [N] scales each token's gradient (and decides which tokens count for the stats: weight > 0).
     The SAE run's logits are the clean ones plus (h_sae - h_orig) @ W: the small difference is its
-    own product, so it keeps its precision. The [rows, d_vocab] buffers are allocated once and
-    reused by every chunk with in-place / out= ops: fresh multi-MiB allocations page-fault on every
-    chunk, which costs as much as the elementwise math itself. The matmuls run on the whole chunk;
-    the elementwise math on cache-sized slices of it.
+    own product, so it keeps its precision. The KL is formed without cancellation, as the kernel
+    does (kernels/_logits.py): centre c = max(B) - max(A), x = D - c, KL = E_p[phi(x)] + psi(u).
+    The [rows, d_vocab] buffers are allocated once and reused by every chunk with in-place / out=
+    ops: fresh multi-MiB allocations page-fault on every chunk, which costs as much as the
+    elementwise math itself. The matmuls run on the whole chunk; the elementwise math on
+    cache-sized slices of it.
     """
     n_tokens, d_vocab = h_sae.shape[0], W.shape[1]
     dtype, device = W.dtype, h_sae.device
@@ -103,7 +146,6 @@ def _kl_chunks(h_sae, h_orig, W, b, token_weight, labels, ignore_index, want_gra
     step = max(1, min(rows, _ELEMENTWISE_ELEMENTS // max(1, d_vocab)))
     clean_buf = torch.empty(rows, d_vocab, dtype=dtype, device=device)
     delta_buf = torch.empty(rows, d_vocab, dtype=dtype, device=device)
-    p_buf = torch.empty(step, d_vocab, dtype=dtype, device=device)
     slope_buf = torch.empty(step, d_vocab, dtype=dtype, device=device) if want_grad and softcap else None
     for start in range(0, n_tokens, rows):
         end = min(start + rows, n_tokens)
@@ -125,37 +167,38 @@ def _kl_chunks(h_sae, h_orig, W, b, token_weight, labels, ignore_index, want_gra
             sums[2] += has_label.sum()
         for s0 in range(0, end - start, step):
             s1 = min(s0 + step, end - start)
-            a, d, p = logits[s0:s1], delta[s0:s1], p_buf[: s1 - s0]
+            a, d = logits[s0:s1], delta[s0:s1]
             if softcap:
                 if want_grad:  # d cap / dz at the SAE run's logits, before they are overwritten
                     torch.add(a, d, out=slope_buf[: s1 - s0]).div_(softcap).cosh_().square_().reciprocal_()
                 capped, capped_diff = capped_logits(a, d, softcap)
                 a.copy_(capped)
                 d.copy_(capped_diff)
-            # A = a (clean run), D = d (SAE run minus clean run). As the kernel: the maxima only
-            # stabilise; exp((A - m_b) + D) and dlse = (m_b - m_a) + log s_b - log s_a never
-            # subtract two large rounded logits. All in place in a, d and p: no allocation.
-            torch.add(a, d, out=p)  # the SAE run's logits, for the argmax and the label
-            m_b, top_b = p.max(-1)
+            # A = a (clean run), D = d (SAE run minus clean run); the maxima stabilise and centre.
+            sae_logits = a + d  # for the argmax and the label only
+            m_b, top_b = sae_logits.max(-1)
             m_a, top_a = a.max(-1)
             sums[3] += ((top_a == top_b) & counted[s0:s1]).sum()
             if lab is not None:  # cross-entropy = lse - the label's logit
                 keep, idx = has_label[s0:s1], safe[s0:s1]
-                label_a, label_b = a.gather(1, idx).squeeze(1), p.gather(1, idx).squeeze(1)
-            torch.sub(a, m_a[:, None], out=p).exp_()
-            s_a = p.sum(-1)
-            q = a.sub_(m_b[:, None]).add_(d).exp_()  # exp(B - m_b), in a
-            s_b = q.sum(-1)
-            dlse = (m_b - m_a) + (torch.log(s_b) - torch.log(s_a))  # lse(B) - lse(A)
-            p.div_(s_a[:, None])  # the clean run's probabilities
-            # KL(p || q) = sum_v p_v (log p_v - log q_v) = dlse - E_p[D]
-            kl[start + s0:start + s1] = dlse - torch.linalg.vecdot(p, d)
+                label_a, label_b = a.gather(1, idx).squeeze(1), sae_logits.gather(1, idx).squeeze(1)
+            del sae_logits
+            centre = m_b - m_a
+            x = d.sub_(centre[:, None])  # in place: D - c
+            e, e_em, e_phi = centered_terms(a.sub_(m_a[:, None]), x)
+            s_sum, u_sum = e.sum(-1), e_em.sum(-1)
+            kl_rows, log1p_u = kl_from_sums(s_sum, u_sum, e_phi.sum(-1), torch.linalg.vecdot(e, x))
+            del e_phi
+            kl[start + s0:start + s1] = kl_rows
             if lab is not None:
-                sums[0] += torch.where(keep, (m_a + torch.log(s_a)) - label_a, 0.0).sum()
-                sums[1] += torch.where(keep, (m_b + torch.log(s_b)) - label_b, 0.0).sum()
+                lse_a = m_a + torch.log(s_sum)
+                sums[0] += torch.where(keep, lse_a - label_a, 0.0).sum()
+                sums[1] += torch.where(keep, (lse_a + centre + log1p_u) - label_b, 0.0).sum()
             if want_grad:
-                # d KL / d logits_sae = q - p, into d (which the matmul below reads)
-                torch.sub(q.div_(s_b[:, None]), p, out=d)
+                # d KL / d logits_sae = q - p = e (expm1(x) - u) / (S (1 + u)), into d (which the
+                # matmul below reads): small where q ~ p, and exact there.
+                u = (u_sum / s_sum)[:, None]
+                torch.sub(e_em, e * u, out=d).div_((s_sum + u_sum)[:, None])
                 if softcap:
                     d.mul_(slope_buf[: s1 - s0])  # ... times the cap's slope
         sums[4] += counted.sum()
@@ -268,10 +311,13 @@ def fused_linear_kl(h_sae: torch.Tensor, h_orig: torch.Tensor, W_U: torch.Tensor
                 raise ValueError(f"labels must lie in [0, d_vocab={d_vocab}) or equal ignore_index={ignore_index}, "
                                  f"got {int(labels[bad][0])}")
     h_sae2d, h_orig2d = h_sae.reshape(-1, d_model), h_orig.reshape(-1, d_model).detach()
+    variant = "reference"
     if use_triton("fused_linear_kl", h_sae2d, h_orig2d, W_U, backend=backend):
+        variant = _kernel_variant(h_sae2d, W_U, reduction, backend)
+    if variant != "reference":
         # Same contract as the reference: (loss, sums), differentiable in h_sae only.
         loss, sums = call_kernel("fused_linear_kl", h_sae2d, h_orig2d, W_U, b_U, mask, labels, reduction,
-                                 ignore_index, softcap)
+                                 ignore_index, softcap, variant != "two_pass")
     else:
         loss, sums = LinearKLReference.apply(h_sae2d, h_orig2d, W_U, b_U, mask, labels, reduction, ignore_index,
                                              softcap)
