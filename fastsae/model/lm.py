@@ -31,6 +31,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from fastsae.model.embedded import quiet_transformers_progress
+
 # The TransformerLens hook names that work on both APIs (the bridge maps them to its own names).
 LEGACY_BLOCK_HOOKS = (
     "hook_resid_pre",
@@ -196,6 +198,7 @@ class LanguageModel:
         return cls(model, api)
 
     @staticmethod
+    @quiet_transformers_progress()  # no "Loading weights" bar in fastsae's output
     def _load_bridge(name_or_path: str, device, dtype):
         TransformerBridge = _bridge_class()
         if TransformerBridge is None:
@@ -207,6 +210,7 @@ class LanguageModel:
         return TransformerBridge.boot_transformers(name_or_path, device=device, dtype=dtype)
 
     @staticmethod
+    @quiet_transformers_progress()  # no "Loading weights" bar in fastsae's output
     def _load_hooked(name_or_path: str, device, dtype):
         HookedTransformer = _hooked_transformer_class()
         if HookedTransformer is None:
@@ -238,7 +242,7 @@ class LanguageModel:
             fold_value_biases=False,
             refactor_factored_attn_matrices=False,
         )
-        return model.to(device)
+        return model.to(device, print_details=False)  # no "Moving model to device" line
 
     @classmethod
     def wrap(cls, model: torch.nn.Module) -> "LanguageModel":
