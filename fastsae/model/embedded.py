@@ -8,10 +8,11 @@ config never picks up the wrong cache. The directory is built under a temporary 
 into place only when complete: a crash leaves no directory that would be loaded.
 
 Everything is seeded: the corpus split, the tokenizer, the weights' init and the batch order.
-Pretraining runs on one CPU thread (restored afterwards): its matrices are small (d_model 128), so a
-second thread gains little on an idle machine and loses badly on a busy one (OpenMP threads wait
-for each other: 2.8x slower per step with 2 threads on the project's shared 2-core machine), and
-the model does not depend on how many cores the machine has.
+Pretraining runs on one CPU thread (the caller's setting is restored afterwards): its matrices are
+small (d_model 128), and on a busy machine OpenMP threads wait for each other: on the project's
+2-core machine shared with other jobs a step took 1.9 s on one thread and 5.5 s on two, and the
+whole build 1,001 s and 2,340 s. One thread also keeps the model from depending on the machine's
+core count (thread counts change the float rounding).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ import torch
 from fastsae._files import honour_umask
 
 # What the first build of the default config takes, shown before it starts (the bar then shows the
-# real rate): measured with `fastsae train embedded` and an empty FASTSAE_CACHE.
-PRETRAIN_TIME_NOTE = "about 40 s on an idle 2-core AMD EPYC, minutes on a busy machine"
+# real rate). Measured on the project's CPU machine (2-core AMD EPYC): idle, benchmarks/results/
+# paper_figure/sweep.txt; shared, ensure_embedded_model into an empty cache (README, "Measured").
+PRETRAIN_TIME_NOTE = "about 40 s on an idle 2-core AMD EPYC, 17 min on one at load average 16-21"
 
 EMBEDDED_VERSION = "1"
 EOS = "<|endoftext|>"
