@@ -53,7 +53,7 @@ class EmbeddedConfig:
     n_embd: int = 128
     n_head: int = 4
     n_ctx: int = 128
-    steps: int = 250  # batch_size * n_ctx tokens each (PRETRAIN_TIME_NOTE)
+    steps: int = 250  # of batch_size * n_ctx tokens each; how long: PRETRAIN_TIME_NOTE
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 30
@@ -348,8 +348,9 @@ def quiet_transformers_progress():
     """transformers' own progress bars ("Loading weights", "Writing model shards") off inside the
     block, as they were after it. Downloads keep theirs: huggingface_hub draws those itself.
 
-    transformers >= 5 has set_tqdm_hook (which returns the hook it replaces); older versions only
-    the switch shared with huggingface_hub, which is turned back on after if it was on.
+    Where transformers has set_tqdm_hook (5.24 does; it returns the hook it replaces) only its own
+    bars are touched; older versions have only the switch shared with huggingface_hub, turned back
+    on after if it was on.
     """
     from transformers.utils import logging as hf_logging
 
