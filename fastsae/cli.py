@@ -91,8 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key in every run, e.g. --set optim.n_tokens=2e5")
 
-    plot = commands.add_parser("plot", help="draw CE loss increase and alive latents vs L0 from evaluated runs")
-    plot.add_argument("run_dirs", nargs="+", help="run directories with an eval.json, or sweep directories")
+    plot = commands.add_parser("plot", help="draw CE loss increase (and alive / rare latents) vs L0 from evaluated runs")
+    plot.add_argument("run_dirs", nargs="+",
+                      help="run directories with an eval.json, sweep directories, or CSV files an earlier plot wrote")
     plot.add_argument("--out", default=".", help="where NAME.png/.svg/.csv/.md go (default: .)")
     plot.add_argument("--name", default="paper_figure", help="file name stem (default: paper_figure)")
     plot.add_argument("--title", help="figure title")
@@ -332,8 +333,12 @@ def _sweep(args) -> int:
 
 def _plot(args) -> int:
     from fastsae.plot import plot_runs, to_markdown
+    from fastsae.train.config import ConfigError
 
-    result = plot_runs(args.run_dirs, args.out, args.name, args.title)
+    try:
+        result = plot_runs(args.run_dirs, args.out, args.name, args.title)
+    except ValueError as error:  # runs that cannot share a figure, a CSV that is not a plot's
+        raise ConfigError(str(error)) from None
     print(to_markdown(result["points"], result["comparison"]), end="")
     print("\nwritten: " + ", ".join(str(path) for path in result["files"]))
     return 0

@@ -1,12 +1,16 @@
-"""The paper's headline figure from evaluated runs: CE loss increase vs L0 and alive latents vs
-L0, one curve per kind (local, e2e, e2e+ds), plus the points as CSV and a markdown table.
+"""The paper's headline figure from evaluated runs: CE loss increase vs L0, one curve per kind
+(local, e2e, e2e+ds), beside alive latents and rare latents vs L0 where those differ between the
+points, plus the points as CSV and a markdown table.
 
     fastsae plot runs/sweep-embedded --out docs/paper_figure      # a sweep dir or run dirs
+    fastsae plot docs/paper_figure/paper_figure.csv --out docs/x  # again from the points' CSV
 
 Each run contributes its eval.json (written by `fastsae train`, `fastsae eval` or `fastsae sweep`).
 Runs of one kind and sparsity coefficient (several seeds) are averaged into one point. SAEs of
-another activation than the paper's ReLU get curves of their own, labelled e.g. "e2e (topk)". Only the
-figure needs matplotlib (`pip install fastsae[plot]`); the CSV and table are written without it.
+another activation than the paper's ReLU get curves of their own, labelled e.g. "e2e (topk)". A
+panel whose points all lie within 1 % of the dictionary of each other (e.g. every latent alive on
+every point) says nothing and is left out. Only the figure needs matplotlib (`pip install
+fastsae[plot]`); the CSV and table are written without it.
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ from __future__ import annotations
 import csv
 import io
 import os
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastsae.train.metrics import EVAL_FILE, read_eval_json
+from fastsae.train.metrics import EVAL_FILE, RARE_FREQUENCY, read_eval_json
 
 KIND_ORDER = ("local", "e2e", "e2e+ds")
 KIND_STYLE = {"local": ("tab:blue", "o"), "e2e": ("tab:orange", "s"), "e2e+ds": ("tab:green", "^")}
-COLUMNS = ("kind", "sparsity_coeff", "k", "seeds", "l0", "ce_increase", "kl", "alive", "n_latents",
+COLUMNS = ("kind", "sparsity_coeff", "k", "seeds", "l0", "ce_increase", "kl", "alive", "rare", "n_latents",
            "explained_variance", "final_explained_variance", "training_tokens", "eval_tokens")
+RARE_LABEL = f"rare latents (fired on < 1 in {1 / RARE_FREQUENCY:,.0f} eval tokens)"
 
 
 @dataclass
@@ -42,6 +48,7 @@ class Point:
     training_tokens: int
     eval_tokens: int
     k: float | None = None  # the activation's k (topk, batchtopk): their curves run over k
+    rare: float | None = None  # latents that fired on fewer than RARE_FREQUENCY of the eval tokens
 
 
 def find_runs(paths) -> list[Path]:
@@ -72,6 +79,9 @@ def _run_values(record: dict) -> dict:
         "ce_increase": metrics["ce_increase"],
         "kl": metrics["kl"],
         "alive": sum(metrics.get(f"alive/{hook}", 0) for hook in hooks),
+        # eval.json files written before rare/<hook> existed have none
+        "rare": sum(metrics[f"rare/{hook}"] for hook in hooks) if all(f"rare/{hook}" in metrics for hook in hooks)
+        else None,
         "n_latents": n_latents,
         "explained_variance": metrics.get(f"explained_variance/{hooks[0]}"),
         "final_explained_variance": metrics[finals[-1]] if finals else None,
@@ -108,9 +118,35 @@ def collect_points(run_dirs) -> list[Point]:
 
         points.append(Point(kind, coeff, len(runs), mean("l0"), mean("ce_increase"), mean("kl"), mean("alive"),
                             runs[0]["n_latents"], mean("explained_variance"), mean("final_explained_variance"),
-                            int(mean("training_tokens")), int(mean("eval_tokens")), k))
+                            int(mean("training_tokens")), int(mean("eval_tokens")), k, mean("rare")))
+    return _sorted(points)
+
+
+def _sorted(points: list[Point]) -> list[Point]:
+    """By kind (KIND_ORDER first), then L0."""
     order = {kind: i for i, kind in enumerate(KIND_ORDER)}
     return sorted(points, key=lambda p: (order.get(p.kind, len(order)), p.l0))
+
+
+def read_csv(path: str | os.PathLike) -> list[Point]:
+    """The points of a CSV that to_csv wrote (a column added later, k or rare, may be missing)."""
+    numbers = {"sparsity_coeff": float, "k": float, "seeds": int, "l0": float, "ce_increase": float, "kl": float,
+               "alive": float, "rare": float, "n_latents": int, "explained_variance": float,
+               "final_explained_variance": float, "training_tokens": int, "eval_tokens": int}
+    with open(path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    points = []
+    for line, row in enumerate(rows, start=2):
+        missing = [c for c in COLUMNS if c not in ("k", "rare") and c not in row]
+        if missing:
+            raise ValueError(f"{path}: not a CSV written by `fastsae plot` (no column {', '.join(missing)})")
+        try:
+            values = {c: (numbers[c](row[c]) if row.get(c) else None) if c in numbers else row[c]
+                      for c in COLUMNS if c in row}
+        except ValueError as error:
+            raise ValueError(f"{path}, line {line}: {error}") from None
+        points.append(Point(**values))
+    return _sorted(points)
 
 
 def _interpolate(points: list[Point], l0: float) -> float:
@@ -161,14 +197,18 @@ def to_csv(points: list[Point]) -> str:
 
 
 def to_markdown(points: list[Point], comparison: dict | None = None) -> str:
+    with_rare = any(p.rare is not None for p in points)
     header = ("| kind | sparsity coeff | seeds | L0 | CE increase (nats) | KL | alive | "
-              "explained variance | final-residual EV |")
+              + (f"rare (< 1 in {1 / RARE_FREQUENCY:,.0f} tokens) | " if with_rare else "")
+              + "explained variance | final-residual EV |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for p in points:
         alive = f"{round(p.alive):,}" + (f" / {p.n_latents:,}" if p.n_latents else "")
         coeff = _fmt(p.sparsity_coeff) + (f" (k={_fmt(p.k)})" if p.k is not None else "")
+        rare = (f"{round(p.rare):,} | " if p.rare is not None else " | ") if with_rare else ""
         lines.append(f"| {p.kind} | {coeff} | {p.seeds} | {p.l0:.1f} | {p.ce_increase:.4f} | "
-                     f"{p.kl:.4f} | {alive} | {_fmt(p.explained_variance, 3)} | {_fmt(p.final_explained_variance, 3)} |")
+                     f"{p.kl:.4f} | {alive} | {rare}{_fmt(p.explained_variance, 3)} | "
+                     f"{_fmt(p.final_explained_variance, 3)} |")
     if comparison is not None:
         low, high = comparison["l0_range"]
         verdict = "below" if comparison["below_everywhere"] else "NOT everywhere below"
@@ -186,8 +226,29 @@ def to_markdown(points: list[Point], comparison: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def varies(values: list[float], n_latents: int | None) -> bool:
+    """Whether latent counts differ between points by at least 1 % of the dictionary (of the
+    largest count where the dictionary size is not known): a flatter panel says nothing."""
+    if len(values) < 2:
+        return False
+    scale = n_latents or max(values)
+    return max(values) - min(values) >= max(1.0, 0.01 * scale)
+
+
+def latent_panels(points: list[Point]) -> list[tuple[str, str]]:
+    """The latent-count panels worth drawing beside CE vs L0: (Point attribute, axis label)."""
+    sizes = {p.n_latents for p in points}
+    n_latents = sizes.pop() if len(sizes) == 1 else None
+    panels = []
+    if varies([p.alive for p in points], n_latents):
+        panels.append(("alive", "alive latents"))
+    if all(p.rare is not None for p in points) and varies([p.rare for p in points], n_latents):
+        panels.append(("rare", RARE_LABEL))
+    return panels
+
+
 def draw(points: list[Point], stem: Path, title: str | None = None) -> list[Path]:
-    """The two-panel figure as STEM.png and STEM.svg."""
+    """The figure as STEM.png and STEM.svg: CE increase vs L0, and latent_panels(points)."""
     try:
         import matplotlib
     except ImportError:
@@ -196,31 +257,38 @@ def draw(points: list[Point], stem: Path, title: str | None = None) -> list[Path
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    fig, (ax_ce, ax_alive) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for kind in [k for k in KIND_ORDER if any(p.kind == k for p in points)] + sorted(
-            {p.kind for p in points} - set(KIND_ORDER)):
+    panels = latent_panels(points)
+    width = 6 if not panels else 5 * (1 + len(panels))
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(width, 4), constrained_layout=True, squeeze=False)
+    ax_ce, latent_axes = axes[0][0], axes[0][1:]
+    kinds = [k for k in KIND_ORDER if any(p.kind == k for p in points)] + sorted(
+        {p.kind for p in points} - set(KIND_ORDER))
+    for kind in kinds:
         curve = [p for p in points if p.kind == kind]
         color, marker = KIND_STYLE.get(kind, (None, "x"))
         l0 = [p.l0 for p in curve]
         ax_ce.plot(l0, [p.ce_increase for p in curve], marker=marker, color=color, label=kind)
-        ax_alive.plot(l0, [p.alive for p in curve], marker=marker, color=color, label=kind)
+        for ax, (attribute, _) in zip(latent_axes, panels):
+            ax.plot(l0, [getattr(p, attribute) for p in curve], marker=marker, color=color, label=kind)
     log_ce = all(p.ce_increase > 0 for p in points)  # CE increases span decades across a sweep
     ax_ce.set(xlabel="L0 (active latents per token)",
               ylabel="CE loss increase (nats, log scale)" if log_ce else "CE loss increase (nats)",
               title="CE loss increase vs L0")
-    ax_alive.set(xlabel="L0 (active latents per token)", ylabel="alive latents", title="alive latents vs L0")
-    n_latents = {p.n_latents for p in points if p.n_latents}
-    if len(n_latents) == 1:
-        ax_alive.axhline(n_latents.pop(), color="gray", linestyle=":", linewidth=1, label="dictionary size")
     if log_ce:
         ax_ce.set_yscale("log")
-    top = max([p.alive for p in points] + [p.n_latents or 0 for p in points])
-    ax_alive.set_ylim(0, 1.05 * top)  # alive counts read against the whole dictionary
-    for ax in (ax_ce, ax_alive):
+    n_latents = {p.n_latents for p in points if p.n_latents}
+    for ax, (attribute, label) in zip(latent_axes, panels):
+        ax.set(xlabel="L0 (active latents per token)", ylabel=label, title=f"{label.split(' (')[0]} vs L0")
+        if attribute == "alive" and len(n_latents) == 1:
+            ax.axhline(next(iter(n_latents)), color="gray", linestyle=":", linewidth=1, label="dictionary size")
+        # alive counts read against the whole dictionary; rare ones, a small part of it, on their own scale
+        top = max([getattr(p, attribute) for p in points] + [p.n_latents or 0 for p in points if attribute == "alive"])
+        ax.set_ylim(0, 1.05 * top)
+    for ax in axes[0]:
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
-        fig.suptitle(title)
+        fig.suptitle(textwrap.fill(title, 11 * width))  # about 11 characters of the title per inch
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
     fig.savefig(paths[0], dpi=150)
     fig.savefig(paths[1])
@@ -229,11 +297,16 @@ def draw(points: list[Point], stem: Path, title: str | None = None) -> list[Path
 
 
 def plot_runs(run_paths, out: str | os.PathLike, name: str = "paper_figure", title: str | None = None) -> dict:
-    """Write OUT/NAME.csv, OUT/NAME.md, OUT/NAME.png and OUT/NAME.svg from the runs' eval.json.
+    """Write OUT/NAME.csv, OUT/NAME.md, OUT/NAME.png and OUT/NAME.svg from the runs' eval.json, or
+    from CSV files an earlier plot wrote (all of run_paths are one or the other).
 
     Returns {"points", "comparison", "files"}.
     """
-    points = collect_points(find_runs(run_paths))
+    paths = [Path(path) for path in run_paths]
+    csvs = [path for path in paths if path.suffix == ".csv" and path.is_file()]
+    if csvs and len(csvs) < len(paths):
+        raise ValueError("give run or sweep directories, or CSV files written by `fastsae plot`, not both")
+    points = _sorted([p for path in csvs for p in read_csv(path)]) if csvs else collect_points(find_runs(paths))
     comparison = compare_curves(points)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

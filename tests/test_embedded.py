@@ -7,6 +7,7 @@ import torch
 import fastsae.model.embedded as embedded
 from fastsae.model.embedded import EmbeddedConfig, embedded_corpus, embedded_model_dir, ensure_embedded_model
 
+THREADS = torch.get_num_threads()
 TINY = EmbeddedConfig(
     vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_ctx=32, steps=3, batch_size=4, warmup_steps=1, max_corpus_chars=8000
 )
@@ -59,11 +60,13 @@ def test_build_loads_offline_and_is_cached(built, monkeypatch):
     assert ensure_embedded_model(root, config=TINY, progress=False) == path
 
 
-def test_loads_as_language_model(built):
+def test_loads_as_language_model(built, capsys):
     from fastsae.model.lm import LanguageModel
 
     _, path = built
+    capsys.readouterr()
     lm = LanguageModel.load(str(path))
+    assert capsys.readouterr() == ("", "")  # no "Loading weights" bar, no "Moving model to device"
     tokens = lm.to_tokens("The if statement is used for conditional execution")
     hidden, _ = lm.clean_run(tokens, [])
     assert hidden.shape == (1, tokens.shape[1], 32)
@@ -72,7 +75,7 @@ def test_loads_as_language_model(built):
 def test_crash_leaves_no_cache_dir(tmp_path, monkeypatch):
     real_build = embedded._build
 
-    def crash(out, config):
+    def crash(out, config, **kwargs):
         (out / "config.json").write_text("{}")  # half-written model
         raise KeyboardInterrupt
 
@@ -90,11 +93,37 @@ def test_build_is_deterministic_and_force_rebuilds(built, tmp_path, capsys):
     from safetensors.torch import load_file
 
     _, first = built
-    second = ensure_embedded_model(tmp_path, config=TINY, progress=True)
-    assert "pretraining the embedded model" in capsys.readouterr().err
+    torch.set_num_threads(2)
+    try:
+        second = ensure_embedded_model(tmp_path, config=TINY, progress=True)
+        assert torch.get_num_threads() == 2  # pretraining runs on one thread, then restores the caller's
+    finally:
+        torch.set_num_threads(THREADS)
+    err = capsys.readouterr().err
+    assert "pretraining the embedded model" in err and "embedded model ready" in err
+    assert "pretraining: 100%" in err and f"{TINY.steps}/{TINY.steps}" in err and "tok_s=" in err  # the bar
+    assert "Writing model shards" not in err and "Loading weights" not in err  # transformers' bars
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     again = ensure_embedded_model(tmp_path, config=TINY, force=True, progress=False)
     assert again == second and (second / embedded._DONE_FILE).is_file()
     assert [p.name for p in tmp_path.iterdir()] == [second.name]  # the old copy is gone
+
+
+def test_quiet_transformers_progress_restores_the_callers_setting():
+    from transformers.utils import logging as hf_logging
+
+    def bar_is_real():
+        return not isinstance(hf_logging.tqdm(range(1), disable=True), hf_logging.EmptyTqdm)
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        for users_choice in (hf_logging.enable_progress_bar, hf_logging.disable_progress_bar):
+            users_choice()
+            before = bar_is_real()
+            with embedded.quiet_transformers_progress():
+                assert not bar_is_real()
+            assert bar_is_real() == before == (users_choice is hf_logging.enable_progress_bar)
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()

@@ -116,17 +116,28 @@ def test_eval_reports_downstream_reconstruction_and_writes_eval_json(tmp_path, m
     sae = trainer.saes[HOOK]
     final = "blocks.2.hook_resid_post"
     mse_sum = ev_sum = 0.0
+    fire_counts = torch.zeros(sae.n_latents, dtype=torch.int64)
+
+    def splice(a):
+        nonlocal fire_counts
+        reconstruction, code = sae(a, return_code=True)
+        fire_counts += (code.reshape(-1, sae.n_latents) > 0).sum(0)
+        return reconstruction
+
     with torch.no_grad():
         for tokens in eval_data:
             clean = {}
             lm.logits(tokens, {final: lambda a: clean.setdefault("x", a)})
             spliced = {}
-            lm.logits(tokens, {HOOK: lambda a: sae(a), final: lambda a: spliced.setdefault("x", a)})
+            lm.logits(tokens, {HOOK: splice, final: lambda a: spliced.setdefault("x", a)})
             mse_sum += losses.mse_loss(spliced["x"], clean["x"]).item()
             ev_sum += _paper_explained_variance(spliced["x"], clean["x"]).item()
     assert record["metrics"][f"downstream_mse/{final}"] == pytest.approx(mse_sum / 2, rel=1e-4)
     assert record["metrics"][f"downstream_explained_variance/{final}"] == pytest.approx(ev_sum / 2, rel=1e-4, abs=1e-5)
     assert "downstream_mse/blocks.2.hook_resid_pre" in record["metrics"]
+    # alive and rare latents: the eval's per-latent fire counts equal the SAE's code on the eval tokens
+    assert record["metrics"][f"alive/{HOOK}"] == int((fire_counts > 0).sum())
+    assert record["metrics"][f"rare/{HOOK}"] == int((fire_counts < 1e-3 * 2 * BATCH * CTX).sum())
 
 
 def test_evaluate_writes_only_into_an_existing_run_dir(tmp_path, model_dir, lm):

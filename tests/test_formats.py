@@ -1,13 +1,15 @@
 """SAE file formats (fastsae.formats): fastsae, SAELens, sparsify and e2e_sae, in and out.
 
-Every format is written from a model built in the test and checked against the forward pass of
-the tool that defines it: reimplemented here from its source (always), and run from the real
-library when it is installed (sae-lens, eai-sparsify: the CI leg that installs them; elsewhere
-those tests skip). Exact means relative error 1e-5 on the reconstruction and the same code.
+Every format is written from a model built in the test and read back by fastsae; the other tools'
+formats are also checked against those tools' own code when it is installed (sae-lens,
+eai-sparsify: CI's second leg installs them, with SPARSIFY_DISABLE_TRITON=1; elsewhere those tests
+skip). SAELens's forward pass is also reimplemented here from its source, so the SAELens layout is
+checked in every leg. Exact means relative error 1e-5 on the reconstruction and the same code.
 """
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -62,7 +64,7 @@ def assert_same_function(loaded, original, x):
 
 
 # --------------------------------------------------------------------------------------------
-# the other tools' forward passes, reimplemented from their source
+# SAELens's forward pass, reimplemented from its source
 
 def saelens_forward(path, x):
     """SAELens 6.x StandardSAE / TopKSAE.forward for a directory (sae_lens/saes/*.py)."""
@@ -81,15 +83,6 @@ def saelens_forward(path, x):
     if cfg.get("rescale_acts_by_decoder_norm"):
         acts = acts / norms
     return acts @ w["W_dec"] + w["b_dec"]
-
-
-def sparsify_forward(path, x):
-    """sparsify's SparseCoder encode + decode (sparse_coder.py, fused_encoder.py)."""
-    cfg = json.loads((path / "cfg.json").read_text())
-    w = {k: v.double() for k, v in load_file(str(path / "sae.safetensors")).items()}
-    pre = F.relu((x.double() - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
-    values, indices = pre.topk(cfg["k"], dim=-1)
-    return (values.unsqueeze(-1) * w["W_dec"][indices]).sum(-2) + w["b_dec"]
 
 
 class E2eSaeSAE(nn.Module):
@@ -152,8 +145,7 @@ def test_saelens_export_round_trip(tmp_path, activation, decoder_norm):
 @pytest.mark.parametrize("decoder_norm", ["forward", "project"])
 def test_sparsify_export_round_trip(tmp_path, decoder_norm):
     sae, x = make_sae("topk", decoder_norm), inputs()
-    sae.save_pretrained(tmp_path / "sp", format="sparsify")
-    assert rel_err(sparsify_forward(tmp_path / "sp", x), sae(x)) < 1e-5
+    sae.save_pretrained(tmp_path / "sp", format="sparsify")  # against sparsify's code: test_against_sparsify
     loaded = E2ESAE.from_pretrained(tmp_path / "sp")
     assert_same_function(loaded, sae, x)
     assert loaded.decoder_norm == decoder_norm and loaded.metadata == sae.metadata
@@ -509,23 +501,44 @@ def test_threshold_activations_against_saelens(tmp_path, activation, decoder_nor
         assert rel_err(dense_code(ours, x), reference.encode(x)) < 1e-5
 
 
+def import_sparsify():
+    """sparsify, or a skip where it is not installed. Its sparse decoder is a Triton kernel that
+    needs CUDA; SPARSIFY_DISABLE_TRITON=1, read when sparsify is imported, selects its PyTorch one."""
+    if "sparsify" not in sys.modules:
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    return pytest.importorskip("sparsify")
+
+
+def assert_sparsify_runs_like(theirs, sae, x):
+    """sparsify's own encode, decode and forward on the exported SAE give fastsae's code and output."""
+    code = sae.encode(x)
+    with torch.no_grad():
+        top_acts, top_indices, _ = theirs.encode(x)
+        assert torch.equal(top_indices.sort(-1).values, code.indices.sort(-1).values)
+        assert rel_err(top_acts.sort(-1).values, code.values.sort(-1).values) < 1e-5
+        assert rel_err(theirs.decode(top_acts, top_indices), sae(x)) < 1e-5
+        out = theirs(x)
+        assert rel_err(out.sae_out, sae(x)) < 1e-5
+        assert torch.equal(out.latent_indices, top_indices)
+
+
 @pytest.mark.parametrize("decoder_norm", ["forward", "project"])
 def test_against_sparsify(tmp_path, decoder_norm):
-    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder needs CUDA
-    sparsify = pytest.importorskip("sparsify")
+    sparsify = import_sparsify()
+    x = inputs().reshape(-1, D)
+    # one SAE (E2ESAE.save_pretrained), read by SparseCoder.load_from_disk
+    sae = make_sae("topk", decoder_norm)
+    sae.save_pretrained(tmp_path / "sp", format="sparsify")
+    assert_sparsify_runs_like(sparsify.SparseCoder.load_from_disk(tmp_path / "sp"), sae, x)
+    # a run's SAEs (fastsae export), read by SparseCoder.load_many
     saes = {hook: make_sae("topk", decoder_norm, seed=i, hook=hook)
             for i, hook in enumerate(["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"])}
     formats.export(None, "sparsify", tmp_path / "run", records={h: s.to_record() for h, s in saes.items()})
     theirs = sparsify.SparseCoder.load_many(str(tmp_path / "run"), local=True)
     assert sorted(theirs) == ["layers.0", "layers.1"]
-    x = inputs().reshape(-1, D)
-    with torch.no_grad():
-        for name, hook in (("layers.0", "blocks.1.hook_resid_pre"), ("layers.1", "blocks.2.hook_resid_pre")):
-            out = theirs[name](x)
-            assert rel_err(out.sae_out, saes[hook](x)) < 1e-5
-            code = saes[hook].encode(x)
-            assert rel_err(out.latent_acts.sort(-1).values, code.values.sort(-1).values) < 1e-5
-            assert torch.equal(out.latent_indices.sort(-1).values, code.indices.sort(-1).values)
+    for name, hook in (("layers.0", "blocks.1.hook_resid_pre"), ("layers.1", "blocks.2.hook_resid_pre")):
+        assert_sparsify_runs_like(theirs[name], saes[hook], x)
+    # and back: an SAE sparsify itself wrote
     native = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=N, k=K))
     with torch.no_grad():
         native.b_dec.normal_()
@@ -533,8 +546,7 @@ def test_against_sparsify(tmp_path, decoder_norm):
     native.save_to_disk(tmp_path / "native" / "layers.3")
     ours = E2ESAE.from_pretrained(tmp_path / "native")
     assert ours.metadata["hook"] == "blocks.4.hook_resid_pre"
-    with torch.no_grad():
-        assert rel_err(ours(x), native(x).sae_out) < 1e-5
+    assert_sparsify_runs_like(native, ours, x)
 
 
 def test_saelens_runs_our_export_in_its_model(tmp_path):

@@ -5,12 +5,15 @@ import csv
 import json
 
 import pytest
+import torch
 
 from fastsae.cli import main
 from fastsae.model.lm import LanguageModel
-from fastsae.plot import Point, collect_points, compare_curves, find_runs, plot_runs, to_markdown
+from fastsae.plot import (COLUMNS, Point, collect_points, compare_curves, find_runs, latent_panels, plot_runs, read_csv,
+                          to_csv, to_markdown)
 from fastsae.train import Trainer
 from fastsae.train.config import ConfigError
+from fastsae.train.metrics import RARE_FREQUENCY, firing_counts
 from fastsae.train.sweep import claim, point_config, point_status, run_sweep, sweep_points
 from helpers_models import save_tiny_gpt2
 
@@ -143,3 +146,67 @@ def test_runs_trained_differently_are_not_averaged_and_replaced_runs_are_skipped
     write("e2e-s1-seed1", n_latents=16)  # another dictionary size, same coefficient
     with pytest.raises(ValueError, match="trained differently"):
         collect_points(find_runs([tmp_path]))
+
+
+def _eval_run(directory, kind, coeff, l0, alive, rare=None, n_latents=2048):
+    directory.mkdir(parents=True)
+    metrics = {"l0": l0, "ce_increase": 1 / l0, "kl": 0.5 / l0, "alive/h": alive}
+    if rare is not None:
+        metrics["rare/h"] = rare
+    (directory / "eval.json").write_text(json.dumps({
+        "kind": kind, "sparsity_coeff": coeff, "hooks": ["h"], "n_latents": n_latents, "step": 5,
+        "training_tokens": 640, "eval_tokens": 8192, "metrics": metrics}))
+
+
+def test_firing_counts():
+    tokens_fired = torch.tensor([0, 1, 8, 9, 100, 0])  # of 9,000 eval tokens: rare below 9
+    counts = firing_counts(tokens_fired, 9000)
+    assert RARE_FREQUENCY * 9000 == 9
+    assert (int(counts["alive"]), int(counts["rare"])) == (4, 4)
+    with pytest.raises(ValueError, match="tokens_fired must be a 1-d integer tensor"):
+        firing_counts(tokens_fired.float(), 9000)
+    with pytest.raises(ValueError, match="n_tokens must be positive"):
+        firing_counts(tokens_fired, 0)
+
+
+def test_flat_latent_panels_are_left_out_and_rare_latents_are_plotted(tmp_path):
+    # every latent alive on every point (as on the embedded sweep): no alive panel; rare latents differ
+    for i, (kind, coeff, l0, rare) in enumerate([("local", 1, 30, 400), ("local", 2, 15, 900),
+                                                  ("e2e", 1, 25, 150), ("e2e", 2, 12, 300)]):
+        _eval_run(tmp_path / "sweep" / f"{kind}-{i}", kind, coeff, l0, alive=2048 - i, rare=rare)
+    points = collect_points(find_runs([tmp_path / "sweep"]))
+    assert [p.rare for p in points] == [900, 400, 300, 150]  # by kind, then L0
+    assert [attribute for attribute, _ in latent_panels(points)] == ["rare"]
+    result = plot_runs([tmp_path / "sweep"], tmp_path / "fig")
+    assert "| rare (< 1 in 1,000 tokens) |" in (tmp_path / "fig" / "paper_figure.md").read_text()
+    assert "| 2,047 / 2,048 | 900 |" in (tmp_path / "fig" / "paper_figure.md").read_text()
+
+    # again from the CSV it wrote: the same points
+    again = plot_runs([tmp_path / "fig" / "paper_figure.csv"], tmp_path / "again")
+    assert again["points"] == result["points"] and again["comparison"] == result["comparison"]
+    assert (tmp_path / "again" / "paper_figure.png").read_bytes()[:4] == b"\x89PNG"
+
+    # alive counts that differ by 1 % of the dictionary or more get their panel back
+    points[0].alive = 1900
+    assert [attribute for attribute, _ in latent_panels(points)] == ["alive", "rare"]
+    # eval.json without rare/<hook> (written before it existed): no rare column, no rare panel
+    for p in points:
+        p.rare = None
+    assert [attribute for attribute, _ in latent_panels(points)] == ["alive"]
+    assert "rare" not in to_markdown(points)
+    # a CSV written before the rare column existed still reads
+    with open(tmp_path / "old.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, [c for c in COLUMNS if c != "rare"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(csv.DictReader(to_csv(points).splitlines()))
+    assert read_csv(tmp_path / "old.csv") == points
+
+
+def test_plot_refuses_mixed_inputs_and_foreign_csvs(tmp_path, capsys):
+    _eval_run(tmp_path / "run", "e2e", 1, 20, alive=2048)
+    plot_runs([tmp_path / "run"], tmp_path / "fig")
+    assert main(["plot", str(tmp_path / "run"), str(tmp_path / "fig" / "paper_figure.csv")]) == 2
+    assert "not both" in capsys.readouterr().err
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    assert main(["plot", str(tmp_path / "other.csv"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a CSV written by `fastsae plot`" in capsys.readouterr().err

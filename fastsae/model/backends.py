@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from torch import Tensor
 
-from fastsae.model.sources import is_local_model_dir, load_tokenizer
+from fastsae.model.sources import is_local_model_dir, load_tokenizer, quiet_transformers_progress
 
 Replacement = Callable[[Tensor], Tensor]
 
@@ -45,6 +45,7 @@ def bridge_class():
     return TransformerBridge
 
 
+@quiet_transformers_progress()  # no "Loading weights" bar in fastsae's output
 def load_bridge(name_or_path: str, device, dtype):
     TransformerBridge = bridge_class()
     if TransformerBridge is None:
@@ -56,6 +57,7 @@ def load_bridge(name_or_path: str, device, dtype):
     return TransformerBridge.boot_transformers(name_or_path, device=device, dtype=dtype)
 
 
+@quiet_transformers_progress()  # no "Loading weights" bar in fastsae's output
 def load_hooked(name_or_path: str, device, dtype):
     HookedTransformer = hooked_transformer_class()
     if HookedTransformer is None:
@@ -87,7 +89,7 @@ def load_hooked(name_or_path: str, device, dtype):
         fold_value_biases=False,
         refactor_factored_attn_matrices=False,
     )
-    return model.to(device)
+    return model.to(device, print_details=False)  # no "Moving model to device" line
 
 
 def check_unprocessed(model, api: str) -> None:

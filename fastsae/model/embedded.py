@@ -8,6 +8,11 @@ config never picks up the wrong cache. The directory is built under a temporary 
 into place only when complete: a crash leaves no directory that would be loaded.
 
 Everything is seeded: the corpus split, the tokenizer, the weights' init and the batch order.
+Pretraining runs on one CPU thread (the caller's setting is restored afterwards): its matrices are
+small (d_model 128), and on a busy machine OpenMP threads wait for each other: on the project's
+2-core machine shared with other jobs a step took 1.9 s on one thread and 5.5 s on two, and the
+whole build 1,001 s and 2,340 s. One thread also keeps the model from depending on the machine's
+core count (thread counts change the float rounding).
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ from pathlib import Path
 import torch
 
 from fastsae._files import honour_umask
+from fastsae.model.sources import quiet_transformers_progress
+
+# What the first build of the default config takes, shown before it starts (the bar then shows the
+# real rate). Measured on the project's CPU machine (2-core AMD EPYC): idle, benchmarks/results/
+# paper_figure/sweep.txt; shared, ensure_embedded_model into an empty cache (README, "Measured").
+PRETRAIN_TIME_NOTE = "about 40 s on an idle 2-core AMD EPYC, 17 min on one at load average 16-21"
 
 EMBEDDED_VERSION = "1"
 EOS = "<|endoftext|>"
@@ -42,7 +53,7 @@ class EmbeddedConfig:
     n_embd: int = 128
     n_head: int = 4
     n_ctx: int = 128
-    steps: int = 250  # ~1-2 min on 2 CPU cores; batch_size * n_ctx tokens each
+    steps: int = 250  # of batch_size * n_ctx tokens each; how long: PRETRAIN_TIME_NOTE
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 30
@@ -143,16 +154,16 @@ def ensure_embedded_model(
     try:
         honour_umask(tmp, directory=True)  # mkdtemp makes 0700; the cache is renamed into place
         if progress:
-            expected = "; about a minute on 2 CPU cores" if config == DEFAULT_CONFIG else ""
+            expected = f"; {PRETRAIN_TIME_NOTE}" if config == DEFAULT_CONFIG else ""
             print(
                 f"fastsae: pretraining the embedded model once (a {config.n_layer}-layer GPT-2, "
-                f"{config.steps} steps{expected}) into {target}",
+                f"{config.steps} steps of {config.batch_size * config.n_ctx:,} tokens{expected}) into {target}",
                 file=sys.stderr,
                 flush=True,
             )
-        start = time.time()
-        stats = _build(tmp, config)
-        stats["seconds"] = round(time.time() - start, 1)
+        start = time.perf_counter()
+        stats = _build(tmp, config, progress=progress)
+        stats["seconds"] = round(time.perf_counter() - start, 1)
         (tmp / _DONE_FILE).write_text(json.dumps({"config": asdict(config), **stats}, indent=2))
         _move_into_place(tmp, target, replace_existing=force)
     except BaseException:
@@ -209,8 +220,9 @@ def train_tokenizer(text: str, vocab_size: int):
 def _encode(tokenizer, text: str) -> torch.Tensor:
     """Paragraph token ids joined by EOS, as one flat LongTensor."""
     ids: list[int] = []
-    for para in text.split("\n\n"):
-        ids.extend(tokenizer.encode(para, add_special_tokens=False))
+    # one batched call: the same ids as encoding each paragraph alone, without a Python call per paragraph
+    for para in tokenizer(text.split("\n\n"), add_special_tokens=False)["input_ids"]:
+        ids.extend(para)
         ids.append(tokenizer.eos_token_id)
     return torch.tensor(ids, dtype=torch.long)
 
@@ -240,7 +252,17 @@ def _unigram_loss(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab_size: i
     return -logp[eval_ids].mean().item()
 
 
-def _build(out: Path, config: EmbeddedConfig) -> dict:
+def _build(out: Path, config: EmbeddedConfig, *, progress: bool = False) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see the module docstring; the caller's setting is restored
+    try:
+        return _pretrain(out, config, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(out: Path, config: EmbeddedConfig, progress: bool) -> dict:
+    from tqdm.auto import tqdm
     from transformers import GPT2Config, GPT2LMHeadModel
 
     train_text = embedded_corpus("train", eval_every=config.eval_every)
@@ -287,6 +309,8 @@ def _build(out: Path, config: EmbeddedConfig) -> dict:
         lr=config.lr,
         betas=(0.9, 0.95),
     )
+    tokens_per_step = config.batch_size * config.n_ctx
+    bar = tqdm(total=config.steps, unit="step", desc="pretraining", disable=not progress, dynamic_ncols=True)
     model.train()
     for step in range(config.steps):
         # Warmup, then cosine to 10 % of the peak learning rate.
@@ -305,10 +329,16 @@ def _build(out: Path, config: EmbeddedConfig) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        bar.update()
+        if progress and (step % 10 == 0 or step == config.steps - 1):
+            elapsed = bar.format_dict["elapsed"]
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{bar.n * tokens_per_step / max(elapsed, 1e-9):,.0f}")
+    bar.close()
 
     stats["train_loss_after"] = _mean_loss(model, train_probe)
     stats["eval_loss_after"] = _mean_loss(model, eval_windows)
-    model.save_pretrained(out)
+    with quiet_transformers_progress():  # no "Writing model shards" bar for one small file
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return stats
 
@@ -326,5 +356,6 @@ __all__ = [
     "embedded_model_dir",
     "embedded_stats",
     "ensure_embedded_model",
+    "quiet_transformers_progress",
     "train_tokenizer",
 ]

@@ -6,6 +6,8 @@ downloaded fails at once in one line instead of after the hub client's retries.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from pathlib import Path
 
@@ -77,3 +79,31 @@ def load_tokenizer(path: str):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
         return None
+
+
+@contextlib.contextmanager
+def quiet_transformers_progress():
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off inside the
+    block, as they were after it. Downloads keep theirs: huggingface_hub draws those itself.
+
+    Where transformers has set_tqdm_hook (5.24 does; it returns the hook it replaces) only its own
+    bars are touched; older versions have only the switch shared with huggingface_hub, turned back
+    on after if it was on.
+    """
+    from transformers.utils import logging as hf_logging
+
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)
+    if set_hook is not None:
+        previous = set_hook(lambda factory, args, kwargs: hf_logging.EmptyTqdm(*args, **kwargs))
+        try:
+            yield
+        finally:
+            set_hook(previous)
+        return
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

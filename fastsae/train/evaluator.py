@@ -15,7 +15,7 @@ from fastsae import distributed
 from fastsae.train import setup
 from fastsae.train.config import TrainConfig
 from fastsae.train.data import TokenStream
-from fastsae.train.metrics import write_eval_json
+from fastsae.train.metrics import firing_counts, write_eval_json
 from fastsae.train.objective import Objective
 
 
@@ -74,8 +74,8 @@ class Evaluator:
         """The eval metrics of the spliced model, as "eval/<name>".
 
         Besides the training metrics: downstream_mse/<hook> and downstream_explained_variance/<hook>
-        at every reconstruction_hooks() hook, and alive/<hook>, the latents that fired on the eval
-        tokens. With ``run_dir`` (an existing directory) the result is also written to
+        at every reconstruction_hooks() hook, alive/<hook>, the latents that fired on the eval
+        tokens, and rare/<hook>, those that fired on fewer than metrics.RARE_FREQUENCY of them. With ``run_dir`` (an existing directory) the result is also written to
         RUN_DIR/eval.json (atomically, from rank 0; see metrics.write_eval_json), with the step and
         training tokens of the SAEs evaluated.
         """
@@ -117,8 +117,9 @@ class Evaluator:
             raise RuntimeError("the eval data yielded no full batch: it holds fewer than eval.batch_size x "
                                "data.context_length tokens")
         out = {f"eval/{key}": value / seen for key, value in sums.items()}
-        for hook, counts in fire_counts.items():
-            out[f"eval/alive/{hook}"] = int(distributed.sum_over_shards((counts > 0).sum(), objective.layout))
+        for hook, counts in fire_counts.items():  # alive/<hook> and rare/<hook>
+            for name, value in firing_counts(counts, seen).items():
+                out[f"eval/{name}/{hook}"] = int(distributed.sum_over_shards(value, objective.layout))
         out["eval/tokens"] = seen
         if run_dir is not None and objective.layout.is_main and Path(run_dir).is_dir():
             write_eval_json(run_dir, out, cfg.to_dict(), step=step, training_tokens=training_tokens,

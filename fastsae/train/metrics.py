@@ -18,6 +18,8 @@ Metric names (per SAE ones end in /<hook>; eval ones start with eval/):
                           it only with the published runs
     alive/<hook>, dead/<hook>   latents that fired / did not fire in the last log.dead_window_tokens
                           training tokens (eval: on the eval tokens)
+    rare/<hook>           (eval) latents that fired on fewer than RARE_FREQUENCY of the eval tokens,
+                          the never-fired included (firing_counts)
     downstream_mse/<hook> spliced vs clean activations at a downstream hook, mean over elements
                           (training: the e2e+ds loss hooks; eval: also every later block's
                           hook_resid_pre and the final residual)
@@ -65,6 +67,26 @@ class DeadLatentTracker:
 
     def load_state_dict(self, state: dict) -> None:
         self.since_fired.copy_(state["since_fired"])
+
+
+RARE_FREQUENCY = 1e-3  # rare/<hook>: fired on fewer than 1 in 1,000 eval tokens
+
+
+def firing_counts(tokens_fired: torch.Tensor, n_tokens: int) -> dict[str, torch.Tensor]:
+    """The eval's per-SAE latent counts from tokens_fired[i], the number of the n_tokens eval tokens
+    on which latent i fired: {"alive": latents that fired at all, "rare": latents that fired on fewer
+    than RARE_FREQUENCY * n_tokens of them, the never-fired included}, as 0-d tensors (a sharded SAE's
+    ranks each count their own latents; the sums over shards are the SAE's counts).
+
+    "alive" is the same on every sweep point when no latent dies; "rare" still shows how many
+    latents are nearly unused, the second measure of a dictionary's effective size.
+    """
+    if tokens_fired.dim() != 1 or tokens_fired.is_floating_point():
+        raise ValueError(f"tokens_fired must be a 1-d integer tensor (one count per latent), got "
+                         f"{tuple(tokens_fired.shape)} {tokens_fired.dtype}")
+    if n_tokens <= 0:
+        raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+    return {"alive": (tokens_fired > 0).sum(), "rare": (tokens_fired < RARE_FREQUENCY * n_tokens).sum()}
 
 
 def _jsonable(value):
