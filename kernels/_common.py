@@ -48,7 +48,7 @@ def mma(a, b, acc, MATMUL_MODE: tl.constexpr):
 # Compile cases: what a launch compiles, for compiling without a GPU (tests/compile_check.py)
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
-                  torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8"}
+                  torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8", torch.int8: "*i8"}
 
 
 class CompileCase:

@@ -1,6 +1,6 @@
 """Sparse decoder: x_hat = sum_j values[:, j] * W_dec[indices[:, j]] + b_dec, fused in Triton.
 
-Forward (`_sparse_decode_fwd_kernel`): a gather. Each program owns a tile of BLOCK_T tokens x
+Forward (`sparse_decode_fwd_kernel`): a gather. Each program owns a tile of BLOCK_T tokens x
 BLOCK_D output columns and walks the k slots of its tokens, adding value * W_dec[latent, cols] into
 an fp32 tile; bias added once, one store. Traffic: N*k*d gathered W elements + N*d written.
 
@@ -39,6 +39,9 @@ kernels above; rows with more than C nonzeros are decoded by tensor-core tiles o
 kernels/topk_encoder.latent_segment_grad). No host sync: nothing about the code
 is read back to choose a path. See DenseDecodeSparseFunction for the gradient with respect to
 acts, which must stay dense.
+
+This file is longer than the house's ~400 lines because it is one op with forward, backward and
+launchers together, for both codes it decodes (TopK's sparse code and a ReLU SAE's dense one).
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def bwd_block_d_for(d: int, dtype: torch.dtype) -> int:
 
 
 @triton.jit
-def _sparse_decode_fwd_kernel(
+def sparse_decode_fwd_kernel(
     values_ptr, indices_ptr, W_ptr, b_ptr, out_ptr,
     n_tokens, k, d, stride_w, stride_out,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, K_UNROLL: tl.constexpr,
@@ -198,7 +201,7 @@ def sparse_decode_forward(values: torch.Tensor, indices: torch.Tensor, W_dec: to
     out = torch.empty(n_tokens, d, dtype=W_dec.dtype, device=W_dec.device)
     block_d = block_d_for(d)
     grid = (triton.cdiv(n_tokens, FWD_BLOCK_T), triton.cdiv(d, block_d))
-    _sparse_decode_fwd_kernel[grid](
+    sparse_decode_fwd_kernel[grid](
         values, indices, W_dec, b_dec, out,
         n_tokens, k, d, W_dec.stride(0), out.stride(0),
         BLOCK_T=FWD_BLOCK_T, BLOCK_D=block_d, K_UNROLL=FWD_K_UNROLL, num_warps=NUM_WARPS,
@@ -520,7 +523,7 @@ def compile_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, Compi
             args = dict(values_ptr=dtype, indices_ptr=torch.int64, W_ptr=dtype, b_ptr=dtype, out_ptr=dtype,
                         n_tokens=n_tokens, k=k, d=d, stride_w=d, stride_out=d)
             cases[f"decode_fwd-{shape_name}-{name}"] = CompileCase(
-                _sparse_decode_fwd_kernel, args, dict(BLOCK_T=FWD_BLOCK_T, BLOCK_D=block_d, K_UNROLL=FWD_K_UNROLL),
+                sparse_decode_fwd_kernel, args, dict(BLOCK_T=FWD_BLOCK_T, BLOCK_D=block_d, K_UNROLL=FWD_K_UNROLL),
                 num_warps=NUM_WARPS, num_stages=3)
             for variant, write_w, write_values in (("bwd", True, True), ("bwd_grad_W_only", True, False),
                                                    ("bwd_grad_values_only", False, True)):

@@ -35,7 +35,7 @@ threads, 72 KiB), that happens in hardware.
 
 Backward (from the [N, k] gradient only, never an [N, k, d] or [N, n] tensor), with
 grad_pre = grad_values * (values > 0):
-- grad_x[t] = sum_j grad_pre[t, j] * W_enc[:, idx[t, j]]: `_gather_latents_kernel`. E2ESAE stores
+- grad_x[t] = sum_j grad_pre[t, j] * W_enc[:, idx[t, j]]: `gather_latents_kernel`. E2ESAE stores
   W_enc as an [n_latents, d_in] buffer (the public [d_in, n_latents] Parameter is its transpose),
   so each selected latent is one contiguous, vectorised row read.
 - grad_W_enc, grad_b_enc: the (token, slot) pairs are sorted by latent (one torch.argsort of N*k
@@ -53,6 +53,10 @@ compile_cases() at the end lists every launch configuration for the compile chec
 `sparse_encoder_backward` is shared with the ReLU encoder's sparse backward path; the gather, the
 segmented reduction (latent_segment_grad, accumulate_latent_segment) and matmul_tile with the
 dense decoder's weight gradient and the ReLU autoencoder (kernels/relu_autoencoder.py).
+
+This file is longer than the house's ~400 lines because it is one op with forward, backward and
+launchers together; its gather and segmented reduction also serve the ReLU and dense-decoder
+backwards, which import them rather than copy them.
 """
 
 from __future__ import annotations
@@ -341,7 +345,7 @@ def _unfused_forward(x, W_enc, b_enc, k):
 
 
 @triton.jit
-def _gather_latents_kernel(
+def gather_latents_kernel(
     grad_ptr, idx_ptr, w_ptr, out_ptr, count_ptr, dense_grad_ptr, acts_ptr,
     n_tokens, d_in, k, n_latents,
     stride_wd, stride_wn, stride_gm, stride_gn,
@@ -589,7 +593,7 @@ def sparse_encoder_backward(grad_pre: torch.Tensor, indices: torch.Tensor, x: to
         grad_x = torch.empty(n_tokens, d_in, dtype=x.dtype, device=x.device)
         cfg = GATHER_CONFIG
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), triton.cdiv(d_in, cfg["BLOCK_D"]))
-        _gather_latents_kernel[grid](grad_pre, indices, W_enc, grad_x, *dense_args, n_tokens, d_in, k, n_latents,
+        gather_latents_kernel[grid](grad_pre, indices, W_enc, grad_x, *dense_args, n_tokens, d_in, k, n_latents,
                                      W_enc.stride(0), W_enc.stride(1), *dense_strides,
                                      HAS_DENSE_ROWS=dense_rows is not None, MATMUL_MODE=mode, **cfg)
 
@@ -793,7 +797,7 @@ def segment_compile_case(shape: dict, mode: str, *, dense_rows: bool, dense_mask
 
 
 def gather_compile_case(shape: dict, mode: str, *, k: int, dense_rows: bool) -> CompileCase:
-    """_gather_latents_kernel as sparse_encoder_backward launches it (see compile_cases)."""
+    """gather_latents_kernel as sparse_encoder_backward launches it (see compile_cases)."""
     dtype = _MODE_DTYPES[mode]
     n_tokens, d_in, n_latents = shape["n_tokens"], shape["d_in"], shape["n_latents"]
     cfg = dict(GATHER_CONFIG)
@@ -802,5 +806,5 @@ def gather_compile_case(shape: dict, mode: str, *, k: int, dense_rows: bool) -> 
                 count_ptr=torch.int32, dense_grad_ptr=dtype, acts_ptr=dtype, n_tokens=n_tokens, d_in=d_in,
                 k=k, n_latents=n_latents, stride_wd=1, stride_wn=d_in,
                 stride_gm=n_latents if dense_rows else 0, stride_gn=1 if dense_rows else 0)
-    return CompileCase(_gather_latents_kernel, args,
+    return CompileCase(gather_latents_kernel, args,
                        dict(cfg, HAS_DENSE_ROWS=dense_rows, MATMUL_MODE=mode), num_warps=warps, num_stages=3)
