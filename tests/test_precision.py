@@ -198,6 +198,49 @@ def test_topk_encode(precision):
     assert (values.detach().double() - picked_pre.clamp_min(0)).abs().max() > 1e-2 * u  # rounded
 
 
+@pytest.mark.parametrize("precision", MODES)
+def test_relu_autoencode(precision):
+    """reconstruction = ReLU(x @ W_enc + b_enc) @ W_dec + b_dec and lp_sum (p = 1), with their
+    gradients. The code is within the pre-activations' bound of the truth wherever it is
+    (ReLU is 1-Lipschitz), so the decode carries that bound through |W_dec|; gradients are bounded
+    over the latents the truth activates plus those whose pre-activation is within its bound of 0
+    (the kernel may take either side there)."""
+    u = UNIT_ROUNDOFF[precision]
+    x, W_enc, b_enc = encoder_inputs(seed=6)
+    _, _, W_dec, b_dec = decoder_inputs(seed=7)
+    leaves = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, W_dec, b_dec)]
+    with rounded_run(precision):
+        out = ops.relu_autoencode(*leaves, **triton_backend)
+        grad_recon = torch.randn(out.reconstruction.shape, generator=gen(10))
+        grad_lp = torch.randn(out.lp_sum.shape, generator=gen(11))
+        grad_x, grad_W_enc, _, grad_W_dec, _ = grads((out.reconstruction, out.lp_sum), leaves, (grad_recon, grad_lp))
+    pre = x.double() @ W_enc.double() + b_enc.double()
+    bound_pre = matmul_error_bound(x.abs(), W_enc.abs(), u) + FP32_UNIT * (pre.abs() + b_enc.double().abs())
+    code = pre.clamp_min(0)
+    Wd = W_dec.double()
+    want = code @ Wd + b_dec.double()
+    bound = (bound_pre @ Wd.abs() + matmul_error_bound(code + bound_pre, W_dec.abs(), u)
+             + FP32_UNIT * (want.abs() + b_dec.double().abs()))
+    assert_within("reconstruction", out.reconstruction, want, bound)
+    assert_within("lp_sum", out.lp_sum, code.sum(1), bound_pre.sum(1) + gamma(code.shape[1]) * code.sum(1))
+
+    unsure = pre.abs() <= bound_pre  # the kernel's ReLU may go either way here
+    active = pre > 0
+    go = grad_recon.double()
+    g_code = go @ Wd.t() + grad_lp.double()[:, None]
+    bound_g = matmul_error_bound(go.abs(), W_dec.abs().t(), u) + FP32_UNIT * g_code.abs()
+    g_pre = torch.where(active, g_code, 0.0)
+    slack = torch.where(unsure, g_code.abs() + bound_g, torch.where(active, bound_g, 0.0))
+    assert_within("grad_x", grad_x, g_pre @ W_enc.double().t(),
+                  matmul_error_bound(g_pre.abs() + slack, W_enc.abs().t(), u) + slack @ W_enc.double().abs().t())
+    assert_within("grad_W_enc", grad_W_enc, x.double().t() @ g_pre,
+                  matmul_error_bound(x.abs().t(), g_pre.abs() + slack, u) + x.double().abs().t() @ slack)
+    assert_within("grad_W_dec", grad_W_dec, code.t() @ go,
+                  matmul_error_bound((code + bound_pre).t(), go.abs(), u) + bound_pre.t() @ go.abs())
+    # not vacuous: the encoder GEMM's operands were rounded
+    assert (out.lp_sum.detach().double() - code.sum(1)).abs().max() > 1e-3 * u
+
+
 def decoder_inputs(n_tokens=24, n_latents=96, d_in=48, k=8, seed=3):
     g = gen(seed)
     W_dec = torch.randn(n_latents, d_in, generator=g) / d_in**0.5

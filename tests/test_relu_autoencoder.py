@@ -377,11 +377,13 @@ def largest_code_sized(fn, n_tokens, n_latents, weight_shapes):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("density", ["sparse", "dense"])
 def test_no_n_by_n_latents_tensor_in_forward_and_backward(monkeypatch, backend, density):
-    """Forward + backward with MSE + Lp at 96 tokens x 1,024 latents allocate nothing near
-    [N, n_latents] (98,304 elements): the reference's chunks are [1, n], the kernels' dense-row
-    workspaces [N, 256] (4 x CHUNK_ELEMENTS); the weights and their gradients are left out."""
-    n_tokens, d, n_latents = 96, 16, 1024
-    monkeypatch.setattr(checks, "CHUNK_ELEMENTS", 6 * n_latents)  # reference [1, n]; kernels [N, 256]
+    """Forward + backward with MSE + Lp allocate nothing near [N, n_latents]: the reference at 96
+    tokens x 1,024 latents (its chunks are [1, n]), the kernels under the interpreter at 48 x 512
+    (their dense-row workspaces [N, n / 4], 4 x CHUNK_ELEMENTS); the weights and their gradients
+    are left out."""
+    n_tokens, d, n_latents = (96, 16, 1024) if backend == "torch" else (48, 16, 512)
+    # reference: [1, n] chunks; kernels: [N, n / 4] workspaces
+    monkeypatch.setattr(checks, "CHUNK_ELEMENTS", 6 * n_latents if backend == "torch" else 3 * n_latents)
     for jump in (False, True):
         inputs = make_inputs(n_tokens, d, n_latents, jump=jump, bias_shift=-1.5 if density == "sparse" else 0.0)
         leaves = [t.detach().requires_grad_() for t in inputs if t is not None]
