@@ -7,7 +7,6 @@ downloaded fails at once in one line instead of after the hub client's retries.
 from __future__ import annotations
 
 import contextlib
-
 import os
 from pathlib import Path
 

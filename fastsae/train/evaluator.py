@@ -75,9 +75,10 @@ class Evaluator:
 
         Besides the training metrics: downstream_mse/<hook> and downstream_explained_variance/<hook>
         at every reconstruction_hooks() hook, alive/<hook>, the latents that fired on the eval
-        tokens, and rare/<hook>, those that fired on fewer than metrics.RARE_FREQUENCY of them. With ``run_dir`` (an existing directory) the result is also written to
-        RUN_DIR/eval.json (atomically, from rank 0; see metrics.write_eval_json), with the step and
-        training tokens of the SAEs evaluated.
+        tokens, and rare/<hook>, those that fired on fewer than metrics.RARE_FREQUENCY of them.
+        With ``run_dir`` (an existing directory) the result is also written to RUN_DIR/eval.json
+        (atomically, from rank 0; see metrics.write_eval_json), with the step and training tokens of
+        the SAEs evaluated.
         """
         cfg, objective = self.config, self.objective
         recon_hooks = tuple(self.reconstruction_hooks())
