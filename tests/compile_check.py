@@ -270,9 +270,32 @@ def _jsonable(value):
     return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
 
 
-def compile_for_arch(arch: int) -> dict:
+def case_key(case, arch: int) -> str:
+    """A digest of everything that decides what a case compiles to and what is read from it: the
+    kernel's source with every jit function it calls (Triton's own cache key, which also holds the
+    line it starts on), the launch's arguments, constexprs and options, the arch, Triton's version,
+    the matmul precision and the SASS reader's code."""
+    import inspect
+
+    import triton
+
+    launch = {name: str(value) if not isinstance(value, (int, float, str, bool, type(None))) else value
+              for name, value in {**case.args, **case.meta}.items()}
+    reader = "".join(inspect.getsource(f) for f in (sass_facts, _global_load_width)) + _OPCODE.pattern
+    text = json.dumps([_jit_function(case.kernel).cache_key, launch, case.num_warps, case.num_stages, arch,
+                       triton.__version__, FLOAT32_MATMUL_PRECISION, reader], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def compile_for_arch(arch: int, known: dict | None = None) -> dict:
     """Compile every collected case for sm_<arch> (in a process without the interpreter); the
-    report {"cases": {name: facts}, "module_errors": {...}, ...} that compile_sm<arch>.json holds."""
+    report {"cases": {name: facts}, "keys": {name: case_key}, "module_errors": {...}, ...} that
+    compile_sm<arch>.json holds.
+
+    known: an earlier report (the committed compile_sm<arch>.json). A case whose case_key equals
+    the one recorded there takes its recorded facts instead of compiling again (counted in
+    "reused"): what decides the compiled kernel is the same, so the facts are too. Any change to
+    a kernel, a launch config, Triton or the reader compiles that case afresh."""
     import triton
     from triton.runtime.driver import driver
 
@@ -280,8 +303,25 @@ def compile_for_arch(arch: int) -> dict:
         raise RuntimeError("compile_for_arch needs TRITON_INTERPRET=0 (the interpreter replaces triton.language)")
     driver.set_active(_CompileOnlyDriver(arch))
     cases, module_errors = collect_cases(arch)
-    reports, first_name_of = {}, {}
+    known_keys = (known or {}).get("keys", {})
+    known_cases = (known or {}).get("cases", {})
+    first_of_alias = {alias: first for first, r in known_cases.items() for alias in r.get("same_kernel_as", ())}
+    reports, first_name_of, keys, reused = {}, {}, {}, 0
     for name, case in cases.items():
+        try:
+            keys[name] = case_key(case, arch)
+        except Exception as e:  # noqa: BLE001 - a case that cannot even be keyed is compiled (and fails) below
+            keys[name] = f"unkeyed: {type(e).__name__}"
+        if known_keys.get(name) == keys[name]:
+            if name in known_cases and "error" not in known_cases[name]:
+                reports[name] = {k: v for k, v in known_cases[name].items() if k != "same_kernel_as"}
+                reused += 1
+                continue
+            first = first_of_alias.get(name)
+            if first in reports and known_keys.get(first) == keys.get(first):
+                reports[first].setdefault("same_kernel_as", []).append(name)
+                reused += 1
+                continue
         report = dict(module=name.split("/", 1)[0], hot=bool(case.hot), num_warps=case.num_warps,
                       num_stages=case.num_stages, meta={k: _jsonable(v) for k, v in case.meta.items()})
         try:
@@ -300,7 +340,7 @@ def compile_for_arch(arch: int) -> dict:
                       has_dot="tt.dot" in compiled.asm["ttir"], **cubin_facts(compiled.asm["cubin"]))
         reports[name] = report
     return dict(triton=triton.__version__, arch=f"sm_{arch}", float32_matmul_precision=FLOAT32_MATMUL_PRECISION,
-                module_errors=module_errors, cases=reports)
+                module_errors=module_errors, cases=reports, keys=keys, reused=reused)
 
 
 # ------------------------------------------------------------------------------ judging
@@ -351,13 +391,15 @@ def format_table(report: dict) -> str:
 
 # ------------------------------------------------------------------------------ driving (parent)
 
-def run_compile_check(archs=ARCHS, timeout: float = 1800) -> dict[int, dict]:
+def run_compile_check(archs=ARCHS, timeout: float = 1800, reuse: Path | None = None) -> dict[int, dict]:
     """{arch: compile_for_arch(arch)} from fresh processes (TRITON_INTERPRET=0), one per arch, side
-    by side; Triton's cache goes under CACHE_DIR unless TRITON_CACHE_DIR is set."""
+    by side; Triton's cache goes under CACHE_DIR unless TRITON_CACHE_DIR is set. reuse: a directory
+    of earlier compile_sm<arch>.json reports whose unchanged cases are taken as they are."""
     env = dict(os.environ, TRITON_INTERPRET="0")  # "0" is off; conftest only sets it when unset
     env.setdefault("TRITON_CACHE_DIR", str(CACHE_DIR / "triton"))
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    runs = {arch: subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(arch)],
+    reuse_args = ["--reuse", str(reuse)] if reuse is not None else []
+    runs = {arch: subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(arch), *reuse_args],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             for arch in archs}
     results = {}
@@ -390,14 +432,20 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS,
                         help="compile for this arch only (repeatable; default: all)")
     parser.add_argument("--write", action="store_true", help="write benchmarks/results/compile_sm<arch>.json")
+    parser.add_argument("--reuse", type=Path, nargs="?", const=RESULTS_DIR, metavar="DIR",
+                        help="take unchanged cases from DIR/compile_sm<arch>.json (default DIR: the committed "
+                             "results) instead of compiling them; --write always compiles everything")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # internal: one arch, JSON on stdout
     args = parser.parse_args(argv)
     if args.worker is not None:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        print(_MARKER + json.dumps(compile_for_arch(args.worker)))
+        known = None
+        if args.reuse is not None and (args.reuse / f"compile_sm{args.worker}.json").is_file():
+            known = json.loads((args.reuse / f"compile_sm{args.worker}.json").read_text())
+        print(_MARKER + json.dumps(compile_for_arch(args.worker, known)))
         return 0
     start = time.perf_counter()
-    results = run_compile_check(tuple(args.arch or ARCHS))
+    results = run_compile_check(tuple(args.arch or ARCHS), reuse=None if args.write else args.reuse)
     failed = 0
     for arch, report in results.items():
         print(format_table(report))

@@ -6,13 +6,18 @@ error, shared memory over the arch's budget, or a register spill; a hot case als
 loses wgmma or its pipelined loads on sm_90, or mma on sm_80. The facts themselves are written to
 benchmarks/results/compile_sm{80,90}.json by ``python tests/compile_check.py --write``.
 
-Time: both archs compile side by side in two processes; Triton's cache (under
-compile_check.CACHE_DIR) keeps a warm run to seconds, a cold one takes minutes on two cores.
+Time: cases whose case_key (kernel source with its callees, launch, arch, Triton version, SASS
+reader) matches benchmarks/results/compile_sm{80,90}.json take the facts recorded there, so a
+change compiles only what it touched; ``python tests/compile_check.py --write`` compiles every case
+afresh and records them. Both archs compile side by side in two processes; Triton's cache (under
+compile_check.CACHE_DIR) keeps a warm run to seconds, a cold full one takes about 10 minutes on two
+cores.
 """
 
 import pytest
 
-from compile_check import ARCHS, KERNEL_MODULES, MAX_SHARED_BYTES, problems, run_compile_check, sass_facts
+from compile_check import (ARCHS, KERNEL_MODULES, MAX_SHARED_BYTES, RESULTS_DIR, problems, run_compile_check,
+                           sass_facts)
 from conftest import needs_triton
 
 pytestmark = needs_triton
@@ -20,7 +25,9 @@ pytestmark = needs_triton
 
 @pytest.fixture(scope="module")
 def compile_results():
-    return run_compile_check()
+    # Cases unchanged since the committed results (same kernel source, launch, Triton, reader:
+    # compile_check.case_key) take their recorded facts; every other case compiles here.
+    return run_compile_check(reuse=RESULTS_DIR)
 
 
 def _cases_of(report: dict, module: str) -> dict:
@@ -114,3 +121,22 @@ def test_problems_fail_spills_overflow_and_hot_configs_off_the_tensor_cores():
     assert problems(_facts(atomics=2, gpu_membars=0), 90) == []
     assert "differs from the launch" in problems(_facts(source_matches_launch="attrs: ..."), 90)[0]
     assert problems(dict(error="CompilationError: ..."), 90) == ["does not compile: CompilationError: ..."]
+
+
+def test_recorded_facts_are_reused_only_for_unchanged_cases(tmp_path):
+    """A recorded case stands in for a compile only under its own case_key: with one case's key
+    altered in the record, that case compiles afresh (its real facts come back) while the others
+    keep the record's (here marked, so the test sees which were taken)."""
+    import json
+
+    record = json.loads((RESULTS_DIR / "compile_sm90.json").read_text())
+    target = next(name for name, r in record["cases"].items() if not r.get("same_kernel_as") and not r["hot"])
+    for r in record["cases"].values():
+        r["registers"] = -1  # the marker: no compiled kernel has -1 registers
+    record["keys"][target] = "changed"
+    (tmp_path / "compile_sm90.json").write_text(json.dumps(record))
+    report = run_compile_check(archs=(90,), reuse=tmp_path)[90]
+    assert report["cases"][target]["registers"] > 0  # compiled
+    others = [r for name, r in report["cases"].items() if name != target]
+    assert others and all(r["registers"] == -1 for r in others)  # taken from the record
+    assert report["reused"] == len(report["keys"]) - 1
