@@ -11,7 +11,8 @@ Everything is seeded: the corpus split, the tokenizer, the weights' init and the
 Pretraining runs on one CPU thread (the caller's setting is restored afterwards): its matrices are
 small (d_model 128), and on a busy machine OpenMP threads wait for each other: on the project's
 2-core machine shared with other jobs a step took 1.9 s on one thread and 5.5 s on two, and the
-whole build 1,001 s and 2,340 s. One thread also keeps the model from depending on the machine's
+whole build 1,001 s and 2,340 s (idle: 165 s and 102 s, so one thread costs a minute there and
+saves twenty when the machine is busy). One thread also keeps the model from depending on the machine's
 core count (thread counts change the float rounding).
 """
 
@@ -37,9 +38,9 @@ from fastsae._files import honour_umask
 from fastsae.model.sources import quiet_transformers_progress
 
 # What the first build of the default config takes, shown before it starts (the bar then shows the
-# real rate). Measured on the project's CPU machine (2-core AMD EPYC): idle, benchmarks/results/
-# paper_figure/sweep.txt; shared, ensure_embedded_model into an empty cache (README, "Measured").
-PRETRAIN_TIME_NOTE = "about 40 s on an idle 2-core AMD EPYC, 17 min on one at load average 16-21"
+# real rate). Measured on the project's CPU machine (2-core AMD EPYC) with ensure_embedded_model into
+# an empty cache, idle and shared (README, "Measured").
+PRETRAIN_TIME_NOTE = "about 3 min on an idle 2-core AMD EPYC, 17 min on one at load average 16-21"
 
 EMBEDDED_VERSION = "1"
 EOS = "<|endoftext|>"
