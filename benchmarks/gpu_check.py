@@ -51,8 +51,8 @@ sys.path.insert(0, str(HERE))
 BUDGETS = {"gpu_tests": 60, "bench_topk_encoder": 60, "bench_relu_encoder": 60, "bench_sparse_decoder": 35,
            "bench_linear_kl": 45, "bench_e2e_step": 65, "train_e2e": 65, "train_local": 45, "distributed": 60,
            "kl_dispatch": 90}
-BENCH_FILES = ("bench_topk_encoder", "bench_relu_encoder", "bench_sparse_decoder", "bench_linear_kl",
-               "bench_e2e_step")
+BENCH_FILES = ("bench_topk_encoder", "bench_relu_encoder", "bench_sparse_decoder", "bench_relu_autoencoder",
+               "bench_linear_kl", "bench_e2e_step")
 # The model the training parts run: GPT-2 small's shape (smoke: a tiny one, same vocabulary).
 TRAIN_SHAPE = dict(n_layer=12, d_model=768, n_head=12, d_vocab=50_257)
 SMOKE_TRAIN_SHAPE = dict(n_layer=2, d_model=64, n_head=4, d_vocab=50_257)
