@@ -83,6 +83,15 @@ def read_json_object(path: str | os.PathLike) -> dict:
     return data
 
 
+def require_files(directory: str | os.PathLike, names, what: str) -> list[Path]:
+    """directory / name for each name, or a FileNotFoundError naming the first missing one and
+    what the directory should have been (e.g. "not a saved E2ESAE")."""
+    paths = [Path(directory) / name for name in names]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} has no {path.name}: {what}")
+    return paths
+
 
 def load_safetensors(path: Path) -> dict:
     """The tensors of a safetensors file, or a ValueError naming the file when it is not one."""

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from fastsae._files import atomic_write, atomic_write_text, read_json_object
+from fastsae._files import atomic_write, atomic_write_text, read_json_object, require_files
 from fastsae.sae import E2ESAE, SparseCode
 
 FORMAT = "fastsae.latent_stats"
@@ -185,10 +185,7 @@ class LatentStats:
         from fastsae._files import load_safetensors
 
         directory = Path(directory)
-        json_path, tensors_path = directory / JSON_NAME, directory / TENSORS_NAME
-        for path in (json_path, tensors_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{directory} has no {path.name}: not saved by LatentStats.save")
+        json_path, tensors_path = require_files(directory, (JSON_NAME, TENSORS_NAME), "not saved by LatentStats.save")
         record = read_json_object(json_path)
         if record.get("format") != FORMAT:
             raise ValueError(f"{json_path} is not a {FORMAT} file (format {record.get('format')!r})")

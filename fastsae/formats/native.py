@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from fastsae._dtypes import dtype_name, parse_dtype
-from fastsae._files import atomic_write_text, load_safetensors, read_json_object, save_safetensors
+from fastsae._files import atomic_write_text, load_safetensors, read_json_object, require_files, save_safetensors
 from fastsae._version import __version__
 from fastsae.formats.record import SAERecord, check_tensors
 from fastsae.spec import SAESpec
@@ -47,10 +47,7 @@ def read_hook(path: Path) -> str | None:
 def read(directory: str | os.PathLike) -> SAERecord:
     """The SAE of a directory written by write() (or save_pretrained)."""
     directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{directory} has no {path.name}: not a saved E2ESAE")
+    config_path, weights_path = require_files(directory, (CONFIG_NAME, WEIGHTS_NAME), "not a saved E2ESAE")
     config = read_json_object(config_path)
     unknown = set(config) - _CONFIG_KEYS
     if unknown:
