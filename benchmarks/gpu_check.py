@@ -1,6 +1,6 @@
 """One-shot GPU check: everything worth measuring the first time a GPU is lent, in one JSON.
 
-    python benchmarks/gpu_check.py                 # on one H100 / H200: under 9 minutes
+    python benchmarks/gpu_check.py                 # on one H100 / H200: about 9 minutes
     python benchmarks/gpu_check.py --smoke         # anywhere (CPU too): tiny sizes, every part
                                                    # (Triton under the interpreter: minutes on CPU)
 
@@ -23,6 +23,8 @@ recorded with its error and output tail, and the next part runs):
                  two-pass kernel, loss-only kernel, chunked reference. Which is fastest goes into
                  this JSON and into the measured-dispatch record the op reads under backend
                  "auto" (fastsae/ops/measured_dispatch.json; --dispatch-record; not with --smoke)
+    topk_occupancy  the TopK forward at k = 32 with two programs per SM (its config) against one
+                 per SM on the 128 x 128 tile, bf16 and TF32, GPT-2 preset: which is faster
 
 Writes benchmarks/results/gpu_check_<device>.json (device, versions, peaks, every part's status,
 seconds and results; --smoke: benchmarks/out/, untracked) or the --out path. The training parts
@@ -47,10 +49,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-# Seconds per part on the GPU: under 9 minutes on one H100 / H200 (distributed runs only with 2+ GPUs).
-BUDGETS = {"gpu_tests": 60, "bench_topk_encoder": 60, "bench_relu_encoder": 60, "bench_sparse_decoder": 35,
-           "bench_linear_kl": 45, "bench_e2e_step": 65, "train_e2e": 65, "train_local": 45, "distributed": 60,
-           "kl_dispatch": 90}
+# Seconds per part on the GPU: about 9 minutes on one H100 / H200 (distributed runs only with 2+
+# GPUs). Every BENCH_FILES entry has its own (tests/test_benchmarks.py checks).
+BUDGETS = {"gpu_tests": 60, "bench_topk_encoder": 55, "bench_relu_encoder": 40, "bench_sparse_decoder": 35,
+           "bench_relu_autoencoder": 45, "bench_linear_kl": 45, "bench_e2e_step": 60, "train_e2e": 60,
+           "train_local": 40, "distributed": 60, "kl_dispatch": 80, "topk_occupancy": 30}
 BENCH_FILES = ("bench_topk_encoder", "bench_relu_encoder", "bench_sparse_decoder", "bench_relu_autoencoder",
                "bench_linear_kl", "bench_e2e_step")
 # The model the training parts run: GPT-2 small's shape (smoke: a tiny one, same vocabulary).
@@ -108,11 +111,11 @@ def bench_file(stem: str, args, budget) -> dict:
     return result
 
 
-def train(kind: str, args, budget) -> dict:
-    steps = 3 if args.smoke else args.steps
-    # The worker stops stepping 10 s before the budget and reports the steps it made.
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "train", "--kind", kind,
-               "--steps", str(steps), "--deadline", str(time.time() + budget - 10)]
+def worker_part(worker: str, args, budget, *extra: str) -> dict:
+    """Run this file as ``--worker <worker>`` in its own process: it stops 10 s before the budget
+    and prints its result as its last JSON line, merged into the part's record."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker,
+               "--deadline", str(time.time() + budget - 10), *extra]
     if args.smoke:
         command.append("--smoke")
     result, output = run_part(command, budget)
@@ -126,6 +129,10 @@ def train(kind: str, args, budget) -> dict:
         if result["status"] == "ok":
             result.update(status="failed", error="the worker printed no result")
     return result
+
+
+def train(kind: str, args, budget) -> dict:
+    return worker_part("train", args, budget, "--kind", kind, "--steps", str(3 if args.smoke else args.steps))
 
 
 def distributed(args, budget) -> dict:
@@ -179,23 +186,56 @@ def distributed(args, budget) -> dict:
 
 def kl_dispatch(args, budget) -> dict:
     """The KL variants' timings (worker `--worker kl_dispatch`, its own process and budget)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "kl_dispatch",
-               "--deadline", str(time.time() + budget - 10)]
-    if args.smoke:
-        command.append("--smoke")
-    elif args.dispatch_record:
-        command += ["--dispatch-record", str(args.dispatch_record)]
-    result, output = run_part(command, budget)
-    for line in reversed(output.splitlines()):
-        if line.startswith("{"):
-            result.update(json.loads(line))
-            if result["status"] == "ok":
-                del result["output_tail"]
-            break
-    else:
-        if result["status"] == "ok":
-            result.update(status="failed", error="the worker printed no result")
-    return result
+    record = [] if args.smoke or not args.dispatch_record else ["--dispatch-record", str(args.dispatch_record)]
+    return worker_part("kl_dispatch", args, budget, *record)
+
+
+def topk_occupancy_worker(smoke: bool, deadline: float) -> dict:
+    """The TopK forward at k = 32 with its config of two programs per SM (64 x 128 on one
+    warpgroup: one program's selection overlaps the other's MMAs) against the 128 x 128 tile on 8
+    warps it replaced (one program per SM, 2/3 of the L2 -> SM traffic), median seconds per call,
+    bf16 and fp32 under TF32 at the GPT-2 preset. The compile facts say both fit without spills;
+    this says which is faster (kernels/topk_encoder.py FWD_CONFIGS)."""
+    import torch
+    from harness import DEVICE, GPT2_PRESET, device_name, synchronize
+
+    from fastsae.kernels import topk_encoder as tk
+
+    n_tokens, d, n, k = (64, 32, 512, 32) if smoke else (GPT2_PRESET[key] for key in ("N", "d", "n", "k"))
+    configs = {"two_per_sm": tk.FWD_CONFIGS[32], "one_per_sm": (128, 128, 64, 32, 8, 1)}
+    dtypes = [("fp32", torch.float32)] if smoke else [("bf16", torch.bfloat16), ("fp32", torch.float32)]
+    repeats = 1 if smoke else 5
+    previous_precision, previous_config = torch.get_float32_matmul_precision(), tk.FWD_CONFIGS[32]
+    torch.set_float32_matmul_precision("high")  # the trainer's CUDA setting: fp32 runs on TF32
+    measurements, status = [], "ok"
+    try:
+        for name, dtype in dtypes:
+            gen = torch.Generator(device=DEVICE).manual_seed(0)
+            x = torch.randn(n_tokens, d, generator=gen, device=DEVICE).to(dtype)
+            W_enc = torch.randn(n, d, generator=gen, device=DEVICE).to(dtype).t()  # E2ESAE's latent-major layout
+            b_enc = torch.randn(n, generator=gen, device=DEVICE).to(dtype)
+            seconds = {}
+            for label, config in configs.items():
+                if time.time() > deadline:
+                    status = "out of time"
+                    break
+                tk.FWD_CONFIGS[32] = config
+                tk.topk_encode_forward(x, W_enc, b_enc, k)  # compile / warm up
+                synchronize()
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    tk.topk_encode_forward(x, W_enc, b_enc, k)
+                    synchronize()
+                    times.append(time.perf_counter() - start)
+                seconds[label] = statistics.median(times)
+            if seconds:
+                measurements.append(dict(dtype=name, N=n_tokens, d=d, n=n, k=k, seconds=seconds,
+                                         fastest=min(seconds, key=seconds.get)))
+    finally:
+        tk.FWD_CONFIGS[32] = previous_config
+        torch.set_float32_matmul_precision(previous_precision)
+    return {"status": status, "device": device_name(), "measurements": measurements}
 
 
 def kl_dispatch_worker(smoke: bool, deadline: float, record_path: Path | None) -> dict:
@@ -330,12 +370,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="the JSON to write (default: benchmarks/results/"
                         "gpu_check_<device>.json; with --smoke benchmarks/out/gpu_check_smoke_<device>.json)")
     parser.add_argument("--parts", help="comma-separated subset of: " + ", ".join(
-        ["gpu_tests", "bench", "train_e2e", "train_local", "distributed", "kl_dispatch"]))
+        ["gpu_tests", "bench", "train_e2e", "train_local", "distributed", "kl_dispatch", "topk_occupancy"]))
     parser.add_argument("--steps", type=int, default=50, help="training steps per training part (default 50)")
     parser.add_argument("--dispatch-record", type=Path, default=ROOT / "fastsae" / "ops" / "measured_dispatch.json",
                         help="the measured-dispatch record kl_dispatch updates for this GPU (default: the one "
                         "fastsae ships, fastsae/ops/measured_dispatch.json; never written with --smoke)")
-    parser.add_argument("--worker", choices=["train", "kl_dispatch"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["train", "kl_dispatch", "topk_occupancy"], help=argparse.SUPPRESS)
     parser.add_argument("--kind", choices=["e2e", "local"], help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -347,13 +387,16 @@ def main(argv=None) -> int:
         record = None if args.smoke else args.dispatch_record
         print(json.dumps(kl_dispatch_worker(args.smoke, args.deadline, record), default=str))
         return 0
+    if args.worker == "topk_occupancy":
+        print(json.dumps(topk_occupancy_worker(args.smoke, args.deadline), default=str))
+        return 0
 
     import torch
     from harness import HAS_CUDA, device_name, device_peaks, device_slug, versions
 
     if not HAS_CUDA and not args.smoke:
         parser.error("no CUDA device: the full check needs a GPU (use --smoke to check the script on CPU)")
-    known = {"gpu_tests", "bench", "train_e2e", "train_local", "distributed", "kl_dispatch"}
+    known = {"gpu_tests", "bench", "train_e2e", "train_local", "distributed", "kl_dispatch", "topk_occupancy"}
     wanted = set(args.parts.split(",")) if args.parts else known
     if wanted - known:
         parser.error(f"--parts: unknown {', '.join(sorted(wanted - known))}; "
@@ -372,6 +415,8 @@ def main(argv=None) -> int:
         parts.append(("distributed", lambda budget: distributed(args, budget)))
     if "kl_dispatch" in wanted:
         parts.append(("kl_dispatch", lambda budget: kl_dispatch(args, budget)))
+    if "topk_occupancy" in wanted:
+        parts.append(("topk_occupancy", lambda budget: worker_part("topk_occupancy", args, budget)))
 
     report = {"device": device_name(), "device_peaks": device_peaks(), "gpus": torch.cuda.device_count(),
               "smoke": args.smoke, "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

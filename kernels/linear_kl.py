@@ -106,14 +106,14 @@ their shared online log-sum-exp helpers, configs and compile cases, each comment
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from fastsae.kernels._common import CompileCase, matmul_mode, mma
+from fastsae.kernels._common import (COMPILE_MODES, CompileCase, compile_mode, gpu_arch, launch, matmul_mode, mma,
+                                     recorded_launches, sm_count)
 from fastsae.kernels._logits import kl_from_sums, prepared_bias, rescale_factors
 
 # The forward kernel writes, per vocabulary slice and token, N_STATS fp32 numbers in this order:
@@ -544,26 +544,29 @@ def kernel_config(dtype: torch.dtype, device: torch.device, arch: int | None = N
     (BLOCK_D 32) for both gradient kernels, one tile per write-back; the sweep's accumulators in
     16-wide d chunks.
     mode: the MATMUL_MODE (matmul_mode(dtype) when None). "ieee" (exact fp32 by request) runs on
-    CUDA-core FMAs, whose operands live in registers, 4 warps: the forward 16 x 64 with BLOCK_D 16,
-    the sweep 16 x 32 with BLOCK_D 16 and 16-wide accumulator chunks, the two-pass gradient 32 x 64
-    (sm_90) or 16 x 32 (sm_80).
+    CUDA-core FMAs, whose operands live in registers, 4 warps: the forward 16 x 32 with BLOCK_D 16,
+    the sweep the same with 16-wide accumulator chunks, the two-pass gradient 32 x 64 (sm_90;
+    capped: 32 x 32) with BLOCK_D 32 or 16 x 32 with BLOCK_D 16 (sm_80).
     Compile facts: compile_cases(). Interpreter (CPU): bigger tiles mean fewer numpy steps.
     """
     if kind not in KERNEL_KINDS:
         raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
     grad = kind != "forward"
-    if device.type != "cuda":
+    if gpu_arch(device) is None:
         config = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1)
         v_group = GRAD_V_GROUP
     else:
         if arch is None:
-            major, minor = torch.cuda.get_device_capability(device)
-            arch = 10 * major + minor
+            arch = gpu_arch(device)
         block_d = 32 if dtype == torch.float32 else 64
         v_group = 1
         if (mode or matmul_mode(dtype)) == "ieee":
-            block_n, block_v, block_d = ((32, 64, 32) if arch >= 90 else (16, 32, 32)) if grad else (16, 64, 16)
-            if kind == "sweep":  # two more [BLOCK_N, BLOCK_V] operands live in registers
+            if kind == "grad":
+                # sm_80: BLOCK_D 32 spilled 8 B for a masked column-major W_U; sm_90: capped logits
+                # hold more live tiles, and BLOCK_V 64 spilled 8-16 B
+                block_n, block_v, block_d = (32, 32 if softcap else 64, 32) if arch >= 90 else (16, 32, 16)
+            else:  # the forward spilled 8-16 B on sm_80 for a column-major W_U at BLOCK_V 64; the
+                # sweep holds two more [BLOCK_N, BLOCK_V] operands in registers
                 block_n, block_v, block_d = 16, 32, 16
             config = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=4, num_stages=3)
             if kind == "sweep":
@@ -593,11 +596,7 @@ def _vocab_slices(n_row_blocks: int, n_vocab_tiles: int, device: torch.device,
     The one-sweep kernel asks for one wave (waves=1): each slice costs it 2 x N x d fp32 of
     accumulators and a share of the merge, and from one row block per SM on it needs no slicing."""
     if n_slices is None:
-        if device.type == "cuda":
-            n_slices = _slices_for_sms(n_row_blocks, torch.cuda.get_device_properties(device).multi_processor_count,
-                                       waves)
-        else:
-            n_slices = 1
+        n_slices = _slices_for_sms(n_row_blocks, sm_count(device), waves) if gpu_arch(device) is not None else 1
     n_slices = max(1, min(n_slices, n_vocab_tiles))
     tiles_per_slice = -(-n_vocab_tiles // n_slices)
     return tiles_per_slice, -(-n_vocab_tiles // tiles_per_slice)  # no empty slice
@@ -643,32 +642,6 @@ def loadable_columns(W_U: torch.Tensor) -> int:
     return W_U.shape[1]
 
 
-# While recorded_launches() is active: the list its launches go to instead of the GPU.
-_RECORDING: list | None = None
-
-
-@contextlib.contextmanager
-def recorded_launches():
-    """Within this block the launchers do not launch: they append (kernel, arguments, constexprs
-    and options) to the yielded list and return None. compile_cases() runs the launchers on meta
-    tensors this way, so the compile check compiles exactly what they launch."""
-    global _RECORDING
-    previous, _RECORDING = _RECORDING, []
-    try:
-        yield _RECORDING
-    finally:
-        _RECORDING = previous
-
-
-def _launch(kernel, grid: tuple, args: dict, meta: dict) -> bool:
-    """kernel[grid](**args, **meta), or its record under recorded_launches() (returns False)."""
-    if _RECORDING is not None:
-        _RECORDING.append((kernel, dict(args), dict(meta)))
-        return False
-    kernel[grid](**args, **meta)
-    return True
-
-
 class LinearKLForward(NamedTuple):
     """The forward's per-token results, fp32 [N]: kl; lse_orig and dlse = lse_sae - lse_orig (for
     the two-pass gradient); agree (top-1 agreement, bool); ce_orig / ce_sae (lse - the label's
@@ -691,7 +664,7 @@ def linear_kl_forward(h_orig, delta, W_U, b_U, mask, labels, softcap=None, *, to
 
     h_orig and delta = h_sae - h_orig share one layout; W_U [d, V] (any strides); b_U fp32 [V]
     (prepared_bias) or None; mask int8 [N] or None; labels int64 [N] or None. w_cols: the columns
-    the kernel may load (loadable_columns(W_U) when None). None under recorded_launches().
+    the kernel may load (loadable_columns(W_U) when None).
     """
     n_tokens, d_model = h_orig.shape
     d_vocab = W_U.shape[1]
@@ -718,8 +691,7 @@ def linear_kl_forward(h_orig, delta, W_U, b_U, mask, labels, softcap=None, *, to
                 stride_wv=W_U.stride(1))
     meta = dict(HAS_BIAS=b_U is not None, HAS_MASK=mask is not None, HAS_LABELS=labels is not None,
                 SOFTCAP=softcap is not None, WITH_GRAD=with_grad, MATMUL_MODE=matmul_mode(h_orig.dtype), **config)
-    if not _launch(_linear_kl_forward_kernel, (n_row_blocks, slices), args, meta):
-        return None
+    launch(_linear_kl_forward_kernel, (n_row_blocks, slices), **args, **meta)
     return _merge_slices(stats, top, acc if with_grad else None, token_weight)
 
 
@@ -765,7 +737,7 @@ def linear_kl_grad(h_orig, delta, W_U, b_U, mask, lse_orig, dlse, token_weight, 
                    filter_eps=FILTER_EPS, config=None, n_slices=None, w_cols=None):
     """The two-pass gradient (reduction="none"): grad_h_sae [N, d] fp32 =
     token_weight[:, None] * ((q - p) * cap') @ W_U^T, from the forward's lse_orig and dlse.
-    None under recorded_launches()."""
+   """
     n_tokens, d_model = h_orig.shape
     d_vocab = W_U.shape[1]
     config = dict(config or kernel_config(h_orig.dtype, h_orig.device, kind="grad", softcap=softcap is not None))
@@ -784,8 +756,7 @@ def linear_kl_grad(h_orig, delta, W_U, b_U, mask, lse_orig, dlse, token_weight, 
                 stride_wv=W_U.stride(1), stride_gn=grad.stride(0))
     meta = dict(HAS_BIAS=b_U is not None, HAS_MASK=mask is not None, SOFTCAP=softcap is not None,
                 USE_ATOMICS=slices > 1, V_GROUP=v_group, MATMUL_MODE=matmul_mode(h_orig.dtype), **config)
-    if not _launch(_linear_kl_grad_kernel, (n_row_blocks, slices), args, meta):
-        return None
+    launch(_linear_kl_grad_kernel, (n_row_blocks, slices), **args, **meta)
     return grad
 
 
@@ -801,24 +772,23 @@ TRAIN_TOKENS, EVAL_TOKENS, LONG_TOKENS = 16384, 1024, 32768
 
 
 def _compile_scenarios(shape: str, mode: str):
-    """(kind, layout, n_tokens, has_mask, has_bias, softcap) per launch to compile. The trainer's
-    step (sweep, no mask, a bias or none, both W_U layouts) in full; evaluation and
-    reduction="none" launches, capped logits and the full-fp32 mode ("ieee", not a tensor-core
-    config) by example."""
-    if mode == "ieee":
-        return [(kind, "row", TRAIN_TOKENS, False, True, False) for kind in KERNEL_KINDS]
+    """(kind, layout, n_tokens, has_mask, has_bias, softcap) per launch to compile. What the trainer
+    launches in full (tests/test_compile.py records a training step and an evaluation batch and
+    checks that each of their launches is one of these): a step's one-sweep kernel and an
+    evaluation batch's forward, unmasked, for both W_U layouts, with and without a bias, capped
+    (Gemma-2) or not. The public op's other launches by example: a masked sweep and masked
+    evaluation batches, and the reduction="none" gradient at short, long (no atomics) and masked N."""
     layouts = ("row", "col")
-    found = [("sweep", layout, TRAIN_TOKENS, mask, bias, False)
-             for layout in layouts for mask in (False, True) for bias in (True, False)]
-    # Gemma-2's soft-capping: more live tiles in every kernel
-    found += [(kind, "row", TRAIN_TOKENS, False, True, True) for kind in KERNEL_KINDS]
+    found = [(kind, layout, TRAIN_TOKENS, False, bias, capped) for kind in ("sweep", "forward")
+             for layout in layouts for bias in (True, False) for capped in (False, True)]
+    found += [("sweep", layout, TRAIN_TOKENS, True, True, False) for layout in layouts]
     if shape == "gpt2":
-        found += [("forward", layout, n, mask, True, False)
-                  for layout in layouts for n, mask in ((TRAIN_TOKENS, False), (EVAL_TOKENS, True))]
+        found += [("forward", layout, EVAL_TOKENS, True, True, False) for layout in layouts]
         found += [("grad", layout, n, mask, True, False)
                   for layout in layouts for n, mask in ((TRAIN_TOKENS, False), (LONG_TOKENS, False), (EVAL_TOKENS, True))]
     else:
-        found += [(kind, layout, TRAIN_TOKENS, False, True, False) for kind in ("forward", "grad") for layout in layouts]
+        found += [("grad", layout, TRAIN_TOKENS, False, True, False) for layout in layouts]
+    found.append(("grad", "row", TRAIN_TOKENS, False, True, True))
     return found
 
 
@@ -839,26 +809,19 @@ def compile_cases(arch: int = 90, shapes=COMPILE_SHAPES, sm_count: int = 132) ->
     and no spills.
     """
     cases = {}
-    cuda = torch.device("cuda")
-    previous = torch.get_float32_matmul_precision()
     for name, d_model, d_vocab in shapes:
-        for mode in ("bf16", "tf32", "ieee"):
-            dtype = torch.bfloat16 if mode == "bf16" else torch.float32
-            # matmul_mode() reads the precision: set it as the trainer does for this mode.
-            torch.set_float32_matmul_precision("highest" if mode == "ieee" else "high")
-            try:
+        for mode in COMPILE_MODES:
+            with compile_mode(mode) as dtype:  # matmul_mode() reads the precision the trainer sets
                 for kind, layout, n_tokens, has_mask, has_bias, capped in _compile_scenarios(name, mode):
                     key = f"kl_{kind}-{name}-{mode}-{layout}-N{n_tokens}" + ("-mask" if has_mask else "") + \
                         ("" if has_bias else "-nobias") + ("-softcap" if capped else "")
                     cases[key] = _recorded_case(kind, d_model, d_vocab, n_tokens, dtype, mode, layout, has_mask,
-                                                has_bias, 30.0 if capped else None, arch, sm_count, cuda)
-            finally:
-                torch.set_float32_matmul_precision(previous)
+                                                has_bias, 30.0 if capped else None, arch, sm_count)
     return cases
 
 
 def _recorded_case(kind, d_model, d_vocab, n_tokens, dtype, mode, layout, has_mask, has_bias, softcap, arch,
-                   sm_count, cuda) -> CompileCase:
+                   sm_count) -> CompileCase:
     """The CompileCase of one launch, recorded from its launcher on meta tensors."""
     meta_device = torch.device("meta")
     padded = -(-d_vocab // 16) * 16
@@ -872,22 +835,15 @@ def _recorded_case(kind, d_model, d_vocab, n_tokens, dtype, mode, layout, has_ma
     b_U = torch.empty(d_vocab, dtype=torch.float32, device=meta_device) if has_bias else None
     mask = torch.empty(n_tokens, dtype=torch.int8, device=meta_device) if has_mask else None
     per_token = torch.empty(n_tokens, dtype=torch.float32, device=meta_device)
-    config = kernel_config(dtype, cuda, arch, kind=kind, mode=mode, softcap=softcap is not None)
-    n_row_blocks = triton.cdiv(n_tokens, config["BLOCK_N"])
-    with recorded_launches() as launches:
+    with recorded_launches(arch, sm_count) as launches:
         if kind == "grad":
-            linear_kl_grad(h, h, W_U, b_U, mask, per_token, per_token, per_token, softcap, config=config,
-                           n_slices=_slices_for_sms(n_row_blocks, sm_count, waves=2), w_cols=w_cols)
+            linear_kl_grad(h, h, W_U, b_U, mask, per_token, per_token, per_token, softcap, w_cols=w_cols)
         else:
             labels = torch.empty(n_tokens, dtype=torch.int64, device=meta_device)
             linear_kl_forward(h, h, W_U, b_U, mask, labels, softcap,
-                              token_weight=per_token if kind == "sweep" else None, config=config,
-                              n_slices=_slices_for_sms(n_row_blocks, sm_count, waves=1 if kind == "sweep" else 2),
-                              w_cols=w_cols)
-    ((kernel, args, meta),) = launches
-    example = {name: value.dtype if isinstance(value, torch.Tensor) else value for name, value in args.items()}
-    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
-    return CompileCase(kernel, example, meta, num_warps=warps, num_stages=stages, hot=mode != "ieee")
+                              token_weight=per_token if kind == "sweep" else None, w_cols=w_cols)
+    (record,) = launches
+    return CompileCase.from_launch(record, hot=mode != "ieee")
 
 
 # ----------------------------------------------------------------------------------------------

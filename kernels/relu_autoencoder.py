@@ -56,14 +56,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsae.kernels._common import CompileCase, dtype_name, matmul_mode, mma
+from fastsae.kernels._common import (COMPILE_MODES, CompileCase, gpu_arch, launch, matmul_mode, meta_parameter, mma,
+                                     record_runs, recorded_cases)
 from fastsae.kernels.relu_encoder import FWD_CONFIGS, GROUP_M, INTERPRETER_FWD_CONFIG, sparse_capacity
-from fastsae.kernels.sparse_decoder import (FWD_BLOCK_T, FWD_K_UNROLL, NUM_WARPS, sparse_decode_fwd_kernel,
-                                            block_d_for, sparse_decode_forward)
-from fastsae.kernels.topk_encoder import (GATHER_CONFIG, INT32_MAX, SEGMENT_NUM_STAGES, gather_latents_kernel,
-                                          accumulate_latent_segment, encoder_preactivation_tile,
-                                          gather_compile_case, marked_tokens, matmul_tile, segment_config,
-                                          sort_entries_by_latent)
+from fastsae.kernels.sparse_decoder import sparse_decode_forward, sparse_decode_fwd_kernel
+from fastsae.kernels.topk_encoder import (COMPILE_SMS, GATHER_CONFIG, INT32_MAX, SEGMENT_NUM_STAGES,
+                                          accumulate_latent_segment, encoder_preactivation_tile, gather_latents_kernel,
+                                          marked_tokens, matmul_tile, segment_config, sort_entries_by_latent)
 
 # --------------------------------------------------------------------------------------------
 # Shared pieces of the kernels
@@ -450,11 +449,11 @@ def _sampled_dots_kernel(
 # kernel holds two such accumulators (pre-activations and the code's gradient) and, for JumpReLU,
 # the threshold terms: on one warpgroup that spilled up to 280 B on sm_90 (255 registers), on two
 # (8 warps, each a [64, 64] half of both tiles) it does not. The matmul: 64 rows x 128 columns x
-# 64 latents per step, on 8 warps: with the code's Lp / L0 sums in its loop, 4 warps spilled up
-# to 48 B on sm_80.
+# 32 latents per step, on 8 warps: with the code's Lp / L0 sums in its loop, 4 warps spilled up
+# to 48 B on sm_80, and 64 latents per step 8 B for the first chunk at p != 1 (recorded launches).
 DENSE_TILE_CONFIG = dict(BLOCK_R=64, BLOCK_N=128, BLOCK_D=64, num_warps=4, num_stages=3)
 DENSE_GRAD_CONFIG = dict(BLOCK_R=64, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
-DENSE_MATMUL_CONFIG = dict(BLOCK_R=64, BLOCK_D=128, BLOCK_K=64, num_warps=8, num_stages=3)
+DENSE_MATMUL_CONFIG = dict(BLOCK_R=64, BLOCK_D=128, BLOCK_K=32, num_warps=8, num_stages=3)
 # Full-fp32 FMAs ("ieee") hold both operand tiles in registers: smaller tiles (the encoder's
 # 128 x 128 tile spilled 40 to 64 B there). (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages).
 ENCODE_CONFIG_FMA = (32, 64, 16, 8, 3)
@@ -486,7 +485,7 @@ def dense_chunk_width(n_tokens: int, n_latents: int, workspace_elements: int) ->
 def _configs(x: torch.Tensor, mode: str, jump: bool = False) -> tuple[tuple, dict, dict, dict]:
     """(encoder config, dense code tile, dense gradient tile, dense matmul) for x's device, the mode
     and the activation (JumpReLU: a narrower encoder tile)."""
-    if not x.is_cuda:
+    if gpu_arch(x.device) is None:
         return (INTERPRETER_FWD_CONFIG, dict(INTERPRETER_DENSE_TILE_CONFIG), dict(INTERPRETER_DENSE_TILE_CONFIG),
                 dict(INTERPRETER_DENSE_MATMUL_CONFIG))
     if mode == "ieee":
@@ -527,8 +526,8 @@ def encode_compact(x, W_enc, b_enc, theta, bandwidth) -> tuple[CompactCode, torc
     mode = matmul_mode(x.dtype)
     (block_m, block_n, block_d, num_warps, num_stages), _, _, _ = _configs(x, mode, jump)
     grid = (triton.cdiv(n_tokens, block_m) * triton.cdiv(n_latents, block_n),)
-    _encode_compact_kernel[grid](
-        x, W_enc, b_enc, theta if jump else b_enc, values, indices, band if jump else count, count, fire_counts,
+    launch(
+        _encode_compact_kernel, grid, x, W_enc, b_enc, theta if jump else b_enc, values, indices, band if jump else count, count, fire_counts,
         n_tokens, d_in, n_latents, capacity,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), float(1.0 if bandwidth is None else bandwidth),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=GROUP_M, MATMUL_MODE=mode, JUMP=jump,
@@ -577,15 +576,15 @@ def relu_autoencode_forward(x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p, 
         chunk_width = min(width, n_latents - chunk_start)
         cfg = dict(tile_cfg)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(chunk_width, cfg["BLOCK_N"]))
-        _dense_code_chunk_kernel[grid](
-            x, W_enc, b_enc, theta if jump else b_enc, code.rows, code.n_rows, ws,
+        launch(
+            _dense_code_chunk_kernel, grid, x, W_enc, b_enc, theta if jump else b_enc, code.rows, code.n_rows, ws,
             d, n_latents, chunk_start, chunk_width,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), ws.stride(0),
             MATMUL_MODE=mode, JUMP=jump, **cfg)
         cfg = dict(mm_cfg)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
-        _dense_rows_matmul_kernel[grid](
-            ws, W_dec, b_dec, acc, recon, code.rows, code.n_rows, lp_dense, l0_dense,
+        launch(
+            _dense_rows_matmul_kernel, grid, ws, W_dec, b_dec, acc, recon, code.rows, code.n_rows, lp_dense, l0_dense,
             d, n_latents, chunk_start, chunk_width,
             ws.stride(0), W_dec.stride(0), W_dec.stride(1), acc.stride(0), recon.stride(0), float(p),
             MATMUL_MODE=mode, FIRST=chunk_start == 0, LAST=chunk_start + width >= n_latents, HAS_BIAS=True,
@@ -615,8 +614,8 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
     # Sparse rows: the code's gradient at the held entries.
     dots = torch.empty(n_tokens, capacity, dtype=torch.float32, device=device)
     cfg = dict(SAMPLED_DOTS_CONFIG)
-    _sampled_dots_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_T"]),)](
-        g, W_dec, code.indices, code.slots, dots, n_tokens, d, capacity, g.stride(0), W_dec.stride(0), **cfg)
+    launch(
+        _sampled_dots_kernel, (triton.cdiv(n_tokens, cfg["BLOCK_T"]),), g, W_dec, code.indices, code.slots, dots, n_tokens, d, capacity, g.stride(0), W_dec.stride(0), **cfg)
     values32 = code.values.float()
     active = values32 > 0
     dlp = active.to(torch.float32) if p == 1 else torch.where(active, p * values32.clamp_min(1e-38).pow(p - 1), 0)
@@ -636,9 +635,9 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]))
         # HAS_DENSE_ROWS reads slots as the row counts; no slot count exceeds C, so its per-row
         # dense fallback never runs (the dense rows come from the chunks below).
-        gather_latents_kernel[grid](grad_pre, code.indices, W_enc, grad_x, code.slots, grad_pre, grad_pre,
-                                     n_tokens, d, capacity, n_latents, W_enc.stride(0), W_enc.stride(1),
-                                     n_latents, 1, HAS_DENSE_ROWS=True, MATMUL_MODE=mode, **cfg)
+        launch(gather_latents_kernel, grid, grad_pre, code.indices, W_enc, grad_x, code.slots, grad_pre, grad_pre,
+               n_tokens, d, capacity, n_latents, W_enc.stride(0), W_enc.stride(1),
+               n_latents, 1, HAS_DENSE_ROWS=True, MATMUL_MODE=mode, **cfg)
     need_enc_params = need_w_enc or need_b_enc or need_theta
     if need_enc_params or need_w_dec:
         entries = sort_entries_by_latent(code.indices, n_latents, seg_cfg["BLOCK_L"])
@@ -663,8 +662,8 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
         chunk_width = min(width, n_latents - chunk_start)
         cfg = dict(tile_cfg)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(chunk_width, cfg["BLOCK_N"]))
-        _dense_grad_chunk_kernel[grid](
-            x, W_enc, b_enc, theta if jump else b_enc, W_dec, g, grad_lp, grad_l0_arg, code.rows, code.n_rows,
+        launch(
+            _dense_grad_chunk_kernel, grid, x, W_enc, b_enc, theta if jump else b_enc, W_dec, g, grad_lp, grad_l0_arg, code.rows, code.n_rows,
             gpre_ws, code_ws, theta_ws,
             d, n_latents, chunk_start, chunk_width,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), W_dec.stride(0), g.stride(0),
@@ -674,8 +673,8 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
             cfg = dict(mm_cfg)
             grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
             # M = W_enc^T: latent k, column c at W_enc[c, k].
-            _dense_rows_matmul_kernel[grid](
-                gpre_ws, W_enc, b_enc, gx_acc, grad_x, code.rows, code.n_rows, grad_lp, grad_lp,
+            launch(
+                _dense_rows_matmul_kernel, grid, gpre_ws, W_enc, b_enc, gx_acc, grad_x, code.rows, code.n_rows, grad_lp, grad_lp,
                 d, n_latents, chunk_start, chunk_width,
                 gpre_ws.stride(0), W_enc.stride(1), W_enc.stride(0), gx_acc.stride(0), grad_x.stride(0), float(p),
                 MATMUL_MODE=mode, FIRST=chunk_start == 0, LAST=chunk_start + width >= n_latents, HAS_BIAS=False,
@@ -685,15 +684,15 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
             grid = (triton.cdiv(chunk_width, cfg["BLOCK_L"]), triton.cdiv(d, cfg["BLOCK_D"]))
             first_block = chunk_start // cfg["BLOCK_L"]
             # Encoder: B = x, weights = the pre-activations' gradient; bias and threshold too.
-            _latent_chunk_grad_kernel[grid](
-                x, tokens_x, entries.latents, sorted_gpre, entries.block_start, grad_w_enc, grad_b_enc,
+            launch(
+                _latent_chunk_grad_kernel, grid, x, tokens_x, entries.latents, sorted_gpre, entries.block_start, grad_w_enc, grad_b_enc,
                 sorted_theta, grad_theta, code.rows, code.n_rows, gpre_ws, theta_ws,
                 d, n_latents, first_block, chunk_start,
                 x.stride(0), x.stride(1), grad_w_enc.stride(0), grad_w_enc.stride(1), gpre_ws.stride(0),
                 MATMUL_MODE=mode, WRITE_BIAS=True, WRITE_THETA=jump, num_stages=SEGMENT_NUM_STAGES, **cfg)
             # Decoder: B = grad_out, weights = the code.
-            _latent_chunk_grad_kernel[grid](
-                g, tokens_g, entries.latents, sorted_values, entries.block_start, grad_w_dec, grad_w_dec,
+            launch(
+                _latent_chunk_grad_kernel, grid, g, tokens_g, entries.latents, sorted_values, entries.block_start, grad_w_dec, grad_w_dec,
                 sorted_values, grad_w_dec, code.rows, code.n_rows, code_ws, code_ws,
                 d, n_latents, first_block, chunk_start,
                 g.stride(0), g.stride(1), grad_w_dec.stride(1), grad_w_dec.stride(0), code_ws.stride(0),
@@ -750,98 +749,54 @@ COMPILE_WORKSPACE_ELEMENTS = 1 << 26  # fastsae.ops.relu_autoencoder's default b
 
 
 def compile_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, CompileCase]:
-    """Every kernel the ReLU autoencoder launches, exactly as relu_autoencode_forward / _backward
-    launch them on a GPU: x contiguous, W_enc latent-major (stride_wd = 1: the op makes that layout),
-    W_dec and grad_out row-major, for ReLU and JumpReLU, p = 1 (P_ONE) and other p, the first,
-    middle and last chunk of the dense-row matmul. Modes as kernels.topk_encoder.compile_cases:
-    "bf16", "tf32" (hot), "ieee" (fp32 FMA by request, not hot). The configs do not depend on the
-    arch."""
-    cases = {}
-    for shape_name, shape in (shapes or COMPILE_SHAPES).items():
-        n_tokens, d, n = shape["n_tokens"], shape["d_in"], shape["n_latents"]
-        capacity = sparse_capacity(n)
-        width = dense_chunk_width(n_tokens, n, COMPILE_WORKSPACE_ELEMENTS)
-        for mode, dtype in (("bf16", torch.bfloat16), ("tf32", torch.float32), ("ieee", torch.float32)):
-            hot = mode != "ieee"
-            key = f"{shape_name}-{mode}"
-            tile_cfg = dict(DENSE_TILE_CONFIG_FMA if mode == "ieee" else DENSE_TILE_CONFIG)
-            grad_cfg = dict(DENSE_TILE_CONFIG_FMA if mode == "ieee" else DENSE_GRAD_CONFIG)
-            mm_cfg = dict(DENSE_MATMUL_CONFIG_FMA if mode == "ieee" else DENSE_MATMUL_CONFIG)
-            tile_warps, tile_stages = tile_cfg.pop("num_warps"), tile_cfg.pop("num_stages")
-            grad_warps, grad_stages = grad_cfg.pop("num_warps"), grad_cfg.pop("num_stages")
-            mm_warps, mm_stages = mm_cfg.pop("num_warps"), mm_cfg.pop("num_stages")
-            for jump in (False, True):
-                act = "jumprelu" if jump else "relu"
-                block_m, block_n, block_d, warps, stages = (ENCODE_CONFIG_FMA if mode == "ieee" else
-                                                            (FWD_CONFIGS_JUMP if jump else FWD_CONFIGS)[dtype])
-                args = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, theta_ptr=dtype, val_ptr=dtype,
-                            idx_ptr=torch.int32, band_ptr=torch.uint8 if jump else torch.int32,
-                            count_ptr=torch.int32, fire_counts_ptr=torch.int32, n_tokens=n_tokens, d_in=d,
-                            n_latents=n, capacity=capacity, stride_xm=d, stride_xd=1, stride_wd=1, stride_wn=d,
-                            bandwidth=0.001 if jump else 1.0)
-                meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=GROUP_M,
-                            MATMUL_MODE=mode, JUMP=jump)
-                cases[f"ae_encode-{act}-{key}"] = CompileCase(_encode_compact_kernel, args, meta, num_warps=warps,
-                                                              num_stages=stages, hot=hot)
-                args = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, theta_ptr=dtype, rows_ptr=torch.int32,
-                            n_rows_ptr=torch.int32, ws_ptr=dtype, d_in=d, n_latents=n, chunk_start=width,
-                            chunk_width=width, stride_xm=d, stride_xd=1, stride_wd=1, stride_wn=d, stride_ws=width)
-                cases[f"ae_dense_code-{act}-{key}"] = CompileCase(
-                    _dense_code_chunk_kernel, args, dict(tile_cfg, MATMUL_MODE=mode, JUMP=jump),
-                    num_warps=tile_warps, num_stages=tile_stages, hot=hot)
-                for p_one in (True, False):
-                    args = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, theta_ptr=dtype, wdec_ptr=dtype, g_ptr=dtype,
-                                grad_lp_ptr=torch.float32, grad_l0_ptr=torch.float32, rows_ptr=torch.int32,
-                                n_rows_ptr=torch.int32, gpre_ws_ptr=dtype, code_ws_ptr=dtype,
-                                theta_ws_ptr=torch.float32 if jump else dtype, d_in=d, n_latents=n,
-                                chunk_start=width, chunk_width=width, stride_xm=d, stride_xd=1, stride_wd=1,
-                                stride_wn=d, stride_wdec=d, stride_g=d, stride_ws=width, p=1.0 if p_one else 0.5,
-                                bandwidth=0.001 if jump else 1.0)
-                    cases[f"ae_dense_grad-{act}-p{'1' if p_one else 'x'}-{key}"] = CompileCase(
-                        _dense_grad_chunk_kernel, args, dict(grad_cfg, MATMUL_MODE=mode, JUMP=jump, P_ONE=p_one),
-                        num_warps=grad_warps, num_stages=grad_stages, hot=hot)
-            # The dense rows' matmul: decode (first / middle / last chunk, p = 1 and other p) and grad_x.
-            for variant, first, last, bias, stats, p_one in (
-                    ("decode_first", True, False, True, True, True), ("decode_mid", False, False, True, True, True),
-                    ("decode_last", False, True, True, True, True), ("decode_only", True, True, True, True, True),
-                    ("decode_last_p", False, True, True, True, False), ("grad_x_first", True, False, False, False, True),
-                    ("grad_x_mid", False, False, False, False, True), ("grad_x_last", False, True, False, False, True)):
-                args = dict(ws_ptr=dtype, m_ptr=dtype, bias_ptr=dtype, acc_ptr=torch.float32, out_ptr=dtype,
-                            rows_ptr=torch.int32, n_rows_ptr=torch.int32, lp_ptr=torch.float32, l0_ptr=torch.float32,
-                            d=d, n_latents=n, chunk_start=width, chunk_width=width, stride_ws=width, stride_mk=d,
-                            stride_md=1, stride_acc=d, stride_out=d, p=1.0 if p_one else 0.5)
-                meta = dict(mm_cfg, MATMUL_MODE=mode, FIRST=first, LAST=last, HAS_BIAS=bias, CODE_STATS=stats,
-                            P_ONE=p_one)
-                cases[f"ae_dense_matmul-{variant}-{key}"] = CompileCase(
-                    _dense_rows_matmul_kernel, args, meta, num_warps=mm_warps, num_stages=mm_stages, hot=hot)
-            seg = segment_config(mode)
-            seg_warps = seg.pop("num_warps")
-            for variant, bias, jump in (("enc", True, False), ("enc_jump", True, True), ("dec", False, False)):
-                args = dict(rows_ptr_b=dtype, tok_ptr=torch.int32, lat_ptr=torch.int32, weight_ptr=dtype,
-                            block_start_ptr=torch.int32, grad_w_ptr=dtype, grad_b_ptr=dtype,
-                            theta_weight_ptr=torch.float32 if jump else dtype, grad_theta_ptr=dtype,
-                            dense_rows_ptr=torch.int32, n_dense_rows_ptr=torch.int32, ws_ptr=dtype,
-                            theta_ws_ptr=torch.float32 if jump else dtype, d=d, n_latents=n,
-                            first_block=width // seg["BLOCK_L"], chunk_start=width, stride_bm=d, stride_bd=1,
-                            stride_gwd=1, stride_gwn=d, stride_ws=width)
-                cases[f"ae_latent_grad-{variant}-{key}"] = CompileCase(
-                    _latent_chunk_grad_kernel, args,
-                    dict(seg, MATMUL_MODE=mode, WRITE_BIAS=bias, WRITE_THETA=jump),
-                    num_warps=seg_warps, num_stages=SEGMENT_NUM_STAGES, hot=hot)
-            if mode == "ieee":
-                continue  # the kernels below have no dot: their fp32 case is the tf32 one
-            cfg = dict(SAMPLED_DOTS_CONFIG)
-            dots_warps = cfg.pop("num_warps")
-            args = dict(g_ptr=dtype, w_ptr=dtype, idx_ptr=torch.int32, slots_ptr=torch.int32, out_ptr=torch.float32,
-                        n_tokens=n_tokens, d=d, capacity=capacity, stride_g=d, stride_w=d)
-            cases[f"ae_sampled_dots-{shape_name}-{dtype_name(dtype)}"] = CompileCase(
-                _sampled_dots_kernel, args, cfg, num_warps=dots_warps, num_stages=3)
-            cases[f"ae_gather-{shape_name}-{dtype_name(dtype)}"] = gather_compile_case(
-                shape, mode, k=capacity, dense_rows=True)
-            args = dict(values_ptr=dtype, indices_ptr=torch.int32, W_ptr=dtype, b_ptr=dtype, out_ptr=dtype,
-                        n_tokens=n_tokens, k=capacity, d=d, stride_w=d, stride_out=d)
-            cases[f"ae_decode-{shape_name}-{dtype_name(dtype)}"] = CompileCase(
-                sparse_decode_fwd_kernel, args,
-                dict(BLOCK_T=FWD_BLOCK_T, BLOCK_D=block_d_for(d), K_UNROLL=FWD_K_UNROLL),
-                num_warps=NUM_WARPS, num_stages=3)
-    return cases
+    """Every kernel the ReLU autoencoder launches, as relu_autoencode_triton launches them on
+    sm_<arch>, recorded (kernels._common.recorded_launches) from its forward and backward on meta
+    tensors with the layouts fastsae.ops.relu_autoencode makes (x contiguous, W_enc latent-major,
+    W_dec row-major): ReLU, JumpReLU with a trained threshold and with a fixed one (BatchTopK's
+    inference), p = 1 and p = 0.5, every chunk of the dense rows. Modes as
+    kernels._common.COMPILE_MODES. Returns {name: CompileCase}, one per specialisation; the kernels
+    with a tensor-core dot are hot in the tensor-core modes. The configs do not depend on the arch.
+    """
+    def run(shape, activation, p):
+        def step(dtype):
+            n_tokens, d, n = shape["n_tokens"], shape["d_in"], shape["n_latents"]
+            x = meta_parameter(n_tokens, d, dtype=dtype)
+            W_enc = meta_parameter(d, n, dtype=dtype, transposed=True)
+            theta = bandwidth = None
+            if activation != "relu":
+                theta = torch.empty(n, dtype=dtype, device="meta", requires_grad=activation == "jumprelu")
+                bandwidth = 0.001 if activation == "jumprelu" else 0.0
+            recon, lp_sum, l0, _ = relu_autoencode_triton(
+                x, W_enc, meta_parameter(n, dtype=dtype), meta_parameter(n, d, dtype=dtype),
+                meta_parameter(d, dtype=dtype), theta, bandwidth, p, COMPILE_WORKSPACE_ELEMENTS)
+            loss = recon.sum() + lp_sum.sum() + (l0.sum() if activation == "jumprelu" else 0)
+            loss.backward()
+        return step
+
+    runs = [(dict(shape=name, mode=mode), mode, run(shape, activation, p))
+            for name, shape in (shapes or COMPILE_SHAPES).items() for mode in COMPILE_MODES
+            for activation in ("relu", "jumprelu", "fixed_threshold") for p in (1.0, 0.5)]
+
+    def label(tags, record):
+        kernel, meta = record.kernel, record.meta
+        act = "jumprelu" if meta.get("JUMP") else "relu"
+        p = "p1" if meta.get("P_ONE") else "px"
+        if kernel is _dense_rows_matmul_kernel:
+            where = {(True, True): "only", (True, False): "first", (False, False): "mid", (False, True): "last"}
+            position = where[meta["FIRST"], meta["LAST"]]
+            variant = f"decode_{position}-{p}" if meta["HAS_BIAS"] else f"grad_x_{position}"
+        elif kernel is _latent_chunk_grad_kernel:
+            variant = ("enc_jump" if meta["WRITE_THETA"] else "enc") if meta["WRITE_BIAS"] else "dec"
+        else:
+            variant = {_encode_compact_kernel: act, _dense_code_chunk_kernel: act,
+                       _dense_grad_chunk_kernel: f"{act}-{p}"}.get(kernel)
+        name = {_encode_compact_kernel: "ae_encode", _dense_code_chunk_kernel: "ae_dense_code",
+                _dense_grad_chunk_kernel: "ae_dense_grad", _dense_rows_matmul_kernel: "ae_dense_matmul",
+                _latent_chunk_grad_kernel: "ae_latent_grad", _sampled_dots_kernel: "ae_sampled_dots",
+                gather_latents_kernel: "ae_gather", sparse_decode_fwd_kernel: "ae_decode"}[kernel]
+        return "-".join(part for part in (name, variant, tags["shape"], tags["mode"]) if part)
+
+    with_dot = (_encode_compact_kernel, _dense_code_chunk_kernel, _dense_grad_chunk_kernel, _dense_rows_matmul_kernel,
+                _latent_chunk_grad_kernel)
+    return recorded_cases(record_runs(runs, arch, COMPILE_SMS), label,
+                          lambda record: record.kernel in with_dot and record.meta["MATMUL_MODE"] != "ieee")

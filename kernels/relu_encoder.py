@@ -7,7 +7,7 @@ encoder's (kernels/topk_encoder.py: encoder_preactivation_tile).
 
 Backward, two paths (``sparse_backward``):
 - sparse (the default): uses the code's runtime sparsity with no [N, n] temporary and no host
-  sync. `_compact_active_kernel` reads acts and grad_acts once and writes each row's active
+  sync. `compact_active_kernel` reads acts and grad_acts once and writes each row's active
   entries (acts > 0) into a capacity-bounded code (values [N, C], indices [N, C], C =
   sparse_capacity(n_latents)) plus each row's count, on the device. The TopK encoder's sparse
   kernels (fastsae.kernels.topk_encoder.sparse_encoder_backward) then produce all three gradients
@@ -29,9 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsae.kernels._common import CompileCase, dtype_name, matmul_mode
-from fastsae.kernels.topk_encoder import (COMPILE_SHAPES, DenseRows, encoder_preactivation_tile,
-                                          gather_compile_case, segment_compile_case, sparse_encoder_backward)
+from fastsae.kernels._common import (COMPILE_MODES, CompileCase, gpu_arch, launch, matmul_mode, meta_parameter,
+                                     record_runs, recorded_cases)
+from fastsae.kernels.topk_encoder import (COMPILE_SHAPES, COMPILE_SMS, DenseRows, latent_segment_grad_kernel,
+                                          encoder_preactivation_tile, gather_latents_kernel, sparse_encoder_backward)
 
 # Slots per row of the sparse backward's compact code: C = clamp(n / 256, 64, n), a multiple of
 # 16. e2e ReLU SAEs run at L0 / n ~ 1/1000 (the paper: L0 27 to 69 of 46,080 latents), so C = 192
@@ -98,14 +99,14 @@ def relu_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
     n_tokens, d_in = x.shape
     b_enc = b_enc.contiguous()  # the kernel reads the bias at unit stride
     n_latents = W_enc.shape[1]
-    cfg = FWD_CONFIGS[x.dtype] if x.is_cuda else INTERPRETER_FWD_CONFIG
+    cfg = FWD_CONFIGS[x.dtype] if gpu_arch(x.device) is not None else INTERPRETER_FWD_CONFIG
     block_m, block_n, block_d, num_warps, num_stages = cfg
     acts = torch.empty(n_tokens, n_latents, dtype=x.dtype, device=x.device)
     if acts.numel() == 0:  # an empty batch: nothing to launch
         return acts
     grid = (triton.cdiv(n_tokens, block_m) * triton.cdiv(n_latents, block_n),)
-    _relu_encode_fwd_kernel[grid](
-        x, W_enc, b_enc, acts,
+    launch(
+        _relu_encode_fwd_kernel, grid, x, W_enc, b_enc, acts,
         n_tokens, d_in, n_latents,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), acts.stride(0), acts.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=GROUP_M,
@@ -156,13 +157,13 @@ def relu_grad(grad_acts: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
         return out
     cfg = dict(RELU_GRAD_CONFIG)
     grid = (triton.cdiv(acts.shape[0], cfg["BLOCK_M"]), triton.cdiv(acts.shape[1], cfg["BLOCK_N"]))
-    _relu_grad_kernel[grid](grad_acts, acts, out, acts.shape[0], acts.shape[1],
-                            grad_acts.stride(0), grad_acts.stride(1), **cfg)
+    launch(_relu_grad_kernel, grid, grad_acts, acts, out, acts.shape[0], acts.shape[1],
+           grad_acts.stride(0), grad_acts.stride(1), **cfg)
     return out
 
 
 @triton.jit
-def _compact_active_kernel(
+def compact_active_kernel(
     grad_ptr, acts_ptr, val_ptr, idx_ptr, count_ptr,
     n_tokens, n_latents, capacity, stride_gm, stride_gn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NONZERO: tl.constexpr,
@@ -216,8 +217,8 @@ def compact_active(grad_acts: torch.Tensor, acts: torch.Tensor, capacity: int, *
     count = torch.empty(n_tokens, dtype=torch.int32, device=acts.device)
     cfg = dict(COMPACT_CONFIG)
     if n_tokens:
-        _compact_active_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_M"]),)](
-            grad_acts, acts, values, indices, count, n_tokens, n_latents, capacity,
+        launch(
+            compact_active_kernel, (triton.cdiv(n_tokens, cfg["BLOCK_M"]),), grad_acts, acts, values, indices, count, n_tokens, n_latents, capacity,
             grad_acts.stride(0), grad_acts.stride(1), NONZERO=nonzero, **cfg)
     dense = count > capacity
     # Dense rows first (a stable sort of the 0/1 flags, on the device), and their number.
@@ -267,48 +268,37 @@ def relu_encode_triton(x2d: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tens
 
 
 def compile_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, CompileCase]:
-    """Every kernel of the ReLU encoder exactly as its launchers launch it on sm_<arch>.
+    """Every kernel of the ReLU encoder as its launchers launch it on sm_<arch>, recorded
+    (kernels._common.recorded_launches) from relu_encode_triton's forward and both backwards
+    (sparse, and dense with sparse_backward=False) on meta tensors.
 
     shapes: {name: dict(n_tokens=, d_in=, n_latents=)}, kernels.topk_encoder.COMPILE_SHAPES by
-    default. Returns {f"{kernel}-{shape}-{mode}": CompileCase} (kernels/_common.CompileCase), mode
-    as in kernels.topk_encoder.compile_cases: "bf16", "tf32" (hot), "ieee" (fp32 FMA by request,
-    not hot); kernels without a dot are keyed by dtype. The sparse backward's gather and segment
-    kernels appear with their dense-row path (HAS_DENSE_ROWS), as this encoder launches them.
-    The configs do not depend on the arch here.
+    default; modes as kernels._common.COMPILE_MODES; x contiguous, W_enc latent-major (E2ESAE's
+    layout; fastsae.ops.relu_encode makes it for any other); the code's gradient dense, or
+    expanded with stride 0 as autograd hands it for acts.sum() ("-expanded_grad"). Returns {f"relu_{kernel}-{shape}-{mode}":
+    CompileCase}, one per specialisation (kernels without a dot compile once per dtype: their
+    "ieee" launch is the "tf32" one). The encoder GEMM and the segmented reduction are hot in the
+    tensor-core modes. The configs do not depend on the arch here.
     """
-    cases = {}
-    for shape_name, shape in (shapes or COMPILE_SHAPES).items():
-        n_tokens, d_in, n_latents = shape["n_tokens"], shape["d_in"], shape["n_latents"]
-        capacity = sparse_capacity(n_latents)
-        for mode, dtype in (("bf16", torch.bfloat16), ("tf32", torch.float32), ("ieee", torch.float32)):
-            block_m, block_n, block_d, warps, stages = FWD_CONFIGS[dtype]
-            args = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, out_ptr=dtype, n_tokens=n_tokens, d_in=d_in,
-                        n_latents=n_latents, stride_xm=d_in, stride_xd=1, stride_wd=1, stride_wn=d_in,
-                        stride_om=n_latents, stride_on=1)
-            meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=GROUP_M, MATMUL_MODE=mode)
-            cases[f"relu_fwd-{shape_name}-{mode}"] = CompileCase(
-                _relu_encode_fwd_kernel, args, meta, num_warps=warps, num_stages=stages, hot=mode != "ieee")
-            cases[f"relu_segment-{shape_name}-{mode}"] = segment_compile_case(shape, mode, dense_rows=True)
-            if mode == "ieee":
-                continue  # the dtype-keyed kernels below have their fp32 case under "tf32"
-            cases[f"relu_gather-{shape_name}-{dtype_name(dtype)}"] = gather_compile_case(
-                shape, mode, k=capacity, dense_rows=True)
-            grad_args = dict(grad_ptr=dtype, acts_ptr=dtype, out_ptr=dtype, n_tokens=n_tokens,
-                             n_latents=n_latents, stride_gm=n_latents, stride_gn=1)
-            cfg = dict(RELU_GRAD_CONFIG)
-            warps = cfg.pop("num_warps")
-            cases[f"relu_grad-{shape_name}-{dtype_name(dtype)}"] = CompileCase(
-                _relu_grad_kernel, grad_args, cfg, num_warps=warps, num_stages=1)
-            cases[f"relu_compact-{shape_name}-{dtype_name(dtype)}"] = compact_compile_case(
-                shape, dtype, capacity, nonzero=False)
-    return cases
+    def run(shape, sparse_backward, expanded_grad):
+        def step(dtype):
+            x = meta_parameter(shape["n_tokens"], shape["d_in"], dtype=dtype)
+            W_enc = meta_parameter(shape["d_in"], shape["n_latents"], dtype=dtype, transposed=True)
+            acts = relu_encode_triton(x, W_enc, meta_parameter(shape["n_latents"], dtype=dtype),
+                                      sparse_backward=sparse_backward)
+            # acts.sum() hands backward an expanded stride-0 gradient: the kernels read any strides
+            (acts.sum() if expanded_grad else acts).backward(None if expanded_grad else torch.empty_like(acts))
+        return step
 
+    runs = [(dict(shape=name, mode=mode, grad="-expanded_grad" if expanded else ""), mode, run(shape, sparse, expanded))
+            for name, shape in (shapes or COMPILE_SHAPES).items() for mode in COMPILE_MODES
+            for sparse in (True, False) for expanded in (False, True)]
+    short = {_relu_encode_fwd_kernel: "relu_fwd", _relu_grad_kernel: "relu_grad", compact_active_kernel: "relu_compact",
+             gather_latents_kernel: "relu_gather", latent_segment_grad_kernel: "relu_segment"}
+    def label(tags, record):  # every backward kernel reads the code's gradient (the dense rows')
+        grad = tags["grad"] if record.kernel is not _relu_encode_fwd_kernel else ""
+        return f"{short[record.kernel]}-{tags['shape']}-{tags['mode']}{grad}"
 
-def compact_compile_case(shape: dict, dtype: torch.dtype, capacity: int, *, nonzero: bool) -> CompileCase:
-    """_compact_active_kernel as compact_active launches it (kernels/sparse_decoder.py uses it too)."""
-    n_tokens, n_latents = shape["n_tokens"], shape["n_latents"]
-    args = dict(grad_ptr=dtype, acts_ptr=dtype, val_ptr=dtype, idx_ptr=torch.int32, count_ptr=torch.int32,
-                n_tokens=n_tokens, n_latents=n_latents, capacity=capacity, stride_gm=n_latents, stride_gn=1)
-    cfg = dict(COMPACT_CONFIG)
-    warps = cfg.pop("num_warps")
-    return CompileCase(_compact_active_kernel, args, dict(cfg, NONZERO=nonzero), num_warps=warps, num_stages=1)
+    hot_kernels = (_relu_encode_fwd_kernel, latent_segment_grad_kernel)
+    return recorded_cases(record_runs(runs, arch, COMPILE_SMS), label,
+                          lambda record: record.kernel in hot_kernels and record.meta["MATMUL_MODE"] != "ieee")

@@ -52,10 +52,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsae.kernels._common import CompileCase, matmul_mode, mma
-from fastsae.kernels.relu_encoder import compact_active, compact_compile_case, sparse_capacity
-from fastsae.kernels.topk_encoder import (DenseRows, latent_segment_grad, segment_compile_case, segment_config,
-                                          sort_entries_by_latent)
+from fastsae.kernels._common import (COMPILE_MODES, CompileCase, launch, matmul_mode, meta_parameter, mma,
+                                     record_runs, recorded_cases)
+from fastsae.kernels.relu_encoder import compact_active_kernel, compact_active, sparse_capacity
+from fastsae.kernels.topk_encoder import (COMPILE_SMS, DenseRows, latent_segment_grad_kernel, latent_segment_grad,
+                                          segment_config, sort_entries_by_latent)
 
 # ---------------------------------------------------------------------------------------------
 # Launch configuration (compile_cases() at the end; tests/test_compile.py).
@@ -201,8 +202,8 @@ def sparse_decode_forward(values: torch.Tensor, indices: torch.Tensor, W_dec: to
     out = torch.empty(n_tokens, d, dtype=W_dec.dtype, device=W_dec.device)
     block_d = block_d_for(d)
     grid = (triton.cdiv(n_tokens, FWD_BLOCK_T), triton.cdiv(d, block_d))
-    sparse_decode_fwd_kernel[grid](
-        values, indices, W_dec, b_dec, out,
+    launch(
+        sparse_decode_fwd_kernel, grid, values, indices, W_dec, b_dec, out,
         n_tokens, k, d, W_dec.stride(0), out.stride(0),
         BLOCK_T=FWD_BLOCK_T, BLOCK_D=block_d, K_UNROLL=FWD_K_UNROLL, num_warps=NUM_WARPS,
     )
@@ -253,8 +254,8 @@ def sparse_decode_backward(grad_out: torch.Tensor, values: torch.Tensor, indices
                     if need_grad_values else None)
     dummy = torch.empty(1, dtype=torch.float32, device=device)  # stands in for an output not written
     grid = (triton.cdiv(n_latents, BWD_LATENTS_PER_PROGRAM), d_blocks)
-    _sparse_decode_bwd_kernel[grid](
-        grad_out, values, W_dec, sorted_pairs, segment_start,
+    launch(
+        _sparse_decode_bwd_kernel, grid, grad_out, values, W_dec, sorted_pairs, segment_start,
         grad_W if need_grad_W else dummy, partial_dots if need_grad_values else dummy,
         n_latents, k, d, n_pairs, grad_out.stride(0), W_dec.stride(0), d if need_grad_W else 0,
         BLOCK_P=BWD_BLOCK_P, BLOCK_D=block_d, LATENTS_PER_PROGRAM=BWD_LATENTS_PER_PROGRAM,
@@ -453,8 +454,8 @@ class DenseDecodeSparseFunction(torch.autograd.Function):
         mode = matmul_mode(W_dec.dtype)
         cfg = dense_rows_config(mode)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
-        _dense_rows_decode_kernel[grid](
-            acts, W_row_major, b_dec.contiguous(), out, dense.rows, dense.n_rows,
+        launch(
+            _dense_rows_decode_kernel, grid, acts, W_row_major, b_dec.contiguous(), out, dense.rows, dense.n_rows,
             acts.shape[1], d, acts.stride(0), W_row_major.stride(0), out.stride(0), MATMUL_MODE=mode, **cfg)
         ctx.save_for_backward(acts, values, indices, W_dec, dense.count, dense.rows, dense.n_rows)
         return out
@@ -507,45 +508,54 @@ COMPILE_SHAPES = {
 
 
 def compile_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, CompileCase]:
-    """Every kernel of the sparse decoder exactly as its launchers launch it on sm_<arch>.
+    """Every kernel of the sparse decoder as its launchers launch it on sm_<arch>, recorded
+    (kernels._common.recorded_launches) on meta tensors from sparse_decode_triton (forward and
+    backward, with gradients for values and W_dec, W_dec only, values only) and
+    dense_decode_triton (a ReLU code in the dense layout: compaction, gather, dense rows,
+    grad_W_dec).
 
-    shapes: {name: dict(n_tokens=, d=, n_latents=, k=)}, COMPILE_SHAPES by default. Returns
-    {f"{kernel}-{shape}-{dtype or mode}": CompileCase} (kernels/_common.CompileCase). The gather
-    kernels have no dot (keyed bf16 / fp32); the dense-row kernels do ("bf16", "tf32" hot,
-    "ieee" not). W_dec, grad_out and outputs row-major as the launchers make them. The configs do
-    not depend on the arch.
+    shapes: {name: dict(n_tokens=, d=, n_latents=, k=)}, COMPILE_SHAPES by default; modes as
+    kernels._common.COMPILE_MODES (the gathers have no dot and compile once per dtype). Returns
+    {f"{kernel}-{shape}-{mode}": CompileCase}, one per specialisation. Dense rows are the
+    exception, not the hot path: no case here is hot. The configs do not depend on the arch.
     """
-    cases = {}
-    for shape_name, shape in (shapes or COMPILE_SHAPES).items():
-        n_tokens, d, n_latents, k = shape["n_tokens"], shape["d"], shape["n_latents"], shape["k"]
-        block_d = block_d_for(d)
-        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-            args = dict(values_ptr=dtype, indices_ptr=torch.int64, W_ptr=dtype, b_ptr=dtype, out_ptr=dtype,
-                        n_tokens=n_tokens, k=k, d=d, stride_w=d, stride_out=d)
-            cases[f"decode_fwd-{shape_name}-{name}"] = CompileCase(
-                sparse_decode_fwd_kernel, args, dict(BLOCK_T=FWD_BLOCK_T, BLOCK_D=block_d, K_UNROLL=FWD_K_UNROLL),
-                num_warps=NUM_WARPS, num_stages=3)
-            for variant, write_w, write_values in (("bwd", True, True), ("bwd_grad_W_only", True, False),
-                                                   ("bwd_grad_values_only", False, True)):
-                args = dict(grad_out_ptr=dtype, values_ptr=dtype, W_ptr=dtype, sorted_pairs_ptr=torch.int32,
-                            segment_start_ptr=torch.int32, grad_W_ptr=dtype, partial_dots_ptr=torch.float32,
-                            n_latents=n_latents, k=k, d=d, n_pairs=n_tokens * k, stride_g=d, stride_w=d,
-                            stride_gw=d if write_w else 0)
-                meta = dict(BLOCK_P=BWD_BLOCK_P, BLOCK_D=bwd_block_d_for(d, dtype), LATENTS_PER_PROGRAM=BWD_LATENTS_PER_PROGRAM,
-                            WRITE_GRAD_W=write_w, WRITE_GRAD_VALUES=write_values)
-                cases[f"decode_{variant}-{shape_name}-{name}"] = CompileCase(
-                    _sparse_decode_bwd_kernel, args, meta, num_warps=NUM_WARPS, num_stages=3)
-            cases[f"dense_decode_compact-{shape_name}-{name}"] = compact_compile_case(
-                dict(n_tokens=n_tokens, n_latents=n_latents), dtype, sparse_capacity(n_latents), nonzero=True)
-        for mode, dtype in (("bf16", torch.bfloat16), ("tf32", torch.float32), ("ieee", torch.float32)):
-            cfg = dense_rows_config(mode)
-            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            args = dict(acts_ptr=dtype, W_ptr=dtype, b_ptr=dtype, out_ptr=dtype, rows_ptr=torch.int32,
-                        n_rows_ptr=torch.int32, n_latents=n_latents, d=d, stride_a=n_latents, stride_w=d,
-                        stride_out=d)
-            cases[f"dense_rows_decode-{shape_name}-{mode}"] = CompileCase(
-                _dense_rows_decode_kernel, args, dict(cfg, MATMUL_MODE=mode), num_warps=warps,
-                num_stages=stages, hot=False)  # dense rows are the exception, not the hot path
-            cases[f"dense_decode_grad_w-{shape_name}-{mode}"] = segment_compile_case(
-                dict(d_in=d, n_latents=n_latents), mode, dense_rows=True, dense_masked=False)
-    return cases
+    def sparse_run(shape, need_values, need_W):
+        def step(dtype):
+            n_tokens, k = shape["n_tokens"], shape["k"]
+            values = torch.empty(n_tokens, k, dtype=dtype, device="meta", requires_grad=need_values)
+            indices = torch.empty(n_tokens, k, dtype=torch.int64, device="meta")
+            W_dec = torch.empty(shape["n_latents"], shape["d"], dtype=dtype, device="meta", requires_grad=need_W)
+            out = sparse_decode_triton(values, indices, W_dec, meta_parameter(shape["d"], dtype=dtype))
+            out.backward(torch.empty_like(out))
+        return step
+
+    def dense_run(shape):
+        def step(dtype):
+            acts = meta_parameter(shape["n_tokens"], shape["n_latents"], dtype=dtype)
+            W_dec = meta_parameter(shape["n_latents"], shape["d"], dtype=dtype)
+            out = dense_decode_triton(acts, W_dec, meta_parameter(shape["d"], dtype=dtype))
+            out.backward(torch.empty_like(out))
+        return step
+
+    runs = []
+    for name, shape in (shapes or COMPILE_SHAPES).items():
+        for mode in COMPILE_MODES:
+            runs += [(dict(shape=name, mode=mode, code="sparse"), mode, sparse_run(shape, need_values, need_W))
+                     for need_values, need_W in ((True, True), (False, True), (True, False))]
+            runs.append((dict(shape=name, mode=mode, code="dense"), mode, dense_run(shape)))
+
+    def label(tags, record):
+        kernel, meta = record.kernel, record.meta
+        if kernel is _sparse_decode_bwd_kernel:
+            variant = {(True, True): "bwd", (True, False): "bwd_grad_W_only",
+                       (False, True): "bwd_grad_values_only"}[meta["WRITE_GRAD_W"], meta["WRITE_GRAD_VALUES"]]
+            kernel_name = f"decode_{variant}"
+        elif tags["code"] == "sparse":
+            kernel_name = "decode_fwd"
+        else:
+            kernel_name = {sparse_decode_fwd_kernel: "dense_decode_gather", compact_active_kernel: "dense_decode_compact",
+                           _dense_rows_decode_kernel: "dense_rows_decode",
+                           latent_segment_grad_kernel: "dense_decode_grad_w"}[kernel]
+        return f"{kernel_name}-{tags['shape']}-{tags['mode']}"
+
+    return recorded_cases(record_runs(runs, arch, COMPILE_SMS), label, lambda record: False)

@@ -40,7 +40,7 @@ grad_pre = grad_values * (values > 0):
   so each selected latent is one contiguous, vectorised row read.
 - grad_W_enc, grad_b_enc: the (token, slot) pairs are sorted by latent (one torch.argsort of N*k
   ints), so each block of BLOCK_L consecutive latents owns one contiguous run of entries.
-  `_latent_segment_grad_kernel` reduces that run with a tensor-core product
+  `latent_segment_grad_kernel` reduces that run with a tensor-core product
   onehot^T @ x[tokens], where onehot[e, l] = grad_pre[e] if entry e belongs to latent l: no
   atomics, deterministic, fp32 accumulation, and every tile of grad_W_enc (including the all-zero
   ones of latents nobody picked) is written once, coalesced, in W_enc's own layout. A token whose x
@@ -67,7 +67,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsae.kernels._common import CompileCase, dtype_name, matmul_mode, mma
+from fastsae.kernels._common import (COMPILE_MODES, CompileCase, gpu_arch, launch, matmul_mode, meta_parameter, mma,
+                                     record_runs, recorded_cases, sm_count)
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,40 +198,54 @@ def _topk_encode_fwd_kernel(
     tl.store(cand_idx_ptr + out, best_idx, mask=row_ok[:, None])
 
 
-# Block sizes per K_PAD: (BLOCK_M, BLOCK_N, BLOCK_D for 16-bit / fp32 operands, num_warps), from
-# the sm_90 compile reports (registers, spills, wgmma, warp layout) in the issue-12 report; not yet
-# timed on a GPU.
+# Block sizes per K_PAD: (BLOCK_M, BLOCK_N, BLOCK_D for 16-bit / fp32 operands, num_warps,
+# programs per SM), from the sm_90 compile reports (registers, spills, wgmma, warp layout; not yet
+# timed on a GPU). Programs per SM is what the compile facts allow side by side on one SM (65,536
+# registers, 227 KiB of shared memory on sm_90): default_splits sizes one wave by it, and
+# tests/test_compile.py checks it against the facts of every recorded launch.
 # - BLOCK_M = 64 or 128, never 32: a Hopper warpgroup MMA (wgmma) covers 64 rows with 4 warps;
 #   smaller row blocks fall back to mma.sync.
 # - K_PAD <= 64: BLOCK_M = 16 * num_warps. Triton then lays the wgmma accumulator out with
 #   warpsPerCTA = [num_warps, 1]: each warp holds 16 whole rows, so every row reduction of the
 #   selection (max / min with index along a row) is in-thread work plus shuffles inside one warp,
 #   never a round trip through shared memory.
+# - K_PAD <= 64: one warpgroup on 64 x 128, two programs per SM. A program's tile loop is GEMM,
+#   then selection (ALU work, with the tensor cores idle); its next tiles' loads are in flight
+#   meanwhile (cp.async, 3 stages), but its next MMA waits for the selection. A second resident
+#   program runs its MMAs in that gap, so at k <= 64 selection and GEMM overlap across the two
+#   (the issue's "two programs per SM"; Triton's pipeliner cannot overlap them inside one program,
+#   since the selection reads the MMA's result). Compile facts, sm_90: K_PAD 16 / 32 / 64 use
+#   201 / 215 / 241 registers (bf16; TF32 197 / 215 / 241) x 128 threads and 72 KiB of shared
+#   memory: two programs take <= 63,488 of 65,536 registers (allocated 8 per thread at a time)
+#   and 146 KiB. The cost: a W_enc tile serves 64 rows, not 128, so the L2 -> SM traffic,
+#   N*n*d*2 B * (1/64 + 1/128), is 1.5x the 128 x 128 tile's; that tile on 8 warps (220
+#   registers) fits once per SM and serialises selection and MMA. gpu_check times both.
 # - K_PAD = 128 and 256: the running buffer ([BLOCK_M, K_PAD] fp32 values + int32 indices, 64 /
 #   128 KiB at 64 rows) does not fit beside the accumulator in 4 warps' registers (4 warps on 64
 #   rows spill at K_PAD = 128; 8 warps at K_PAD = 256 spill too). They take 8 and 16 warps on 64
-#   rows: the warpgroups split the columns (warpsPerCTA [4, 2] and [4, 4]), so their row
-#   reductions combine 2 or 4 warps through shared memory. Triton cannot keep a row in one warp
-#   there without spilling.
+#   rows, one program per SM: the warpgroups split the columns (warpsPerCTA [4, 2] and [4, 4]),
+#   so their row reductions combine 2 or 4 warps through shared memory. Triton cannot keep a row
+#   in one warp there without spilling.
 FWD_CONFIGS = {
-    32: (128, 128, 64, 32, 8),   # K_PAD <= 32
-    64: (64, 128, 64, 32, 4),
-    128: (64, 64, 64, 32, 8),
-    256: (64, 64, 64, 32, 16),
+    32: (64, 128, 64, 32, 4, 2),   # K_PAD <= 32
+    64: (64, 128, 64, 32, 4, 2),
+    128: (64, 64, 64, 32, 8, 1),
+    256: (64, 64, 64, 32, 16, 1),
 }
 # Before Hopper (mma.sync, sm_80 / sm_89) Triton spreads warps over both dimensions of the
 # accumulator ([2, 4] at 128 x 128 on 8 warps) whatever the block shape, and no wgmma constrains
-# BLOCK_M; two sm_90 configs spill there (K_PAD 64: 40 B, K_PAD 256: 32 B of stack) and are
-# replaced by ones that do not.
+# BLOCK_M; the 4-warp configs spill there (K_PAD 64: 40 B of stack), as does the K_PAD 256 one
+# (32 B), and are replaced by ones that do not, one program per SM.
 FWD_CONFIGS_PRE_HOPPER = {
     **FWD_CONFIGS,
-    64: (64, 128, 64, 32, 8),
-    256: (32, 128, 64, 32, 8),
+    32: (128, 128, 64, 32, 8, 1),
+    64: (64, 128, 64, 32, 8, 1),
+    256: (32, 128, 64, 32, 8, 1),
 }
 # Full-fp32 operands (torch.set_float32_matmul_precision("highest"): "ieee") run tl.dot as CUDA-core
 # FMAs, which hold both operand tiles in registers beside the accumulator: the tensor-core configs
 # spill there (up to 470 B of stack), this one does not on sm_80 or sm_90 for any K_PAD.
-FWD_CONFIG_FMA = (32, 64, 64, 16, 8)
+FWD_CONFIG_FMA = (32, 64, 64, 16, 8, 1)
 FWD_NUM_STAGES = 3
 MAX_FUSED_K = max(FWD_CONFIGS)
 # Triton's interpreter (CPU tests) pays per tile, not per element: there, the smallest tile tl.dot
@@ -240,44 +255,38 @@ INTERPRETER_FWD_BLOCK_M = 16
 
 def fwd_config(k_pad: int, dtype: torch.dtype, device: torch.device, arch: int | None = None,
                mode: str | None = None) -> dict:
-    """The forward's launch config for K_PAD on ``device``. ``arch`` (e.g. 90) overrides the
-    device's compute capability and ``mode`` the MATMUL_MODE of ``dtype``: the compile check's
-    way to ask for another GPU's or another precision's config."""
-    if arch is None and device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        arch = 10 * major + minor
+    """The forward's launch config for K_PAD on ``device`` (the kernel's constexprs and options),
+    with ``programs_per_sm`` (not a launch argument: how many run side by side on one SM).
+    ``arch`` (e.g. 90) overrides the device's compute capability and ``mode`` the MATMUL_MODE of
+    ``dtype``."""
+    on_gpu = gpu_arch(device) is not None
+    if arch is None:
+        arch = gpu_arch(device)
     configs = FWD_CONFIGS if arch is None or arch >= 90 else FWD_CONFIGS_PRE_HOPPER
-    block_m, block_n, block_d16, block_d32, num_warps = configs[max(32, k_pad)]
+    block_m, block_n, block_d16, block_d32, num_warps, per_sm = configs[max(32, k_pad)]
     if (mode or matmul_mode(dtype)) == "ieee":
-        block_m, block_n, block_d16, block_d32, num_warps = FWD_CONFIG_FMA
-    if device.type != "cuda":
+        block_m, block_n, block_d16, block_d32, num_warps, per_sm = FWD_CONFIG_FMA
+    if not on_gpu:
         block_m = INTERPRETER_FWD_BLOCK_M
     # fp32 tiles are twice the bytes: half the reduction step keeps shared memory in budget.
     block_d = block_d32 if dtype == torch.float32 else block_d16
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
-                num_stages=FWD_NUM_STAGES)
+                num_stages=FWD_NUM_STAGES, programs_per_sm=per_sm)
 
 
-def default_splits(n_tokens: int, n_latents: int, block_m: int, block_n: int, n_sms: int) -> int:
-    """Latent splits for about one wave of programs: splits = floor(n_sms / row_blocks), in [1, tiles].
+def default_splits(n_tokens: int, n_latents: int, block_m: int, block_n: int, slots: int) -> int:
+    """Latent splits for about one wave of programs: splits = floor(slots / row_blocks), in [1, tiles].
 
-    A forward program holds most of an SM (K_PAD 32: 220 registers x 256 threads; K_PAD 256:
-    128 x 512, the whole register file; only K_PAD 64 fits two per SM), so n_sms programs are
-    one wave, all resident at once. row_blocks * splits <= n_sms: the floor keeps a partial
-    second wave from doubling the time (4,096 tokens in 32 row blocks on 132 SMs: 4 splits, 128
-    programs, one wave; ceil would give 160 programs, two waves). More splits than that only add candidates to merge; fewer leave SMs idle. When the
-    row blocks alone fill the SMs (N >= n_sms * BLOCK_M), 1 split. Never a split shorter than a
-    tile. n_sms = 1 is the interpreter's case: it runs programs one after another, so one split
-    is the cheapest.
+    slots: programs the GPU runs at once, SMs x programs per SM (the config's programs_per_sm: 2
+    at K_PAD <= 64 on sm_90, else 1). row_blocks * splits <= slots: the floor keeps a partial
+    second wave from doubling the time (4,096 tokens in 32 row blocks on 132 slots: 4 splits,
+    128 programs, one wave; ceil would give 160 programs, two waves). More splits than that only
+    add candidates to merge; fewer leave SMs idle. When the row blocks alone fill the slots
+    (N >= slots * BLOCK_M), 1 split. Never a split shorter than a tile. slots = 1 is the
+    interpreter's case: it runs programs one after another, so one split is the cheapest.
     """
     row_blocks = max(1, triton.cdiv(n_tokens, block_m))  # N = 0: no row blocks, but no division by 0
-    return max(1, min(n_sms // row_blocks, triton.cdiv(n_latents, block_n)))
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    return max(1, min(slots // row_blocks, triton.cdiv(n_latents, block_n)))
 
 
 def topk_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, *,
@@ -299,15 +308,16 @@ def topk_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
                 torch.empty(0, k, dtype=torch.int64, device=x.device))
     cfg = fwd_config(k_pad, x.dtype, x.device)
     block_n = cfg["BLOCK_N"]
+    per_sm = cfg.pop("programs_per_sm")
     if splits is None:
-        splits = default_splits(n_tokens, n_latents, cfg["BLOCK_M"], block_n, _sm_count(x.device))
+        splits = default_splits(n_tokens, n_latents, cfg["BLOCK_M"], block_n, sm_count(x.device) * per_sm)
     latents_per_split, splits = _split_bounds(n_latents, splits, block_n)
 
     cand_val = torch.empty(n_tokens, splits * k_pad, dtype=torch.float32, device=x.device)
     cand_idx = torch.empty(n_tokens, splits * k_pad, dtype=torch.int32, device=x.device)
     grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), splits)
-    _topk_encode_fwd_kernel[grid](
-        x, W_enc, b_enc, cand_val, cand_idx,
+    launch(
+        _topk_encode_fwd_kernel, grid, x, W_enc, b_enc, cand_val, cand_idx,
         n_tokens, d_in, n_latents, latents_per_split, k,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
         K_PAD=k_pad, MATMUL_MODE=matmul_mode(x.dtype), **cfg,
@@ -465,7 +475,7 @@ def accumulate_latent_segment(
 
 
 @triton.jit
-def _latent_segment_grad_kernel(
+def latent_segment_grad_kernel(
     x_ptr, tok_ptr, lat_ptr, grad_ptr, block_start_ptr, grad_w_ptr, grad_b_ptr,
     dense_rows_ptr, n_dense_rows_ptr, dense_grad_ptr, acts_ptr,
     d_in, n_latents,
@@ -549,11 +559,17 @@ SEGMENT_CONFIG = dict(BLOCK_L=64, BLOCK_D=128, BLOCK_E=32, num_warps=4)
 SEGMENT_NUM_STAGES = 3
 
 
-def segment_config(mode: str) -> dict:
+def segment_config(mode: str, dense_rows: bool = False) -> dict:
     """SEGMENT_CONFIG, with half the columns and half the entries per step for full-fp32 FMAs
     ("ieee": the dot unrolls over the entries with both operand tiles in registers; the ReLU
-    variant spilled 88 B on sm_80 at 128 columns and 32 entries)."""
-    return dict(SEGMENT_CONFIG, BLOCK_D=64, BLOCK_E=16) if mode == "ieee" else dict(SEGMENT_CONFIG)
+    variant spilled 88 B on sm_80 at 128 columns and 32 entries). With dense rows (the ReLU
+    encoder, dense_decode), reading a stride-0 gradient (autograd's for acts.sum()) spilled 8 B
+    on sm_80: 16 entries per step there, and 8 warps for "ieee". BLOCK_L, which the entries'
+    sort uses, is the same in every config."""
+    config = dict(SEGMENT_CONFIG, BLOCK_D=64, BLOCK_E=16) if mode == "ieee" else dict(SEGMENT_CONFIG)
+    if dense_rows:
+        config.update(num_warps=8) if mode == "ieee" else config.update(BLOCK_E=16)
+    return config
 
 
 def sparse_encoder_backward(grad_pre: torch.Tensor, indices: torch.Tensor, x: torch.Tensor,
@@ -593,9 +609,9 @@ def sparse_encoder_backward(grad_pre: torch.Tensor, indices: torch.Tensor, x: to
         grad_x = torch.empty(n_tokens, d_in, dtype=x.dtype, device=x.device)
         cfg = GATHER_CONFIG
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), triton.cdiv(d_in, cfg["BLOCK_D"]))
-        gather_latents_kernel[grid](grad_pre, indices, W_enc, grad_x, *dense_args, n_tokens, d_in, k, n_latents,
-                                     W_enc.stride(0), W_enc.stride(1), *dense_strides,
-                                     HAS_DENSE_ROWS=dense_rows is not None, MATMUL_MODE=mode, **cfg)
+        launch(gather_latents_kernel, grid, grad_pre, indices, W_enc, grad_x, *dense_args, n_tokens, d_in, k,
+               n_latents, W_enc.stride(0), W_enc.stride(1), *dense_strides,
+               HAS_DENSE_ROWS=dense_rows is not None, MATMUL_MODE=mode, **cfg)
 
     if need_w or need_b:
         cfg = segment_config(mode)
@@ -657,12 +673,12 @@ def latent_segment_grad(rows: torch.Tensor, entries: SortedEntries, sorted_weigh
                         grad_b: torch.Tensor | None, dense_rows: DenseRows | None = None,
                         dense_masked: bool = True) -> None:
     """Fill grad_w[l] = sum over entries e of latent l of weight[e] * rows[tok[e]] (grad_w_strides:
-    its (latent, column) strides) and grad_b[l] = sum of weight[e], with _latent_segment_grad_kernel.
+    its (latent, column) strides) and grad_b[l] = sum of weight[e], with latent_segment_grad_kernel.
 
     sorted_weights [N*k] in rows' dtype, in entries' order. dense_rows: rows that add their dense
     code (see DenseRows; masked by acts > 0 with dense_masked, else taken as they are).
     """
-    cfg = segment_config(mode)
+    cfg = segment_config(mode, dense_rows=dense_rows is not None)
     d = rows.shape[1]
     device = rows.device
     n_blocks = entries.block_start.numel() - 1
@@ -677,8 +693,8 @@ def latent_segment_grad(rows: torch.Tensor, entries: SortedEntries, sorted_weigh
         dummy = torch.empty(1, dtype=torch.int32, device=device)  # stands in for unused pointers
         dense_args = (dummy, dummy, sorted_weights, sorted_weights)
         dense_strides = (0, 0)
-    _latent_segment_grad_kernel[(n_blocks, d_blocks)](
-        rows, marked_tokens(entries.tokens, rows), entries.latents, sorted_weights, entries.block_start,
+    launch(
+        latent_segment_grad_kernel, (n_blocks, d_blocks), rows, marked_tokens(entries.tokens, rows), entries.latents, sorted_weights, entries.block_start,
         scratch, grad_b if grad_b is not None else scratch, *dense_args,
         d if grad_w is not None else 0, n_latents,
         rows.stride(0), rows.stride(1), stride_gwd, stride_gwn, *dense_strides,
@@ -734,77 +750,34 @@ COMPILE_SMS = 132  # an H100 SXM's SMs: the split count a launch there would pic
 
 
 def compile_cases(arch: int = 90, shapes: dict | None = None, ks=COMPILE_KS) -> dict[str, CompileCase]:
-    """Every kernel of this file exactly as its launcher launches it on sm_<arch>, for compiling
-    without a GPU.
+    """Every kernel of this file as its launchers launch it on sm_<arch> (COMPILE_SMS SMs),
+    recorded (kernels._common.recorded_launches) from topk_encode_triton's forward and backward
+    on meta tensors, for compiling without a GPU.
 
-    arch: the compute capability as an int (80, 90): the launchers pick some configs per arch.
     shapes: {shape name: dict(n_tokens=, d_in=, n_latents=)}, COMPILE_SHAPES by default; ks: the
-    TopK k values (the forward's config depends on next_power_of_2(k)). Returns
-    {f"{kernel}-{shape}-k{k}-{mode}": CompileCase} (k only for the forward), where mode is "bf16"
-    (bf16 operands), "tf32" (fp32 operands, torch.set_float32_matmul_precision("high"), the
-    trainer's CUDA default) or "ieee" (fp32 FMA: full precision by request, not a tensor-core
-    config, so not hot). The arguments are those of E2ESAE's layout: x [N, d] contiguous, W_enc
-    stored [n_latents, d_in] (stride_wd = 1), grad_W_enc in W_enc's layout.
-    kernels/_common.CompileCase turns one into triton.compile's source and options.
-    """
-    cases = {}
-    modes = {"bf16": torch.bfloat16, "tf32": torch.float32, "ieee": torch.float32}
-    for shape_name, shape in (shapes or COMPILE_SHAPES).items():
-        n_tokens, d_in, n_latents = shape["n_tokens"], shape["d_in"], shape["n_latents"]
-        for mode, dtype in modes.items():
-            hot = mode != "ieee"
-            for k in ks:
-                k_pad = triton.next_power_of_2(k)
-                cfg = dict(fwd_config(k_pad, dtype, torch.device("cuda"), arch=arch, mode=mode))
-                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                splits = default_splits(n_tokens, n_latents, cfg["BLOCK_M"], cfg["BLOCK_N"], COMPILE_SMS)
-                latents_per_split, _ = _split_bounds(n_latents, splits, cfg["BLOCK_N"])
-                args = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, cand_val_ptr=torch.float32,
-                            cand_idx_ptr=torch.int32, n_tokens=n_tokens, d_in=d_in, n_latents=n_latents,
-                            latents_per_split=latents_per_split, k=k, stride_xm=d_in, stride_xd=1,
-                            stride_wd=1, stride_wn=d_in)
-                cases[f"topk_fwd-{shape_name}-k{k}-{mode}"] = CompileCase(
-                    _topk_encode_fwd_kernel, args, dict(cfg, K_PAD=k_pad, MATMUL_MODE=mode),
-                    num_warps=warps, num_stages=stages, hot=hot)
-            cases[f"topk_segment-{shape_name}-{mode}"] = segment_compile_case(shape, mode, dense_rows=False)
-            if mode != "ieee":  # the gather has no dot: its fp32 case is the tf32 one
-                cases[f"topk_gather-{shape_name}-{dtype_name(dtype)}"] = gather_compile_case(
-                    shape, mode, k=32, dense_rows=False)
-    return cases
+    TopK k values (the forward's config depends on next_power_of_2(k)); the modes of
+    COMPILE_MODES. x [N, d] contiguous and W_enc latent-major (E2ESAE's layout, which
+    fastsae.ops.topk_encode makes for any other). Returns {f"topk_fwd-{shape}-k{k}-{mode}",
+    f"topk_gather-{shape}-{mode}", f"topk_segment-{shape}-{mode}": CompileCase}, one per
+    specialisation. The forward and the segmented reduction carry the step's FLOPs: hot in the
+    tensor-core modes."""
+    def run(shape, k):
+        def step(dtype):
+            x = meta_parameter(shape["n_tokens"], shape["d_in"], dtype=dtype)
+            W_enc = meta_parameter(shape["d_in"], shape["n_latents"], dtype=dtype, transposed=True)
+            values, _ = topk_encode_triton(x, W_enc, meta_parameter(shape["n_latents"], dtype=dtype), k)
+            values.backward(torch.empty_like(values))
+        return step
 
+    runs = [(dict(shape=name, k=k, mode=mode), mode, run(shape, k))
+            for name, shape in (shapes or COMPILE_SHAPES).items() for mode in COMPILE_MODES for k in ks]
+    short = {_topk_encode_fwd_kernel: "topk_fwd", gather_latents_kernel: "topk_gather",
+             latent_segment_grad_kernel: "topk_segment"}
 
-_MODE_DTYPES = {"bf16": torch.bfloat16, "tf32": torch.float32, "ieee": torch.float32}
+    def label(tags, record):
+        k = f"-k{tags['k']}" if record.kernel is _topk_encode_fwd_kernel else ""
+        return f"{short[record.kernel]}-{tags['shape']}{k}-{tags['mode']}"
 
-
-def segment_compile_case(shape: dict, mode: str, *, dense_rows: bool, dense_masked: bool = True) -> CompileCase:
-    """_latent_segment_grad_kernel as latent_segment_grad launches it (see compile_cases): for an
-    encoder (rows = x, grad_W in W_enc's latent-major layout, the bias) or, with dense_masked=False,
-    for the dense decoder's grad_W_dec (rows = grad_out, grad_W_dec row-major, no bias)."""
-    dtype = _MODE_DTYPES[mode]
-    d_in, n_latents = shape["d_in"], shape["n_latents"]
-    cfg = segment_config(mode)
-    warps = cfg.pop("num_warps")
-    args = dict(x_ptr=dtype, tok_ptr=torch.int32, lat_ptr=torch.int32, grad_ptr=dtype,
-                block_start_ptr=torch.int32, grad_w_ptr=dtype, grad_b_ptr=dtype,
-                dense_rows_ptr=torch.int32, n_dense_rows_ptr=torch.int32, dense_grad_ptr=dtype,
-                acts_ptr=dtype, d_in=d_in, n_latents=n_latents, stride_xm=d_in, stride_xd=1,
-                stride_gwd=1, stride_gwn=d_in, stride_gm=n_latents if dense_rows else 0,
-                stride_gn=1 if dense_rows else 0)
-    return CompileCase(_latent_segment_grad_kernel, args,
-                       dict(cfg, MATMUL_MODE=mode, WRITE_BIAS=dense_masked, HAS_DENSE_ROWS=dense_rows,
-                            DENSE_MASKED=dense_masked),
-                       num_warps=warps, num_stages=SEGMENT_NUM_STAGES, hot=mode != "ieee")
-
-
-def gather_compile_case(shape: dict, mode: str, *, k: int, dense_rows: bool) -> CompileCase:
-    """gather_latents_kernel as sparse_encoder_backward launches it (see compile_cases)."""
-    dtype = _MODE_DTYPES[mode]
-    n_tokens, d_in, n_latents = shape["n_tokens"], shape["d_in"], shape["n_latents"]
-    cfg = dict(GATHER_CONFIG)
-    warps = cfg.pop("num_warps")
-    args = dict(grad_ptr=dtype, idx_ptr=torch.int32 if dense_rows else torch.int64, w_ptr=dtype, out_ptr=dtype,
-                count_ptr=torch.int32, dense_grad_ptr=dtype, acts_ptr=dtype, n_tokens=n_tokens, d_in=d_in,
-                k=k, n_latents=n_latents, stride_wd=1, stride_wn=d_in,
-                stride_gm=n_latents if dense_rows else 0, stride_gn=1 if dense_rows else 0)
-    return CompileCase(gather_latents_kernel, args,
-                       dict(cfg, HAS_DENSE_ROWS=dense_rows, MATMUL_MODE=mode), num_warps=warps, num_stages=3)
+    hot_kernels = (_topk_encode_fwd_kernel, latent_segment_grad_kernel)
+    return recorded_cases(record_runs(runs, arch, COMPILE_SMS), label,
+                          lambda record: record.kernel in hot_kernels and record.meta["MATMUL_MODE"] != "ieee")

@@ -11,20 +11,21 @@ Each module in KERNEL_MODULES (kernels/<name>.py, installed as fastsae.kernels.<
 
     def compile_cases(arch: int = 90, ...) -> dict[str, CompileCase]
 
-returning one kernels._common.CompileCase per launch its launchers make on CUDA, keyed by a name
-unique in the module that says the kernel, the shape, the variant and the operand mode (e.g.
-"topk_fwd-gpt2-k32-tf32"): the kernel (the @triton.jit object the launcher launches), an example
-value per runtime argument (a torch.dtype for a tensor, the launch's int / float for a scalar), the
-constexprs, num_warps and num_stages exactly as the launcher picks them (computed by the launcher's
-own config functions, not copied numbers), and ``hot=True`` for the configs that carry the step's
-FLOPs. A module whose configs depend on the arch takes ``arch`` (80 / 90) and is called with it;
-its other parameters keep their defaults, which cover the shapes the check compiles: the GPT-2
-preset (d = 768, n = 46,080, k = 32, N = 16,384 tokens, V = 50,257), a d = 4,096 model
-(n = 131,072, V = 128,256), and k = 16..256 for TopK; bf16 operands and fp32 ones under TF32
-(plus full-fp32 "ieee" cases, not hot). compile_cases runs under
-``torch.set_float32_matmul_precision(FLOAT32_MATMUL_PRECISION)`` (the trainer's CUDA default).
-Cases that specialise to the same kernel compile once (Triton's own kernel cache) and are
-reported under the first name (``same_kernel_as`` lists the others).
+returning one kernels._common.CompileCase per specialisation its launchers launch on CUDA, keyed
+by a name unique in the module that says the kernel, the shape, the variant and the operand mode
+(e.g. "topk_fwd-gpt2-k32-tf32"). The cases are recorded, not listed: the module runs its
+autograd functions (forward and backward) on meta tensors under
+kernels._common.recorded_launches(arch), where every launcher configures as on a CUDA sm_<arch>
+GPU and hands its launch (kernel, arguments, constexprs, num_warps, num_stages) to the record
+instead of launching; recorded_cases() keeps one case per specialisation and marks ``hot`` the
+configs that carry the step's FLOPs. The shapes: the GPT-2 preset (d = 768, n = 46,080, k = 32,
+N = 16,384 tokens, V = 50,257) and a d = 4,096 model (n = 131,072, V = 128,256), k = 16..256 for
+TopK, bf16 operands and fp32 ones under TF32 (plus full-fp32 "ieee" cases, not hot): see
+kernels._common.COMPILE_MODES. Cases that specialise to the same kernel compile once (Triton's
+own kernel cache) and are reported under the first name (``same_kernel_as`` lists the others).
+tests/test_compile.py records a training step and an evaluation batch (the real Objective, its
+SAEs and the fused KL) the same way and fails on any launch that is not one of these
+specialisations.
 
 How a case is compiled
 ----------------------
@@ -53,8 +54,7 @@ The interpreter (TRITON_INTERPRET=1, set by tests/conftest.py without CUDA) repl
 triton.language in the test process, so compiling happens in fresh processes with
 TRITON_INTERPRET=0, one per arch side by side: ``run_compile_check()``. Compiled kernels are cached
 by Triton (keyed by kernel source, specialisation, options and target) and SASS facts by the hash
-of the cubin and of the reader, under CACHE_DIR: a cold run compiles everything (about 75 s of CPU
-per arch on the November kernels), a warm one only what changed.
+of the cubin and of the reader, under CACHE_DIR: a cold run compiles everything, a warm one only what changed.
 
     python tests/compile_check.py            # print the table for sm_80 and sm_90
     python tests/compile_check.py --write    # ... and write benchmarks/results/compile_sm*.json

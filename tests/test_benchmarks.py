@@ -91,6 +91,17 @@ def test_report_fits_100_columns_and_names_the_limit():
     assert "51.8%" in text and "8.1x" in text and "4.05x" in text and "H200" in text
 
 
+def test_gpu_check_budgets_every_part():
+    """A part without a budget would stop the one GPU run with a KeyError, after the machine started."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    parts = {"gpu_tests", "train_e2e", "train_local", "distributed", "kl_dispatch", "topk_occupancy",
+             *gpu_check.BENCH_FILES}
+    assert parts <= set(gpu_check.BUDGETS), sorted(parts - set(gpu_check.BUDGETS))
+    assert sum(v for k, v in gpu_check.BUDGETS.items() if k != "distributed") <= 570  # one GPU: ~9.5 min
+
+
 @pytest.mark.slow
 def test_gpu_check_smoke_runs_on_cpu(tmp_path):
     """The one-shot GPU script at tiny sizes: the training workers and the part bookkeeping (CI's

@@ -15,9 +15,10 @@ cores.
 """
 
 import pytest
+import torch
 
-from compile_check import (ARCHS, KERNEL_MODULES, MAX_SHARED_BYTES, RESULTS_DIR, problems, run_compile_check,
-                           sass_facts)
+from compile_check import (ARCHS, KERNEL_MODULES, MAX_SHARED_BYTES, RESULTS_DIR, collect_cases, problems,
+                           run_compile_check, sass_facts)
 from conftest import needs_triton
 
 pytestmark = needs_triton
@@ -59,6 +60,220 @@ def test_every_launched_kernel_has_a_compile_case(compile_results, module):
                 if r["module"] == module or any(name.startswith(module + "/") for name in r.get("same_kernel_as", ()))}
     assert defined, f"kernels/{module}.py defines no *_kernel jit function"
     assert defined <= compiled, f"kernels/{module}.py: no compile case for {sorted(defined - compiled)}"
+
+
+# ---------------------------------------------------------------------- what runs has a case
+
+class _MetaLM:
+    """What a training Objective reads of fastsae.model.LanguageModel, on meta tensors: one block's
+    residual stream whose final hidden state is the SAE's output (the real model's later blocks
+    run cuBLAS, not fastsae's kernels), and W_U / b_U / soft-capping as each TransformerLens API
+    hands them over: HookedTransformer's W_U [d, V] row-major with b_U, the bridge's
+    lm_head.weight.T (column-major) without one."""
+
+    device = torch.device("meta")
+
+    def __init__(self, d_model: int, d_vocab: int, *, api: str, softcap: float | None = None):
+        self.d_model = d_model
+        if api == "hooked":
+            self.W_U, self.b_U = torch.empty(d_model, d_vocab, device="meta"), torch.empty(d_vocab, device="meta")
+        else:
+            self.W_U, self.b_U = torch.empty(d_vocab, d_model, device="meta").t(), None
+        self.logit_softcap = softcap
+
+    def block_index(self, hook: str) -> int:
+        return int(hook.split(".")[1])
+
+    def start_point(self, hook: str) -> str:
+        return hook
+
+    def _stream(self, tokens):
+        return torch.empty(*tokens.shape, self.d_model, device="meta")
+
+    def clean_run(self, tokens, cache_hooks=()):
+        return self._stream(tokens), {hook: self._stream(tokens) for hook in cache_hooks}
+
+    def spliced_run(self, tokens, replacements, *, start_hook=None, start_acts=None, capture_hooks=()):
+        acts = self._stream(tokens) if start_acts is None else start_acts
+        for replace in replacements.values():
+            acts = replace(acts)
+        return acts, {}
+
+
+# (name, d_model, d_vocab, TransformerLens API, final-logit soft-capping): GPT-2 small on both APIs
+# (the paper's model) and a Llama-3-8B-sized model on the bridge, plain and soft-capped as Gemma-2
+# caps. The shapes are the compile check's (kernels/*.COMPILE_SHAPES): an int argument's
+# 16-divisibility is part of a specialisation, so another d or V (or a count derived from them,
+# such as the vocabulary tiles per slice) may specialise differently.
+TRAINING_MODELS = (("gpt2-hooked", 768, 50257, "hooked", None), ("gpt2-bridge", 768, 50257, "bridge", None),
+                   ("llama-d4096", 4096, 128256, "bridge", None), ("capped-d4096", 4096, 128256, "bridge", 30.0))
+# (SAE dtype, torch.set_float32_matmul_precision): the trainer's CUDA default (fp32 SAE, TF32), a
+# bf16 SAE, and full fp32 by request.
+TRAINING_PRECISIONS = (("float32", "high"), ("bfloat16", "high"), ("float32", "highest"))
+
+
+def _recorded_training_launches(arch: int, model, activation: str, sae_dtype: str, precision: str) -> list:
+    """The kernel launches of one training step (forward and backward) and one evaluation batch of
+    the gpt2-e2e preset (16 x 1,024 tokens, ratio 60), recorded on meta tensors for sm_<arch>."""
+    from fastsae.kernels._common import recorded_launches
+    from fastsae.train import setup
+    from fastsae.train.config import load_config
+    from fastsae.train.metrics import DeadLatentTracker
+    from fastsae.train.objective import Objective
+
+    _, d_model, d_vocab, api, softcap = model
+    overrides = [f"saes.activation={activation}", f"saes.dtype={sae_dtype}", "saes.hooks=[blocks.6.hook_resid_pre]"]
+    if activation in ("topk", "batchtopk"):
+        overrides.append("saes.k=32")
+    if activation == "jumprelu":
+        overrides.append("saes.params={bandwidth: 0.001, init_threshold: 0.001}")
+    cfg = load_config("gpt2-e2e", overrides)
+    lm = _MetaLM(d_model, d_vocab, api=api, softcap=softcap)
+    layout = setup.setup_layout(cfg)
+    saes = setup.build_saes(cfg, cfg.saes.hooks, d_model, layout, torch.device("meta"))
+    trackers = {hook: DeadLatentTracker(sae.n_local, cfg.log.dead_window_tokens, lm.device) for hook, sae in saes.items()}
+    objective = Objective(cfg, lm, saes, cfg.saes.hooks, layout, trackers)
+    tokens = torch.empty(cfg.optim.batch_size, cfg.data.context_length, dtype=torch.long, device="meta")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        # AuxK lists the dead latents (nonzero): on meta tensors, taken as all of them.
+        with recorded_launches(arch) as launches, _meta_nonzero_is_everything():
+            loss, _, _ = objective(tokens, train=True)
+            loss.backward()
+            for sae in saes.values():
+                sae.eval()
+            with torch.no_grad():
+                objective(tokens, train=False)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    return launches
+
+
+def _meta_nonzero_is_everything():
+    import torch.fx.experimental._config as fx_config
+
+    return fx_config.patch(meta_nonzero_assume_all_nonzero=True)
+
+
+def _uncompiled(launches, compiled: set) -> list[str]:
+    """The launches whose specialisation is not among ``compiled``, as readable lines."""
+    from fastsae.kernels._common import CompileCase
+
+    cases = [CompileCase.from_launch(record, hot=False) for record in launches]
+    return sorted({f"{case.kernel_name} {sorted(case.meta.items())} "
+                   f"{sorted((k, v) for k, v in case.args.items() if isinstance(v, int))}"
+                   for case in cases if case.specialisation() not in compiled})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk", "batchtopk"])
+def test_every_training_launch_has_a_compile_case(arch, activation):
+    """Every kernel launch a training step and an evaluation batch make (the real Objective, its
+    SAEs and the fused KL, recorded on meta tensors: kernels._common.recorded_launches) is a
+    specialisation the compile check compiles: no launch runs on a GPU that was never compiled
+    and read here."""
+    cases, errors = collect_cases(arch)
+    assert not errors, errors
+    compiled = {case.specialisation() for case in cases.values()}
+    missing = {}
+    for model in TRAINING_MODELS:
+        for sae_dtype, precision in TRAINING_PRECISIONS:
+            launches = _recorded_training_launches(arch, model, activation, sae_dtype, precision)
+            assert launches, "a training step launched no kernel: the recording did not reach the ops"
+            for line in _uncompiled(launches, compiled):
+                missing.setdefault(line, f"{model[0]}, SAE {sae_dtype}, precision {precision}")
+    assert not missing, f"sm_{arch}: launches without a compile case:\n" + "\n".join(
+        f"{line} ({where})" for line, where in missing.items())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_auxk_launches_are_compiled_whatever_the_number_of_dead_latents(arch):
+    """AuxK encodes with the dead latents only: their number changes every step, and so would the
+    kernels' specialisation (a width of 1, or not divisible by 16) but for the padding in
+    losses.auxk_loss. Every count from 1 on launches a compiled specialisation."""
+    from fastsae import E2ESAE
+    from fastsae.kernels._common import recorded_launches
+    from fastsae.train import losses
+
+    compiled = {case.specialisation() for case in collect_cases(arch)[0].values()}
+    sae = E2ESAE(768, 46080, activation="topk", k=32, device="meta")
+    x = torch.empty(16384, 768, device="meta")
+    recon = torch.empty(16384, 768, device="meta")
+    for n_dead in (1, 2, 5, 16, 17, 100, 255, 256, 257, 1000):
+        dead = torch.empty(n_dead, dtype=torch.bool, device="meta")  # nonzero() of it: all n_dead
+        with recorded_launches(arch) as launches, _meta_nonzero_is_everything():
+            losses.auxk_loss(sae, x, recon, dead).backward()
+        assert launches
+        assert not _uncompiled(launches, compiled), (n_dead, _uncompiled(launches, compiled))
+
+
+@pytest.mark.parametrize("W_enc_layout", ["latent_major", "row_major"])
+def test_public_ops_launch_compiled_kernels_for_any_layout(W_enc_layout):
+    """The public encoder ops take W_enc [d_in, n] in either storage order and x as any view: what
+    they launch is a compiled specialisation (they make the layout the kernels read, once: the
+    latent-major W_enc that keeps the backward's gathers vectorised, a contiguous x)."""
+    from fastsae import ops
+    from fastsae.kernels._common import recorded_launches
+
+    compiled = {case.specialisation() for case in collect_cases(90)[0].values()}
+    n_tokens, d, n = 16384, 768, 46080
+
+    def param(*shape, transposed=False):
+        t = torch.empty(*(reversed(shape) if transposed else shape), device="meta")
+        return (t.t() if transposed else t).requires_grad_()
+
+    W_enc = param(d, n, transposed=W_enc_layout == "latent_major")
+    x = torch.empty(n_tokens, 2 * d, device="meta")[:, ::2].requires_grad_()  # a strided view
+    b_enc, W_dec, b_dec = param(n), param(n, d), param(d)
+    with recorded_launches(90) as launches:
+        values, _ = ops.topk_encode(x, W_enc, b_enc, 32)
+        values.sum().backward()
+        ops.relu_encode(x, W_enc, b_enc).sum().backward()
+        ops.relu_autoencode(x, W_enc, b_enc, W_dec, b_dec).reconstruction.sum().backward()
+    assert launches and not _uncompiled(launches, compiled), _uncompiled(launches, compiled)
+
+
+def test_a_launch_outside_the_cases_is_caught():
+    """The check above can fail: a launch the cases do not cover (the sparse decoder's forward at
+    an odd width, whose d is no longer 16-divisible) is not among the compiled specialisations."""
+    from fastsae.kernels._common import CompileCase, recorded_launches
+    from fastsae.kernels.sparse_decoder import sparse_decode_triton
+
+    compiled = {case.specialisation() for case in collect_cases(90)[0].values()}
+    with recorded_launches(90) as launches:
+        sparse_decode_triton(torch.empty(16384, 32, device="meta"), torch.empty(16384, 32, dtype=torch.long, device="meta"),
+                             torch.empty(46080, 770, device="meta"), torch.empty(770, device="meta"))
+    (record,) = launches
+    assert CompileCase.from_launch(record, hot=False).specialisation() not in compiled
+    record.args["d"], record.args["stride_w"], record.args["stride_out"] = 768, 768, 768
+    assert CompileCase.from_launch(record, hot=False).specialisation() in compiled
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_topk_forward_programs_per_sm_fit_by_the_compile_facts(compile_results, arch):
+    """The TopK forward's configs declare how many programs run side by side on one SM (two at
+    K_PAD <= 64 on sm_90: selection in one overlaps the other's MMAs); default_splits sizes a wave
+    by it. The registers (allocated 8 per thread) and shared memory each case compiled to must
+    allow that many."""
+    from fastsae.kernels import topk_encoder
+
+    checked = 0
+    for name, r in compile_results[arch]["cases"].items():
+        if r.get("kernel") != "_topk_encode_fwd_kernel":
+            continue
+        mode = name.rsplit("-", 1)[1]
+        dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+        declared = topk_encoder.fwd_config(r["meta"]["K_PAD"], dtype, torch.device("meta"), arch=arch,
+                                           mode=mode)["programs_per_sm"]
+        registers = -(-r["registers"] // 8) * 8 * 32 * r["num_warps"]
+        by_registers = 65536 // registers
+        by_shared = (MAX_SHARED_BYTES[arch] + 1024) // (r["shared_bytes"] + 1024)  # 1 KiB reserved per block
+        assert declared <= min(by_registers, by_shared), (
+            f"sm_{arch} {name}: declares {declared} programs per SM, the facts allow {by_registers} by registers "
+            f"({r['registers']} x {32 * r['num_warps']} threads), {by_shared} by shared memory")
+        checked += 1
+    assert checked
 
 
 # ---------------------------------------------------------------------- the SASS reader, on known text

@@ -5,7 +5,6 @@ CPU shapes are small (Triton's interpreter is slow). On the interpreter tl.dot o
 so bf16 is only tested on a GPU.
 """
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -244,14 +243,16 @@ def test_empty_batch_matches_reference(reduction, with_mask_and_labels):
     assert stats.n_tokens.item() == 0 and stats.top1_agreement.item() == 0
 
 
-def test_vocab_slices_of_empty_batch_on_a_gpu(monkeypatch):
-    """The GPU branch of the slicing heuristic with no row blocks (no GPU needed: the SM count is
-    faked): it divided by the number of row blocks."""
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
-    cuda = torch.device("cuda")
-    assert K._vocab_slices(0, 393, cuda, None) == (2, 197)  # as for one row block
-    assert K._vocab_slices(1, 393, cuda, None) == (2, 197)
-    assert K._vocab_slices(64, 393, cuda, None) == (79, 5)
+def test_vocab_slices_of_empty_batch_on_a_gpu():
+    """The GPU branch of the slicing heuristic with no row blocks (no GPU needed: meta tensors
+    under recorded_launches configure as on a 132-SM GPU): it divided by the number of row blocks."""
+    from fastsae.kernels._common import recorded_launches
+
+    meta = torch.device("meta")
+    with recorded_launches(90, 132):
+        assert K._vocab_slices(0, 393, meta, None) == (2, 197)  # as for one row block
+        assert K._vocab_slices(1, 393, meta, None) == (2, 197)
+        assert K._vocab_slices(64, 393, meta, None) == (79, 5)
 
 
 def test_far_apart_rows_and_columns():

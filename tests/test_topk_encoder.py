@@ -369,8 +369,25 @@ def test_empty_batch_matches_reference(leading):
     assert grad_x.shape == (0, 16) and bool((grad_w == 0).all()) and bool((grad_b == 0).all())
 
 
+@pytest.mark.parametrize("k, arch, per_sm", [(32, 90, 2), (64, 90, 2), (128, 90, 1), (32, 80, 1)])
+def test_a_wave_counts_the_programs_each_sm_holds(k, arch, per_sm):
+    """At K_PAD <= 64 on sm_90 two forward programs share an SM (one's selection overlaps the
+    other's MMAs): the launcher fills SMs x 2 slots, recorded as it launches on an H100 (132 SMs)."""
+    from fastsae.kernels._common import recorded_launches
+
+    n_tokens, n_latents = 4096, 46080
+    with recorded_launches(arch, 132) as launches:
+        tk.topk_encode_forward(*(torch.empty(*shape, dtype=torch.bfloat16, device="meta")
+                                 for shape in ((n_tokens, 768), (768, n_latents), (n_latents,))), k)
+    (record,) = launches
+    assert tk.fwd_config(k, torch.bfloat16, torch.device("meta"), arch=arch)["programs_per_sm"] == per_sm
+    row_blocks = -(-n_tokens // record.meta["BLOCK_M"])
+    programs = row_blocks * -(-n_latents // record.args["latents_per_split"])
+    assert 132 * (per_sm - 1) < programs <= 132 * per_sm
+
+
 def test_default_splits_fill_one_wave():
-    """splits = floor(SMs / row blocks): one wave of programs, never more tiles than the latents hold."""
+    """splits = floor(slots / row blocks): one wave of programs, never more tiles than the latents hold."""
     assert tk.default_splits(0, 24576, 128, 128, 132) == 132  # an empty batch: no division by 0
     assert tk.default_splits(4096, 24576, 128, 128, 132) == 4  # 32 row blocks: 128 programs <= 132
     assert tk.default_splits(64, 24576, 64, 128, 132) == 132

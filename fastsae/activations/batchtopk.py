@@ -77,7 +77,9 @@ class BatchTopK(Activation):
         if per_shard < sae.n_local:
             # each shard's block is sorted largest first: its last column bounds what it left out
             smallest = values.reshape(n_tokens, sae.shard_count, per_shard)[..., -1]
-            if bool((smallest > threshold).any()):  # a token may hold kept values beyond its candidates
+            # A token may hold kept values beyond its candidates (meta tensors, as the compile check
+            # records a step, have no values to read: never).
+            if not smallest.is_meta and bool((smallest > threshold).any()):
                 self._width = min(sae.n_local, 2 * per_shard)
                 return None
         kept = (values >= threshold) & (values > 0)

@@ -70,17 +70,26 @@ def triton_kernel(op: str):
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _recording_launches() -> bool:
+    """Whether the kernels are recording their launches (kernels._common.recorded_launches, the
+    compile check's way to run the ops on meta tensors as on a GPU)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return importlib.import_module("fastsae.kernels._common").recording_launches()
+
+
 def use_triton(op: str, *tensors: torch.Tensor, backend: str | None = None) -> bool:
     """Decide the backend for one call of ``op`` on ``tensors`` (its floating-point inputs).
 
     "auto" takes the kernel for CUDA tensors in a kernel dtype (fp32/fp16/bf16; float64 stays on
-    the reference). Raises when a forced Triton backend cannot run: no kernel for the op, a
-    float64 input, or CPU tensors without the interpreter.
+    the reference), and for meta tensors while the kernels record their launches. Raises when a
+    forced Triton backend cannot run: no kernel for the op, a float64 input, or CPU tensors
+    without the interpreter.
     """
     choice = requested_backend(backend)
     if choice == "torch":
         return False
-    on_cuda = all(t.is_cuda for t in tensors)
+    on_cuda = all(t.is_cuda for t in tensors) or (all(t.is_meta for t in tensors) and _recording_launches())
     kernel_dtypes = all(t.dtype in KERNEL_DTYPES for t in tensors)
     if choice == "auto":
         return on_cuda and kernel_dtypes and triton_kernel(op) is not None

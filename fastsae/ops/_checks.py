@@ -1,4 +1,5 @@
-"""Argument checks shared by the ops: every message names the argument and what was expected."""
+"""Argument checks shared by the ops (every message names the argument and what was expected),
+and the operand layouts the kernels read."""
 
 from __future__ import annotations
 
@@ -60,7 +61,30 @@ def check_k(k, n_latents: int) -> int:
 def check_indices(name: str, indices: torch.Tensor, n_latents: int) -> None:
     if indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be int64 or int32, got {indices.dtype}")
-    # The range check reads the tensor back; skip it on CUDA, where it would stall the stream.
-    if indices.numel() and not indices.is_cuda and (int(indices.min()) < 0 or int(indices.max()) >= n_latents):
+    # The range check reads the tensor back: only on CPU (on CUDA it would stall the stream).
+    if indices.numel() and indices.device.type == "cpu" and (int(indices.min()) < 0 or int(indices.max()) >= n_latents):
         raise ValueError(f"{name} must lie in [0, {n_latents}), got values in "
                          f"[{int(indices.min())}, {int(indices.max())}]")
+
+
+class _LatentMajor(torch.autograd.Function):
+    """W_enc [d_in, n] copied latent-major; its gradient handed back in W_enc's own layout where
+    that layout is dense (so autograd accumulates it into W_enc.grad without another copy)."""
+
+    @staticmethod
+    def forward(ctx, W_enc):
+        ctx.contiguous = W_enc.is_contiguous()
+        return W_enc.t().contiguous().t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous() if ctx.contiguous else grad
+
+
+def encoder_operands(x2d: torch.Tensor, W_enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2d contiguous and W_enc [d_in, n] latent-major (W_enc.T contiguous, E2ESAE's storage): the
+    layouts the encoder kernels' compiled specialisations read (vector loads of x's rows and of
+    W_enc's latent columns in the sparse backward's gathers, where [d_in, n] row-major would make
+    every gathered element a scalar load). A caller's other layout is copied once per call (and its
+    gradient once back); the usual one passes through without a copy."""
+    return x2d.contiguous(), W_enc if W_enc.t().is_contiguous() else _LatentMajor.apply(W_enc)

@@ -304,8 +304,8 @@ def fused_linear_kl(h_sae: torch.Tensor, h_orig: torch.Tensor, W_U: torch.Tensor
             raise TypeError(f"labels must be an int64 or int32 tensor, got {labels.dtype}")
         check_shape("labels", labels, tuple(leading), "the leading dimensions of h_sae")
         labels = labels.reshape(-1).long().to(h_sae.device)
-        # The range check reads the tensor back; skip it on CUDA, where it would stall the stream.
-        if labels.numel() and not labels.is_cuda:
+        # The range check reads the tensor back: only on CPU (on CUDA it would stall the stream).
+        if labels.numel() and labels.device.type == "cpu":
             bad = (labels != ignore_index) & ((labels < 0) | (labels >= d_vocab))
             if bool(bad.any()):
                 raise ValueError(f"labels must lie in [0, d_vocab={d_vocab}) or equal ignore_index={ignore_index}, "

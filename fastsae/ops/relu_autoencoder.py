@@ -47,7 +47,7 @@ import torch
 
 from fastsae.ops._backend import call_kernel, register_kernel, use_triton
 from fastsae.ops import _checks
-from fastsae.ops._checks import check_same, check_shape, check_tensor, chunk_rows
+from fastsae.ops._checks import check_same, check_shape, check_tensor, chunk_rows, encoder_operands
 from fastsae.ops._sparse import accumulation_dtype
 
 register_kernel("relu_autoencode", "relu_autoencoder", "relu_autoencode_triton")
@@ -354,8 +354,8 @@ def relu_autoencode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W
     if threshold is not None:
         check_tensor("threshold", threshold, ndim=1, float_dtype=True)
         check_shape("threshold", threshold, (n_latents,), "n_latents")
-        # The range check reads the tensor back; skip it on CUDA, where it would stall the stream.
-        if not threshold.is_cuda and threshold.numel() and not bool((threshold >= 0).all()):
+        # The range check reads the tensor back: only on CPU (on CUDA it would stall the stream).
+        if threshold.device.type == "cpu" and threshold.numel() and not bool((threshold >= 0).all()):
             raise ValueError("threshold must be >= 0 everywhere (pass exp(log_threshold)), got "
                              f"min {float(threshold.min())}")
     trained_threshold = threshold is not None and threshold.requires_grad
@@ -371,8 +371,7 @@ def relu_autoencode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W
     tensors = [t for t in (x2d, W_enc, b_enc, W_dec, b_dec, threshold) if t is not None]
     if use_triton("relu_autoencode", *tensors, backend=backend) and x2d.shape[0] > 0:
         # The kernels read W_enc latent-major and W_dec row-major: other layouts are copied once.
-        W_enc_k = W_enc if W_enc.t().is_contiguous() else W_enc.t().contiguous().t()
-        out = call_kernel("relu_autoencode", x2d.contiguous(), W_enc_k, b_enc.contiguous(), W_dec.contiguous(),
+        out = call_kernel("relu_autoencode", *encoder_operands(x2d, W_enc), b_enc.contiguous(), W_dec.contiguous(),
                           b_dec.contiguous(), None if threshold is None else threshold.contiguous(), bandwidth, p,
                           workspace_elements())
     else:

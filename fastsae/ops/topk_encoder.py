@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastsae.ops._backend import call_kernel, register_kernel, use_triton
-from fastsae.ops._checks import check_k, check_same, check_shape, check_tensor, chunk_rows
+from fastsae.ops._checks import check_k, check_same, check_shape, check_tensor, chunk_rows, encoder_operands
 from fastsae.ops._sparse import accumulation_dtype, gather_rows_weighted, scatter_rows_weighted
 
 register_kernel("topk_encode", "topk_encoder", "topk_encode_triton")
@@ -72,7 +72,7 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
     leading = x.shape[:-1]
     x2d = x.reshape(-1, d_in)
     if use_triton("topk_encode", x2d, W_enc, b_enc, backend=backend):
-        values, indices = call_kernel("topk_encode", x2d, W_enc, b_enc, k)
+        values, indices = call_kernel("topk_encode", *encoder_operands(x2d, W_enc), b_enc, k)
     else:
         values, indices = TopKEncodeReference.apply(x2d, W_enc, b_enc, k)
     return values.reshape(*leading, k), indices.reshape(*leading, k)

@@ -76,11 +76,21 @@ def auxk_loss(sae: E2ESAE, x: torch.Tensor, reconstruction: torch.Tensor, dead: 
     x2 = x.detach().reshape(-1, d_in)
     error = (x2 - reconstruction.detach().reshape(-1, d_in)).float()
     k = min(k_aux, n_dead)
+    # The kernels specialise on their int arguments (equal to 1, divisible by 16): with the dead
+    # set padded to a multiple of 16 latents (phantoms with bias -inf, never above a real one)
+    # and k rounded up to a multiple of 16 (the extra slots zeroed), an AuxK launch is one of the
+    # TopK step's own compiled specialisations (tests/test_compile.py), however many latents died.
+    width = -(-n_dead // 16) * 16
+    k_launch = min(-(-k // 16) * 16, width)
+    padded_ids = torch.cat([dead_ids, dead_ids[:1].expand(width - n_dead)])
+    real = torch.arange(width, device=dead_ids.device) < n_dead
     # W_enc is stored latent-major (W_enc.T is contiguous): gather whole rows of it, and keep the
-    # [d_in, n_dead] view in that layout, which the encoder kernels read fastest.
-    W_dead = sae.W_enc.T.index_select(0, dead_ids).T
-    values, local = ops.topk_encode(x2, W_dead, sae.b_enc[dead_ids], k)
-    indices = dead_ids[local]
+    # [d_in, width] view in that layout, which the encoder kernels read fastest.
+    W_dead = sae.W_enc.T.index_select(0, padded_ids).T
+    b_dead = torch.where(real, sae.b_enc[padded_ids], float("-inf"))
+    values, local = ops.topk_encode(x2, W_dead, b_dead, k_launch)
+    values = torch.where(torch.arange(k_launch, device=values.device) < k, values, 0)  # the k largest
+    indices = padded_ids[local]
     scale = sae.decoder_row_scale()
     if scale is not None:  # "forward" decoder norm: the rows as the forward pass uses them
         values = values * scale[indices].to(values.dtype)

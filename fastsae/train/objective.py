@@ -15,6 +15,7 @@ always runs the spliced model.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -115,15 +116,18 @@ class Objective:
         self.W_U = lm.W_U.detach().float()
         self.b_U = None if lm.b_U is None else lm.b_U.detach().float()
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                              enabled=self.amp_dtype is not None)
+    def _autocast(self, enabled: bool = True):
+        """bf16 autocast for the LM passes (enabled=False: switched off inside them); without amp,
+        no autocast context at all."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=enabled)
 
     def run_sae(self, hook: str, acts: torch.Tensor):
         """The SAE's training pass on acts, in the SAE's dtype and outside autocast -> (x, SAEForward)."""
         sae = self.saes[hook]
         x = acts.to(sae.dtype)
-        with torch.autocast(self.device.type, enabled=False):
+        with self._autocast(enabled=False):
             return x, sae.training_forward(x, self.config.loss.sparsity_p)
 
     def replacement(self, hook: str, batch: Batch):
@@ -160,7 +164,7 @@ class Objective:
                     batch.saes[hook] = self.run_sae(hook, acts)
 
         if spliced:
-            with torch.autocast(self.device.type, enabled=False):
+            with self._autocast(enabled=False):
                 batch.kl, stats = losses.kl_loss(h_sae.float(), h_orig.float(), self.W_U, self.b_U,
                                                  labels=losses.next_token_labels(batch.tokens),
                                                  softcap=lm.logit_softcap)
