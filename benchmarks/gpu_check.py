@@ -54,6 +54,8 @@ sys.path.insert(0, str(HERE))
 BUDGETS = {"gpu_tests": 60, "bench_topk_encoder": 55, "bench_relu_encoder": 40, "bench_sparse_decoder": 35,
            "bench_relu_autoencoder": 45, "bench_linear_kl": 45, "bench_e2e_step": 60, "train_e2e": 60,
            "train_local": 40, "distributed": 60, "kl_dispatch": 80, "topk_occupancy": 30}
+# The parts --parts chooses from ("bench": every BENCH_FILES entry, each its own part).
+PARTS = ("gpu_tests", "bench", "train_e2e", "train_local", "distributed", "kl_dispatch", "topk_occupancy")
 BENCH_FILES = ("bench_topk_encoder", "bench_relu_encoder", "bench_sparse_decoder", "bench_relu_autoencoder",
                "bench_linear_kl", "bench_e2e_step")
 # The model the training parts run: GPT-2 small's shape (smoke: a tiny one, same vocabulary).
@@ -370,7 +372,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="the JSON to write (default: benchmarks/results/"
                         "gpu_check_<device>.json; with --smoke benchmarks/out/gpu_check_smoke_<device>.json)")
     parser.add_argument("--parts", help="comma-separated subset of: " + ", ".join(
-        ["gpu_tests", "bench", "train_e2e", "train_local", "distributed", "kl_dispatch", "topk_occupancy"]))
+        PARTS))
     parser.add_argument("--steps", type=int, default=50, help="training steps per training part (default 50)")
     parser.add_argument("--dispatch-record", type=Path, default=ROOT / "fastsae" / "ops" / "measured_dispatch.json",
                         help="the measured-dispatch record kl_dispatch updates for this GPU (default: the one "
@@ -396,7 +398,7 @@ def main(argv=None) -> int:
 
     if not HAS_CUDA and not args.smoke:
         parser.error("no CUDA device: the full check needs a GPU (use --smoke to check the script on CPU)")
-    known = {"gpu_tests", "bench", "train_e2e", "train_local", "distributed", "kl_dispatch", "topk_occupancy"}
+    known = set(PARTS)
     wanted = set(args.parts.split(",")) if args.parts else known
     if wanted - known:
         parser.error(f"--parts: unknown {', '.join(sorted(wanted - known))}; "

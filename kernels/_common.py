@@ -133,21 +133,21 @@ def _constexpr_names(fn) -> set:
     return {name for name, p in inspect.signature(fn.fn).parameters.items() if "constexpr" in str(p.annotation)}
 
 
-def launch(kernel, grid, *args, **kwargs) -> bool:
-    """kernel[grid](*args, **kwargs); under recorded_launches() its LaunchRecord instead (returns
-    False: the outputs were not written)."""
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs); under recorded_launches() its LaunchRecord instead (the
+    outputs are then not written: meta tensors hold no values anyway)."""
     if _RECORDING is None:
         kernel[grid](*args, **kwargs)
-        return True
+        return
     fn = jit_function(kernel)
     constexprs = _constexpr_names(fn)
     named = dict(zip(fn.arg_names, args))
-    named.update({name: value for name, value in kwargs.items() if name not in constexprs and name not in _LAUNCH_OPTIONS})
-    meta = {name: value for name, value in kwargs.items() if name in constexprs or name in _LAUNCH_OPTIONS}
+    meta_names = constexprs.union(_LAUNCH_OPTIONS)
+    named.update({name: value for name, value in kwargs.items() if name not in meta_names})
+    meta = {name: value for name, value in kwargs.items() if name in meta_names}
     meta.setdefault("num_warps", 4)  # Triton's defaults
     meta.setdefault("num_stages", 3)
     _RECORDING.launches.append(LaunchRecord(kernel, named, meta))
-    return False
 
 
 # --------------------------------------------------------------------------------------------

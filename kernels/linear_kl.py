@@ -523,14 +523,14 @@ def _linear_kl_grad_kernel(
 KERNEL_KINDS = ("forward", "sweep", "grad")
 
 
-def kernel_config(dtype: torch.dtype, device: torch.device, arch: int | None = None, *,
-                  kind: str = "forward", mode: str | None = None, softcap: bool = False) -> dict:
+def kernel_config(dtype: torch.dtype, device: torch.device, *, kind: str = "forward",
+                  softcap: bool = False) -> dict:
     """Block sizes and launch options of one kernel kind for one dtype on one device: "forward"
     (loss and stats), "sweep" (loss and gradient in one sweep: adds BLOCK_DG, the d chunk of the
     accumulators' update), "grad" (the two-pass gradient of reduction="none": adds V_GROUP, the
     vocabulary tiles per write-back).
 
-    arch: the compute capability as 10 * major + minor (read from a CUDA device when None).
+    The arch is the device's (kernels._common.gpu_arch: a recording's for meta tensors).
     softcap: capped logits (more live tiles in the sweep).
     sm_90 and later (wgmma, accumulators in registers, operands in shared memory), 8 warps, three
     stages, BLOCK_D 64 for 16-bit inputs and 32 for fp32:
@@ -543,7 +543,7 @@ def kernel_config(dtype: torch.dtype, device: torch.device, arch: int | None = N
     sm_80 (mma.sync holds its operands in registers too): 64 x 64 tiles for the forward, 32 x 64
     (BLOCK_D 32) for both gradient kernels, one tile per write-back; the sweep's accumulators in
     16-wide d chunks.
-    mode: the MATMUL_MODE (matmul_mode(dtype) when None). "ieee" (exact fp32 by request) runs on
+    The MATMUL_MODE is matmul_mode(dtype). "ieee" (exact fp32 by request) runs on
     CUDA-core FMAs, whose operands live in registers, 4 warps: the forward 16 x 32 with BLOCK_D 16,
     the sweep the same with 16-wide accumulator chunks, the two-pass gradient 32 x 64 (sm_90;
     capped: 32 x 32) with BLOCK_D 32 or 16 x 32 with BLOCK_D 16 (sm_80).
@@ -552,15 +552,14 @@ def kernel_config(dtype: torch.dtype, device: torch.device, arch: int | None = N
     if kind not in KERNEL_KINDS:
         raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
     grad = kind != "forward"
-    if gpu_arch(device) is None:
+    arch = gpu_arch(device)
+    if arch is None:
         config = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1)
         v_group = GRAD_V_GROUP
     else:
-        if arch is None:
-            arch = gpu_arch(device)
         block_d = 32 if dtype == torch.float32 else 64
         v_group = 1
-        if (mode or matmul_mode(dtype)) == "ieee":
+        if matmul_mode(dtype) == "ieee":
             if kind == "grad":
                 # sm_80: BLOCK_D 32 spilled 8 B for a masked column-major W_U; sm_90: capped logits
                 # hold more live tiles, and BLOCK_V 64 spilled 8-16 B
@@ -736,8 +735,7 @@ def _merge_slices(stats, top, acc, token_weight) -> LinearKLForward:
 def linear_kl_grad(h_orig, delta, W_U, b_U, mask, lse_orig, dlse, token_weight, softcap=None, *,
                    filter_eps=FILTER_EPS, config=None, n_slices=None, w_cols=None):
     """The two-pass gradient (reduction="none"): grad_h_sae [N, d] fp32 =
-    token_weight[:, None] * ((q - p) * cap') @ W_U^T, from the forward's lse_orig and dlse.
-   """
+    token_weight[:, None] * ((q - p) * cap') @ W_U^T, from the forward's lse_orig and dlse."""
     n_tokens, d_model = h_orig.shape
     d_vocab = W_U.shape[1]
     config = dict(config or kernel_config(h_orig.dtype, h_orig.device, kind="grad", softcap=softcap is not None))

@@ -527,7 +527,8 @@ def encode_compact(x, W_enc, b_enc, theta, bandwidth) -> tuple[CompactCode, torc
     (block_m, block_n, block_d, num_warps, num_stages), _, _, _ = _configs(x, mode, jump)
     grid = (triton.cdiv(n_tokens, block_m) * triton.cdiv(n_latents, block_n),)
     launch(
-        _encode_compact_kernel, grid, x, W_enc, b_enc, theta if jump else b_enc, values, indices, band if jump else count, count, fire_counts,
+        _encode_compact_kernel, grid,
+        x, W_enc, b_enc, theta if jump else b_enc, values, indices, band if jump else count, count, fire_counts,
         n_tokens, d_in, n_latents, capacity,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), float(1.0 if bandwidth is None else bandwidth),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=GROUP_M, MATMUL_MODE=mode, JUMP=jump,
@@ -614,8 +615,8 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
     # Sparse rows: the code's gradient at the held entries.
     dots = torch.empty(n_tokens, capacity, dtype=torch.float32, device=device)
     cfg = dict(SAMPLED_DOTS_CONFIG)
-    launch(
-        _sampled_dots_kernel, (triton.cdiv(n_tokens, cfg["BLOCK_T"]),), g, W_dec, code.indices, code.slots, dots, n_tokens, d, capacity, g.stride(0), W_dec.stride(0), **cfg)
+    launch(_sampled_dots_kernel, (triton.cdiv(n_tokens, cfg["BLOCK_T"]),),
+           g, W_dec, code.indices, code.slots, dots, n_tokens, d, capacity, g.stride(0), W_dec.stride(0), **cfg)
     values32 = code.values.float()
     active = values32 > 0
     dlp = active.to(torch.float32) if p == 1 else torch.where(active, p * values32.clamp_min(1e-38).pow(p - 1), 0)
@@ -663,7 +664,8 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
         cfg = dict(tile_cfg)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(chunk_width, cfg["BLOCK_N"]))
         launch(
-            _dense_grad_chunk_kernel, grid, x, W_enc, b_enc, theta if jump else b_enc, W_dec, g, grad_lp, grad_l0_arg, code.rows, code.n_rows,
+            _dense_grad_chunk_kernel, grid,
+            x, W_enc, b_enc, theta if jump else b_enc, W_dec, g, grad_lp, grad_l0_arg, code.rows, code.n_rows,
             gpre_ws, code_ws, theta_ws,
             d, n_latents, chunk_start, chunk_width,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), W_dec.stride(0), g.stride(0),
@@ -674,7 +676,8 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
             grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
             # M = W_enc^T: latent k, column c at W_enc[c, k].
             launch(
-                _dense_rows_matmul_kernel, grid, gpre_ws, W_enc, b_enc, gx_acc, grad_x, code.rows, code.n_rows, grad_lp, grad_lp,
+                _dense_rows_matmul_kernel, grid,
+                gpre_ws, W_enc, b_enc, gx_acc, grad_x, code.rows, code.n_rows, grad_lp, grad_lp,
                 d, n_latents, chunk_start, chunk_width,
                 gpre_ws.stride(0), W_enc.stride(1), W_enc.stride(0), gx_acc.stride(0), grad_x.stride(0), float(p),
                 MATMUL_MODE=mode, FIRST=chunk_start == 0, LAST=chunk_start + width >= n_latents, HAS_BIAS=False,
@@ -685,14 +688,16 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
             first_block = chunk_start // cfg["BLOCK_L"]
             # Encoder: B = x, weights = the pre-activations' gradient; bias and threshold too.
             launch(
-                _latent_chunk_grad_kernel, grid, x, tokens_x, entries.latents, sorted_gpre, entries.block_start, grad_w_enc, grad_b_enc,
+                _latent_chunk_grad_kernel, grid,
+                x, tokens_x, entries.latents, sorted_gpre, entries.block_start, grad_w_enc, grad_b_enc,
                 sorted_theta, grad_theta, code.rows, code.n_rows, gpre_ws, theta_ws,
                 d, n_latents, first_block, chunk_start,
                 x.stride(0), x.stride(1), grad_w_enc.stride(0), grad_w_enc.stride(1), gpre_ws.stride(0),
                 MATMUL_MODE=mode, WRITE_BIAS=True, WRITE_THETA=jump, num_stages=SEGMENT_NUM_STAGES, **cfg)
             # Decoder: B = grad_out, weights = the code.
             launch(
-                _latent_chunk_grad_kernel, grid, g, tokens_g, entries.latents, sorted_values, entries.block_start, grad_w_dec, grad_w_dec,
+                _latent_chunk_grad_kernel, grid,
+                g, tokens_g, entries.latents, sorted_values, entries.block_start, grad_w_dec, grad_w_dec,
                 sorted_values, grad_w_dec, code.rows, code.n_rows, code_ws, code_ws,
                 d, n_latents, first_block, chunk_start,
                 g.stride(0), g.stride(1), grad_w_dec.stride(1), grad_w_dec.stride(0), code_ws.stride(0),

@@ -218,7 +218,8 @@ def compact_active(grad_acts: torch.Tensor, acts: torch.Tensor, capacity: int, *
     cfg = dict(COMPACT_CONFIG)
     if n_tokens:
         launch(
-            compact_active_kernel, (triton.cdiv(n_tokens, cfg["BLOCK_M"]),), grad_acts, acts, values, indices, count, n_tokens, n_latents, capacity,
+            compact_active_kernel, (triton.cdiv(n_tokens, cfg["BLOCK_M"]),),
+            grad_acts, acts, values, indices, count, n_tokens, n_latents, capacity,
             grad_acts.stride(0), grad_acts.stride(1), NONZERO=nonzero, **cfg)
     dense = count > capacity
     # Dense rows first (a stable sort of the 0/1 flags, on the device), and their number.

@@ -694,7 +694,8 @@ def latent_segment_grad(rows: torch.Tensor, entries: SortedEntries, sorted_weigh
         dense_args = (dummy, dummy, sorted_weights, sorted_weights)
         dense_strides = (0, 0)
     launch(
-        latent_segment_grad_kernel, (n_blocks, d_blocks), rows, marked_tokens(entries.tokens, rows), entries.latents, sorted_weights, entries.block_start,
+        latent_segment_grad_kernel, (n_blocks, d_blocks),
+        rows, marked_tokens(entries.tokens, rows), entries.latents, sorted_weights, entries.block_start,
         scratch, grad_b if grad_b is not None else scratch, *dense_args,
         d if grad_w is not None else 0, n_latents,
         rows.stride(0), rows.stride(1), stride_gwd, stride_gwn, *dense_strides,

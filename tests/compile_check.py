@@ -54,7 +54,8 @@ The interpreter (TRITON_INTERPRET=1, set by tests/conftest.py without CUDA) repl
 triton.language in the test process, so compiling happens in fresh processes with
 TRITON_INTERPRET=0, one per arch side by side: ``run_compile_check()``. Compiled kernels are cached
 by Triton (keyed by kernel source, specialisation, options and target) and SASS facts by the hash
-of the cubin and of the reader, under CACHE_DIR: a cold run compiles everything, a warm one only what changed.
+of the cubin and of the reader, under CACHE_DIR: a cold run compiles everything, a warm one only
+what changed.
 
     python tests/compile_check.py            # print the table for sm_80 and sm_90
     python tests/compile_check.py --write    # ... and write benchmarks/results/compile_sm*.json

@@ -14,6 +14,8 @@ compile_check.CACHE_DIR) keeps a warm run to seconds, a cold full one takes abou
 cores.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -150,6 +152,14 @@ def _recorded_training_launches(arch: int, model, activation: str, sae_dtype: st
     return launches
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_specialisations(arch: int) -> frozenset:
+    """The specialisations the compile check compiles for sm_<arch> (recorded once per session)."""
+    cases, errors = collect_cases(arch)
+    assert not errors, errors
+    return frozenset(case.specialisation() for case in cases.values())
+
+
 def _meta_nonzero_is_everything():
     import torch.fx.experimental._config as fx_config
 
@@ -173,9 +183,7 @@ def test_every_training_launch_has_a_compile_case(arch, activation):
     SAEs and the fused KL, recorded on meta tensors: kernels._common.recorded_launches) is a
     specialisation the compile check compiles: no launch runs on a GPU that was never compiled
     and read here."""
-    cases, errors = collect_cases(arch)
-    assert not errors, errors
-    compiled = {case.specialisation() for case in cases.values()}
+    compiled = _compiled_specialisations(arch)
     missing = {}
     for model in TRAINING_MODELS:
         for sae_dtype, precision in TRAINING_PRECISIONS:
@@ -196,7 +204,7 @@ def test_auxk_launches_are_compiled_whatever_the_number_of_dead_latents(arch):
     from fastsae.kernels._common import recorded_launches
     from fastsae.train import losses
 
-    compiled = {case.specialisation() for case in collect_cases(arch)[0].values()}
+    compiled = _compiled_specialisations(arch)
     sae = E2ESAE(768, 46080, activation="topk", k=32, device="meta")
     x = torch.empty(16384, 768, device="meta")
     recon = torch.empty(16384, 768, device="meta")
@@ -216,7 +224,7 @@ def test_public_ops_launch_compiled_kernels_for_any_layout(W_enc_layout):
     from fastsae import ops
     from fastsae.kernels._common import recorded_launches
 
-    compiled = {case.specialisation() for case in collect_cases(90)[0].values()}
+    compiled = _compiled_specialisations(90)
     n_tokens, d, n = 16384, 768, 46080
 
     def param(*shape, transposed=False):
@@ -240,7 +248,7 @@ def test_a_launch_outside_the_cases_is_caught():
     from fastsae.kernels._common import CompileCase, recorded_launches
     from fastsae.kernels.sparse_decoder import sparse_decode_triton
 
-    compiled = {case.specialisation() for case in collect_cases(90)[0].values()}
+    compiled = _compiled_specialisations(90)
     with recorded_launches(90) as launches:
         sparse_decode_triton(torch.empty(16384, 32, device="meta"), torch.empty(16384, 32, dtype=torch.long, device="meta"),
                              torch.empty(46080, 770, device="meta"), torch.empty(770, device="meta"))
