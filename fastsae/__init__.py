@@ -1,5 +1,6 @@
 """fastsae: end-to-end sparse autoencoders with fused Triton kernels."""
 
+from fastsae import _kernels_package  # noqa: F401  (first: makes fastsae.kernels importable)
 from fastsae._version import __version__
 from fastsae import ops
 from fastsae.sae import E2ESAE, SAEOutput, SparseCode, load_run

@@ -29,19 +29,25 @@ def transformer_lens_version() -> tuple[int, int]:
 
 
 def hooked_transformer_class():
-    """HookedTransformer, or None where TransformerLens no longer has it (4.x)."""
-    try:
-        from transformer_lens import HookedTransformer
-    except ImportError:
+    """HookedTransformer, or None where TransformerLens no longer has it (4.x).
+
+    Which API exists is decided by the installed version, not by catching ImportError: an import
+    that fails inside TransformerLens or transformers (a broken dependency) is raised as itself
+    instead of being reported as a missing API.
+    """
+    if transformer_lens_version() >= (4, 0):
         return None
+    from transformer_lens import HookedTransformer
+
     return HookedTransformer
 
 
 def bridge_class():
-    try:
-        from transformer_lens.model_bridge import TransformerBridge
-    except ImportError:
+    """TransformerBridge, or None before TransformerLens 3.9 (raises what its import raises)."""
+    if transformer_lens_version() < (3, 9):
         return None
+    from transformer_lens.model_bridge import TransformerBridge
+
     return TransformerBridge
 
 
