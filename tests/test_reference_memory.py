@@ -59,5 +59,6 @@ def test_fused_linear_kl_memory_does_not_grow_with_d_vocab(d_vocab):
         ops.fused_linear_kl(h_sae, h_orig, W_U, backend="torch").backward()
 
     largest = largest_temporary(step, [W_U.shape])
+    assert largest >= d_vocab  # the recording saw the chunks' [rows, d_vocab] buffers
     assert n_tokens * d_vocab > BUDGET
     assert largest <= BUDGET, f"a temporary of {largest} elements at d_vocab={d_vocab}"

@@ -34,12 +34,13 @@ this reference. No record for the device: the fused kernel.
 
 from __future__ import annotations
 
+import queue
 from typing import NamedTuple
 
 import torch
 
 from fastsae.ops._backend import call_kernel, device_name, measured_fastest, register_kernel, requested_backend, use_triton
-from fastsae.ops import _checks
+from fastsae.ops import _checks, _workers
 from fastsae.ops._checks import check_same, check_shape, check_tensor
 from fastsae.kernels._logits import centered_terms, kl_from_sums, prepared_bias
 
@@ -98,18 +99,27 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _workspace_rows(n_tokens: int, d_vocab: int) -> int:
-    """Tokens per chunk: the two [rows, d_vocab] logits buffers share CHUNK_ELEMENTS elements.
+def _workspace_rows(n_tokens: int, d_vocab: int, workers: int = 1) -> int:
+    """Tokens per chunk. Each worker holds two [rows, d_vocab] logits buffers of CHUNK_ELEMENTS in
+    all, and all workers together at most four times that (more workers, shorter chunks).
 
-    At d_vocab = 50,257 that is 166 rows, 2 x 32 MiB of fp32: tall enough for efficient matmuls
-    (measured on the 2-core CPU), small enough that the whole forward + backward stays under 2 %
-    of the naive form's peak memory at N = 8,192. Read at call time so tests can shrink it.
+    At d_vocab = 50,257 that is 166 rows, 2 x 32 MiB of fp32 per worker: tall enough for efficient
+    matmuls (each worker streams W_U once per chunk: at 83 rows the GPT-2 shape ran 10 % slower on
+    the 2-core CPU), small enough that the whole forward + backward stays under 2 % of the naive
+    form's peak memory at N = 8,192. Read at call time so tests can shrink it.
     """
-    return max(1, min(n_tokens, _checks.CHUNK_ELEMENTS // (2 * max(1, d_vocab))))
+    per_worker = _checks.CHUNK_ELEMENTS // (2 * max(1, d_vocab))
+    shared = 4 * _checks.CHUNK_ELEMENTS // (2 * max(1, d_vocab) * max(1, workers))
+    return max(1, min(n_tokens, per_worker, shared))
 
 
-# Rows per elementwise step: its temporaries ([rows, d_vocab]) stay cache-sized (4 MiB in fp32).
-_ELEMENTWISE_ELEMENTS = 1 << 20
+# Elements per elementwise step: its [rows, d_vocab] temporaries stay cache-sized (1 MiB in fp32;
+# measured: 3.9 to 4.7 ns per logit on one thread from 256 Ki to 2 Mi elements a step).
+_ELEMENTWISE_ELEMENTS = 1 << 18
+# Where x = D - c exceeds this, the fast terms could lose precision (e = exp(A - max A) below
+# exp(-64) is near fp32's denormals while e * expm1(x) is not small) or overflow (expm1 past 88):
+# those rows take the stable terms. A logit change of 64 nats is a broken SAE, not a good one.
+_FAST_X_BOUND = 64.0
 
 
 def capped_logits(a: torch.Tensor, d: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,91 +133,215 @@ def capped_logits(a: torch.Tensor, d: torch.Tensor, softcap: float) -> tuple[tor
     return softcap * t_a, diff
 
 
-def _kl_chunks(h_sae, h_orig, W, b, token_weight, labels, ignore_index, want_grad, softcap=None):
-    """One pass over token chunks: per-token KL, optional grad wrt h_sae, stats sums.
+def _cap_in_place(a: torch.Tensor, d: torch.Tensor, softcap: float, slope: torch.Tensor | None) -> None:
+    """Apply the soft cap to the clean logits a and the difference d in place; slope (if given)
+    receives d cap / dz at the SAE run's logits, sech^2((a + d) / c), which the gradient carries."""
+    if slope is not None:
+        torch.add(a, d, out=slope).div_(softcap).cosh_().square_().reciprocal_()
+    capped, capped_diff = capped_logits(a, d, softcap)
+    a.copy_(capped)
+    d.copy_(capped_diff)
+
+
+class _RowTerms(NamedTuple):
+    """Per-row results of one slice. The sums are relative to the clean run's maximum m_a and a
+    centre c: S = sum e, U = sum e expm1(x), R = sum e phi(x), T = sum e x, with e = exp(A - m_a),
+    x = D - c (kernels/_logits.py's comment block); KL, both log-sum-exps and the gradient follow
+    from them. agree: whether the two runs' argmaxes agree."""
+
+    m_a: torch.Tensor
+    centre: torch.Tensor
+    s: torch.Tensor
+    u: torch.Tensor
+    r: torch.Tensor
+    t: torch.Tensor
+    agree: torch.Tensor
+
+
+def _fast_terms(a: torch.Tensor, d: torch.Tensor, work: torch.Tensor, work2: torch.Tensor, want_grad: bool,
+                ) -> tuple[_RowTerms, torch.Tensor]:
+    """The sums in a dozen large ops (each a pass over the slice; on one thread, 4 to 5 ns per
+    logit in all). The centre is D at the clean run's argmax, so x = 0 there and x is small
+    wherever the SAE changes the logits a little; phi(x) = expm1(x) - x is an exact subtraction
+    for |x| < 1 (Sterbenz) of torch's accurate expm1, so each term carries the rounding of expm1
+    alone: an error about eps E_p|x| on a KL of order E_p[x^2] (relative 1e-6 measured at 5e-5
+    nats per token), no series needed.
+    The argmaxes agree when no logit of the SAE run exceeds its logit at the clean argmax:
+    max e (1 + expm1(x)) = max exp(B - B[argmax A]) <= 1.
+
+    a and d are overwritten (a with e; d with the gradient's terms e (expm1(x) - U / S) when
+    want_grad). Returns the terms and the rows that need the stable form (x above _FAST_X_BOUND,
+    or not finite)."""
+    m_a, top_a = a.max(-1)
+    centre = d.gather(1, top_a[:, None])
+    x = d.sub_(centre)
+    needs_stable = ~(x.amax(-1) <= _FAST_X_BOUND)  # NaN counts as needing it
+    e = a.sub_(m_a[:, None]).exp_()
+    s = e.sum(-1)
+    em = torch.expm1(x, out=work)
+    t = torch.mul(e, x, out=work2).sum(-1)
+    u = torch.mul(e, em, out=work2).sum(-1)  # work2 holds e expm1(x)
+    r = torch.sub(em, x, out=work).mul_(e).sum(-1)
+    agree = torch.add(work2, e, out=work).amax(-1) <= 1
+    if want_grad:  # e (expm1(x) - U / S) = S (q - p) (1 + U / S): scaled per row after the matmul
+        torch.addcmul(work2, e, (u / s)[:, None], value=-1, out=d)
+    return _RowTerms(m_a, centre.squeeze(1), s, u, r, t, agree), needs_stable
+
+
+def _stable_terms(a: torch.Tensor, d: torch.Tensor, want_grad: bool) -> _RowTerms:
+    """The sums for any finite logits, as the kernel forms them (kernels/_logits.py: centre
+    max(B) - max(A), so that exp(A - max A + x) = exp(B - max B) cannot overflow, and phi by its
+    series where x is small). About 30 ops; run only on the rows the fast terms cannot take.
+    a and d are overwritten (d with the gradient's terms when want_grad)."""
+    m_a, top_a = a.max(-1)
+    top_b = (a + d).argmax(-1)
+    centre = (a + d).max(-1).values - m_a
+    x = d.sub_(centre[:, None])
+    e, e_em, e_phi = centered_terms(a.sub_(m_a[:, None]), x)
+    s, u = e.sum(-1), e_em.sum(-1)
+    terms = _RowTerms(m_a, centre, s, u, e_phi.sum(-1), torch.linalg.vecdot(e, x), top_a == top_b)
+    if want_grad:
+        torch.addcmul(e_em, e, (u / s)[:, None], value=-1, out=d)
+    return terms
+
+
+class _KLPass:
+    """One pass over token chunks: per-token KL, the gradient with respect to h_sae (want_grad),
+    and the stats sums, each chunk on a worker (fastsae/ops/_workers.py).
 
     W, b are already in the compute dtype (b already shifted where there is no cap). token_weight
     [N] scales each token's gradient (and decides which tokens count for the stats: weight > 0).
     The SAE run's logits are the clean ones plus (h_sae - h_orig) @ W: the small difference is its
-    own product, so it keeps its precision. The KL is formed without cancellation, as the kernel
-    does (kernels/_logits.py): centre c = max(B) - max(A), x = D - c, KL = E_p[phi(x)] + psi(u).
-    The [rows, d_vocab] buffers are allocated once and reused by every chunk with in-place / out=
-    ops: fresh multi-MiB allocations page-fault on every chunk, which costs as much as the
-    elementwise math itself. The matmuls run on the whole chunk; the elementwise math on
-    cache-sized slices of it.
+    own product, so it keeps its precision. The KL is formed without cancellation
+    (kernels/_logits.py): KL = R / S + psi(U / S), from per-row sums (_fast_terms; _stable_terms
+    for the rare rows the fast form cannot take, recomputed from their hidden states). Each
+    worker's [rows, d_vocab] buffers are allocated once and reused for every chunk it takes, with
+    in-place / out= ops (fresh multi-MiB allocations page-fault on every chunk); the matmuls run on
+    the whole chunk, the elementwise math on cache-sized slices of it.
     """
-    n_tokens, d_vocab = h_sae.shape[0], W.shape[1]
-    dtype, device = W.dtype, h_sae.device
-    kl = torch.empty(n_tokens, dtype=dtype, device=device)
-    grad = torch.empty(h_sae.shape, dtype=dtype, device=device) if want_grad else None
-    # [ce_orig sum, ce_sae sum, labelled tokens, top-1 agreements, counted tokens]
-    sums = torch.zeros(5, dtype=torch.float32, device=device)
-    rows = _workspace_rows(n_tokens, d_vocab)
-    step = max(1, min(rows, _ELEMENTWISE_ELEMENTS // max(1, d_vocab)))
-    clean_buf = torch.empty(rows, d_vocab, dtype=dtype, device=device)
-    delta_buf = torch.empty(rows, d_vocab, dtype=dtype, device=device)
-    slope_buf = torch.empty(step, d_vocab, dtype=dtype, device=device) if want_grad and softcap else None
-    for start in range(0, n_tokens, rows):
-        end = min(start + rows, n_tokens)
-        logits, delta = clean_buf[: end - start], delta_buf[: end - start]
-        # The clean run's logits, and the difference (h_sae - h_orig) @ W of the SAE run's.
-        h_clean = h_orig[start:end].to(dtype)
-        if b is None:
-            torch.mm(h_clean, W, out=logits)
-        else:
-            torch.addmm(b, h_clean, W, out=logits)
-        torch.mm(h_sae[start:end].to(dtype) - h_clean, W, out=delta)
-        w = token_weight[start:end]
-        counted = w > 0
-        lab = None
-        if labels is not None:
-            lab = labels[start:end]
-            has_label = counted & (lab != ignore_index)
-            safe = torch.where(has_label, lab, torch.zeros_like(lab)).unsqueeze(1)
-            sums[2] += has_label.sum()
-        for s0 in range(0, end - start, step):
-            s1 = min(s0 + step, end - start)
+
+    def __init__(self, h_sae, h_orig, W, b, token_weight, labels, ignore_index, want_grad, softcap):
+        self.h_sae, self.h_orig, self.W, self.b = h_sae, h_orig, W, b
+        self.token_weight, self.labels, self.ignore_index = token_weight, labels, ignore_index
+        self.want_grad, self.softcap = want_grad, softcap
+        n_tokens, d_vocab = h_sae.shape[0], W.shape[1]
+        dtype, device = W.dtype, h_sae.device
+        self.kl = torch.empty(n_tokens, dtype=dtype, device=device)
+        self.grad = torch.empty(h_sae.shape, dtype=dtype, device=device) if want_grad else None
+        workers = _workers.worker_count(device)
+        self.chunks = _workers.chunk_bounds(n_tokens, _workspace_rows(n_tokens, d_vocab, workers))
+        self.rows = max((end - start for start, end in self.chunks), default=0)
+        self.step = max(1, min(self.rows, _ELEMENTWISE_ELEMENTS // max(1, d_vocab)))
+        self.free_buffers = queue.SimpleQueue()  # one set per worker, made on first use
+        self.device = device
+
+    def run(self):
+        """(kl [N], grad [N, d] or None, sums [5]: ce_orig, ce_sae, labelled, agreements, counted)."""
+        chunk_sums = _workers.map_chunks(self._chunk, len(self.chunks), self.device)
+        sums = torch.stack(chunk_sums).sum(0) if chunk_sums else torch.zeros(5, device=self.device)
+        return self.kl, self.grad, sums
+
+    def _buffers(self):
+        try:
+            return self.free_buffers.get_nowait()
+        except queue.Empty:
+            shape, like = (self.rows, self.W.shape[1]), dict(dtype=self.W.dtype, device=self.device)
+            slice_shape = (self.step, self.W.shape[1])
+            slope = torch.empty(slice_shape, **like) if self.want_grad and self.softcap else None
+            return (torch.empty(shape, **like), torch.empty(shape, **like), torch.empty(slice_shape, **like),
+                    torch.empty(slice_shape, **like), slope)
+
+    def _chunk(self, index: int) -> torch.Tensor:
+        start, end = self.chunks[index]
+        buffers = self._buffers()
+        try:
+            return self._chunk_with(start, end, *buffers)
+        finally:
+            self.free_buffers.put(buffers)
+
+    def _chunk_with(self, start, end, clean_buf, delta_buf, work_buf, work2_buf, slope_buf) -> torch.Tensor:
+        n, dtype = end - start, self.W.dtype
+        logits, delta = clean_buf[:n], delta_buf[:n]
+        # The clean run's logits (the bias is added per slice, in cache: cheaper than addmm's), and
+        # the difference (h_sae - h_orig) @ W of the SAE run's.
+        h_clean = self.h_orig[start:end].to(dtype)
+        h_diff = self.h_sae[start:end].to(dtype) - h_clean
+        torch.mm(h_clean, self.W, out=logits)
+        torch.mm(h_diff, self.W, out=delta)
+        safe = None
+        if self.labels is not None:
+            has_label = (self.token_weight[start:end] > 0) & (self.labels[start:end] != self.ignore_index)
+            safe = torch.where(has_label, self.labels[start:end], 0).unsqueeze(1)
+            label_a = torch.empty(n, dtype=dtype, device=self.device)
+            label_b = torch.empty_like(label_a)
+        slices = []
+        for s0 in range(0, n, self.step):
+            s1 = min(s0 + self.step, n)
             a, d = logits[s0:s1], delta[s0:s1]
-            if softcap:
-                if want_grad:  # d cap / dz at the SAE run's logits, before they are overwritten
-                    torch.add(a, d, out=slope_buf[: s1 - s0]).div_(softcap).cosh_().square_().reciprocal_()
-                capped, capped_diff = capped_logits(a, d, softcap)
-                a.copy_(capped)
-                d.copy_(capped_diff)
-            # A = a (clean run), D = d (SAE run minus clean run); the maxima stabilise and centre.
-            sae_logits = a + d  # for the argmax and the label only
-            m_b, top_b = sae_logits.max(-1)
-            m_a, top_a = a.max(-1)
-            sums[3] += ((top_a == top_b) & counted[s0:s1]).sum()
-            if lab is not None:  # cross-entropy = lse - the label's logit
-                keep, idx = has_label[s0:s1], safe[s0:s1]
-                label_a, label_b = a.gather(1, idx).squeeze(1), sae_logits.gather(1, idx).squeeze(1)
-            del sae_logits
-            centre = m_b - m_a
-            x = d.sub_(centre[:, None])  # in place: D - c
-            e, e_em, e_phi = centered_terms(a.sub_(m_a[:, None]), x)
-            s_sum, u_sum = e.sum(-1), e_em.sum(-1)
-            kl_rows, log1p_u = kl_from_sums(s_sum, u_sum, e_phi.sum(-1), torch.linalg.vecdot(e, x))
-            del e_phi
-            kl[start + s0:start + s1] = kl_rows
-            if lab is not None:
-                lse_a = m_a + torch.log(s_sum)
-                sums[0] += torch.where(keep, lse_a - label_a, 0.0).sum()
-                sums[1] += torch.where(keep, (lse_a + centre + log1p_u) - label_b, 0.0).sum()
-            if want_grad:
-                # d KL / d logits_sae = q - p = e (expm1(x) - u) / (S (1 + u)), into d (which the
-                # matmul below reads): small where q ~ p, and exact there.
-                u = (u_sum / s_sum)[:, None]
-                torch.sub(e_em, e * u, out=d).div_((s_sum + u_sum)[:, None])
-                if softcap:
-                    d.mul_(slope_buf[: s1 - s0])  # ... times the cap's slope
-        sums[4] += counted.sum()
-        if want_grad:
-            # Chain through the unembedding, then weight the token. torch.where, not a product,
-            # so a masked token with non-finite inputs gives 0.
-            torch.mm(delta, W.t(), out=grad[start:end])
-            grad[start:end] = torch.where((w != 0).unsqueeze(1), grad[start:end] * w.unsqueeze(1), 0.0)
-    return kl, grad, sums
+            if self.b is not None:
+                a.add_(self.b)
+            slope = None if slope_buf is None else slope_buf[: s1 - s0]
+            if self.softcap:
+                _cap_in_place(a, d, self.softcap, slope)
+            if safe is not None:  # the label's logit in both runs, before a and d are overwritten
+                label_a[s0:s1] = a.gather(1, safe[s0:s1]).squeeze(1)
+                label_b[s0:s1] = label_a[s0:s1] + d.gather(1, safe[s0:s1]).squeeze(1)
+            terms, needs_stable = _fast_terms(a, d, work_buf[: s1 - s0], work2_buf[: s1 - s0], self.want_grad)
+            if slope is not None:
+                d.mul_(slope)  # ... times the cap's slope
+            if bool(needs_stable.any()):
+                terms = self._with_stable_rows(terms, needs_stable.nonzero().squeeze(1), h_clean[s0:s1],
+                                               h_diff[s0:s1], d)
+            slices.append(terms)
+        terms = _RowTerms(*(torch.cat(values) for values in zip(*slices)))
+        kl_rows, log1p_u = kl_from_sums(terms.s, terms.u, terms.r, terms.t)
+        self.kl[start:end] = kl_rows
+        w = self.token_weight[start:end]
+        counted = w > 0
+        sums = torch.zeros(5, dtype=torch.float32, device=self.device)
+        sums[3], sums[4] = (terms.agree & counted).sum(), counted.sum()
+        if safe is not None:  # cross-entropy = lse - the label's logit
+            lse_a = terms.m_a + torch.log(terms.s)
+            sums[0] = torch.where(has_label, lse_a - label_a, 0.0).sum()
+            sums[1] = torch.where(has_label, (lse_a + terms.centre + log1p_u) - label_b, 0.0).sum()
+            sums[2] = has_label.sum()
+        if self.want_grad:
+            # Chain through the unembedding, then scale and weight the token. torch.where, not a
+            # product, so a masked token with non-finite inputs gives 0.
+            grad = self.grad[start:end]
+            torch.mm(delta, self.W.t(), out=grad)
+            row_scale = w / (terms.s + terms.u)
+            grad.copy_(torch.where((w != 0).unsqueeze(1), grad * row_scale.unsqueeze(1), 0.0))
+        return sums
+
+    def _with_stable_rows(self, terms: _RowTerms, rows: torch.Tensor, h_clean, h_diff, d) -> _RowTerms:
+        """terms with the given rows of a slice replaced by the stable form's, recomputed from
+        their hidden states (the fast form overwrote the slice's logits); so are those rows'
+        gradient terms in d (with the cap's slope)."""
+        a_rows = torch.empty(len(rows), self.W.shape[1], dtype=self.W.dtype, device=self.device)
+        d_rows = torch.empty_like(a_rows)
+        _logits_into(a_rows, d_rows, h_clean[rows], h_diff[rows], self.W, self.b)
+        slope_rows = torch.empty_like(a_rows) if self.want_grad and self.softcap else None
+        if self.softcap:
+            _cap_in_place(a_rows, d_rows, self.softcap, slope_rows)
+        stable = _stable_terms(a_rows, d_rows, self.want_grad)
+        if self.want_grad:
+            d[rows] = d_rows if slope_rows is None else d_rows * slope_rows
+        return _RowTerms(*(fast.clone().index_copy_(0, rows, fixed) for fast, fixed in zip(terms, stable)))
+
+
+def _logits_into(logits, delta, h_clean, h_diff, W, b) -> None:
+    """logits = h_clean @ W + b and delta = h_diff @ W, into the given buffers."""
+    if b is None:
+        torch.mm(h_clean, W, out=logits)
+    else:
+        torch.addmm(b, h_clean, W, out=logits)
+    torch.mm(h_diff, W, out=delta)
+
+
+def _kl_chunks(h_sae, h_orig, W, b, token_weight, labels, ignore_index, want_grad, softcap=None):
+    """(kl, grad, sums) of one pass over the tokens (_KLPass)."""
+    return _KLPass(h_sae, h_orig, W, b, token_weight, labels, ignore_index, want_grad, softcap).run()
 
 
 class LinearKLReference(torch.autograd.Function):
