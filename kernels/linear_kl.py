@@ -28,6 +28,27 @@ a common shift, and the shift is exact), so a +1e4 bias does not round the logit
 cap, D is the exact difference of the capped logits, c * [tanh((a + d) / c) - tanh(a / c)],
 computed as c * tanh(d/c) sech^2(a/c) / (1 + tanh(a/c) tanh(d/c)) (no cancellation) where
 |d| < c / 2. h_sae == h_orig gives delta = 0, D = 0, and exactly 0 loss and 0 gradient.
+With fp16 / bf16 inputs delta is the difference rounded once to the input dtype (a tensor-core
+product takes operands of that dtype; forming it in fp32 first rounds the same), where the
+PyTorch reference keeps it in fp32: each logit change moves by at most u (|delta| @ |W_U|)_v
+(u = 2^-8 for bf16, 2^-11 for fp16), so a token's KL by about u max_v (|delta| @ |W_U|)_v
+sum_v |q_v - p_v| and the gradient by 2 u max_v (|delta| @ |W_U|)_v sum_v q_v |W_U[k, v]|, first
+order (tests/test_precision.py holds the kernel to these against the reference; 1e-2 of the
+loss and 5e-2 of the gradient at most in the issue that found it). Splitting delta into two bf16
+parts would remove it at one more logit product (+25 % of the sweep's FLOPs): the hidden states
+themselves carry bf16 rounding of that size relative to delta, so it is not done.
+
+Elementwise work per logit in the sweep (the one-sweep kernel, no cap, with labels), counted
+from the code: about 55 fp32 instructions and 2 exponentials (MUFU ex2) per (token, vocabulary
+entry): bias and masks 3, the SAE logits and the four maxima / argmaxes 7, the label 6, the
+centred terms 27 (the series' 9 FMAs, both exponentials' arguments, the branch selects), the four
+sums 6, the filter's bound 3, the two operand casts 2. Against the 8d tensor-core FLOPs of the
+logit: on an H100 SXM (989 dense bf16 TFLOP/s; 132 SMs x 128 fp32 lanes and 16 MUFU per clock
+at 1.83 GHz) about 2.3 ps of elementwise work per logit beside 6.2 ps of MMA at d = 768 (the GPT-2
+preset): up to a quarter of the kernel's time where the two do not overlap (the selection reads
+the MMA's result, so within a program they do not; other programs on the SM fill the gap), 6 %
+at d = 4,096; TF32 (fp32 inputs) halves the MMA rate, so 15 % at d = 768. An estimate from the
+instruction count, not a measurement: gpu_check's timings settle it.
 
 Numerics: the KL without cancellation (kernels/_logits.py has the derivation). With the centre
 c = max(B) - max(A) and x = D - c, KL = E_p[phi(x)] + psi(u), u = E_p[expm1(x)],
@@ -92,7 +113,7 @@ of the KL and 2e-3 of the gradient, bf16 operands up to 1e-2 and 7.5e-3.
 
 Memory layout: W_U with a row stride that is not a multiple of 16 elements (GPT-2's V = 50,257,
 row-major) loses the vectorised, pipelined tile loads; such a W_U is copied once into a padded
-buffer (`padded_unembedding`), cached while W_U is unchanged (W_U is frozen). A column-major W_U
+buffer (`padded_unembedding`, a fresh copy each call: never stale). A column-major W_U
 (TransformerLens 4 passes lm_head.weight.T) is read as it is. Masked tokens are never read: their
 rows load as zeros (a masked token with a NaN hidden state gives finite loss and gradients), and a
 block of only masked tokens returns at once. Extra memory: the stats ([8, n_slices, N] fp32) and,
@@ -106,6 +127,7 @@ their shared online log-sum-exp helpers, configs and compile cases, each comment
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -605,8 +627,8 @@ def _slices_for_sms(n_row_blocks: int, sm_count: int, waves: int) -> int:
     return -(-waves * sm_count // max(1, n_row_blocks))  # N = 0 has no row blocks
 
 
-# One cached padded copy of a frozen W_U: (key, the source tensor, the padded view).
-_PADDED_UNEMBEDDING: list = []
+# The padded copies padded_unembedding made and still alive, by id (their padding is zero).
+_PADDED_UNEMBEDDINGS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
 
 
 def padded_unembedding(W_U: torch.Tensor) -> torch.Tensor:
@@ -614,29 +636,28 @@ def padded_unembedding(W_U: torch.Tensor) -> torch.Tensor:
     equal [d, V] view of a buffer with rows zero-padded to a multiple of 16 (vectorised, pipelined
     tile loads; see loadable_columns).
 
-    W_U is frozen, so the copy is made once and cached, keyed on the tensor's data_ptr, version
-    counter (bumped by any in-place write), shape, strides, dtype and device. The cache holds a
-    reference to the source, so its memory cannot be reused by another tensor while the key
-    lives. One entry: a new W_U replaces it.
+    A fresh copy every call: nothing about a tensor tells reliably that its values are the ones a
+    cached copy was made from (a write through W_U.data, or through another tensor sharing its
+    storage, leaves the version counter alone), and a stale copy would be silently wrong. The copy
+    reads and writes d * V elements once (about 0.15 GB in fp32 at GPT-2's W_U: tens of
+    microseconds on an H100, under 1 % of the one-sweep kernel, which streams W_U from every row
+    block); its buffer lives as long as the call's autograd graph needs it.
     """
     if W_U.dim() != 2 or W_U.stride(1) != 1 or W_U.stride(0) % 16 == 0 or W_U.shape[0] <= 1:
         return W_U
-    key = (W_U.data_ptr(), W_U._version, tuple(W_U.shape), W_U.stride(), W_U.dtype, W_U.device)
-    if _PADDED_UNEMBEDDING and _PADDED_UNEMBEDDING[0][0] == key:
-        return _PADDED_UNEMBEDDING[0][2]
     d_model, d_vocab = W_U.shape
     # Zero padding: the kernels may load it (vectorised loads up to the 16-aligned width), and a
     # zero W_U column adds nothing to any product.
     padded = W_U.new_zeros(d_model, -(-d_vocab // 16) * 16)[:, :d_vocab]
     padded.copy_(W_U)
-    _PADDED_UNEMBEDDING[:] = [(key, W_U, padded)]
+    _PADDED_UNEMBEDDINGS[id(padded)] = padded
     return padded
 
 
 def loadable_columns(W_U: torch.Tensor) -> int:
     """How many columns of W_U the kernels may load: the 16-aligned width of a buffer made by
     padded_unembedding (its padding is zero), else W_U's own d_vocab."""
-    if _PADDED_UNEMBEDDING and _PADDED_UNEMBEDDING[0][2] is W_U:
+    if _PADDED_UNEMBEDDINGS.get(id(W_U)) is W_U:
         return W_U.stride(0)
     return W_U.shape[1]
 

@@ -173,3 +173,33 @@ def test_the_loss_goes_down_on_a_fixed_batch(tmp_path, model_dir, lm, name):
     main = [m["loss"] - m.get("loss/auxk", 0.0) for m in history]
     assert main[-1] < 0.8 * main[0], main
     assert {"l0", f"l0/{HOOK}", f"alive/{HOOK}", "kl", "loss/sparsity"} <= set(history[-1])
+
+
+
+def batchtopk_tie_case(dtype):
+    """(an E2ESAE with batchtopk k = 1 and an identity encoder, x): pre-activations on a coarse grid,
+    five values of 2 or 3 per token out of 16 latents, so the batch threshold (the 4th largest of 64)
+    is a 2 with many ties, most of them beyond a token's first candidates (2 = 2k)."""
+    torch.manual_seed(0)
+    n_tokens, d, n = 4, 16, 16
+    sae = E2ESAE(d, n, "batchtopk", k=1, dtype=dtype)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(d, n, dtype=dtype))
+        sae.b_enc.zero_()
+    x = torch.ones(n_tokens, d, dtype=dtype)
+    x[:, [1, 2, 3, 7]] = 2
+    x[0, 0] = 3
+    x[1:, 0] = 2
+    return sae.train(), x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_batchtopk_keeps_every_tie_at_the_threshold(dtype):
+    """Every value equal to the batch threshold is kept, as dense_forward keeps them: the selection
+    widens its candidates while a token's smallest candidate equals the threshold (not only while it
+    exceeds it). Sharded SAEs: tests/test_distributed.py."""
+    sae, x = batchtopk_tie_case(dtype)
+    want, _ = sae.activation_fn.dense_forward(x @ sae.W_enc + sae.b_enc, sae, True)
+    got = sae.training_forward(x).code.to_dense(sae.n_latents)
+    assert int((want > 0).sum()) == 20  # every 2 and 3: the threshold's ties
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -89,6 +89,23 @@ def test_two_shards_equal_the_whole_sae(activation, decoder_norm):
     run_ranks(_sharded_equals_whole, 2, activation, decoder_norm)
 
 
+def _sharded_batchtopk_keeps_ties(rank, world):
+    from test_activations import batchtopk_tie_case
+
+    layout = setup(shards=world)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        whole, x = batchtopk_tie_case(dtype)
+        want, _ = whole.activation_fn.dense_forward(x @ whole.W_enc + whole.b_enc, whole, True)
+        shard = ShardedE2ESAE.from_full(whole, layout).train()
+        got = shard.training_forward(x).code.to_dense(whole.n_latents)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{dtype}: {m}")
+
+
+def test_two_shards_keep_every_batchtopk_tie():
+    """BatchTopK ties at the threshold, sharded over 2 ranks (each shard's candidates widen)."""
+    run_ranks(_sharded_batchtopk_keeps_ties, 2)
+
+
 def _save_gathered(rank, world, directory):
     layout = setup(shards=world)
     torch.manual_seed(1)

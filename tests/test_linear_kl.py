@@ -570,23 +570,40 @@ def test_gradient_filter_error_is_within_its_bound():
     assert torch.all(error <= bound[None, :] + 1e-7)
 
 
-def test_padded_unembedding_is_cached_until_w_u_changes():
-    """A row-major W_U with V % 16 != 0 is copied once into 16-element-aligned rows; the copy is
-    reused while W_U is unchanged and rebuilt after an in-place write. Other layouts pass through."""
+def test_padded_unembedding_copies_misaligned_rows():
+    """A row-major W_U with V % 16 != 0 is copied into 16-element-aligned rows whose padding is zero
+    (the kernels may load it: loadable_columns); aligned and column-major W_U pass through."""
     W_U = torch.randn(24, 203, device=KERNEL_DEVICE)
     padded = K.padded_unembedding(W_U)
     assert padded.stride() == (208, 1) and torch.equal(padded, W_U)
-    # the kernels may load the padding (up to loadable_columns): it must be zero
     assert K.loadable_columns(padded) == 208 and K.loadable_columns(W_U) == 203
     assert torch.all(padded.as_strided((24, 208), (208, 1))[:, 203:] == 0)
-    assert K.padded_unembedding(W_U.detach()) is padded  # the trainer passes W_U.detach() each step
-    W_U.mul_(2)  # bumps the version counter
-    again = K.padded_unembedding(W_U)
-    assert again is not padded and torch.equal(again, W_U)
     aligned = torch.randn(24, 208, device=KERNEL_DEVICE)
     assert K.padded_unembedding(aligned) is aligned
     tied = torch.randn(203, 24, device=KERNEL_DEVICE).t()  # W_E.T: column-major, contiguous along d
     assert K.padded_unembedding(tied) is tied
+
+
+@pytest.mark.parametrize("write", ["data", "storage_alias", "in_place", "new_tensor"])
+def test_the_kernel_never_reads_a_stale_unembedding(write):
+    """After any write to W_U, the Triton path's loss is the new W_U's (it was served a cached
+    padded copy keyed on the version counter, which a write through W_U.data leaves alone: 0.179
+    where the reference gave 0.558)."""
+    h_sae, h_orig, W_U, b_U = make_inputs(8, 16, 203)
+    W_U = W_U.detach().clone()
+    before = ops.fused_linear_kl(h_sae, h_orig, W_U, b_U, backend="triton")
+    if write == "data":
+        W_U.data.mul_(2.0)
+    elif write == "storage_alias":
+        torch.Tensor().set_(W_U.untyped_storage(), 0, W_U.shape, W_U.stride()).mul_(2.0)
+    elif write == "in_place":
+        W_U.mul_(2.0)
+    else:
+        W_U = W_U * 2.0
+    after = ops.fused_linear_kl(h_sae, h_orig, W_U, b_U, backend="triton")
+    want = ops.fused_linear_kl(h_sae.detach().cpu(), h_orig.cpu(), W_U.cpu(), b_U.cpu(), backend="torch")
+    assert not torch.allclose(before.cpu(), want)  # the write changed the loss
+    torch.testing.assert_close(after.detach().cpu(), want, rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

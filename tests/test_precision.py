@@ -389,3 +389,50 @@ def test_fused_linear_kl(precision, reduction, case):
     assert ((want_kl - exact).abs() / exact).max() > 2e-4
     if case == "small_kl":  # a good SAE's KL, as in test_linear_kl.py's small-KL test
         assert exact.mean() < 2e-4
+
+
+@pytest.mark.parametrize("case", list(KL_CASES))
+def test_fused_linear_kl_bf16_inputs_round_the_difference_once(case):
+    """bf16 inputs. The kernel's logit products take h_orig and W_U as they are and the difference
+    delta = h_sae - h_orig rounded once to bf16 (a tensor-core product takes bf16 operands; forming
+    the difference in fp32 first gives the same rounding); the reference (backend="torch") keeps
+    delta in fp32. Against the float64 reference on the kernel's operands: within the fp32
+    tolerances, so that rounding is the only difference. Against the reference op: within its
+    first-order effect, which kernels/linear_kl.py's docstring states: per token
+    u * max_v (|delta| @ |W_U|)_v * sum_v |q_v - p_v| on the KL (u = 2^-8, bf16's unit roundoff),
+    and 2 u max_v (|delta| @ |W_U|)_v sum_v q_v |W_U[k, v]| on the gradient."""
+    from fastsae.kernels.linear_kl import linear_kl_triton
+
+    softcap, noise = KL_CASES[case]["softcap"], KL_CASES[case]["noise"]
+    g = gen(13)
+    h_orig = torch.randn(17, 40, generator=g).bfloat16()
+    h_sae = (h_orig.float() + noise * torch.randn(17, 40, generator=g)).bfloat16().requires_grad_()
+    W_U = (torch.randn(40, 301, generator=g) / 40**0.5 * (6 if softcap else 3)).bfloat16()
+    b_U = torch.randn(301, generator=g).bfloat16()
+    tiles = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, num_warps=4, num_stages=1)
+    with gpu_rounding():
+        kl, _ = linear_kl_triton(h_sae, h_orig, W_U, b_U, None, None, "none", -100, softcap, config=tiles, n_slices=3)
+        loss, _ = linear_kl_triton(h_sae, h_orig, W_U, b_U, None, None, "sum", -100, softcap, config=tiles, n_slices=3)
+        (grad,) = torch.autograd.grad(loss, h_sae)
+    as_fp32 = [t.detach().float() for t in (h_sae, h_orig, W_U, b_U)]
+    want_kl, kl_tol, want_grad, grad_tol = kl_reference(*as_fp32, "medium", softcap)  # delta rounded to bf16
+    assert_within("kl", kl, want_kl, kl_tol)
+    assert_within("grad_h_sae", grad, want_grad, grad_tol)
+
+    ref_kl = ops.fused_linear_kl(*as_fp32[:1], *as_fp32[1:], reduction="none", softcap=softcap, backend="torch")
+    h32 = as_fp32[0].clone().requires_grad_()
+    (ref_grad,) = torch.autograd.grad(ops.fused_linear_kl(h32, *as_fp32[1:], reduction="sum", softcap=softcap,
+                                                          backend="torch"), h32)
+    exact_kl, _, exact_grad, _ = kl_reference(*as_fp32, "highest", softcap)  # delta in full
+    W = as_fp32[2].double()
+    delta = (as_fp32[0] - as_fp32[1]).double()
+    shift = BF16_NEAREST_UNIT * (delta.abs() @ W.abs()).max(-1).values  # the largest logit change per token
+    raw = as_fp32[1].double() @ W + as_fp32[3].double()
+    cap = (lambda z: z) if softcap is None else (lambda z: softcap * torch.tanh(z / softcap))
+    p, q = torch.softmax(cap(raw), -1), torch.softmax(cap(raw + delta @ W), -1)
+    kl_bound = shift * (q - p).abs().sum(-1) + 2 * shift**2 + 1e-4 * exact_kl
+    grad_bound = 2 * (shift[:, None] + shift[:, None] ** 2) * (q @ W.abs().t()) + 1e-5 * exact_grad.abs().max()
+    assert_within("kl vs the fp32-delta reference", kl, ref_kl.double(), kl_bound)
+    assert_within("grad vs the fp32-delta reference", grad, ref_grad.double(), grad_bound)
+    # not vacuous: the rounding moves the kernel off the reference by more than fp32 evaluation does
+    assert ((kl.double() - ref_kl.double()).abs() > 1e-4 * exact_kl).any()

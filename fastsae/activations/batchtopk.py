@@ -6,8 +6,9 @@ selects exactly and never builds the [N, n_latents] pre-activations: the TopK en
 token's largest `candidates` values (twice k), the k x N-th largest of those is the
 threshold t, and every candidate >= t (and > 0) is kept. That is the batch's selection as long as no
 token has a value >= t beyond its candidates, which holds when each token's smallest candidate is
-below t; where it is not, select() asks for twice the candidates and the encoder runs again (and
-later batches start from the wider width). Ties at t are all kept. A sharded SAE gathers every
+below t (or not positive); where it is not (a smallest candidate equal to t may be followed by more
+values equal to it), select() asks for twice the candidates and the encoder runs again (and later
+batches start from the wider width). Ties at t are all kept, as dense_forward keeps them. A sharded SAE gathers every
 shard's candidates first, so it selects the same set. The batch is what one process sees in one
 micro-batch (as SAELens under DDP): data-parallel ranks and gradient accumulation select within
 their own rows.
@@ -77,9 +78,10 @@ class BatchTopK(Activation):
         if per_shard < sae.n_local:
             # each shard's block is sorted largest first: its last column bounds what it left out
             smallest = values.reshape(n_tokens, sae.shard_count, per_shard)[..., -1]
-            # A token may hold kept values beyond its candidates (meta tensors, as the compile check
-            # records a step, have no values to read: never).
-            if not smallest.is_meta and bool((smallest > threshold).any()):
+            # A token may hold kept values beyond its candidates where its smallest candidate is
+            # kept: values equal to it (ties at the threshold) or above the threshold may follow.
+            # (Meta tensors, as the compile check records a step, have no values to read: never.)
+            if not smallest.is_meta and bool(((smallest >= threshold) & (smallest > 0)).any()):
                 self._width = min(sae.n_local, 2 * per_shard)
                 return None
         kept = (values >= threshold) & (values > 0)

@@ -120,11 +120,11 @@ class _Entries(NamedTuple):
     band: torch.Tensor | None  # bool [E] (JumpReLU)
 
 
-# The reference's chunks hold a quarter of CHUNK_ELEMENTS: about four [rows, width] temporaries are
-# alive at once (pre-activations / code, the code's gradient, masks, a product), so together
-# they stay near the budget.
+# The reference's chunks: [rows, n] temporaries of CHUNK_ELEMENTS each, about four alive at once
+# (pre-activations / code, the code's gradient, masks, a product). Few large ops: each is a
+# parallel region, and their count is what a shared CPU pays for (GUIDE section 3).
 def _rows_per_chunk(width: int) -> int:
-    return chunk_rows(4 * width)
+    return chunk_rows(width)
 
 
 def _entry_steps(n_entries: int, width: int):
@@ -134,7 +134,20 @@ def _entry_steps(n_entries: int, width: int):
     return (slice(start, start + step) for start in range(0, n_entries, step))
 
 
+class _DenseRows(NamedTuple):
+    """Dense rows of one forward chunk whose code is kept for backward (within the budget)."""
+
+    rows: torch.Tensor  # int64 [R], global token ids
+    code: torch.Tensor  # [R, n] the code, x's dtype
+    band: torch.Tensor | None  # bool [R, n]: inside the threshold's band (JumpReLU)
+
+
 class ReLUAutoencodeReference(torch.autograd.Function):
+    """The reference. Dense rows keep their code from forward to backward while the kept codes
+    hold at most workspace_elements() values (the kernels' dense-row budget); the rest are
+    recomputed from x in backward. At CPU sizes (N * n <= 2^26: N = 1,024 up to 65,536 latents)
+    nothing is recomputed, and the step costs the dense path's five GEMMs, not six."""
+
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p):
         n_tokens, d_in = x.shape
@@ -145,57 +158,70 @@ class ReLUAutoencodeReference(torch.autograd.Function):
         lp_sum = torch.empty(n_tokens, dtype=acc, device=x.device)
         l0 = torch.empty(n_tokens, dtype=acc, device=x.device)
         fire_counts = torch.zeros(n_latents, dtype=torch.int32, device=x.device)
-        parts, dense_rows = [], []
+        parts, kept, recomputed = [], [], []
+        keep_budget = workspace_elements()
         step = _rows_per_chunk(n_latents)
+        scratch = None  # [step, n], once per call: fresh multi-MiB buffers page-fault on every use
         for start in range(0, n_tokens, step):
             code = torch.addmm(b_enc, x[start:start + step], W_enc)
             band = None if theta is None else _in_band(code, theta, bandwidth)
             code = _code_(code, theta)
-            held = code > 0  # active; NaN is held too but makes its row dense below
-            counts = held.sum(1, dtype=torch.int32)  # (count_nonzero copies to int64: 7x slower)
+            row_sums = code.sum(1, dtype=acc)  # code >= 0: a NaN row sums to NaN; lp_sum at p = 1
+            nan_rows = row_sums.isnan()
+            if theta is None:
+                # Counts from sign(code) (1 active, 0 inactive or NaN): float ops, vectorised; the
+                # bool masks and their int reductions cost 5 to 8 times as much on the CPU build.
+                if scratch is None:
+                    scratch = torch.empty(min(step, n_tokens), n_latents, dtype=code.dtype, device=x.device)
+                counts, fired = _active_counts(code, scratch[: code.shape[0]])
+                held = None
+            else:
+                held = code > 0  # active; NaN is not, but makes its row dense below
+                counts = held.sum(1, dtype=torch.int32)  # (count_nonzero copies to int64: 7x slower)
+                fired = held.sum(0, dtype=torch.int32)
             l0[start:start + step] = counts
-            fire_counts += held.sum(0, dtype=torch.int32)
+            fire_counts += fired
             if band is not None:
                 held |= band
                 counts = held.sum(1, dtype=torch.int32)
-            dense = (counts > capacity) | code.sum(1).isnan()  # code >= 0: a NaN row sums to NaN
+            dense = (counts > capacity) | nan_rows
             sparse_rows = (~dense).nonzero().squeeze(1)
-            rows, latents = (held if sparse_rows.numel() == held.shape[0] else held[sparse_rows]).nonzero(as_tuple=True)
+            if sparse_rows.numel():
+                # held: active (or in the band); without a band, the nonzero entries of the finite rows
+                support = code if held is None else held
+                rows, latents = (support if sparse_rows.numel() == code.shape[0] else support[sparse_rows]).nonzero(
+                    as_tuple=True)
+                rows = sparse_rows[rows]
+                values = code[rows, latents]
+                parts.append(_Entries(rows + start, latents, values, None if band is None else band[rows, latents]))
+                _decode_entries(reconstruction, lp_sum, sparse_rows, rows, latents, values, start, W_dec, b_dec, p)
             del held
-            rows = sparse_rows[rows]
-            values = code[rows, latents]
-            parts.append(_Entries(rows + start, latents, values, None if band is None else band[rows, latents]))
-            del band
-            # The sparse rows: decoded entry by entry.
-            out = torch.zeros(sparse_rows.numel(), d_in, dtype=acc, device=x.device)
-            lp = torch.zeros(sparse_rows.numel(), dtype=acc, device=x.device)
-            local = torch.searchsorted(sparse_rows, rows)
-            for part in _entry_steps(values.numel(), d_in):
-                v = values[part].to(acc)
-                out.index_add_(0, local[part], v[:, None] * W_dec[latents[part]].to(acc))
-                lp.index_add_(0, local[part], _abs_pow(v, p))
-            reconstruction[sparse_rows + start] = (out + b_dec.to(acc)).to(W_dec.dtype)
-            lp_sum[sparse_rows + start] = lp
-            del out
-            # The dense rows: one product; the code is dropped (recomputed in backward).
+            # The dense rows: one product; the code kept for backward, or recomputed there.
             dense_ids = dense.nonzero().squeeze(1)
             if dense_ids.numel():
                 if dense_ids.numel() < code.shape[0]:
                     code = code[dense_ids]
+                    band = None if band is None else band[dense_ids]
                 reconstruction[dense_ids + start] = torch.addmm(b_dec, code, W_dec)
                 # code >= 0 (or NaN): |code|^1 is the code itself
-                lp_sum[dense_ids + start] = (code.sum(1, dtype=acc) if p == 1 else _abs_pow(code.to(acc), p).sum(1))
-                dense_rows.append(dense_ids + start)
-            del code
+                lp_sum[dense_ids + start] = row_sums[dense_ids] if p == 1 else _abs_pow(code.to(acc), p).sum(1)
+                if code.numel() <= keep_budget:
+                    keep_budget -= code.numel()
+                    kept.append(_DenseRows(dense_ids + start, code, band))
+                else:
+                    recomputed.append(dense_ids + start)
+            del code, band
         long = torch.zeros(0, dtype=torch.int64, device=x.device)
         entries = _Entries(torch.cat([e.tokens for e in parts]) if parts else long,
                            torch.cat([e.latents for e in parts]) if parts else long,
                            torch.cat([e.values for e in parts]) if parts else x.new_zeros(0),
                            None if theta is None else
                            torch.cat([e.band for e in parts]) if parts else long.bool())
-        dense_rows = torch.cat(dense_rows) if dense_rows else long
-        ctx.save_for_backward(x, W_enc, b_enc, W_dec, theta, dense_rows, *entries[:3],
-                              *(() if entries.band is None else (entries.band,)))
+        recomputed = torch.cat(recomputed) if recomputed else long
+        kept_tensors = [t for block in kept for t in block if t is not None]
+        ctx.save_for_backward(x, W_enc, b_enc, W_dec, theta, recomputed, *entries[:3],
+                              *(() if entries.band is None else (entries.band,)), *kept_tensors)
+        ctx.kept_blocks = len(kept)
         ctx.bandwidth, ctx.p = bandwidth, p
         ctx.mark_non_differentiable(fire_counts)
         if theta is None:
@@ -204,22 +230,26 @@ class ReLUAutoencodeReference(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_recon, grad_lp, grad_l0, _grad_fire_counts):
-        x, W_enc, b_enc, W_dec, theta, dense_rows, tokens, latents, values, *band = ctx.saved_tensors
-        band = band[0] if band else None
+        x, W_enc, b_enc, W_dec, theta, recomputed, tokens, latents, values, *rest = ctx.saved_tensors
+        jump = theta is not None
+        band = rest[0] if jump else None
+        kept_tensors = rest[1:] if jump else rest
+        per_block = 3 if jump else 2
+        kept = [_DenseRows(*kept_tensors[i:i + per_block], *(() if jump else (None,)))
+                for i in range(0, per_block * ctx.kept_blocks, per_block)]
         bandwidth, p = ctx.bandwidth, ctx.p
         n_tokens, d_in = x.shape
         n_latents = W_enc.shape[1]
         acc = accumulation_dtype(x.dtype)
         device = x.device
-        g = grad_recon.to(acc)
-        grad_lp = grad_lp.to(acc)
-        grad_l0 = grad_l0.to(acc) if theta is not None else None
+        grads = _Grads(g=grad_recon.to(acc), grad_lp=grad_lp.to(acc), grad_l0=grad_l0.to(acc) if jump else None,
+                       grad_x=torch.zeros(n_tokens, d_in, dtype=acc, device=device),
+                       grad_w_enc_t=torch.zeros(n_latents, d_in, dtype=acc, device=device),
+                       grad_b_enc=torch.zeros(n_latents, dtype=acc, device=device),
+                       grad_w_dec=torch.zeros(n_latents, d_in, dtype=acc, device=device),
+                       grad_theta=torch.zeros(n_latents, dtype=acc, device=device) if jump else None)
         W_enc_t = W_enc.t()  # [n, d]: each latent's encoder weights as a row
-        grad_x = torch.zeros(n_tokens, d_in, dtype=acc, device=device)
-        grad_w_enc_t = torch.zeros(n_latents, d_in, dtype=acc, device=device)
-        grad_b_enc = torch.zeros(n_latents, dtype=acc, device=device)
-        grad_w_dec = torch.zeros(n_latents, d_in, dtype=acc, device=device)
-        grad_theta = torch.zeros(n_latents, dtype=acc, device=device) if theta is not None else None
+        g = grads.g
 
         # Sparse rows: the code's gradient at the held entries only.
         for part in _entry_steps(values.numel(), d_in):
@@ -227,48 +257,97 @@ class ReLUAutoencodeReference(torch.autograd.Function):
             v = values[part].to(acc)
             g_rows = g[t]
             grad_code = (g_rows * W_dec[l].to(acc)).sum(1)
-            _add_lp_grad_(grad_code[:, None], v[:, None], grad_lp[t], p)
+            _add_lp_grad_(grad_code[:, None], v[:, None], grads.grad_lp[t], p)
             grad_pre = torch.where(v > 0, grad_code, 0).to(x.dtype).to(acc)  # in x's dtype, as the kernel
-            grad_x.index_add_(0, t, grad_pre[:, None] * W_enc_t[l].to(acc))
-            grad_w_enc_t.index_add_(0, l, grad_pre[:, None] * x[t].to(acc))
-            grad_b_enc.index_add_(0, l, grad_pre)
-            grad_w_dec.index_add_(0, l, v[:, None] * g_rows)
-            if theta is not None:
-                term = -(theta[l].to(acc) / bandwidth) * grad_code - grad_l0[t] / bandwidth
-                grad_theta.index_add_(0, l, torch.where(band[part], term, 0))
+            grads.grad_x.index_add_(0, t, grad_pre[:, None] * W_enc_t[l].to(acc))
+            grads.grad_w_enc_t.index_add_(0, l, grad_pre[:, None] * x[t].to(acc))
+            grads.grad_b_enc.index_add_(0, l, grad_pre)
+            grads.grad_w_dec.index_add_(0, l, v[:, None] * g_rows)
+            if jump:
+                term = -(theta[l].to(acc) / bandwidth) * grad_code - grads.grad_l0[t] / bandwidth
+                grads.grad_theta.index_add_(0, l, torch.where(band[part], term, 0))
             del g_rows
 
-        # Dense rows: the chunk's code recomputed from x.
+        # Dense rows: the kept code, or the code recomputed from x chunk by chunk.
         W_dec_t = W_dec.t().to(acc)
+        for block in kept:
+            _dense_backward(grads, block.rows, block.code.to(acc), block.band, x, W_enc_t, W_dec_t, theta, bandwidth,
+                            p)
         step = _rows_per_chunk(n_latents)
-        for start in range(0, dense_rows.numel(), step):
-            rows = dense_rows[start:start + step]
-            x_rows = x[rows]
-            code = torch.addmm(b_enc, x_rows, W_enc)
-            passes = ~(code <= (0 if theta is None else theta))  # NaN passes, as torch.relu's backward
-            band = None if theta is None else _in_band(code, theta, bandwidth)
+        for start in range(0, recomputed.numel(), step):
+            rows = recomputed[start:start + step]
+            code = torch.addmm(b_enc, x[rows], W_enc)
+            band_rows = None if theta is None else _in_band(code, theta, bandwidth)
             code = _code_(code, theta).to(acc)
-            grad_code = g[rows] @ W_dec_t
-            if theta is None and p == 1 and not bool(code.isnan().any()):
-                # d|c|/dc is 1 exactly where the gradient passes (c > 0): one in-place pass, masked below
-                grad_code.add_(grad_lp[rows, None])
-            else:
-                _add_lp_grad_(grad_code, code, grad_lp[rows], p)
-            if theta is not None:
-                term = (-(theta.to(acc) / bandwidth) * grad_code).sub_(grad_l0[rows, None] / bandwidth)
-                grad_theta += term.masked_fill_(~band, 0).sum(0)
-                del term, band
-            grad_pre = grad_code.masked_fill_(~passes, 0).to(x.dtype).to(acc)
-            del passes
-            grad_x[rows] = grad_pre @ W_enc_t.to(acc)
-            grad_w_enc_t.addmm_(grad_pre.t(), x_rows.to(acc))
-            grad_b_enc += grad_pre.sum(0)
-            del grad_pre, grad_code
-            grad_w_dec.addmm_(code.t(), g[rows])
-            del code
-        return (grad_x.to(x.dtype), grad_w_enc_t.t().to(W_enc.dtype), grad_b_enc.to(b_enc.dtype),
-                grad_w_dec.to(W_dec.dtype), g.sum(0).to(W_dec.dtype),
-                None if theta is None else grad_theta.to(theta.dtype), None, None)
+            _dense_backward(grads, rows, code, band_rows, x, W_enc_t, W_dec_t, theta, bandwidth, p)
+            del code, band_rows
+        return (grads.grad_x.to(x.dtype), grads.grad_w_enc_t.t().to(W_enc.dtype), grads.grad_b_enc.to(b_enc.dtype),
+                grads.grad_w_dec.to(W_dec.dtype), g.sum(0).to(W_dec.dtype),
+                None if theta is None else grads.grad_theta.to(theta.dtype), None, None)
+
+
+def _active_counts(code: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(active latents per row, tokens per latent (int32)) of a ReLU code (>= 0 or NaN). The counts are sums of sign(code), exact in fp32 below 2^24 (torch's
+    sign(NaN) is 0, and NaN is not active)."""
+    active = torch.sign(code, out=scratch)
+    return active.sum(1), active.sum(0).to(torch.int32)
+
+
+def _decode_entries(reconstruction, lp_sum, sparse_rows, rows, latents, values, start, W_dec, b_dec, p) -> None:
+    """The sparse rows of a forward chunk, decoded entry by entry into their rows."""
+    acc = accumulation_dtype(values.dtype)
+    out = torch.zeros(sparse_rows.numel(), W_dec.shape[1], dtype=acc, device=W_dec.device)
+    lp = torch.zeros(sparse_rows.numel(), dtype=acc, device=W_dec.device)
+    local = torch.searchsorted(sparse_rows, rows)
+    for part in _entry_steps(values.numel(), W_dec.shape[1]):
+        v = values[part].to(acc)
+        out.index_add_(0, local[part], v[:, None] * W_dec[latents[part]].to(acc))
+        lp.index_add_(0, local[part], _abs_pow(v, p))
+    reconstruction[sparse_rows + start] = (out + b_dec.to(acc)).to(W_dec.dtype)
+    lp_sum[sparse_rows + start] = lp
+
+
+class _Grads(NamedTuple):
+    """Backward's incoming gradients (accumulation dtype) and the accumulators it fills."""
+
+    g: torch.Tensor  # [N, d] the reconstruction's gradient
+    grad_lp: torch.Tensor
+    grad_l0: torch.Tensor | None
+    grad_x: torch.Tensor
+    grad_w_enc_t: torch.Tensor
+    grad_b_enc: torch.Tensor
+    grad_w_dec: torch.Tensor
+    grad_theta: torch.Tensor | None
+
+
+def _dense_backward(grads: _Grads, rows, code, band, x, W_enc_t, W_dec_t, theta, bandwidth, p) -> None:
+    """The gradients of a block of dense rows from their code (accumulation dtype) and band
+    (JumpReLU). The code's gradient passes to the pre-activation where code > 0 (pre > threshold)
+    or NaN, as torch.relu's backward: aten.threshold_backward, one vectorised pass in place."""
+    acc = code.dtype
+    all_rows = rows.numel() == x.shape[0]  # the whole batch in order: no gathers
+    g_rows = grads.g if all_rows else grads.g[rows]
+    x_rows = x if all_rows else x[rows]
+    grad_code = g_rows @ W_dec_t
+    if theta is None and p == 1 and not bool(code.sum().isnan()):
+        # d|c|/dc is 1 exactly where the gradient passes (c > 0): one in-place pass, masked below
+        grad_code.add_(grads.grad_lp[rows, None])
+    else:
+        _add_lp_grad_(grad_code, code, grads.grad_lp[rows], p)
+    if theta is not None:
+        term = (-(theta.to(acc) / bandwidth) * grad_code).sub_(grads.grad_l0[rows, None] / bandwidth)
+        grads.grad_theta.add_(term.masked_fill_(~band, 0).sum(0))
+        del term
+    grad_pre = torch.ops.aten.threshold_backward.grad_input(grad_code, code, 0, grad_input=grad_code)
+    grad_pre = grad_pre.to(x.dtype).to(acc)  # in x's dtype, as the kernel
+    if all_rows:
+        torch.mm(grad_pre, W_enc_t.to(acc), out=grads.grad_x)
+    else:
+        grads.grad_x[rows] = grad_pre @ W_enc_t.to(acc)
+    grads.grad_w_enc_t.addmm_(grad_pre.t(), x_rows.to(acc))
+    grads.grad_b_enc.add_(grad_pre.sum(0))
+    del grad_pre, grad_code
+    grads.grad_w_dec.addmm_(code.t(), g_rows)
 
 
 class MemoryEstimate(NamedTuple):
