@@ -41,12 +41,13 @@ of an inactive latent is not formed, as in any sparse decoder.
 
 from __future__ import annotations
 
+import queue
 from typing import NamedTuple
 
 import torch
 
 from fastsae.ops._backend import call_kernel, register_kernel, use_triton
-from fastsae.ops import _checks
+from fastsae.ops import _checks, _workers
 from fastsae.ops._checks import check_same, check_shape, check_tensor, chunk_rows, encoder_operands
 from fastsae.ops._sparse import accumulation_dtype
 
@@ -79,6 +80,17 @@ WORKSPACE_CHUNKS = 4
 
 def workspace_elements() -> int:
     return WORKSPACE_CHUNKS * _checks.CHUNK_ELEMENTS
+
+
+# The reference keeps the dense rows' code from forward to backward up to this many chunks'
+# worth of values (2^25, 128 MiB in fp32, by default), and recomputes the rest: half the kernels'
+# workspace, so that a ReLU step's peak stays near a TopK step's (measured at 262,144 latents:
+# README) while the sizes CPU runs use recompute nothing.
+KEPT_CODE_CHUNKS = 2
+
+
+def kept_code_elements() -> int:
+    return KEPT_CODE_CHUNKS * _checks.CHUNK_ELEMENTS
 
 
 def _code_(pre: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
@@ -120,11 +132,11 @@ class _Entries(NamedTuple):
     band: torch.Tensor | None  # bool [E] (JumpReLU)
 
 
-# The reference's chunks: [rows, n] temporaries of CHUNK_ELEMENTS each, about four alive at once
-# (pre-activations / code, the code's gradient, masks, a product). Few large ops: each is a
-# parallel region, and their count is what a shared CPU pays for (GUIDE section 3).
+# The reference's forward chunks: [rows, n] temporaries of a quarter CHUNK_ELEMENTS (16 MiB in
+# fp32), cache-sized, on single-threaded workers (fastsae/ops/_workers.py): a chunk's dozen
+# elementwise ops never wait at a barrier, so a shared CPU cannot stall them (GUIDE section 3).
 def _rows_per_chunk(width: int) -> int:
-    return chunk_rows(width)
+    return chunk_rows(4 * width)
 
 
 def _entry_steps(n_entries: int, width: int):
@@ -134,109 +146,148 @@ def _entry_steps(n_entries: int, width: int):
     return (slice(start, start + step) for start in range(0, n_entries, step))
 
 
-class _DenseRows(NamedTuple):
-    """Dense rows of one forward chunk whose code is kept for backward (within the budget)."""
+class _Chunk(NamedTuple):
+    """What a forward chunk leaves for the rest of the call."""
 
-    rows: torch.Tensor  # int64 [R], global token ids
-    code: torch.Tensor  # [R, n] the code, x's dtype
-    band: torch.Tensor | None  # bool [R, n]: inside the threshold's band (JumpReLU)
+    entries: _Entries | None  # its sparse rows' held entries (global token ids)
+    fired: torch.Tensor  # int32 [n]: tokens each latent is active on, in this chunk
+    dense: torch.Tensor  # int64: its dense rows (global token ids)
+
+
+class _ReferenceForward:
+    """The reference's forward, chunk by chunk on workers (fastsae/ops/_workers.py). Each chunk
+    writes its own rows of the outputs; the dense rows among the first kept_rows tokens keep their
+    code (and JumpReLU band) in `kept_code` for backward, the later ones are recomputed there.
+
+    A row is sparse when it holds at most reference_capacity(n) entries (active, and for JumpReLU
+    inside the threshold's band) and no NaN: its entries are listed and decoded one by one. A dense
+    row is decoded by one product."""
+
+    def __init__(self, x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p):
+        self.x, self.W_enc, self.b_enc, self.W_dec, self.b_dec = x, W_enc, b_enc, W_dec, b_dec
+        self.theta, self.bandwidth, self.p = theta, bandwidth, p
+        n_tokens, d_in = x.shape
+        n_latents = W_enc.shape[1]
+        self.acc = accumulation_dtype(x.dtype)
+        self.capacity = reference_capacity(n_latents)
+        self.reconstruction = torch.empty(n_tokens, d_in, dtype=W_dec.dtype, device=x.device)
+        self.lp_sum = torch.empty(n_tokens, dtype=self.acc, device=x.device)
+        self.l0 = torch.empty(n_tokens, dtype=self.acc, device=x.device)
+        rows = min(_rows_per_chunk(n_latents), max(1, n_tokens))
+        self.chunks = _workers.chunk_bounds(n_tokens, rows)
+        # Whole chunks only, so that no chunk straddles the kept rows' end.
+        self.kept_rows = min(n_tokens, kept_code_elements() // n_latents // rows * rows)
+        self.kept_code = torch.empty(self.kept_rows, n_latents, dtype=x.dtype, device=x.device)
+        self.kept_band = (None if theta is None else
+                          torch.empty(self.kept_rows, n_latents, dtype=torch.bool, device=x.device))
+        self.free_buffers = queue.SimpleQueue()
+        self.buffer_shape = (rows, n_latents)
+
+    def run(self) -> tuple[list[_Chunk], torch.Tensor]:
+        chunks = _workers.map_chunks(self._chunk, len(self.chunks), self.x.device)
+        fire_counts = torch.zeros(self.W_enc.shape[1], dtype=torch.int32, device=self.x.device)
+        for chunk in chunks:
+            fire_counts += chunk.fired
+        return chunks, fire_counts
+
+    def _chunk(self, index: int) -> _Chunk:
+        try:  # [rows, n] buffers for the code (outside the kept rows) and the counts, one set per worker
+            buffers = self.free_buffers.get_nowait()
+        except queue.Empty:
+            buffers = tuple(torch.empty(self.buffer_shape, dtype=self.x.dtype, device=self.x.device) for _ in range(2))
+        try:
+            return self._chunk_with(*self.chunks[index], *buffers)
+        finally:
+            self.free_buffers.put(buffers)
+
+    def _chunk_with(self, start: int, end: int, code_buf: torch.Tensor, scratch: torch.Tensor) -> _Chunk:
+        theta, acc = self.theta, self.acc
+        code = torch.addmm(self.b_enc, self.x[start:end], self.W_enc, out=code_buf[: end - start])
+        band = None if theta is None else _in_band(code, theta, self.bandwidth)
+        code = _code_(code, theta)
+        row_sums = code.sum(1, dtype=acc)  # code >= 0: a NaN row sums to NaN; lp_sum at p = 1
+        nan_rows = row_sums.isnan()
+        if theta is None:
+            # Counts from sign(code) (1 active, 0 inactive or NaN): float ops, vectorised; the
+            # bool masks and their int reductions cost 5 to 8 times as much on the CPU build.
+            counts, fired = _active_counts(code, scratch[: end - start])
+            held = None
+        else:
+            held = code > 0  # active; NaN is not, but makes its row dense below
+            counts = held.sum(1, dtype=torch.int32)  # (count_nonzero copies to int64: 7x slower)
+            fired = held.sum(0, dtype=torch.int32)
+        self.l0[start:end] = counts
+        if band is not None:
+            held |= band
+            counts = held.sum(1, dtype=torch.int32)
+        dense = (counts > self.capacity) | nan_rows
+        sparse_rows = (~dense).nonzero().squeeze(1)
+        entries = None
+        if sparse_rows.numel():
+            # held: active (or in the band); without a band, the nonzero entries of the finite rows
+            support = code if held is None else held
+            rows, latents = (support if sparse_rows.numel() == code.shape[0] else support[sparse_rows]).nonzero(
+                as_tuple=True)
+            rows = sparse_rows[rows]
+            values = code[rows, latents]
+            entries = _Entries(rows + start, latents, values, None if band is None else band[rows, latents])
+            _decode_entries(self.reconstruction, self.lp_sum, sparse_rows, rows, latents, values, start, self.W_dec,
+                            self.b_dec, self.p)
+        del held
+        # The dense rows: one product; their code is copied to kept_code (whose pages a sparse
+        # code never touches), or recomputed in backward past the kept rows.
+        dense_ids = dense.nonzero().squeeze(1)
+        if dense_ids.numel():
+            all_dense = dense_ids.numel() == code.shape[0]
+            dense_code = code if all_dense else code[dense_ids]
+            self.reconstruction[dense_ids + start] = torch.addmm(self.b_dec, dense_code, self.W_dec)
+            # code >= 0 (or NaN): |code|^1 is the code itself
+            self.lp_sum[dense_ids + start] = (row_sums[dense_ids] if self.p == 1 else
+                                              _abs_pow(dense_code.to(acc), self.p).sum(1))
+            if end <= self.kept_rows:
+                if all_dense:
+                    self.kept_code[start:end].copy_(code)
+                else:
+                    self.kept_code[dense_ids + start] = dense_code
+                if band is not None:
+                    self.kept_band[dense_ids + start] = band if all_dense else band[dense_ids]
+        return _Chunk(entries, fired, dense_ids + start)
 
 
 class ReLUAutoencodeReference(torch.autograd.Function):
-    """The reference. Dense rows keep their code from forward to backward while the kept codes
-    hold at most workspace_elements() values (the kernels' dense-row budget); the rest are
-    recomputed from x in backward. At CPU sizes (N * n <= 2^26: N = 1,024 up to 65,536 latents)
-    nothing is recomputed, and the step costs the dense path's five GEMMs, not six."""
+    """The reference. Dense rows keep their code from forward to backward in the first
+    kept_code_elements() / n tokens; the rest are recomputed from x in backward. At CPU sizes
+    (N * n <= 2^25: N = 1,024 up to 32,768 latents) nothing is recomputed, and a fresh SAE's step
+    costs the dense path's five GEMMs, not six."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p):
-        n_tokens, d_in = x.shape
-        n_latents = W_enc.shape[1]
-        acc = accumulation_dtype(x.dtype)
-        capacity = reference_capacity(n_latents)
-        reconstruction = torch.empty(n_tokens, d_in, dtype=W_dec.dtype, device=x.device)
-        lp_sum = torch.empty(n_tokens, dtype=acc, device=x.device)
-        l0 = torch.empty(n_tokens, dtype=acc, device=x.device)
-        fire_counts = torch.zeros(n_latents, dtype=torch.int32, device=x.device)
-        parts, kept, recomputed = [], [], []
-        keep_budget = workspace_elements()
-        step = _rows_per_chunk(n_latents)
-        scratch = None  # [step, n], once per call: fresh multi-MiB buffers page-fault on every use
-        for start in range(0, n_tokens, step):
-            code = torch.addmm(b_enc, x[start:start + step], W_enc)
-            band = None if theta is None else _in_band(code, theta, bandwidth)
-            code = _code_(code, theta)
-            row_sums = code.sum(1, dtype=acc)  # code >= 0: a NaN row sums to NaN; lp_sum at p = 1
-            nan_rows = row_sums.isnan()
-            if theta is None:
-                # Counts from sign(code) (1 active, 0 inactive or NaN): float ops, vectorised; the
-                # bool masks and their int reductions cost 5 to 8 times as much on the CPU build.
-                if scratch is None:
-                    scratch = torch.empty(min(step, n_tokens), n_latents, dtype=code.dtype, device=x.device)
-                counts, fired = _active_counts(code, scratch[: code.shape[0]])
-                held = None
-            else:
-                held = code > 0  # active; NaN is not, but makes its row dense below
-                counts = held.sum(1, dtype=torch.int32)  # (count_nonzero copies to int64: 7x slower)
-                fired = held.sum(0, dtype=torch.int32)
-            l0[start:start + step] = counts
-            fire_counts += fired
-            if band is not None:
-                held |= band
-                counts = held.sum(1, dtype=torch.int32)
-            dense = (counts > capacity) | nan_rows
-            sparse_rows = (~dense).nonzero().squeeze(1)
-            if sparse_rows.numel():
-                # held: active (or in the band); without a band, the nonzero entries of the finite rows
-                support = code if held is None else held
-                rows, latents = (support if sparse_rows.numel() == code.shape[0] else support[sparse_rows]).nonzero(
-                    as_tuple=True)
-                rows = sparse_rows[rows]
-                values = code[rows, latents]
-                parts.append(_Entries(rows + start, latents, values, None if band is None else band[rows, latents]))
-                _decode_entries(reconstruction, lp_sum, sparse_rows, rows, latents, values, start, W_dec, b_dec, p)
-            del held
-            # The dense rows: one product; the code kept for backward, or recomputed there.
-            dense_ids = dense.nonzero().squeeze(1)
-            if dense_ids.numel():
-                if dense_ids.numel() < code.shape[0]:
-                    code = code[dense_ids]
-                    band = None if band is None else band[dense_ids]
-                reconstruction[dense_ids + start] = torch.addmm(b_dec, code, W_dec)
-                # code >= 0 (or NaN): |code|^1 is the code itself
-                lp_sum[dense_ids + start] = row_sums[dense_ids] if p == 1 else _abs_pow(code.to(acc), p).sum(1)
-                if code.numel() <= keep_budget:
-                    keep_budget -= code.numel()
-                    kept.append(_DenseRows(dense_ids + start, code, band))
-                else:
-                    recomputed.append(dense_ids + start)
-            del code, band
+        state = _ReferenceForward(x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p)
+        chunks, fire_counts = state.run()
         long = torch.zeros(0, dtype=torch.int64, device=x.device)
+        parts = [chunk.entries for chunk in chunks if chunk.entries is not None]
         entries = _Entries(torch.cat([e.tokens for e in parts]) if parts else long,
                            torch.cat([e.latents for e in parts]) if parts else long,
                            torch.cat([e.values for e in parts]) if parts else x.new_zeros(0),
                            None if theta is None else
                            torch.cat([e.band for e in parts]) if parts else long.bool())
-        recomputed = torch.cat(recomputed) if recomputed else long
-        kept_tensors = [t for block in kept for t in block if t is not None]
-        ctx.save_for_backward(x, W_enc, b_enc, W_dec, theta, recomputed, *entries[:3],
-                              *(() if entries.band is None else (entries.band,)), *kept_tensors)
-        ctx.kept_blocks = len(kept)
+        dense = torch.cat([chunk.dense for chunk in chunks]) if chunks else long
+        kept_dense = dense[dense < state.kept_rows]
+        recomputed = dense[dense >= state.kept_rows]
+        ctx.save_for_backward(x, W_enc, b_enc, W_dec, theta, recomputed, kept_dense, state.kept_code, state.kept_band,
+                              *entries[:3], *(() if entries.band is None else (entries.band,)))
         ctx.bandwidth, ctx.p = bandwidth, p
         ctx.mark_non_differentiable(fire_counts)
         if theta is None:
-            ctx.mark_non_differentiable(l0)
-        return reconstruction, lp_sum, l0, fire_counts
+            ctx.mark_non_differentiable(state.l0)
+        return state.reconstruction, state.lp_sum, state.l0, fire_counts
 
     @staticmethod
     def backward(ctx, grad_recon, grad_lp, grad_l0, _grad_fire_counts):
-        x, W_enc, b_enc, W_dec, theta, recomputed, tokens, latents, values, *rest = ctx.saved_tensors
+        (x, W_enc, b_enc, W_dec, theta, recomputed, kept_dense, kept_code, kept_band, tokens, latents, values,
+         *band) = ctx.saved_tensors
         jump = theta is not None
-        band = rest[0] if jump else None
-        kept_tensors = rest[1:] if jump else rest
-        per_block = 3 if jump else 2
-        kept = [_DenseRows(*kept_tensors[i:i + per_block], *(() if jump else (None,)))
-                for i in range(0, per_block * ctx.kept_blocks, per_block)]
+        band = band[0] if band else None
         bandwidth, p = ctx.bandwidth, ctx.p
         n_tokens, d_in = x.shape
         n_latents = W_enc.shape[1]
@@ -268,12 +319,18 @@ class ReLUAutoencodeReference(torch.autograd.Function):
                 grads.grad_theta.index_add_(0, l, torch.where(band[part], term, 0))
             del g_rows
 
-        # Dense rows: the kept code, or the code recomputed from x chunk by chunk.
+        # Dense rows: the kept code (in place when it is every row from the first on, as at
+        # initialisation; else gathered a chunk at a time), or recomputed from x chunk by chunk.
         W_dec_t = W_dec.t().to(acc)
-        for block in kept:
-            _dense_backward(grads, block.rows, block.code.to(acc), block.band, x, W_enc_t, W_dec_t, theta, bandwidth,
-                            p)
-        step = _rows_per_chunk(n_latents)
+        step = chunk_rows(n_latents)  # [step, n] temporaries: CHUNK_ELEMENTS each
+        in_place = kept_dense.numel() and int(kept_dense[-1]) == kept_dense.numel() - 1  # rows 0, 1, ...
+        blocks = ((kept_dense[i:i + step], *((kept_code[i:i + step], None if not jump else kept_band[i:i + step])
+                                             if in_place else
+                                             (kept_code[kept_dense[i:i + step]],
+                                              None if not jump else kept_band[kept_dense[i:i + step]])))
+                  for i in range(0, kept_dense.numel(), step))
+        for rows, code, band_rows in blocks:
+            _dense_backward(grads, rows, code.to(acc), band_rows, x, W_enc_t, W_dec_t, theta, bandwidth, p)
         for start in range(0, recomputed.numel(), step):
             rows = recomputed[start:start + step]
             code = torch.addmm(b_enc, x[rows], W_enc)
@@ -365,11 +422,11 @@ class MemoryEstimate(NamedTuple):
 # sorted copy.
 _SLOT_BYTES = 4 + 4 + 4 + 4 + 1 + 8 + 12 + 4
 _SLOT_BYTES_JUMP = 1 + 4 + 4 + 4
-# The reference: about this many [rows, n] temporaries of a quarter CHUNK_ELEMENTS each are
-# alive at its peak (measured: 3.5 with a dense code, 1.7 with a sparse one, fp32).
-_REFERENCE_LIVE_CHUNKS = 4
-
-
+# The reference's peak besides the kept code: in forward, each worker's two [rows, n] buffers (a
+# quarter CHUNK_ELEMENTS each: the chunk's code and the counts' scratch); in backward, a dense
+# block's [rows, n] temporaries of CHUNK_ELEMENTS each: the code's gradient (JumpReLU: and its Lp
+# term and threshold terms), a fp16 / bf16 code's fp32 copy.
+_FORWARD_BUFFERS_PER_WORKER = 2
 def memory_estimate(n_tokens: int, n_latents: int, d_in: int, itemsize: int, *, jump: bool = False) -> MemoryEstimate:
     """What one call holds at its peak (forward and backward), the larger of the Triton path's and
     the reference's, for N = n_tokens: fastsae plan's model of a ReLU / JumpReLU SAE's memory.
@@ -384,9 +441,12 @@ def memory_estimate(n_tokens: int, n_latents: int, d_in: int, itemsize: int, *, 
     width = min(aligned, max(128, workspace_elements() // max(1, n_tokens) // 128 * 128))
     kernel_ws = n_tokens * width * (2 * itemsize + (4 if jump else 0))  # the pre-activations' gradient, the code
     kernel_ws += 4 * n_tokens * d_in if width < n_latents else 0  # fp32 grad_x across chunks
-    rows = _rows_per_chunk(n_latents)
-    reference_ws = _REFERENCE_LIVE_CHUNKS * min(rows, n_tokens) * n_latents * max(4, itemsize)
-    reference_ws += max(4, itemsize) * n_tokens * d_in  # the fp32 grad_x accumulator
+    workers = max(1, torch.get_num_threads())
+    forward = workers * _FORWARD_BUFFERS_PER_WORKER * min(_rows_per_chunk(n_latents), n_tokens) * n_latents * itemsize
+    live = 1 + (2 if jump else 0) + (1 if itemsize < 4 else 0)
+    backward = live * min(chunk_rows(n_latents), n_tokens) * n_latents * max(4, itemsize)
+    kept = min(n_tokens, kept_code_elements() // n_latents) * n_latents * (itemsize + (1 if jump else 0))
+    reference_ws = kept + max(forward, backward) + max(4, itemsize) * n_tokens * d_in  # + the fp32 grad_x
     return MemoryEstimate(max(kernel_code, reference_code), max(kernel_ws, reference_ws))
 
 
