@@ -15,7 +15,7 @@ measured L0: 2*N*d*n + 2*N*L0*d forward, + 8*N*L0*d backward.
 
 CPU peak memory of a training step, each variant in a fresh process (the issue's measurement):
 
-    python benchmarks/bench_relu_autoencoder.py --memory [--n 262144 --d 256 --tokens 1024]
+    python benchmarks/bench_relu_autoencoder.py --memory [--n 262144 --d 256 --tokens 1024 --threads 2]
 
 compares relu_autoencode, relu_encode + dense_decode and a TopK SAE (topk_encode + sparse_decode,
 k = 32) of the same size: forward + backward of MSE + Lp, the gradients allocated in the step.
@@ -164,7 +164,7 @@ def memory_child(variant: str, code: str, n_tokens: int, d: int, n_latents: int,
                 weights_bytes=2 * d * n_latents * 4, step_s=seconds)
 
 
-def memory_report(n_tokens: int, d: int, n_latents: int, k: int) -> list[dict]:
+def memory_report(n_tokens: int, d: int, n_latents: int, k: int, threads: int) -> list[dict]:
     rows = []
     for code in CODES:
         for variant in MEMORY_VARIANTS:
@@ -172,7 +172,7 @@ def memory_report(n_tokens: int, d: int, n_latents: int, k: int) -> list[dict]:
                 continue  # a TopK code has k latents whatever the bias
             out = subprocess.run([sys.executable, __file__, "--memory-child", variant, code, str(n_tokens), str(d),
                                   str(n_latents), str(k)], capture_output=True, text=True, check=True,
-                                 env=dict(os.environ, FASTSAE_BACKEND="torch"))
+                                 env=dict(os.environ, FASTSAE_BACKEND="torch", OMP_NUM_THREADS=str(threads)))
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
 
@@ -185,6 +185,8 @@ def main(argv=None):
     parser.add_argument("--d", type=int, default=256)
     parser.add_argument("--n", type=int, default=262_144)
     parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
+                        help="torch threads in each step's process (default: OMP_NUM_THREADS, else every core)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -193,7 +195,7 @@ def main(argv=None):
         return
     if not args.memory:
         parser.error("use pytest for the timing benchmarks; --memory for the CPU memory comparison")
-    rows = memory_report(args.tokens, args.d, args.n, args.k)
+    rows = memory_report(args.tokens, args.d, args.n, args.k, args.threads)
     gib = 2**30
     print(f"{'variant':<27} {'code':<7} {'L0':>8} {'step peak':>10} {'process':>9} {'step s':>7}")
     for r in rows:
@@ -202,7 +204,9 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=device_name(), versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                           load_average_1min=os.getloadavg()[0], rows=rows), f, indent=2)
+                           load_average_1min=os.getloadavg()[0], threads=args.threads,
+                           command="python benchmarks/bench_relu_autoencoder.py " + " ".join(
+                               argv if argv is not None else sys.argv[1:]), rows=rows), f, indent=2)
 
 
 if __name__ == "__main__":

@@ -402,12 +402,18 @@ def _rate(value: float | None) -> str:
     return f"{value:.3g}" if value >= 0.01 else f"{value:.1e}"
 
 
-def report_lines(records: list[dict], peaks: dict | None, device: str) -> list[str]:
+def report_lines(records: list[dict], peaks: dict | None, device: str, *, load_average: float | None = None,
+                 cuda: bool | None = None) -> list[str]:
     """One table per op (records: the rows' extra_info), at most REPORT_WIDTH columns.
 
     Within an op, one block per (passes, shape), rows in the order they ran; `ratio` is each row's
-    median over the block's fused row (its reference row where no fused row ran).
+    median over the block's fused row (its reference row where no fused row ran). load_average and
+    cuda describe the machine the rows ran on (default: this one, now), so that a stored record
+    renders the same anywhere (benchmarks/readme_tables.py).
     """
+    cuda = HAS_CUDA if cuda is None else cuda
+    if load_average is None:
+        load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     lines = []
     header = (f"{'variant':<20} {'median':>9} {'p20..p80':>19} {'TFLOP/s':>8} {'GB/s':>8} {'roof':>6} "
               f"{'peak mem':>10} {'ratio':>7}")
@@ -443,7 +449,7 @@ def report_lines(records: list[dict], peaks: dict | None, device: str) -> list[s
         notes.append(f"Device: {device}. roof: fraction of the {peaks['model']} roofline reached, compute or "
                      f"memory, whichever is nearer (datasheet: bf16 {peaks['bf16']:g}, tf32 {peaks['tf32']:g}, "
                      f"fp32 {peaks['fp32']:g} TFLOP/s, HBM {peaks['hbm_GBps']:g} GB/s).")
-    elif HAS_CUDA:
+    elif cuda:
         notes.append(f"Device: {device}: unknown device, no entry in the peak table (benchmarks/harness.py "
                      "PEAKS), so no fraction of peak.")
     else:
@@ -455,10 +461,9 @@ def report_lines(records: list[dict], peaks: dict | None, device: str) -> list[s
         else:
             notes.append("The Triton-kernel rows are left out: here they would run under Triton's "
                          "interpreter (--bench-interpreter brings them back).")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load > (os.cpu_count() or 1):
-        notes.append(f"The host was busy (load average {load:.1f} on {os.cpu_count()} cores): other processes "
-                     "took CPU time from these runs, so the times are inflated and noisy.")
+    if load_average > (os.cpu_count() or 1):
+        notes.append(f"The host was busy (load average {load_average:.1f} on {os.cpu_count()} cores): other "
+                     "processes took CPU time from these runs, so the times are inflated and noisy.")
     notes.append("median, p20..p80: time per call. TFLOP/s, GB/s: the cost model's FLOPs and bytes per "
                  "call over the median. peak mem: one call's peak above what existed before it. ratio: "
                  "median over the block's fused row (its reference row where no fused row ran).")

@@ -1,10 +1,14 @@
 """fastsae: end-to-end sparse autoencoders with fused Triton kernels."""
 
-from fastsae import _kernels_package  # noqa: F401  (first: makes fastsae.kernels importable)
-from fastsae._version import __version__
-from fastsae import ops
-from fastsae.sae import E2ESAE, SAEOutput, SparseCode, load_run
-from fastsae.spec import SAESpec
+from fastsae import _openmp
+
+_openmp.shorten_spin_wait()  # before torch loads its OpenMP runtime (fastsae/_openmp.py)
+
+from fastsae import _kernels_package  # noqa: E402, F401  (makes fastsae.kernels importable)
+from fastsae._version import __version__  # noqa: E402
+from fastsae import ops  # noqa: E402
+from fastsae.sae import E2ESAE, SAEOutput, SparseCode, load_run  # noqa: E402
+from fastsae.spec import SAESpec  # noqa: E402
 
 
 # The trainer and the model adapter import transformer-lens (seconds): load them on first use.

@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # The layers, lowest first: a module may import from its own layer and the ones below it.
 LAYERS = [
-    ("fastsae._files", "fastsae._dtypes", "fastsae._version", "fastsae.runs", "fastsae.distributed"),
+    ("fastsae._files", "fastsae._dtypes", "fastsae._version", "fastsae._openmp", "fastsae._kernels_package",
+     "fastsae.runs", "fastsae.distributed"),
     ("fastsae.kernels",),
     ("fastsae.ops",),
     ("fastsae.activations",),

@@ -7,6 +7,9 @@ L0, and no [N, n_latents] tensor at any density.
     reconstruction = code @ W_dec + b_dec,  lp_sum = sum_j |code_j|^p,  l0 = #(code_j > 0),
     fire_counts = the tokens each latent is active on.
 
+The module is longer than most: the op, its reference (the spec, in forward and backward) and
+plan's memory model of both paths belong together.
+
 The code itself is never returned: a training step needs only these four, and a ReLU SAE's code
 is an [N, n] tensor that is dense at initialisation and 99.9 % zeros later. (E2ESAE.encode still
 builds a dense code for a user who asks, with relu_encode.)
@@ -23,15 +26,18 @@ The caller forms the loss terms: the Lp norm is lp_sum ** (1 / p) (a sharded SAE
 its shards first), the paper's sparsity term its mean over tokens / d_in; decoder_norm="forward"
 passes W_dec already scaled (W_dec * scale[:, None]).
 
-The reference below is the spec and the CPU path. It walks the tokens in chunks of
-chunk_rows(4 * n_latents) (the few [chunk, n] temporaries alive at once hold about CHUNK_ELEMENTS
-together) and keeps each token's code in one of two forms, as the Triton kernels do
-(kernels/relu_autoencoder.py): a sparse row (at most reference_capacity(n) held entries: active,
-and for JumpReLU inside the threshold's band, whose entries the threshold's gradient needs) as a
-list of (token, latent, value) entries, decoded and differentiated entry by entry; a dense row
-(more entries, or a NaN) not at all: its code is recomputed from x in backward, as a fused MLP
-does. Peak memory: the chunk temporaries, the entry list (at most N * reference_capacity(n)) and
-parameter-sized gradient accumulators. memory_estimate() is fastsae plan's model of both paths.
+The reference below is the spec and the CPU path. Its forward walks the tokens in chunks of
+chunk_rows(4 * n_latents) on single-threaded workers (fastsae/ops/_workers.py: cache-sized chunks
+whose elementwise ops never wait at an OpenMP barrier) and keeps each token's code in one of two
+forms, as the Triton kernels do (kernels/relu_autoencoder.py): a sparse row (at most
+reference_capacity(n) held entries: active, and for JumpReLU inside the threshold's band, whose
+entries the threshold's gradient needs) as a list of (token, latent, value) entries, decoded and
+differentiated entry by entry; a dense row (more entries, or a NaN) by one product, its code kept
+for backward among the first kept_code_elements() / n tokens and recomputed from x beyond them.
+A fresh SAE's dense step then costs the dense path's five GEMMs at CPU sizes (not six), and its
+memory stays bounded at any size. Peak memory: the kept code, the chunk temporaries, the entry
+list (at most N * reference_capacity(n)) and parameter-sized gradient accumulators.
+memory_estimate() is fastsae plan's model of both paths.
 
 Non-finite inputs: a NaN pre-activation makes its row dense, where the products spread it as the
 dense form's do (that token's reconstruction, lp_sum and grad_x; every latent's weight gradients).
