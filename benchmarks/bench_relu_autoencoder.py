@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -205,8 +206,9 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(dict(device=device_name(), versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                            load_average_1min=os.getloadavg()[0], threads=args.threads,
-                           command="python benchmarks/bench_relu_autoencoder.py " + " ".join(
-                               argv if argv is not None else sys.argv[1:]), rows=rows), f, indent=2)
+                           command=shlex.join(["python", "benchmarks/bench_relu_autoencoder.py",
+                                               *(argv if argv is not None else sys.argv[1:])]), rows=rows), f,
+                      indent=2)
 
 
 if __name__ == "__main__":

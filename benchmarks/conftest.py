@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,14 @@ def _out_path() -> Path:
     return directory / f"{time.strftime('%Y%m%d-%H%M%S')}_{bench_size()}_{device_slug()}.json"
 
 
+def _command_line() -> str:
+    """The command as typed: `python -m pytest` for pytest's own entry, arguments quoted."""
+    argv = list(sys.argv)
+    if argv and argv[0].replace("\\", "/").endswith(("pytest/__main__.py", "/pytest", "py.test")):
+        argv[:1] = ["python", "-m", "pytest"]
+    return shlex.join(argv)
+
+
 def _write_results(config) -> None:
     records = _records(config)
     if not records:
@@ -54,7 +63,7 @@ def _write_results(config) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"device": device_name(), "device_peaks": device_peaks(), "size": bench_size(),
                "interpreter_rows": include_interpreted(), "versions": versions(),
-               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv),
+               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": _command_line(),
                "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                "rows": records}
     path.write_text(json.dumps(payload, indent=2, default=str))

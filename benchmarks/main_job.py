@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -78,7 +79,8 @@ def main(argv=None) -> int:
             print(json.dumps(runs[-1]), flush=True)
     record = dict(device=device_name(), versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                   load_average_1min=os.getloadavg()[0], cpu_count=os.cpu_count(),
-                  command="python benchmarks/main_job.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  command=shlex.join(["python", "benchmarks/main_job.py",
+                                      *(argv if argv is not None else sys.argv[1:])]),
                   runs=runs)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

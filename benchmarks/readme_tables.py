@@ -63,7 +63,8 @@ def provenance(relative: str, record: dict, *, what: str = "") -> str:
     load_average = record.get("load_average_1min")
     load_text = f", load average {load_average:.1f} when it finished" if load_average is not None else ""
     machine = record.get("machine") or record.get("device")
-    return (f"<sub>{what}`{record['command'].strip()}` on {machine}{load_text}, {record['date']}; "
+    command = re.sub(r"\S*pytest/__main__\.py", "python -m pytest", record["command"].strip())  # older records
+    return (f"<sub>{what}`{command}` on {machine}{load_text}, {record['date']}; "
             f"record: `benchmarks/results/{relative}`.</sub>")
 
 
@@ -78,9 +79,12 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 CPU_PATH_LABELS = {
     "kl": "KL loss, forward + backward (N 1,024, d 256, V 50,257): the reference against logits, "
           "`log_softmax`, `kl_div`",
+    "kl_gpt2": "the same at the GPT-2 preset's N 2,048 and d 768",
     "relu_dense": "ReLU SAE step (N 1,024, d 256, 16,384 latents), a fresh SAE's dense code: `relu_autoencode` "
                   "against `relu_encode` + `dense_decode`",
-    "relu_sparse": "the same with a trained SAE's sparse code (about 0.1 % active)",
+    "relu_dense_wide": "the same at 262,144 latents (most dense rows' code recomputed in backward: the memory "
+                       "bound)",
+    "relu_sparse": "the 16,384-latent step with a trained SAE's sparse code (about 0.1 % active)",
     "e2e_step": "e2e training step (4 layers, d 256, V 50,257, 8 x 128 tokens, 4,096 latents): `Trainer.step` "
                 "against the paper code's step",
 }
@@ -93,6 +97,8 @@ def cpu_paths() -> str:
     header += [f"{threads} thread{'s' if threads > 1 else ''}, {condition}" for threads, condition in conditions]
     rows = []
     for name, label in CPU_PATH_LABELS.items():
+        if not any(r["comparison"] == name for r in record["results"]):
+            continue
         cells = [label]
         for threads, condition in conditions:
             match = [r for r in record["results"]
@@ -120,7 +126,7 @@ def main_job() -> str:
         rows.append([f"`fastsae train embedded`, {what}", run["condition"], seconds(run["seconds"]),
                      f"{run['training_tokens'] / run['seconds']:,.0f}" if run["cache"] == "warm" else "",
                      f"{run['ce_increase']:.3f}", f"{run['l0']:.1f}"])
-    return (table(["run", "machine", "wall time", "training tokens / s of wall time", "CE increase", "L0"], rows)
+    return (table(["run", "condition", "wall time", "training tokens / s of wall time", "CE increase", "L0"], rows)
             + "\n\n" + provenance(MAIN_JOB, record))
 
 

@@ -4,10 +4,12 @@ model), while it stays importable as `fastsae.kernels`.
 
 `python -m ...`, `torchrun -m ...` and pytest put the working directory (or the rootdir) first on
 `sys.path`; each check runs `python` in a subprocess whose working directory is the repo root, with
-the root first on `sys.path` as `python -m` puts it.
+the root first on `sys.path` as `python -m` puts it. `torchrun -m fastsae train` from the root runs
+in tests/test_benchmarks.py (gpu_check's distributed part at smoke size, cwd the repo root).
 """
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +61,16 @@ def test_python_m_fastsae_from_the_root():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train" in result.stdout
+
+
+@pytest.mark.parametrize("preset, torch_first, want", [(None, False, "10000"), ("5", False, "5"), (None, True, "unset")])
+def test_fastsae_shortens_openmp_spin_wait_before_torch_loads(preset, torch_first, want):
+    """fastsae/_openmp.py: GOMP_SPINCOUNT=10000 for a process that imports fastsae before torch,
+    unless the environment sets it; a process that loaded torch first keeps its runtime's setting."""
+    env = {key: value for key, value in os.environ.items() if key != "GOMP_SPINCOUNT"}
+    if preset is not None:
+        env["GOMP_SPINCOUNT"] = preset
+    code = ("import torch; " if torch_first else "") + "import fastsae, os; print(os.environ.get('GOMP_SPINCOUNT', 'unset'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == want

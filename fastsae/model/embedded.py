@@ -38,9 +38,10 @@ from fastsae._files import honour_umask
 from fastsae.model.sources import quiet_transformers_progress
 
 # What the first build of the default config takes, shown before it starts (the bar then shows the
-# real rate). Measured on the project's CPU machine (2-core AMD EPYC) with ensure_embedded_model into
-# an empty cache, idle and shared (README, "Measured").
-PRETRAIN_TIME_NOTE = "about 3 min on an idle 2-core AMD EPYC, 17 min on one at load average 16-21"
+# real rate). Measured on the project's CPU machine (2-core Intel Xeon) with `fastsae train embedded`
+# into an empty cache against a warm one, idle and with one other busy process (README, "Measured":
+# benchmarks/results/main_job_*.json); earlier on a 2-core AMD EPYC: 3 min idle, 17 min shared.
+PRETRAIN_TIME_NOTE = "about 75 s on an idle 2-core Intel Xeon, the same beside one other busy process"
 
 EMBEDDED_VERSION = "1"
 EOS = "<|endoftext|>"

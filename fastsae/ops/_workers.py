@@ -22,8 +22,10 @@ library's); the caller's count is restored when they are done. Grad mode is off 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import queue
 import threading
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -85,3 +87,24 @@ def map_chunks(fn: Callable[[int], T], n_chunks: int, device: torch.device) -> l
 def chunk_bounds(n_rows: int, rows_per_chunk: int) -> Sequence[tuple[int, int]]:
     """(start, end) of each chunk of at most rows_per_chunk rows."""
     return [(start, min(start + rows_per_chunk, n_rows)) for start in range(0, n_rows, max(1, rows_per_chunk))]
+
+
+class BufferPool:
+    """Scratch buffers for the chunks of one call, one set per worker: a worker borrows a set for a
+    chunk and returns it, so each set is made once (fresh multi-MiB buffers page-fault on every
+    use) and no two chunks share one at a time."""
+
+    def __init__(self, make: Callable[[], T]):
+        self._make = make
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[T]:
+        try:
+            buffers = self._free.get_nowait()
+        except queue.Empty:
+            buffers = self._make()
+        try:
+            yield buffers
+        finally:
+            self._free.put(buffers)

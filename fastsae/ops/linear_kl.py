@@ -40,7 +40,6 @@ this reference. No record for the device: the fused kernel.
 
 from __future__ import annotations
 
-import queue
 from typing import NamedTuple
 
 import torch
@@ -171,8 +170,9 @@ def _fast_terms(a: torch.Tensor, d: torch.Tensor, work: torch.Tensor, work2: tor
     wherever the SAE changes the logits a little; phi(x) = expm1(x) - x is an exact subtraction
     for |x| < 1 (Sterbenz) of torch's accurate expm1, so each term carries the rounding of expm1
     alone: an error about eps E_p|x| on a KL of order E_p[x^2] (relative error at most 2.3e-5 on
-    the small-KL tests, 3e-5 nats per token), no series needed. The argmaxes agree when no logit of the SAE run exceeds its logit at the clean argmax:
-    max e (1 + expm1(x)) = max exp(B - B[argmax A]) <= 1.
+    the small-KL tests, 3e-5 nats per token), no series needed. The argmaxes agree when no logit
+    of the SAE run exceeds its logit at the clean argmax, max e (1 + expm1(x)) = max exp(B -
+    B[argmax A]) <= 1 (up to rounding; a tie counts as agreeing).
 
     a and d are overwritten (a with e; d with the gradient's terms e (expm1(x) - U / S) when
     want_grad). Returns the terms and the rows that need the stable form (x above _FAST_X_BOUND,
@@ -199,12 +199,15 @@ def _stable_terms(a: torch.Tensor, d: torch.Tensor, want_grad: bool) -> _RowTerm
     series where x is small). About 30 ops; run only on the rows the fast terms cannot take.
     a and d are overwritten (d with the gradient's terms when want_grad)."""
     m_a, top_a = a.max(-1)
-    top_b = (a + d).argmax(-1)
-    centre = (a + d).max(-1).values - m_a
+    b = a + d
+    m_b = b.max(-1).values
+    agree = b.gather(1, top_a[:, None]).squeeze(1) >= m_b  # as the fast form: a tie agrees
+    del b
+    centre = m_b - m_a
     x = d.sub_(centre[:, None])
     e, e_em, e_phi = centered_terms(a.sub_(m_a[:, None]), x)
     s, u = e.sum(-1), e_em.sum(-1)
-    terms = _RowTerms(m_a, centre, s, u, e_phi.sum(-1), torch.linalg.vecdot(e, x), top_a == top_b)
+    terms = _RowTerms(m_a, centre, s, u, e_phi.sum(-1), torch.linalg.vecdot(e, x), agree)
     if want_grad:
         torch.addcmul(e_em, e, (u / s)[:, None], value=-1, out=d)
     return terms
@@ -237,8 +240,8 @@ class _KLPass:
         self.chunks = _workers.chunk_bounds(n_tokens, _workspace_rows(n_tokens, d_vocab, workers))
         self.rows = max((end - start for start, end in self.chunks), default=0)
         self.step = max(1, min(self.rows, _ELEMENTWISE_ELEMENTS // max(1, d_vocab)))
-        self.free_buffers = queue.SimpleQueue()  # one set per worker, made on first use
         self.device = device
+        self.buffers = _workers.BufferPool(self._make_buffers)
 
     def run(self):
         """(kl [N], grad [N, d] or None, sums [5]: ce_orig, ce_sae, labelled, agreements, counted)."""
@@ -246,23 +249,17 @@ class _KLPass:
         sums = torch.stack(chunk_sums).sum(0) if chunk_sums else torch.zeros(5, device=self.device)
         return self.kl, self.grad, sums
 
-    def _buffers(self):
-        try:
-            return self.free_buffers.get_nowait()
-        except queue.Empty:
-            shape, like = (self.rows, self.W.shape[1]), dict(dtype=self.W.dtype, device=self.device)
-            slice_shape = (self.step, self.W.shape[1])
-            slope = torch.empty(slice_shape, **like) if self.want_grad and self.softcap else None
-            return (torch.empty(shape, **like), torch.empty(shape, **like), torch.empty(slice_shape, **like),
-                    torch.empty(slice_shape, **like), slope)
+    def _make_buffers(self):
+        """Two [rows, d_vocab] logits buffers and the slices' work buffers (and the cap's slope)."""
+        like = dict(dtype=self.W.dtype, device=self.device)
+        chunk, piece = (self.rows, self.W.shape[1]), (self.step, self.W.shape[1])
+        slope = torch.empty(piece, **like) if self.want_grad and self.softcap else None
+        return (torch.empty(chunk, **like), torch.empty(chunk, **like), torch.empty(piece, **like),
+                torch.empty(piece, **like), slope)
 
     def _chunk(self, index: int) -> torch.Tensor:
-        start, end = self.chunks[index]
-        buffers = self._buffers()
-        try:
-            return self._chunk_with(start, end, *buffers)
-        finally:
-            self.free_buffers.put(buffers)
+        with self.buffers.borrow() as buffers:
+            return self._chunk_with(*self.chunks[index], *buffers)
 
     def _chunk_with(self, start, end, clean_buf, delta_buf, work_buf, work2_buf, slope_buf) -> torch.Tensor:
         n, dtype = end - start, self.W.dtype

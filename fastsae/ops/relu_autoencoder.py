@@ -47,7 +47,6 @@ of an inactive latent is not formed, as in any sparse decoder.
 
 from __future__ import annotations
 
-import queue
 from typing import NamedTuple
 
 import torch
@@ -186,8 +185,9 @@ class _ReferenceForward:
         self.kept_code = torch.empty(self.kept_rows, n_latents, dtype=x.dtype, device=x.device)
         self.kept_band = (None if theta is None else
                           torch.empty(self.kept_rows, n_latents, dtype=torch.bool, device=x.device))
-        self.free_buffers = queue.SimpleQueue()
-        self.buffer_shape = (rows, n_latents)
+        # [rows, n] buffers for the code and the counts' scratch, one pair per worker
+        self.buffers = _workers.BufferPool(lambda: tuple(torch.empty(rows, n_latents, dtype=x.dtype, device=x.device)
+                                                         for _ in range(2)))
 
     def run(self) -> tuple[list[_Chunk], torch.Tensor]:
         chunks = _workers.map_chunks(self._chunk, len(self.chunks), self.x.device)
@@ -197,14 +197,8 @@ class _ReferenceForward:
         return chunks, fire_counts
 
     def _chunk(self, index: int) -> _Chunk:
-        try:  # [rows, n] buffers for the code (outside the kept rows) and the counts, one set per worker
-            buffers = self.free_buffers.get_nowait()
-        except queue.Empty:
-            buffers = tuple(torch.empty(self.buffer_shape, dtype=self.x.dtype, device=self.x.device) for _ in range(2))
-        try:
+        with self.buffers.borrow() as buffers:
             return self._chunk_with(*self.chunks[index], *buffers)
-        finally:
-            self.free_buffers.put(buffers)
 
     def _chunk_with(self, start: int, end: int, code_buf: torch.Tensor, scratch: torch.Tensor) -> _Chunk:
         theta, acc = self.theta, self.acc
