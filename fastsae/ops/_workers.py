@@ -108,3 +108,35 @@ class BufferPool:
             yield buffers
         finally:
             self._free.put(buffers)
+
+
+class InOrder:
+    """Accumulation into shared tensors in chunk order, from chunks computed in any order: chunk i's
+    accumulate() runs after chunk i - 1's, so a sum over chunks rounds the same every run (exact
+    resumes depend on it), while the chunks' own work overlaps. Chunks start in index order
+    (map_chunks hands them out so), so a chunk never waits on one that has not started."""
+
+    def __init__(self):
+        self._next = 0
+        self._turn = threading.Condition()
+
+    def run(self, index: int, compute: Callable[[], T], accumulate: Callable[[T], None]) -> None:
+        try:
+            result = compute()
+        except BaseException:
+            with self._turn_of(index):  # keep the order moving for the chunks after this one
+                pass
+            raise
+        with self._turn_of(index):
+            accumulate(result)
+
+    @contextlib.contextmanager
+    def _turn_of(self, index: int) -> Iterator[None]:
+        with self._turn:
+            self._turn.wait_for(lambda: self._next == index)
+        try:
+            yield
+        finally:
+            with self._turn:
+                self._next = index + 1
+                self._turn.notify_all()

@@ -250,26 +250,28 @@ class _KLPass:
         return self.kl, self.grad, sums
 
     def _make_buffers(self):
-        """Two [rows, d_vocab] logits buffers and the slices' work buffers (and the cap's slope)."""
+        """The [2 rows, d_vocab] logits buffer (the clean run's rows, then the differences), the
+        slices' work buffers (and the cap's slope)."""
         like = dict(dtype=self.W.dtype, device=self.device)
-        chunk, piece = (self.rows, self.W.shape[1]), (self.step, self.W.shape[1])
+        piece = (self.step, self.W.shape[1])
         slope = torch.empty(piece, **like) if self.want_grad and self.softcap else None
-        return (torch.empty(chunk, **like), torch.empty(chunk, **like), torch.empty(piece, **like),
+        return (torch.empty(2 * self.rows, self.W.shape[1], **like), torch.empty(piece, **like),
                 torch.empty(piece, **like), slope)
 
     def _chunk(self, index: int) -> torch.Tensor:
         with self.buffers.borrow() as buffers:
             return self._chunk_with(*self.chunks[index], *buffers)
 
-    def _chunk_with(self, start, end, clean_buf, delta_buf, work_buf, work2_buf, slope_buf) -> torch.Tensor:
+    def _chunk_with(self, start, end, logits_buf, work_buf, work2_buf, slope_buf) -> torch.Tensor:
         n, dtype = end - start, self.W.dtype
-        logits, delta = clean_buf[:n], delta_buf[:n]
-        # The clean run's logits (the bias is added per slice, in cache: cheaper than addmm's), and
-        # the difference (h_sae - h_orig) @ W of the SAE run's.
+        # The clean run's logits and the difference (h_sae - h_orig) @ W of the SAE run's, in one
+        # product (W streamed once for both); the bias is added per slice, in cache (cheaper than
+        # addmm's pass over the chunk).
         h_clean = self.h_orig[start:end].to(dtype)
         h_diff = self.h_sae[start:end].to(dtype) - h_clean
-        torch.mm(h_clean, self.W, out=logits)
-        torch.mm(h_diff, self.W, out=delta)
+        both = logits_buf[: 2 * n]
+        torch.mm(torch.cat([h_clean, h_diff]), self.W, out=both)
+        logits, delta = both[:n], both[n:]
         safe = None
         if self.labels is not None:
             has_label = (self.token_weight[start:end] > 0) & (self.labels[start:end] != self.ignore_index)

@@ -319,25 +319,33 @@ class ReLUAutoencodeReference(torch.autograd.Function):
                 grads.grad_theta.index_add_(0, l, torch.where(band[part], term, 0))
             del g_rows
 
-        # Dense rows: the kept code (in place when it is every row from the first on, as at
-        # initialisation; else gathered a chunk at a time), or recomputed from x chunk by chunk.
+        # Dense rows, [step, n] blocks on workers: the kept code (in place when it is every row from
+        # the first on, as at initialisation; else gathered), or the code recomputed from x. Each
+        # block writes its rows of grad_x; the weight gradients add up in block order.
         W_dec_t = W_dec.t().to(acc)
         step = chunk_rows(n_latents)  # [step, n] temporaries: CHUNK_ELEMENTS each
         in_place = kept_dense.numel() and int(kept_dense[-1]) == kept_dense.numel() - 1  # rows 0, 1, ...
-        blocks = ((kept_dense[i:i + step], *((kept_code[i:i + step], None if not jump else kept_band[i:i + step])
-                                             if in_place else
-                                             (kept_code[kept_dense[i:i + step]],
-                                              None if not jump else kept_band[kept_dense[i:i + step]])))
-                  for i in range(0, kept_dense.numel(), step))
-        for rows, code, band_rows in blocks:
-            _dense_backward(grads, rows, code.to(acc), band_rows, x, W_enc_t, W_dec_t, theta, bandwidth, p)
-        for start in range(0, recomputed.numel(), step):
-            rows = recomputed[start:start + step]
+        blocks = [(True, i) for i in range(0, kept_dense.numel(), step)]
+        blocks += [(False, i) for i in range(0, recomputed.numel(), step)]
+
+        def block_code(kept: bool, i: int):
+            if kept:
+                rows = kept_dense[i:i + step]
+                where = slice(i, i + step) if in_place else rows
+                return rows, kept_code[where].to(acc), None if not jump else kept_band[where]
+            rows = recomputed[i:i + step]
             code = torch.addmm(b_enc, x[rows], W_enc)
-            band_rows = None if theta is None else _in_band(code, theta, bandwidth)
-            code = _code_(code, theta).to(acc)
-            _dense_backward(grads, rows, code, band_rows, x, W_enc_t, W_dec_t, theta, bandwidth, p)
-            del code, band_rows
+            band_rows = None if not jump else _in_band(code, theta, bandwidth)
+            return rows, _code_(code, theta).to(acc), band_rows
+
+        def compute(index: int) -> _DenseBlockGrads:
+            rows, code, band_rows = block_code(*blocks[index])
+            return _dense_block_grads(grads, rows, code, band_rows, x, W_enc_t, W_dec_t, theta, bandwidth, p)
+
+        order = _workers.InOrder()
+        _workers.map_chunks(lambda index: order.run(index, lambda: compute(index),
+                                                    lambda block: _accumulate_dense_block(grads, block)),
+                            len(blocks), device)
         return (grads.grad_x.to(x.dtype), grads.grad_w_enc_t.t().to(W_enc.dtype), grads.grad_b_enc.to(b_enc.dtype),
                 grads.grad_w_dec.to(W_dec.dtype), g.sum(0).to(W_dec.dtype),
                 None if theta is None else grads.grad_theta.to(theta.dtype), None, None)
@@ -377,10 +385,21 @@ class _Grads(NamedTuple):
     grad_theta: torch.Tensor | None
 
 
-def _dense_backward(grads: _Grads, rows, code, band, x, W_enc_t, W_dec_t, theta, bandwidth, p) -> None:
-    """The gradients of a block of dense rows from their code (accumulation dtype) and band
-    (JumpReLU). The code's gradient passes to the pre-activation where code > 0 (pre > threshold)
-    or NaN, as torch.relu's backward: aten.threshold_backward, one vectorised pass in place."""
+class _DenseBlockGrads(NamedTuple):
+    """What a dense block adds to the shared weight gradients (the accumulation dtype)."""
+
+    grad_pre: torch.Tensor  # [rows, n]
+    x_rows: torch.Tensor  # [rows, d]
+    code: torch.Tensor  # [rows, n]
+    g_rows: torch.Tensor  # [rows, d]
+    theta_term: torch.Tensor | None  # [n] (JumpReLU)
+
+
+def _dense_block_grads(grads: _Grads, rows, code, band, x, W_enc_t, W_dec_t, theta, bandwidth, p) -> _DenseBlockGrads:
+    """A block of dense rows from their code (accumulation dtype) and band (JumpReLU): writes its
+    rows of grad_x and returns what it adds to the weight gradients. The code's gradient passes to
+    the pre-activation where code > 0 (pre > threshold) or NaN, as torch.relu's backward:
+    aten.threshold_backward, one vectorised pass in place."""
     acc = code.dtype
     all_rows = rows.numel() == x.shape[0]  # the whole batch in order: no gathers
     g_rows = grads.g if all_rows else grads.g[rows]
@@ -391,9 +410,10 @@ def _dense_backward(grads: _Grads, rows, code, band, x, W_enc_t, W_dec_t, theta,
         grad_code.add_(grads.grad_lp[rows, None])
     else:
         _add_lp_grad_(grad_code, code, grads.grad_lp[rows], p)
+    theta_term = None
     if theta is not None:
         term = (-(theta.to(acc) / bandwidth) * grad_code).sub_(grads.grad_l0[rows, None] / bandwidth)
-        grads.grad_theta.add_(term.masked_fill_(~band, 0).sum(0))
+        theta_term = term.masked_fill_(~band, 0).sum(0)
         del term
     grad_pre = torch.ops.aten.threshold_backward.grad_input(grad_code, code, 0, grad_input=grad_code)
     grad_pre = grad_pre.to(x.dtype).to(acc)  # in x's dtype, as the kernel
@@ -401,10 +421,15 @@ def _dense_backward(grads: _Grads, rows, code, band, x, W_enc_t, W_dec_t, theta,
         torch.mm(grad_pre, W_enc_t.to(acc), out=grads.grad_x)
     else:
         grads.grad_x[rows] = grad_pre @ W_enc_t.to(acc)
-    grads.grad_w_enc_t.addmm_(grad_pre.t(), x_rows.to(acc))
-    grads.grad_b_enc.add_(grad_pre.sum(0))
-    del grad_pre, grad_code
-    grads.grad_w_dec.addmm_(code.t(), g_rows)
+    return _DenseBlockGrads(grad_pre, x_rows.to(acc), code, g_rows, theta_term)
+
+
+def _accumulate_dense_block(grads: _Grads, block: _DenseBlockGrads) -> None:
+    grads.grad_w_enc_t.addmm_(block.grad_pre.t(), block.x_rows)
+    grads.grad_b_enc.add_(block.grad_pre.sum(0))
+    grads.grad_w_dec.addmm_(block.code.t(), block.g_rows)
+    if block.theta_term is not None:
+        grads.grad_theta.add_(block.theta_term)
 
 
 class MemoryEstimate(NamedTuple):
@@ -423,9 +448,9 @@ class MemoryEstimate(NamedTuple):
 _SLOT_BYTES = 4 + 4 + 4 + 4 + 1 + 8 + 12 + 4
 _SLOT_BYTES_JUMP = 1 + 4 + 4 + 4
 # The reference's peak besides the kept code: in forward, each worker's two [rows, n] buffers (a
-# quarter CHUNK_ELEMENTS each: the chunk's code and the counts' scratch); in backward, a dense
-# block's [rows, n] temporaries of CHUNK_ELEMENTS each: the code's gradient (JumpReLU: and its Lp
-# term and threshold terms), a fp16 / bf16 code's fp32 copy.
+# quarter CHUNK_ELEMENTS each: the chunk's code and the counts' scratch); in backward, each
+# worker's dense block's [rows, n] temporaries of CHUNK_ELEMENTS each: the code's gradient
+# (JumpReLU: and its Lp term and threshold terms), a fp16 / bf16 code's fp32 copy.
 _FORWARD_BUFFERS_PER_WORKER = 2
 def memory_estimate(n_tokens: int, n_latents: int, d_in: int, itemsize: int, *, jump: bool = False) -> MemoryEstimate:
     """What one call holds at its peak (forward and backward), the larger of the Triton path's and
@@ -444,7 +469,8 @@ def memory_estimate(n_tokens: int, n_latents: int, d_in: int, itemsize: int, *, 
     workers = max(1, torch.get_num_threads())
     forward = workers * _FORWARD_BUFFERS_PER_WORKER * min(_rows_per_chunk(n_latents), n_tokens) * n_latents * itemsize
     live = 1 + (2 if jump else 0) + (1 if itemsize < 4 else 0)
-    backward = live * min(chunk_rows(n_latents), n_tokens) * n_latents * max(4, itemsize)
+    blocks_at_once = min(workers, max(1, -(-n_tokens // chunk_rows(n_latents))))  # a block per worker
+    backward = blocks_at_once * live * min(chunk_rows(n_latents), n_tokens) * n_latents * max(4, itemsize)
     kept = min(n_tokens, kept_code_elements() // n_latents) * n_latents * (itemsize + (1 if jump else 0))
     reference_ws = kept + max(forward, backward) + max(4, itemsize) * n_tokens * d_in  # + the fp32 grad_x
     return MemoryEstimate(max(kernel_code, reference_code), max(kernel_ws, reference_ws))
