@@ -61,4 +61,5 @@ def test_fused_linear_kl_memory_does_not_grow_with_d_vocab(d_vocab):
     largest = largest_temporary(step, [W_U.shape])
     assert largest >= d_vocab  # the recording saw the chunks' [rows, d_vocab] buffers
     assert n_tokens * d_vocab > BUDGET
-    assert largest <= BUDGET, f"a temporary of {largest} elements at d_vocab={d_vocab}"
+    # A chunk holds both runs' logits of at least one token: 2 * d_vocab where the budget is smaller.
+    assert largest <= max(BUDGET, 2 * d_vocab), f"a temporary of {largest} elements at d_vocab={d_vocab}"
