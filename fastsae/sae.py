@@ -64,6 +64,7 @@ class E2ESAE(nn.Module):
         decoder_norm: "forward" (the paper's choice) or "project"; see the module docstring.
         init: how the parameters start, by name (see ``INITS``); None: the activation's default
             ("paper" for relu / jumprelu, "topk" for topk / batchtopk).
+
             - "paper" (the paper's code, e2e_sae's SAE class): W_dec [n_latents, d_in] from
               nn.init.orthogonal_ and stored at that scale (rows of norm ~sqrt(d_in / n_latents) when
               n_latents > d_in; the forward pass normalises them), W_enc, b_enc and b_dec uniform
@@ -74,6 +75,7 @@ class E2ESAE(nn.Module):
               nn.Linear's uniform init, W_dec its transpose with unit rows, zero biases.
             - "orthogonal" (fastsae's earlier default): orthogonal directions stored at unit norm,
               W_enc ~ U(+-1/sqrt(d_in)), zero biases.
+
             With decoder_norm="project" the stored rows are made unit norm whatever the init.
         init_encoder_as_decoder_transpose: start W_enc as the transpose of the unit-norm decoder
             directions instead of the init's own encoder.
@@ -407,7 +409,7 @@ class E2ESAE(nn.Module):
         """Load an SAE (optionally onto another device or dtype) from any of the formats that
         fastsae.formats reads, detected from the files: a fastsae, SAELens or sparsify directory,
         a fastsae run (its latest checkpoint) or checkpoint directory, a sparsify run, an e2e_sae
-        run directory or samples_<N>.pt file. ``hook`` picks the SAE where the path holds several."""
+        run directory or `samples_<N>.pt` file. ``hook`` picks the SAE where the path holds several."""
         return cls.from_record(formats.load(path, hook), device=device, dtype=dtype)
 
 

@@ -1,5 +1,6 @@
-"""The README's measured tables are what benchmarks/readme_tables.py writes from the committed
-records: a table edited by hand, or a record replaced without regenerating, fails here."""
+"""The measured tables of the README and the docs pages are what benchmarks/readme_tables.py writes
+from the committed records: a table edited by hand, or a record replaced without regenerating,
+fails here."""
 
 import importlib.util
 import sys

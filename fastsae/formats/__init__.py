@@ -12,7 +12,7 @@ Every conversion gives the same reconstruction (to float rounding) and the same 
 TopK selection, thresholds); what a format cannot express is refused with an error naming it.
 Besides single SAE directories, a path may be a fastsae run (its latest checkpoint), a checkpoint
 directory, a directory of SAE directories (`fastsae export` output, a sparsify run), or an e2e_sae
-run directory or samples_<N>.pt file.
+run directory or `samples_<N>.pt` file.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The paper's e2e_sae checkpoints (read only).
 
-e2e_sae saves SAETransformer.saes.state_dict() with torch.save as samples_<N>.pt, with
+e2e_sae saves SAETransformer.saes.state_dict() with torch.save as `samples_<N>.pt`, with
 final_config.yaml beside it (tlens_model_name, saes.sae_positions). Keys per SAE, its hook with
 "." written "-": `<hook>.encoder.0.weight` [n, d], `.encoder.0.bias` [n], `.decoder.weight` [d, n]
 (normalised per column in its forward), `.decoder.bias` [d].
+
     in:  W_enc = encoder.0.weight.T, b_enc = encoder.0.bias, W_dec = decoder.weight.T (as stored),
          b_dec = decoder.bias; ReLU with decoder_norm="forward" (exactly its forward pass).
 """

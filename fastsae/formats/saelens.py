@@ -1,11 +1,13 @@
 """SAELens 6.x SAE directories (cfg.json + sae_weights.safetensors), both ways.
 
 fastsae's function, with n_j = ||W_dec[j]||:
+
     pre = x @ W_enc + b_enc;  code = act(pre)   (fastsae.activations)
     x_hat = sum_j code_j * W_dec[j] / n_j + b_dec   (decoder_norm="forward")
     x_hat = sum_j code_j * W_dec[j] + b_dec         (decoder_norm="project": rows unit norm)
 
 SAELens encodes x - b_dec * apply_b_dec_to_input and decodes code @ W_dec + b_dec.
+
     in:  W_enc, W_dec, b_dec as stored;  b_enc <- b_enc - b_dec @ W_enc when apply_b_dec_to_input.
          rescale_acts_by_decoder_norm (its code is act(n_j * pre_j), decoded with W_dec[j] / n_j):
          W_enc[:, j] <- n_j W_enc[:, j], b_enc[j] <- n_j b_enc[j], W_dec[j] <- W_dec[j] / n_j.
@@ -22,6 +24,7 @@ SAELens encodes x - b_dec * apply_b_dec_to_input and decodes code @ W_dec + b_de
          that makes the round trip restore the same function, spec and metadata (the stored W_dec
          rows of a decoder_norm="forward" SAE come back unit norm, not at their old scale, which
          matters only to an optimizer that continues training them).
+
 All folds are computed in float64 and then cast.
 """
 

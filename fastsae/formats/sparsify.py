@@ -2,12 +2,14 @@
 
 sparsify encodes (x - b_dec) @ encoder.weight.T + encoder.bias, then relu and the top k, and
 decodes with unit-norm W_dec rows.
+
     in:  W_enc = encoder.weight.T, b_enc = encoder.bias - b_dec @ W_enc, W_dec and b_dec as stored
          (decoder_norm="project"); skip connections, transcoders and other activations are refused.
     out: encoder.weight = W_enc.T, encoder.bias = b_enc + b_dec @ W_enc, W_dec rows as the forward
          pass uses them; the activation must be one sparsify stores (its registry module's
          sparsify_refusal says why not otherwise). fastsae's spec and metadata go into the
          safetensors header (which sparsify does not read), so the round trip restores them.
+
 A sparsify run holds one such directory per hookpoint, named by it (see fastsae.formats.hooks).
 All folds are computed in float64 and then cast.
 """
