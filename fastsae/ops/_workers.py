@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
 import queue
 import threading
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -34,6 +35,8 @@ T = TypeVar("T")
 _POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 _IN_WORKER = threading.local()
+if hasattr(os, "register_at_fork"):  # a forked child (a DataLoader worker) has none of the pools' threads
+    os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def worker_count(device: torch.device) -> int:
