@@ -165,12 +165,16 @@ class E2ESAE(nn.Module):
     @property
     def cfg(self) -> SAEConfig:
         """The config under SAELens's / SAEBench's names (cfg.d_in, cfg.d_sae, cfg.hook_name, ...;
-        fastsae.sae_config), built from the spec and metadata when read."""
+        fastsae.sae_config): one object per SAE, its SAE-decided fields refreshed at each read."""
         hook = self.metadata.get("hook")
         neuronpedia = (self.metadata.get("release") or {}).get("neuronpedia")
-        return SAEConfig(self.metadata.get("model"), self.d_in, self.n_latents, hook, hook_layer(hook),
-                         self.activation, self.spec.hyperparameters(), str(self.dtype).removeprefix("torch."),
-                         str(self.device), neuronpedia_id=neuronpedia)
+        current = SAEConfig(self.metadata.get("model"), self.d_in, self.n_latents, hook, hook_layer(hook),
+                            self.activation, self.spec.hyperparameters(), str(self.dtype).removeprefix("torch."),
+                            str(self.device), neuronpedia_id=neuronpedia)
+        kept = self.__dict__.get("_saelens_cfg")  # not a module attribute: state_dict never sees it
+        if kept is None:
+            self.__dict__["_saelens_cfg"] = kept = current
+        return kept.refresh(current)
 
     def extra_repr(self) -> str:
         params = "".join(f", {key}={value!r}" for key, value in self.spec.hyperparameters().items())

@@ -4,7 +4,10 @@ SAEBench's custom-SAE contract (sae_bench/custom_saes/README.md, CustomSAEConfig
 with d_in, d_sae, hook_name, hook_layer, model_name, dtype, device and a few fields its core eval
 reads as SAELens's (hook_head_index, context_size, architecture, apply_b_dec_to_input,
 normalize_activations, prepend_bos, model_from_pretrained_kwargs, ...), and `cfg.to_dict()`.
-E2ESAE.cfg builds one from the SAE's spec and metadata each time it is read: a view, not state.
+E2ESAE.cfg is one object per SAE, kept: SAEBench's load_and_format_sae standardises it in place
+(sets hook_layer, architecture_str, metadata, ...) and reads those attributes later. Each read
+refreshes the fields the SAE decides (SAE_FIELDS: shape, dtype, device, hook, model, activation)
+and keeps whatever else a caller set.
 """
 
 from __future__ import annotations
@@ -52,9 +55,21 @@ class SAEConfig:
     dataset_path: str = ""
     neuronpedia_id: str | None = None
 
-    @property
-    def activation_fn_str(self) -> str:
-        return self.architecture
+    architecture_str: str = ""  # SAELens 6's architecture as a string, which SAEBench's core eval reads
+    activation_fn_str: str = ""
+
+    def __post_init__(self):
+        self.architecture_str = self.activation_fn_str = self.architecture
+
+    def refresh(self, current: "SAEConfig") -> "SAEConfig":
+        """Take the SAE-decided fields (SAE_FIELDS) of ``current``; keep every other attribute."""
+        for name in SAE_FIELDS:
+            setattr(self, name, getattr(current, name))
+        return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+SAE_FIELDS = ("model_name", "d_in", "d_sae", "hook_name", "hook_layer", "architecture", "architecture_str",
+              "activation_fn_str", "activation_fn_kwargs", "dtype", "device", "neuronpedia_id")

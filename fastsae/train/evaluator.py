@@ -150,7 +150,8 @@ class Evaluator:
         out["eval/tokens"] = seen
         extra = {}
         if core is not None:
-            extra["saebench"] = core.output(core_eval_config(cfg, core.batches))
+            dataset = None if self.eval_dataset is None else f"the caller's eval_dataset ({type(self.eval_dataset).__name__})"
+            extra["saebench"] = core.output(core_eval_config(cfg, core.batches, dataset))
         if run_dir is not None and objective.layout.is_main and Path(run_dir).is_dir():
             write_eval_json(run_dir, out, cfg.to_dict(), step=step, training_tokens=training_tokens,
                             n_latents=sum(sae.n_latents for sae in saes.values()), extra=extra)

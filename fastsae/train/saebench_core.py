@@ -275,13 +275,14 @@ class CoreMetrics:
         }
 
 
-def core_eval_config(config, n_batches: int) -> dict:
+def core_eval_config(config, n_batches: int, dataset: str | None = None) -> dict:
     """SAEBench's CoreEvalConfig fields for an eval of ``n_batches`` batches under the fastsae
-    TrainConfig ``config`` (every metric on, as its core eval runs by default)."""
+    TrainConfig ``config`` (every metric on, as its core eval runs by default); dataset: what the
+    tokens were, default the config's data section as JSON."""
     return {"model_name": config.model.name, "llm_dtype": config.model.dtype,
             "batch_size_prompts": config.eval.batch_size, "n_eval_reconstruction_batches": n_batches,
             "n_eval_sparsity_variance_batches": n_batches,
-            "dataset": json.dumps(config.data_spec(), sort_keys=True, default=str),
+            "dataset": dataset or json.dumps(config.data_spec(), sort_keys=True, default=str),
             "context_size": config.data.context_length, "compute_kl": True, "compute_ce_loss": True,
             "compute_l2_norms": True, "compute_sparsity_metrics": True, "compute_variance_metrics": True,
             "compute_featurewise_density_statistics": True, "compute_featurewise_weight_based_metrics": True,
