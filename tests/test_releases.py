@@ -264,3 +264,14 @@ def test_saelens_registry_is_read_as_saelens_reads_it():
     assert "gemma-scope-2b-pt-res" in combined and combined["gemma-scope-2b-pt-res"].converter is None
     listing = releases.describe_releases(registry=combined)  # every entry lists, converter or not
     assert "gemma-scope-2b-pt-res " in listing and "none (gemma_2)" in listing and "SAELens's registry is not" not in listing
+
+
+def test_analyze_and_dashboard_inputs_take_release_names(hub):
+    from fastsae.analysis.stream import AnalysisError, load_targets
+
+    inputs = load_targets([f"test-saelens:{HOOK}"])
+    (target,) = inputs.targets
+    assert target.hook == HOOK and target.label == f"test-saelens:{HOOK}" and inputs.config.model.name == "gpt2"
+    assert_same_sae(target.sae, E2ESAE.from_pretrained(hub[0]["test-saelens"][1]))
+    with pytest.raises(AnalysisError, match="nor a released SAE RELEASE:ID"):
+        load_targets(["no-such-release:x"])

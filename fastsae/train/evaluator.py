@@ -100,7 +100,8 @@ class Evaluator:
         spliced pass per batch; fastsae.train.saebench_core), as the CoreEvalOutput record under the
         key "saebench" (no "eval/" prefix). With ``run_dir`` (an existing directory) the result is
         also written to RUN_DIR/eval.json (atomically, from rank 0; see metrics.write_eval_json),
-        with the step and training tokens of the SAEs evaluated, and the SAEBench record.
+        with the step and training tokens of the SAEs evaluated, and the SAEBench record without its
+        per-latent rows.
         """
         cfg, objective = self.config, self.objective
         recon_hooks = tuple(self.reconstruction_hooks())
@@ -153,8 +154,11 @@ class Evaluator:
             dataset = None if self.eval_dataset is None else f"the caller's eval_dataset ({type(self.eval_dataset).__name__})"
             extra["saebench"] = core.output(core_eval_config(cfg, core.batches, dataset))
         if run_dir is not None and objective.layout.is_main and Path(run_dir).is_dir():
+            # eval.json keeps SAEBench's record without its n_latents per-latent rows (still a valid
+            # CoreEvalOutput: the details default to empty); `fastsae eval --saebench` writes them
+            brief = {key: {**value, "eval_result_details": []} for key, value in extra.items()}
             write_eval_json(run_dir, out, cfg.to_dict(), step=step, training_tokens=training_tokens,
-                            n_latents=sum(sae.n_latents for sae in saes.values()), extra=extra)
+                            n_latents=sum(sae.n_latents for sae in saes.values()), extra=brief)
         return {**out, **extra}
 
 
