@@ -272,9 +272,55 @@ def benchmark_report() -> str:
     return "```\n" + "\n".join(lines) + "\n```\n\n" + provenance(CPU_SMALL, record)
 
 
+SAEBENCH_EMBEDDED = "saebench_embedded_intel-xeon-2-cores.json"
+SAEBENCH_COLUMNS = [("L0", "sparsity", "l0", ".1f"), ("KL score", "model_behavior_preservation", "kl_div_score", ".3f"),
+                    ("CE score", "model_performance_preservation", "ce_loss_score", ".3f"),
+                    ("explained variance", "reconstruction_quality", "explained_variance", ".3f"),
+                    ("EV (legacy)", "reconstruction_quality", "explained_variance_legacy", ".3f"),
+                    ("cosine", "reconstruction_quality", "cossim", ".3f"), ("L2 ratio", "shrinkage", "l2_ratio", ".3f"),
+                    ("shrinkage (RRB)", "shrinkage", "relative_reconstruction_bias", ".3f"),
+                    ("alive", "misc_metrics", "frac_alive", ".3f")]
+
+
+def _saebench_row(label: str, result: dict) -> list[str]:
+    metrics = result["saebench"]["eval_result_metrics"]
+    return [label] + [format(metrics[group][name], fmt) for _, group, name, fmt in SAEBENCH_COLUMNS]
+
+
+def saebench_presets() -> str:
+    record = load(SAEBENCH_EMBEDDED)
+    presets = [r for r in record["results"] if "preset" in r]
+    rows = [_saebench_row(PRESET_LABELS[r["preset"]], r) for r in presets]
+    first = presets[0]["saebench"]
+    ablation = {r["preset"]: r["saebench"]["eval_result_metrics"] for r in presets}
+    timing = "; ".join(f"{r['preset']} {seconds(r['eval_seconds'])} / {seconds(r['eval_saebench_seconds'])}"
+                       for r in presets)
+    note = (f"{first['eval_result_unstructured']['counted_tokens']:,} counted held-out tokens (of "
+            f"{first['eval_result_metrics']['token_stats']['total_tokens_eval_reconstruction']:,}: SAEBench leaves "
+            f"out the tokenizer's special tokens), {first['eval_config']['batch_size_prompts']} x "
+            f"{first['eval_config']['context_size']}-token batches; zero ablation: KL "
+            f"{ablation['embedded']['model_behavior_preservation']['kl_div_with_ablation']:.2f} nats, CE "
+            f"{ablation['embedded']['model_performance_preservation']['ce_loss_with_ablation']:.2f} against "
+            f"{ablation['embedded']['model_performance_preservation']['ce_loss_without_sae']:.2f} clean. "
+            f"`fastsae eval RUN` / `fastsae eval RUN --saebench` wall time (fresh process each, model load "
+            f"included; the machine was shared, so these are rough): {timing}.")
+    header = ["preset"] + [name for name, *_ in SAEBENCH_COLUMNS]
+    return table(header, rows) + "\n\n" + f"<sub>{note}</sub><br>" + provenance(SAEBENCH_EMBEDDED, record)
+
+
+def saebench_sweep() -> str:
+    record = load(SAEBENCH_EMBEDDED)
+    points = sorted((r for r in record["results"] if "sweep_point" in r),
+                    key=lambda r: (("local", "e2e", "e2e+ds").index(r["kind"]), r["sparsity_coeff"]))
+    rows = [_saebench_row(f"{r['kind']}, sparsity {r['sparsity_coeff']:g}", r) for r in points]
+    header = ["sweep point"] + [name for name, *_ in SAEBENCH_COLUMNS]
+    return table(header, rows) + "\n\n" + provenance(SAEBENCH_EMBEDDED, record)
+
+
 TABLES = {"cpu-paths": cpu_paths, "main-job": main_job, "presets": presets, "cpu-full": cpu_full,
           "relu-memory": relu_memory, "analysis-bench": analysis_bench, "dashboard-runs": dashboard_runs,
-          "dashboard-bench": dashboard_bench, "benchmark-report": benchmark_report}
+          "dashboard-bench": dashboard_bench, "benchmark-report": benchmark_report,
+          "saebench-presets": saebench_presets, "saebench-sweep": saebench_sweep}
 
 
 # --------------------------------------------------------------------------------------- rewriting

@@ -6,6 +6,8 @@
     fastsae train --resume runs/e2e             continue a run exactly where it stopped
     fastsae eval runs/e2e [--tokens 100000]     the eval pass of a run's latest checkpoint
     fastsae eval --sae DIR[@HOOK] --model gpt2 --config gpt2-e2e   ... of a released SAE (any format)
+    fastsae eval --sae RELEASE:ID --config gpt2-e2e --saebench core.json   ... by name; SAEBench's core metrics
+    fastsae releases [RELEASE] [--model gpt2-small]   the released SAEs loadable by name
     fastsae export runs/e2e --format saelens    the run's latest SAEs as SAELens (or sparsify) dirs
     fastsae presets [--show NAME]               the shipped configs
     fastsae plan gpt2-e2e --gpus 8 --gpu-memory 80GB   memory per GPU; the largest dictionary that fits
@@ -13,6 +15,9 @@
     fastsae plot runs/sweep-embedded --out figs the paper's figure (PNG, SVG) + CSV / markdown table
     fastsae analyze runs/sweep-embedded --out analysis   what the SAEs learned: similarities, UMAP, geometry
     fastsae dashboard runs/e2e --compare runs/local --out dash   feature dashboards: open dash/index.html
+
+This module is longer than ~400 lines by its parsers: one argparse block and one small handler per
+subcommand, kept together so that `fastsae COMMAND --help` and what the command does read side by side.
 """
 
 from __future__ import annotations
@@ -43,17 +48,30 @@ def _parser() -> argparse.ArgumentParser:
         description="fastsae eval RUN_DIR evaluates a run's latest SAEs with the run's config. "
                     "fastsae eval --sae PATH[@HOOK] ... evaluates SAEs saved in any format E2ESAE.from_pretrained "
                     "reads (fastsae, SAELens, sparsify, e2e_sae); @HOOK picks the hook where the file holds "
-                    "several SAEs or does not name it. The model is --model or the one the SAE names; data and "
-                    "eval settings come from --config (a preset or YAML) and --set.")
+                    "several SAEs or does not name it; --sae RELEASE:ID names a released SAE (`fastsae releases`). "
+                    "The model is --model or the one the SAE names; data and eval settings come from --config "
+                    "(a preset or YAML) and --set.")
     evaluate.add_argument("run_dir", nargs="?", help="a run directory (or give --sae)")
-    evaluate.add_argument("--sae", action="append", default=[], metavar="PATH[@HOOK]",
+    evaluate.add_argument("--sae", action="append", default=[], metavar="PATH[@HOOK]|RELEASE:ID",
                           help="a released SAE to evaluate instead of a run's (repeatable: one per hook)")
+    evaluate.add_argument("--saebench", metavar="OUT.json",
+                          help="also SAEBench's core metrics of the (one) SAE, in its terms and JSON layout "
+                               "(sae-bench 0.6.0 definitions, from the same pass plus one zero-ablated pass per "
+                               "batch); also under the key saebench of eval.json")
     evaluate.add_argument("--model", help="with --sae: the model name or directory (default: the SAE's model_name)")
     evaluate.add_argument("--config", help="with --sae: preset or YAML for data and eval settings (default: embedded)")
     evaluate.add_argument("--out", help="with --sae: write eval.json to this directory")
     evaluate.add_argument("--tokens", type=int, help="eval tokens (default: the run's eval.n_tokens)")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a config key of the run, e.g. --set device=cpu")
+
+    releases = commands.add_parser(
+        "releases", help="list the released SAEs loadable by name (RELEASE:ID)",
+        description="The release registry: fastsae's own, SAELens's where sae-lens is installed, and the YAML "
+                    "files in FASTSAE_RELEASES (fastsae.formats.releases). Load one with "
+                    "E2ESAE.from_pretrained(RELEASE, sae_id=ID) or --sae RELEASE:ID.")
+    releases.add_argument("release", nargs="?", help="list this release's SAEs")
+    releases.add_argument("--model", help="only the releases of this model (e.g. gpt2-small, google/gemma-2-2b)")
 
     presets = commands.add_parser("presets", help="list the shipped configs")
     presets.add_argument("--show", metavar="NAME", help="print one preset's YAML")
@@ -111,8 +129,8 @@ def _add_dashboard_parser(commands) -> None:
                     "contexts, samples across activation quantiles, logit effect and nearest latents. Collected in "
                     "one streaming pass over --tokens tokens.")
     dashboard.add_argument("target", metavar="RUN_OR_SAE",
-                           help="a run directory, a sweep directory, or an SAE path PATH[@HOOK] in any format "
-                                "E2ESAE.from_pretrained reads")
+                           help="a run directory, a sweep directory, an SAE path PATH[@HOOK] in any format "
+                                "E2ESAE.from_pretrained reads, or a released SAE RELEASE:ID")
     dashboard.add_argument("--compare", metavar="OTHER_SAE",
                            help="one more SAE (same forms): each latent lists its nearest latents there by decoder "
                                 "cosine similarity, with links; it gets its own pages in the site")
@@ -143,8 +161,8 @@ def _add_analyze_parser(commands) -> None:
                     "--pair adds others. Writes figures (PNG, SVG), analysis.json, analysis.md and per-SAE "
                     "latent statistics to --out (needs the extra: pip install 'fastsae[analysis]').")
     analyze.add_argument("paths", nargs="+", metavar="RUN_OR_SAE",
-                         help="run directories, sweep directories, or SAE paths PATH[@HOOK] in any format "
-                              "E2ESAE.from_pretrained reads")
+                         help="run directories, sweep directories, SAE paths PATH[@HOOK] in any format "
+                              "E2ESAE.from_pretrained reads, or released SAEs RELEASE:ID")
     analyze.add_argument("--out", required=True, help="output directory")
     analyze.add_argument("--tokens", type=int, default=1_000_000,
                          help="held-out tokens to stream (default 1,000,000; fewer if the held-out data ends)")
@@ -219,12 +237,35 @@ def _eval(args) -> int:
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     # config.yaml + the overrides of its resumes (+ --set); no optimizer is built to evaluate
-    metrics, path, state = evaluate_run(run_dir, overrides=args.overrides, n_tokens=args.tokens)
+    try:
+        metrics, path, state = evaluate_run(run_dir, overrides=args.overrides, n_tokens=args.tokens,
+                                            saebench=bool(args.saebench))
+    except ValueError as error:  # e.g. SAEBench's metrics asked of a run with several SAEs
+        raise ConfigError(str(error)) from None
     print(f"eval of {path} (step {state['step']}, {state['tokens_seen']:,} training tokens) "
           f"on {metrics['eval/tokens']:,} held-out tokens:")
     print(summarize(metrics, prefix="eval/"))
     print(f"\nwritten to {run_dir / 'eval.json'}")
+    _write_saebench(args.saebench, metrics)
     return 0
+
+
+def _write_saebench(path: str | None, metrics: dict) -> None:
+    """--saebench OUT.json: SAEBench's core record, written atomically, and its headline numbers."""
+    if not path:
+        return
+    import json
+
+    from fastsae._files import atomic_write_text
+
+    record = metrics["saebench"]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(path), json.dumps(record, indent=2))
+    m = record["eval_result_metrics"]
+    print(f"SAEBench core ({record['eval_result_unstructured']['definitions']}): kl_div_score "
+          f"{m['model_behavior_preservation']['kl_div_score']:.4f}, ce_loss_score "
+          f"{m['model_performance_preservation']['ce_loss_score']:.4f}, explained_variance "
+          f"{m['reconstruction_quality']['explained_variance']:.4f}, l0 {m['sparsity']['l0']:.1f} -> {path}")
 
 
 def _plan(args) -> int:
@@ -277,11 +318,27 @@ def _eval_released(args) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator.build(config, saes)
     # eval.json only where --out says: the config's run_dir may be another run's directory
-    metrics = evaluator.evaluate(args.tokens, run_dir=args.out)
+    try:
+        metrics = evaluator.evaluate(args.tokens, run_dir=args.out, saebench=bool(args.saebench))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     print(f"eval of {', '.join(args.sae)} on {config.model.name} ({metrics['eval/tokens']:,} held-out tokens):")
     print(summarize(metrics, evaluator.objective.hooks, "eval/"))
     if args.out:
         print(f"\nwritten to {Path(args.out) / 'eval.json'}")
+    _write_saebench(args.saebench, metrics)
+    return 0
+
+
+def _releases(args) -> int:
+    from fastsae.formats import releases
+
+    try:
+        print(releases.describe_release(args.release) if args.release else releases.describe_releases(args.model))
+    except ValueError as error:
+        from fastsae.train.config import ConfigError
+
+        raise ConfigError(str(error)) from None
     return 0
 
 
@@ -385,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = {"train": _train, "eval": _eval, "presets": _presets, "sweep": _sweep, "plot": _plot,
                "plan": _plan, "export": _export, "analyze": _analyze,
-               "dashboard": _dashboard}[args.command]
+               "dashboard": _dashboard, "releases": _releases}[args.command]
     from fastsae.train.checkpoint import RunDirError
 
     try:

@@ -39,7 +39,9 @@ from fastsae import formats, ops
 from fastsae.activations import SAEForward, SparseCode
 from fastsae.activations.base import power_sum
 from fastsae.formats import SAERecord
+from fastsae.formats import releases
 from fastsae.init import draw_init
+from fastsae.sae_config import SAEConfig, hook_layer
 from fastsae.spec import DECODER_NORMS, INITS, SAESpec
 
 __all__ = ["DECODER_NORMS", "INITS", "E2ESAE", "SAEForward", "SAEOutput", "SparseCode", "load_run"]
@@ -161,6 +163,20 @@ class E2ESAE(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.W_enc.device
+
+    @property
+    def cfg(self) -> SAEConfig:
+        """The config under SAELens's / SAEBench's names (cfg.d_in, cfg.d_sae, cfg.hook_name, ...;
+        fastsae.sae_config): one object per SAE, its SAE-decided fields refreshed at each read."""
+        hook = self.metadata.get("hook")
+        neuronpedia = (self.metadata.get("release") or {}).get("neuronpedia")
+        current = SAEConfig(self.metadata.get("model"), self.d_in, self.n_latents, hook, hook_layer(hook),
+                            self.activation, self.spec.hyperparameters(), str(self.dtype).removeprefix("torch."),
+                            str(self.device), neuronpedia_id=neuronpedia)
+        kept = self.__dict__.get("_saelens_cfg")  # not a module attribute: state_dict never sees it
+        if kept is None:
+            self.__dict__["_saelens_cfg"] = kept = current
+        return kept.refresh(current)
 
     def extra_repr(self) -> str:
         params = "".join(f", {key}={value!r}" for key, value in self.spec.hyperparameters().items())
@@ -404,13 +420,30 @@ class E2ESAE(nn.Module):
         return formats.save(self.to_record(), directory, format)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, hook: str | None = None, *,
-                        device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "E2ESAE":
+    def from_pretrained(cls, path: str | os.PathLike, hook: str | None = None, *, sae_id: str | None = None,
+                        revision: str | None = None, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None) -> "E2ESAE":
         """Load an SAE (optionally onto another device or dtype) from any of the formats that
         fastsae.formats reads, detected from the files: a fastsae, SAELens or sparsify directory,
         a fastsae run (its latest checkpoint) or checkpoint directory, a sparsify run, an e2e_sae
-        run directory or `samples_<N>.pt` file. ``hook`` picks the SAE where the path holds several."""
-        return cls.from_record(formats.load(path, hook), device=device, dtype=dtype)
+        run directory or `samples_<N>.pt` file. ``hook`` picks the SAE where the path holds several.
+
+        A released SAE by name (fastsae.formats.releases: SAELens's registry and fastsae's):
+        from_pretrained(RELEASE, sae_id=ID), or the string "RELEASE:ID" where no file has that
+        name; its files come from the Hugging Face cache or hub, at ``revision`` if given."""
+        named = None if sae_id is not None else releases.split_release_name(path)
+        if sae_id is not None or named is not None:
+            release, sae_id = (str(path), sae_id) if named is None else named
+            record = releases.load_release(release, sae_id, hook=hook, revision=revision)
+        elif revision is not None:
+            raise ValueError("revision is for released SAEs (from_pretrained(RELEASE, sae_id=ID, revision=...)); "
+                             f"{path} is read as a local path")
+        elif isinstance(path, str) and ":" in path and not Path(path).exists():
+            raise FileNotFoundError(f"no SAE file or directory at {path}, and {path.split(':')[0]!r} names no "
+                                    "release (`fastsae releases` lists them)")
+        else:
+            record = formats.load(path, hook)
+        return cls.from_record(record, device=device, dtype=dtype)
 
 
 def load_run(path: str | os.PathLike, *, device: torch.device | str | None = None,

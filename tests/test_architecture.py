@@ -14,13 +14,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # The layers, lowest first: a module may import from its own layer and the ones below it.
 LAYERS = [
     ("fastsae._files", "fastsae._dtypes", "fastsae._version", "fastsae._openmp", "fastsae._kernels_package",
-     "fastsae.runs", "fastsae.distributed"),
+     "fastsae._hub", "fastsae.runs", "fastsae.distributed"),
     ("fastsae.kernels",),
     ("fastsae.ops",),
     ("fastsae.activations",),
-    ("fastsae.spec", "fastsae.init"),
+    ("fastsae.spec", "fastsae.init", "fastsae.sae_config"),
     ("fastsae.formats",),
-    ("fastsae.sae",),
+    ("fastsae.sae", "fastsae.saebench"),
     ("fastsae.sharded",),
     ("fastsae.model",),
     ("fastsae.train",),

@@ -192,6 +192,21 @@ def test_saelens_5_topk_config_loads_as_topk(tmp_path):
         E2ESAE.from_pretrained(path)
 
 
+def test_saelens_3_config_names_its_hook_as_hook_point(tmp_path):
+    """Files written before SAELens 6 (the e2e paper's SAEs on Neuronpedia among them): the hook at the
+    top level, as hook_point before 3.0, and normalize_activations a bool (false: none)."""
+    path = write_saelens_dir(tmp_path / "sl3", "standard", hook_point=HOOK, model_name="gpt2",
+                             normalize_activations=False, metadata={})
+    sae = E2ESAE.from_pretrained(path)
+    assert (sae.metadata["hook"], sae.metadata["model"]) == (HOOK, "gpt2")
+    assert formats.load_all(tmp_path)[HOOK].spec.activation == "relu"  # read_hook finds it too
+    config = json.loads((path / "cfg.json").read_text())
+    config["normalize_activations"] = True  # SAELens read true as expected_average_only_in
+    (path / "cfg.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="normalize_activations=True rescales"):
+        E2ESAE.from_pretrained(path)
+
+
 def test_a_directory_saved_again_loads_its_latest_format(tmp_path):
     old, new = make_sae("topk", "project", seed=1), make_sae("topk", "project", seed=2)
     old.save_pretrained(tmp_path / "sae", format="sparsify")  # leaves sae.safetensors behind

@@ -18,7 +18,8 @@ Shared by `fastsae analyze` and `fastsae dashboard`:
   each run as above, and each must have its eval.json (a run without one is still training or
   was never evaluated: an error says which);
 - PATH[@HOOK]: an SAE in any format `E2ESAE.from_pretrained` reads (fastsae, SAELens, sparsify,
-  e2e_sae); HOOK picks one where the file holds several or does not name its hook. The model is
+  e2e_sae); HOOK picks one where the file holds several or does not name its hook; RELEASE:ID, a
+  released SAE by name (fastsae.formats.releases). The model is
   ``model`` or the one the SAE names; data and eval settings come from ``config`` (a preset or
   YAML; default "embedded") and ``overrides``.
 All SAEs must read one model, and (unless ``config`` is given) the runs must read the same data:
@@ -146,9 +147,12 @@ def _parse_sae_spec(spec: str) -> tuple[str, str | None]:
 
 
 def _file_target(spec: str, device) -> SAETarget:
+    from fastsae.formats.releases import split_release_name
+
     path, hook = _parse_sae_spec(spec)
-    if not Path(path).exists():
-        raise AnalysisError(f"{spec}: no such file or directory")
+    if not Path(path).exists() and split_release_name(path) is None:
+        raise AnalysisError(f"{spec}: no such file or directory, nor a released SAE RELEASE:ID "
+                            "(`fastsae releases` lists them)")
     try:
         sae = E2ESAE.from_pretrained(path, hook=hook, device=device)
     except (ValueError, FileNotFoundError) as error:

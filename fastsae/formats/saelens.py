@@ -53,7 +53,9 @@ def detect(path: Path, config: dict) -> bool:
 
 
 def read_hook(path: Path) -> str | None:
-    return (read_json_object(path / CONFIG_NAME).get("metadata") or {}).get("hook_name")
+    config = read_json_object(path / CONFIG_NAME)
+    # SAELens 6 keeps it in metadata; earlier files at the top level, before 3.0 as hook_point
+    return (config.get("metadata") or {}).get("hook_name") or config.get("hook_name") or config.get("hook_point")
 
 
 def _activation_for(config: dict, ours: dict, config_path: Path):
@@ -79,6 +81,8 @@ def read(path: Path) -> SAERecord:
         raise ValueError(f"{config_path} is a fastsae config edited to look like SAELens's; restore its "
                          "n_latents key, or convert the SAE with save_pretrained(format='saelens')")
     norm = config.get("normalize_activations", "none")
+    if norm is False:  # files before SAELens 6 wrote a bool; false meant "none"
+        norm = "none"
     if norm not in ("none", None):
         raise ValueError(f"{config_path}: normalize_activations={norm!r} rescales the SAE's input at run time, which "
                          "fastsae does not do; only 'none' loads (fold the normalisation into the weights first)")
@@ -115,7 +119,7 @@ def read(path: Path) -> SAERecord:
     t.update(extras)
     fastsae_metadata = dict(ours.get("metadata") or {})
     for key, ours_key in (("hook_name", "hook"), ("model_name", "model")):  # top level before SAELens 6
-        value = metadata.get(key, config.get(key))
+        value = metadata.get(key, config.get(key, config.get("hook_point") if key == "hook_name" else None))
         if value is not None:
             fastsae_metadata.setdefault(ours_key, value)
     if not ours:

@@ -7,8 +7,9 @@ downloaded fails at once in one line instead of after the hub client's retries.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
+
+from fastsae._hub import hub_unavailable_reason
 
 
 def is_local_model_dir(name_or_path: str) -> bool:
@@ -17,12 +18,6 @@ def is_local_model_dir(name_or_path: str) -> bool:
 
 class ModelUnavailableError(FileNotFoundError):
     """A model name that is neither a local directory nor reachable on the Hugging Face hub."""
-
-
-def _hub_host() -> str:
-    from urllib.parse import urlparse
-
-    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
 
 
 def check_model_source(name: str) -> None:
@@ -56,18 +51,11 @@ def check_model_source(name: str) -> None:
             return
     except Exception:  # an invalid repo id or an old huggingface_hub: let the loader report it
         return
-    needs = (f"model {name!r} is not a local directory and not in the Hugging Face cache: it needs hub access "
-             "(or set model.name to a local directory with the model saved by save_pretrained)")
-    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-           for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        raise ModelUnavailableError(f"{needs}; HF_HUB_OFFLINE is set")
-    import socket
-
-    host = _hub_host()
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError as error:
-        raise ModelUnavailableError(f"{needs}; {host} is not reachable ({error})") from None
+    reason = hub_unavailable_reason()
+    if reason is not None:
+        raise ModelUnavailableError(f"model {name!r} is not a local directory and not in the Hugging Face cache: it "
+                                    "needs hub access (or set model.name to a local directory with the model saved "
+                                    f"by save_pretrained); {reason}")
 
 
 def load_tokenizer(path: str):

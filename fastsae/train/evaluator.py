@@ -17,6 +17,7 @@ from fastsae.train.config import TrainConfig
 from fastsae.train.data import TokenStream
 from fastsae.train.metrics import firing_counts, write_eval_json
 from fastsae.train.objective import Objective
+from fastsae.train.saebench_core import CoreMetrics, core_eval_config, special_token_ids, zero_ablated_hidden
 
 
 def reconstruction_hooks(lm, sae_hooks: list[str]) -> list[str]:
@@ -68,21 +69,44 @@ class Evaluator:
         # a datasets.Dataset becomes a stream built here, from its start, that loops like ours
         return batches, hasattr(batches, "epoch")
 
+    def _saebench_metrics(self) -> CoreMetrics:
+        objective = self.objective
+        if len(objective.hooks) != 1:
+            raise ValueError(f"SAEBench's core metrics are of one SAE spliced alone; this eval has "
+                             f"{len(objective.hooks)} ({objective.hooks}): evaluate one (--sae PATH@HOOK)")
+        hook = objective.hooks[0]
+        if objective.saes[hook].shard_count != 1:
+            raise ValueError("SAEBench's core metrics need a whole SAE; evaluate it unsharded (saes.shards=1)")
+        return CoreMetrics(objective.saes[hook], hook, special_token_ids(self.lm.tokenizer))
+
+    def _saebench_batch(self, core: CoreMetrics, batch) -> None:
+        """SAEBench's metrics of one batch: the zero-ablated run from the same cached residual."""
+        objective, hook = self.objective, core.hook
+        start = objective.start_hook
+        ablated = zero_ablated_hidden(self.lm, batch.tokens, hook, start, None if start is None else batch.clean[start])
+        x, out = batch.saes[hook]
+        core.add_batch(batch.tokens, x, out.reconstruction, batch.h_orig, batch.h_sae, ablated, objective.W_U,
+                       objective.b_U, self.lm.logit_softcap)
+
     @torch.no_grad()
     def evaluate(self, n_tokens: int | None = None, *, run_dir: str | Path | None = None, step: int = 0,
-                 training_tokens: int = 0) -> dict[str, float]:
+                 training_tokens: int = 0, saebench: bool = False) -> dict:
         """The eval metrics of the spliced model, as "eval/<name>".
 
         Besides the training metrics: downstream_mse/<hook> and downstream_explained_variance/<hook>
         at every reconstruction_hooks() hook, alive/<hook>, the latents that fired on the eval
         tokens, and rare/<hook>, those that fired on fewer than metrics.RARE_FREQUENCY of them.
-        With ``run_dir`` (an existing directory) the result is also written to RUN_DIR/eval.json
-        (atomically, from rank 0; see metrics.write_eval_json), with the step and training tokens of
-        the SAEs evaluated.
+        saebench: also SAEBench's core metrics of the (one) SAE, from the same batches (one more
+        spliced pass per batch; fastsae.train.saebench_core), as the CoreEvalOutput record under the
+        key "saebench" (no "eval/" prefix). With ``run_dir`` (an existing directory) the result is
+        also written to RUN_DIR/eval.json (atomically, from rank 0; see metrics.write_eval_json),
+        with the step and training tokens of the SAEs evaluated, and the SAEBench record without its
+        per-latent rows.
         """
         cfg, objective = self.config, self.objective
         recon_hooks = tuple(self.reconstruction_hooks())
         n_tokens = n_tokens or cfg.eval.n_tokens
+        core = self._saebench_metrics() if saebench else None
         batches, loops = self._batches()
         start_epoch = batches.epoch if loops else 0
         saes = objective.saes
@@ -104,7 +128,10 @@ class Evaluator:
                     warnings.warn(f"the held-out data ran out after {seen} tokens (eval asked for {n_tokens}); "
                                   "each held-out token was evaluated once", stacklevel=3)
                     break
-                _, metrics, batch_counts = objective(tokens, train=False, recon_hooks=recon_hooks)
+                _, metrics, batch_counts, batch = objective(tokens, train=False, recon_hooks=recon_hooks,
+                                                            keep_batch=True)
+                if core is not None:
+                    self._saebench_batch(core, batch)
                 n = tokens.numel()
                 for key, value in metrics.items():  # token-weighted means over the eval set
                     sums[key] = sums.get(key, 0.0) + float(value) * n
@@ -122,17 +149,24 @@ class Evaluator:
             for name, value in firing_counts(counts, seen).items():
                 out[f"eval/{name}/{hook}"] = int(distributed.sum_over_shards(value, objective.layout))
         out["eval/tokens"] = seen
+        extra = {}
+        if core is not None:
+            dataset = None if self.eval_dataset is None else f"the caller's eval_dataset ({type(self.eval_dataset).__name__})"
+            extra["saebench"] = core.output(core_eval_config(cfg, core.batches, dataset))
         if run_dir is not None and objective.layout.is_main and Path(run_dir).is_dir():
+            # eval.json keeps SAEBench's record without its n_latents per-latent rows (still a valid
+            # CoreEvalOutput: the details default to empty); `fastsae eval --saebench` writes them
+            brief = {key: {**value, "eval_result_details": []} for key, value in extra.items()}
             write_eval_json(run_dir, out, cfg.to_dict(), step=step, training_tokens=training_tokens,
-                            n_latents=sum(sae.n_latents for sae in saes.values()))
-        return out
+                            n_latents=sum(sae.n_latents for sae in saes.values()), extra=brief)
+        return {**out, **extra}
 
 
 def evaluate_run(run_dir: str | Path, *, overrides: list[str] | None = None, n_tokens: int | None = None,
-                 model=None) -> tuple[dict[str, float], Path, dict]:
+                 model=None, saebench: bool = False) -> tuple[dict, Path, dict]:
     """Evaluate the latest checkpoint of a run with the run's config (config.yaml and the overrides
-    of its resumes, then ``overrides``) and write RUN_DIR/eval.json. Returns (metrics, the
-    checkpoint evaluated, its trainer state)."""
+    of its resumes, then ``overrides``) and write RUN_DIR/eval.json (saebench: with SAEBench's core
+    record, see Evaluator.evaluate). Returns (metrics, the checkpoint evaluated, its trainer state)."""
     from fastsae.train import checkpoint as ckpt
 
     run_dir = Path(run_dir)
@@ -142,5 +176,6 @@ def evaluate_run(run_dir: str | Path, *, overrides: list[str] | None = None, n_t
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
     saes, state = ckpt.load_checkpoint(path, device=setup.resolve_device(config.device))
     evaluator = Evaluator.build(config, saes, model=model)
-    metrics = evaluator.evaluate(n_tokens, run_dir=run_dir, step=state["step"], training_tokens=state["tokens_seen"])
+    metrics = evaluator.evaluate(n_tokens, run_dir=run_dir, step=state["step"], training_tokens=state["tokens_seen"],
+                                 saebench=saebench)
     return metrics, path, state

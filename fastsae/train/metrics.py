@@ -176,12 +176,13 @@ def run_kind(config: dict) -> str:
 
 
 def write_eval_json(run_dir: str | os.PathLike, metrics: dict, config: dict, *, step: int,
-                    training_tokens: int, n_latents: int | None = None) -> Path:
+                    training_tokens: int, n_latents: int | None = None, extra: dict | None = None) -> Path:
     """Write RUN_DIR/eval.json atomically (temporary file, fsync, rename) and return its path.
 
     It holds the run's name, kind (local / e2e / e2e+ds), SAE activation, sparsity coefficient, hooks and total
     latents, the step and training tokens the SAEs had, the eval tokens, and `metrics`: Trainer.evaluate's
-    result with the "eval/" prefix dropped. A later eval of the run replaces it.
+    result with the "eval/" prefix dropped; ``extra``'s keys beside them (e.g. "saebench": SAEBench's core
+    record). A later eval of the run replaces it.
     """
     path = Path(run_dir) / EVAL_FILE
     record = {
@@ -197,6 +198,7 @@ def write_eval_json(run_dir: str | os.PathLike, metrics: dict, config: dict, *, 
         "training_tokens": training_tokens,
         "eval_tokens": _jsonable(metrics.get("eval/tokens")),
         "metrics": {key.removeprefix("eval/"): _jsonable(value) for key, value in metrics.items()},
+        **(extra or {}),
     }
     atomic_write_text(path, json.dumps(record, indent=2))
     return path

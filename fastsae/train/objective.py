@@ -36,6 +36,8 @@ class Batch:
     downstream: torch.Tensor | None = None  # the weighted downstream MSE (e2e+ds)
     clean: dict = field(default_factory=dict)  # hook -> clean activations
     captured: dict = field(default_factory=dict)  # hook -> spliced activations
+    h_orig: torch.Tensor | None = None  # final hidden states of the clean and spliced runs (spliced passes)
+    h_sae: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -139,11 +141,14 @@ class Objective:
 
         return replace
 
-    def __call__(self, tokens: torch.Tensor, *, train: bool, recon_hooks: tuple[str, ...] = ()):
+    def __call__(self, tokens: torch.Tensor, *, train: bool, recon_hooks: tuple[str, ...] = (),
+                 keep_batch: bool = False):
         """(loss, metrics, fire_counts) of one batch; see the class docstring.
 
         recon_hooks (eval): later hooks where the spliced run's activations are compared with the
         clean run's (downstream_mse/<hook>, downstream_explained_variance/<hook>).
+        keep_batch: also return the Batch (SAE inputs and outputs, cached activations, final hidden
+        states), as a fourth element, for metrics computed from the same passes (SAEBench's).
         """
         cfg, lm = self.config, self.lm
         batch = Batch(tokens.to(lm.device, torch.long), train)
@@ -156,6 +161,7 @@ class Objective:
                 h_orig, batch.clean = lm.clean_run(batch.tokens, cache_hooks)
                 start = {} if self.start_hook is None else {"start_hook": self.start_hook,
                                                              "start_acts": batch.clean[self.start_hook]}
+                batch.h_orig = h_orig
                 h_sae, batch.captured = lm.spliced_run(
                     batch.tokens, {hook: self.replacement(hook, batch) for hook in self.hooks},
                     capture_hooks=watched, **start)
@@ -164,6 +170,7 @@ class Objective:
                     batch.saes[hook] = self.run_sae(hook, acts)
 
         if spliced:
+            batch.h_sae = h_sae
             with self._autocast(enabled=False):
                 batch.kl, stats = losses.kl_loss(h_sae.float(), h_orig.float(), self.W_U, self.b_U,
                                                  labels=losses.next_token_labels(batch.tokens),
@@ -197,6 +204,8 @@ class Objective:
         loss = sum(terms.values())
         metrics["loss"] = loss.detach()
         metrics.update({f"loss/{name}": term.detach() for name, term in terms.items()})
+        if keep_batch:
+            return loss, metrics, fire_counts, batch
         return loss, metrics, fire_counts
 
     def loss_terms(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -66,7 +66,8 @@ def sae_spec(cfg: TrainConfig, d_in: int) -> SAESpec:
 def build_saes(cfg: TrainConfig, hooks: list[str], d_model: int, layout, device: torch.device,
                saes: dict | None = None) -> dict[str, E2ESAE]:
     """One SAE per hook, on ``device``: fresh ones drawn from the config's seed (so two runs of one
-    config start equal), or the caller's (E2ESAE objects, or paths E2ESAE.from_pretrained reads).
+    config start equal), or the caller's (E2ESAE objects, paths E2ESAE.from_pretrained reads, or
+    released SAEs as "RELEASE:ID").
     With saes.shards > 1 each rank keeps its block of every SAE (ShardedE2ESAE)."""
     sharded = layout.shards > 1
 

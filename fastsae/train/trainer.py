@@ -69,7 +69,8 @@ class Trainer(Checkpointing):
         exact resume), or None to build one from config.data.
     eval_dataset: the same for the eval pass; None builds the eval split from config.data.
     saes: optional {hook: E2ESAE or path} to start from instead of fresh ones; a path is anything
-        E2ESAE.from_pretrained(path, hook=hook) reads (fastsae, SAELens, sparsify, e2e_sae, a run).
+        E2ESAE.from_pretrained(path, hook=hook) reads (fastsae, SAELens, sparsify, e2e_sae, a run),
+        or a released SAE's name "RELEASE:ID" (fastsae.formats.releases).
     """
 
     def __init__(self, config, model=None, dataset=None, *, eval_dataset=None, run_dir=None,
