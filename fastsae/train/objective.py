@@ -14,6 +14,13 @@ One e2e batch:
 Local training (no KL, no downstream term) runs the clean model only up to the last SAE hook. Eval
 always runs the spliced model.
 
+loss.balance (Karvonen 2025, `fastsae finetune`) replaces the fixed kl_coeff and local_mse_coeff by
+this batch's balanced weights (term_weights): with "mse", local_mse_coeff / 2 on every SAE's MSE and
+local_mse_coeff x kl_coeff / 2 x (MSE / KL) on the KL, MSE the sum over the SAEs and the ratio
+detached, so the two halves are equal in value and their sum keeps the MSE's scale ("kl": the same
+the other way round). Every term named by those coefficients (the kinds' too) takes the balanced
+weight; kl_weight and local_mse_weight are logged.
+
 A kind may also return further reconstructions to train (SAEForward.reconstructions, each with a
 weight: Matryoshka's inner prefixes with prefix_loss="kl"): in training, the run's reconstruction
 losses apply to each of them too: an e2e run splices each into one more run of the blocks after the
@@ -46,11 +53,20 @@ class Batch:
     downstream: torch.Tensor | None = None  # the weighted downstream MSE (e2e+ds)
     clean: dict = field(default_factory=dict)  # hook -> clean activations
     captured: dict = field(default_factory=dict)  # hook -> spliced activations
+    weights: dict = field(default_factory=dict)  # coefficient name -> the weight this batch's loss applied
 
 
 # The order in which the per-SAE terms are added (then the kinds' other terms, as they come): the
 # order of the sum decides its rounding, and runs keep their numbers.
 SAE_TERM_ORDER = ("sparsity", "local_mse", "auxk")
+# The floor of a balanced ratio's denominator (the paper's code adds 1e-8 to the KL).
+BALANCE_EPS = 1e-8
+
+
+def _applies(weight) -> bool:
+    """Whether a term with this weight enters the loss: a balanced weight (a tensor) always does;
+    reading its value would wait for the device."""
+    return isinstance(weight, torch.Tensor) or weight != 0
 
 
 class Objective:
@@ -172,6 +188,9 @@ class Objective:
                     x, out.reconstruction, layer_norm=True)
             fire_counts[hook] = out.fire_counts
         metrics["l0"] = torch.stack([metrics[f"l0/{h}"] for h in self.hooks]).mean()
+        if self.config.loss.balance is not None and batch.weights:
+            metrics.update(kl_weight=torch.as_tensor(batch.weights["kl_coeff"]).detach(),
+                           local_mse_weight=torch.as_tensor(batch.weights["local_mse_coeff"]).detach())
         loss = sum(terms.values())
         metrics["loss"] = loss.detach()
         metrics.update({f"loss/{name}": term.detach() for name, term in terms.items()})
@@ -181,25 +200,47 @@ class Objective:
         return losses.kl_loss(h_sae.float(), h_orig.float(), self.W_U, self.b_U,
                               labels=losses.next_token_labels(tokens), softcap=self.lm.logit_softcap)
 
+    def term_weights(self, batch: Batch, mses: dict[str, torch.Tensor]) -> dict:
+        """The run's coefficients by name as this batch's loss applies them: coefficients(), with
+        kl_coeff and local_mse_coeff replaced by the balanced weights (0-d tensors) where
+        loss.balance is set and the batch has a KL (mses: each SAE's MSE; see the module docstring)."""
+        weights = self.coefficients()
+        balance = self.config.loss.balance
+        if balance is None or batch.kl is None or not mses:
+            return weights
+        mse = sum(mses.values()).detach().float()
+        kl = batch.kl.detach().float()
+        c_kl, c_mse = weights["kl_coeff"], weights["local_mse_coeff"]
+        if balance == "mse":
+            weights.update(local_mse_coeff=torch.as_tensor(0.5 * c_mse, device=kl.device),
+                           kl_coeff=(0.5 * c_mse * c_kl) * mse / kl.clamp_min(BALANCE_EPS))
+        else:
+            weights.update(kl_coeff=torch.as_tensor(0.5 * c_kl, device=kl.device),
+                           local_mse_coeff=(0.5 * c_kl * c_mse) * kl / mse.clamp_min(BALANCE_EPS))
+        return weights
+
     def loss_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
         """coefficient x term for the run's terms and every SAE's, in a fixed order, leaving out a
-        term whose coefficient is 0 or that the batch does not have (the KL of a local pass)."""
+        term whose coefficient is 0 or that the batch does not have (the KL of a local pass). The
+        weights applied are kept in batch.weights."""
         loss = self.config.loss
+        mses = {hook: losses.mse_loss(batch.saes[hook][1].reconstruction, batch.saes[hook][0])
+                for hook in self.hooks} if loss.local_mse_coeff else {}
+        batch.weights = weights = self.term_weights(batch, mses)
         terms = {}
         if loss.kl_coeff and batch.kl is not None:
-            terms["kl"] = loss.kl_coeff * batch.kl
+            terms["kl"] = weights["kl_coeff"] * batch.kl
         if self.downstream and batch.downstream is not None:
             terms["downstream"] = 1.0 * batch.downstream
-        coefficients = self.coefficients()
         per_sae: dict[str, list[torch.Tensor]] = {name: [] for name in SAE_TERM_ORDER}
         for hook in self.hooks:
             x, out = batch.saes[hook]
             named = dict(out.terms)
             if loss.local_mse_coeff:
-                named["local_mse"] = LossTerm(losses.mse_loss(out.reconstruction, x), "local_mse_coeff")
+                named["local_mse"] = LossTerm(mses[hook], "local_mse_coeff")
             for name, term in named.items():
-                weight = 1.0 if term.coefficient is None else coefficients[term.coefficient]
-                if weight:
+                weight = 1.0 if term.coefficient is None else weights[term.coefficient]
+                if _applies(weight):
                     per_sae.setdefault(name, []).append(term.value if term.coefficient is None else weight * term.value)
         for name, parts in per_sae.items():
             if parts:
@@ -208,14 +249,15 @@ class Objective:
                     total = total + part
                 terms[name] = total
         if batch.train:
-            terms.update(self.reconstruction_terms(batch))
+            terms.update(self.reconstruction_terms(batch, weights))
         return terms
 
-    def reconstruction_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def reconstruction_terms(self, batch: Batch, weights: dict | None = None) -> dict[str, torch.Tensor]:
         """The run's reconstruction losses of the kinds' further reconstructions
         (SAEForward.reconstructions; see the module docstring): kl_<name> (one more spliced run
-        each) and local_mse_<name>."""
+        each) and local_mse_<name>, weighted as the batch's own (weights: term_weights())."""
         loss = self.config.loss
+        weights = weights or self.coefficients()
         extra = [(hook, name, value, weight) for hook in self.hooks
                  for name, (value, weight) in (batch.saes[hook][1].reconstructions or {}).items()]
         if not extra:
@@ -235,8 +277,9 @@ class Objective:
                                                        **start)
                     with self._autocast(enabled=False):
                         kl, _ = self._kl(h_variant, h_orig, batch.tokens)
-                    terms[f"kl_{name}"] = (weight * loss.kl_coeff) * kl
+                    terms[f"kl_{name}"] = (weight * weights["kl_coeff"]) * kl
         if loss.local_mse_coeff:
             for hook, name, value, weight in extra:
-                terms[f"local_mse_{name}"] = (weight * loss.local_mse_coeff) * losses.mse_loss(value, batch.saes[hook][0])
+                terms[f"local_mse_{name}"] = (weight * weights["local_mse_coeff"]) * losses.mse_loss(value,
+                                                                                                   batch.saes[hook][0])
         return terms
