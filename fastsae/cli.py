@@ -9,6 +9,7 @@
     fastsae eval --sae RELEASE:ID --config gpt2-e2e --saebench core.json   ... by name; SAEBench's core metrics
     fastsae releases [RELEASE] [--model gpt2-small]   the released SAEs loadable by name
     fastsae export runs/e2e --format saelens    the run's latest SAEs as SAELens (or sparsify) dirs
+    fastsae finetune runs/local --model embedded    a short KL + MSE fine-tune of any SAE, before and after
     fastsae presets [--show NAME]               the shipped configs
     fastsae plan gpt2-e2e --gpus 8 --gpu-memory 80GB   memory per GPU; the largest dictionary that fits
     fastsae sweep                               local / e2e / e2e+ds over a grid of sparsity coefficients
@@ -73,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     releases.add_argument("release", nargs="?", help="list this release's SAEs")
     releases.add_argument("--model", help="only the releases of this model (e.g. gpt2-small, google/gemma-2-2b)")
 
+    _add_finetune_parser(commands)
+
     presets = commands.add_parser("presets", help="list the shipped configs")
     presets.add_argument("--show", metavar="NAME", help="print one preset's YAML")
 
@@ -118,6 +121,34 @@ def _parser() -> argparse.ArgumentParser:
     _add_analyze_parser(commands)
     _add_dashboard_parser(commands)
     return parser
+
+
+def _add_finetune_parser(commands) -> None:
+    finetune = commands.add_parser(
+        "finetune", help="a short KL + MSE fine-tune of trained SAEs (Karvonen 2025), measured before and after",
+        description="Splices the SAEs (any format E2ESAE.from_pretrained reads: fastsae runs, SAELens, sparsify, "
+                    "e2e_sae) into the model and trains them on KL + MSE, the KL weighted each step by the ratio of "
+                    "the two losses so that neither dominates and the source's sparsity coefficient keeps its "
+                    "meaning. The budget defaults to the paper's share, 5 % of the SAEs' training tokens. The "
+                    "CE-loss gap, KL, L0 and explained variance on the same held-out tokens before and after go to "
+                    "RUN_DIR/eval.json and are printed side by side; each SAE is written back in its format to "
+                    "RUN_DIR/finetuned/. See fastsae.train.finetune for what follows the paper.")
+    finetune.add_argument("saes", nargs="*", metavar="SAE[@HOOK]",
+                          help="SAEs to fine-tune (one per hook): paths, or released SAEs as RELEASE:ID (fastsae "
+                               "releases); @HOOK picks one where the path holds several")
+    finetune.add_argument("--model", help="the model name or directory (default: the one the SAEs name)")
+    finetune.add_argument("--config", help="preset or YAML for data, eval and optimizer (default: the model "
+                                           "family's, e.g. embedded-finetune, gpt2-finetune)")
+    budget = finetune.add_mutually_exclusive_group()
+    budget.add_argument("--tokens", type=float, help="training tokens of the fine-tune (e.g. 25e6)")
+    budget.add_argument("--fraction", type=float,
+                        help="training tokens as a share of the SAEs' own (default 0.05, the paper's 25M of 500M)")
+    finetune.add_argument("--run-dir", help="where the run goes (default: runs/<preset name>-<time>)")
+    finetune.add_argument("--overwrite", action="store_true", help="move an old run in --run-dir aside")
+    finetune.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted fine-tune and finish it")
+    finetune.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps")
+    finetune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config key, e.g. --set optim.lr=1e-4 (last word over the SAEs' and presets')")
 
 
 def _add_dashboard_parser(commands) -> None:
@@ -342,6 +373,29 @@ def _releases(args) -> int:
     return 0
 
 
+def _finetune(args) -> int:
+    from fastsae.train import finetune
+    from fastsae.train.config import ConfigError
+
+    def log(line):
+        print(line, flush=True)
+
+    if args.resume and args.saes:
+        raise ConfigError("give SAEs or --resume RUN_DIR, not both")
+    if not args.saes and not args.resume:
+        raise ConfigError("give the SAEs to fine-tune (PATH[@HOOK] ...), or --resume RUN_DIR")
+    try:
+        if args.resume:
+            finetune.resume(args.resume, overrides=args.overrides, max_steps=args.max_steps, log=log)
+            return 0
+        finetune.finetune(args.saes, model=args.model, config=args.config, overrides=args.overrides,
+                          tokens=args.tokens, fraction=args.fraction, run_dir=args.run_dir, overwrite=args.overwrite,
+                          max_steps=args.max_steps, log=log)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 def _export(args) -> int:
     from fastsae import formats
     from fastsae.train.config import ConfigError
@@ -441,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     command = {"train": _train, "eval": _eval, "presets": _presets, "sweep": _sweep, "plot": _plot,
-               "plan": _plan, "export": _export, "analyze": _analyze,
+               "plan": _plan, "export": _export, "finetune": _finetune, "analyze": _analyze,
                "dashboard": _dashboard, "releases": _releases}[args.command]
     from fastsae.train.checkpoint import RunDirError
 

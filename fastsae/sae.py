@@ -4,11 +4,12 @@ Parameters follow SAELens / TransformerLens conventions so SAEs move between too
 W_enc [d_in, n_latents], b_enc [n_latents], W_dec [n_latents, d_in], b_dec [d_in], plus the
 activation's own tensors (JumpReLU's log_threshold, BatchTopK's inference threshold).
 
-The activation (relu, topk, jumprelu, batchtopk) is a module of fastsae.activations, and what
-defines the SAE is one SAESpec (fastsae.spec). The forward pass takes one of two fused paths, by
-the activation's family (see fastsae.activations.base): elementwise activations run through
-fastsae.ops.relu_autoencode, which never builds the [N, n_latents] code in training; selection
-activations through fastsae.ops.topk_encode and sparse_decode.
+The activation (relu, topk, jumprelu, batchtopk, matryoshka_batchtopk) is a module of
+fastsae.activations, and what defines the SAE is one SAESpec (fastsae.spec). The activation owns the
+encoding and the training pass (see fastsae.activations.base): it calls a fused path
+(fastsae.ops.relu_autoencode, which never builds the [N, n_latents] code in training, or
+fastsae.ops.topk_encode and sparse_decode) or the chunked dense reference, and returns its named
+loss terms; the SAE holds the parameters and says where its latents are.
 
 Decoder rows have unit norm, in one of two ways (``decoder_norm``):
 - "forward" (default, as in the paper's code): the forward pass uses W_dec's rows divided by
@@ -36,8 +37,7 @@ import torch
 from torch import nn
 
 from fastsae import formats, ops
-from fastsae.activations import SAEForward, SparseCode
-from fastsae.activations.base import power_sum
+from fastsae.activations import SAEForward, SparseCode, TrainingSettings, paths
 from fastsae.formats import SAERecord
 from fastsae.formats import releases
 from fastsae.init import draw_init
@@ -185,37 +185,39 @@ class E2ESAE(nn.Module):
 
     # ----------------------------------------------------------------------------------------
     # where the latents are: all here. ShardedE2ESAE (fastsae.sharded) holds a block of them and
-    # overrides these few methods with the collectives; everything else is shared.
+    # overrides these few methods with the collectives; everything else is shared. The training
+    # paths (fastsae.activations.paths) read the SAE through them.
 
     n_local = property(lambda self: self.W_dec.shape[0], doc="the latents this module holds")
     latent_offset = 0  # the global id of its first latent
     shard_count = 1  # modules that together hold the whole dictionary
 
-    def _enter(self, x: torch.Tensor) -> torch.Tensor:
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         """x as the encoders read it (a sharded SAE sums the shards' input gradients here)."""
         return x
 
-    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+    def sum_over_latents(self, partial: torch.Tensor) -> torch.Tensor:
         """A per-token sum over latents, from this module's latents to the whole SAE's."""
         return partial
 
-    def _gather_candidates(self, values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather_candidates(self, values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Selection candidates of every module holding latents, side by side (rank order)."""
         return values, ids
 
-    def _local_code(self, code: SparseCode) -> tuple[torch.Tensor, torch.Tensor]:
+    def local_code(self, code: SparseCode) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, local ids) of the entries of ``code`` this module decodes."""
         return code.values, code.indices
 
-    def _partial_bias(self) -> torch.Tensor:
+    def partial_bias(self) -> torch.Tensor:
+        """The bias this module's partial reconstruction carries (b_dec; 0 on a shard)."""
         return self.b_dec
 
-    def _finish(self, partial: torch.Tensor) -> torch.Tensor:
-        """The reconstruction from this module's partial one (with _partial_bias added)."""
+    def finish_reconstruction(self, partial: torch.Tensor) -> torch.Tensor:
+        """The reconstruction from this module's partial one (with partial_bias added)."""
         return partial
 
     # ----------------------------------------------------------------------------------------
-    # forward pass
+    # forward pass: the activation (fastsae.activations) owns the encoding and the training pass
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -228,30 +230,14 @@ class E2ESAE(nn.Module):
             raise TypeError(f"x has dtype {x.dtype} but the SAE's parameters are {self.dtype}; "
                             "cast one to the other (x.to(sae.dtype) or sae.to(x.dtype))")
 
-    def _select(self, x2d: torch.Tensor) -> SparseCode:
-        """A selection activation's code: candidates from the TopK encoder, then its select()
-        (which may ask for wider candidates; see fastsae.activations.batchtopk)."""
-        x_in = self._enter(x2d)
-        while True:
-            values, local = ops.topk_encode(x_in, self.W_enc, self.b_enc, self.activation_fn.candidates(self.n_local))
-            values, ids = self._gather_candidates(values, local + self.latent_offset)
-            code = self.activation_fn.select(values, ids, self, self.training)
-            if code is not None:
-                return code
-
     def encode(self, x: torch.Tensor) -> torch.Tensor | SparseCode:
         """x [..., d_in] -> the code: a dense [..., n_latents] tensor for the elementwise
         activations (relu, jumprelu, batchtopk in eval mode), else a SparseCode [..., width]."""
         self._check_input(x)
-        x2d = x.reshape(-1, self.d_in)
-        if self.activation_fn.selects(self.training):
-            code = self._select(x2d)
+        code = self.activation_fn.encode(self, x.reshape(-1, self.d_in))
+        if isinstance(code, SparseCode):
             return SparseCode(*(t.reshape(*x.shape[:-1], t.shape[-1]) for t in code))
-        acts = ops.relu_encode(self._enter(x2d), self.W_enc, self.b_enc)
-        threshold = self.activation_fn.threshold(self)
-        if threshold is not None:  # relu(pre) > theta exactly where pre > theta (theta >= 0)
-            acts = torch.where(acts > threshold, acts, torch.zeros_like(acts))
-        return acts.reshape(*x.shape[:-1], self.n_local)
+        return code.reshape(*x.shape[:-1], code.shape[-1])
 
     @torch.no_grad()
     def encode_sparse(self, x: torch.Tensor) -> SparseCode:
@@ -265,29 +251,8 @@ class E2ESAE(nn.Module):
         [N, n_latents] tensor is built. Not differentiable.
         """
         self._check_input(x)
-        if self.activation_fn.selects(self.training):
-            return self.encode(x)
-        from fastsae.ops._checks import chunk_rows
-
-        x2d = x.reshape(-1, self.d_in)
-        step = chunk_rows(self.n_latents)
-        rows, slots, ids, kept = [], [], [], []
-        for start in range(0, x2d.shape[0], step):
-            acts = self.encode(x2d[start:start + step])
-            active = acts > 0
-            slot = active.cumsum(-1, dtype=torch.int32) - 1  # each active entry's place in its row
-            row, col = active.nonzero(as_tuple=True)
-            rows.append(row + start)
-            slots.append(slot[row, col].long())
-            ids.append(col)
-            kept.append(acts[row, col])
-        rows, slots, ids, kept = (torch.cat(t) for t in (rows, slots, ids, kept))
-        width = int(slots.max()) + 1 if slots.numel() else 1
-        values = x2d.new_zeros(x2d.shape[0], width)
-        indices = torch.zeros(x2d.shape[0], width, dtype=torch.int64, device=x.device)
-        values[rows, slots] = kept
-        indices[rows, slots] = ids
-        return SparseCode(values.reshape(*x.shape[:-1], width), indices.reshape(*x.shape[:-1], width))
+        code = self.activation_fn.encode_sparse(self, x.reshape(-1, self.d_in))
+        return SparseCode(*(t.reshape(*x.shape[:-1], t.shape[-1]) for t in code))
 
     def decoder_row_scale(self) -> torch.Tensor | None:
         """1 / ||W_dec[j]|| per latent in "forward" mode (differentiable), None in "project" mode."""
@@ -295,24 +260,21 @@ class E2ESAE(nn.Module):
             return None
         return self.W_dec.norm(dim=1).clamp_min(1e-8).reciprocal()
 
-    def _normalised_decoder(self) -> torch.Tensor:
+    def normalised_decoder(self) -> torch.Tensor:
+        """W_dec as the forward pass uses it: rows divided by their norms ("forward"), or as stored."""
         scale = self.decoder_row_scale()
         return self.W_dec if scale is None else self.W_dec * scale.unsqueeze(1)
 
     def decode(self, code: torch.Tensor | SparseCode) -> torch.Tensor:
         """The code from ``encode`` -> the reconstruction [..., d_in]."""
         if isinstance(code, SparseCode):
-            values, local = self._local_code(code)
-            scale = self.decoder_row_scale()
-            if scale is not None:
-                values = values * scale[local]
-            return self._finish(ops.sparse_decode(values, local, self.W_dec, self._partial_bias()))
+            return paths.decode_code(self, code)
         if not isinstance(code, torch.Tensor):
             raise TypeError(f"code must be a tensor or a SparseCode, got {type(code).__name__}")
-        if self.activation_fn.selects(self.training):
+        if not self.activation_fn.code_is_dense(self):
             raise TypeError(f"this SAE's {self.activation} code is sparse here: decode expects the SparseCode "
                             "that encode returns")
-        return self._finish(ops.dense_decode(code, self._normalised_decoder(), self._partial_bias()))
+        return self.finish_reconstruction(ops.dense_decode(code, self.normalised_decoder(), self.partial_bias()))
 
     def forward(self, x: torch.Tensor, return_code: bool = False):
         """The reconstruction of x, shaped like x (so the module drops into any hook).
@@ -324,41 +286,37 @@ class E2ESAE(nn.Module):
         reconstruction = self.decode(code)
         return SAEOutput(reconstruction, code) if return_code else reconstruction
 
-    def training_forward(self, x: torch.Tensor, p: float = 1.0) -> SAEForward:
-        """The reconstruction and the code statistics training needs, from one fused pass.
+    def training_forward(self, x: torch.Tensor, p: float = 1.0, *,
+                         settings: TrainingSettings | None = None) -> SAEForward:
+        """The reconstruction and the loss terms training needs, from the activation's training pass.
 
-        p: the Lp norm of the sparsity term (loss.sparsity_p), for the activations that use it.
-        Elementwise activations run through fastsae.ops.relu_autoencode: no [N, n_latents] code
-        exists in forward or backward. Returns SAEForward (reconstruction shaped like x, the
-        activation's sparsity term, mean L0, each latent's active tokens, the SparseCode if any).
+        p: the Lp norm of the sparsity term (loss.sparsity_p), for the activations that use it;
+        settings: what the run gives the pass (fastsae.activations.TrainingSettings: p, the loss
+        coefficients, the dead latents for AuxK), instead of p. The pass is the activation's
+        (fastsae.activations): a fused one (relu_autoencode, or topk_encode + sparse_decode) where it
+        has one, no [N, n_latents] code in forward or backward, else the chunked dense reference.
+        Returns SAEForward (reconstruction shaped like x, mean L0, each latent's active tokens, the
+        SparseCode if any, the named loss terms); the activation's new buffer values (its state) are
+        written here, after the pass.
         """
         self._check_input(x)
-        x2d = x.reshape(-1, self.d_in)
-        act = self.activation_fn
-        if act.selects(self.training):
-            code = self._select(x2d)
-            reconstruction = self.decode(code)
-            lp_sum = power_sum(code.values, p)
-            l0 = (code.values > 0).sum(-1, dtype=lp_sum.dtype)
-            fire_counts = self._fire_counts(code)
-        else:
-            out = ops.relu_autoencode(self._enter(x2d), self.W_enc, self.b_enc, self._normalised_decoder(),
-                                      self._partial_bias(), threshold=act.threshold(self), bandwidth=act.bandwidth,
-                                      p=p)
-            reconstruction = self._finish(out.reconstruction)
-            lp_sum, l0, fire_counts, code = self._reduce(out.lp_sum), self._reduce(out.l0), out.fire_counts, None
-        sparsity = act.sparsity_term(lp_sum, l0, p, self.d_in)
-        return SAEForward(reconstruction.reshape(x.shape), sparsity, l0.detach().mean(), fire_counts, code)
+        settings = settings or TrainingSettings(p=p)
+        out = self.activation_fn.training_forward(self, x.reshape(-1, self.d_in), settings)
+        if out.state:
+            self._write_state(out.state)
+        reconstructions = {name: (value.reshape(x.shape), weight)
+                           for name, (value, weight) in (out.reconstructions or {}).items()}
+        return out._replace(reconstruction=out.reconstruction.reshape(x.shape), reconstructions=reconstructions)
 
     @torch.no_grad()
-    def _fire_counts(self, code: SparseCode) -> torch.Tensor:
-        """int32 [n_local]: the tokens on which each of this module's latents is active in ``code``.
-        Counted with index_add_, not a bool index (which would wait for the GPU)."""
-        local = code.indices - self.latent_offset
-        owned = (code.values > 0) & (local >= 0) & (local < self.n_local)
-        counts = torch.zeros(self.n_local, dtype=torch.int32, device=code.values.device)
-        counts.index_add_(0, torch.where(owned, local, 0).reshape(-1), owned.reshape(-1).to(torch.int32))
-        return counts
+    def _write_state(self, state: dict) -> None:
+        """Write the activation's new buffer values; only its own non-trainable tensors may change."""
+        extras = self.activation_fn.extra_tensors
+        for name, value in state.items():
+            if name not in extras or extras[name].trainable:
+                raise ValueError(f"activation {self.activation!r} returned state {name!r}, which is not one of "
+                                 f"its buffers {[n for n, e in extras.items() if not e.trainable]}")
+            getattr(self, name).copy_(value)
 
     # ----------------------------------------------------------------------------------------
     # "project" mode helpers

@@ -40,10 +40,10 @@ class SAEBenchSAE(E2ESAE):
         return code.to_dense(self.n_latents) if isinstance(code, SparseCode) else code
 
     def decode(self, code: torch.Tensor | SparseCode) -> torch.Tensor:
-        if isinstance(code, torch.Tensor) and self.activation_fn.selects(self.training):
+        if isinstance(code, torch.Tensor) and not self.activation_fn.code_is_dense(self):
             if code.shape[-1] != self.n_latents:
                 raise ValueError(f"code must have last dimension d_sae={self.n_latents}, got shape {tuple(code.shape)}")
-            return ops.dense_decode(code, self._normalised_decoder(), self.b_dec)
+            return self.finish_reconstruction(ops.dense_decode(code, self.normalised_decoder(), self.partial_bias()))
         return super().decode(code)
 
 

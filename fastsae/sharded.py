@@ -43,9 +43,10 @@ class ShardedE2ESAE(E2ESAE):
         self.start, self.stop = shard_range(spec.n_latents, layout.shards, layout.shard_rank)
         n_local = self.stop - self.start
         self._build(spec, n_local, metadata, dtype, device)
-        if self.activation_fn.selects(True) and self.activation_fn.candidates(spec.n_latents) > n_local:
-            raise ValueError(f"k={spec.k} exceeds the {n_local} latents of one shard "
-                             f"(n_latents={spec.n_latents} / saes.shards={layout.shards})")
+        try:
+            self.activation_fn.check_shard(n_local)
+        except ValueError as error:
+            raise ValueError(f"{error} (n_latents={spec.n_latents} / saes.shards={layout.shards})") from None
         with torch.no_grad():
             for name in self.tensor_names():
                 getattr(self, name).copy_(blocks[name])
@@ -85,18 +86,18 @@ class ShardedE2ESAE(E2ESAE):
     latent_offset = property(lambda self: self.start)
     shard_count = property(lambda self: self.layout.shards)
 
-    def _enter(self, x):
+    def encoder_input(self, x):
         return copy_to_shards(x, self.group)
 
-    def _reduce(self, partial):
+    def sum_over_latents(self, partial):
         return reduce_from_shards(partial, self.group)
 
-    def _gather_candidates(self, values, ids):
+    def gather_candidates(self, values, ids):
         if self.group is None:
             return values, ids
         return gather_from_shards(values, self.group), torch.cat(all_gather(ids, self.group), dim=-1)
 
-    def _local_code(self, code: SparseCode):
+    def local_code(self, code: SparseCode):
         # this shard decodes the winners it owns (the others as value 0 at local row 0); the
         # replicated values get the sum of the shards' gradients
         values = copy_to_shards(code.values, self.group)
@@ -104,10 +105,10 @@ class ShardedE2ESAE(E2ESAE):
         local = torch.where(owned, code.indices - self.start, torch.zeros_like(code.indices))
         return torch.where(owned, values, torch.zeros_like(values)), local
 
-    def _partial_bias(self):
+    def partial_bias(self):
         return torch.zeros_like(self.b_dec)
 
-    def _finish(self, partial):
+    def finish_reconstruction(self, partial):
         return reduce_from_shards(partial, self.group) + self.b_dec
 
     # ------------------------------------------------------------------ the whole SAE

@@ -1,23 +1,25 @@
 """The activation registry's conformance suite: every activation in fastsae.activations, by name.
 
 For each one, with the hyperparameters its module gives as example_params:
-- E2ESAE's fused training pass equals the activation's naive dense form (dense_forward):
-  reconstruction, sparsity term, L0, per-latent fire counts, and the gradients of every parameter and of
-  the input, in float64, in training and eval mode, for both decoder norms;
+- E2ESAE's training pass (the kind's fused path) equals the activation's naive dense form
+  (dense_forward, dense_loss_terms): reconstruction, every named loss term, L0, per-latent fire
+  counts, and the gradients of every parameter and of the input, in float64, in training and eval
+  mode, for both decoder norms;
 - encode / decode / encode_sparse give the naive code and reconstruction;
 - save and load in every format that expresses it give the same spec and function, and a format
   that cannot is refused with the activation's reason;
 - a Trainer trains it on a tiny model (every trainable tensor moves, the loss goes down on a fixed
   batch), and a run resumed from a checkpoint equals an uninterrupted one exactly.
 Sharded == unsharded runs over the same registry in tests/test_distributed.py. The library
-round trips against SAELens's own loader are in tests/test_formats.py (CI's second leg).
+round trips against SAELens's own loader are in tests/test_formats.py (CI's second leg). A kind with
+no fused path trains through the chunked dense reference: tests/test_dense_reference.py.
 """
 
 import pytest
 import torch
 
 from fastsae import E2ESAE, formats
-from fastsae.activations import ACTIVATIONS, SparseCode
+from fastsae.activations import ACTIVATIONS, SparseCode, TrainingSettings
 from fastsae.activations.base import power_sum
 from fastsae.spec import SAESpec
 from fastsae.train import Trainer, load_config
@@ -42,7 +44,8 @@ def make(name, decoder_norm="forward", dtype=torch.float64, seed=0):
 
 
 def naive(sae, x, p=1.0):
-    """The activation's dense form: (reconstruction, sparsity term, mean L0, fire counts, dense code)."""
+    """The activation's dense form: (reconstruction, sparsity term, mean L0, fire counts, dense code,
+    {name: loss term})."""
     pre = x.reshape(-1, D) @ sae.W_enc + sae.b_enc
     code, l0 = sae.activation_fn.dense_forward(pre, sae, sae.training)
     scale = sae.decoder_row_scale()
@@ -50,7 +53,9 @@ def naive(sae, x, p=1.0):
     reconstruction = code @ W_dec + sae.b_dec
     lp_sum = power_sum(code, p)
     sparsity = sae.activation_fn.sparsity_term(lp_sum, l0, p, D)
-    return reconstruction.reshape(x.shape), sparsity, l0.mean(), (code > 0).sum(0, dtype=torch.int32), code
+    terms = sae.activation_fn.dense_loss_terms(sae, x.reshape(-1, D), code, l0, TrainingSettings(p=p))
+    return (reconstruction.reshape(x.shape), sparsity, l0.mean(), (code > 0).sum(0, dtype=torch.int32), code,
+            terms)
 
 
 def _parameters_and_input(sae, x):
@@ -74,9 +79,12 @@ def test_training_pass_equals_the_naive_form_with_gradients(name, training, deco
         assert 0 < want[2] < N  # a code neither empty nor full: the test sees both kinds of latent
         if out.code is not None:
             torch.testing.assert_close(out.code.to_dense(N).reshape(-1, N), want[4])
+        assert set(out.terms) == set(want[5]), name  # no AuxK here: no dead latents given
+        for term, value in want[5].items():
+            torch.testing.assert_close(out.terms[term].value, value, msg=lambda m: f"{name} term {term}: {m}")
 
-        loss = (out.reconstruction - 1).square().mean() + 0.3 * out.sparsity
-        reference = (want[0] - 1).square().mean() + 0.3 * want[1]
+        loss = (out.reconstruction - 1).square().mean() + 0.3 * sum(t.value for t in out.terms.values())
+        reference = (want[0] - 1).square().mean() + 0.3 * sum(want[5].values())
         mine = torch.autograd.grad(loss, list(_parameters_and_input(sae, x).values()), allow_unused=True)
         theirs = torch.autograd.grad(reference, list(_parameters_and_input(sae, x).values()), allow_unused=True)
         for key, a, b in zip(_parameters_and_input(sae, x), mine, theirs):
@@ -93,13 +101,13 @@ def test_training_pass_equals_the_naive_form_with_gradients(name, training, deco
 def test_encode_decode_and_encode_sparse_give_the_naive_code(name, training):
     sae = make(name).train(training)
     x = torch.randn(2, 5, D, dtype=torch.float64)
-    reconstruction, _, _, _, code = naive(sae, x)
+    reconstruction, _, _, _, code, _ = naive(sae, x)
     encoded = sae.encode(x)
     dense = encoded.to_dense(N) if isinstance(encoded, SparseCode) else encoded
     torch.testing.assert_close(dense.reshape(-1, N), code.detach())
     torch.testing.assert_close(sae.decode(encoded), reconstruction.detach())
     torch.testing.assert_close(sae(x), reconstruction.detach())
-    if name != "batchtopk" or not training:  # a batch selection depends on the whole batch
+    if not name.endswith("batchtopk") or not training:  # a batch selection depends on the whole batch
         torch.testing.assert_close(sae.encode_sparse(x).to_dense(N).reshape(-1, N), code.detach())
 
 
@@ -170,9 +178,14 @@ def test_the_loss_goes_down_on_a_fixed_batch(tmp_path, model_dir, lm, name):
     trainer = Trainer(_config(tmp_path, model_dir, name, "run"), model=lm)
     tokens = random_batches(1, BATCH, CTX, seed=0, vocab=250)[0]
     history = [trainer.step(tokens) for _ in range(8)]
-    main = [m["loss"] - m.get("loss/auxk", 0.0) for m in history]
+    # the whole dictionary's reconstruction and sparsity (a kind's other terms, AuxK or Matryoshka's
+    # inner prefixes, follow their own course)
+    main = [m["loss/local_mse"] + m["loss/sparsity"] for m in history]
     assert main[-1] < 0.8 * main[0], main
     assert {"l0", f"l0/{HOOK}", f"alive/{HOOK}", "kl", "loss/sparsity"} <= set(history[-1])
+    kind_terms = set(history[-1]) - {"loss/kl", "loss/local_mse", "loss/sparsity", "loss/auxk"}
+    assert {t for t in kind_terms if t.startswith("loss/")} == {
+        f"loss/prefix_mse_{w}" for w in ACTIVATIONS[name].example_params.get("widths", ())}
 
 
 

@@ -42,9 +42,12 @@ README_MAX_LINES = 200
 
 # What CI shrinks, per fastsae command: training to 32,768 tokens (16 steps of the embedded
 # presets) with a 2,048-token eval; the passes over held-out tokens to 4,096 tokens.
+# A fine-tune's budget is a share of its source's (already shrunk) tokens: only its evals shrink.
 TRAIN_OVERRIDES = {"optim.n_tokens": "32768", "eval.n_tokens": "2048"}
+FINETUNE_OVERRIDES = {"eval.n_tokens": "2048"}
 MAX_TOKENS = 4096
-SHRINK = {"train": "overrides", "sweep": "overrides", "eval": "tokens", "analyze": "tokens", "dashboard": "tokens"}
+SHRINK = {"train": TRAIN_OVERRIDES, "sweep": TRAIN_OVERRIDES, "finetune": FINETUNE_OVERRIDES, "eval": "tokens",
+          "analyze": "tokens", "dashboard": "tokens"}
 SHELL_SYNTAX = {"|", "||", "&&", ";", ">", ">>", "<", "&"}
 COMMAND_TIMEOUT_S = 900
 
@@ -149,9 +152,9 @@ def shrink(command: str) -> str:
     at = fastsae_command(words)
     if at is None or at >= len(words) or words[at] not in SHRINK or SHELL_SYNTAX & set(words):
         return command
-    if SHRINK[words[at]] == "overrides":
+    if isinstance(SHRINK[words[at]], dict):
         set_keys = {words[i + 1].split("=", 1)[0] for i, word in enumerate(words[:-1]) if word == "--set"}
-        for key, value in TRAIN_OVERRIDES.items():
+        for key, value in SHRINK[words[at]].items():
             if key not in set_keys:
                 words += ["--set", f"{key}={value}"]
     elif "--tokens" in words:
@@ -311,6 +314,8 @@ def test_commands_are_shrunk_to_ci_sizes():
     assert shrink("fastsae train embedded --set optim.n_tokens=1000") == (
         "fastsae train embedded --set optim.n_tokens=1000 --set eval.n_tokens=2048")
     assert shrink("fastsae eval runs/e2e --tokens 8192") == "fastsae eval runs/e2e --tokens 4096"
+    assert shrink("fastsae finetune runs/local --fraction 0.1") == (  # its budget: a share of the shrunk run's
+        "fastsae finetune runs/local --fraction 0.1 --set eval.n_tokens=2048")
     assert shrink("python -m fastsae dashboard runs/e2e --out dash") == (
         "python -m fastsae dashboard runs/e2e --out dash --tokens 4096")
     assert shrink("fastsae plan gpt2-e2e --gpu-memory 80GB") == "fastsae plan gpt2-e2e --gpu-memory 80GB"

@@ -4,8 +4,11 @@
     TopK = get_activation("topk")          # the class; TopK(TopK.make_params({"k": 32})) an instance
 
 Every module here that defines an Activation subclass adds it to the registry: a new kind is one
-new file (its hyperparameters, extra tensors, family, sparsity term and file mappings; see
-base.py), and E2ESAE, the config, the formats, the sharded SAE and the planner read it from here.
+new file (its hyperparameters, extra tensors, training pass and loss terms, memory and file
+mappings; see base.py), and E2ESAE, the config, the trainer, the formats, the sharded SAE and the
+planner read it from here. The modules beside the kinds: base.py (the base class), code.py (what a
+training pass returns), paths.py (the fused paths and the chunked dense reference a kind calls),
+auxk.py (AuxK, for the kinds that use it).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from fastsae.activations.base import Activation, ExtraTensor, NoParams, SAEForward, SparseCode
+from fastsae.activations.base import Activation, ExtraTensor, NoParams
+from fastsae.activations.code import ActivationMemory, LossTerm, SAEForward, SparseCode, TrainingSettings
 
 
 def _discover() -> dict[str, type[Activation]]:
@@ -40,5 +44,5 @@ def get_activation(name: str) -> type[Activation]:
         raise ValueError(f"activation must be one of {ACTIVATION_NAMES}, got {name!r}") from None
 
 
-__all__ = ["ACTIVATIONS", "ACTIVATION_NAMES", "Activation", "ExtraTensor", "NoParams", "SAEForward", "SparseCode",
-           "get_activation"]
+__all__ = ["ACTIVATIONS", "ACTIVATION_NAMES", "Activation", "ActivationMemory", "ExtraTensor", "LossTerm", "NoParams",
+           "SAEForward", "SparseCode", "TrainingSettings", "get_activation"]

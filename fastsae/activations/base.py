@@ -1,61 +1,38 @@
-"""What every SAE activation shares: the code types, the hyperparameter checks and the base class.
+"""What every SAE kind shares: the code types, a training pass's result, the hyperparameter checks
+and the base class.
 
-An activation turns the encoder's pre-activations pre = x @ W_enc + b_enc into the code. The kinds
-fastsae trains fall into two families, and E2ESAE runs each family through one fused path:
+An activation (an SAE kind) turns the encoder's pre-activations pre = x @ W_enc + b_enc into the
+code, and owns its training pass: E2ESAE.training_forward hands it the input, and it returns the
+reconstruction with its named loss terms (SAEForward). A kind trains through one of three paths,
+helpers in fastsae.activations.paths that it calls:
 
-- elementwise: code_j = relu(pre_j) * (pre_j > theta_j), theta the activation's per-latent
-  threshold (None: plain ReLU). Trained through fastsae.ops.relu_autoencode, which never builds the
-  [N, n_latents] code (ReLU, JumpReLU, and BatchTopK at inference).
+- elementwise: code_j = relu(pre_j) * (pre_j > theta_j), theta the kind's per-latent threshold
+  (None: plain ReLU), through fastsae.ops.relu_autoencode, which never builds the [N, n_latents]
+  code (ReLU, JumpReLU, and BatchTopK at inference);
 - selection: a choice among each token's largest ReLU pre-activations, made from per-token
   candidates that fastsae.ops.topk_encode emits and decoded by fastsae.ops.sparse_decode (TopK,
-  and BatchTopK while it trains).
+  BatchTopK and Matryoshka BatchTopK while they train);
+- the chunked dense reference (the default): the kind's dense_forward a chunk of tokens at a time,
+  each chunk recomputed in backward, so no [N, n_latents] tensor lives beyond one chunk. A new kind
+  trains through it on any device before anyone writes its fused path.
 
-A subclass says which family it is in (per mode: training or not), gives its threshold or its
-selection, its extra per-latent tensors, its sparsity term, and how it maps to SAELens and sparsify
-files. Everything else (parameters, init, sharding, save/load, training) is shared.
+A subclass gives its hyperparameters, extra per-latent tensors, its dense form (the spec its
+training pass is tested against), its loss terms, its memory for `fastsae plan`, and its SAELens /
+sparsify mappings. Parameters, init, sharding, save / load and the trainer are shared.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Callable, ClassVar, NamedTuple
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
 
 import torch
 
-
-class SparseCode(NamedTuple):
-    """A sparse code: per token, the active latents' values and ids.
-
-    TopK: exactly k per token, largest first. Elsewhere a row may hold padding: value 0 at some id
-    (``values > 0`` marks the real entries). Never densified in training.
-    """
-
-    values: torch.Tensor  # [..., width], >= 0
-    indices: torch.Tensor  # [..., width], int64
-
-    def to_dense(self, n_latents: int) -> torch.Tensor:
-        """The [..., n_latents] dense code (for analysis; memory grows with n_latents). Entries are
-        added, so padding (value 0) never overwrites a real entry."""
-        dense = self.values.new_zeros(*self.values.shape[:-1], n_latents)
-        return dense.scatter_add_(-1, self.indices, self.values)
-
-
-class SAEForward(NamedTuple):
-    """One training pass of an SAE (E2ESAE.training_forward): what the losses and metrics need.
-
-    reconstruction: shaped like the input. sparsity: the activation's sparsity term (differentiable;
-    the trainer multiplies it by loss.sparsity_coeff). l0: active latents per token, mean (detached).
-    fire_counts: int32 [latents held here], the tokens each latent is active on. code: the SparseCode
-    where the pass made one (selection), else None (the elementwise path never builds a code).
-    """
-
-    reconstruction: torch.Tensor
-    sparsity: torch.Tensor
-    l0: torch.Tensor
-    fire_counts: torch.Tensor
-    code: SparseCode | None
+from fastsae.activations import paths
+from fastsae.activations.code import (ActivationMemory, LossTerm, SAEForward, SparseCode, TrainingSettings,
+                                      lp_norm_term, power_sum)
 
 
 @dataclass(frozen=True)
@@ -98,26 +75,6 @@ def check_number(name: str, value, *, integer: bool = False, low: float | None =
         raise ValueError(f"{name} must be in {left}{right}, got {name}={value!r}")
 
 
-def power_sum(code: torch.Tensor, p: float) -> torch.Tensor:
-    """sum_j code_j^p over the last dimension of a code (entries >= 0), in at least fp32, with a
-    zero gradient at zero entries (x^p has no finite slope at 0 for p < 1)."""
-    code = code.to(torch.promote_types(code.dtype, torch.float32))
-    if p == 1:
-        return code.sum(-1)
-    positive = code > 0
-    return torch.where(positive, code.where(positive, torch.ones_like(code)).pow(p), 0).sum(-1)
-
-
-def lp_norm_term(lp_sum: torch.Tensor, p: float, d_in: int) -> torch.Tensor:
-    """The paper's sparsity term from per-token sums of |code|^p: mean over tokens of
-    (sum_j |code_j|^p)^(1/p), divided by d_in. A token with an all-zero code contributes 0 with a
-    zero gradient (the power's slope at 0 is not used)."""
-    if p == 1:
-        return lp_sum.mean() / d_in
-    positive = lp_sum > 0
-    return torch.where(positive, lp_sum.where(positive, torch.ones_like(lp_sum)).pow(1.0 / p), 0).mean() / d_in
-
-
 class Activation:
     """Base class of the activations in the registry (fastsae.activations.ACTIVATIONS).
 
@@ -134,7 +91,11 @@ class Activation:
         example_params: hyperparameters of a small SAE whose every code path is exercised (the
             conformance tests and the documentation use them).
     And dense_forward: the activation as a plain dense function of the pre-activations, the
-    naive form its fused path is tested against.
+    naive form its training pass is tested against; training_forward, encode and encode_sparse
+    (defaults: the chunked dense reference, dense_forward); dense_loss_terms (the naive form of its
+    loss terms); memory (for `fastsae plan`); check_run / check_shard (what it refuses);
+    latent_groups (for analysis). Every method takes the SAE (E2ESAE or a shard of it) and reads it;
+    a kind's own buffers change only through SAEForward.state.
     """
 
     name: ClassVar[str]
@@ -170,42 +131,75 @@ class Activation:
 
     # ---------------------------------------------------------------- the function
 
-    @classmethod
-    def selects(cls, training: bool) -> bool:
-        """True: the selection family in this mode (topk_encode candidates + select); False: the
-        elementwise family (relu_autoencode with threshold())."""
-        return False
-
-    def threshold(self, sae) -> torch.Tensor | None:
-        """Elementwise family: the per-latent threshold theta [latents held here], differentiable
-        where it is trained, or None (ReLU)."""
-        return None
-
-    @property
-    def bandwidth(self) -> float | None:
-        """The straight-through estimator's bandwidth for a trained threshold (None: not trained)."""
-        return None
-
-    def candidates(self, n_latents: int) -> int:
-        """Selection family: the candidates per token the encoder keeps for select()."""
-        raise NotImplementedError(f"{self.name} is not a selection activation")
-
-    def select(self, values: torch.Tensor, indices: torch.Tensor, sae, training: bool) -> SparseCode | None:
-        """Selection family: the code from each token's candidates (values [N, width] >= 0, each
-        shard's block sorted largest first, indices global ids). None asks for wider candidates:
-        a selection must never silently miss a latent it should keep."""
-        raise NotImplementedError(f"{self.name} is not a selection activation")
-
     def dense_forward(self, pre: torch.Tensor, sae, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The naive form: (code [N, n_latents], l0 [N]) from the pre-activations [N, n_latents],
-        differentiable as the fused path is (the straight-through estimators included). The spec
-        the fused paths are tested against; memory grows with N x n_latents."""
-        raise NotImplementedError
+        differentiable as the training pass is (the straight-through estimators included). The
+        spec the fused paths are tested against, and the default training path (chunked:
+        paths.dense_reference_pass); memory grows with N x n_latents."""
+        raise NotImplementedError(f"activation {self.name!r} has no dense_forward")
 
     def sparsity_term(self, lp_sum: torch.Tensor, l0: torch.Tensor, p: float, d_in: int) -> torch.Tensor:
         """The sparsity term from per-token sums: lp_sum = sum_j |code_j|^p and l0 = active latents
         (differentiable where the activation trains its threshold). Default: the paper's Lp term."""
         return lp_norm_term(lp_sum, p, d_in)
+
+    def training_forward(self, sae, x: torch.Tensor, settings: TrainingSettings) -> SAEForward:
+        """The training pass of x [N, d_in] -> SAEForward (reconstruction [N, d_in], loss terms, ...).
+
+        Default: the chunked dense reference (paths.dense_reference_pass) and the sparsity term,
+        weighted by loss.sparsity_coeff. A kind with a fused path overrides this and calls its
+        helper in fastsae.activations.paths."""
+        out = paths.dense_reference_pass(sae, x, self, settings.p)
+        return self.finish_pass(sae, out, None, settings)
+
+    def finish_pass(self, sae, out: paths.PassSums, code: SparseCode | None, settings: TrainingSettings,
+                    terms: dict | None = None, **fields) -> SAEForward:
+        """SAEForward from a path's sums: the sparsity term first, then ``terms``; ``fields``: the
+        SAEForward's state / reconstructions."""
+        sparsity = self.sparsity_term(out.lp_sum, out.l0, settings.p, sae.d_in)
+        return SAEForward(out.reconstruction, out.l0.detach().mean(), out.fire_counts, code,
+                          {"sparsity": LossTerm(sparsity, "sparsity_coeff"), **(terms or {})}, **fields)
+
+    def dense_loss_terms(self, sae, x: torch.Tensor, code: torch.Tensor, l0: torch.Tensor,
+                         settings: TrainingSettings) -> dict[str, torch.Tensor]:
+        """The naive form of the loss terms training_forward returns (AuxK aside), from the dense
+        code of dense_forward: {name: value}. The conformance suite checks the training pass's
+        terms and their gradients against it."""
+        return {"sparsity": self.sparsity_term(power_sum(code, settings.p), l0, settings.p, sae.d_in)}
+
+    def encode(self, sae, x: torch.Tensor) -> torch.Tensor | SparseCode:
+        """The code of x [N, d_in]: a dense [N, latents held here] tensor, or a SparseCode [N, width].
+        Default: dense_forward of the pre-activations."""
+        pre = sae.encoder_input(x) @ sae.W_enc + sae.b_enc
+        return self.dense_forward(pre, sae, sae.training)[0]
+
+    def code_is_dense(self, sae) -> bool:
+        """Whether encode() gives a dense code in the SAE's current mode (else a SparseCode, and
+        decode refuses a dense one as a likely mix-up)."""
+        return True
+
+    def encode_sparse(self, sae, x: torch.Tensor) -> SparseCode:
+        """The active latents of each token of x [N, d_in] as a padded SparseCode (for analysis).
+        Default: encode() chunk by chunk, compacted (paths.sparse_from_dense)."""
+        return paths.sparse_from_dense(lambda chunk: self.encode(sae, chunk), x, sae.n_local)
+
+    def memory(self, n_tokens: int, n_local: int, d_in: int, itemsize: int, shards: int) -> ActivationMemory:
+        """What one training pass of n_tokens holds beyond the parameters and their gradients, for
+        `fastsae plan` (n_local: the latents of one shard; itemsize: the SAE dtype's bytes).
+        Default: the chunked dense reference's."""
+        return paths.dense_reference_memory(n_tokens, n_local, d_in, itemsize)
+
+    def check_run(self, *, shards: int, coefficients: dict) -> None:
+        """Refuse, with a ValueError naming the setting, a run this kind cannot train (shards: the
+        ranks each SAE is split across; coefficients: the run's loss coefficients by name)."""
+
+    def check_shard(self, n_local: int) -> None:
+        """Refuse, with a ValueError, a shard of n_local latents this kind cannot work on."""
+
+    def latent_groups(self, n_latents: int) -> list[tuple[str, int, int]] | None:
+        """Groups of latents the kind distinguishes, as (label, first id, end id), for analysis and
+        the dashboards (Matryoshka: its nested prefixes); None: one undivided dictionary."""
+        return None
 
     # ---------------------------------------------------------------- files
 

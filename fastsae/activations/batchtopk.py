@@ -15,9 +15,12 @@ their own rows.
 
 At inference (eval, export) the code is a JumpReLU with one threshold for every latent, a running
 average of the smallest kept value during training (SAELens: topk_threshold, updated with rate
-topk_threshold_lr), so one token's code does not depend on the others'. SAELens reads it as a
-"jumprelu" file (as SAELens saves its own BatchTopK SAEs) and writes "batchtopk" training files,
-which load here too; sparsify has no batch selection.
+topk_threshold_lr), so one token's code does not depend on the others'. The training pass returns
+the updated average as its state (SAEForward.state), which the SAE writes; encode() in training mode
+selects without moving it. In eval mode the pass is the elementwise one, with that threshold.
+
+SAELens reads it as a "jumprelu" file (as SAELens saves its own BatchTopK SAEs) and writes
+"batchtopk" training files, which load here too; sparsify has no batch selection.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastsae.activations import paths
+from fastsae.activations.auxk import auxk_term, check_auxk_sharding
 from fastsae.activations.base import Activation, ExtraTensor, SparseCode, check_number
 
 # Candidates per token the encoder keeps, as a multiple of k, before any widening: the encoder's
@@ -60,17 +65,17 @@ class BatchTopK(Activation):
         super().__init__(params)
         self._width = 0  # the candidates per token that the last widening needed
 
-    @classmethod
-    def selects(cls, training: bool) -> bool:
-        return training
-
     def threshold(self, sae) -> torch.Tensor:
+        """The inference threshold for each latent held here (one value for all)."""
         return sae.threshold.to(sae.dtype).expand(sae.n_local)
 
     def candidates(self, n_latents: int) -> int:
+        """The candidates per token the encoder keeps for select() (paths.select_code)."""
         return min(n_latents, max(self._width, math.ceil(CANDIDATE_FACTOR * self.params.k)))
 
     def select(self, values, indices, sae, training) -> SparseCode | None:
+        """The batch's selection from each token's candidates (values [N, width] >= 0, each shard's
+        block sorted largest first, indices global ids), or None for wider candidates."""
         n_tokens, width = values.shape
         keep = min(values.numel(), max(1, int(self.params.k * n_tokens)))
         threshold = values.reshape(-1).topk(keep, sorted=False).values.min()
@@ -85,10 +90,33 @@ class BatchTopK(Activation):
                 self._width = min(sae.n_local, 2 * per_shard)
                 return None
         kept = (values >= threshold) & (values > 0)
-        code = SparseCode(torch.where(kept, values, torch.zeros_like(values)), indices)
-        if training:
-            self._update_threshold(sae, values.detach(), kept)
-        return code
+        return SparseCode(torch.where(kept, values, torch.zeros_like(values)), indices)
+
+    def training_forward(self, sae, x, settings):
+        if not sae.training:  # inference: the elementwise path with the learned threshold
+            out = paths.elementwise_pass(sae, x, settings.p, self.threshold(sae), None)
+            return self.finish_pass(sae, out, None, settings)
+        code = paths.select_code(sae, x, self)
+        out = paths.selection_pass(sae, code, settings.p)
+        return self.finish_pass(sae, out, code, settings, auxk_term(sae, x, out.reconstruction, settings),
+                                state={"threshold": self.updated_threshold(sae, code)})
+
+    def encode(self, sae, x):
+        if sae.training:
+            return paths.select_code(sae, x, self)
+        return paths.elementwise_encode(sae, x, self.threshold(sae))
+
+    def code_is_dense(self, sae):
+        return not sae.training
+
+    def encode_sparse(self, sae, x):
+        return self.encode(sae, x) if sae.training else super().encode_sparse(sae, x)
+
+    def memory(self, n_tokens, n_local, d_in, itemsize, shards):
+        return paths.selection_memory(n_tokens, n_local, self.candidates(n_local), itemsize, shards)
+
+    def check_run(self, *, shards, coefficients):
+        check_auxk_sharding(shards, coefficients)
 
     def dense_forward(self, pre, sae, training):
         acts = torch.relu(pre)
@@ -101,12 +129,14 @@ class BatchTopK(Activation):
         return code, (code > 0).sum(-1, dtype=pre.dtype)
 
     @torch.no_grad()
-    def _update_threshold(self, sae, values, kept) -> None:
-        """threshold <- (1 - lr) threshold + lr * (smallest kept value), on the device (no sync)."""
+    def updated_threshold(self, sae, code: SparseCode) -> torch.Tensor:
+        """(1 - lr) threshold + lr * (the smallest kept value of the batch), on the device (no sync);
+        the threshold as it is where nothing was kept."""
+        values = code.values.detach()
+        kept = values > 0
         smallest = torch.where(kept, values.float(), torch.full_like(values, math.inf, dtype=torch.float32)).min()
         lr = self.params.threshold_lr
-        updated = (1 - lr) * sae.threshold + lr * smallest
-        sae.threshold.copy_(torch.where(kept.any(), updated, sae.threshold))
+        return torch.where(kept.any(), (1 - lr) * sae.threshold + lr * smallest, sae.threshold)
 
     @classmethod
     def from_saelens(cls, config, tensors, where):

@@ -3,7 +3,8 @@
     code_j = relu(pre_j) * (pre_j > theta_j),   theta = exp(log_threshold)
 
 The threshold is stored as its log (always positive, as SAELens's training SAE). Elementwise:
-fastsae.ops.relu_autoencode takes theta in the encoder's epilogue and keeps its sparse backward.
+fastsae.ops.relu_autoencode (paths.elementwise_pass) takes theta in the encoder's epilogue and
+keeps its sparse backward.
 Training uses the paper's straight-through pseudo-derivatives with a rectangle kernel
 rect(u) = 1 for |u| < 1/2 of width ``bandwidth`` (eps), exactly as SAELens's JumpReLU and Step:
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastsae.activations import paths
 from fastsae.activations.base import Activation, ExtraTensor, check_number
 
 
@@ -52,11 +54,22 @@ class JumpReLU(Activation):
     example_params = {"bandwidth": 0.5, "init_threshold": 0.1}
 
     def threshold(self, sae) -> torch.Tensor:
+        """theta [latents held here], differentiable in log_threshold."""
         return sae.log_threshold.exp()
 
     @property
     def bandwidth(self) -> float:
         return self.params.bandwidth
+
+    def training_forward(self, sae, x, settings):
+        out = paths.elementwise_pass(sae, x, settings.p, self.threshold(sae), self.bandwidth)
+        return self.finish_pass(sae, out, None, settings)
+
+    def encode(self, sae, x):
+        return paths.elementwise_encode(sae, x, self.threshold(sae))
+
+    def memory(self, n_tokens, n_local, d_in, itemsize, shards):
+        return paths.elementwise_memory(n_tokens, n_local, d_in, itemsize, jump=True)
 
     def dense_forward(self, pre, sae, training):
         threshold = self.threshold(sae)

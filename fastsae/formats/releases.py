@@ -337,7 +337,8 @@ def load_release(release: str, sae_id: str, *, hook: str | None = None, revision
         metadata.setdefault("hook", hook)
     metadata.setdefault("model", entry.model)
     metadata["release"] = {"release": release, "sae_id": sae_id, "repo_id": entry.repo_id, "path": sae.path,
-                           "revision": revision, "registry": entry.source, "neuronpedia": sae.neuronpedia}
+                           "revision": revision, "registry": entry.source, "neuronpedia": sae.neuronpedia,
+                           "local": str(local[required[0]])}  # where its first file was read from
     model_kwargs = entry.config_overrides.get("model_from_pretrained_kwargs")
     if model_kwargs:
         warnings.warn(f"release {release!r} was trained on {entry.model} loaded with {model_kwargs}; fastsae runs "

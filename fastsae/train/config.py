@@ -81,6 +81,14 @@ class LossConfig:
     downstream_coeffs: list[float] | None = _field(None, help="per-hook coefficients instead of the even split")
     auxk_coeff: float = _field(1 / 32, low=0, help="AuxK loss on dead latents (TopK SAEs only)")
     auxk_k: int | None = _field(None, low=1, help="dead latents that reconstruct the residual; null: d_in // 2")
+    balance: str | None = _field(
+        None, choices=(None, "mse", "kl"),
+        help="Karvonen 2025's KL + MSE balance (`fastsae finetune`): each step the KL and the local MSE get weights "
+             "that make their two halves equal in value, (mse) 0.5 x local_mse_coeff x (MSE + kl_coeff x (MSE/KL) "
+             "x KL) or (kl) 0.5 x kl_coeff x (KL + local_mse_coeff x (KL/MSE) x MSE), the ratio detached: the "
+             "reconstruction term keeps the scale of the loss named, so a sparsity coefficient tuned against it "
+             "keeps its meaning; the other coefficient scales its half (1: the paper's equal halves). null: the "
+             "fixed coefficients")
 
 
 @dataclass
@@ -248,6 +256,10 @@ class TrainConfig:
                                   f"({len(loss.downstream_hooks)}), got {len(loss.downstream_coeffs)}")
             if any(c < 0 for c in loss.downstream_coeffs):
                 raise ConfigError(f"loss.downstream_coeffs must be >= 0, got {loss.downstream_coeffs}")
+        if loss.balance is not None and not (loss.kl_coeff > 0 and loss.local_mse_coeff > 0):
+            raise ConfigError(f"loss.balance={loss.balance!r} balances the KL against the local MSE: set both "
+                              f"loss.kl_coeff and loss.local_mse_coeff above 0 (got {loss.kl_coeff:g} and "
+                              f"{loss.local_mse_coeff:g})")
         if loss.kl_coeff == 0 and loss.downstream_coeff == 0 and loss.local_mse_coeff == 0:
             raise ConfigError("the loss has no reconstruction term: set loss.kl_coeff, loss.local_mse_coeff "
                               "or loss.downstream_coeff above 0")

@@ -1,6 +1,6 @@
 """The loss terms of SAE training, each as in the paper's code (Braun et al. 2024) unless noted.
 
-    sparsity      the activation's term (fastsae.activations; E2ESAE.training_forward computes it):
+    sparsity      the kind's term (fastsae.activations: its training pass returns it as a LossTerm):
                   the paper's Lp norm of the code over latents, mean over tokens, divided by d_in;
                   JumpReLU's straight-through L0 / d_in.
     local MSE     the SAE's output vs its input, mean over all elements ("in_to_orig" for local SAEs).
@@ -8,8 +8,9 @@
                   final hidden states through fastsae.ops.fused_linear_kl (no N x V logits).
     downstream    MSE of the spliced run's activations at later hooks vs the clean run's, mean over
                   elements per hook, times that hook's coefficient (e2e+ds).
-    AuxK          (TopK SAEs; OpenAI / EleutherAI sparsify) the top-k_aux dead latents reconstruct
-                  the residual error x - x_hat; normalised by the error's variance.
+    AuxK          (the selection kinds; OpenAI / EleutherAI sparsify) the top-k_aux dead latents
+                  reconstruct the residual error x - x_hat; normalised by the error's variance.
+                  It lives with the kinds that add it (fastsae.activations.auxk); re-exported here.
 
 The trainer multiplies each term by its coefficient and sums; these functions return the bare term.
 """
@@ -20,7 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from fastsae import ops
-from fastsae.sae import E2ESAE
+from fastsae.activations.auxk import auxk_loss
+
+__all__ = ["auxk_loss", "downstream_loss", "explained_variance", "explained_variance_ln",
+           "explained_variance_out_to_in", "kl_loss", "mse_loss", "next_token_labels"]
 
 
 def mse_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -55,49 +59,6 @@ def downstream_loss(captured: dict[str, torch.Tensor], clean: dict[str, torch.Te
         per_hook[hook] = mse.detach()
         total = weight * mse if total is None else total + weight * mse
     return total, per_hook
-
-
-def auxk_loss(sae: E2ESAE, x: torch.Tensor, reconstruction: torch.Tensor, dead: torch.Tensor,
-              k_aux: int | None = None) -> torch.Tensor:
-    """AuxK: the k_aux largest pre-activations among the dead latents reconstruct e = x - x_hat.
-
-    dead: bool [n_latents]. Only the dead latents' columns of W_enc are read (an [n_dead, d_in]
-    gather of its latent-major rows), and topk_encode walks the tokens in chunks, so no [N, n_latents] tensor is built.
-    The gradient reaches only the dead latents' encoder and decoder rows: x and the error are
-    detached. Loss = ||e_hat - e||^2 / ||e - mean(e)||^2 (as sparsify), scaled by
-    min(1, n_dead / k_aux) so that a few dead latents do not get the full weight.
-    """
-    d_in = sae.d_in
-    k_aux = k_aux or d_in // 2
-    dead_ids = dead.nonzero().squeeze(1)
-    n_dead = dead_ids.numel()
-    if n_dead == 0:
-        return x.new_zeros((), dtype=torch.float32)
-    x2 = x.detach().reshape(-1, d_in)
-    error = (x2 - reconstruction.detach().reshape(-1, d_in)).float()
-    k = min(k_aux, n_dead)
-    # The kernels specialise on their int arguments (equal to 1, divisible by 16): with the dead
-    # set padded to a multiple of 16 latents (phantoms with bias -inf, never above a real one)
-    # and k rounded up to a multiple of 16 (the extra slots zeroed), an AuxK launch is one of the
-    # TopK step's own compiled specialisations (tests/test_compile.py), however many latents died.
-    width = -(-n_dead // 16) * 16
-    k_launch = min(-(-k // 16) * 16, width)
-    padded_ids = torch.cat([dead_ids, dead_ids[:1].expand(width - n_dead)])
-    real = torch.arange(width, device=dead_ids.device) < n_dead
-    # W_enc is stored latent-major (W_enc.T is contiguous): gather whole rows of it, and keep the
-    # [d_in, width] view in that layout, which the encoder kernels read fastest.
-    W_dead = sae.W_enc.T.index_select(0, padded_ids).T
-    b_dead = torch.where(real, sae.b_enc[padded_ids], float("-inf"))
-    values, local = ops.topk_encode(x2, W_dead, b_dead, k_launch)
-    values = torch.where(torch.arange(k_launch, device=values.device) < k, values, 0)  # the k largest
-    indices = padded_ids[local]
-    scale = sae.decoder_row_scale()
-    if scale is not None:  # "forward" decoder norm: the rows as the forward pass uses them
-        values = values * scale[indices].to(values.dtype)
-    zero_bias = torch.zeros(d_in, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
-    error_hat = ops.sparse_decode(values, indices, sae.W_dec, zero_bias).float()
-    variance = (error - error.mean(0)).pow(2).sum().clamp_min(1e-12)
-    return min(1.0, n_dead / k_aux) * (error_hat - error).pow(2).sum() / variance
 
 
 def explained_variance(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:

@@ -8,19 +8,35 @@ One e2e batch:
        activation (E2ESAE.training_forward: no dense code); the final hidden state h_sae comes out.
     3. KL(p_orig || p_sae) from (h_sae, h_orig, W_U) by fastsae.ops.fused_linear_kl, which never
        materialises the N x V logits; it also returns the CE of both runs and top-1 agreement.
-    4. the loss: the sum of the terms in LOSS_TERMS whose coefficient is not 0.
+    4. the loss: the run's terms (kl, downstream, local_mse) and every SAE kind's named terms
+       (SAEForward.terms: sparsity, auxk, ...), each times its coefficient, summed; a term whose
+       coefficient is 0 is left out. Each is logged by name as loss/<name>.
 Local training (no KL, no downstream term) runs the clean model only up to the last SAE hook. Eval
 always runs the spliced model.
+
+loss.balance (Karvonen 2025, `fastsae finetune`) replaces the fixed kl_coeff and local_mse_coeff by
+this batch's balanced weights (term_weights): with "mse", local_mse_coeff / 2 on every SAE's MSE and
+local_mse_coeff x kl_coeff / 2 x (MSE / KL) on the KL, MSE the sum over the SAEs and the ratio
+detached, so the two halves are equal in value and their sum keeps the MSE's scale ("kl": the same
+the other way round). Every term named by those coefficients (the kinds' too) takes the balanced
+weight; kl_weight and local_mse_weight are logged.
+
+A kind may also return further reconstructions to train (SAEForward.reconstructions, each with a
+weight: Matryoshka's inner prefixes with prefix_loss="kl"): in training, the run's reconstruction
+losses apply to each of them too: an e2e run splices each into one more run of the blocks after the
+SAE (from the cached residual, as step 2) and adds weight x loss.kl_coeff x its KL as kl_<name>;
+loss.local_mse_coeff > 0 adds weight x local_mse_coeff x its MSE as local_mse_<name>. Eval leaves
+them out (their runs would double its cost).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
+from fastsae.activations import LossTerm, TrainingSettings
 from fastsae.train import losses
 from fastsae.train.config import ConfigError, TrainConfig
 
@@ -33,67 +49,32 @@ class Batch:
     train: bool
     saes: dict = field(default_factory=dict)  # hook -> (the SAE's input x, its SAEForward)
     kl: torch.Tensor | None = None
+    h_orig: torch.Tensor | None = None  # the clean run's final hidden state (e2e)
     downstream: torch.Tensor | None = None  # the weighted downstream MSE (e2e+ds)
     clean: dict = field(default_factory=dict)  # hook -> clean activations
     captured: dict = field(default_factory=dict)  # hook -> spliced activations
     h_orig: torch.Tensor | None = None  # final hidden states of the clean and spliced runs (spliced passes)
     h_sae: torch.Tensor | None = None
+    weights: dict = field(default_factory=dict)  # coefficient name -> the weight this batch's loss applied
 
 
-@dataclass(frozen=True)
-class LossTerm:
-    """A loss term: its weight from the config (the term is skipped at 0), whether it is summed
-    over the SAEs, and the bare term (objective, batch[, hook]) -> scalar, or None where the batch
-    has none (the KL of a local pass, AuxK without a selection code)."""
-
-    weight: Callable[[TrainConfig], float]
-    per_sae: bool
-    term: Callable
-    help: str
+# The order in which the per-SAE terms are added (then the kinds' other terms, as they come): the
+# order of the sum decides its rounding, and runs keep their numbers.
+SAE_TERM_ORDER = ("sparsity", "local_mse", "auxk")
+# The floor of a balanced ratio's denominator (the paper's code adds 1e-8 to the KL).
+BALANCE_EPS = 1e-8
 
 
-def _kl(objective, batch):
-    return batch.kl
-
-
-def _downstream(objective, batch):
-    return batch.downstream
-
-
-def _sparsity(objective, batch, hook):
-    return batch.saes[hook][1].sparsity
-
-
-def _local_mse(objective, batch, hook):
-    x, out = batch.saes[hook]
-    return losses.mse_loss(out.reconstruction, x)
-
-
-def _auxk(objective, batch, hook):
-    x, out = batch.saes[hook]
-    if not batch.train or out.code is None:  # AuxK needs a selection code (TopK, BatchTopK)
-        return None
-    dead = objective.trackers[hook].dead_mask()
-    return losses.auxk_loss(objective.saes[hook], x, out.reconstruction, dead, objective.config.loss.auxk_k)
-
-
-LOSS_TERMS = {
-    "kl": LossTerm(lambda cfg: cfg.loss.kl_coeff, False, _kl, "loss.kl_coeff x KL(p_orig || p_sae)"),
-    "downstream": LossTerm(lambda cfg: 1.0 if cfg.downstream_weights() else 0.0, False, _downstream,
-                           "the MSE at the downstream hooks, each weighted by its share of loss.downstream_coeff"),
-    "sparsity": LossTerm(lambda cfg: cfg.loss.sparsity_coeff, True, _sparsity,
-                         "loss.sparsity_coeff x the activation's sparsity term"),
-    "local_mse": LossTerm(lambda cfg: cfg.loss.local_mse_coeff, True, _local_mse,
-                          "loss.local_mse_coeff x the MSE of each SAE's output vs its input"),
-    "auxk": LossTerm(lambda cfg: cfg.loss.auxk_coeff, True, _auxk,
-                     "loss.auxk_coeff x AuxK on dead latents (selection activations, in training)"),
-}
+def _applies(weight) -> bool:
+    """Whether a term with this weight enters the loss: a balanced weight (a tensor) always does;
+    reading its value would wait for the device."""
+    return isinstance(weight, torch.Tensor) or weight != 0
 
 
 class Objective:
     """The loss of a batch for the SAEs at ``hooks`` (in model order) spliced into ``lm``.
 
-    trackers: hook -> DeadLatentTracker (AuxK reads the dead latents). Calling it returns
+    trackers: hook -> DeadLatentTracker (the kinds' AuxK reads the dead latents). Calling it returns
     (loss, metrics, fire_counts): the differentiable loss, detached 0-d metrics, and per hook the
     tokens of the batch on which each of this process's latents fired (int32).
     """
@@ -125,17 +106,31 @@ class Objective:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=enabled)
 
-    def run_sae(self, hook: str, acts: torch.Tensor):
+    def coefficients(self) -> dict[str, float]:
+        """The run's loss coefficients by name, as the kinds' terms name them (LossTerm.coefficient)."""
+        loss = self.config.loss
+        return {"sparsity_coeff": loss.sparsity_coeff, "auxk_coeff": loss.auxk_coeff,
+                "local_mse_coeff": loss.local_mse_coeff, "kl_coeff": loss.kl_coeff}
+
+    def settings(self, hook: str, train: bool) -> TrainingSettings:
+        """What the SAE at ``hook`` is told about the run: p, the coefficients, and in training the
+        dead latents of its tracker (for AuxK) where loss.auxk_coeff is not 0."""
+        loss = self.config.loss
+        tracker = self.trackers.get(hook)
+        dead = tracker.dead_mask() if train and tracker is not None and loss.auxk_coeff else None
+        return TrainingSettings(p=loss.sparsity_p, coefficients=self.coefficients(), dead=dead, auxk_k=loss.auxk_k)
+
+    def run_sae(self, hook: str, acts: torch.Tensor, train: bool = True):
         """The SAE's training pass on acts, in the SAE's dtype and outside autocast -> (x, SAEForward)."""
         sae = self.saes[hook]
         x = acts.to(sae.dtype)
         with self._autocast(enabled=False):
-            return x, sae.training_forward(x, self.config.loss.sparsity_p)
+            return x, sae.training_forward(x, settings=self.settings(hook, train))
 
     def replacement(self, hook: str, batch: Batch):
         """The function a spliced run calls at ``hook``: the SAE's output, recorded in the batch."""
         def replace(acts):
-            x, out = self.run_sae(hook, acts)
+            x, out = self.run_sae(hook, acts, batch.train)
             batch.saes[hook] = (x, out)
             return out.reconstruction.to(acts.dtype)  # back to the LM's dtype
 
@@ -159,22 +154,20 @@ class Objective:
                 watched = list(dict.fromkeys([*self.downstream, *recon_hooks]))  # loss hooks first
                 cache_hooks = [h for h in [self.start_hook, *watched] if h is not None]
                 h_orig, batch.clean = lm.clean_run(batch.tokens, cache_hooks)
+                batch.h_orig = h_orig
                 start = {} if self.start_hook is None else {"start_hook": self.start_hook,
                                                              "start_acts": batch.clean[self.start_hook]}
-                batch.h_orig = h_orig
                 h_sae, batch.captured = lm.spliced_run(
                     batch.tokens, {hook: self.replacement(hook, batch) for hook in self.hooks},
                     capture_hooks=watched, **start)
             else:
                 for hook, acts in lm.activations(batch.tokens, self.hooks).items():
-                    batch.saes[hook] = self.run_sae(hook, acts)
+                    batch.saes[hook] = self.run_sae(hook, acts, train)
 
         if spliced:
             batch.h_sae = h_sae
             with self._autocast(enabled=False):
-                batch.kl, stats = losses.kl_loss(h_sae.float(), h_orig.float(), self.W_U, self.b_U,
-                                                 labels=losses.next_token_labels(batch.tokens),
-                                                 softcap=lm.logit_softcap)
+                batch.kl, stats = self._kl(h_sae, h_orig, batch.tokens)
             metrics.update(kl=batch.kl.detach(), ce_orig=stats.ce_orig, ce_sae=stats.ce_sae,
                            ce_increase=stats.ce_sae - stats.ce_orig, top1_agreement=stats.top1_agreement)
             if self.downstream:
@@ -201,6 +194,9 @@ class Objective:
                     x, out.reconstruction, layer_norm=True)
             fire_counts[hook] = out.fire_counts
         metrics["l0"] = torch.stack([metrics[f"l0/{h}"] for h in self.hooks]).mean()
+        if self.config.loss.balance is not None and batch.weights:
+            metrics.update(kl_weight=torch.as_tensor(batch.weights["kl_coeff"]).detach(),
+                           local_mse_weight=torch.as_tensor(batch.weights["local_mse_coeff"]).detach())
         loss = sum(terms.values())
         metrics["loss"] = loss.detach()
         metrics.update({f"loss/{name}": term.detach() for name, term in terms.items()})
@@ -208,19 +204,90 @@ class Objective:
             return loss, metrics, fire_counts, batch
         return loss, metrics, fire_counts
 
+    def _kl(self, h_sae: torch.Tensor, h_orig: torch.Tensor, tokens: torch.Tensor):
+        return losses.kl_loss(h_sae.float(), h_orig.float(), self.W_U, self.b_U,
+                              labels=losses.next_token_labels(tokens), softcap=self.lm.logit_softcap)
+
+    def term_weights(self, batch: Batch, mses: dict[str, torch.Tensor]) -> dict:
+        """The run's coefficients by name as this batch's loss applies them: coefficients(), with
+        kl_coeff and local_mse_coeff replaced by the balanced weights (0-d tensors) where
+        loss.balance is set and the batch has a KL (mses: each SAE's MSE; see the module docstring)."""
+        weights = self.coefficients()
+        balance = self.config.loss.balance
+        if balance is None or batch.kl is None or not mses:
+            return weights
+        mse = sum(mses.values()).detach().float()
+        kl = batch.kl.detach().float()
+        c_kl, c_mse = weights["kl_coeff"], weights["local_mse_coeff"]
+        if balance == "mse":
+            weights.update(local_mse_coeff=torch.as_tensor(0.5 * c_mse, device=kl.device),
+                           kl_coeff=(0.5 * c_mse * c_kl) * mse / kl.clamp_min(BALANCE_EPS))
+        else:
+            weights.update(kl_coeff=torch.as_tensor(0.5 * c_kl, device=kl.device),
+                           local_mse_coeff=(0.5 * c_kl * c_mse) * kl / mse.clamp_min(BALANCE_EPS))
+        return weights
+
     def loss_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """weight x term for every LOSS_TERMS entry whose weight is not 0 and that the batch has."""
+        """coefficient x term for the run's terms and every SAE's, in a fixed order, leaving out a
+        term whose coefficient is 0 or that the batch does not have (the KL of a local pass). The
+        weights applied are kept in batch.weights."""
+        loss = self.config.loss
+        mses = {hook: losses.mse_loss(batch.saes[hook][1].reconstruction, batch.saes[hook][0])
+                for hook in self.hooks} if loss.local_mse_coeff else {}
+        batch.weights = weights = self.term_weights(batch, mses)
         terms = {}
-        for name, spec in LOSS_TERMS.items():
-            weight = spec.weight(self.config)
-            if not weight:
-                continue
-            parts = ([spec.term(self, batch, hook) for hook in self.hooks] if spec.per_sae
-                     else [spec.term(self, batch)])
-            parts = [weight * part for part in parts if part is not None]
+        if loss.kl_coeff and batch.kl is not None:
+            terms["kl"] = weights["kl_coeff"] * batch.kl
+        if self.downstream and batch.downstream is not None:
+            terms["downstream"] = 1.0 * batch.downstream
+        per_sae: dict[str, list[torch.Tensor]] = {name: [] for name in SAE_TERM_ORDER}
+        for hook in self.hooks:
+            x, out = batch.saes[hook]
+            named = dict(out.terms)
+            if loss.local_mse_coeff:
+                named["local_mse"] = LossTerm(mses[hook], "local_mse_coeff")
+            for name, term in named.items():
+                weight = 1.0 if term.coefficient is None else weights[term.coefficient]
+                if _applies(weight):
+                    per_sae.setdefault(name, []).append(term.value if term.coefficient is None else weight * term.value)
+        for name, parts in per_sae.items():
             if parts:
                 total = parts[0]
                 for part in parts[1:]:
                     total = total + part
                 terms[name] = total
+        if batch.train:
+            terms.update(self.reconstruction_terms(batch, weights))
+        return terms
+
+    def reconstruction_terms(self, batch: Batch, weights: dict | None = None) -> dict[str, torch.Tensor]:
+        """The run's reconstruction losses of the kinds' further reconstructions
+        (SAEForward.reconstructions; see the module docstring): kl_<name> (one more spliced run
+        each) and local_mse_<name>, weighted as the batch's own (weights: term_weights())."""
+        loss = self.config.loss
+        weights = weights or self.coefficients()
+        extra = [(hook, name, value, weight) for hook in self.hooks
+                 for name, (value, weight) in (batch.saes[hook][1].reconstructions or {}).items()]
+        if not extra:
+            return {}
+        terms = {}
+        if loss.kl_coeff:
+            if len(self.hooks) > 1:
+                raise ConfigError(f"config: saes.params: the SAE kind {self.saes[extra[0][0]].activation!r} asks for "
+                                  "the KL of further reconstructions (one spliced run each), which fastsae runs for "
+                                  f"one SAE hook; this run has {len(self.hooks)}")
+            start = {} if self.start_hook is None else {"start_hook": self.start_hook,
+                                                         "start_acts": batch.clean[self.start_hook]}
+            with self._autocast():
+                h_orig = batch.h_orig
+                for hook, name, value, weight in extra:
+                    h_variant, _ = self.lm.spliced_run(batch.tokens, {hook: lambda acts, v=value: v.to(acts.dtype)},
+                                                       **start)
+                    with self._autocast(enabled=False):
+                        kl, _ = self._kl(h_variant, h_orig, batch.tokens)
+                    terms[f"kl_{name}"] = (weight * weights["kl_coeff"]) * kl
+        if loss.local_mse_coeff:
+            for hook, name, value, weight in extra:
+                terms[f"local_mse_{name}"] = (weight * weights["local_mse_coeff"]) * losses.mse_loss(value,
+                                                                                                   batch.saes[hook][0])
         return terms

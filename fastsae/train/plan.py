@@ -10,15 +10,19 @@ Per GPU, for the config's batch and sharding (world = gpus = data groups x saes.
   and the replicated b_dec; Adam keeps two moments in the parameters' dtype.
 - activations: what one micro-batch (batch_size / data groups / grad_accum sequences) keeps for
   backward: the spliced run's saved tensors in the blocks after the first SAE, the clean run's
-  cached residuals, and the SAEs' inputs and codes. The activation's family decides
-  (fastsae.activations): a selection activation (TopK, BatchTopK in training) keeps each token's
-  candidates, gathered over shards, and the selected code; an elementwise one (ReLU, JumpReLU)
-  keeps its code as fastsae.ops.relu_autoencode does, compact: about tokens x n_local / 256
-  entries, with its backward's per-entry buffers.
-- workspaces: the chunked buffers of the selection encoder (a [chunk, n_local] pre-activation
-  block), of relu_autoencode (its dense-row workspaces, a fixed budget: 4 x CHUNK_ELEMENTS) and of
-  the fused KL (two [chunk, d_vocab] fp32 logits blocks), CHUNK_ELEMENTS elements each. No term
-  is [tokens, n_local]: an elementwise SAE's memory does not depend on its code's density.
+  cached residuals, and the SAEs' inputs and codes. The SAE kind says what its training pass holds
+  (fastsae.activations: Activation.memory): a selection kind (TopK, BatchTopK, Matryoshka) keeps each
+  token's candidates, gathered over shards, and the selected code (Matryoshka also its inner
+  reconstructions); an elementwise one (ReLU, JumpReLU) keeps its code as
+  fastsae.ops.relu_autoencode does, compact: about tokens x n_local / 256 entries, with its
+  backward's per-entry buffers; a kind on the chunked dense reference keeps per-token sums. A kind
+  that asks an e2e run for further spliced runs (Matryoshka with prefix_loss="kl": one per inner
+  prefix) adds their blocks' activations, one more set per run.
+- workspaces: the chunked buffers of the kind's pass (the selection encoder's [chunk, n_local]
+  pre-activation block; relu_autoencode's dense-row workspaces, a fixed budget: 4 x CHUNK_ELEMENTS;
+  the dense reference's recomputed chunk) and of the fused KL (two [chunk, d_vocab] fp32 logits
+  blocks), CHUNK_ELEMENTS elements each. No term is [tokens, n_local]: an elementwise SAE's memory
+  does not depend on its code's density.
 - optimizer temporaries: Adam's foreach step allocates one parameter-sized temporary after the
   activations are freed; the plan counts only what it adds beyond them.
 - reserve: the CUDA context and cuBLAS workspace (1 GiB) plus 5 % of the GPU for allocator
@@ -152,7 +156,6 @@ def usable_memory(gpu_memory: int) -> int:
 
 def _items(cfg: TrainConfig, lm: LMShape, n_latents: int, gpus: int, shards: int) -> tuple[dict[str, int], int]:
     from fastsae.ops._checks import CHUNK_ELEMENTS
-    from fastsae.ops.relu_autoencoder import memory_estimate
 
     n_saes = len(cfg.saes.hooks)
     data_groups = gpus // shards
@@ -186,21 +189,17 @@ def _items(cfg: TrainConfig, lm: LMShape, n_latents: int, gpus: int, shards: int
         cached = n_saes
     items["LM activations"] = tokens * act_bytes * (grad_blocks * per_block + cached * d + per_block)
 
-    # The SAEs: the input and the reconstruction partials, plus the code and its gradients.
+    # The SAEs: the input and the reconstruction partials, plus what the kind's training pass holds
+    # (its code, candidates and workspaces; fastsae.activations: Activation.memory).
     sae_acts = n_saes * tokens * sae_bytes * 4 * d
-    activation = _activation(cfg)
-    if activation.selects(True):
-        # each shard's candidates, gathered, and the selected code; the encoder's pre-activation chunk
-        width = min(activation.candidates(n_local), n_local)
-        sae_acts += n_saes * tokens * width * (shards + 2) * (sae_bytes + 8)
-        workspace = n_saes * min(CHUNK_ELEMENTS, tokens * n_local) * 4
-    else:  # relu_autoencode: the compact code, its backward's per-entry buffers, its workspaces
-        estimate = memory_estimate(tokens, n_local, d, sae_bytes, jump=activation.bandwidth is not None)
-        sae_acts += n_saes * estimate.code
-        workspace = n_saes * estimate.workspaces
+    need = _activation(cfg).memory(tokens, n_local, d, sae_bytes, shards)
+    sae_acts += n_saes * need.code
+    workspace = n_saes * need.workspace
     items["SAE activations"] = sae_acts
     if cfg.is_e2e:
         workspace += min(CHUNK_ELEMENTS, tokens * 2 * lm.d_vocab) * 4  # the fused KL's two logits blocks
+        # further spliced runs a kind asks for (Matryoshka's prefix KL), each keeping its blocks' activations
+        items["LM activations"] += need.extra_spliced_runs * tokens * act_bytes * grad_blocks * per_block
     items["kernel workspaces"] = workspace
     # Adam's foreach step builds one parameter-sized temporary (the denominator) after backward
     # has freed the activations: only its excess over them raises the peak.

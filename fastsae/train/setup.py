@@ -70,15 +70,20 @@ def build_saes(cfg: TrainConfig, hooks: list[str], d_model: int, layout, device:
     released SAEs as "RELEASE:ID").
     With saes.shards > 1 each rank keeps its block of every SAE (ShardedE2ESAE)."""
     sharded = layout.shards > 1
+    coefficients = {name: getattr(cfg.loss, name) for name in ("sparsity_coeff", "auxk_coeff", "local_mse_coeff",
+                                                                "kl_coeff")}
 
-    def refuse_sharded_auxk(kinds):
-        if sharded and cfg.loss.auxk_coeff and any(kind.selects(True) for kind in kinds):
-            raise ConfigError("config: loss.auxk_coeff: AuxK is not implemented for sharded SAEs "
-                              "(saes.shards > 1); set loss.auxk_coeff=0")
+    def check_runs(kinds):
+        """Each kind's refusals of this run (AuxK with sharded SAEs, ...), as config errors."""
+        for kind in kinds:
+            try:
+                kind.check_run(shards=layout.shards, coefficients=coefficients)
+            except ValueError as error:
+                raise ConfigError(f"config: {error}") from None
 
     if saes is None:
         spec = sae_spec(cfg, d_model)
-        refuse_sharded_auxk([spec.kind])  # before drawing a large dictionary for nothing
+        check_runs([spec.kind(spec.params)])  # before drawing a large dictionary for nothing
         dtype = DTYPES[cfg.saes.dtype]
         torch.manual_seed(cfg.seed)
         saes = {}
@@ -97,7 +102,7 @@ def build_saes(cfg: TrainConfig, hooks: list[str], d_model: int, layout, device:
     for hook, sae in saes.items():
         if sae.d_in != d_model:
             raise ValueError(f"saes[{hook!r}] reads d_in={sae.d_in} but the model's d_model is {d_model}")
-    refuse_sharded_auxk([sae.activation_fn for sae in saes.values()])
+    check_runs([sae.activation_fn for sae in saes.values()])
     if sharded:  # whole SAEs given by the caller: each rank keeps its block
         try:
             saes = {hook: sae if isinstance(sae, ShardedE2ESAE) else ShardedE2ESAE.from_full(sae, layout)
