@@ -6,7 +6,7 @@
 A ReLU SAE's code is dense when training starts (about half its latents active) and sparse later
 (tens of latents of tens of thousands). Each row takes one of two paths, chosen on the device:
 
-Sparse rows (held entries <= C = kernels.relu_encoder.sparse_capacity(n)).
+Sparse rows (held entries <= C = kernels._sparse_code.sparse_capacity(n)).
 - Forward: `_encode_compact_kernel` is the encoder GEMM (the one unavoidable 2*N*d*n) whose
   epilogue writes each row's held entries straight into a capacity-bounded code: values (x's
   dtype), latent ids, for JumpReLU a band flag, and a per-row count, slots claimed with one relaxed
@@ -58,14 +58,16 @@ import triton.language as tl
 
 from fastsae.kernels._common import (COMPILE_MODES, CompileCase, gpu_arch, launch, matmul_mode, meta_parameter, mma,
                                      record_runs, recorded_cases)
-from fastsae.kernels.relu_encoder import FWD_CONFIGS, GROUP_M, INTERPRETER_FWD_CONFIG, sparse_capacity
-from fastsae.kernels.sparse_decoder import sparse_decode_forward, sparse_decode_fwd_kernel
-from fastsae.kernels.topk_encoder import (COMPILE_SMS, GATHER_CONFIG, INT32_MAX, SEGMENT_NUM_STAGES,
-                                          accumulate_latent_segment, encoder_preactivation_tile, gather_latents_kernel,
-                                          marked_tokens, matmul_tile, segment_config, sort_entries_by_latent)
+from fastsae.kernels._sparse_code import (GATHER_CONFIG, INT32_MAX, SEGMENT_NUM_STAGES, gather_latents_kernel,
+                                          marked_tokens, segment_config, sort_entries_by_latent, sparse_capacity,
+                                          sparse_decode_forward, sparse_decode_fwd_kernel)
+from fastsae.kernels._tiles import (ENCODER_TILE_CONFIGS, GROUP_M, INTERPRETER_ENCODER_TILE_CONFIG,
+                                    accumulate_latent_segment, dense_row_block, encoder_preactivation_tile,
+                                    grouped_tile, matmul_tile)
+from fastsae.kernels.topk_encoder import COMPILE_SMS
 
 # --------------------------------------------------------------------------------------------
-# Shared pieces of the kernels
+# The activation and its penalties
 
 
 @triton.jit
@@ -142,15 +144,7 @@ def _encode_compact_kernel(
     addresses) held about 6 registers per element and spilled 1.3 to 2.3 KB on sm_90.
     """
     # Grouped order (as the ReLU encoder): GROUP_M row blocks sweep the latent blocks together.
-    pid = tl.program_id(0)
-    n_row_blocks = tl.cdiv(n_tokens, BLOCK_M)
-    n_col_blocks = tl.cdiv(n_latents, BLOCK_N)
-    programs_per_group = GROUP_M * n_col_blocks
-    group = pid // programs_per_group
-    first_row_block = group * GROUP_M
-    group_size = tl.minimum(n_row_blocks - first_row_block, GROUP_M)
-    pid_m = first_row_block + (pid % programs_per_group) % group_size
-    pid_n = (pid % programs_per_group) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), n_tokens, n_latents, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -214,9 +208,7 @@ def _dense_code_chunk_kernel(
     pid_n = tl.program_id(1)
     n_rows = tl.load(n_rows_ptr)
     if pid_r * BLOCK_R < n_rows:
-        slots = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        slot_ok = slots < n_rows
-        row = tl.load(rows_ptr + slots, mask=slot_ok, other=0)
+        slots, slot_ok, row = dense_row_block(rows_ptr, n_rows, pid_r, BLOCK_R)
         local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = chunk_start + local
         col_ok = (local < chunk_width) & (cols < n_latents)
@@ -252,9 +244,8 @@ def _dense_rows_matmul_kernel(
     pid_d = tl.program_id(1)
     n_rows = tl.load(n_rows_ptr)
     if pid_r * BLOCK_R < n_rows:
-        slots = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        slot_ok = slots < n_rows
-        row = tl.load(rows_ptr + slots, mask=slot_ok, other=0).to(tl.int64)
+        slots, slot_ok, row = dense_row_block(rows_ptr, n_rows, pid_r, BLOCK_R)
+        row = row.to(tl.int64)
         cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         col_ok = cols < d
         tile_ok = slot_ok[:, None] & col_ok[None, :]
@@ -311,9 +302,7 @@ def _dense_grad_chunk_kernel(
     pid_n = tl.program_id(1)
     n_rows = tl.load(n_rows_ptr)
     if pid_r * BLOCK_R < n_rows:
-        slots = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        slot_ok = slots < n_rows
-        row = tl.load(rows_ptr + slots, mask=slot_ok, other=0)
+        slots, slot_ok, row = dense_row_block(rows_ptr, n_rows, pid_r, BLOCK_R)
         local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = chunk_start + local
         col_ok = (local < chunk_width) & (cols < n_latents)
@@ -444,7 +433,7 @@ def _sampled_dots_kernel(
 # --------------------------------------------------------------------------------------------
 # Launch configuration (compile_cases() at the end; tests/test_compile.py)
 
-# The encoder with its compacting epilogue: the ReLU encoder's GEMM configs (kernels/relu_encoder.py).
+# The encoder with its compacting epilogue: the encoder GEMM tiles (kernels/_tiles.py: ENCODER_TILE_CONFIGS).
 # The dense-row code kernel: 64 rows x 128 latents x 64 columns on one warpgroup. The gradient
 # kernel holds two such accumulators (pre-activations and the code's gradient) and, for JumpReLU,
 # the threshold terms: on one warpgroup that spilled up to 280 B on sm_90 (255 registers), on two
@@ -486,12 +475,12 @@ def _configs(x: torch.Tensor, mode: str, jump: bool = False) -> tuple[tuple, dic
     """(encoder config, dense code tile, dense gradient tile, dense matmul) for x's device, the mode
     and the activation (JumpReLU: a narrower encoder tile)."""
     if gpu_arch(x.device) is None:
-        return (INTERPRETER_FWD_CONFIG, dict(INTERPRETER_DENSE_TILE_CONFIG), dict(INTERPRETER_DENSE_TILE_CONFIG),
+        return (INTERPRETER_ENCODER_TILE_CONFIG, dict(INTERPRETER_DENSE_TILE_CONFIG), dict(INTERPRETER_DENSE_TILE_CONFIG),
                 dict(INTERPRETER_DENSE_MATMUL_CONFIG))
     if mode == "ieee":
         return (ENCODE_CONFIG_FMA, dict(DENSE_TILE_CONFIG_FMA), dict(DENSE_TILE_CONFIG_FMA),
                 dict(DENSE_MATMUL_CONFIG_FMA))
-    encode = (FWD_CONFIGS_JUMP if jump else FWD_CONFIGS)[x.dtype]
+    encode = (FWD_CONFIGS_JUMP if jump else ENCODER_TILE_CONFIGS)[x.dtype]
     return encode, dict(DENSE_TILE_CONFIG), dict(DENSE_GRAD_CONFIG), dict(DENSE_MATMUL_CONFIG)
 
 

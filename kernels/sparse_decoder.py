@@ -1,7 +1,7 @@
 """Sparse decoder: x_hat = sum_j values[:, j] * W_dec[indices[:, j]] + b_dec, fused in Triton.
 
-Forward (`sparse_decode_fwd_kernel`): a gather. Each program owns a tile of BLOCK_T tokens x
-BLOCK_D output columns and walks the k slots of its tokens, adding value * W_dec[latent, cols] into
+Forward (`sparse_decode_fwd_kernel`, in kernels/_sparse_code.py since the ReLU autoencoder
+decodes with it too): a gather. Each program owns a tile of BLOCK_T tokens x BLOCK_D output columns and walks the k slots of its tokens, adding value * W_dec[latent, cols] into
 an fp32 tile; bias added once, one store. Traffic: N*k*d gathered W elements + N*d written.
 
 Backward (`_sparse_decode_bwd_kernel`): both sparse products in one pass over the code sorted by
@@ -36,7 +36,7 @@ dense_decode_triton: the ReLU SAE's decoder from a dense code acts [N, n]. The c
 on the device into C slots per row (the ReLU encoder's compaction kernel) and goes through the
 kernels above; rows with more than C nonzeros are decoded by tensor-core tiles over all latents
 (`_dense_rows_decode_kernel`; their weight gradient in the TopK encoder's segmented reduction,
-kernels/topk_encoder.latent_segment_grad). No host sync: nothing about the code
+kernels/_sparse_code.py: latent_segment_grad). No host sync: nothing about the code
 is read back to choose a path. See DenseDecodeSparseFunction for the gradient with respect to
 acts, which must stay dense.
 
@@ -54,9 +54,12 @@ import triton.language as tl
 
 from fastsae.kernels._common import (COMPILE_MODES, CompileCase, launch, matmul_mode, meta_parameter, mma,
                                      record_runs, recorded_cases)
-from fastsae.kernels.relu_encoder import compact_active_kernel, compact_active, sparse_capacity
-from fastsae.kernels.topk_encoder import (COMPILE_SMS, DenseRows, latent_segment_grad_kernel, latent_segment_grad,
-                                          segment_config, sort_entries_by_latent)
+from fastsae.kernels._sparse_code import (NUM_WARPS, DenseRows, block_d_for, compact_active, compact_active_kernel,
+                                          latent_segment_grad, latent_segment_grad_kernel, row_major, segment_config,
+                                          sort_entries_by_latent, sparse_capacity, sparse_decode_forward,
+                                          sparse_decode_fwd_kernel)
+from fastsae.kernels._tiles import dense_row_block
+from fastsae.kernels.topk_encoder import COMPILE_SMS
 
 # ---------------------------------------------------------------------------------------------
 # Launch configuration (compile_cases() at the end; tests/test_compile.py).
@@ -68,18 +71,8 @@ from fastsae.kernels.topk_encoder import (COMPILE_SMS, DenseRows, latent_segment
 # backward steps over [8 pairs x 256 columns] for 4 unrolled latents: 80-88 registers; 16-pair
 # steps cost more registers and, with most segments holding 1-2 pairs at n ~ N*k, would mostly
 # be masked lanes.
-FWD_BLOCK_T = 4  # tokens per forward program
-FWD_K_UNROLL = 4  # slots gathered per loop step: independent loads in flight hide gather latency
 BWD_BLOCK_P = 8  # (token, slot) pairs per step of a latent's segment
 BWD_LATENTS_PER_PROGRAM = 4  # amortises program launch over the many empty latents of a wide dictionary
-MAX_BLOCK_D = 256
-NUM_WARPS = 4
-
-
-def block_d_for(d: int) -> int:
-    """Columns per program: the whole row up to 256, else 256-wide column blocks."""
-    return min(MAX_BLOCK_D, triton.next_power_of_2(d))
-
 
 def bwd_block_d_for(d: int, dtype: torch.dtype) -> int:
     """The backward's columns per program: block_d_for(d), at most 128 for fp32 (the
@@ -90,40 +83,6 @@ def bwd_block_d_for(d: int, dtype: torch.dtype) -> int:
 # ---------------------------------------------------------------------------------------------
 # Kernels
 
-
-@triton.jit
-def sparse_decode_fwd_kernel(
-    values_ptr, indices_ptr, W_ptr, b_ptr, out_ptr,
-    n_tokens, k, d, stride_w, stride_out,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, K_UNROLL: tl.constexpr,
-):
-    """out[t, cols] = b[cols] + sum_j values[t, j] * W[indices[t, j], cols]; values/indices [N, k] contiguous."""
-    pid_t = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    token_ok = tokens < n_tokens
-    col_ok = cols < d
-    code_offsets = tokens.to(tl.int64) * k  # start of each token's k slots
-
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for j0 in range(0, k, K_UNROLL):
-        for u in tl.static_range(K_UNROLL):
-            slot = j0 + u + tl.zeros([BLOCK_T], dtype=tl.int32)  # a tensor, so the mask stays int1
-            slot_ok = token_ok & (slot < k)
-            value = tl.load(values_ptr + code_offsets + slot, mask=slot_ok, other=0.0).to(tl.float32)
-            latent = tl.load(indices_ptr + code_offsets + slot, mask=slot_ok, other=0).to(tl.int64)
-            # A zero value contributes nothing: skip its row (saves the gather for the zero padding
-            # of a compacted ReLU code, and for TopK codes whose k-th values are zero).
-            row_ok = slot_ok & (value != 0.0)
-            rows = tl.load(W_ptr + latent[:, None] * stride_w + cols[None, :],
-                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            acc += value[:, None] * rows.to(tl.float32)
-
-    bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    acc += bias[None, :]
-    out_ptrs = out_ptr + tokens.to(tl.int64)[:, None] * stride_out + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=token_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -187,28 +146,6 @@ def _sparse_decode_bwd_kernel(
 # Launchers
 
 
-def _row_major(t: torch.Tensor) -> torch.Tensor:
-    """The kernels index rows by stride and columns by 1."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def sparse_decode_forward(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
-                          b_dec: torch.Tensor) -> torch.Tensor:
-    """x_hat [N, d] in W_dec's dtype. values/indices [N, k] (made contiguous here)."""
-    values, indices = values.contiguous(), indices.contiguous()
-    W_dec, b_dec = _row_major(W_dec), b_dec.contiguous()
-    n_tokens, k = values.shape
-    d = W_dec.shape[1]
-    out = torch.empty(n_tokens, d, dtype=W_dec.dtype, device=W_dec.device)
-    block_d = block_d_for(d)
-    grid = (triton.cdiv(n_tokens, FWD_BLOCK_T), triton.cdiv(d, block_d))
-    launch(
-        sparse_decode_fwd_kernel, grid, values, indices, W_dec, b_dec, out,
-        n_tokens, k, d, W_dec.stride(0), out.stride(0),
-        BLOCK_T=FWD_BLOCK_T, BLOCK_D=block_d, K_UNROLL=FWD_K_UNROLL, num_warps=NUM_WARPS,
-    )
-    return out
-
 
 def sort_pairs_by_latent(indices: torch.Tensor, n_latents: int, skip: torch.Tensor | None = None):
     """Sort pre-pass: (sorted flat pair ids [N*k] int32, segment starts [n+1] int32), no host sync.
@@ -235,7 +172,7 @@ def sparse_decode_backward(grad_out: torch.Tensor, values: torch.Tensor, indices
                            W_dec: torch.Tensor, *, need_grad_values: bool, need_grad_W: bool):
     """(grad_values [N, k] fp32 or None, grad_W_dec [n, d] in W_dec's dtype or None)."""
     grad_out, values, indices = grad_out.contiguous(), values.contiguous(), indices.contiguous()
-    W_dec = _row_major(W_dec)
+    W_dec = row_major(W_dec)
     n_tokens, k = values.shape
     n_latents, d = W_dec.shape
     n_pairs = n_tokens * k
@@ -390,9 +327,8 @@ def _dense_rows_decode_kernel(
     pid_d = tl.program_id(1)
     n_rows = tl.load(n_rows_ptr)
     if pid_r * BLOCK_R < n_rows:
-        slots = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        slot_ok = slots < n_rows
-        row = tl.load(rows_ptr + slots, mask=slot_ok, other=0).to(tl.int64)
+        _, slot_ok, row = dense_row_block(rows_ptr, n_rows, pid_r, BLOCK_R)
+        row = row.to(tl.int64)
         cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         col_ok = cols < d
         acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
@@ -440,7 +376,7 @@ class DenseDecodeSparseFunction(torch.autograd.Function):
     (any function of acts may feed it), so grad_acts is one dense GEMM (cuBLAS), as in the
     reference. (fastsae.ops.relu_autoencode fuses encoder and decoder and needs no such GEMM.)
     grad_W_dec, which does vanish on zeros, is one segmented reduction over the compact entries
-    and the dense rows together (kernels/topk_encoder.latent_segment_grad), so a 16-bit grad_W_dec
+    and the dense rows together (kernels/_sparse_code.py: latent_segment_grad), so a 16-bit grad_W_dec
     is rounded once from one fp32 accumulator.
     """
 
@@ -448,7 +384,7 @@ class DenseDecodeSparseFunction(torch.autograd.Function):
     def forward(ctx, acts, W_dec, b_dec):
         acts = acts.contiguous()
         values, indices, dense = compact_dense_code(acts)
-        W_row_major = _row_major(W_dec)
+        W_row_major = row_major(W_dec)
         out = sparse_decode_forward(values, indices, W_row_major, b_dec)
         n_tokens, d = out.shape
         mode = matmul_mode(W_dec.dtype)
