@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsae.kernels._common import launch, matmul_mode, mma
+from fastsae.kernels._common import matmul_mode, mma
 from fastsae.kernels._tiles import accumulate_latent_segment
 
 
@@ -238,7 +238,7 @@ def sparse_encoder_backward(grad_pre: torch.Tensor, indices: torch.Tensor, x: to
         grad_x = torch.empty(n_tokens, d_in, dtype=x.dtype, device=x.device)
         cfg = GATHER_CONFIG
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), triton.cdiv(d_in, cfg["BLOCK_D"]))
-        launch(gather_latents_kernel, grid, grad_pre, indices, W_enc, grad_x, *dense_args, n_tokens, d_in, k,
+        gather_latents_kernel[grid](grad_pre, indices, W_enc, grad_x, *dense_args, n_tokens, d_in, k,
                n_latents, W_enc.stride(0), W_enc.stride(1), *dense_strides,
                HAS_DENSE_ROWS=dense_rows is not None, MATMUL_MODE=mode, **cfg)
 
@@ -322,8 +322,7 @@ def latent_segment_grad(rows: torch.Tensor, entries: SortedEntries, sorted_weigh
         dummy = torch.empty(1, dtype=torch.int32, device=device)  # stands in for unused pointers
         dense_args = (dummy, dummy, sorted_weights, sorted_weights)
         dense_strides = (0, 0)
-    launch(
-        latent_segment_grad_kernel, (n_blocks, d_blocks),
+    latent_segment_grad_kernel[(n_blocks, d_blocks)](
         rows, marked_tokens(entries.tokens, rows), entries.latents, sorted_weights, entries.block_start,
         scratch, grad_b if grad_b is not None else scratch, *dense_args,
         d if grad_w is not None else 0, n_latents,
@@ -408,8 +407,7 @@ def compact_active(grad_acts: torch.Tensor, acts: torch.Tensor, capacity: int, *
     count = torch.empty(n_tokens, dtype=torch.int32, device=acts.device)
     cfg = dict(COMPACT_CONFIG)
     if n_tokens:
-        launch(
-            compact_active_kernel, (triton.cdiv(n_tokens, cfg["BLOCK_M"]),),
+        compact_active_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_M"]),)](
             grad_acts, acts, values, indices, count, n_tokens, n_latents, capacity,
             grad_acts.stride(0), grad_acts.stride(1), NONZERO=nonzero, **cfg)
     dense = count > capacity
@@ -484,8 +482,8 @@ def sparse_decode_forward(values: torch.Tensor, indices: torch.Tensor, W_dec: to
     out = torch.empty(n_tokens, d, dtype=W_dec.dtype, device=W_dec.device)
     block_d = block_d_for(d)
     grid = (triton.cdiv(n_tokens, FWD_BLOCK_T), triton.cdiv(d, block_d))
-    launch(
-        sparse_decode_fwd_kernel, grid, values, indices, W_dec, b_dec, out,
+    sparse_decode_fwd_kernel[grid](
+        values, indices, W_dec, b_dec, out,
         n_tokens, k, d, W_dec.stride(0), out.stride(0),
         BLOCK_T=FWD_BLOCK_T, BLOCK_D=block_d, K_UNROLL=FWD_K_UNROLL, num_warps=NUM_WARPS,
     )

@@ -41,11 +41,11 @@ d code / d theta = -(theta / bandwidth) rect((pre - theta) / bandwidth); d l0 / 
 pre-activation stays NaN in the code (as torch.relu(NaN)); the derivative passes where
 not (pre <= threshold), as torch.relu's backward does.
 
-The reference (fastsae.ops.relu_autoencoder) is the spec; compile_cases() lists the launches.
+The reference (fastsae.ops.relu_autoencoder) is the spec; tests/compile_cases.py records the launches.
 
 This file is longer than the house's ~400 lines because it is one op with forward, backward and
 launchers together: the compacting encoder, the dense-row kernels (forward and recomputing
-backward), the sampled-dot backward and their configs and compile cases.
+backward), the sampled-dot backward and their configs.
 """
 
 from __future__ import annotations
@@ -56,15 +56,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsae.kernels._common import (COMPILE_MODES, CompileCase, gpu_arch, launch, matmul_mode, meta_parameter, mma,
-                                     record_runs, recorded_cases)
+from fastsae.kernels._common import gpu_arch, matmul_mode, mma
 from fastsae.kernels._sparse_code import (GATHER_CONFIG, INT32_MAX, SEGMENT_NUM_STAGES, gather_latents_kernel,
                                           marked_tokens, segment_config, sort_entries_by_latent, sparse_capacity,
-                                          sparse_decode_forward, sparse_decode_fwd_kernel)
+                                          sparse_decode_forward)
 from fastsae.kernels._tiles import (ENCODER_TILE_CONFIGS, GROUP_M, INTERPRETER_ENCODER_TILE_CONFIG,
                                     accumulate_latent_segment, dense_row_block, encoder_preactivation_tile,
                                     grouped_tile, matmul_tile)
-from fastsae.kernels.topk_encoder import COMPILE_SMS
 
 # --------------------------------------------------------------------------------------------
 # The activation and its penalties
@@ -431,7 +429,7 @@ def _sampled_dots_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Launch configuration (compile_cases() at the end; tests/test_compile.py)
+# Launch configuration (their compile facts: tests/compile_check.py)
 
 # The encoder with its compacting epilogue: the encoder GEMM tiles (kernels/_tiles.py: ENCODER_TILE_CONFIGS).
 # The dense-row code kernel: 64 rows x 128 latents x 64 columns on one warpgroup. The gradient
@@ -475,8 +473,8 @@ def _configs(x: torch.Tensor, mode: str, jump: bool = False) -> tuple[tuple, dic
     """(encoder config, dense code tile, dense gradient tile, dense matmul) for x's device, the mode
     and the activation (JumpReLU: a narrower encoder tile)."""
     if gpu_arch(x.device) is None:
-        return (INTERPRETER_ENCODER_TILE_CONFIG, dict(INTERPRETER_DENSE_TILE_CONFIG), dict(INTERPRETER_DENSE_TILE_CONFIG),
-                dict(INTERPRETER_DENSE_MATMUL_CONFIG))
+        return (INTERPRETER_ENCODER_TILE_CONFIG, dict(INTERPRETER_DENSE_TILE_CONFIG),
+                dict(INTERPRETER_DENSE_TILE_CONFIG), dict(INTERPRETER_DENSE_MATMUL_CONFIG))
     if mode == "ieee":
         return (ENCODE_CONFIG_FMA, dict(DENSE_TILE_CONFIG_FMA), dict(DENSE_TILE_CONFIG_FMA),
                 dict(DENSE_MATMUL_CONFIG_FMA))
@@ -515,8 +513,7 @@ def encode_compact(x, W_enc, b_enc, theta, bandwidth) -> tuple[CompactCode, torc
     mode = matmul_mode(x.dtype)
     (block_m, block_n, block_d, num_warps, num_stages), _, _, _ = _configs(x, mode, jump)
     grid = (triton.cdiv(n_tokens, block_m) * triton.cdiv(n_latents, block_n),)
-    launch(
-        _encode_compact_kernel, grid,
+    _encode_compact_kernel[grid](
         x, W_enc, b_enc, theta if jump else b_enc, values, indices, band if jump else count, count, fire_counts,
         n_tokens, d_in, n_latents, capacity,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), float(1.0 if bandwidth is None else bandwidth),
@@ -566,15 +563,15 @@ def relu_autoencode_forward(x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p, 
         chunk_width = min(width, n_latents - chunk_start)
         cfg = dict(tile_cfg)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(chunk_width, cfg["BLOCK_N"]))
-        launch(
-            _dense_code_chunk_kernel, grid, x, W_enc, b_enc, theta if jump else b_enc, code.rows, code.n_rows, ws,
+        _dense_code_chunk_kernel[grid](
+            x, W_enc, b_enc, theta if jump else b_enc, code.rows, code.n_rows, ws,
             d, n_latents, chunk_start, chunk_width,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), ws.stride(0),
             MATMUL_MODE=mode, JUMP=jump, **cfg)
         cfg = dict(mm_cfg)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
-        launch(
-            _dense_rows_matmul_kernel, grid, ws, W_dec, b_dec, acc, recon, code.rows, code.n_rows, lp_dense, l0_dense,
+        _dense_rows_matmul_kernel[grid](
+            ws, W_dec, b_dec, acc, recon, code.rows, code.n_rows, lp_dense, l0_dense,
             d, n_latents, chunk_start, chunk_width,
             ws.stride(0), W_dec.stride(0), W_dec.stride(1), acc.stride(0), recon.stride(0), float(p),
             MATMUL_MODE=mode, FIRST=chunk_start == 0, LAST=chunk_start + width >= n_latents, HAS_BIAS=True,
@@ -604,8 +601,8 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
     # Sparse rows: the code's gradient at the held entries.
     dots = torch.empty(n_tokens, capacity, dtype=torch.float32, device=device)
     cfg = dict(SAMPLED_DOTS_CONFIG)
-    launch(_sampled_dots_kernel, (triton.cdiv(n_tokens, cfg["BLOCK_T"]),),
-           g, W_dec, code.indices, code.slots, dots, n_tokens, d, capacity, g.stride(0), W_dec.stride(0), **cfg)
+    _sampled_dots_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_T"]),)](
+        g, W_dec, code.indices, code.slots, dots, n_tokens, d, capacity, g.stride(0), W_dec.stride(0), **cfg)
     values32 = code.values.float()
     active = values32 > 0
     dlp = active.to(torch.float32) if p == 1 else torch.where(active, p * values32.clamp_min(1e-38).pow(p - 1), 0)
@@ -625,7 +622,7 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]))
         # HAS_DENSE_ROWS reads slots as the row counts; no slot count exceeds C, so its per-row
         # dense fallback never runs (the dense rows come from the chunks below).
-        launch(gather_latents_kernel, grid, grad_pre, code.indices, W_enc, grad_x, code.slots, grad_pre, grad_pre,
+        gather_latents_kernel[grid](grad_pre, code.indices, W_enc, grad_x, code.slots, grad_pre, grad_pre,
                n_tokens, d, capacity, n_latents, W_enc.stride(0), W_enc.stride(1),
                n_latents, 1, HAS_DENSE_ROWS=True, MATMUL_MODE=mode, **cfg)
     need_enc_params = need_w_enc or need_b_enc or need_theta
@@ -652,8 +649,7 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
         chunk_width = min(width, n_latents - chunk_start)
         cfg = dict(tile_cfg)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(chunk_width, cfg["BLOCK_N"]))
-        launch(
-            _dense_grad_chunk_kernel, grid,
+        _dense_grad_chunk_kernel[grid](
             x, W_enc, b_enc, theta if jump else b_enc, W_dec, g, grad_lp, grad_l0_arg, code.rows, code.n_rows,
             gpre_ws, code_ws, theta_ws,
             d, n_latents, chunk_start, chunk_width,
@@ -664,8 +660,7 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
             cfg = dict(mm_cfg)
             grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
             # M = W_enc^T: latent k, column c at W_enc[c, k].
-            launch(
-                _dense_rows_matmul_kernel, grid,
+            _dense_rows_matmul_kernel[grid](
                 gpre_ws, W_enc, b_enc, gx_acc, grad_x, code.rows, code.n_rows, grad_lp, grad_lp,
                 d, n_latents, chunk_start, chunk_width,
                 gpre_ws.stride(0), W_enc.stride(1), W_enc.stride(0), gx_acc.stride(0), grad_x.stride(0), float(p),
@@ -676,16 +671,14 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
             grid = (triton.cdiv(chunk_width, cfg["BLOCK_L"]), triton.cdiv(d, cfg["BLOCK_D"]))
             first_block = chunk_start // cfg["BLOCK_L"]
             # Encoder: B = x, weights = the pre-activations' gradient; bias and threshold too.
-            launch(
-                _latent_chunk_grad_kernel, grid,
+            _latent_chunk_grad_kernel[grid](
                 x, tokens_x, entries.latents, sorted_gpre, entries.block_start, grad_w_enc, grad_b_enc,
                 sorted_theta, grad_theta, code.rows, code.n_rows, gpre_ws, theta_ws,
                 d, n_latents, first_block, chunk_start,
                 x.stride(0), x.stride(1), grad_w_enc.stride(0), grad_w_enc.stride(1), gpre_ws.stride(0),
                 MATMUL_MODE=mode, WRITE_BIAS=True, WRITE_THETA=jump, num_stages=SEGMENT_NUM_STAGES, **cfg)
             # Decoder: B = grad_out, weights = the code.
-            launch(
-                _latent_chunk_grad_kernel, grid,
+            _latent_chunk_grad_kernel[grid](
                 g, tokens_g, entries.latents, sorted_values, entries.block_start, grad_w_dec, grad_w_dec,
                 sorted_values, grad_w_dec, code.rows, code.n_rows, code_ws, code_ws,
                 d, n_latents, first_block, chunk_start,
@@ -729,68 +722,3 @@ def relu_autoencode_triton(x2d, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth
     each dense-row workspace ([N, W] elements at most, see dense_chunk_width). Returns
     (reconstruction, lp_sum, l0, fire_counts) as fastsae.ops.relu_autoencode documents them."""
     return ReLUAutoencodeTriton.apply(x2d, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, p, workspace_elements)
-
-
-# --------------------------------------------------------------------------------------------
-# Compile cases
-
-# The GPT-2 preset (16,384 tokens, d 768, 46,080 latents) and d = 4,096 with 131,072 latents.
-COMPILE_SHAPES = {
-    "gpt2": dict(n_tokens=16384, d_in=768, n_latents=46080),
-    "d4096": dict(n_tokens=16384, d_in=4096, n_latents=131072),
-}
-COMPILE_WORKSPACE_ELEMENTS = 1 << 26  # fastsae.ops.relu_autoencoder's default budget
-
-
-def compile_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, CompileCase]:
-    """Every kernel the ReLU autoencoder launches, as relu_autoencode_triton launches them on
-    sm_<arch>, recorded (kernels._common.recorded_launches) from its forward and backward on meta
-    tensors with the layouts fastsae.ops.relu_autoencode makes (x contiguous, W_enc latent-major,
-    W_dec row-major): ReLU, JumpReLU with a trained threshold and with a fixed one (BatchTopK's
-    inference), p = 1 and p = 0.5, every chunk of the dense rows. Modes as
-    kernels._common.COMPILE_MODES. Returns {name: CompileCase}, one per specialisation; the kernels
-    with a tensor-core dot are hot in the tensor-core modes. The configs do not depend on the arch.
-    """
-    def run(shape, activation, p):
-        def step(dtype):
-            n_tokens, d, n = shape["n_tokens"], shape["d_in"], shape["n_latents"]
-            x = meta_parameter(n_tokens, d, dtype=dtype)
-            W_enc = meta_parameter(d, n, dtype=dtype, transposed=True)
-            theta = bandwidth = None
-            if activation != "relu":
-                theta = torch.empty(n, dtype=dtype, device="meta", requires_grad=activation == "jumprelu")
-                bandwidth = 0.001 if activation == "jumprelu" else 0.0
-            recon, lp_sum, l0, _ = relu_autoencode_triton(
-                x, W_enc, meta_parameter(n, dtype=dtype), meta_parameter(n, d, dtype=dtype),
-                meta_parameter(d, dtype=dtype), theta, bandwidth, p, COMPILE_WORKSPACE_ELEMENTS)
-            loss = recon.sum() + lp_sum.sum() + (l0.sum() if activation == "jumprelu" else 0)
-            loss.backward()
-        return step
-
-    runs = [(dict(shape=name, mode=mode), mode, run(shape, activation, p))
-            for name, shape in (shapes or COMPILE_SHAPES).items() for mode in COMPILE_MODES
-            for activation in ("relu", "jumprelu", "fixed_threshold") for p in (1.0, 0.5)]
-
-    def label(tags, record):
-        kernel, meta = record.kernel, record.meta
-        act = "jumprelu" if meta.get("JUMP") else "relu"
-        p = "p1" if meta.get("P_ONE") else "px"
-        if kernel is _dense_rows_matmul_kernel:
-            where = {(True, True): "only", (True, False): "first", (False, False): "mid", (False, True): "last"}
-            position = where[meta["FIRST"], meta["LAST"]]
-            variant = f"decode_{position}-{p}" if meta["HAS_BIAS"] else f"grad_x_{position}"
-        elif kernel is _latent_chunk_grad_kernel:
-            variant = ("enc_jump" if meta["WRITE_THETA"] else "enc") if meta["WRITE_BIAS"] else "dec"
-        else:
-            variant = {_encode_compact_kernel: act, _dense_code_chunk_kernel: act,
-                       _dense_grad_chunk_kernel: f"{act}-{p}"}.get(kernel)
-        name = {_encode_compact_kernel: "ae_encode", _dense_code_chunk_kernel: "ae_dense_code",
-                _dense_grad_chunk_kernel: "ae_dense_grad", _dense_rows_matmul_kernel: "ae_dense_matmul",
-                _latent_chunk_grad_kernel: "ae_latent_grad", _sampled_dots_kernel: "ae_sampled_dots",
-                gather_latents_kernel: "ae_gather", sparse_decode_fwd_kernel: "ae_decode"}[kernel]
-        return "-".join(part for part in (name, variant, tags["shape"], tags["mode"]) if part)
-
-    with_dot = (_encode_compact_kernel, _dense_code_chunk_kernel, _dense_grad_chunk_kernel, _dense_rows_matmul_kernel,
-                _latent_chunk_grad_kernel)
-    return recorded_cases(record_runs(runs, arch, COMPILE_SMS), label,
-                          lambda record: record.kernel in with_dot and record.meta["MATMUL_MODE"] != "ieee")

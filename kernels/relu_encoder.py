@@ -29,13 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsae.kernels._common import (COMPILE_MODES, CompileCase, gpu_arch, launch, matmul_mode, meta_parameter,
-                                     record_runs, recorded_cases)
-from fastsae.kernels._sparse_code import (compact_active, compact_active_kernel, gather_latents_kernel,
-                                          latent_segment_grad_kernel, sparse_capacity, sparse_encoder_backward)
+from fastsae.kernels._common import gpu_arch, matmul_mode
+from fastsae.kernels._sparse_code import compact_active, sparse_capacity, sparse_encoder_backward
 from fastsae.kernels._tiles import (ENCODER_TILE_CONFIGS, GROUP_M, INTERPRETER_ENCODER_TILE_CONFIG,
                                     encoder_preactivation_tile, grouped_tile)
-from fastsae.kernels.topk_encoder import COMPILE_SHAPES, COMPILE_SMS
 
 
 @triton.jit
@@ -74,8 +71,8 @@ def relu_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
     if acts.numel() == 0:  # an empty batch: nothing to launch
         return acts
     grid = (triton.cdiv(n_tokens, block_m) * triton.cdiv(n_latents, block_n),)
-    launch(
-        _relu_encode_fwd_kernel, grid, x, W_enc, b_enc, acts,
+    _relu_encode_fwd_kernel[grid](
+        x, W_enc, b_enc, acts,
         n_tokens, d_in, n_latents,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), acts.stride(0), acts.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=GROUP_M,
@@ -105,7 +102,7 @@ def _relu_grad_kernel(grad_ptr, acts_ptr, out_ptr, n_tokens, n_latents, stride_g
 
 
 # [BLOCK_M, BLOCK_N] of the masking kernel: 4,096 elements, 32 per thread on 4 warps, each row
-# 256 contiguous elements (compile_cases() below, tests/test_compile.py).
+# 256 contiguous elements (tests/compile_check.py).
 RELU_GRAD_CONFIG = dict(BLOCK_M=16, BLOCK_N=256, num_warps=4)
 
 
@@ -126,7 +123,7 @@ def relu_grad(grad_acts: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
         return out
     cfg = dict(RELU_GRAD_CONFIG)
     grid = (triton.cdiv(acts.shape[0], cfg["BLOCK_M"]), triton.cdiv(acts.shape[1], cfg["BLOCK_N"]))
-    launch(_relu_grad_kernel, grid, grad_acts, acts, out, acts.shape[0], acts.shape[1],
+    _relu_grad_kernel[grid](grad_acts, acts, out, acts.shape[0], acts.shape[1],
            grad_acts.stride(0), grad_acts.stride(1), **cfg)
     return out
 
@@ -170,40 +167,3 @@ def relu_encode_triton(x2d: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tens
     inside the kernels, no host sync); False the dense one (cuBLAS GEMMs on an [N, n] gradient).
     """
     return ReLUEncodeTriton.apply(x2d, W_enc, b_enc, sparse_backward is not False)
-
-
-def compile_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, CompileCase]:
-    """Every kernel of the ReLU encoder as its launchers launch it on sm_<arch>, recorded
-    (kernels._common.recorded_launches) from relu_encode_triton's forward and both backwards
-    (sparse, and dense with sparse_backward=False) on meta tensors.
-
-    shapes: {name: dict(n_tokens=, d_in=, n_latents=)}, kernels.topk_encoder.COMPILE_SHAPES by
-    default; modes as kernels._common.COMPILE_MODES; x contiguous, W_enc latent-major (E2ESAE's
-    layout; fastsae.ops.relu_encode makes it for any other); the code's gradient dense, or
-    expanded with stride 0 as autograd hands it for acts.sum() ("-expanded_grad"). Returns {f"relu_{kernel}-{shape}-{mode}":
-    CompileCase}, one per specialisation (kernels without a dot compile once per dtype: their
-    "ieee" launch is the "tf32" one). The encoder GEMM and the segmented reduction are hot in the
-    tensor-core modes. The configs do not depend on the arch here.
-    """
-    def run(shape, sparse_backward, expanded_grad):
-        def step(dtype):
-            x = meta_parameter(shape["n_tokens"], shape["d_in"], dtype=dtype)
-            W_enc = meta_parameter(shape["d_in"], shape["n_latents"], dtype=dtype, transposed=True)
-            acts = relu_encode_triton(x, W_enc, meta_parameter(shape["n_latents"], dtype=dtype),
-                                      sparse_backward=sparse_backward)
-            # acts.sum() hands backward an expanded stride-0 gradient: the kernels read any strides
-            (acts.sum() if expanded_grad else acts).backward(None if expanded_grad else torch.empty_like(acts))
-        return step
-
-    runs = [(dict(shape=name, mode=mode, grad="-expanded_grad" if expanded else ""), mode, run(shape, sparse, expanded))
-            for name, shape in (shapes or COMPILE_SHAPES).items() for mode in COMPILE_MODES
-            for sparse in (True, False) for expanded in (False, True)]
-    short = {_relu_encode_fwd_kernel: "relu_fwd", _relu_grad_kernel: "relu_grad", compact_active_kernel: "relu_compact",
-             gather_latents_kernel: "relu_gather", latent_segment_grad_kernel: "relu_segment"}
-    def label(tags, record):  # every backward kernel reads the code's gradient (the dense rows')
-        grad = tags["grad"] if record.kernel is not _relu_encode_fwd_kernel else ""
-        return f"{short[record.kernel]}-{tags['shape']}-{tags['mode']}{grad}"
-
-    hot_kernels = (_relu_encode_fwd_kernel, latent_segment_grad_kernel)
-    return recorded_cases(record_runs(runs, arch, COMPILE_SMS), label,
-                          lambda record: record.kernel in hot_kernels and record.meta["MATMUL_MODE"] != "ieee")

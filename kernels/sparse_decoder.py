@@ -1,8 +1,8 @@
 """Sparse decoder: x_hat = sum_j values[:, j] * W_dec[indices[:, j]] + b_dec, fused in Triton.
 
 Forward (`sparse_decode_fwd_kernel`, in kernels/_sparse_code.py since the ReLU autoencoder
-decodes with it too): a gather. Each program owns a tile of BLOCK_T tokens x BLOCK_D output columns and walks the k slots of its tokens, adding value * W_dec[latent, cols] into
-an fp32 tile; bias added once, one store. Traffic: N*k*d gathered W elements + N*d written.
+decodes with it too): a gather. Each program owns a tile of BLOCK_T tokens x BLOCK_D output
+columns and walks the k slots of its tokens, adding value * W_dec[latent, cols] into an fp32 tile; bias added once, one store. Traffic: N*k*d gathered W elements + N*d written.
 
 Backward (`_sparse_decode_bwd_kernel`): both sparse products in one pass over the code sorted by
 latent, never an N x k x d tensor:
@@ -52,17 +52,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsae.kernels._common import (COMPILE_MODES, CompileCase, launch, matmul_mode, meta_parameter, mma,
-                                     record_runs, recorded_cases)
-from fastsae.kernels._sparse_code import (NUM_WARPS, DenseRows, block_d_for, compact_active, compact_active_kernel,
-                                          latent_segment_grad, latent_segment_grad_kernel, row_major, segment_config,
-                                          sort_entries_by_latent, sparse_capacity, sparse_decode_forward,
-                                          sparse_decode_fwd_kernel)
+from fastsae.kernels._common import matmul_mode, mma
+from fastsae.kernels._sparse_code import (NUM_WARPS, DenseRows, block_d_for, compact_active, latent_segment_grad,
+                                          row_major, segment_config, sort_entries_by_latent, sparse_capacity,
+                                          sparse_decode_forward)
 from fastsae.kernels._tiles import dense_row_block
-from fastsae.kernels.topk_encoder import COMPILE_SMS
 
 # ---------------------------------------------------------------------------------------------
-# Launch configuration (compile_cases() at the end; tests/test_compile.py).
+# Launch configuration (their compile facts: tests/compile_check.py).
 
 # Chosen from the sm_90 compile reports (not yet timed on a GPU): a [4 tokens x 256 columns] tile
 # on 4 warps gives each warp one token row and each thread 8 contiguous elements (16-byte loads in
@@ -191,8 +188,8 @@ def sparse_decode_backward(grad_out: torch.Tensor, values: torch.Tensor, indices
                     if need_grad_values else None)
     dummy = torch.empty(1, dtype=torch.float32, device=device)  # stands in for an output not written
     grid = (triton.cdiv(n_latents, BWD_LATENTS_PER_PROGRAM), d_blocks)
-    launch(
-        _sparse_decode_bwd_kernel, grid, grad_out, values, W_dec, sorted_pairs, segment_start,
+    _sparse_decode_bwd_kernel[grid](
+        grad_out, values, W_dec, sorted_pairs, segment_start,
         grad_W if need_grad_W else dummy, partial_dots if need_grad_values else dummy,
         n_latents, k, d, n_pairs, grad_out.stride(0), W_dec.stride(0), d if need_grad_W else 0,
         BLOCK_P=BWD_BLOCK_P, BLOCK_D=block_d, LATENTS_PER_PROGRAM=BWD_LATENTS_PER_PROGRAM,
@@ -390,8 +387,8 @@ class DenseDecodeSparseFunction(torch.autograd.Function):
         mode = matmul_mode(W_dec.dtype)
         cfg = dense_rows_config(mode)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
-        launch(
-            _dense_rows_decode_kernel, grid, acts, W_row_major, b_dec.contiguous(), out, dense.rows, dense.n_rows,
+        _dense_rows_decode_kernel[grid](
+            acts, W_row_major, b_dec.contiguous(), out, dense.rows, dense.n_rows,
             acts.shape[1], d, acts.stride(0), W_row_major.stride(0), out.stride(0), MATMUL_MODE=mode, **cfg)
         ctx.save_for_backward(acts, values, indices, W_dec, dense.count, dense.rows, dense.n_rows)
         return out
@@ -430,68 +427,3 @@ def dense_decode_triton(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Te
     if acts.numel() == 0 or not _kernel_dtype(W_dec):
         return torch.addmm(b_dec, acts, W_dec)
     return DenseDecodeSparseFunction.apply(acts, W_dec, b_dec)
-
-
-# ---------------------------------------------------------------------------------------------
-# Compile cases
-
-# The GPT-2 small preset (16 x 1,024 tokens, d 768, 46,080 latents, k 32) and a d = 4,096,
-# 131,072-latent one.
-COMPILE_SHAPES = {
-    "gpt2": dict(n_tokens=16384, d=768, n_latents=46080, k=32),
-    "d4096": dict(n_tokens=16384, d=4096, n_latents=131072, k=64),
-}
-
-
-def compile_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, CompileCase]:
-    """Every kernel of the sparse decoder as its launchers launch it on sm_<arch>, recorded
-    (kernels._common.recorded_launches) on meta tensors from sparse_decode_triton (forward and
-    backward, with gradients for values and W_dec, W_dec only, values only) and
-    dense_decode_triton (a ReLU code in the dense layout: compaction, gather, dense rows,
-    grad_W_dec).
-
-    shapes: {name: dict(n_tokens=, d=, n_latents=, k=)}, COMPILE_SHAPES by default; modes as
-    kernels._common.COMPILE_MODES (the gathers have no dot and compile once per dtype). Returns
-    {f"{kernel}-{shape}-{mode}": CompileCase}, one per specialisation. Dense rows are the
-    exception, not the hot path: no case here is hot. The configs do not depend on the arch.
-    """
-    def sparse_run(shape, need_values, need_W):
-        def step(dtype):
-            n_tokens, k = shape["n_tokens"], shape["k"]
-            values = torch.empty(n_tokens, k, dtype=dtype, device="meta", requires_grad=need_values)
-            indices = torch.empty(n_tokens, k, dtype=torch.int64, device="meta")
-            W_dec = torch.empty(shape["n_latents"], shape["d"], dtype=dtype, device="meta", requires_grad=need_W)
-            out = sparse_decode_triton(values, indices, W_dec, meta_parameter(shape["d"], dtype=dtype))
-            out.backward(torch.empty_like(out))
-        return step
-
-    def dense_run(shape):
-        def step(dtype):
-            acts = meta_parameter(shape["n_tokens"], shape["n_latents"], dtype=dtype)
-            W_dec = meta_parameter(shape["n_latents"], shape["d"], dtype=dtype)
-            out = dense_decode_triton(acts, W_dec, meta_parameter(shape["d"], dtype=dtype))
-            out.backward(torch.empty_like(out))
-        return step
-
-    runs = []
-    for name, shape in (shapes or COMPILE_SHAPES).items():
-        for mode in COMPILE_MODES:
-            runs += [(dict(shape=name, mode=mode, code="sparse"), mode, sparse_run(shape, need_values, need_W))
-                     for need_values, need_W in ((True, True), (False, True), (True, False))]
-            runs.append((dict(shape=name, mode=mode, code="dense"), mode, dense_run(shape)))
-
-    def label(tags, record):
-        kernel, meta = record.kernel, record.meta
-        if kernel is _sparse_decode_bwd_kernel:
-            variant = {(True, True): "bwd", (True, False): "bwd_grad_W_only",
-                       (False, True): "bwd_grad_values_only"}[meta["WRITE_GRAD_W"], meta["WRITE_GRAD_VALUES"]]
-            kernel_name = f"decode_{variant}"
-        elif tags["code"] == "sparse":
-            kernel_name = "decode_fwd"
-        else:
-            kernel_name = {sparse_decode_fwd_kernel: "dense_decode_gather", compact_active_kernel: "dense_decode_compact",
-                           _dense_rows_decode_kernel: "dense_rows_decode",
-                           latent_segment_grad_kernel: "dense_decode_grad_w"}[kernel]
-        return f"{kernel_name}-{tags['shape']}-{tags['mode']}"
-
-    return recorded_cases(record_runs(runs, arch, COMPILE_SMS), label, lambda record: False)

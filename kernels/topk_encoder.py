@@ -48,7 +48,7 @@ grad_pre = grad_values * (values > 0):
   is added to its own latents alone, as the reference's scatter (accumulate_latent_segment).
 
 Matmul precision: fp32 operands follow torch.get_float32_matmul_precision() (kernels/_common.py).
-compile_cases() at the end lists every launch configuration for the compile check.
+tests/compile_cases.py records every launch configuration for the compile check.
 
 The backward's kernels and sparse_encoder_backward, which launches them, live in
 kernels/_sparse_code.py: the ReLU encoder, the ReLU autoencoder and the dense-code decoder use them
@@ -61,9 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsae.kernels._common import (COMPILE_MODES, CompileCase, gpu_arch, launch, matmul_mode, meta_parameter,
-                                     record_runs, recorded_cases, sm_count)
-from fastsae.kernels._sparse_code import gather_latents_kernel, latent_segment_grad_kernel, sparse_encoder_backward
+from fastsae.kernels._common import gpu_arch, matmul_mode, sm_count
+from fastsae.kernels._sparse_code import sparse_encoder_backward
 from fastsae.kernels._tiles import encoder_preactivation_tile
 
 
@@ -259,8 +258,8 @@ def topk_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
     cand_val = torch.empty(n_tokens, splits * k_pad, dtype=torch.float32, device=x.device)
     cand_idx = torch.empty(n_tokens, splits * k_pad, dtype=torch.int32, device=x.device)
     grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), splits)
-    launch(
-        _topk_encode_fwd_kernel, grid, x, W_enc, b_enc, cand_val, cand_idx,
+    _topk_encode_fwd_kernel[grid](
+        x, W_enc, b_enc, cand_val, cand_idx,
         n_tokens, d_in, n_latents, latents_per_split, k,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
         K_PAD=k_pad, MATMUL_MODE=matmul_mode(x.dtype), **cfg,
@@ -323,51 +322,3 @@ def topk_encode_triton(x2d: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tens
     ``splits`` (latent ranges per row block) is chosen from the device when None.
     """
     return TopKEncodeTriton.apply(x2d, W_enc, b_enc, k, splits)
-
-
-# --------------------------------------------------------------------------------------------
-# Compile cases
-# --------------------------------------------------------------------------------------------
-
-# Shapes the compile check compiles the launchers' configs at: the GPT-2 small preset (d_model
-# 768, ratio 60, a 16 x 1,024-token batch) and a d = 4,096, 131,072-latent one.
-COMPILE_SHAPES = {
-    "gpt2": dict(n_tokens=16384, d_in=768, n_latents=46080),
-    "d4096": dict(n_tokens=16384, d_in=4096, n_latents=131072),
-}
-COMPILE_KS = (16, 32, 64, 128, 256)
-COMPILE_SMS = 132  # an H100 SXM's SMs: the split count a launch there would pick
-
-
-def compile_cases(arch: int = 90, shapes: dict | None = None, ks=COMPILE_KS) -> dict[str, CompileCase]:
-    """Every kernel of this file as its launchers launch it on sm_<arch> (COMPILE_SMS SMs),
-    recorded (kernels._common.recorded_launches) from topk_encode_triton's forward and backward
-    on meta tensors, for compiling without a GPU.
-
-    shapes: {shape name: dict(n_tokens=, d_in=, n_latents=)}, COMPILE_SHAPES by default; ks: the
-    TopK k values (the forward's config depends on next_power_of_2(k)); the modes of
-    COMPILE_MODES. x [N, d] contiguous and W_enc latent-major (E2ESAE's layout, which
-    fastsae.ops.topk_encode makes for any other). Returns {f"topk_fwd-{shape}-k{k}-{mode}",
-    f"topk_gather-{shape}-{mode}", f"topk_segment-{shape}-{mode}": CompileCase}, one per
-    specialisation. The forward and the segmented reduction carry the step's FLOPs: hot in the
-    tensor-core modes."""
-    def run(shape, k):
-        def step(dtype):
-            x = meta_parameter(shape["n_tokens"], shape["d_in"], dtype=dtype)
-            W_enc = meta_parameter(shape["d_in"], shape["n_latents"], dtype=dtype, transposed=True)
-            values, _ = topk_encode_triton(x, W_enc, meta_parameter(shape["n_latents"], dtype=dtype), k)
-            values.backward(torch.empty_like(values))
-        return step
-
-    runs = [(dict(shape=name, k=k, mode=mode), mode, run(shape, k))
-            for name, shape in (shapes or COMPILE_SHAPES).items() for mode in COMPILE_MODES for k in ks]
-    short = {_topk_encode_fwd_kernel: "topk_fwd", gather_latents_kernel: "topk_gather",
-             latent_segment_grad_kernel: "topk_segment"}
-
-    def label(tags, record):
-        k = f"-k{tags['k']}" if record.kernel is _topk_encode_fwd_kernel else ""
-        return f"{short[record.kernel]}-{tags['shape']}{k}-{tags['mode']}"
-
-    hot_kernels = (_topk_encode_fwd_kernel, latent_segment_grad_kernel)
-    return recorded_cases(record_runs(runs, arch, COMPILE_SMS), label,
-                          lambda record: record.kernel in hot_kernels and record.meta["MATMUL_MODE"] != "ieee")
