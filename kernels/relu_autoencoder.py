@@ -514,9 +514,11 @@ def encode_compact(x, W_enc, b_enc, theta, bandwidth) -> tuple[CompactCode, torc
     (block_m, block_n, block_d, num_warps, num_stages), _, _, _ = _configs(x, mode, jump)
     grid = (triton.cdiv(n_tokens, block_m) * triton.cdiv(n_latents, block_n),)
     _encode_compact_kernel[grid](
-        x, W_enc, b_enc, theta if jump else b_enc, values, indices, band if jump else count, count, fire_counts,
-        n_tokens, d_in, n_latents, capacity,
-        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), float(1.0 if bandwidth is None else bandwidth),
+        x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, theta_ptr=theta if jump else b_enc, val_ptr=values, idx_ptr=indices,
+        band_ptr=band if jump else count, count_ptr=count, fire_counts_ptr=fire_counts,
+        n_tokens=n_tokens, d_in=d_in, n_latents=n_latents, capacity=capacity,
+        stride_xm=x.stride(0), stride_xd=x.stride(1), stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1),
+        bandwidth=float(1.0 if bandwidth is None else bandwidth),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=GROUP_M, MATMUL_MODE=mode, JUMP=jump,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -564,16 +566,19 @@ def relu_autoencode_forward(x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p, 
         cfg = dict(tile_cfg)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(chunk_width, cfg["BLOCK_N"]))
         _dense_code_chunk_kernel[grid](
-            x, W_enc, b_enc, theta if jump else b_enc, code.rows, code.n_rows, ws,
-            d, n_latents, chunk_start, chunk_width,
-            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), ws.stride(0),
-            MATMUL_MODE=mode, JUMP=jump, **cfg)
+            x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, theta_ptr=theta if jump else b_enc, rows_ptr=code.rows,
+            n_rows_ptr=code.n_rows, ws_ptr=ws,
+            d_in=d, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
+            stride_xm=x.stride(0), stride_xd=x.stride(1), stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1),
+            stride_ws=ws.stride(0), MATMUL_MODE=mode, JUMP=jump, **cfg)
         cfg = dict(mm_cfg)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
         _dense_rows_matmul_kernel[grid](
-            ws, W_dec, b_dec, acc, recon, code.rows, code.n_rows, lp_dense, l0_dense,
-            d, n_latents, chunk_start, chunk_width,
-            ws.stride(0), W_dec.stride(0), W_dec.stride(1), acc.stride(0), recon.stride(0), float(p),
+            ws_ptr=ws, m_ptr=W_dec, bias_ptr=b_dec, acc_ptr=acc, out_ptr=recon, rows_ptr=code.rows,
+            n_rows_ptr=code.n_rows, lp_ptr=lp_dense, l0_ptr=l0_dense,
+            d=d, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
+            stride_ws=ws.stride(0), stride_mk=W_dec.stride(0), stride_md=W_dec.stride(1), stride_acc=acc.stride(0),
+            stride_out=recon.stride(0), p=float(p),
             MATMUL_MODE=mode, FIRST=chunk_start == 0, LAST=chunk_start + width >= n_latents, HAS_BIAS=True,
             CODE_STATS=True, P_ONE=p == 1, **cfg)
     lp_sum = torch.where(code.dense, lp_dense, lp_sparse)
@@ -602,7 +607,8 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
     dots = torch.empty(n_tokens, capacity, dtype=torch.float32, device=device)
     cfg = dict(SAMPLED_DOTS_CONFIG)
     _sampled_dots_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_T"]),)](
-        g, W_dec, code.indices, code.slots, dots, n_tokens, d, capacity, g.stride(0), W_dec.stride(0), **cfg)
+        g_ptr=g, w_ptr=W_dec, idx_ptr=code.indices, slots_ptr=code.slots, out_ptr=dots,
+        n_tokens=n_tokens, d=d, capacity=capacity, stride_g=g.stride(0), stride_w=W_dec.stride(0), **cfg)
     values32 = code.values.float()
     active = values32 > 0
     dlp = active.to(torch.float32) if p == 1 else torch.where(active, p * values32.clamp_min(1e-38).pow(p - 1), 0)
@@ -621,10 +627,14 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
         cfg = GATHER_CONFIG
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]))
         # HAS_DENSE_ROWS reads slots as the row counts; no slot count exceeds C, so its per-row
-        # dense fallback never runs (the dense rows come from the chunks below).
-        gather_latents_kernel[grid](grad_pre, code.indices, W_enc, grad_x, code.slots, grad_pre, grad_pre,
-               n_tokens, d, capacity, n_latents, W_enc.stride(0), W_enc.stride(1),
-               n_latents, 1, HAS_DENSE_ROWS=True, MATMUL_MODE=mode, **cfg)
+        # dense fallback never runs (the dense rows come from the chunks below) and its dense
+        # gradient and code are stand-ins that are never read.
+        gather_latents_kernel[grid](
+            grad_ptr=grad_pre, idx_ptr=code.indices, w_ptr=W_enc, out_ptr=grad_x, count_ptr=code.slots,
+            dense_grad_ptr=grad_pre, acts_ptr=grad_pre,
+            n_tokens=n_tokens, d_in=d, k=capacity, n_latents=n_latents,
+            stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1), stride_gm=n_latents, stride_gn=1,
+            HAS_DENSE_ROWS=True, MATMUL_MODE=mode, **cfg)
     need_enc_params = need_w_enc or need_b_enc or need_theta
     if need_enc_params or need_w_dec:
         entries = sort_entries_by_latent(code.indices, n_latents, seg_cfg["BLOCK_L"])
@@ -650,20 +660,24 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
         cfg = dict(tile_cfg)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(chunk_width, cfg["BLOCK_N"]))
         _dense_grad_chunk_kernel[grid](
-            x, W_enc, b_enc, theta if jump else b_enc, W_dec, g, grad_lp, grad_l0_arg, code.rows, code.n_rows,
-            gpre_ws, code_ws, theta_ws,
-            d, n_latents, chunk_start, chunk_width,
-            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), W_dec.stride(0), g.stride(0),
-            gpre_ws.stride(0), float(p), float(1.0 if bandwidth is None else bandwidth),
+            x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, theta_ptr=theta if jump else b_enc, wdec_ptr=W_dec, g_ptr=g,
+            grad_lp_ptr=grad_lp, grad_l0_ptr=grad_l0_arg, rows_ptr=code.rows, n_rows_ptr=code.n_rows,
+            gpre_ws_ptr=gpre_ws, code_ws_ptr=code_ws, theta_ws_ptr=theta_ws,
+            d_in=d, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
+            stride_xm=x.stride(0), stride_xd=x.stride(1), stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1),
+            stride_wdec=W_dec.stride(0), stride_g=g.stride(0), stride_ws=gpre_ws.stride(0),
+            p=float(p), bandwidth=float(1.0 if bandwidth is None else bandwidth),
             MATMUL_MODE=mode, JUMP=jump, P_ONE=p == 1, **cfg)
         if need_x:
             cfg = dict(mm_cfg)
             grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
             # M = W_enc^T: latent k, column c at W_enc[c, k].
             _dense_rows_matmul_kernel[grid](
-                gpre_ws, W_enc, b_enc, gx_acc, grad_x, code.rows, code.n_rows, grad_lp, grad_lp,
-                d, n_latents, chunk_start, chunk_width,
-                gpre_ws.stride(0), W_enc.stride(1), W_enc.stride(0), gx_acc.stride(0), grad_x.stride(0), float(p),
+                ws_ptr=gpre_ws, m_ptr=W_enc, bias_ptr=b_enc, acc_ptr=gx_acc, out_ptr=grad_x, rows_ptr=code.rows,
+                n_rows_ptr=code.n_rows, lp_ptr=grad_lp, l0_ptr=grad_lp,
+                d=d, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
+                stride_ws=gpre_ws.stride(0), stride_mk=W_enc.stride(1), stride_md=W_enc.stride(0),
+                stride_acc=gx_acc.stride(0), stride_out=grad_x.stride(0), p=float(p),
                 MATMUL_MODE=mode, FIRST=chunk_start == 0, LAST=chunk_start + width >= n_latents, HAS_BIAS=False,
                 CODE_STATS=False, P_ONE=True, **cfg)
         if need_enc_params or need_w_dec:
@@ -672,17 +686,23 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
             first_block = chunk_start // cfg["BLOCK_L"]
             # Encoder: B = x, weights = the pre-activations' gradient; bias and threshold too.
             _latent_chunk_grad_kernel[grid](
-                x, tokens_x, entries.latents, sorted_gpre, entries.block_start, grad_w_enc, grad_b_enc,
-                sorted_theta, grad_theta, code.rows, code.n_rows, gpre_ws, theta_ws,
-                d, n_latents, first_block, chunk_start,
-                x.stride(0), x.stride(1), grad_w_enc.stride(0), grad_w_enc.stride(1), gpre_ws.stride(0),
+                rows_ptr_b=x, tok_ptr=tokens_x, lat_ptr=entries.latents, weight_ptr=sorted_gpre,
+                block_start_ptr=entries.block_start, grad_w_ptr=grad_w_enc, grad_b_ptr=grad_b_enc,
+                theta_weight_ptr=sorted_theta, grad_theta_ptr=grad_theta, dense_rows_ptr=code.rows,
+                n_dense_rows_ptr=code.n_rows, ws_ptr=gpre_ws, theta_ws_ptr=theta_ws,
+                d=d, n_latents=n_latents, first_block=first_block, chunk_start=chunk_start,
+                stride_bm=x.stride(0), stride_bd=x.stride(1), stride_gwd=grad_w_enc.stride(0),
+                stride_gwn=grad_w_enc.stride(1), stride_ws=gpre_ws.stride(0),
                 MATMUL_MODE=mode, WRITE_BIAS=True, WRITE_THETA=jump, num_stages=SEGMENT_NUM_STAGES, **cfg)
             # Decoder: B = grad_out, weights = the code.
             _latent_chunk_grad_kernel[grid](
-                g, tokens_g, entries.latents, sorted_values, entries.block_start, grad_w_dec, grad_w_dec,
-                sorted_values, grad_w_dec, code.rows, code.n_rows, code_ws, code_ws,
-                d, n_latents, first_block, chunk_start,
-                g.stride(0), g.stride(1), grad_w_dec.stride(1), grad_w_dec.stride(0), code_ws.stride(0),
+                rows_ptr_b=g, tok_ptr=tokens_g, lat_ptr=entries.latents, weight_ptr=sorted_values,
+                block_start_ptr=entries.block_start, grad_w_ptr=grad_w_dec, grad_b_ptr=grad_w_dec,
+                theta_weight_ptr=sorted_values, grad_theta_ptr=grad_w_dec, dense_rows_ptr=code.rows,
+                n_dense_rows_ptr=code.n_rows, ws_ptr=code_ws, theta_ws_ptr=code_ws,
+                d=d, n_latents=n_latents, first_block=first_block, chunk_start=chunk_start,
+                stride_bm=g.stride(0), stride_bd=g.stride(1), stride_gwd=grad_w_dec.stride(1),
+                stride_gwn=grad_w_dec.stride(0), stride_ws=code_ws.stride(0),
                 MATMUL_MODE=mode, WRITE_BIAS=False, WRITE_THETA=False, num_stages=SEGMENT_NUM_STAGES, **cfg)
     grad_b_dec = g.float().sum(0).to(W_dec.dtype) if need_b_dec else None
     if not jump:

@@ -259,9 +259,9 @@ def topk_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
     cand_idx = torch.empty(n_tokens, splits * k_pad, dtype=torch.int32, device=x.device)
     grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), splits)
     _topk_encode_fwd_kernel[grid](
-        x, W_enc, b_enc, cand_val, cand_idx,
-        n_tokens, d_in, n_latents, latents_per_split, k,
-        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
+        x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, cand_val_ptr=cand_val, cand_idx_ptr=cand_idx,
+        n_tokens=n_tokens, d_in=d_in, n_latents=n_latents, latents_per_split=latents_per_split, k=k,
+        stride_xm=x.stride(0), stride_xd=x.stride(1), stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1),
         K_PAD=k_pad, MATMUL_MODE=matmul_mode(x.dtype), **cfg,
     )
     # Merge: the k largest of splits * K_PAD candidates per token (tiny), sorted largest first.
