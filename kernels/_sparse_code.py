@@ -180,6 +180,17 @@ class DenseRows(NamedTuple):
     grad: torch.Tensor  # [N, n_latents], any strides: the gradient with respect to the code
     acts: torch.Tensor  # [N, n_latents] contiguous: active where > 0
 
+    def grad_strides(self) -> dict:
+        """The kernels' stride_gm / stride_gn of the dense gradient (0 without one)."""
+        if self.grad is None:
+            return dict(stride_gm=0, stride_gn=0)
+        return dict(stride_gm=self.grad.stride(0), stride_gn=self.grad.stride(1))
+
+
+# No dense rows: the kernels launched with HAS_DENSE_ROWS=False read none of these pointers, so
+# they are passed as None (a launch specialises None to a constant) rather than dummy tensors.
+NO_DENSE_ROWS = DenseRows(count=None, rows=None, n_rows=None, grad=None, acts=None)
+
 
 # (BLOCK_M, BLOCK_D, BLOCK_N (latents per step of the dense rows), num_warps) of the gather; (BLOCK_L, BLOCK_D, BLOCK_E, num_warps, num_stages)
 # of the segmented reduction. Their compile facts: tests/compile_check.py.
@@ -225,22 +236,18 @@ def sparse_encoder_backward(grad_pre: torch.Tensor, indices: torch.Tensor, x: to
     indices = indices.contiguous()
     grad_x = grad_w = grad_b = None
     mode = matmul_mode(x.dtype)
-    if dense_rows is not None:
-        dense = dense_rows
-        dense_args = (dense.count, dense.grad, dense.acts)
-        dense_strides = (dense.grad.stride(0), dense.grad.stride(1))
-    else:
-        dummy = torch.empty(1, dtype=torch.int32, device=x.device)  # stands in for unused pointers
-        dense_args = (dummy, grad_pre, grad_pre)
-        dense_strides = (0, 0)
+    dense = dense_rows or NO_DENSE_ROWS
 
     if need_x:
         grad_x = torch.empty(n_tokens, d_in, dtype=x.dtype, device=x.device)
         cfg = GATHER_CONFIG
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), triton.cdiv(d_in, cfg["BLOCK_D"]))
-        gather_latents_kernel[grid](grad_pre, indices, W_enc, grad_x, *dense_args, n_tokens, d_in, k,
-               n_latents, W_enc.stride(0), W_enc.stride(1), *dense_strides,
-               HAS_DENSE_ROWS=dense_rows is not None, MATMUL_MODE=mode, **cfg)
+        gather_latents_kernel[grid](
+            grad_ptr=grad_pre, idx_ptr=indices, w_ptr=W_enc, out_ptr=grad_x,
+            count_ptr=dense.count, dense_grad_ptr=dense.grad, acts_ptr=dense.acts,
+            n_tokens=n_tokens, d_in=d_in, k=k, n_latents=n_latents,
+            stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1), **dense.grad_strides(),
+            HAS_DENSE_ROWS=dense_rows is not None, MATMUL_MODE=mode, **cfg)
 
     if need_w or need_b:
         cfg = segment_config(mode)
@@ -313,20 +320,18 @@ def latent_segment_grad(rows: torch.Tensor, entries: SortedEntries, sorted_weigh
     n_blocks = entries.block_start.numel() - 1
     # Without a weight gradient, one program per latent block covers d (the bias needs no rows).
     d_blocks = triton.cdiv(d, cfg["BLOCK_D"]) if grad_w is not None else 1
+    # The kernel always stores its weight tile: without a weight gradient, into a 1 x 1 scratch at
+    # d = 0 (every column masked off).
     scratch = grad_w if grad_w is not None else torch.empty(1, 1, dtype=rows.dtype, device=device)
     stride_gwn, stride_gwd = grad_w_strides if grad_w is not None else (0, 0)
-    if dense_rows is not None:
-        dense_args = (dense_rows.rows, dense_rows.n_rows, dense_rows.grad, dense_rows.acts)
-        dense_strides = (dense_rows.grad.stride(0), dense_rows.grad.stride(1))
-    else:
-        dummy = torch.empty(1, dtype=torch.int32, device=device)  # stands in for unused pointers
-        dense_args = (dummy, dummy, sorted_weights, sorted_weights)
-        dense_strides = (0, 0)
+    dense = dense_rows or NO_DENSE_ROWS
     latent_segment_grad_kernel[(n_blocks, d_blocks)](
-        rows, marked_tokens(entries.tokens, rows), entries.latents, sorted_weights, entries.block_start,
-        scratch, grad_b if grad_b is not None else scratch, *dense_args,
-        d if grad_w is not None else 0, n_latents,
-        rows.stride(0), rows.stride(1), stride_gwd, stride_gwn, *dense_strides,
+        x_ptr=rows, tok_ptr=marked_tokens(entries.tokens, rows), lat_ptr=entries.latents, grad_ptr=sorted_weights,
+        block_start_ptr=entries.block_start, grad_w_ptr=scratch, grad_b_ptr=grad_b,
+        dense_rows_ptr=dense.rows, n_dense_rows_ptr=dense.n_rows, dense_grad_ptr=dense.grad, acts_ptr=dense.acts,
+        d_in=d if grad_w is not None else 0, n_latents=n_latents,
+        stride_xm=rows.stride(0), stride_xd=rows.stride(1), stride_gwd=stride_gwd, stride_gwn=stride_gwn,
+        **dense.grad_strides(),
         MATMUL_MODE=mode, WRITE_BIAS=grad_b is not None, HAS_DENSE_ROWS=dense_rows is not None,
         DENSE_MASKED=dense_masked, num_stages=SEGMENT_NUM_STAGES, **cfg,
     )

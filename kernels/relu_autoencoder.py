@@ -514,8 +514,8 @@ def encode_compact(x, W_enc, b_enc, theta, bandwidth) -> tuple[CompactCode, torc
     (block_m, block_n, block_d, num_warps, num_stages), _, _, _ = _configs(x, mode, jump)
     grid = (triton.cdiv(n_tokens, block_m) * triton.cdiv(n_latents, block_n),)
     _encode_compact_kernel[grid](
-        x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, theta_ptr=theta if jump else b_enc, val_ptr=values, idx_ptr=indices,
-        band_ptr=band if jump else count, count_ptr=count, fire_counts_ptr=fire_counts,
+        x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, theta_ptr=theta, val_ptr=values, idx_ptr=indices, band_ptr=band,
+        count_ptr=count, fire_counts_ptr=fire_counts,  # theta, band: None for ReLU (JUMP reads them)
         n_tokens=n_tokens, d_in=d_in, n_latents=n_latents, capacity=capacity,
         stride_xm=x.stride(0), stride_xd=x.stride(1), stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1),
         bandwidth=float(1.0 if bandwidth is None else bandwidth),
@@ -566,8 +566,7 @@ def relu_autoencode_forward(x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p, 
         cfg = dict(tile_cfg)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(chunk_width, cfg["BLOCK_N"]))
         _dense_code_chunk_kernel[grid](
-            x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, theta_ptr=theta if jump else b_enc, rows_ptr=code.rows,
-            n_rows_ptr=code.n_rows, ws_ptr=ws,
+            x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, theta_ptr=theta, rows_ptr=code.rows, n_rows_ptr=code.n_rows, ws_ptr=ws,
             d_in=d, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
             stride_xm=x.stride(0), stride_xd=x.stride(1), stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1),
             stride_ws=ws.stride(0), MATMUL_MODE=mode, JUMP=jump, **cfg)
@@ -640,28 +639,27 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
         entries = sort_entries_by_latent(code.indices, n_latents, seg_cfg["BLOCK_L"])
         grad_w_enc = torch.empty_like(W_enc, memory_format=torch.preserve_format)
         grad_b_enc = torch.empty(n_latents, dtype=W_enc.dtype, device=device)
-        grad_theta = torch.empty(n_latents, dtype=theta.dtype, device=device) if jump else grad_b_enc
+        grad_theta = torch.empty(n_latents, dtype=theta.dtype, device=device) if jump else None
         grad_w_dec = torch.empty(n_latents, d, dtype=W_dec.dtype, device=device)
         tokens_x = marked_tokens(entries.tokens, x)
         tokens_g = marked_tokens(entries.tokens, g)
         sorted_gpre = grad_pre.reshape(-1)[entries.order]
         sorted_values = code.values.reshape(-1)[entries.order]
-        sorted_theta = theta_terms.reshape(-1)[entries.order] if jump else sorted_gpre
+        sorted_theta = theta_terms.reshape(-1)[entries.order] if jump else None
 
     width = dense_chunk_width(n_tokens, n_latents, workspace_elements)
     gpre_ws = torch.empty(n_tokens, width, dtype=x.dtype, device=device)
     code_ws = torch.empty(n_tokens, width, dtype=x.dtype, device=device)
-    theta_ws = torch.empty(n_tokens, width, dtype=torch.float32, device=device) if jump else gpre_ws
+    theta_ws = torch.empty(n_tokens, width, dtype=torch.float32, device=device) if jump else None
     several = n_latents > width
     gx_acc = torch.empty(n_tokens if several and need_x else 1, d, dtype=torch.float32, device=device)
-    grad_l0_arg = grad_l0_32 if jump else grad_lp
     for chunk_start in range(0, n_latents, width):
         chunk_width = min(width, n_latents - chunk_start)
         cfg = dict(tile_cfg)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(chunk_width, cfg["BLOCK_N"]))
-        _dense_grad_chunk_kernel[grid](
-            x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, theta_ptr=theta if jump else b_enc, wdec_ptr=W_dec, g_ptr=g,
-            grad_lp_ptr=grad_lp, grad_l0_ptr=grad_l0_arg, rows_ptr=code.rows, n_rows_ptr=code.n_rows,
+        _dense_grad_chunk_kernel[grid](  # theta, grad_l0, theta_ws: None for ReLU (JUMP reads them)
+            x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, theta_ptr=theta, wdec_ptr=W_dec, g_ptr=g, grad_lp_ptr=grad_lp,
+            grad_l0_ptr=grad_l0_32, rows_ptr=code.rows, n_rows_ptr=code.n_rows,
             gpre_ws_ptr=gpre_ws, code_ws_ptr=code_ws, theta_ws_ptr=theta_ws,
             d_in=d, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
             stride_xm=x.stride(0), stride_xd=x.stride(1), stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1),
@@ -672,9 +670,9 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
             cfg = dict(mm_cfg)
             grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
             # M = W_enc^T: latent k, column c at W_enc[c, k].
-            _dense_rows_matmul_kernel[grid](
-                ws_ptr=gpre_ws, m_ptr=W_enc, bias_ptr=b_enc, acc_ptr=gx_acc, out_ptr=grad_x, rows_ptr=code.rows,
-                n_rows_ptr=code.n_rows, lp_ptr=grad_lp, l0_ptr=grad_lp,
+            _dense_rows_matmul_kernel[grid](  # no bias, no code statistics: those pointers are None
+                ws_ptr=gpre_ws, m_ptr=W_enc, bias_ptr=None, acc_ptr=gx_acc, out_ptr=grad_x, rows_ptr=code.rows,
+                n_rows_ptr=code.n_rows, lp_ptr=None, l0_ptr=None,
                 d=d, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
                 stride_ws=gpre_ws.stride(0), stride_mk=W_enc.stride(1), stride_md=W_enc.stride(0),
                 stride_acc=gx_acc.stride(0), stride_out=grad_x.stride(0), p=float(p),
@@ -685,7 +683,7 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
             grid = (triton.cdiv(chunk_width, cfg["BLOCK_L"]), triton.cdiv(d, cfg["BLOCK_D"]))
             first_block = chunk_start // cfg["BLOCK_L"]
             # Encoder: B = x, weights = the pre-activations' gradient; bias and threshold too.
-            _latent_chunk_grad_kernel[grid](
+            _latent_chunk_grad_kernel[grid](  # the threshold's pointers: None for ReLU (WRITE_THETA)
                 rows_ptr_b=x, tok_ptr=tokens_x, lat_ptr=entries.latents, weight_ptr=sorted_gpre,
                 block_start_ptr=entries.block_start, grad_w_ptr=grad_w_enc, grad_b_ptr=grad_b_enc,
                 theta_weight_ptr=sorted_theta, grad_theta_ptr=grad_theta, dense_rows_ptr=code.rows,
@@ -695,18 +693,16 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
                 stride_gwn=grad_w_enc.stride(1), stride_ws=gpre_ws.stride(0),
                 MATMUL_MODE=mode, WRITE_BIAS=True, WRITE_THETA=jump, num_stages=SEGMENT_NUM_STAGES, **cfg)
             # Decoder: B = grad_out, weights = the code.
-            _latent_chunk_grad_kernel[grid](
+            _latent_chunk_grad_kernel[grid](  # no bias, no threshold: those pointers are None
                 rows_ptr_b=g, tok_ptr=tokens_g, lat_ptr=entries.latents, weight_ptr=sorted_values,
-                block_start_ptr=entries.block_start, grad_w_ptr=grad_w_dec, grad_b_ptr=grad_w_dec,
-                theta_weight_ptr=sorted_values, grad_theta_ptr=grad_w_dec, dense_rows_ptr=code.rows,
-                n_dense_rows_ptr=code.n_rows, ws_ptr=code_ws, theta_ws_ptr=code_ws,
+                block_start_ptr=entries.block_start, grad_w_ptr=grad_w_dec, grad_b_ptr=None,
+                theta_weight_ptr=None, grad_theta_ptr=None, dense_rows_ptr=code.rows,
+                n_dense_rows_ptr=code.n_rows, ws_ptr=code_ws, theta_ws_ptr=None,
                 d=d, n_latents=n_latents, first_block=first_block, chunk_start=chunk_start,
                 stride_bm=g.stride(0), stride_bd=g.stride(1), stride_gwd=grad_w_dec.stride(1),
                 stride_gwn=grad_w_dec.stride(0), stride_ws=code_ws.stride(0),
                 MATMUL_MODE=mode, WRITE_BIAS=False, WRITE_THETA=False, num_stages=SEGMENT_NUM_STAGES, **cfg)
     grad_b_dec = g.float().sum(0).to(W_dec.dtype) if need_b_dec else None
-    if not jump:
-        grad_theta = None
     return (grad_x, grad_w_enc if need_w_enc else None, grad_b_enc if need_b_enc else None,
             grad_w_dec if need_w_dec else None, grad_b_dec, grad_theta if need_theta else None)
 

@@ -72,9 +72,9 @@ def relu_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
         return acts
     grid = (triton.cdiv(n_tokens, block_m) * triton.cdiv(n_latents, block_n),)
     _relu_encode_fwd_kernel[grid](
-        x, W_enc, b_enc, acts,
-        n_tokens, d_in, n_latents,
-        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), acts.stride(0), acts.stride(1),
+        x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, out_ptr=acts, n_tokens=n_tokens, d_in=d_in, n_latents=n_latents,
+        stride_xm=x.stride(0), stride_xd=x.stride(1), stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1),
+        stride_om=acts.stride(0), stride_on=acts.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=GROUP_M,
         MATMUL_MODE=matmul_mode(x.dtype), num_warps=num_warps, num_stages=num_stages,
     )

@@ -186,12 +186,12 @@ def sparse_decode_backward(grad_out: torch.Tensor, values: torch.Tensor, indices
     grad_W = torch.empty(n_latents, d, dtype=W_dec.dtype, device=device) if need_grad_W else None
     partial_dots = (torch.empty(d_blocks, n_pairs, dtype=torch.float32, device=device)
                     if need_grad_values else None)
-    dummy = torch.empty(1, dtype=torch.float32, device=device)  # stands in for an output not written
     grid = (triton.cdiv(n_latents, BWD_LATENTS_PER_PROGRAM), d_blocks)
-    _sparse_decode_bwd_kernel[grid](
-        grad_out, values, W_dec, sorted_pairs, segment_start,
-        grad_W if need_grad_W else dummy, partial_dots if need_grad_values else dummy,
-        n_latents, k, d, n_pairs, grad_out.stride(0), W_dec.stride(0), d if need_grad_W else 0,
+    _sparse_decode_bwd_kernel[grid](  # an output not asked for is None: its WRITE_* flag is off
+        grad_out_ptr=grad_out, values_ptr=values, W_ptr=W_dec, sorted_pairs_ptr=sorted_pairs,
+        segment_start_ptr=segment_start, grad_W_ptr=grad_W, partial_dots_ptr=partial_dots,
+        n_latents=n_latents, k=k, d=d, n_pairs=n_pairs, stride_g=grad_out.stride(0), stride_w=W_dec.stride(0),
+        stride_gw=d if need_grad_W else 0,
         BLOCK_P=BWD_BLOCK_P, BLOCK_D=block_d, LATENTS_PER_PROGRAM=BWD_LATENTS_PER_PROGRAM,
         WRITE_GRAD_W=need_grad_W, WRITE_GRAD_VALUES=need_grad_values, num_warps=NUM_WARPS,
     )
@@ -388,8 +388,9 @@ class DenseDecodeSparseFunction(torch.autograd.Function):
         cfg = dense_rows_config(mode)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
         _dense_rows_decode_kernel[grid](
-            acts, W_row_major, b_dec.contiguous(), out, dense.rows, dense.n_rows,
-            acts.shape[1], d, acts.stride(0), W_row_major.stride(0), out.stride(0), MATMUL_MODE=mode, **cfg)
+            acts_ptr=acts, W_ptr=W_row_major, b_ptr=b_dec.contiguous(), out_ptr=out, rows_ptr=dense.rows,
+            n_rows_ptr=dense.n_rows, n_latents=acts.shape[1], d=d, stride_a=acts.stride(0),
+            stride_w=W_row_major.stride(0), stride_out=out.stride(0), MATMUL_MODE=mode, **cfg)
         ctx.save_for_backward(acts, values, indices, W_dec, dense.count, dense.rows, dense.n_rows)
         return out
 

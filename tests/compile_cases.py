@@ -163,7 +163,7 @@ class CompileCase:
 
     ``args`` maps every runtime argument of the kernel to an example value: a torch.dtype stands
     for a tensor argument (a pointer; torch's allocations are 16-byte aligned, so the launch marks
-    it 16-divisible), an int for an int argument. The specialisation is the one a launch applies:
+    it 16-divisible), an int for an int argument, None for an optional pointer left out. The specialisation is the one a launch applies:
     an int equal to 1 becomes a constant (so a unit stride turns into contiguous, vectorisable
     addresses) and an int divisible by 16 gets ``tt.divisibility = 16``. ``meta`` holds the
     kernel's constexprs. ``hot`` marks the configs that must compile to tensor-core MMAs with
@@ -185,7 +185,10 @@ class CompileCase:
             if name not in self.args:
                 raise ValueError(f"CompileCase of {self.kernel_name}: no example value for argument {name!r}")
             value = self.args[name]
-            if isinstance(value, torch.dtype):
+            if value is None:  # an optional pointer left out: a launch makes it a constant
+                signature[name] = "constexpr"
+                constexprs[name] = None
+            elif isinstance(value, torch.dtype):
                 signature[name] = _POINTER_TYPES[value]
                 attrs[(position,)] = [["tt.divisibility", 16]]
             elif isinstance(value, float):  # an fp32 scalar: a launch never specialises it
