@@ -122,7 +122,7 @@ N = 8,448 on 132 SMs at BLOCK_N = 64).
 
 This file is longer than the house's ~400 lines because it is one op (Liger-Kernel's rule: forward,
 backward and launchers together): the one-sweep kernel, the two-pass kernels for reduction="none",
-their shared online log-sum-exp helpers, configs and compile cases, each commented.
+their shared online log-sum-exp helpers, configs, each commented.
 """
 
 from __future__ import annotations
@@ -134,8 +134,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsae.kernels._common import (COMPILE_MODES, CompileCase, compile_mode, gpu_arch, launch, matmul_mode, mma,
-                                     recorded_launches, sm_count)
+from fastsae.kernels._common import gpu_arch, matmul_mode, mma, sm_count
 from fastsae.kernels._logits import kl_from_sums, prepared_bias, rescale_factors
 
 # The forward kernel writes, per vocabulary slice and token, N_STATS fp32 numbers in this order:
@@ -552,7 +551,7 @@ def kernel_config(dtype: torch.dtype, device: torch.device, *, kind: str = "forw
     accumulators' update), "grad" (the two-pass gradient of reduction="none": adds V_GROUP, the
     vocabulary tiles per write-back).
 
-    The arch is the device's (kernels._common.gpu_arch: a recording's for meta tensors).
+    The arch is the device's (kernels._common.gpu_arch).
     softcap: capped logits (more live tiles in the sweep).
     sm_90 and later (wgmma, accumulators in registers, operands in shared memory), 8 warps, three
     stages, BLOCK_D 64 for 16-bit inputs and 32 for fp32:
@@ -569,7 +568,7 @@ def kernel_config(dtype: torch.dtype, device: torch.device, *, kind: str = "forw
     CUDA-core FMAs, whose operands live in registers, 4 warps: the forward 16 x 32 with BLOCK_D 16,
     the sweep the same with 16-wide accumulator chunks, the two-pass gradient 32 x 64 (sm_90;
     capped: 32 x 32) with BLOCK_D 32 or 16 x 32 with BLOCK_D 16 (sm_80).
-    Compile facts: compile_cases(). Interpreter (CPU): bigger tiles mean fewer numpy steps.
+    Compile facts: tests/compile_check.py. Interpreter (CPU): bigger tiles mean fewer numpy steps.
     """
     if kind not in KERNEL_KINDS:
         raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
@@ -711,7 +710,7 @@ def linear_kl_forward(h_orig, delta, W_U, b_U, mask, labels, softcap=None, *, to
                 stride_wv=W_U.stride(1))
     meta = dict(HAS_BIAS=b_U is not None, HAS_MASK=mask is not None, HAS_LABELS=labels is not None,
                 SOFTCAP=softcap is not None, WITH_GRAD=with_grad, MATMUL_MODE=matmul_mode(h_orig.dtype), **config)
-    launch(_linear_kl_forward_kernel, (n_row_blocks, slices), **args, **meta)
+    _linear_kl_forward_kernel[(n_row_blocks, slices)](**args, **meta)
     return _merge_slices(stats, top, acc if with_grad else None, token_weight)
 
 
@@ -775,94 +774,8 @@ def linear_kl_grad(h_orig, delta, W_U, b_U, mask, lse_orig, dlse, token_weight, 
                 stride_wv=W_U.stride(1), stride_gn=grad.stride(0))
     meta = dict(HAS_BIAS=b_U is not None, HAS_MASK=mask is not None, SOFTCAP=softcap is not None,
                 USE_ATOMICS=slices > 1, V_GROUP=v_group, MATMUL_MODE=matmul_mode(h_orig.dtype), **config)
-    launch(_linear_kl_grad_kernel, (n_row_blocks, slices), **args, **meta)
+    _linear_kl_grad_kernel[(n_row_blocks, slices)](**args, **meta)
     return grad
-
-
-# ----------------------------------------------------------------------------------------------
-# Compile cases: the launches the launchers make, recorded (tests/compile_check.py compiles them)
-# ----------------------------------------------------------------------------------------------
-
-# (name, d_model, d_vocab): the GPT-2 preset and a Llama-3-8B-sized model.
-COMPILE_SHAPES = (("gpt2", 768, 50257), ("d4096", 4096, 128256))
-# Tokens per launch: the GPT-2 preset's step (16 x 1,024), an evaluation batch, and a step long
-# enough for one vocabulary slice per row block in the two-pass gradient (no atomics).
-TRAIN_TOKENS, EVAL_TOKENS, LONG_TOKENS = 16384, 1024, 32768
-
-
-def _compile_scenarios(shape: str, mode: str):
-    """(kind, layout, n_tokens, has_mask, has_bias, softcap) per launch to compile. What the trainer
-    launches in full (tests/test_compile.py records a training step and an evaluation batch and
-    checks that each of their launches is one of these): a step's one-sweep kernel and an
-    evaluation batch's forward, unmasked, for both W_U layouts, with and without a bias, capped
-    (Gemma-2) or not. The public op's other launches by example: a masked sweep and masked
-    evaluation batches, and the reduction="none" gradient at short, long (no atomics) and masked N."""
-    layouts = ("row", "col")
-    found = [(kind, layout, TRAIN_TOKENS, False, bias, capped) for kind in ("sweep", "forward")
-             for layout in layouts for bias in (True, False) for capped in (False, True)]
-    found += [("sweep", layout, TRAIN_TOKENS, True, True, False) for layout in layouts]
-    if shape == "gpt2":
-        found += [("forward", layout, EVAL_TOKENS, True, True, False) for layout in layouts]
-        found += [("grad", layout, n, mask, True, False)
-                  for layout in layouts for n, mask in ((TRAIN_TOKENS, False), (LONG_TOKENS, False), (EVAL_TOKENS, True))]
-    else:
-        found += [("grad", layout, TRAIN_TOKENS, False, True, False) for layout in layouts]
-    found.append(("grad", "row", TRAIN_TOKENS, False, True, True))
-    return found
-
-
-def compile_cases(arch: int = 90, shapes=COMPILE_SHAPES, sm_count: int = 132) -> dict[str, CompileCase]:
-    """{key: CompileCase} for the launches of this file's kernels on CUDA sm_<arch>, recorded from
-    the launchers themselves (recorded_launches) run on meta tensors with the layouts real calls
-    pass: h_orig and delta contiguous; W_U row-major after padded_unembedding ("row") or
-    column-major as TransformerLens 4 passes lm_head.weight.T ("col"); b_U fp32 (prepared_bias
-    makes every bias fp32) or none; an int8 mask or none; int64 labels (the trainer always passes
-    them). Block sizes come from kernel_config for the arch, the slice count from the launchers'
-    rule for ``sm_count`` SMs (132: H100 / H200), which decides USE_ATOMICS in the two-pass
-    gradient.
-
-    Keys: f"kl_{kind}-{shape}-{mode}-{layout}-N{n}" plus "-mask", "-nobias", "-softcap"; kind
-    "forward" / "sweep" / "grad" (kernel_config), shape a COMPILE_SHAPES name, mode "bf16" (bf16
-    inputs), "tf32" (fp32 inputs, TF32 tensor cores: the trainer's default) and "ieee" (fp32 FMA,
-    by request). bf16 and tf32 are hot: they must compile to tensor-core MMAs with pipelined loads
-    and no spills.
-    """
-    cases = {}
-    for name, d_model, d_vocab in shapes:
-        for mode in COMPILE_MODES:
-            with compile_mode(mode) as dtype:  # matmul_mode() reads the precision the trainer sets
-                for kind, layout, n_tokens, has_mask, has_bias, capped in _compile_scenarios(name, mode):
-                    key = f"kl_{kind}-{name}-{mode}-{layout}-N{n_tokens}" + ("-mask" if has_mask else "") + \
-                        ("" if has_bias else "-nobias") + ("-softcap" if capped else "")
-                    cases[key] = _recorded_case(kind, d_model, d_vocab, n_tokens, dtype, mode, layout, has_mask,
-                                                has_bias, 30.0 if capped else None, arch, sm_count)
-    return cases
-
-
-def _recorded_case(kind, d_model, d_vocab, n_tokens, dtype, mode, layout, has_mask, has_bias, softcap, arch,
-                   sm_count) -> CompileCase:
-    """The CompileCase of one launch, recorded from its launcher on meta tensors."""
-    meta_device = torch.device("meta")
-    padded = -(-d_vocab // 16) * 16
-    if layout == "row":  # padded_unembedding's buffer
-        W_U = torch.empty(d_model, padded, dtype=dtype, device=meta_device)[:, :d_vocab]
-        w_cols = padded
-    else:
-        W_U = torch.empty(d_vocab, d_model, dtype=dtype, device=meta_device).t()
-        w_cols = d_vocab
-    h = torch.empty(n_tokens, d_model, dtype=dtype, device=meta_device)
-    b_U = torch.empty(d_vocab, dtype=torch.float32, device=meta_device) if has_bias else None
-    mask = torch.empty(n_tokens, dtype=torch.int8, device=meta_device) if has_mask else None
-    per_token = torch.empty(n_tokens, dtype=torch.float32, device=meta_device)
-    with recorded_launches(arch, sm_count) as launches:
-        if kind == "grad":
-            linear_kl_grad(h, h, W_U, b_U, mask, per_token, per_token, per_token, softcap, w_cols=w_cols)
-        else:
-            labels = torch.empty(n_tokens, dtype=torch.int64, device=meta_device)
-            linear_kl_forward(h, h, W_U, b_U, mask, labels, softcap,
-                              token_weight=per_token if kind == "sweep" else None, w_cols=w_cols)
-    (record,) = launches
-    return CompileCase.from_launch(record, hot=mode != "ieee")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 A ReLU SAE's code is dense when training starts (about half its latents active) and sparse later
 (tens of latents of tens of thousands). Each row takes one of two paths, chosen on the device:
 
-Sparse rows (held entries <= C = kernels.relu_encoder.sparse_capacity(n)).
+Sparse rows (held entries <= C = kernels._sparse_code.sparse_capacity(n)).
 - Forward: `_encode_compact_kernel` is the encoder GEMM (the one unavoidable 2*N*d*n) whose
   epilogue writes each row's held entries straight into a capacity-bounded code: values (x's
   dtype), latent ids, for JumpReLU a band flag, and a per-row count, slots claimed with one relaxed
@@ -41,11 +41,11 @@ d code / d theta = -(theta / bandwidth) rect((pre - theta) / bandwidth); d l0 / 
 pre-activation stays NaN in the code (as torch.relu(NaN)); the derivative passes where
 not (pre <= threshold), as torch.relu's backward does.
 
-The reference (fastsae.ops.relu_autoencoder) is the spec; compile_cases() lists the launches.
+The reference (fastsae.ops.relu_autoencoder) is the spec; tests/compile_cases.py records the launches.
 
 This file is longer than the house's ~400 lines because it is one op with forward, backward and
 launchers together: the compacting encoder, the dense-row kernels (forward and recomputing
-backward), the sampled-dot backward and their configs and compile cases.
+backward), the sampled-dot backward and their configs.
 """
 
 from __future__ import annotations
@@ -56,16 +56,16 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsae.kernels._common import (COMPILE_MODES, CompileCase, gpu_arch, launch, matmul_mode, meta_parameter, mma,
-                                     record_runs, recorded_cases)
-from fastsae.kernels.relu_encoder import FWD_CONFIGS, GROUP_M, INTERPRETER_FWD_CONFIG, sparse_capacity
-from fastsae.kernels.sparse_decoder import sparse_decode_forward, sparse_decode_fwd_kernel
-from fastsae.kernels.topk_encoder import (COMPILE_SMS, GATHER_CONFIG, INT32_MAX, SEGMENT_NUM_STAGES,
-                                          accumulate_latent_segment, encoder_preactivation_tile, gather_latents_kernel,
-                                          marked_tokens, matmul_tile, segment_config, sort_entries_by_latent)
+from fastsae.kernels._common import gpu_arch, matmul_mode, mma
+from fastsae.kernels._sparse_code import (GATHER_CONFIG, INT32_MAX, SEGMENT_NUM_STAGES, gather_latents_kernel,
+                                          marked_tokens, segment_config, sort_entries_by_latent, sparse_capacity,
+                                          sparse_decode_forward)
+from fastsae.kernels._tiles import (ENCODER_TILE_CONFIGS, GROUP_M, INTERPRETER_ENCODER_TILE_CONFIG,
+                                    accumulate_latent_segment, dense_row_block, encoder_preactivation_tile,
+                                    grouped_tile, matmul_tile)
 
 # --------------------------------------------------------------------------------------------
-# Shared pieces of the kernels
+# The activation and its penalties
 
 
 @triton.jit
@@ -142,15 +142,7 @@ def _encode_compact_kernel(
     addresses) held about 6 registers per element and spilled 1.3 to 2.3 KB on sm_90.
     """
     # Grouped order (as the ReLU encoder): GROUP_M row blocks sweep the latent blocks together.
-    pid = tl.program_id(0)
-    n_row_blocks = tl.cdiv(n_tokens, BLOCK_M)
-    n_col_blocks = tl.cdiv(n_latents, BLOCK_N)
-    programs_per_group = GROUP_M * n_col_blocks
-    group = pid // programs_per_group
-    first_row_block = group * GROUP_M
-    group_size = tl.minimum(n_row_blocks - first_row_block, GROUP_M)
-    pid_m = first_row_block + (pid % programs_per_group) % group_size
-    pid_n = (pid % programs_per_group) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), n_tokens, n_latents, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -214,9 +206,7 @@ def _dense_code_chunk_kernel(
     pid_n = tl.program_id(1)
     n_rows = tl.load(n_rows_ptr)
     if pid_r * BLOCK_R < n_rows:
-        slots = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        slot_ok = slots < n_rows
-        row = tl.load(rows_ptr + slots, mask=slot_ok, other=0)
+        slots, slot_ok, row = dense_row_block(rows_ptr, n_rows, pid_r, BLOCK_R)
         local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = chunk_start + local
         col_ok = (local < chunk_width) & (cols < n_latents)
@@ -252,9 +242,8 @@ def _dense_rows_matmul_kernel(
     pid_d = tl.program_id(1)
     n_rows = tl.load(n_rows_ptr)
     if pid_r * BLOCK_R < n_rows:
-        slots = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        slot_ok = slots < n_rows
-        row = tl.load(rows_ptr + slots, mask=slot_ok, other=0).to(tl.int64)
+        slots, slot_ok, row = dense_row_block(rows_ptr, n_rows, pid_r, BLOCK_R)
+        row = row.to(tl.int64)
         cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         col_ok = cols < d
         tile_ok = slot_ok[:, None] & col_ok[None, :]
@@ -311,9 +300,7 @@ def _dense_grad_chunk_kernel(
     pid_n = tl.program_id(1)
     n_rows = tl.load(n_rows_ptr)
     if pid_r * BLOCK_R < n_rows:
-        slots = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        slot_ok = slots < n_rows
-        row = tl.load(rows_ptr + slots, mask=slot_ok, other=0)
+        slots, slot_ok, row = dense_row_block(rows_ptr, n_rows, pid_r, BLOCK_R)
         local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = chunk_start + local
         col_ok = (local < chunk_width) & (cols < n_latents)
@@ -442,9 +429,9 @@ def _sampled_dots_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Launch configuration (compile_cases() at the end; tests/test_compile.py)
+# Launch configuration (their compile facts: tests/compile_check.py)
 
-# The encoder with its compacting epilogue: the ReLU encoder's GEMM configs (kernels/relu_encoder.py).
+# The encoder with its compacting epilogue: the encoder GEMM tiles (kernels/_tiles.py: ENCODER_TILE_CONFIGS).
 # The dense-row code kernel: 64 rows x 128 latents x 64 columns on one warpgroup. The gradient
 # kernel holds two such accumulators (pre-activations and the code's gradient) and, for JumpReLU,
 # the threshold terms: on one warpgroup that spilled up to 280 B on sm_90 (255 registers), on two
@@ -486,12 +473,12 @@ def _configs(x: torch.Tensor, mode: str, jump: bool = False) -> tuple[tuple, dic
     """(encoder config, dense code tile, dense gradient tile, dense matmul) for x's device, the mode
     and the activation (JumpReLU: a narrower encoder tile)."""
     if gpu_arch(x.device) is None:
-        return (INTERPRETER_FWD_CONFIG, dict(INTERPRETER_DENSE_TILE_CONFIG), dict(INTERPRETER_DENSE_TILE_CONFIG),
-                dict(INTERPRETER_DENSE_MATMUL_CONFIG))
+        return (INTERPRETER_ENCODER_TILE_CONFIG, dict(INTERPRETER_DENSE_TILE_CONFIG),
+                dict(INTERPRETER_DENSE_TILE_CONFIG), dict(INTERPRETER_DENSE_MATMUL_CONFIG))
     if mode == "ieee":
         return (ENCODE_CONFIG_FMA, dict(DENSE_TILE_CONFIG_FMA), dict(DENSE_TILE_CONFIG_FMA),
                 dict(DENSE_MATMUL_CONFIG_FMA))
-    encode = (FWD_CONFIGS_JUMP if jump else FWD_CONFIGS)[x.dtype]
+    encode = (FWD_CONFIGS_JUMP if jump else ENCODER_TILE_CONFIGS)[x.dtype]
     return encode, dict(DENSE_TILE_CONFIG), dict(DENSE_GRAD_CONFIG), dict(DENSE_MATMUL_CONFIG)
 
 
@@ -526,11 +513,12 @@ def encode_compact(x, W_enc, b_enc, theta, bandwidth) -> tuple[CompactCode, torc
     mode = matmul_mode(x.dtype)
     (block_m, block_n, block_d, num_warps, num_stages), _, _, _ = _configs(x, mode, jump)
     grid = (triton.cdiv(n_tokens, block_m) * triton.cdiv(n_latents, block_n),)
-    launch(
-        _encode_compact_kernel, grid,
-        x, W_enc, b_enc, theta if jump else b_enc, values, indices, band if jump else count, count, fire_counts,
-        n_tokens, d_in, n_latents, capacity,
-        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), float(1.0 if bandwidth is None else bandwidth),
+    _encode_compact_kernel[grid](
+        x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, theta_ptr=theta, val_ptr=values, idx_ptr=indices, band_ptr=band,
+        count_ptr=count, fire_counts_ptr=fire_counts,  # theta, band: None for ReLU (JUMP reads them)
+        n_tokens=n_tokens, d_in=d_in, n_latents=n_latents, capacity=capacity,
+        stride_xm=x.stride(0), stride_xd=x.stride(1), stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1),
+        bandwidth=float(1.0 if bandwidth is None else bandwidth),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=GROUP_M, MATMUL_MODE=mode, JUMP=jump,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -577,17 +565,19 @@ def relu_autoencode_forward(x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p, 
         chunk_width = min(width, n_latents - chunk_start)
         cfg = dict(tile_cfg)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(chunk_width, cfg["BLOCK_N"]))
-        launch(
-            _dense_code_chunk_kernel, grid, x, W_enc, b_enc, theta if jump else b_enc, code.rows, code.n_rows, ws,
-            d, n_latents, chunk_start, chunk_width,
-            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), ws.stride(0),
-            MATMUL_MODE=mode, JUMP=jump, **cfg)
+        _dense_code_chunk_kernel[grid](
+            x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, theta_ptr=theta, rows_ptr=code.rows, n_rows_ptr=code.n_rows, ws_ptr=ws,
+            d_in=d, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
+            stride_xm=x.stride(0), stride_xd=x.stride(1), stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1),
+            stride_ws=ws.stride(0), MATMUL_MODE=mode, JUMP=jump, **cfg)
         cfg = dict(mm_cfg)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
-        launch(
-            _dense_rows_matmul_kernel, grid, ws, W_dec, b_dec, acc, recon, code.rows, code.n_rows, lp_dense, l0_dense,
-            d, n_latents, chunk_start, chunk_width,
-            ws.stride(0), W_dec.stride(0), W_dec.stride(1), acc.stride(0), recon.stride(0), float(p),
+        _dense_rows_matmul_kernel[grid](
+            ws_ptr=ws, m_ptr=W_dec, bias_ptr=b_dec, acc_ptr=acc, out_ptr=recon, rows_ptr=code.rows,
+            n_rows_ptr=code.n_rows, lp_ptr=lp_dense, l0_ptr=l0_dense,
+            d=d, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
+            stride_ws=ws.stride(0), stride_mk=W_dec.stride(0), stride_md=W_dec.stride(1), stride_acc=acc.stride(0),
+            stride_out=recon.stride(0), p=float(p),
             MATMUL_MODE=mode, FIRST=chunk_start == 0, LAST=chunk_start + width >= n_latents, HAS_BIAS=True,
             CODE_STATS=True, P_ONE=p == 1, **cfg)
     lp_sum = torch.where(code.dense, lp_dense, lp_sparse)
@@ -615,8 +605,9 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
     # Sparse rows: the code's gradient at the held entries.
     dots = torch.empty(n_tokens, capacity, dtype=torch.float32, device=device)
     cfg = dict(SAMPLED_DOTS_CONFIG)
-    launch(_sampled_dots_kernel, (triton.cdiv(n_tokens, cfg["BLOCK_T"]),),
-           g, W_dec, code.indices, code.slots, dots, n_tokens, d, capacity, g.stride(0), W_dec.stride(0), **cfg)
+    _sampled_dots_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_T"]),)](
+        g_ptr=g, w_ptr=W_dec, idx_ptr=code.indices, slots_ptr=code.slots, out_ptr=dots,
+        n_tokens=n_tokens, d=d, capacity=capacity, stride_g=g.stride(0), stride_w=W_dec.stride(0), **cfg)
     values32 = code.values.float()
     active = values32 > 0
     dlp = active.to(torch.float32) if p == 1 else torch.where(active, p * values32.clamp_min(1e-38).pow(p - 1), 0)
@@ -635,51 +626,56 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
         cfg = GATHER_CONFIG
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]))
         # HAS_DENSE_ROWS reads slots as the row counts; no slot count exceeds C, so its per-row
-        # dense fallback never runs (the dense rows come from the chunks below).
-        launch(gather_latents_kernel, grid, grad_pre, code.indices, W_enc, grad_x, code.slots, grad_pre, grad_pre,
-               n_tokens, d, capacity, n_latents, W_enc.stride(0), W_enc.stride(1),
-               n_latents, 1, HAS_DENSE_ROWS=True, MATMUL_MODE=mode, **cfg)
+        # dense fallback never runs (the dense rows come from the chunks below) and its dense
+        # gradient and code are stand-ins that are never read.
+        gather_latents_kernel[grid](
+            grad_ptr=grad_pre, idx_ptr=code.indices, w_ptr=W_enc, out_ptr=grad_x, count_ptr=code.slots,
+            dense_grad_ptr=grad_pre, acts_ptr=grad_pre,
+            n_tokens=n_tokens, d_in=d, k=capacity, n_latents=n_latents,
+            stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1), stride_gm=n_latents, stride_gn=1,
+            HAS_DENSE_ROWS=True, MATMUL_MODE=mode, **cfg)
     need_enc_params = need_w_enc or need_b_enc or need_theta
     if need_enc_params or need_w_dec:
         entries = sort_entries_by_latent(code.indices, n_latents, seg_cfg["BLOCK_L"])
         grad_w_enc = torch.empty_like(W_enc, memory_format=torch.preserve_format)
         grad_b_enc = torch.empty(n_latents, dtype=W_enc.dtype, device=device)
-        grad_theta = torch.empty(n_latents, dtype=theta.dtype, device=device) if jump else grad_b_enc
+        grad_theta = torch.empty(n_latents, dtype=theta.dtype, device=device) if jump else None
         grad_w_dec = torch.empty(n_latents, d, dtype=W_dec.dtype, device=device)
         tokens_x = marked_tokens(entries.tokens, x)
         tokens_g = marked_tokens(entries.tokens, g)
         sorted_gpre = grad_pre.reshape(-1)[entries.order]
         sorted_values = code.values.reshape(-1)[entries.order]
-        sorted_theta = theta_terms.reshape(-1)[entries.order] if jump else sorted_gpre
+        sorted_theta = theta_terms.reshape(-1)[entries.order] if jump else None
 
     width = dense_chunk_width(n_tokens, n_latents, workspace_elements)
     gpre_ws = torch.empty(n_tokens, width, dtype=x.dtype, device=device)
     code_ws = torch.empty(n_tokens, width, dtype=x.dtype, device=device)
-    theta_ws = torch.empty(n_tokens, width, dtype=torch.float32, device=device) if jump else gpre_ws
+    theta_ws = torch.empty(n_tokens, width, dtype=torch.float32, device=device) if jump else None
     several = n_latents > width
     gx_acc = torch.empty(n_tokens if several and need_x else 1, d, dtype=torch.float32, device=device)
-    grad_l0_arg = grad_l0_32 if jump else grad_lp
     for chunk_start in range(0, n_latents, width):
         chunk_width = min(width, n_latents - chunk_start)
         cfg = dict(tile_cfg)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(chunk_width, cfg["BLOCK_N"]))
-        launch(
-            _dense_grad_chunk_kernel, grid,
-            x, W_enc, b_enc, theta if jump else b_enc, W_dec, g, grad_lp, grad_l0_arg, code.rows, code.n_rows,
-            gpre_ws, code_ws, theta_ws,
-            d, n_latents, chunk_start, chunk_width,
-            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), W_dec.stride(0), g.stride(0),
-            gpre_ws.stride(0), float(p), float(1.0 if bandwidth is None else bandwidth),
+        _dense_grad_chunk_kernel[grid](  # theta, grad_l0, theta_ws: None for ReLU (JUMP reads them)
+            x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, theta_ptr=theta, wdec_ptr=W_dec, g_ptr=g, grad_lp_ptr=grad_lp,
+            grad_l0_ptr=grad_l0_32, rows_ptr=code.rows, n_rows_ptr=code.n_rows,
+            gpre_ws_ptr=gpre_ws, code_ws_ptr=code_ws, theta_ws_ptr=theta_ws,
+            d_in=d, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
+            stride_xm=x.stride(0), stride_xd=x.stride(1), stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1),
+            stride_wdec=W_dec.stride(0), stride_g=g.stride(0), stride_ws=gpre_ws.stride(0),
+            p=float(p), bandwidth=float(1.0 if bandwidth is None else bandwidth),
             MATMUL_MODE=mode, JUMP=jump, P_ONE=p == 1, **cfg)
         if need_x:
             cfg = dict(mm_cfg)
             grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
             # M = W_enc^T: latent k, column c at W_enc[c, k].
-            launch(
-                _dense_rows_matmul_kernel, grid,
-                gpre_ws, W_enc, b_enc, gx_acc, grad_x, code.rows, code.n_rows, grad_lp, grad_lp,
-                d, n_latents, chunk_start, chunk_width,
-                gpre_ws.stride(0), W_enc.stride(1), W_enc.stride(0), gx_acc.stride(0), grad_x.stride(0), float(p),
+            _dense_rows_matmul_kernel[grid](  # no bias, no code statistics: those pointers are None
+                ws_ptr=gpre_ws, m_ptr=W_enc, bias_ptr=None, acc_ptr=gx_acc, out_ptr=grad_x, rows_ptr=code.rows,
+                n_rows_ptr=code.n_rows, lp_ptr=None, l0_ptr=None,
+                d=d, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
+                stride_ws=gpre_ws.stride(0), stride_mk=W_enc.stride(1), stride_md=W_enc.stride(0),
+                stride_acc=gx_acc.stride(0), stride_out=grad_x.stride(0), p=float(p),
                 MATMUL_MODE=mode, FIRST=chunk_start == 0, LAST=chunk_start + width >= n_latents, HAS_BIAS=False,
                 CODE_STATS=False, P_ONE=True, **cfg)
         if need_enc_params or need_w_dec:
@@ -687,24 +683,26 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
             grid = (triton.cdiv(chunk_width, cfg["BLOCK_L"]), triton.cdiv(d, cfg["BLOCK_D"]))
             first_block = chunk_start // cfg["BLOCK_L"]
             # Encoder: B = x, weights = the pre-activations' gradient; bias and threshold too.
-            launch(
-                _latent_chunk_grad_kernel, grid,
-                x, tokens_x, entries.latents, sorted_gpre, entries.block_start, grad_w_enc, grad_b_enc,
-                sorted_theta, grad_theta, code.rows, code.n_rows, gpre_ws, theta_ws,
-                d, n_latents, first_block, chunk_start,
-                x.stride(0), x.stride(1), grad_w_enc.stride(0), grad_w_enc.stride(1), gpre_ws.stride(0),
+            _latent_chunk_grad_kernel[grid](  # the threshold's pointers: None for ReLU (WRITE_THETA)
+                rows_ptr_b=x, tok_ptr=tokens_x, lat_ptr=entries.latents, weight_ptr=sorted_gpre,
+                block_start_ptr=entries.block_start, grad_w_ptr=grad_w_enc, grad_b_ptr=grad_b_enc,
+                theta_weight_ptr=sorted_theta, grad_theta_ptr=grad_theta, dense_rows_ptr=code.rows,
+                n_dense_rows_ptr=code.n_rows, ws_ptr=gpre_ws, theta_ws_ptr=theta_ws,
+                d=d, n_latents=n_latents, first_block=first_block, chunk_start=chunk_start,
+                stride_bm=x.stride(0), stride_bd=x.stride(1), stride_gwd=grad_w_enc.stride(0),
+                stride_gwn=grad_w_enc.stride(1), stride_ws=gpre_ws.stride(0),
                 MATMUL_MODE=mode, WRITE_BIAS=True, WRITE_THETA=jump, num_stages=SEGMENT_NUM_STAGES, **cfg)
             # Decoder: B = grad_out, weights = the code.
-            launch(
-                _latent_chunk_grad_kernel, grid,
-                g, tokens_g, entries.latents, sorted_values, entries.block_start, grad_w_dec, grad_w_dec,
-                sorted_values, grad_w_dec, code.rows, code.n_rows, code_ws, code_ws,
-                d, n_latents, first_block, chunk_start,
-                g.stride(0), g.stride(1), grad_w_dec.stride(1), grad_w_dec.stride(0), code_ws.stride(0),
+            _latent_chunk_grad_kernel[grid](  # no bias, no threshold: those pointers are None
+                rows_ptr_b=g, tok_ptr=tokens_g, lat_ptr=entries.latents, weight_ptr=sorted_values,
+                block_start_ptr=entries.block_start, grad_w_ptr=grad_w_dec, grad_b_ptr=None,
+                theta_weight_ptr=None, grad_theta_ptr=None, dense_rows_ptr=code.rows,
+                n_dense_rows_ptr=code.n_rows, ws_ptr=code_ws, theta_ws_ptr=None,
+                d=d, n_latents=n_latents, first_block=first_block, chunk_start=chunk_start,
+                stride_bm=g.stride(0), stride_bd=g.stride(1), stride_gwd=grad_w_dec.stride(1),
+                stride_gwn=grad_w_dec.stride(0), stride_ws=code_ws.stride(0),
                 MATMUL_MODE=mode, WRITE_BIAS=False, WRITE_THETA=False, num_stages=SEGMENT_NUM_STAGES, **cfg)
     grad_b_dec = g.float().sum(0).to(W_dec.dtype) if need_b_dec else None
-    if not jump:
-        grad_theta = None
     return (grad_x, grad_w_enc if need_w_enc else None, grad_b_enc if need_b_enc else None,
             grad_w_dec if need_w_dec else None, grad_b_dec, grad_theta if need_theta else None)
 
@@ -740,68 +738,3 @@ def relu_autoencode_triton(x2d, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth
     each dense-row workspace ([N, W] elements at most, see dense_chunk_width). Returns
     (reconstruction, lp_sum, l0, fire_counts) as fastsae.ops.relu_autoencode documents them."""
     return ReLUAutoencodeTriton.apply(x2d, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, p, workspace_elements)
-
-
-# --------------------------------------------------------------------------------------------
-# Compile cases
-
-# The GPT-2 preset (16,384 tokens, d 768, 46,080 latents) and d = 4,096 with 131,072 latents.
-COMPILE_SHAPES = {
-    "gpt2": dict(n_tokens=16384, d_in=768, n_latents=46080),
-    "d4096": dict(n_tokens=16384, d_in=4096, n_latents=131072),
-}
-COMPILE_WORKSPACE_ELEMENTS = 1 << 26  # fastsae.ops.relu_autoencoder's default budget
-
-
-def compile_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, CompileCase]:
-    """Every kernel the ReLU autoencoder launches, as relu_autoencode_triton launches them on
-    sm_<arch>, recorded (kernels._common.recorded_launches) from its forward and backward on meta
-    tensors with the layouts fastsae.ops.relu_autoencode makes (x contiguous, W_enc latent-major,
-    W_dec row-major): ReLU, JumpReLU with a trained threshold and with a fixed one (BatchTopK's
-    inference), p = 1 and p = 0.5, every chunk of the dense rows. Modes as
-    kernels._common.COMPILE_MODES. Returns {name: CompileCase}, one per specialisation; the kernels
-    with a tensor-core dot are hot in the tensor-core modes. The configs do not depend on the arch.
-    """
-    def run(shape, activation, p):
-        def step(dtype):
-            n_tokens, d, n = shape["n_tokens"], shape["d_in"], shape["n_latents"]
-            x = meta_parameter(n_tokens, d, dtype=dtype)
-            W_enc = meta_parameter(d, n, dtype=dtype, transposed=True)
-            theta = bandwidth = None
-            if activation != "relu":
-                theta = torch.empty(n, dtype=dtype, device="meta", requires_grad=activation == "jumprelu")
-                bandwidth = 0.001 if activation == "jumprelu" else 0.0
-            recon, lp_sum, l0, _ = relu_autoencode_triton(
-                x, W_enc, meta_parameter(n, dtype=dtype), meta_parameter(n, d, dtype=dtype),
-                meta_parameter(d, dtype=dtype), theta, bandwidth, p, COMPILE_WORKSPACE_ELEMENTS)
-            loss = recon.sum() + lp_sum.sum() + (l0.sum() if activation == "jumprelu" else 0)
-            loss.backward()
-        return step
-
-    runs = [(dict(shape=name, mode=mode), mode, run(shape, activation, p))
-            for name, shape in (shapes or COMPILE_SHAPES).items() for mode in COMPILE_MODES
-            for activation in ("relu", "jumprelu", "fixed_threshold") for p in (1.0, 0.5)]
-
-    def label(tags, record):
-        kernel, meta = record.kernel, record.meta
-        act = "jumprelu" if meta.get("JUMP") else "relu"
-        p = "p1" if meta.get("P_ONE") else "px"
-        if kernel is _dense_rows_matmul_kernel:
-            where = {(True, True): "only", (True, False): "first", (False, False): "mid", (False, True): "last"}
-            position = where[meta["FIRST"], meta["LAST"]]
-            variant = f"decode_{position}-{p}" if meta["HAS_BIAS"] else f"grad_x_{position}"
-        elif kernel is _latent_chunk_grad_kernel:
-            variant = ("enc_jump" if meta["WRITE_THETA"] else "enc") if meta["WRITE_BIAS"] else "dec"
-        else:
-            variant = {_encode_compact_kernel: act, _dense_code_chunk_kernel: act,
-                       _dense_grad_chunk_kernel: f"{act}-{p}"}.get(kernel)
-        name = {_encode_compact_kernel: "ae_encode", _dense_code_chunk_kernel: "ae_dense_code",
-                _dense_grad_chunk_kernel: "ae_dense_grad", _dense_rows_matmul_kernel: "ae_dense_matmul",
-                _latent_chunk_grad_kernel: "ae_latent_grad", _sampled_dots_kernel: "ae_sampled_dots",
-                gather_latents_kernel: "ae_gather", sparse_decode_fwd_kernel: "ae_decode"}[kernel]
-        return "-".join(part for part in (name, variant, tags["shape"], tags["mode"]) if part)
-
-    with_dot = (_encode_compact_kernel, _dense_code_chunk_kernel, _dense_grad_chunk_kernel, _dense_rows_matmul_kernel,
-                _latent_chunk_grad_kernel)
-    return recorded_cases(record_runs(runs, arch, COMPILE_SMS), label,
-                          lambda record: record.kernel in with_dot and record.meta["MATMUL_MODE"] != "ieee")

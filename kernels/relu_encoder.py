@@ -3,14 +3,14 @@
 Forward (`_relu_encode_fwd_kernel`): a tiled GEMM, fp32 accumulation, grouped program order so
 that programs running together share x rows and W_enc columns in L2; the epilogue adds the bias,
 applies the ReLU and stores [N, n_latents] in x's dtype. The GEMM + bias tile is the TopK
-encoder's (kernels/topk_encoder.py: encoder_preactivation_tile).
+encoder's (kernels/_tiles.py: encoder_preactivation_tile).
 
 Backward, two paths (``sparse_backward``):
 - sparse (the default): uses the code's runtime sparsity with no [N, n] temporary and no host
   sync. `compact_active_kernel` reads acts and grad_acts once and writes each row's active
   entries (acts > 0) into a capacity-bounded code (values [N, C], indices [N, C], C =
   sparse_capacity(n_latents)) plus each row's count, on the device. The TopK encoder's sparse
-  kernels (fastsae.kernels.topk_encoder.sparse_encoder_backward) then produce all three gradients
+  kernels (kernels/_sparse_code.py: sparse_encoder_backward) then produce all three gradients
   from it, with work proportional to the active entries; a row with more than C active latents
   (a dense code early in training) is recognised by its count inside those kernels and computed
   from grad_acts and acts directly, by tensor-core tiles (DenseRows). No decision is read back
@@ -29,24 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsae.kernels._common import (COMPILE_MODES, CompileCase, gpu_arch, launch, matmul_mode, meta_parameter,
-                                     record_runs, recorded_cases)
-from fastsae.kernels.topk_encoder import (COMPILE_SHAPES, COMPILE_SMS, DenseRows, latent_segment_grad_kernel,
-                                          encoder_preactivation_tile, gather_latents_kernel, sparse_encoder_backward)
-
-# Slots per row of the sparse backward's compact code: C = clamp(n / 256, 64, n), a multiple of
-# 16. e2e ReLU SAEs run at L0 / n ~ 1/1000 (the paper: L0 27 to 69 of 46,080 latents), so C = 192
-# at n = 46,080 leaves rows 3x the typical L0 on the compact path; wider rows take the dense
-# per-row path. The compact code costs 6 bytes per slot (16-bit value + int32 index): 18 MiB
-# at 16,384 tokens, against 1.4 GiB for one [N, n] bf16 tensor.
-SPARSE_CAPACITY_FRACTION = 1 / 256
-SPARSE_MIN_CAPACITY = 64
-
-
-def sparse_capacity(n_latents: int) -> int:
-    """C, the slots per row of the sparse backward's compact code (see above)."""
-    capacity = max(SPARSE_MIN_CAPACITY, triton.cdiv(int(n_latents * SPARSE_CAPACITY_FRACTION), 16) * 16)
-    return max(1, min(n_latents, capacity))
+from fastsae.kernels._common import gpu_arch, matmul_mode
+from fastsae.kernels._sparse_code import compact_active, sparse_capacity, sparse_encoder_backward
+from fastsae.kernels._tiles import (ENCODER_TILE_CONFIGS, GROUP_M, INTERPRETER_ENCODER_TILE_CONFIG,
+                                    encoder_preactivation_tile, grouped_tile)
 
 
 @triton.jit
@@ -59,15 +45,7 @@ def _relu_encode_fwd_kernel(
 ):
     # Grouped order: GROUP_M row blocks sweep the latent blocks together, so a W_enc tile is read
     # from DRAM once per group rather than once per row block.
-    pid = tl.program_id(0)
-    n_row_blocks = tl.cdiv(n_tokens, BLOCK_M)
-    n_col_blocks = tl.cdiv(n_latents, BLOCK_N)
-    programs_per_group = GROUP_M * n_col_blocks
-    group = pid // programs_per_group
-    first_row_block = group * GROUP_M
-    group_size = tl.minimum(n_row_blocks - first_row_block, GROUP_M)
-    pid_m = first_row_block + (pid % programs_per_group) % group_size
-    pid_n = (pid % programs_per_group) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), n_tokens, n_latents, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -82,33 +60,21 @@ def _relu_encode_fwd_kernel(
     tl.store(out, acts.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) per input dtype; their compile facts come from
-# compile_cases() below (tests/test_compile.py). fp32 tiles are twice the bytes: half the BLOCK_D.
-# 128 x 128 on 8 warps gives the wgmma accumulator warpsPerCTA [8, 1] on sm_90.
-FWD_CONFIGS = {
-    torch.float16: (128, 128, 64, 8, 3),
-    torch.bfloat16: (128, 128, 64, 8, 3),
-    torch.float32: (128, 128, 32, 8, 3),
-}
-GROUP_M = 8
-# The interpreter (CPU tests) pays per program and per tile op, not per element: small tiles.
-INTERPRETER_FWD_CONFIG = (16, 32, 32, 4, 1)
-
 
 def relu_encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
     n_tokens, d_in = x.shape
     b_enc = b_enc.contiguous()  # the kernel reads the bias at unit stride
     n_latents = W_enc.shape[1]
-    cfg = FWD_CONFIGS[x.dtype] if gpu_arch(x.device) is not None else INTERPRETER_FWD_CONFIG
+    cfg = ENCODER_TILE_CONFIGS[x.dtype] if gpu_arch(x.device) is not None else INTERPRETER_ENCODER_TILE_CONFIG
     block_m, block_n, block_d, num_warps, num_stages = cfg
     acts = torch.empty(n_tokens, n_latents, dtype=x.dtype, device=x.device)
     if acts.numel() == 0:  # an empty batch: nothing to launch
         return acts
     grid = (triton.cdiv(n_tokens, block_m) * triton.cdiv(n_latents, block_n),)
-    launch(
-        _relu_encode_fwd_kernel, grid, x, W_enc, b_enc, acts,
-        n_tokens, d_in, n_latents,
-        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), acts.stride(0), acts.stride(1),
+    _relu_encode_fwd_kernel[grid](
+        x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, out_ptr=acts, n_tokens=n_tokens, d_in=d_in, n_latents=n_latents,
+        stride_xm=x.stride(0), stride_xd=x.stride(1), stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1),
+        stride_om=acts.stride(0), stride_on=acts.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=GROUP_M,
         MATMUL_MODE=matmul_mode(x.dtype), num_warps=num_warps, num_stages=num_stages,
     )
@@ -136,7 +102,7 @@ def _relu_grad_kernel(grad_ptr, acts_ptr, out_ptr, n_tokens, n_latents, stride_g
 
 
 # [BLOCK_M, BLOCK_N] of the masking kernel: 4,096 elements, 32 per thread on 4 warps, each row
-# 256 contiguous elements (compile_cases() below, tests/test_compile.py).
+# 256 contiguous elements (tests/compile_check.py).
 RELU_GRAD_CONFIG = dict(BLOCK_M=16, BLOCK_N=256, num_warps=4)
 
 
@@ -157,75 +123,10 @@ def relu_grad(grad_acts: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
         return out
     cfg = dict(RELU_GRAD_CONFIG)
     grid = (triton.cdiv(acts.shape[0], cfg["BLOCK_M"]), triton.cdiv(acts.shape[1], cfg["BLOCK_N"]))
-    launch(_relu_grad_kernel, grid, grad_acts, acts, out, acts.shape[0], acts.shape[1],
+    _relu_grad_kernel[grid](grad_acts, acts, out, acts.shape[0], acts.shape[1],
            grad_acts.stride(0), grad_acts.stride(1), **cfg)
     return out
 
-
-@triton.jit
-def compact_active_kernel(
-    grad_ptr, acts_ptr, val_ptr, idx_ptr, count_ptr,
-    n_tokens, n_latents, capacity, stride_gm, stride_gn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NONZERO: tl.constexpr,
-):
-    """Each row's active entries (acts > 0, or acts != 0 with NONZERO), in latent order, into
-    capacity-bounded slots.
-
-    val[t, :C] = grad[t, l] and idx[t, :C] = l for the first C active latents l of row t;
-    count[t] = all of the row's active latents (> C: the row did not fit and is handled densely).
-    Slots past the count keep what the launcher put there (value 0 and a padding index). acts is
-    [N, n] contiguous; grad any strides, read only where active.
-    """
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_tokens
-    rows64 = rows.to(tl.int64)
-    count = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for n_start in range(0, n_latents, BLOCK_N):
-        cols = n_start + tl.arange(0, BLOCK_N)
-        in_range = row_ok[:, None] & (cols < n_latents)[None, :]
-        acts = tl.load(acts_ptr + rows64[:, None] * n_latents + cols[None, :], mask=in_range, other=0.0)
-        active = in_range & ((acts != 0) if NONZERO else (acts > 0))
-        # Slot of each active entry: the row's count so far plus its rank within this chunk.
-        slot = count[:, None] + tl.cumsum(active.to(tl.int32), axis=1) - 1
-        keep = active & (slot < capacity)
-        grad = tl.load(grad_ptr + rows64[:, None] * stride_gm + cols.to(tl.int64)[None, :] * stride_gn,
-                       mask=keep, other=0.0)
-        out = rows64[:, None] * capacity + slot
-        tl.store(val_ptr + out, grad.to(val_ptr.dtype.element_ty), mask=keep)
-        tl.store(idx_ptr + out, cols[None, :] + tl.zeros([BLOCK_M, BLOCK_N], tl.int32), mask=keep)
-        count += tl.sum(active.to(tl.int32), axis=1)
-    tl.store(count_ptr + rows, count, mask=row_ok)
-
-
-# [BLOCK_M, BLOCK_N] of the compaction: each warp reads 2 rows of 256 contiguous elements a step.
-COMPACT_CONFIG = dict(BLOCK_M=8, BLOCK_N=256, num_warps=4)
-
-
-def compact_active(grad_acts: torch.Tensor, acts: torch.Tensor, capacity: int, *,
-                   nonzero: bool = False) -> tuple[torch.Tensor, torch.Tensor, DenseRows]:
-    """A capacity-bounded code: (values [N, C] in acts' dtype, indices [N, C] int32, DenseRows).
-
-    values / indices hold each row's active entries of grad_acts (where acts > 0, or acts != 0
-    with ``nonzero``), in its first count slots, padded with value 0 at latent INT32_MAX (past
-    every latent block of the segmented reductions); rows with more than C active latents are
-    named by the DenseRows (count, the dense rows first, their number), all on the device.
-    """
-    acts = acts.contiguous()  # the forward's output: already contiguous, no copy
-    n_tokens, n_latents = acts.shape
-    values = torch.zeros(n_tokens, capacity, dtype=acts.dtype, device=acts.device)
-    indices = torch.full((n_tokens, capacity), torch.iinfo(torch.int32).max, dtype=torch.int32, device=acts.device)
-    count = torch.empty(n_tokens, dtype=torch.int32, device=acts.device)
-    cfg = dict(COMPACT_CONFIG)
-    if n_tokens:
-        launch(
-            compact_active_kernel, (triton.cdiv(n_tokens, cfg["BLOCK_M"]),),
-            grad_acts, acts, values, indices, count, n_tokens, n_latents, capacity,
-            grad_acts.stride(0), grad_acts.stride(1), NONZERO=nonzero, **cfg)
-    dense = count > capacity
-    # Dense rows first (a stable sort of the 0/1 flags, on the device), and their number.
-    rows = torch.sort(dense.to(torch.uint8), descending=True, stable=True).indices.to(torch.int32)
-    n_rows = dense.sum(dtype=torch.int32).reshape(1)
-    return values, indices, DenseRows(count, rows, n_rows, grad_acts, acts)
 
 
 class ReLUEncodeTriton(torch.autograd.Function):
@@ -266,40 +167,3 @@ def relu_encode_triton(x2d: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tens
     inside the kernels, no host sync); False the dense one (cuBLAS GEMMs on an [N, n] gradient).
     """
     return ReLUEncodeTriton.apply(x2d, W_enc, b_enc, sparse_backward is not False)
-
-
-def compile_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, CompileCase]:
-    """Every kernel of the ReLU encoder as its launchers launch it on sm_<arch>, recorded
-    (kernels._common.recorded_launches) from relu_encode_triton's forward and both backwards
-    (sparse, and dense with sparse_backward=False) on meta tensors.
-
-    shapes: {name: dict(n_tokens=, d_in=, n_latents=)}, kernels.topk_encoder.COMPILE_SHAPES by
-    default; modes as kernels._common.COMPILE_MODES; x contiguous, W_enc latent-major (E2ESAE's
-    layout; fastsae.ops.relu_encode makes it for any other); the code's gradient dense, or
-    expanded with stride 0 as autograd hands it for acts.sum() ("-expanded_grad"). Returns {f"relu_{kernel}-{shape}-{mode}":
-    CompileCase}, one per specialisation (kernels without a dot compile once per dtype: their
-    "ieee" launch is the "tf32" one). The encoder GEMM and the segmented reduction are hot in the
-    tensor-core modes. The configs do not depend on the arch here.
-    """
-    def run(shape, sparse_backward, expanded_grad):
-        def step(dtype):
-            x = meta_parameter(shape["n_tokens"], shape["d_in"], dtype=dtype)
-            W_enc = meta_parameter(shape["d_in"], shape["n_latents"], dtype=dtype, transposed=True)
-            acts = relu_encode_triton(x, W_enc, meta_parameter(shape["n_latents"], dtype=dtype),
-                                      sparse_backward=sparse_backward)
-            # acts.sum() hands backward an expanded stride-0 gradient: the kernels read any strides
-            (acts.sum() if expanded_grad else acts).backward(None if expanded_grad else torch.empty_like(acts))
-        return step
-
-    runs = [(dict(shape=name, mode=mode, grad="-expanded_grad" if expanded else ""), mode, run(shape, sparse, expanded))
-            for name, shape in (shapes or COMPILE_SHAPES).items() for mode in COMPILE_MODES
-            for sparse in (True, False) for expanded in (False, True)]
-    short = {_relu_encode_fwd_kernel: "relu_fwd", _relu_grad_kernel: "relu_grad", compact_active_kernel: "relu_compact",
-             gather_latents_kernel: "relu_gather", latent_segment_grad_kernel: "relu_segment"}
-    def label(tags, record):  # every backward kernel reads the code's gradient (the dense rows')
-        grad = tags["grad"] if record.kernel is not _relu_encode_fwd_kernel else ""
-        return f"{short[record.kernel]}-{tags['shape']}-{tags['mode']}{grad}"
-
-    hot_kernels = (_relu_encode_fwd_kernel, latent_segment_grad_kernel)
-    return recorded_cases(record_runs(runs, arch, COMPILE_SMS), label,
-                          lambda record: record.kernel in hot_kernels and record.meta["MATMUL_MODE"] != "ieee")

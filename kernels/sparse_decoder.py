@@ -1,8 +1,8 @@
 """Sparse decoder: x_hat = sum_j values[:, j] * W_dec[indices[:, j]] + b_dec, fused in Triton.
 
-Forward (`sparse_decode_fwd_kernel`): a gather. Each program owns a tile of BLOCK_T tokens x
-BLOCK_D output columns and walks the k slots of its tokens, adding value * W_dec[latent, cols] into
-an fp32 tile; bias added once, one store. Traffic: N*k*d gathered W elements + N*d written.
+Forward (`sparse_decode_fwd_kernel`, in kernels/_sparse_code.py since the ReLU autoencoder
+decodes with it too): a gather. Each program owns a tile of BLOCK_T tokens x BLOCK_D output
+columns and walks the k slots of its tokens, adding value * W_dec[latent, cols] into an fp32 tile; bias added once, one store. Traffic: N*k*d gathered W elements + N*d written.
 
 Backward (`_sparse_decode_bwd_kernel`): both sparse products in one pass over the code sorted by
 latent, never an N x k x d tensor:
@@ -36,7 +36,7 @@ dense_decode_triton: the ReLU SAE's decoder from a dense code acts [N, n]. The c
 on the device into C slots per row (the ReLU encoder's compaction kernel) and goes through the
 kernels above; rows with more than C nonzeros are decoded by tensor-core tiles over all latents
 (`_dense_rows_decode_kernel`; their weight gradient in the TopK encoder's segmented reduction,
-kernels/topk_encoder.latent_segment_grad). No host sync: nothing about the code
+kernels/_sparse_code.py: latent_segment_grad). No host sync: nothing about the code
 is read back to choose a path. See DenseDecodeSparseFunction for the gradient with respect to
 acts, which must stay dense.
 
@@ -52,14 +52,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsae.kernels._common import (COMPILE_MODES, CompileCase, launch, matmul_mode, meta_parameter, mma,
-                                     record_runs, recorded_cases)
-from fastsae.kernels.relu_encoder import compact_active_kernel, compact_active, sparse_capacity
-from fastsae.kernels.topk_encoder import (COMPILE_SMS, DenseRows, latent_segment_grad_kernel, latent_segment_grad,
-                                          segment_config, sort_entries_by_latent)
+from fastsae.kernels._common import matmul_mode, mma
+from fastsae.kernels._sparse_code import (NUM_WARPS, DenseRows, block_d_for, compact_active, latent_segment_grad,
+                                          row_major, segment_config, sort_entries_by_latent, sparse_capacity,
+                                          sparse_decode_forward)
+from fastsae.kernels._tiles import dense_row_block
 
 # ---------------------------------------------------------------------------------------------
-# Launch configuration (compile_cases() at the end; tests/test_compile.py).
+# Launch configuration (their compile facts: tests/compile_check.py).
 
 # Chosen from the sm_90 compile reports (not yet timed on a GPU): a [4 tokens x 256 columns] tile
 # on 4 warps gives each warp one token row and each thread 8 contiguous elements (16-byte loads in
@@ -68,18 +68,8 @@ from fastsae.kernels.topk_encoder import (COMPILE_SMS, DenseRows, latent_segment
 # backward steps over [8 pairs x 256 columns] for 4 unrolled latents: 80-88 registers; 16-pair
 # steps cost more registers and, with most segments holding 1-2 pairs at n ~ N*k, would mostly
 # be masked lanes.
-FWD_BLOCK_T = 4  # tokens per forward program
-FWD_K_UNROLL = 4  # slots gathered per loop step: independent loads in flight hide gather latency
 BWD_BLOCK_P = 8  # (token, slot) pairs per step of a latent's segment
 BWD_LATENTS_PER_PROGRAM = 4  # amortises program launch over the many empty latents of a wide dictionary
-MAX_BLOCK_D = 256
-NUM_WARPS = 4
-
-
-def block_d_for(d: int) -> int:
-    """Columns per program: the whole row up to 256, else 256-wide column blocks."""
-    return min(MAX_BLOCK_D, triton.next_power_of_2(d))
-
 
 def bwd_block_d_for(d: int, dtype: torch.dtype) -> int:
     """The backward's columns per program: block_d_for(d), at most 128 for fp32 (the
@@ -90,40 +80,6 @@ def bwd_block_d_for(d: int, dtype: torch.dtype) -> int:
 # ---------------------------------------------------------------------------------------------
 # Kernels
 
-
-@triton.jit
-def sparse_decode_fwd_kernel(
-    values_ptr, indices_ptr, W_ptr, b_ptr, out_ptr,
-    n_tokens, k, d, stride_w, stride_out,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, K_UNROLL: tl.constexpr,
-):
-    """out[t, cols] = b[cols] + sum_j values[t, j] * W[indices[t, j], cols]; values/indices [N, k] contiguous."""
-    pid_t = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    token_ok = tokens < n_tokens
-    col_ok = cols < d
-    code_offsets = tokens.to(tl.int64) * k  # start of each token's k slots
-
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for j0 in range(0, k, K_UNROLL):
-        for u in tl.static_range(K_UNROLL):
-            slot = j0 + u + tl.zeros([BLOCK_T], dtype=tl.int32)  # a tensor, so the mask stays int1
-            slot_ok = token_ok & (slot < k)
-            value = tl.load(values_ptr + code_offsets + slot, mask=slot_ok, other=0.0).to(tl.float32)
-            latent = tl.load(indices_ptr + code_offsets + slot, mask=slot_ok, other=0).to(tl.int64)
-            # A zero value contributes nothing: skip its row (saves the gather for the zero padding
-            # of a compacted ReLU code, and for TopK codes whose k-th values are zero).
-            row_ok = slot_ok & (value != 0.0)
-            rows = tl.load(W_ptr + latent[:, None] * stride_w + cols[None, :],
-                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            acc += value[:, None] * rows.to(tl.float32)
-
-    bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    acc += bias[None, :]
-    out_ptrs = out_ptr + tokens.to(tl.int64)[:, None] * stride_out + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=token_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -187,28 +143,6 @@ def _sparse_decode_bwd_kernel(
 # Launchers
 
 
-def _row_major(t: torch.Tensor) -> torch.Tensor:
-    """The kernels index rows by stride and columns by 1."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def sparse_decode_forward(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
-                          b_dec: torch.Tensor) -> torch.Tensor:
-    """x_hat [N, d] in W_dec's dtype. values/indices [N, k] (made contiguous here)."""
-    values, indices = values.contiguous(), indices.contiguous()
-    W_dec, b_dec = _row_major(W_dec), b_dec.contiguous()
-    n_tokens, k = values.shape
-    d = W_dec.shape[1]
-    out = torch.empty(n_tokens, d, dtype=W_dec.dtype, device=W_dec.device)
-    block_d = block_d_for(d)
-    grid = (triton.cdiv(n_tokens, FWD_BLOCK_T), triton.cdiv(d, block_d))
-    launch(
-        sparse_decode_fwd_kernel, grid, values, indices, W_dec, b_dec, out,
-        n_tokens, k, d, W_dec.stride(0), out.stride(0),
-        BLOCK_T=FWD_BLOCK_T, BLOCK_D=block_d, K_UNROLL=FWD_K_UNROLL, num_warps=NUM_WARPS,
-    )
-    return out
-
 
 def sort_pairs_by_latent(indices: torch.Tensor, n_latents: int, skip: torch.Tensor | None = None):
     """Sort pre-pass: (sorted flat pair ids [N*k] int32, segment starts [n+1] int32), no host sync.
@@ -235,7 +169,7 @@ def sparse_decode_backward(grad_out: torch.Tensor, values: torch.Tensor, indices
                            W_dec: torch.Tensor, *, need_grad_values: bool, need_grad_W: bool):
     """(grad_values [N, k] fp32 or None, grad_W_dec [n, d] in W_dec's dtype or None)."""
     grad_out, values, indices = grad_out.contiguous(), values.contiguous(), indices.contiguous()
-    W_dec = _row_major(W_dec)
+    W_dec = row_major(W_dec)
     n_tokens, k = values.shape
     n_latents, d = W_dec.shape
     n_pairs = n_tokens * k
@@ -252,12 +186,12 @@ def sparse_decode_backward(grad_out: torch.Tensor, values: torch.Tensor, indices
     grad_W = torch.empty(n_latents, d, dtype=W_dec.dtype, device=device) if need_grad_W else None
     partial_dots = (torch.empty(d_blocks, n_pairs, dtype=torch.float32, device=device)
                     if need_grad_values else None)
-    dummy = torch.empty(1, dtype=torch.float32, device=device)  # stands in for an output not written
     grid = (triton.cdiv(n_latents, BWD_LATENTS_PER_PROGRAM), d_blocks)
-    launch(
-        _sparse_decode_bwd_kernel, grid, grad_out, values, W_dec, sorted_pairs, segment_start,
-        grad_W if need_grad_W else dummy, partial_dots if need_grad_values else dummy,
-        n_latents, k, d, n_pairs, grad_out.stride(0), W_dec.stride(0), d if need_grad_W else 0,
+    _sparse_decode_bwd_kernel[grid](  # an output not asked for is None: its WRITE_* flag is off
+        grad_out_ptr=grad_out, values_ptr=values, W_ptr=W_dec, sorted_pairs_ptr=sorted_pairs,
+        segment_start_ptr=segment_start, grad_W_ptr=grad_W, partial_dots_ptr=partial_dots,
+        n_latents=n_latents, k=k, d=d, n_pairs=n_pairs, stride_g=grad_out.stride(0), stride_w=W_dec.stride(0),
+        stride_gw=d if need_grad_W else 0,
         BLOCK_P=BWD_BLOCK_P, BLOCK_D=block_d, LATENTS_PER_PROGRAM=BWD_LATENTS_PER_PROGRAM,
         WRITE_GRAD_W=need_grad_W, WRITE_GRAD_VALUES=need_grad_values, num_warps=NUM_WARPS,
     )
@@ -390,9 +324,8 @@ def _dense_rows_decode_kernel(
     pid_d = tl.program_id(1)
     n_rows = tl.load(n_rows_ptr)
     if pid_r * BLOCK_R < n_rows:
-        slots = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        slot_ok = slots < n_rows
-        row = tl.load(rows_ptr + slots, mask=slot_ok, other=0).to(tl.int64)
+        _, slot_ok, row = dense_row_block(rows_ptr, n_rows, pid_r, BLOCK_R)
+        row = row.to(tl.int64)
         cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         col_ok = cols < d
         acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
@@ -440,7 +373,7 @@ class DenseDecodeSparseFunction(torch.autograd.Function):
     (any function of acts may feed it), so grad_acts is one dense GEMM (cuBLAS), as in the
     reference. (fastsae.ops.relu_autoencode fuses encoder and decoder and needs no such GEMM.)
     grad_W_dec, which does vanish on zeros, is one segmented reduction over the compact entries
-    and the dense rows together (kernels/topk_encoder.latent_segment_grad), so a 16-bit grad_W_dec
+    and the dense rows together (kernels/_sparse_code.py: latent_segment_grad), so a 16-bit grad_W_dec
     is rounded once from one fp32 accumulator.
     """
 
@@ -448,15 +381,16 @@ class DenseDecodeSparseFunction(torch.autograd.Function):
     def forward(ctx, acts, W_dec, b_dec):
         acts = acts.contiguous()
         values, indices, dense = compact_dense_code(acts)
-        W_row_major = _row_major(W_dec)
+        W_row_major = row_major(W_dec)
         out = sparse_decode_forward(values, indices, W_row_major, b_dec)
         n_tokens, d = out.shape
         mode = matmul_mode(W_dec.dtype)
         cfg = dense_rows_config(mode)
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
-        launch(
-            _dense_rows_decode_kernel, grid, acts, W_row_major, b_dec.contiguous(), out, dense.rows, dense.n_rows,
-            acts.shape[1], d, acts.stride(0), W_row_major.stride(0), out.stride(0), MATMUL_MODE=mode, **cfg)
+        _dense_rows_decode_kernel[grid](
+            acts_ptr=acts, W_ptr=W_row_major, b_ptr=b_dec.contiguous(), out_ptr=out, rows_ptr=dense.rows,
+            n_rows_ptr=dense.n_rows, n_latents=acts.shape[1], d=d, stride_a=acts.stride(0),
+            stride_w=W_row_major.stride(0), stride_out=out.stride(0), MATMUL_MODE=mode, **cfg)
         ctx.save_for_backward(acts, values, indices, W_dec, dense.count, dense.rows, dense.n_rows)
         return out
 
@@ -494,68 +428,3 @@ def dense_decode_triton(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Te
     if acts.numel() == 0 or not _kernel_dtype(W_dec):
         return torch.addmm(b_dec, acts, W_dec)
     return DenseDecodeSparseFunction.apply(acts, W_dec, b_dec)
-
-
-# ---------------------------------------------------------------------------------------------
-# Compile cases
-
-# The GPT-2 small preset (16 x 1,024 tokens, d 768, 46,080 latents, k 32) and a d = 4,096,
-# 131,072-latent one.
-COMPILE_SHAPES = {
-    "gpt2": dict(n_tokens=16384, d=768, n_latents=46080, k=32),
-    "d4096": dict(n_tokens=16384, d=4096, n_latents=131072, k=64),
-}
-
-
-def compile_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, CompileCase]:
-    """Every kernel of the sparse decoder as its launchers launch it on sm_<arch>, recorded
-    (kernels._common.recorded_launches) on meta tensors from sparse_decode_triton (forward and
-    backward, with gradients for values and W_dec, W_dec only, values only) and
-    dense_decode_triton (a ReLU code in the dense layout: compaction, gather, dense rows,
-    grad_W_dec).
-
-    shapes: {name: dict(n_tokens=, d=, n_latents=, k=)}, COMPILE_SHAPES by default; modes as
-    kernels._common.COMPILE_MODES (the gathers have no dot and compile once per dtype). Returns
-    {f"{kernel}-{shape}-{mode}": CompileCase}, one per specialisation. Dense rows are the
-    exception, not the hot path: no case here is hot. The configs do not depend on the arch.
-    """
-    def sparse_run(shape, need_values, need_W):
-        def step(dtype):
-            n_tokens, k = shape["n_tokens"], shape["k"]
-            values = torch.empty(n_tokens, k, dtype=dtype, device="meta", requires_grad=need_values)
-            indices = torch.empty(n_tokens, k, dtype=torch.int64, device="meta")
-            W_dec = torch.empty(shape["n_latents"], shape["d"], dtype=dtype, device="meta", requires_grad=need_W)
-            out = sparse_decode_triton(values, indices, W_dec, meta_parameter(shape["d"], dtype=dtype))
-            out.backward(torch.empty_like(out))
-        return step
-
-    def dense_run(shape):
-        def step(dtype):
-            acts = meta_parameter(shape["n_tokens"], shape["n_latents"], dtype=dtype)
-            W_dec = meta_parameter(shape["n_latents"], shape["d"], dtype=dtype)
-            out = dense_decode_triton(acts, W_dec, meta_parameter(shape["d"], dtype=dtype))
-            out.backward(torch.empty_like(out))
-        return step
-
-    runs = []
-    for name, shape in (shapes or COMPILE_SHAPES).items():
-        for mode in COMPILE_MODES:
-            runs += [(dict(shape=name, mode=mode, code="sparse"), mode, sparse_run(shape, need_values, need_W))
-                     for need_values, need_W in ((True, True), (False, True), (True, False))]
-            runs.append((dict(shape=name, mode=mode, code="dense"), mode, dense_run(shape)))
-
-    def label(tags, record):
-        kernel, meta = record.kernel, record.meta
-        if kernel is _sparse_decode_bwd_kernel:
-            variant = {(True, True): "bwd", (True, False): "bwd_grad_W_only",
-                       (False, True): "bwd_grad_values_only"}[meta["WRITE_GRAD_W"], meta["WRITE_GRAD_VALUES"]]
-            kernel_name = f"decode_{variant}"
-        elif tags["code"] == "sparse":
-            kernel_name = "decode_fwd"
-        else:
-            kernel_name = {sparse_decode_fwd_kernel: "dense_decode_gather", compact_active_kernel: "dense_decode_compact",
-                           _dense_rows_decode_kernel: "dense_rows_decode",
-                           latent_segment_grad_kernel: "dense_decode_grad_w"}[kernel]
-        return f"{kernel_name}-{tags['shape']}-{tags['mode']}"
-
-    return recorded_cases(record_runs(runs, arch, COMPILE_SMS), label, lambda record: False)

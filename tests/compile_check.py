@@ -5,27 +5,21 @@ a tl.dot becomes wgmma (sm_90) / mma (sm_80) or CUDA-core FMAs, whether global l
 (cp.async / TMA) and vectorised, register spills, shared memory. This module compiles what a launch
 compiles and reads those facts from the cubin with the cuobjdump in Triton's wheel.
 
-The contract with the kernel files (the producers)
---------------------------------------------------
-Each module in KERNEL_MODULES (kernels/<name>.py, installed as fastsae.kernels.<name>) defines
-
-    def compile_cases(arch: int = 90, ...) -> dict[str, CompileCase]
-
-returning one kernels._common.CompileCase per specialisation its launchers launch on CUDA, keyed
-by a name unique in the module that says the kernel, the shape, the variant and the operand mode
-(e.g. "topk_fwd-gpt2-k32-tf32"). The cases are recorded, not listed: the module runs its
-autograd functions (forward and backward) on meta tensors under
-kernels._common.recorded_launches(arch), where every launcher configures as on a CUDA sm_<arch>
-GPU and hands its launch (kernel, arguments, constexprs, num_warps, num_stages) to the record
-instead of launching; recorded_cases() keeps one case per specialisation and marks ``hot`` the
-configs that carry the step's FLOPs. The shapes: the GPT-2 preset (d = 768, n = 46,080, k = 32,
-N = 16,384 tokens, V = 50,257) and a d = 4,096 model (n = 131,072, V = 128,256), k = 16..256 for
-TopK, bf16 operands and fp32 ones under TF32 (plus full-fp32 "ieee" cases, not hot): see
-kernels._common.COMPILE_MODES. Cases that specialise to the same kernel compile once (Triton's
-own kernel cache) and are reported under the first name (``same_kernel_as`` lists the others).
-tests/test_compile.py records a training step and an evaluation batch (the real Objective, its
-SAEs and the fused KL) the same way and fails on any launch that is not one of these
-specialisations.
+What is compiled
+----------------
+tests/compile_cases.py: for each kernel file in KERNEL_MODULES (kernels/<name>.py, installed as
+fastsae.kernels.<name>), a function cases(arch) -> {name: CompileCase}, one CompileCase per
+specialisation its launchers launch on CUDA, keyed by a name unique in the module that says the
+kernel, the shape, the variant and the operand mode (e.g. "topk_fwd-gpt2-k32-tf32"). The cases
+are recorded, not listed: the op's autograd functions run (forward and backward) on meta tensors
+under compile_cases.recorded_launches(arch), which wraps the launchers from outside so that they
+configure as on a CUDA sm_<arch> GPU and hand each launch (kernel, arguments, constexprs,
+num_warps, num_stages) to the record instead of launching; recorded_cases() keeps one case per
+specialisation and marks ``hot`` the configs that carry the step's FLOPs. Cases that specialise
+to the same kernel compile once (Triton's own kernel cache) and are reported under the first name
+(``same_kernel_as`` lists the others). tests/test_compile.py records a training step and an
+evaluation batch (the real Objective, its SAEs and the fused KL) the same way and fails on any
+launch that is not one of these specialisations.
 
 How a case is compiled
 ----------------------
@@ -65,7 +59,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -78,7 +71,7 @@ from pathlib import Path
 ARCHS = (80, 90)
 # Shared memory one block may use (bytes): A100 (sm_80) 163 KiB, H100 / H200 (sm_90) 227 KiB.
 MAX_SHARED_BYTES = {80: 163 * 1024, 90: 227 * 1024}
-KERNEL_MODULES = ("topk_encoder", "relu_encoder", "sparse_decoder", "relu_autoencoder", "linear_kl")
+from compile_cases import KERNEL_MODULES  # noqa: E402 - beside this file (tests/)
 FLOAT32_MATMUL_PRECISION = "high"
 
 CACHE_DIR = Path(os.environ.get("FASTSAE_COMPILE_CACHE", Path(tempfile.gettempdir()) / "fastsae-compile-check"))
@@ -91,12 +84,12 @@ _MARKER = "COMPILE_CHECK_JSON"
 def collect_cases(arch: int) -> tuple[dict, dict[str, str]]:
     """({"<module>/<case>": CompileCase}, {module: error}) over KERNEL_MODULES for sm_<arch>.
 
-    A module that fails to import, lacks compile_cases or raises in it is reported in the second
-    dict (the tests fail on it) rather than hiding the other modules' cases.
+    A module whose kernels fail to import or whose cases raise is reported in the second dict (the
+    tests fail on it) rather than hiding the other modules' cases.
     """
-    import inspect
-
     import torch
+
+    from compile_cases import CASES
 
     cases, errors = {}, {}
     previous = torch.get_float32_matmul_precision()
@@ -104,13 +97,7 @@ def collect_cases(arch: int) -> tuple[dict, dict[str, str]]:
     try:
         for module_name in KERNEL_MODULES:
             try:
-                module = importlib.import_module(f"fastsae.kernels.{module_name}")
-                compile_cases = getattr(module, "compile_cases", None)
-                if not callable(compile_cases):
-                    raise AttributeError(f"kernels/{module_name}.py defines no compile_cases() "
-                                         "(see tests/compile_check.py for the contract)")
-                takes_arch = "arch" in inspect.signature(compile_cases).parameters
-                for case_name, case in (compile_cases(arch=arch) if takes_arch else compile_cases()).items():
+                for case_name, case in CASES[module_name](arch=arch).items():
                     cases[f"{module_name}/{case_name}"] = case
             except Exception as e:  # noqa: BLE001 - reported per module, see docstring
                 errors[module_name] = f"{type(e).__name__}: {e}"

@@ -130,6 +130,35 @@ def test_imports_go_downward_and_borrow_no_private_name():
     assert not problems, "\n".join(problems)
 
 
+KERNEL_OPS = sorted(name.rsplit(".", 1)[1] for name in MODULES
+                    if name.startswith("fastsae.kernels.") and not name.rsplit(".", 1)[1].startswith("_"))
+
+
+def test_ops_import_their_kernels_by_name():
+    """Each op's kernel file (kernels/<op>.py) is imported by name by its op (fastsae/ops/<op>.py):
+    the graph shows the ops -> kernels arrows, no string resolved at run time hides them."""
+    graph = _graph()
+    assert KERNEL_OPS, "no kernel file found"
+    missing = [op for op in KERNEL_OPS if f"fastsae.kernels.{op}" not in graph.get(f"fastsae.ops.{op}", ())]
+    assert not missing, f"ops that do not import their kernel file: {missing}"
+    unused = [name for name in MODULES if name.startswith("fastsae.kernels.")
+              and not any(name in targets for source, targets in graph.items() if source != name)]
+    assert not unused, f"kernel files nothing imports: {unused}"
+
+
+def test_no_kernel_file_imports_another_ops():
+    """A kernel file is one op (forward, backward, launchers); what ops share lives in the shared
+    kernel modules (kernels/_tiles.py, kernels/_sparse_code.py, ...), which import no op's file."""
+    problems = []
+    for name, targets in sorted(_graph().items()):
+        if not name.startswith("fastsae.kernels."):
+            continue
+        for target in sorted(targets):
+            if target.startswith("fastsae.kernels.") and not target.rsplit(".", 1)[1].startswith("_"):
+                problems.append(f"{name} imports the op file {target}")
+    assert not problems, "\n".join(problems)
+
+
 def test_every_room_is_small_or_says_why():
     long = []
     for name, path in sorted(MODULES.items()):

@@ -1,7 +1,7 @@
 """Every kernel launch fastsae ships compiles for sm_80 and sm_90 to its targets (no GPU needed).
 
-The cases are the kernel modules' own (``compile_cases()`` in kernels/<op>.py), compiled through
-Triton's launch path and read from the SASS by tests/compile_check.py. A case fails on a compile
+The cases are tests/compile_cases.py's (every launch of each op's kernels, recorded on meta
+tensors), compiled through Triton's launch path and read from the SASS by tests/compile_check.py. A case fails on a compile
 error, shared memory over the arch's budget, or a register spill; a hot case also fails when it
 loses wgmma or its pipelined loads on sm_90, or mma on sm_80. The facts themselves are written to
 benchmarks/results/compile_sm{80,90}.json by ``python tests/compile_check.py --write``.
@@ -14,11 +14,14 @@ compile_check.CACHE_DIR) keeps a warm run to seconds, a cold full one takes abou
 cores.
 """
 
+import contextlib
 import functools
+from unittest import mock
 
 import pytest
 import torch
 
+from compile_cases import CompileCase, recorded_launches
 from compile_check import (ARCHS, KERNEL_MODULES, MAX_SHARED_BYTES, RESULTS_DIR, collect_cases, problems,
                            run_compile_check, sass_facts)
 from conftest import needs_triton
@@ -43,25 +46,32 @@ def test_kernels_compile_to_their_targets(compile_results, module, arch):
     report = compile_results[arch]
     assert module not in report["module_errors"], report["module_errors"].get(module)
     cases = _cases_of(report, module)
-    assert cases, f"kernels/{module}.py: compile_cases() returned no cases"
+    assert cases, f"kernels/{module}.py: tests/compile_cases.py records no case of its kernels"
     failures = {name: found for name, r in cases.items() if (found := problems(r, arch))}
     assert not failures, f"sm_{arch}:\n" + "\n".join(f"{name}: {'; '.join(found)}" for name, found in failures.items())
 
 
-@pytest.mark.parametrize("module", KERNEL_MODULES)
-def test_every_launched_kernel_has_a_compile_case(compile_results, module):
-    """Each kernel a module launches (by convention the @triton.jit functions named *_kernel) is
-    in its compile_cases(), hot or not."""
+def _kernel_files() -> dict:
+    """{module name: module} of every kernel file, the ops' and the shared ones (kernels/_*.py)."""
     import importlib
+    from pathlib import Path
 
-    kernels_module = importlib.import_module(f"fastsae.kernels.{module}")
-    defined = {name for name, value in vars(kernels_module).items()
-               if name.endswith("_kernel") and hasattr(value, "arg_names")}
-    # a case that compiles to another module's kernel is reported under that case's name
-    compiled = {r.get("kernel") for r in compile_results[90]["cases"].values()
-                if r["module"] == module or any(name.startswith(module + "/") for name in r.get("same_kernel_as", ()))}
-    assert defined, f"kernels/{module}.py defines no *_kernel jit function"
-    assert defined <= compiled, f"kernels/{module}.py: no compile case for {sorted(defined - compiled)}"
+    folder = Path(__file__).resolve().parent.parent / "kernels"
+    return {path.stem: importlib.import_module(f"fastsae.kernels.{path.stem}") for path in sorted(folder.glob("*.py"))}
+
+
+def test_every_launched_kernel_has_a_compile_case(compile_results):
+    """Each kernel a kernel file defines (by convention the @triton.jit functions named *_kernel),
+    an op's or a shared one (kernels/_sparse_code.py), is compiled by some case, hot or not."""
+    compiled = {r.get("kernel") for r in compile_results[90]["cases"].values()}
+    defined = {}
+    for name, module in _kernel_files().items():
+        for attribute, value in vars(module).items():
+            if attribute.endswith("_kernel") and hasattr(value, "arg_names") and value.fn.__module__ == module.__name__:
+                defined[attribute] = name
+    assert set(defined.values()) >= set(KERNEL_MODULES) | {"_sparse_code"}, defined
+    missing = sorted(f"kernels/{module}.py: {kernel}" for kernel, module in defined.items() if kernel not in compiled)
+    assert not missing, "kernels without a compile case:\n" + "\n".join(missing)
 
 
 # ---------------------------------------------------------------------- what runs has a case
@@ -104,7 +114,7 @@ class _MetaLM:
 
 # (name, d_model, d_vocab, TransformerLens API, final-logit soft-capping): GPT-2 small on both APIs
 # (the paper's model) and a Llama-3-8B-sized model on the bridge, plain and soft-capped as Gemma-2
-# caps. The shapes are the compile check's (kernels/*.COMPILE_SHAPES): an int argument's
+# caps. The shapes are the compile check's (tests/compile_cases.py): an int argument's
 # 16-divisibility is part of a specialisation, so another d or V (or a count derived from them,
 # such as the vocabulary tiles per slice) may specialise differently.
 TRAINING_MODELS = (("gpt2-hooked", 768, 50257, "hooked", None), ("gpt2-bridge", 768, 50257, "bridge", None),
@@ -117,7 +127,6 @@ TRAINING_PRECISIONS = (("float32", "high"), ("bfloat16", "high"), ("float32", "h
 def _recorded_training_launches(arch: int, model, activation: str, sae_dtype: str, precision: str) -> list:
     """The kernel launches of one training step (forward and backward) and one evaluation batch of
     the gpt2-e2e preset (16 x 1,024 tokens, ratio 60), recorded on meta tensors for sm_<arch>."""
-    from fastsae.kernels._common import recorded_launches
     from fastsae.train import setup
     from fastsae.train.config import load_config
     from fastsae.train.metrics import DeadLatentTracker
@@ -140,7 +149,7 @@ def _recorded_training_launches(arch: int, model, activation: str, sae_dtype: st
     torch.set_float32_matmul_precision(precision)
     try:
         # AuxK lists the dead latents (nonzero): on meta tensors, taken as all of them.
-        with recorded_launches(arch) as launches, _meta_nonzero_is_everything():
+        with recorded_launches(arch) as launches, _meta_values():
             loss, _, _ = objective(tokens, train=True)
             loss.backward()
             for sae in saes.values():
@@ -160,16 +169,24 @@ def _compiled_specialisations(arch: int) -> frozenset:
     return frozenset(case.specialisation() for case in cases.values())
 
 
-def _meta_nonzero_is_everything():
+@contextlib.contextmanager
+def _meta_values():
+    """What the step reads of tensor values, answered for meta tensors (they hold none): AuxK lists
+    the dead latents (nonzero), taken as all of them; a data-dependent branch (bool of a tensor,
+    BatchTopK's check for kept values past a shard's candidates) takes its common side, False."""
     import torch.fx.experimental._config as fx_config
 
-    return fx_config.patch(meta_nonzero_assume_all_nonzero=True)
+    real_bool = torch.Tensor.__bool__
+
+    def meta_bool(tensor):
+        return False if tensor.is_meta else real_bool(tensor)
+
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True), mock.patch.object(torch.Tensor, "__bool__", meta_bool):
+        yield
 
 
 def _uncompiled(launches, compiled: set) -> list[str]:
     """The launches whose specialisation is not among ``compiled``, as readable lines."""
-    from fastsae.kernels._common import CompileCase
-
     cases = [CompileCase.from_launch(record, hot=False) for record in launches]
     return sorted({f"{case.kernel_name} {sorted(case.meta.items())} "
                    f"{sorted((k, v) for k, v in case.args.items() if isinstance(v, int))}"
@@ -180,7 +197,7 @@ def _uncompiled(launches, compiled: set) -> list[str]:
 @pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk", "batchtopk"])
 def test_every_training_launch_has_a_compile_case(arch, activation):
     """Every kernel launch a training step and an evaluation batch make (the real Objective, its
-    SAEs and the fused KL, recorded on meta tensors: kernels._common.recorded_launches) is a
+    SAEs and the fused KL, recorded on meta tensors: compile_cases.recorded_launches) is a
     specialisation the compile check compiles: no launch runs on a GPU that was never compiled
     and read here."""
     compiled = _compiled_specialisations(arch)
@@ -201,7 +218,6 @@ def test_auxk_launches_are_compiled_whatever_the_number_of_dead_latents(arch):
     kernels' specialisation (a width of 1, or not divisible by 16) but for the padding in
     losses.auxk_loss. Every count from 1 on launches a compiled specialisation."""
     from fastsae import E2ESAE
-    from fastsae.kernels._common import recorded_launches
     from fastsae.train import losses
 
     compiled = _compiled_specialisations(arch)
@@ -210,7 +226,7 @@ def test_auxk_launches_are_compiled_whatever_the_number_of_dead_latents(arch):
     recon = torch.empty(16384, 768, device="meta")
     for n_dead in (1, 2, 5, 16, 17, 100, 255, 256, 257, 1000):
         dead = torch.empty(n_dead, dtype=torch.bool, device="meta")  # nonzero() of it: all n_dead
-        with recorded_launches(arch) as launches, _meta_nonzero_is_everything():
+        with recorded_launches(arch) as launches, _meta_values():
             losses.auxk_loss(sae, x, recon, dead).backward()
         assert launches
         assert not _uncompiled(launches, compiled), (n_dead, _uncompiled(launches, compiled))
@@ -222,7 +238,6 @@ def test_public_ops_launch_compiled_kernels_for_any_layout(W_enc_layout):
     they launch is a compiled specialisation (they make the layout the kernels read, once: the
     latent-major W_enc that keeps the backward's gathers vectorised, a contiguous x)."""
     from fastsae import ops
-    from fastsae.kernels._common import recorded_launches
 
     compiled = _compiled_specialisations(90)
     n_tokens, d, n = 16384, 768, 46080
@@ -245,7 +260,6 @@ def test_public_ops_launch_compiled_kernels_for_any_layout(W_enc_layout):
 def test_a_launch_outside_the_cases_is_caught():
     """The check above can fail: a launch the cases do not cover (the sparse decoder's forward at
     an odd width, whose d is no longer 16-divisible) is not among the compiled specialisations."""
-    from fastsae.kernels._common import CompileCase, recorded_launches
     from fastsae.kernels.sparse_decoder import sparse_decode_triton
 
     compiled = _compiled_specialisations(90)

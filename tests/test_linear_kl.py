@@ -246,7 +246,7 @@ def test_empty_batch_matches_reference(reduction, with_mask_and_labels):
 def test_vocab_slices_of_empty_batch_on_a_gpu():
     """The GPU branch of the slicing heuristic with no row blocks (no GPU needed: meta tensors
     under recorded_launches configure as on a 132-SM GPU): it divided by the number of row blocks."""
-    from fastsae.kernels._common import recorded_launches
+    from compile_cases import recorded_launches
 
     meta = torch.device("meta")
     with recorded_launches(90, 132):
@@ -653,14 +653,14 @@ def fake_gpu(monkeypatch, tmp_path):
     record = tmp_path / "measured_dispatch.json"
     monkeypatch.setattr(_backend, "MEASURED_DISPATCH", record)
     monkeypatch.setattr(op_module, "use_triton",
-                        lambda op, *tensors, backend=None: _backend.requested_backend(backend) != "torch")
+                        lambda op, kernels, *tensors, backend=None: _backend.requested_backend(backend) != "torch")
     monkeypatch.setattr(op_module, "device_name", lambda tensor: "Fake GPU")
     ran = []
     call_kernel, reference = op_module.call_kernel, LinearKLReference.apply
 
-    def kernel(op, *args):
+    def kernel(entry, *args):
         ran.append("fused" if args[-1] else "two_pass")  # fused: one sweep, or loss only without a gradient
-        return call_kernel(op, *args)
+        return call_kernel(entry, *args)
 
     def traced_reference(*args):
         ran.append("reference")

@@ -168,9 +168,9 @@ def test_sparse_and_dense_codes(backend, jump, code):
 @pytest.mark.parametrize("jump", [False, True], ids=["relu", "jumprelu"])
 def test_rows_past_the_capacity_mixed_with_compact_rows(monkeypatch, backend, jump):
     """A small capacity: about half the rows overflow it (dense path), the rest stay compact."""
-    from fastsae.kernels import relu_encoder
+    from fastsae.kernels import _sparse_code  # sparse_capacity reads these
 
-    for module, prefix in ((relu_encoder, "SPARSE"), (reference_module, "REFERENCE")):
+    for module, prefix in ((_sparse_code, "SPARSE"), (reference_module, "REFERENCE")):
         monkeypatch.setattr(module, f"{prefix}_MIN_CAPACITY", 12)
         monkeypatch.setattr(module, f"{prefix}_CAPACITY_FRACTION", 0.0)
     inputs = make_inputs(30, 20, 150, jump=jump, bias_shift=-1.0)

@@ -15,6 +15,7 @@ from fastsae.ops.relu_encoder import relu_encode_reference
 pytestmark = needs_triton
 
 rk = pytest.importorskip("fastsae.kernels.relu_encoder")
+sc = pytest.importorskip("fastsae.kernels._sparse_code")  # the compaction and the capacity
 
 
 def reference_grads(x, W, b, grad_acts):
@@ -88,9 +89,9 @@ def rows_of_mixed_density(n_tokens, d_in, n_latents, dtype):
 def test_sparse_backward_mixes_compact_and_dense_rows(monkeypatch, dtype, layout):
     """Rows with at most C active latents go through the compact code, wider rows through the
     kernels' dense per-row path, in one backward; both with E2ESAE's latent-major W_enc too."""
-    monkeypatch.setattr(rk, "SPARSE_MIN_CAPACITY", 40)
-    monkeypatch.setattr(rk, "SPARSE_CAPACITY_FRACTION", 0.0)
-    assert rk.sparse_capacity(200) == 40
+    monkeypatch.setattr(sc, "SPARSE_MIN_CAPACITY", 40)
+    monkeypatch.setattr(sc, "SPARSE_CAPACITY_FRACTION", 0.0)
+    assert sc.sparse_capacity(200) == 40
     x, W, b = rows_of_mixed_density(37, 40, 200, dtype)
     if layout == "latent_major":
         W = W.t().contiguous().t()
@@ -100,22 +101,22 @@ def test_sparse_backward_mixes_compact_and_dense_rows(monkeypatch, dtype, layout
 
 
 def test_sparse_capacity():
-    assert rk.sparse_capacity(46080) == 192  # GPT-2 small at ratio 60: 3x the paper's L0
-    assert rk.sparse_capacity(131072) == 512
-    assert rk.sparse_capacity(1000) == 64 and rk.sparse_capacity(30) == 30
+    assert sc.sparse_capacity(46080) == 192  # GPT-2 small at ratio 60: 3x the paper's L0
+    assert sc.sparse_capacity(131072) == 512
+    assert sc.sparse_capacity(1000) == 64 and sc.sparse_capacity(30) == 30
 
 
 def test_compact_active():
     acts = torch.tensor([[0.0, 2.0, 0.0, 1.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0], [5.0, 1.0, 1.0, 0.0, 1.0]])
     grad = torch.arange(15.0).reshape(3, 5) + 1
-    values, indices, dense = rk.compact_active(grad, acts, 3)
+    values, indices, dense = sc.compact_active(grad, acts, 3)
     pad = torch.iinfo(torch.int32).max
     assert dense.count.tolist() == [3, 0, 4] and indices.dtype == torch.int32
     assert values[:2].tolist() == [[2.0, 4.0, 5.0], [0.0, 0.0, 0.0]]
     assert indices[:2].tolist() == [[1, 3, 4], [pad, pad, pad]]
     assert dense.rows[:1].tolist() == [2] and dense.n_rows.tolist() == [1]  # row 2 has 4 > 3 active
     # a stride-0 gradient (acts.sum()) is read as it is
-    values, _, _ = rk.compact_active(torch.ones(1, 1).expand(3, 5), acts, 5)
+    values, _, _ = sc.compact_active(torch.ones(1, 1).expand(3, 5), acts, 5)
     assert values.tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0], [0.0] * 5, [1.0, 1.0, 1.0, 1.0, 0.0]]
 
 

@@ -262,10 +262,10 @@ def test_dense_decode_rows_beyond_capacity(monkeypatch, dtype):
     """Rows with more nonzeros than the compact code's C slots are decoded (and their grad_W_dec
     summed) by the dense-row kernels, beside the compact rows, with no host sync to choose:
     mixed codes, an all-zero code, a fully dense one with negative entries."""
-    from fastsae.kernels import relu_encoder
+    from fastsae.kernels import _sparse_code  # sparse_capacity reads these
 
-    monkeypatch.setattr(relu_encoder, "SPARSE_MIN_CAPACITY", 4)
-    monkeypatch.setattr(relu_encoder, "SPARSE_CAPACITY_FRACTION", 0.0)
+    monkeypatch.setattr(_sparse_code, "SPARSE_MIN_CAPACITY", 4)
+    monkeypatch.setattr(_sparse_code, "SPARSE_CAPACITY_FRACTION", 0.0)
     k = kernels()
     _, W_dec, b_dec = make_code(1, 1, 150, 40, dtype)[1:]
     mixed = dense_code(23, 150, [0, 2, 4, 9, 60, 5], dtype)
@@ -281,10 +281,10 @@ def test_dense_decode_grad_w_is_rounded_once(monkeypatch):
     """fp16 grad_W_dec of latents that compact rows and dense rows share: one fp32 sum, one
     rounding. Here the compact rows' part nearly cancels the dense row's, so a sum rounded to fp16
     in between (the old path) was off by up to hundreds of ulp of the result."""
-    from fastsae.kernels import relu_encoder
+    from fastsae.kernels import _sparse_code  # sparse_capacity reads these
 
-    monkeypatch.setattr(relu_encoder, "SPARSE_MIN_CAPACITY", 4)
-    monkeypatch.setattr(relu_encoder, "SPARSE_CAPACITY_FRACTION", 0.0)
+    monkeypatch.setattr(_sparse_code, "SPARSE_MIN_CAPACITY", 4)
+    monkeypatch.setattr(_sparse_code, "SPARSE_CAPACITY_FRACTION", 0.0)
     n_latents, d = 40, 16
     g = torch.Generator().manual_seed(3)
     acts = torch.zeros(3, n_latents)

@@ -373,7 +373,7 @@ def test_empty_batch_matches_reference(leading):
 def test_a_wave_counts_the_programs_each_sm_holds(k, arch, per_sm):
     """At K_PAD <= 64 on sm_90 two forward programs share an SM (one's selection overlaps the
     other's MMAs): the launcher fills SMs x 2 slots, recorded as it launches on an H100 (132 SMs)."""
-    from fastsae.kernels._common import recorded_launches
+    from compile_cases import recorded_launches
 
     n_tokens, n_latents = 4096, 46080
     with recorded_launches(arch, 132) as launches:

@@ -85,8 +85,7 @@ class BatchTopK(Activation):
             smallest = values.reshape(n_tokens, sae.shard_count, per_shard)[..., -1]
             # A token may hold kept values beyond its candidates where its smallest candidate is
             # kept: values equal to it (ties at the threshold) or above the threshold may follow.
-            # (Meta tensors, as the compile check records a step, have no values to read: never.)
-            if not smallest.is_meta and bool(((smallest >= threshold) & (smallest > 0)).any()):
+            if bool(((smallest >= threshold) & (smallest > 0)).any()):
                 self._width = min(sae.n_local, 2 * per_shard)
                 return None
         kept = (values >= threshold) & (values > 0)

@@ -4,7 +4,7 @@ Each op dispatches to its Triton kernel (fastsae.kernels) for CUDA tensors and t
 reference elsewhere; ``FASTSAE_BACKEND=triton|torch`` or ``backend=`` forces one.
 """
 
-from fastsae.ops._backend import BACKENDS, requested_backend, triton_kernel
+from fastsae.ops._backend import BACKENDS, requested_backend
 from fastsae.ops.linear_kl import LinearKLStats, fused_linear_kl
 from fastsae.ops.relu_autoencoder import ReLUAutoencodeOutput, relu_autoencode
 from fastsae.ops.relu_encoder import relu_encode
@@ -22,5 +22,4 @@ __all__ = [
     "requested_backend",
     "sparse_decode",
     "topk_encode",
-    "triton_kernel",
 ]

@@ -20,8 +20,6 @@ class the op keeps its default, the fused kernel. A forced backend never consult
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -33,13 +31,20 @@ from fastsae._files import atomic_write_text, read_json_object
 
 BACKENDS = ("auto", "triton", "torch")
 
-# op name -> (module under fastsae.kernels, attribute holding the autograd entry point)
-_KERNELS: dict[str, tuple[str, str]] = {}
 
+def missing_triton(error: ModuleNotFoundError) -> None:
+    """None, where ``error`` (raised by importing an op's kernel module) says that triton is not
+    installed: the kernels are optional and the references run everywhere. Any other missing module
+    is a broken install and raises.
 
-def register_kernel(op: str, module: str, attribute: str) -> None:
-    """Declare that ``fastsae.kernels.<module>.<attribute>`` implements ``op``."""
-    _KERNELS[op] = (module, attribute)
+        try:
+            from fastsae.kernels import topk_encoder as kernels
+        except ModuleNotFoundError as error:
+            kernels = missing_triton(error)
+    """
+    if error.name is None or error.name.split(".")[0] != "triton":
+        raise error
+    return None
 
 
 def interpreter_enabled() -> bool:
@@ -55,49 +60,29 @@ def requested_backend(backend: str | None = None) -> str:
     return choice
 
 
-def triton_kernel(op: str):
-    """The Triton entry point of ``op``, or None when the op has no kernel (or no triton)."""
-    if op not in _KERNELS:
-        return None
-    module, attribute = _KERNELS[op]
-    if importlib.util.find_spec("triton") is None:
-        return None
-    if importlib.util.find_spec(f"fastsae.kernels.{module}") is None:
-        return None
-    return getattr(importlib.import_module(f"fastsae.kernels.{module}"), attribute)
-
-
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _recording_launches() -> bool:
-    """Whether the kernels are recording their launches (kernels._common.recorded_launches, the
-    compile check's way to run the ops on meta tensors as on a GPU)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return importlib.import_module("fastsae.kernels._common").recording_launches()
-
-
-def use_triton(op: str, *tensors: torch.Tensor, backend: str | None = None) -> bool:
+def use_triton(op: str, kernels, *tensors: torch.Tensor, backend: str | None = None) -> bool:
     """Decide the backend for one call of ``op`` on ``tensors`` (its floating-point inputs).
 
+    kernels: the op's kernel module (fastsae.kernels.<name>), None where triton is not installed.
     "auto" takes the kernel for CUDA tensors in a kernel dtype (fp32/fp16/bf16; float64 stays on
-    the reference), and for meta tensors while the kernels record their launches. Raises when a
-    forced Triton backend cannot run: no kernel for the op, a float64 input, or CPU tensors
-    without the interpreter.
+    the reference). Raises when a forced Triton backend cannot run: no kernel for the op, a float64
+    input, or CPU tensors without the interpreter.
     """
     choice = requested_backend(backend)
     if choice == "torch":
         return False
-    on_cuda = all(t.is_cuda for t in tensors) or (all(t.is_meta for t in tensors) and _recording_launches())
+    on_cuda = all(t.is_cuda for t in tensors)
     kernel_dtypes = all(t.dtype in KERNEL_DTYPES for t in tensors)
     if choice == "auto":
-        return on_cuda and kernel_dtypes and triton_kernel(op) is not None
+        return on_cuda and kernel_dtypes and kernels is not None
     if not kernel_dtypes:
         dtypes = sorted({str(t.dtype) for t in tensors if t.dtype not in KERNEL_DTYPES})
         raise TypeError(f"fastsae.ops.{op}: the Triton kernels take float32/float16/bfloat16 inputs, got "
                         f"{', '.join(dtypes)}; use FASTSAE_BACKEND=torch or backend='torch'")
-    if triton_kernel(op) is None:
+    if kernels is None:
         raise NotImplementedError(
             f"fastsae.ops.{op}: there is no Triton kernel for this op (or triton is not "
             "installed); use FASTSAE_BACKEND=torch or backend='torch'"
@@ -110,14 +95,13 @@ def use_triton(op: str, *tensors: torch.Tensor, backend: str | None = None) -> b
     return True
 
 
-def call_kernel(op: str, *args):
-    """Run ``op``'s Triton entry point on ``args`` with the inputs' GPU as the current device.
+def call_kernel(kernel, *args):
+    """Run a Triton entry point (``kernel``) on ``args`` with the inputs' GPU as the current device.
 
     Triton launches on the current CUDA device and its stream: without this guard a tensor on
     cuda:1 would be read by a kernel launched on cuda:0. (Backward runs on autograd's thread for
     that device, which sets it already.)
     """
-    kernel = triton_kernel(op)
     first = next(a for a in args if isinstance(a, torch.Tensor))
     if first.is_cuda:
         with torch.cuda.device(first.device):

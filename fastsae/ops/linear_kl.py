@@ -44,12 +44,16 @@ from typing import NamedTuple
 
 import torch
 
-from fastsae.ops._backend import call_kernel, device_name, measured_fastest, register_kernel, requested_backend, use_triton
+from fastsae.ops._backend import (call_kernel, device_name, measured_fastest, missing_triton, requested_backend,
+                                  use_triton)
 from fastsae.ops import _checks, _workers
 from fastsae.ops._checks import check_same, check_shape, check_tensor
 from fastsae.kernels._logits import centered_terms, kl_from_sums, prepared_bias
 
-register_kernel("fused_linear_kl", "linear_kl", "linear_kl_triton")
+try:  # the Triton kernels: triton is optional, without it the reference runs everywhere
+    from fastsae.kernels import linear_kl as kernels
+except ModuleNotFoundError as error:
+    kernels = missing_triton(error)
 
 REDUCTIONS = ("mean", "sum", "none")
 # The variants benchmarks/gpu_check.py times (the measured dispatch, fastsae/ops/_backend.py):
@@ -450,11 +454,11 @@ def fused_linear_kl(h_sae: torch.Tensor, h_orig: torch.Tensor, W_U: torch.Tensor
                                  f"got {int(labels[bad][0])}")
     h_sae2d, h_orig2d = h_sae.reshape(-1, d_model), h_orig.reshape(-1, d_model).detach()
     variant = "reference"
-    if use_triton("fused_linear_kl", h_sae2d, h_orig2d, W_U, backend=backend):
+    if use_triton("fused_linear_kl", kernels, h_sae2d, h_orig2d, W_U, backend=backend):
         variant = _kernel_variant(h_sae2d, W_U, reduction, backend)
     if variant != "reference":
         # Same contract as the reference: (loss, sums), differentiable in h_sae only.
-        loss, sums = call_kernel("fused_linear_kl", h_sae2d, h_orig2d, W_U, b_U, mask, labels, reduction,
+        loss, sums = call_kernel(kernels.linear_kl_triton, h_sae2d, h_orig2d, W_U, b_U, mask, labels, reduction,
                                  ignore_index, softcap, variant != "two_pass")
     else:
         loss, sums = LinearKLReference.apply(h_sae2d, h_orig2d, W_U, b_U, mask, labels, reduction, ignore_index,

@@ -51,12 +51,15 @@ from typing import NamedTuple
 
 import torch
 
-from fastsae.ops._backend import call_kernel, register_kernel, use_triton
+from fastsae.ops._backend import call_kernel, missing_triton, use_triton
 from fastsae.ops import _checks, _workers
 from fastsae.ops._checks import check_same, check_shape, check_tensor, chunk_rows, encoder_operands
 from fastsae.ops._sparse import accumulation_dtype
 
-register_kernel("relu_autoencode", "relu_autoencoder", "relu_autoencode_triton")
+try:  # the Triton kernels: triton is optional, without it the reference runs everywhere
+    from fastsae.kernels import relu_autoencoder as kernels
+except ModuleNotFoundError as error:
+    kernels = missing_triton(error)
 
 
 class ReLUAutoencodeOutput(NamedTuple):
@@ -534,11 +537,11 @@ def relu_autoencode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W
     leading = x.shape[:-1]
     x2d = x.reshape(-1, d_in)
     tensors = [t for t in (x2d, W_enc, b_enc, W_dec, b_dec, threshold) if t is not None]
-    if use_triton("relu_autoencode", *tensors, backend=backend) and x2d.shape[0] > 0:
+    if use_triton("relu_autoencode", kernels, *tensors, backend=backend) and x2d.shape[0] > 0:
         # The kernels read W_enc latent-major and W_dec row-major: other layouts are copied once.
-        out = call_kernel("relu_autoencode", *encoder_operands(x2d, W_enc), b_enc.contiguous(), W_dec.contiguous(),
-                          b_dec.contiguous(), None if threshold is None else threshold.contiguous(), bandwidth, p,
-                          workspace_elements())
+        out = call_kernel(kernels.relu_autoencode_triton, *encoder_operands(x2d, W_enc), b_enc.contiguous(),
+                          W_dec.contiguous(), b_dec.contiguous(),
+                          None if threshold is None else threshold.contiguous(), bandwidth, p, workspace_elements())
     else:
         out = ReLUAutoencodeReference.apply(x2d, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, p)
     reconstruction, lp_sum, l0, fire_counts = out

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from fastsae.ops._backend import call_kernel, register_kernel, use_triton
+from fastsae.ops._backend import call_kernel, missing_triton, use_triton
 from fastsae.ops._checks import check_same, check_shape, check_tensor, encoder_operands
 
-register_kernel("relu_encode", "relu_encoder", "relu_encode_triton")
+try:  # the Triton kernels: triton is optional, without it the reference runs everywhere
+    from fastsae.kernels import relu_encoder as kernels
+except ModuleNotFoundError as error:
+    kernels = missing_triton(error)
 
 
 def relu_encode_reference(x2d: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
@@ -31,8 +34,8 @@ def relu_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, *,
     check_shape("b_enc", b_enc, (n_latents,), "n_latents")
     check_same("x", x, W_enc=W_enc, b_enc=b_enc)
     x2d = x.reshape(-1, d_in)
-    if use_triton("relu_encode", x2d, W_enc, b_enc, backend=backend):
-        acts = call_kernel("relu_encode", *encoder_operands(x2d, W_enc), b_enc)
+    if use_triton("relu_encode", kernels, x2d, W_enc, b_enc, backend=backend):
+        acts = call_kernel(kernels.relu_encode_triton, *encoder_operands(x2d, W_enc), b_enc)
     else:
         acts = relu_encode_reference(x2d, W_enc, b_enc)
     return acts.reshape(*x.shape[:-1], n_latents)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from fastsae.ops._backend import call_kernel, register_kernel, use_triton
+from fastsae.ops._backend import call_kernel, missing_triton, use_triton
 from fastsae.ops._checks import check_indices, check_same, check_shape, check_tensor
 from fastsae.ops._sparse import accumulation_dtype, gather_rows_weighted, row_dots, scatter_rows_weighted
 
-register_kernel("sparse_decode", "sparse_decoder", "sparse_decode_triton")
-register_kernel("dense_decode", "sparse_decoder", "dense_decode_triton")
+try:  # the Triton kernels: triton is optional, without it the reference runs everywhere
+    from fastsae.kernels import sparse_decoder as kernels
+except ModuleNotFoundError as error:
+    kernels = missing_triton(error)
 
 
 class SparseDecodeReference(torch.autograd.Function):
@@ -60,8 +62,8 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
         raise ValueError(f"indices is on {indices.device} but W_dec is on {W_dec.device}")
     k = values.shape[-1]
     values2d, indices2d = values.reshape(-1, k), indices.reshape(-1, k).long()
-    if use_triton("sparse_decode", values2d, W_dec, b_dec, backend=backend):
-        out = call_kernel("sparse_decode", values2d, indices2d, W_dec, b_dec)
+    if use_triton("sparse_decode", kernels, values2d, W_dec, b_dec, backend=backend):
+        out = call_kernel(kernels.sparse_decode_triton, values2d, indices2d, W_dec, b_dec)
     else:
         out = SparseDecodeReference.apply(values2d, indices2d, W_dec, b_dec)
     return out.reshape(*values.shape[:-1], W_dec.shape[1])
@@ -80,8 +82,8 @@ def dense_decode(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *
         raise ValueError(f"acts must have last dimension n_latents={n_latents}, got shape {tuple(acts.shape)}")
     check_same("W_dec", W_dec, acts=acts, b_dec=b_dec)
     acts2d = acts.reshape(-1, n_latents)
-    if use_triton("dense_decode", acts2d, W_dec, b_dec, backend=backend):
-        out = call_kernel("dense_decode", acts2d, W_dec, b_dec)
+    if use_triton("dense_decode", kernels, acts2d, W_dec, b_dec, backend=backend):
+        out = call_kernel(kernels.dense_decode_triton, acts2d, W_dec, b_dec)
     else:
         out = torch.addmm(b_dec, acts2d, W_dec)
     return out.reshape(*acts.shape[:-1], d_in)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from fastsae.ops._backend import call_kernel, register_kernel, use_triton
+from fastsae.ops._backend import call_kernel, missing_triton, use_triton
 from fastsae.ops._checks import check_k, check_same, check_shape, check_tensor, chunk_rows, encoder_operands
 from fastsae.ops._sparse import accumulation_dtype, gather_rows_weighted, scatter_rows_weighted
 
-register_kernel("topk_encode", "topk_encoder", "topk_encode_triton")
+try:  # the Triton kernels: triton is optional, without it the reference runs everywhere
+    from fastsae.kernels import topk_encoder as kernels
+except ModuleNotFoundError as error:
+    kernels = missing_triton(error)
 
 
 class TopKEncodeReference(torch.autograd.Function):
@@ -71,8 +74,8 @@ def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: in
     check_k(k, n_latents)
     leading = x.shape[:-1]
     x2d = x.reshape(-1, d_in)
-    if use_triton("topk_encode", x2d, W_enc, b_enc, backend=backend):
-        values, indices = call_kernel("topk_encode", *encoder_operands(x2d, W_enc), b_enc, k)
+    if use_triton("topk_encode", kernels, x2d, W_enc, b_enc, backend=backend):
+        values, indices = call_kernel(kernels.topk_encode_triton, *encoder_operands(x2d, W_enc), b_enc, k)
     else:
         values, indices = TopKEncodeReference.apply(x2d, W_enc, b_enc, k)
     return values.reshape(*leading, k), indices.reshape(*leading, k)
