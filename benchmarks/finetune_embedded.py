@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import device_name, versions  # noqa: E402
+from harness import script_record, write_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 K = 32  # TopK's k: a CE gap of the same order as the local ReLU's (k = 64 leaves almost none to close)
@@ -117,16 +117,10 @@ def main(argv=None) -> int:
         for name, kind, label, fastsae_args in runs(work):
             results.append(run(name, kind, label, fastsae_args, work))
             print(json.dumps(results[-1]), flush=True)
-    record = dict(machine=device_name(), versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                  load_average_1min=os.getloadavg()[0], cpu_count=os.cpu_count(),
-                  threads=os.environ.get("OMP_NUM_THREADS"),
-                  command=shlex.join(["python", "benchmarks/finetune_embedded.py",
-                                      *(["--out", args.out] if args.out else [])]),
-                  runs=results, summary=summary(results))
+    record = script_record("benchmarks/finetune_embedded.py", ["--out", args.out] if args.out else [],
+                           threads=os.environ.get("OMP_NUM_THREADS"), runs=results, summary=summary(results))
     print(json.dumps(record["summary"], indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record)
     return 0
 
 

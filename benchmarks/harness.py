@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import math
 import os
 import platform
 import re
+import shlex
 import textwrap
+import time
 from pathlib import Path
 
 import torch
@@ -96,6 +99,21 @@ def versions() -> dict:
         info["cuda"] = torch.version.cuda
     return info
 
+
+
+def script_record(script: str, args: list[str], **fields) -> dict:
+    """A results record of one of the benchmarks/ scripts: the device, versions, date, load and the
+    command that made it (``script`` with ``args``), then ``fields``."""
+    return dict(device=device_name(), versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                load_average_1min=os.getloadavg()[0], cpu_count=os.cpu_count(),
+                command=shlex.join(["python", script, *args]), **fields)
+
+
+def write_record(path: str | os.PathLike | None, record: dict) -> None:
+    """Write a results record as indented JSON (nothing where ``path`` is None)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(record, indent=1) + "\n")
 
 # Datasheet peaks, dense (no 2:4 sparsity): TFLOP/s for bf16 (= fp16) and TF32 tensor cores and
 # fp32 CUDA cores, and HBM GB/s. Matched in order against torch.cuda.get_device_name(); other

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import device_name, versions  # noqa: E402
+from harness import script_record, write_record  # noqa: E402
 from perf_guard import Competitor  # noqa: E402
 
 PRESETS = ("embedded", "embedded-local", "embedded-e2e-ds")
@@ -77,14 +76,8 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory(prefix="fastsae-cold-cache-") as cache:
                 runs.append(dict(cache="cold", **run_once("embedded", condition, cache)))
             print(json.dumps(runs[-1]), flush=True)
-    record = dict(device=device_name(), versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                  load_average_1min=os.getloadavg()[0], cpu_count=os.cpu_count(),
-                  command=shlex.join(["python", "benchmarks/main_job.py",
-                                      *(argv if argv is not None else sys.argv[1:])]),
-                  runs=runs)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    record = script_record("benchmarks/main_job.py", argv if argv is not None else sys.argv[1:], runs=runs)
+    write_record(args.out, record)
     return 0
 
 

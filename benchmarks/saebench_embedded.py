@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import device_name, versions  # noqa: E402
+from harness import script_record, write_record  # noqa: E402
 
 PRESETS = ("embedded", "embedded-local", "embedded-e2e-ds")
 
@@ -72,14 +71,9 @@ def main(argv=None) -> int:
             for run_dir in sorted(p for p in sweep_dir.iterdir() if (p / "config.yaml").is_file()):
                 results.append(dict(sweep_point=run_dir.name, **evaluate(run_dir, run_dir.name, plain=False)))
                 print(json.dumps({k: v for k, v in results[-1].items() if k != "saebench"}), flush=True)
-    record = dict(device=device_name(), versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                  load_average_1min=os.getloadavg()[0], cpu_count=os.cpu_count(),
-                  command=shlex.join(["python", "benchmarks/saebench_embedded.py",
-                                      *(argv if argv is not None else sys.argv[1:])]),
-                  results=results)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    record = script_record("benchmarks/saebench_embedded.py", argv if argv is not None else sys.argv[1:],
+                           results=results)
+    write_record(args.out, record)
     return 0
 
 
