@@ -268,11 +268,8 @@ def _eval(args) -> int:
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     # config.yaml + the overrides of its resumes (+ --set); no optimizer is built to evaluate
-    try:
-        metrics, path, state = evaluate_run(run_dir, overrides=args.overrides, n_tokens=args.tokens,
-                                            saebench=bool(args.saebench))
-    except ValueError as error:  # e.g. SAEBench's metrics asked of a run with several SAEs
-        raise ConfigError(str(error)) from None
+    metrics, path, state = evaluate_run(run_dir, overrides=args.overrides, n_tokens=args.tokens,
+                                        saebench=bool(args.saebench))
     print(f"eval of {path} (step {state['step']}, {state['tokens_seen']:,} training tokens) "
           f"on {metrics['eval/tokens']:,} held-out tokens:")
     print(summarize(metrics, prefix="eval/"))
@@ -349,10 +346,7 @@ def _eval_released(args) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator.build(config, saes)
     # eval.json only where --out says: the config's run_dir may be another run's directory
-    try:
-        metrics = evaluator.evaluate(args.tokens, run_dir=args.out, saebench=bool(args.saebench))
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    metrics = evaluator.evaluate(args.tokens, run_dir=args.out, saebench=bool(args.saebench))
     print(f"eval of {', '.join(args.sae)} on {config.model.name} ({metrics['eval/tokens']:,} held-out tokens):")
     print(summarize(metrics, evaluator.objective.hooks, "eval/"))
     if args.out:
@@ -382,6 +376,12 @@ def _finetune(args) -> int:
 
     if args.resume and args.saes:
         raise ConfigError("give SAEs or --resume RUN_DIR, not both")
+    fixed = [flag for flag, value in (("--model", args.model), ("--config", args.config), ("--tokens", args.tokens),
+                                      ("--fraction", args.fraction), ("--run-dir", args.run_dir),
+                                      ("--overwrite", args.overwrite)) if value]
+    if args.resume and fixed:
+        raise ConfigError(f"--resume continues the fine-tune as it was set up: {', '.join(fixed)} cannot change it "
+                          "(--set KEY=VALUE and --max-steps can)")
     if not args.saes and not args.resume:
         raise ConfigError("give the SAEs to fine-tune (PATH[@HOOK] ...), or --resume RUN_DIR")
     try:

@@ -98,6 +98,27 @@ def test_a_kernel_module_missing_something_else_is_an_error():
     assert _backend.missing_triton(ModuleNotFoundError("No module named 'triton'", name="triton")) is None
 
 
+def test_a_broken_triton_turns_the_kernels_off_with_a_warning(monkeypatch):
+    """A triton that is installed but fails to import (a driver or version mismatch) must not break
+    CPU use: the kernels are off, with a warning naming the error; an error of the kernel module
+    itself (triton importing fine) still raises."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken_triton(name, *args, **kwargs):
+        if name.split(".")[0] == "triton":
+            raise ImportError("libcuda.so.1: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken_triton)
+    with pytest.warns(RuntimeWarning, match="triton does not import.*libcuda"):
+        assert _backend.missing_triton(ImportError("cannot import name 'x' from 'triton'")) is None
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    with pytest.raises(ImportError, match="the kernel module's own"):
+        _backend.missing_triton(ImportError("the kernel module's own error"))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_kernels_launch_on_the_inputs_gpu():

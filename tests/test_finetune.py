@@ -283,3 +283,10 @@ def test_a_release_by_name_is_a_source_in_its_own_format(hub, release, written_a
         assert torch.equal(getattr(source.sae, name), getattr(from_file, name)), name
     assert source.hook == E2ESAE.from_pretrained(release, sae_id=sae_id).metadata["hook"]  # the release's name for it
     assert source.spec == f"{release}:{sae_id}"
+    # the fine-tune makes a new SAE: the release's identity is kept aside, not as the SAE's own
+    assert "release" not in source.sae.metadata and source.sae.metadata["from_release"]["release"] == release
+
+
+def test_resume_refuses_what_would_change_the_finetune(capsys):
+    code = main(["finetune", "--resume", "runs/nowhere", "--tokens", "1000", "--model", "embedded"])
+    assert code == 2 and "--model, --tokens cannot change it" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,19 +33,26 @@ from fastsae._files import atomic_write_text, read_json_object
 BACKENDS = ("auto", "triton", "torch")
 
 
-def missing_triton(error: ModuleNotFoundError) -> None:
-    """None, where ``error`` (raised by importing an op's kernel module) says that triton is not
-    installed: the kernels are optional and the references run everywhere. Any other missing module
-    is a broken install and raises.
+def missing_triton(error: ImportError) -> None:
+    """None, where ``error`` (raised by importing an op's kernel module) comes from triton: not
+    installed (silently: the kernels are optional and the references run everywhere), or installed
+    but failing to import (a warning, once per op: CPU use must not break on a broken GPU stack).
+    An error of the kernel module itself raises.
 
         try:
             from fastsae.kernels import topk_encoder as kernels
-        except ModuleNotFoundError as error:
+        except ImportError as error:
             kernels = missing_triton(error)
     """
-    if error.name is None or error.name.split(".")[0] != "triton":
-        raise error
-    return None
+    if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] == "triton":
+        return None
+    try:
+        import triton  # noqa: F401
+    except Exception as triton_error:  # triton itself is broken: not the kernel module
+        warnings.warn(f"triton does not import ({type(triton_error).__name__}: {triton_error}); the Triton kernels "
+                      "are off and the PyTorch references run", RuntimeWarning, stacklevel=2)
+        return None
+    raise error
 
 
 def interpreter_enabled() -> bool:

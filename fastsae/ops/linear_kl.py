@@ -52,7 +52,7 @@ from fastsae.kernels._logits import centered_terms, kl_from_sums, prepared_bias
 
 try:  # the Triton kernels: triton is optional, without it the reference runs everywhere
     from fastsae.kernels import linear_kl as kernels
-except ModuleNotFoundError as error:
+except ImportError as error:
     kernels = missing_triton(error)
 
 REDUCTIONS = ("mean", "sum", "none")

@@ -58,7 +58,7 @@ from fastsae.ops._sparse import accumulation_dtype
 
 try:  # the Triton kernels: triton is optional, without it the reference runs everywhere
     from fastsae.kernels import relu_autoencoder as kernels
-except ModuleNotFoundError as error:
+except ImportError as error:
     kernels = missing_triton(error)
 
 

@@ -13,7 +13,7 @@ from fastsae.ops._checks import check_same, check_shape, check_tensor, encoder_o
 
 try:  # the Triton kernels: triton is optional, without it the reference runs everywhere
     from fastsae.kernels import relu_encoder as kernels
-except ModuleNotFoundError as error:
+except ImportError as error:
     kernels = missing_triton(error)
 
 

@@ -16,7 +16,7 @@ from fastsae.ops._sparse import accumulation_dtype, gather_rows_weighted, scatte
 
 try:  # the Triton kernels: triton is optional, without it the reference runs everywhere
     from fastsae.kernels import topk_encoder as kernels
-except ModuleNotFoundError as error:
+except ImportError as error:
     kernels = missing_triton(error)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from fastsae import distributed
 from fastsae.train import setup
-from fastsae.train.config import TrainConfig
+from fastsae.train.config import ConfigError, TrainConfig
 from fastsae.train.data import TokenStream
 from fastsae.train.metrics import firing_counts, write_eval_json
 from fastsae.train.objective import Objective
@@ -72,18 +72,20 @@ class Evaluator:
     def _saebench_metrics(self) -> CoreMetrics:
         objective = self.objective
         if len(objective.hooks) != 1:
-            raise ValueError(f"SAEBench's core metrics are of one SAE spliced alone; this eval has "
+            raise ConfigError(f"SAEBench's core metrics are of one SAE spliced alone; this eval has "
                              f"{len(objective.hooks)} ({objective.hooks}): evaluate one (--sae PATH@HOOK)")
         hook = objective.hooks[0]
         if objective.saes[hook].shard_count != 1:
-            raise ValueError("SAEBench's core metrics need a whole SAE; evaluate it unsharded (saes.shards=1)")
+            raise ConfigError("SAEBench's core metrics need a whole SAE; evaluate it unsharded (saes.shards=1)")
         return CoreMetrics(objective.saes[hook], hook, special_token_ids(self.lm.tokenizer))
 
     def _saebench_batch(self, core: CoreMetrics, batch) -> None:
         """SAEBench's metrics of one batch: the zero-ablated run from the same cached residual."""
         objective, hook = self.objective, core.hook
         start = objective.start_hook
-        ablated = zero_ablated_hidden(self.lm, batch.tokens, hook, start, None if start is None else batch.clean[start])
+        with objective._autocast():  # the precision of the clean and spliced runs it is compared with
+            ablated = zero_ablated_hidden(self.lm, batch.tokens, hook, start,
+                                          None if start is None else batch.clean[start])
         x, out = batch.saes[hook]
         core.add_batch(batch.tokens, x, out.reconstruction, batch.h_orig, batch.h_sae, ablated, objective.W_U,
                        objective.b_U, self.lm.logit_softcap)
@@ -132,6 +134,7 @@ class Evaluator:
                                                             keep_batch=True)
                 if core is not None:
                     self._saebench_batch(core, batch)
+                del batch  # the batch's activations: not held while the next batch runs
                 n = tokens.numel()
                 for key, value in metrics.items():  # token-weighted means over the eval set
                     sums[key] = sums.get(key, 0.0) + float(value) * n

@@ -106,9 +106,9 @@ def finetune(specs: list[str], *, model: str | None = None, config: str | None =
         log(f"fastsae finetune: note: {note}")
     if main:
         # Claimed (an old run moved aside with overwrite, refused without) before anything is written
-        # or measured; fit() claims it again as a fresh directory, where finetune.json stays.
+        # or measured, and held through the before-eval; released just before fit() claims it again
+        # as a fresh directory, where finetune.json stays.
         note = ckpt.claim_run_dir(trainer.run_dir, resume=False, overwrite=overwrite)
-        ckpt.release_run_dir(trainer.run_dir)
         if note:
             log(f"fastsae finetune: {note}")
     budget = decided["budget"]
@@ -123,6 +123,7 @@ def finetune(specs: list[str], *, model: str | None = None, config: str | None =
     if main:  # written before training, so that --resume finishes the comparison
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(trainer.run_dir / FINETUNE_FILE, json.dumps(record, indent=2))
+        ckpt.release_run_dir(trainer.run_dir)
     return _train_and_finish(trainer, record, max_steps, log)
 
 
@@ -195,8 +196,13 @@ def write_back(trainer, record: dict) -> dict[str, str]:
             continue
         out = trainer.run_dir / OUT_DIR / _output_name(source)
         rec = sae.to_record()
-        rec.metadata = {**rec.metadata, "finetune": {"from": source["sae"], "tokens": trainer.tokens_seen,
-                                                     "run": str(trainer.run_dir)}}
+        # A new SAE: a released source's identity (release, SAE id, Neuronpedia page; moved aside by
+        # load_source) goes under "finetune", so that nothing reads the fine-tuned SAE as the release.
+        metadata = dict(rec.metadata)
+        released = metadata.pop("from_release", None)
+        rec.metadata = {**metadata, "finetune": {"from": source["sae"], "tokens": trainer.tokens_seen,
+                                                 "run": str(trainer.run_dir),
+                                                 **({"from_release": released} if released else {})}}
         formats.save(rec, out, fmt)
         written[hook] = str(out)
     return written

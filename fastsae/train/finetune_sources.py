@@ -88,6 +88,8 @@ def load_source(spec: str) -> Source:
         raise ConfigError(f"{spec}: the SAE does not say which hook it reads; give it as {path}@HOOK")
     sae = E2ESAE.from_record(record)
     sae.metadata.setdefault("hook", hook)
+    if "release" in sae.metadata:  # the fine-tune's checkpoints and output are new SAEs, not the release
+        sae.metadata["from_release"] = sae.metadata.pop("release")
     tokens, loss, model, final_lr = None, None, record.metadata.get("model"), None
     directory = None
     if found in ("fastsae-run", "fastsae-checkpoint"):

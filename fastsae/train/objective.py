@@ -49,7 +49,6 @@ class Batch:
     train: bool
     saes: dict = field(default_factory=dict)  # hook -> (the SAE's input x, its SAEForward)
     kl: torch.Tensor | None = None
-    h_orig: torch.Tensor | None = None  # the clean run's final hidden state (e2e)
     downstream: torch.Tensor | None = None  # the weighted downstream MSE (e2e+ds)
     clean: dict = field(default_factory=dict)  # hook -> clean activations
     captured: dict = field(default_factory=dict)  # hook -> spliced activations
