@@ -53,11 +53,11 @@ sys.path.insert(0, str(HERE))
 # GPUs). Every BENCH_FILES entry has its own (tests/test_benchmarks.py checks).
 BUDGETS = {"gpu_tests": 60, "bench_topk_encoder": 55, "bench_relu_encoder": 40, "bench_sparse_decoder": 35,
            "bench_relu_autoencoder": 45, "bench_linear_kl": 45, "bench_e2e_step": 60, "train_e2e": 60,
-           "train_local": 40, "distributed": 60, "kl_dispatch": 80, "topk_occupancy": 30}
+           "train_local": 40, "distributed": 60, "kl_dispatch": 80, "topk_occupancy": 30, "bench_matryoshka": 20}
 # The parts --parts chooses from ("bench": every BENCH_FILES entry, each its own part).
 PARTS = ("gpu_tests", "bench", "train_e2e", "train_local", "distributed", "kl_dispatch", "topk_occupancy")
 BENCH_FILES = ("bench_topk_encoder", "bench_relu_encoder", "bench_sparse_decoder", "bench_relu_autoencoder",
-               "bench_linear_kl", "bench_e2e_step")
+               "bench_linear_kl", "bench_e2e_step", "bench_matryoshka")
 # The model the training parts run: GPT-2 small's shape (smoke: a tiny one, same vocabulary).
 TRAIN_SHAPE = dict(n_layer=12, d_model=768, n_head=12, d_vocab=50_257)
 SMOKE_TRAIN_SHAPE = dict(n_layer=2, d_model=64, n_head=4, d_vocab=50_257)

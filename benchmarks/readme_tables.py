@@ -259,6 +259,38 @@ def dashboard_bench() -> str:
             + provenance(DASHBOARD_BENCH, record))
 
 
+MATRYOSHKA_BENCH = ("matryoshka/bench_cpu_small.json", "matryoshka/bench_cpu_full.json")
+MATRYOSHKA_VARIANTS = {
+    ("matryoshka_prefixes", "segmented"): "every prefix: segmented prefix sum, fastsae's",
+    ("matryoshka_prefixes", "masked"): "every prefix: a decode per prefix, later ids masked",
+    ("matryoshka_prefixes", "batchtopk"): "the whole code alone (BatchTopK's one decode)",
+    ("matryoshka_pass", "matryoshka"): "training pass: Matryoshka BatchTopK",
+    ("matryoshka_pass", "batchtopk"): "training pass: BatchTopK",
+}
+
+
+def matryoshka_bench() -> str:
+    """Matryoshka's prefix decodes both ways, and its training pass against BatchTopK's, forward +
+    backward, each with the cost model's work; ratios within one block of one record."""
+    rows, lines = [], []
+    for relative in MATRYOSHKA_BENCH:
+        record = load(relative)
+        blocks: dict[tuple, list] = {}
+        for r in record["rows"]:
+            blocks.setdefault((r["op"], r["shape"]), []).append(r)
+        for (op, shape), block in blocks.items():
+            for r in block:
+                label = MATRYOSHKA_VARIANTS.get((op, r["variant"]), r["variant"])
+                if r.get("group_widths") and r["variant"] == "segmented":
+                    label += f" (groups compacted to {'+'.join(map(str, r['group_widths']))} of {r['code_width']} slots)"
+                rows.append([shape.replace(" ", ", ") if r is block[0] else "", label, seconds(r["median_s"]),
+                             f"{r['median_s'] / block[0]['median_s']:.2f}x", f"{r['flops'] / 1e9:.3g}",
+                             f"{r['bytes'] / 1e6:,.0f}", size(r["peak_memory_bytes"])])
+        lines.append(provenance(relative, record))
+    return (table(["shape", "what (float32, forward + backward)", "median", "ratio", "GFLOP", "MB moved",
+                   "peak memory"], rows) + "\n\n" + "<br>\n".join(lines))
+
+
 CPU_SMALL = "cpu_small_intel-xeon-2-cores.json"
 
 
@@ -362,7 +394,7 @@ TABLES = {"cpu-paths": cpu_paths, "main-job": main_job, "presets": presets, "cpu
           "relu-memory": relu_memory, "analysis-bench": analysis_bench, "dashboard-runs": dashboard_runs,
           "dashboard-bench": dashboard_bench, "benchmark-report": benchmark_report,
           "saebench-presets": saebench_presets, "saebench-sweep": saebench_sweep,
-          "finetune": finetune, "finetune-headline": finetune_headline}
+          "finetune": finetune, "finetune-headline": finetune_headline, "matryoshka-bench": matryoshka_bench}
 
 
 # --------------------------------------------------------------------------------------- rewriting

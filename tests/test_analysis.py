@@ -539,3 +539,35 @@ def test_analyze_with_umap_reports_regions(tiny_sweep, tmp_path):
         assert (out / f"umap_{entry['a']}_vs_{entry['b']}.png").is_file()
         for region in entry["regions"]:
             assert region["sae"] in (entry["a"], entry["b"]) and region["size"] == len(region["latents"]) >= 10
+
+
+def test_analyze_gives_each_matryoshka_prefix_its_alive_latents_and_l0(tiny_sweep, lm, model_dir, tmp_path):
+    """A Matryoshka SAE's groups (the first nested prefix that holds each latent) reach analysis.json
+    with their alive latents and L0, straight from the dense code, analysis.md, and the saved
+    statistics' metadata."""
+    from fastsae.analysis import analyze
+    from fastsae.analysis.stream import held_out_batches, load_targets
+
+    hook = "blocks.1.hook_resid_pre"
+    config = tiny_sweep / "local-s0.5-seed0" / "config.yaml"
+    torch.manual_seed(0)
+    sae = E2ESAE(lm.d_model, 48, "matryoshka_batchtopk", k=4, widths=[8, 24], metadata={"hook": hook}).eval()
+    with torch.no_grad():
+        sae.threshold.fill_(0.1)
+    assert sae_fingerprint(sae)  # a 0-d buffer (the threshold) hashes too
+    out = tmp_path / "out"
+    result = analyze([f"{sae.save_pretrained(tmp_path / 'matryoshka')}@{hook}"], out, n_tokens=64, config=str(config),
+                     model=str(model_dir), umap=False, log=lambda line: None)
+    (label, entry), = result["saes"].items()
+    tokens = torch.cat(list(TokenBatches(held_out_batches(lm, load_targets([tiny_sweep / "local-s0.5-seed0"]).config),
+                                         64)))
+    active = (sae.encode(lm.activations(tokens, [hook])[hook]) > 0).reshape(-1, 48)
+    want = [("prefix 1", 0, 8), ("prefix 2", 8, 24), ("prefix 3", 24, 48)]
+    assert [(g["label"], g["first"], g["end"]) for g in entry["latent_groups"]] == want
+    for group, (_, first, end) in zip(entry["latent_groups"], want):
+        assert group["latents"] == end - first and group["alive"] == int(active[:, first:end].any(0).sum())
+        assert group["l0"] == pytest.approx(float(active[:, first:end].sum()) / active.shape[0])
+    assert 0 < entry["latent_groups"][0]["alive"] and 0 < entry["latent_groups"][2]["alive"] < 24
+    assert "## Groups of latents (Matryoshka's nested prefixes)" in (out / "analysis.md").read_text()
+    saved = LatentStats.load(out / "latent_stats" / label.replace("/", "__").replace("@", "_at_"))
+    assert saved.metadata["latent_groups"] == [{"label": n, "first": a, "end": b} for n, a, b in want]

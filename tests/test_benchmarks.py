@@ -32,7 +32,7 @@ def test_benchmark_option_collects_the_benchmarks_alone():
     ops = {line.split("::")[0] for line in collected}
     assert ops == {f"benchmarks/bench_{op}.py" for op in
                    ("topk_encoder", "relu_encoder", "sparse_decoder", "relu_autoencoder", "linear_kl", "e2e_step",
-                    "analysis", "dashboard", "batchtopk")}
+                    "analysis", "dashboard", "batchtopk", "matryoshka")}
 
 
 def test_benchmark_option_deselects_tests_named_beside_it():

@@ -134,8 +134,10 @@ def _recorded_training_launches(arch: int, model, activation: str, sae_dtype: st
 
     _, d_model, d_vocab, api, softcap = model
     overrides = [f"saes.activation={activation}", f"saes.dtype={sae_dtype}", "saes.hooks=[blocks.6.hook_resid_pre]"]
-    if activation in ("topk", "batchtopk"):
+    if activation in ("topk", "batchtopk", "matryoshka_batchtopk"):
         overrides.append("saes.k=32")
+    if activation == "matryoshka_batchtopk":  # 46,080 latents: prefixes of 1/32, 1/8 and 1/2 of them
+        overrides.append("saes.params={widths: [1440, 5760, 23040]}")
     if activation == "jumprelu":
         overrides.append("saes.params={bandwidth: 0.001, init_threshold: 0.001}")
     cfg = load_config("gpt2-e2e", overrides)
@@ -194,7 +196,7 @@ def _uncompiled(launches, compiled: set) -> list[str]:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk", "batchtopk"])
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk"])
 def test_every_training_launch_has_a_compile_case(arch, activation):
     """Every kernel launch a training step and an evaluation batch make (the real Objective, its
     SAEs and the fused KL, recorded on meta tensors: compile_cases.recorded_launches) is a

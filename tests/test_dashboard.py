@@ -659,3 +659,54 @@ def test_compare_links_open_the_other_sae(browser, tiny, tmp_path):
     assert int(browser.find_element("css selector", "#latent-rows tr").get_attribute("data-latent")) == 0
     assert len(browser.find_elements("css selector", "#latent-rows tr")) == 40  # the other SAE's index
     assert _errors(browser) == []
+
+
+
+MATRYOSHKA_GROUPS = [{"label": "prefix 1", "first": 0, "end": 16}, {"label": "prefix 2", "first": 16, "end": 40},
+                     {"label": "prefix 3", "first": 40, "end": 64}]
+
+
+@pytest.fixture(scope="module")
+def matryoshka_site(tiny, tmp_path_factory):
+    """A dashboard of a Matryoshka SAE (prefixes of 16 and 40 of its 64 latents) beside the ReLU one."""
+    root = tmp_path_factory.mktemp("matryoshka_dashboard")
+    relu = tiny["sae"]
+    sae = E2ESAE(relu.d_in, relu.n_latents, "matryoshka_batchtopk", k=4, widths=[16, 40],
+                 metadata={"hook": HOOK}).eval()
+    with torch.no_grad():  # the ReLU SAE's weights; inference threshold 0: the same code
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(getattr(relu, name))
+    out = root / "dash"
+    build_dashboard(f"{sae.save_pretrained(root / 'matryoshka')}@{HOOK}", out, compare=tiny["spec"],
+                    model=str(tiny["model"]), config=str(tiny["config"]), n_tokens=256, device="cpu", log=None)
+    return out
+
+
+def test_matryoshka_groups_are_in_the_site_files(matryoshka_site):
+    """Each latent's group (the first nested prefix that holds it) reaches meta.js and the saved
+    statistics; an SAE without groups has none."""
+    first, second = read_data(matryoshka_site / "data" / "meta.js")["saes"]
+    assert first["groups"] == MATRYOSHKA_GROUPS and second["groups"] is None
+    saved = json.loads((matryoshka_site / "latent_stats" / first["key"] / "latent_stats.json").read_text())
+    assert saved["metadata"]["latent_groups"] == MATRYOSHKA_GROUPS
+
+
+def test_matryoshka_latents_show_their_prefix(browser, matryoshka_site):
+    """The index's prefix column and the latent's panel show the group; the ReLU SAE beside it
+    shows neither."""
+    index = (matryoshka_site / "index.html").resolve().as_uri()
+    second = read_data(matryoshka_site / "data" / "meta.js")["saes"][1]
+    _open(browser, index + "#latent=20")
+    panel = _latent_loaded(browser, 20)[0]
+    field = panel.find_element("css selector", "[data-field=group]")
+    assert field.find_element("css selector", "b").text == "prefix 2"
+    assert "in every nested prefix of 40 latents or more" in field.text
+    assert browser.find_element("id", "group-head").is_displayed()
+    cells = browser.find_elements("css selector", "#latent-rows td.group")
+    assert [cells[i].text for i in (0, 16, 63)] == ["prefix 1", "prefix 2", "prefix 3"]
+    browser.get(index + f"#sae={second['key']}&latent=3")
+    panel = _latent_loaded(browser, 3)[0]
+    _wait(browser, lambda d: not d.find_elements("css selector", "#latent-rows td.group"))
+    assert not browser.find_element("id", "group-head").is_displayed()
+    assert not panel.find_elements("css selector", "[data-field=group]")
+    assert _errors(browser) == []

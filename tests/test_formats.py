@@ -352,7 +352,7 @@ def test_cli_eval_of_a_released_sae(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 # what must not load, or not load silently wrong
 
-@pytest.mark.parametrize("architecture", ["gated", "transcoder", "matryoshka_batchtopk"])
+@pytest.mark.parametrize("architecture", ["gated", "transcoder", "matching_pursuit"])
 def test_saelens_other_architectures_are_refused(tmp_path, architecture):
     path = write_saelens_dir(tmp_path / "sl", "standard")
     cfg = json.loads((path / "cfg.json").read_text())
@@ -454,10 +454,13 @@ def test_against_saelens(tmp_path, activation, decoder_norm):
         sae_lens.SAE.load_from_disk(str(tmp_path / "fastsae" / "sae"))
 
 
+WIDTHS = [8, 24]  # Matryoshka's inner prefixes, of N = 48 latents
+
+
 def threshold_sae(activation, decoder_norm, seed=0):
-    """A JumpReLU or BatchTopK SAE in eval mode (its inference code: a threshold per latent, or one
-    for all), thresholds set so that part of the latents are gated off."""
-    params = {"k": K} if activation == "batchtopk" else {}
+    """A JumpReLU, BatchTopK or Matryoshka BatchTopK SAE in eval mode (its inference code: a
+    threshold per latent, or one for all), thresholds set so that part of the latents are gated off."""
+    params = {"jumprelu": {}, "batchtopk": {"k": K}, "matryoshka_batchtopk": {"k": K, "widths": WIDTHS}}[activation]
     torch.manual_seed(seed)
     sae = E2ESAE(D, N, activation, decoder_norm=decoder_norm, metadata={"hook": HOOK, "model": "tiny-model"},
                  **params).eval()
@@ -472,12 +475,13 @@ def threshold_sae(activation, decoder_norm, seed=0):
 
 
 @pytest.mark.parametrize("decoder_norm", ["forward", "project"])
-@pytest.mark.parametrize("activation", ["jumprelu", "batchtopk"])
+@pytest.mark.parametrize("activation", ["jumprelu", "batchtopk", "matryoshka_batchtopk"])
 def test_threshold_activations_against_saelens(tmp_path, activation, decoder_norm):
-    """JumpReLU and BatchTopK both ways with SAELens's own classes: our export loads with
-    SAE.load_from_disk (as a JumpReLU SAE, which is how SAELens saves BatchTopK for inference) and
-    runs the same function; SAELens's own files (a JumpReLU SAE; a BatchTopK training SAE with its
-    topk_threshold) load here with the same inference function."""
+    """JumpReLU, BatchTopK and Matryoshka BatchTopK both ways with SAELens's own classes: our export
+    loads with SAE.load_from_disk (as a JumpReLU SAE, which is how SAELens saves BatchTopK and
+    Matryoshka BatchTopK for inference) and runs the same function; SAELens's own files (a JumpReLU
+    SAE; a BatchTopK or Matryoshka BatchTopK training SAE with its topk_threshold, and its
+    matryoshka_widths) load here with the same inference function and the same prefixes."""
     sae_lens = pytest.importorskip("sae_lens")
     sae, x = threshold_sae(activation, decoder_norm), inputs()
     code = dense_code(sae, x)
@@ -500,8 +504,14 @@ def test_threshold_activations_against_saelens(tmp_path, activation, decoder_nor
         reference = native
     else:
         from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+        from sae_lens.saes.matryoshka_batchtopk_sae import (MatryoshkaBatchTopKTrainingSAE,
+                                                            MatryoshkaBatchTopKTrainingSAEConfig)
 
-        native = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D, d_sae=N, k=K, apply_b_dec_to_input=True))
+        if activation == "batchtopk":
+            native = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D, d_sae=N, k=K, apply_b_dec_to_input=True))
+        else:  # SAELens lists the whole dictionary as the last width
+            native = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+                d_in=D, d_sae=N, k=K, matryoshka_widths=[*WIDTHS, N], apply_b_dec_to_input=True))
         with torch.no_grad():
             for p in native.parameters():
                 p.normal_(0, 0.3)
@@ -511,6 +521,8 @@ def test_threshold_activations_against_saelens(tmp_path, activation, decoder_nor
         reference = sae_lens.SAE.load_from_disk(str(tmp_path / "native-inference"))
     ours = E2ESAE.from_pretrained(tmp_path / "native").eval()
     assert ours.activation == activation
+    if activation == "matryoshka_batchtopk":
+        assert ours.spec.params.widths == tuple(WIDTHS) and ours.spec.params.k == K
     with torch.no_grad():
         assert rel_err(ours(x), reference(x)) < 1e-5
         assert rel_err(dense_code(ours, x), reference.encode(x)) < 1e-5

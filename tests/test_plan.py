@@ -49,6 +49,28 @@ def test_largest_dictionary_fits_and_one_step_more_does_not():
     assert plan.usable == usable_memory(80 * GiB) < 80 * GiB
 
 
+def test_the_further_spliced_runs_a_kind_asks_for_are_counted_and_said():
+    """Matryoshka with prefix_loss: kl asks an e2e run for one more spliced run per inner prefix:
+    each keeps the blocks after the SAE for backward, and the plan says so; prefix_loss: mse and a
+    local run ask for none."""
+    from fastsae.train.plan import format_plan
+
+    kind = ["saes.activation=matryoshka_batchtopk", "saes.k=32"]
+    mse = memory_plan(load_config("gpt2-e2e", [*kind, "saes.params={widths: [1440, 5760]}"]))
+    cfg = load_config("gpt2-e2e", [*kind, "saes.params={widths: [1440, 5760], prefix_loss: kl}"])
+    kl = memory_plan(cfg)
+    gpt2, tokens, after_sae = KNOWN_MODELS["gpt2"], 16 * 1024, 12 - 6  # blocks 6..11 run with gradients
+    per_block = 12 * gpt2.d_model + 4 * gpt2.d_mlp + 3 * gpt2.n_heads * 1024  # per token, as the plan's LM term
+    assert (mse.extra_spliced_runs, kl.extra_spliced_runs) == (0, 2)
+    assert kl.items["LM activations"] - mse.items["LM activations"] == 2 * tokens * 4 * after_sae * per_block
+    assert kl.items["SAE activations"] == mse.items["SAE activations"]
+    text = " ".join(format_plan(kl, cfg).split())
+    assert "asks for 2 more spliced run(s) per step" in text and "3 times a plain e2e step's" in text
+    assert "spliced run" not in format_plan(mse, load_config("gpt2-e2e", [*kind, "saes.params={widths: [1440]}"]))
+    local = load_config("gpt2-local", [*kind, "saes.params={widths: [1440, 5760], prefix_loss: kl}"])
+    assert memory_plan(local).extra_spliced_runs == 0
+
+
 def test_errors_name_the_argument():
     cfg = load_config("gpt2-e2e", ["saes.shards=3"])
     with pytest.raises(ConfigError, match="saes.shards=3 must divide --gpus 4"):
@@ -100,7 +122,7 @@ print("PEAK_EXTRA_BYTES", status_bytes("VmHWM") - base)
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
-@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk", "matryoshka_batchtopk"])
 def test_plan_matches_the_measured_peak_of_training_steps(tmp_path, activation):
     """Two e2e steps on a tiny GPT-2 with a dictionary large enough to dominate: the peak RSS the
     steps add (gradients, Adam state, activations, workspaces; the weights exist before) is within
@@ -119,6 +141,8 @@ def test_plan_matches_the_measured_peak_of_training_steps(tmp_path, activation):
                  "device=cpu"]
     if activation == "topk":
         overrides += ["saes.k=8", "loss.auxk_coeff=0"]
+    if activation == "matryoshka_batchtopk":  # its inner prefixes' KL: two more spliced runs
+        overrides += ["saes.k=8", "loss.auxk_coeff=0", "saes.params={widths: [4096, 32768], prefix_loss: kl}"]
     if activation == "jumprelu":
         overrides += ["saes.params={bandwidth: 0.05, init_threshold: 0.05}"]
     script = _PROBE.format(tests=str(Path(__file__).parent), overrides=overrides, model_dir=str(model_dir))

@@ -5,7 +5,9 @@
                        inference). elementwise_encode gives the dense code where a user asks.
     select_code        topk_encode's per-token candidates, gathered over shards, and the kind's
                        select(); wider candidates while the kind asks for them (BatchTopK).
-    selection_pass     a selection code decoded by sparse_decode, with its sums and fire counts.
+    selection_pass     a selection code decoded by sparse_decode (decode_code; or a reconstruction
+                       the kind made itself, e.g. Matryoshka's prefix sums), with its sums and fire
+                       counts. decode_code(bias=False) gives a partial sum of decoder rows.
     dense_reference_pass   the kind's dense_forward a chunk of tokens at a time, each chunk kept
                        only as its inputs and outputs and recomputed in backward
                        (torch.utils.checkpoint), so the [chunk, n_latents] pre-activations and code
@@ -89,21 +91,26 @@ def select_code(sae, x: torch.Tensor, kind) -> SparseCode:
             return code
 
 
-def decode_code(sae, code: SparseCode) -> torch.Tensor:
+def decode_code(sae, code: SparseCode, bias: bool = True) -> torch.Tensor:
     """The reconstruction of a SparseCode: sparse_decode of this module's entries, the decoder rows
-    as the forward pass uses them ("forward" norm: the scale folded into the values)."""
+    as the forward pass uses them ("forward" norm: the scale folded into the values). bias=False:
+    without b_dec (a partial sum of decoder rows, summed over shards)."""
     values, local = sae.local_code(code)
     scale = sae.decoder_row_scale()
     if scale is not None:
         values = values * scale[local]
+    if not bias:
+        zero = torch.zeros(sae.d_in, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
+        return sae.sum_over_latents(ops.sparse_decode(values, local, sae.W_dec, zero))
     return sae.finish_reconstruction(ops.sparse_decode(values, local, sae.W_dec, sae.partial_bias()))
 
 
-def selection_pass(sae, code: SparseCode, p: float) -> PassSums:
-    """A selection code's reconstruction, Lp sum, L0 and fire counts."""
+def selection_pass(sae, code: SparseCode, p: float, reconstruction: torch.Tensor | None = None) -> PassSums:
+    """A selection code's reconstruction (decoded here unless the kind made it), Lp sum, L0 and
+    fire counts."""
     lp_sum = power_sum(code.values, p)
-    return PassSums(decode_code(sae, code), lp_sum, (code.values > 0).sum(-1, dtype=lp_sum.dtype),
-                    fire_counts(sae, code), {})
+    return PassSums(decode_code(sae, code) if reconstruction is None else reconstruction, lp_sum,
+                    (code.values > 0).sum(-1, dtype=lp_sum.dtype), fire_counts(sae, code), {})
 
 
 @torch.no_grad()

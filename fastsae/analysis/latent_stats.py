@@ -155,6 +155,17 @@ class LatentStats:
             out["latents_firing_above_10_percent"] = int((self.frequency > 0.1).sum())
         return out
 
+    def group_summary(self, groups: list[dict]) -> list[dict]:
+        """Per group of latents (latent_groups(sae): Matryoshka's nested prefixes), its latents,
+        alive ones and L0 (mean active latents of the group per token): {label, first, end,
+        latents, alive, l0}."""
+        out = []
+        for group in groups:
+            first, end = group["first"], group["end"]
+            out.append({**group, "latents": end - first, "alive": int(self.alive[first:end].sum()),
+                        "l0": float(self.count[first:end].sum()) / max(self.n_tokens, 1)})
+        return out
+
     # ------------------------------------------------------------------ files
 
     def save(self, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
@@ -208,6 +219,15 @@ class LatentStats:
         return stats
 
 
+def latent_groups(sae: E2ESAE) -> list[dict] | None:
+    """The groups of latents the SAE's kind distinguishes (Activation.latent_groups: Matryoshka's
+    nested prefixes, the group of a latent being the first prefix that holds it) as
+    [{label, first, end}], or None for an undivided dictionary. The analysis and the dashboard
+    show each latent's group from these."""
+    groups = sae.activation_fn.latent_groups(sae.n_latents)
+    return None if groups is None else [{"label": label, "first": first, "end": end} for label, first, end in groups]
+
+
 def sae_fingerprint(sae: E2ESAE) -> str:
     """A hash of an SAE's function (its parameters, activation, k, decoder norm), to tell whether
     saved statistics belong to it."""
@@ -216,7 +236,8 @@ def sae_fingerprint(sae: E2ESAE) -> str:
     for name, tensor in sorted(sae.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        # (reshaped: a 0-d buffer, BatchTopK's threshold, has no byte view of its own)
+        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

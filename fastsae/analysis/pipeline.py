@@ -9,7 +9,9 @@
 
 Over ``n_tokens`` held-out tokens (the eval split of the runs' data), for every SAE: per-latent
 statistics (firing frequency, mean and max activation, activation histogram, alive set; saved to
-OUT/latent_stats/<sae>/ for the dashboard and later analyses), the within-SAE similarity of its
+OUT/latent_stats/<sae>/ for the dashboard and later analyses; for a kind whose latents form groups,
+Matryoshka's nested prefixes, the groups, in those files' metadata, and each group's alive latents
+and L0 in analysis.json and analysis.md), the within-SAE similarity of its
 alive decoder directions, and its activation geometry (output vs input, and the spliced model's
 drift from the clean one downstream, with the explained-variance variants). Then, among the SAEs
 chosen as the paper does (fastsae.analysis.pairs: one local, e2e and e2e+ds SAE of similar CE
@@ -37,7 +39,7 @@ import torch
 
 from fastsae.analysis import pairs as pairing
 from fastsae.analysis.geometry import activation_pass
-from fastsae.analysis.latent_stats import LatentStats, sae_fingerprint
+from fastsae.analysis.latent_stats import LatentStats, latent_groups, sae_fingerprint
 from fastsae.analysis.similarity import (DEFAULT_BLOCK, bootstrap_mean_ci, bootstrap_mean_difference_ci,
                                          decoder_directions, histogram, max_cosine_similarity, resolve_precision)
 from fastsae.analysis.stream import (AnalysisError, TokenBatches, held_out_batches, load_language_model,
@@ -121,6 +123,8 @@ def analyze(specs, out, *, n_tokens: int = 1_000_000, model: str | None = None, 
     batches = TokenBatches(held_out_batches(lm, inputs.config, split=split), n_tokens, device=lm.device)
     log(f"streaming up to {n_tokens:,} {split} tokens through {len(targets)} SAE(s)")
     t0 = time.perf_counter()
+    for target in targets.values():  # the inference code (BatchTopK, Matryoshka: the threshold, not a batch selection)
+        target.sae.eval()
     geometry, stats = activation_pass(lm, batches, {label: (t.hook, t.sae) for label, t in targets.items()})
     stream_seconds = time.perf_counter() - t0
     log(f"  {batches.tokens:,} tokens in {stream_seconds:.0f} s" + (" (the held-out data ran out)" if batches.ran_out else ""))
@@ -145,6 +149,9 @@ def analyze(specs, out, *, n_tokens: int = 1_000_000, model: str | None = None, 
                  "latent_stats": {**stats[label].summary(),
                                   "l0": float(stats[label].count.sum()) / max(stats[label].n_tokens, 1),
                                   "files": f"latent_stats/{_safe_name(label)}"}}
+        groups = latent_groups(target.sae)
+        if groups is not None:  # a kind with groups of latents (Matryoshka's nested prefixes)
+            entry["latent_groups"] = stats[label].group_summary(groups)
         if len(ids) >= 2:
             values, nearest = max_cosine_similarity(decoder_directions(target.sae, ids), block=block, precision=precision)
             arrays[f"within/{label}/max_cosine"] = values.cpu()
@@ -274,7 +281,8 @@ def _write_outputs(out: Path, result: dict, targets, stats, geometry, arrays, in
         for label, target in targets.items():
             stats[label].save(stage / "latent_stats" / _safe_name(label), metadata={
                 "label": label, "hook": target.hook, "origin": target.origin, "kind": target.kind,
-                "sae_fingerprint": sae_fingerprint(target.sae), "model": inputs.config.model.name,
+                "sae_fingerprint": sae_fingerprint(target.sae), "latent_groups": latent_groups(target.sae),
+                "model": inputs.config.model.name,
                 "data": {"spec": inputs.config.data_spec(), "context_length": inputs.config.data.context_length,
                          "split": split}})
         save_file({k: v.contiguous() for k, v in arrays.items()}, str(stage / "similarities.safetensors"))

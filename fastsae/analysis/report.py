@@ -47,6 +47,17 @@ def markdown(result: dict) -> str:
               "output as the target (`calc_explained_variance(input, output)`). Norm ratio and cosine: means "
               "over tokens of per-token values."]
 
+    grouped = {label: sae["latent_groups"] for label, sae in result["saes"].items() if sae.get("latent_groups")}
+    if grouped:
+        lines += ["", "## Groups of latents (Matryoshka's nested prefixes)", "",
+                  "A latent's group is the first prefix of the dictionary that holds it; every larger prefix "
+                  "holds it too. L0: the group's active latents per token.", "",
+                  "| SAE | group | latents | alive here | L0 |", "|---|---|---|---|---|"]
+        for label, groups in grouped.items():
+            for g in groups:
+                lines.append(f"| {label} | {g['label']} | {g['first']:,}..{g['end'] - 1:,} | {g['alive']:,} / "
+                             f"{g['latents']:,} | {_f(g['l0'], 2)} |")
+
     for rule in ("ce", "l0"):
         for group in result["matched"][rule]:
             values = ", ".join(f"{kind} {label} ({group['values'][kind]:.4g})" for kind, label in group["targets"].items())

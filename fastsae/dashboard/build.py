@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from fastsae.analysis.latent_stats import LatentStats, sae_fingerprint
+from fastsae.analysis.latent_stats import LatentStats, latent_groups, sae_fingerprint
 from fastsae.analysis.similarity import nearest_latents
 from fastsae.analysis.stream import (ActivationStream, AnalysisError, SAETarget, held_out_batches, load_language_model,
                                      load_targets, resolve_device)
@@ -270,6 +270,7 @@ def build_dashboard(target: str, out: str | Path, *, compare: str | None = None,
             "n_latents": sae.n_latents, "d_in": sae.d_in, "activation": sae.activation, "k": sae.k,
             "alive": stats.n_alive, "dead": sae.n_latents - stats.n_alive, "shard": shard_size,
             "compare": across[key][0] if key in across else None,
+            "groups": latent_groups(sae),  # Matryoshka's nested prefixes: each latent's group is shown
         })
     title = " vs ".join(t.label for t in targets)
     meta = {"format": FORMAT, "version": VERSION, "title": title, "model": str(main.config.model.name),
@@ -286,7 +287,8 @@ def build_dashboard(target: str, out: str | Path, *, compare: str | None = None,
                        shard_size, token_shard, lm.d_vocab)
             collector.records[key].stats.save(site.root / "latent_stats" / key, metadata={
                 "label": t.label, "hook": t.hook, "origin": t.origin, "kind": t.kind,
-                "sae_fingerprint": sae_fingerprint(t.sae), "model": str(main.config.model.name),
+                "sae_fingerprint": sae_fingerprint(t.sae), "latent_groups": latent_groups(t.sae),
+                "model": str(main.config.model.name),
                 "data": {"spec": main.config.data_spec(), "context_length": main.config.data.context_length,
                          "split": split}})
         record = {

@@ -54,11 +54,11 @@ class SAEConfig:
     n_latents: int | None = _field(None, low=1, help="dictionary size; null: ratio * d_in")
     ratio: float | None = _field(60.0, low=0, help="n_latents / d_in when n_latents is null (the paper's dict_size_to_input_ratio)")
     activation: str = _field("relu", choices=ACTIVATION_NAMES, help="the SAE activation (fastsae.activations)")
-    k: int | float | None = _field(None, low=0, help="active latents per token (topk; batchtopk: on average over "
-                                                     "the batch)")
-    params: dict[str, int | float | bool | str] = _field(
+    k: int | float | None = _field(None, low=0, help="active latents per token (topk; batchtopk and "
+                                                     "matryoshka_batchtopk: on average over the batch)")
+    params: dict[str, int | float | bool | str | list[int]] = _field(
         {}, help="the activation's other hyperparameters, e.g. {bandwidth: 0.001, init_threshold: 0.001} for "
-                 "jumprelu, {threshold_lr: 0.01} for batchtopk")
+                 "jumprelu, {threshold_lr: 0.01} for batchtopk, {widths: [128, 512]} for matryoshka_batchtopk")
     decoder_norm: str = _field("forward", choices=DECODER_NORMS)
     init: str = _field("auto", choices=("auto", *INITS),
                        help="parameter init (E2ESAE's init=); auto: the activation's (paper for relu and jumprelu, "
@@ -79,7 +79,8 @@ class LossConfig:
     downstream_coeff: float = _field(0.0, low=0, help="total coefficient of the downstream MSE, split evenly over downstream_hooks")
     downstream_hooks: list[str] = _field([], help="later hook points whose activations must match the clean run (e2e+ds)")
     downstream_coeffs: list[float] | None = _field(None, help="per-hook coefficients instead of the even split")
-    auxk_coeff: float = _field(1 / 32, low=0, help="AuxK loss on dead latents (TopK SAEs only)")
+    auxk_coeff: float = _field(1 / 32, low=0, help="AuxK loss on dead latents (the selection kinds: topk, batchtopk, "
+                                                   "matryoshka_batchtopk)")
     auxk_k: int | None = _field(None, low=1, help="dead latents that reconstruct the residual; null: d_in // 2")
     balance: str | None = _field(
         None, choices=(None, "mse", "kl"),

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +137,7 @@ class MemoryPlan:
     gpu_memory: int
     largest_n_latents: int  # same config, this sharding: the largest dictionary that fits
     largest_n_latents_all_shards: int  # the same with every GPU a shard (saes.shards = gpus)
+    extra_spliced_runs: int = 0  # further runs of the blocks after the SAE per step that the kind asks for (e2e)
 
     @property
     def total(self) -> int:
@@ -236,9 +238,10 @@ def memory_plan(cfg: TrainConfig, *, gpus: int = 1, gpu_memory: int | str = 80 *
     lm = lm or lm_shape(cfg.model.name)
     n_latents = cfg.saes.n_latents or int(round(cfg.saes.ratio * lm.d_model))
     items, micro = _items(cfg, lm, n_latents, gpus, shards)
+    runs = _activation(cfg).memory(1, 1, lm.d_model, 4, 1).extra_spliced_runs if cfg.is_e2e else 0
     return MemoryPlan(items, gpus, shards, n_latents, micro, gpu_memory,
                       _largest(cfg, lm, gpus, shards, usable_memory(gpu_memory)),
-                      _largest(cfg, lm, gpus, gpus, usable_memory(gpu_memory)))
+                      _largest(cfg, lm, gpus, gpus, usable_memory(gpu_memory)), runs)
 
 
 def _largest(cfg, lm, gpus, shards, budget) -> int:
@@ -270,6 +273,13 @@ def format_plan(plan: MemoryPlan, cfg: TrainConfig) -> str:
     width = max(map(len, plan.items))
     lines += [f"  {name:<{width}}  {gib(value):>14}" for name, value in plan.items.items()]
     lines.append(f"  {'total':<{width}}  {gib(plan.total):>14}")
+    if plan.extra_spliced_runs:
+        runs = plan.extra_spliced_runs
+        lines += ["", *textwrap.wrap(
+            f"{cfg.saes.activation} asks for {runs} more spliced run(s) per step, one KL per further reconstruction "
+            "it trains (Matryoshka's inner prefixes with prefix_loss: kl): each keeps the blocks after the first SAE "
+            "for backward (in LM activations above) and repeats the spliced run's forward and backward and its "
+            f"fused KL, so the LM compute after the SAE is {1 + runs} times a plain e2e step's.", 100)]
     verdict = "fits" if plan.fits else "does NOT fit"
     lines.append(f"\n{verdict} in {gib(plan.gpu_memory)} ({gib(plan.usable)} usable after the CUDA context "
                  f"and {FRAGMENTATION:.0%} fragmentation reserve)")

@@ -162,6 +162,17 @@
 
   function frequency(i) { return state.index.count[i] / meta.tokens; }
 
+  // The group of latent i where the SAE's kind has groups of latents (Matryoshka's nested
+  // prefixes: the first prefix that holds it), else null.
+  function groupOf(sae, i) {
+    for (const group of sae.groups || []) if (i >= group.first && i < group.end) return group;
+    return null;
+  }
+  function groupTitle(sae, group) {
+    return "latents " + intfmt(group.first) + "\u2013" + intfmt(group.end - 1) + " of " + intfmt(sae.n_latents) +
+      ": in every nested prefix of " + intfmt(group.end) + " latents or more";
+  }
+
   function applyFilters() {
     const index = state.index;
     const n = state.sae.n_latents;
@@ -211,6 +222,8 @@
       const row = el("tr", { "data-latent": i, class: (state.index.count[i] ? "" : "dead") + (state.current === i ? " current" : ""),
         onclick: () => { location.hash = latentHref(state.sae, i); } },
         el("td", { class: "num" }, el("a", { href: latentHref(state.sae, i), text: String(i) })),
+        state.sae.groups ? el("td", { class: "group", title: groupTitle(state.sae, groupOf(state.sae, i)),
+          text: groupOf(state.sae, i).label }) : null,
         el("td", { class: "num", title: intfmt(state.index.count[i]) + " firings" },
           el("span", { class: "freqbar", style: "width:" + width.toFixed(1) + "px" }), pct(f)),
         el("td", { class: "num" }, fmt(state.index.max[i], 3)),
@@ -386,6 +399,12 @@
       stat(pct(count / meta.tokens), "frequency: " + intfmt(count) + " of " + intfmt(meta.tokens) + " tokens"),
       stat(fmt(state.index.max[r.i], 4), "max activation"),
       stat(fmt(state.index.mean[r.i], 3), "mean when firing"));
+    const group = groupOf(sae, r.i);
+    if (group) {
+      const field = stat(group.label, groupTitle(sae, group));
+      field.setAttribute("data-field", "group");
+      stats.appendChild(field);
+    }
     root.appendChild(stats);
     if (r.firing && r.firing.length) {
       const fires = el("div", { class: "stats" }, el("span", { class: "muted", text: "fires most on (tokens at its top activations): " }));
@@ -566,6 +585,7 @@
     state.current = null;
     $("sae-picker").value = sae.key;
     state.index = await load("index", sae.key, "data/" + sae.key + "/index.js");
+    $("group-head").hidden = !sae.groups;
     applyFilters();
   }
 
