@@ -310,19 +310,16 @@ def _eval_released(args) -> int:
     """`fastsae eval --sae PATH[@HOOK] ...`: SAEs from files, on the model they were trained on."""
     import json
 
-    from fastsae import E2ESAE
+    from fastsae import E2ESAE, formats
     from fastsae.train.config import ConfigError, load_config
     from fastsae.train.evaluator import Evaluator
     from fastsae.train.metrics import summarize
 
     saes = {}
     for spec in args.sae:
-        # PATH@HOOK: the hook follows the last "@" (unless the whole spec is an existing path)
-        path, hook = spec, None
-        if "@" in spec and not Path(spec).exists():
-            path, hook = spec.rsplit("@", 1)
+        path, hook = formats.split_hook(spec)
         try:
-            sae = E2ESAE.from_pretrained(path, hook=hook or None)
+            sae = E2ESAE.from_pretrained(path, hook=hook)
         except ValueError as error:
             raise ConfigError(f"--sae {spec}: {error}") from None
         hook = hook or sae.metadata.get("hook")

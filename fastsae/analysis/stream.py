@@ -39,6 +39,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from fastsae import formats
 from fastsae.sae import E2ESAE
 
 
@@ -138,18 +139,10 @@ def _run_targets(run_dir: Path, overrides: Sequence[str], device, *, require_eva
     return targets, config
 
 
-def _parse_sae_spec(spec: str) -> tuple[str, str | None]:
-    """PATH@HOOK: the hook follows the last "@", unless the whole spec is an existing path."""
-    if "@" in spec and not Path(spec).exists():
-        path, hook = spec.rsplit("@", 1)
-        return path, hook or None
-    return spec, None
-
-
 def _file_target(spec: str, device) -> SAETarget:
     from fastsae.formats.releases import split_release_name
 
-    path, hook = _parse_sae_spec(spec)
+    path, hook = formats.split_hook(spec)
     if not Path(path).exists() and split_release_name(path) is None:
         raise AnalysisError(f"{spec}: no such file or directory, nor a released SAE RELEASE:ID "
                             "(`fastsae releases` lists them)")

@@ -50,8 +50,17 @@ FORMATS = {
 CONFIG_NAME = native.CONFIG_NAME
 
 __all__ = ["FORMATS", "SAERecord", "detect_format", "export", "hook_from_sparsify", "load", "load_all", "save",
-           "sparsify_hookpoint"]
+           "sparsify_hookpoint", "split_hook"]
 
+
+
+def split_hook(spec: str) -> tuple[str, str | None]:
+    """PATH[@HOOK], as the commands take an SAE: (path, hook or None). The hook follows the last
+    "@", unless the whole spec is an existing path (a file name may hold an "@")."""
+    if "@" in spec and not Path(spec).exists():
+        path, hook = spec.rsplit("@", 1)
+        return path, hook or None
+    return spec, None
 
 def detect_format(path: str | os.PathLike) -> str:
     """The format of an SAE file or directory: one of FORMATS, "e2e_sae", "fastsae-run" (a run

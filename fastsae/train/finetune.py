@@ -77,7 +77,7 @@ from fastsae import formats
 from fastsae._files import atomic_write_text, read_json_object
 from fastsae.train import checkpoint as ckpt
 from fastsae.train.config import ConfigError
-from fastsae.train.finetune_sources import PAPER_SHARE, PRESETS, Source, finetune_config, load_source, parse_spec
+from fastsae.train.finetune_sources import PAPER_SHARE, PRESETS, Source, finetune_config, load_source
 from fastsae.train.metrics import EVAL_FILE
 from fastsae.train.trainer import Trainer
 
@@ -239,5 +239,5 @@ def compare(before: dict, after: dict, hooks: list[str]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PAPER_SHARE", "PRESETS", "Source", "compare", "finetune", "finetune_config", "load_source", "parse_spec",
+__all__ = ["PAPER_SHARE", "PRESETS", "Source", "compare", "finetune", "finetune_config", "load_source",
            "resume", "write_back"]

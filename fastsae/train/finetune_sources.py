@@ -57,14 +57,6 @@ class Source:
                 "training_tokens": self.training_tokens, "trained_with": self.loss, "final_lr": self.final_lr}
 
 
-def parse_spec(spec: str) -> tuple[Path, str | None]:
-    """PATH[@HOOK]: the hook follows the last "@" (unless the whole spec is an existing path)."""
-    if "@" in spec and not Path(spec).exists():
-        path, hook = spec.rsplit("@", 1)
-        return Path(path), hook or None
-    return Path(spec), None
-
-
 def load_source(spec: str) -> Source:
     """The SAE at PATH[@HOOK], or the released SAE RELEASE:ID (its files from the Hugging Face
     cache, fastsae.formats.releases), and what its files say about how it was trained."""
@@ -78,7 +70,8 @@ def load_source(spec: str) -> Source:
             path = path if releases.get_release(named[0]).converter.format == "e2e_sae" else path.parent
             found = formats.detect_format(path)
         else:
-            path, hook = parse_spec(spec)
+            path, hook = formats.split_hook(spec)
+            path = Path(path)
             found = formats.detect_format(path)
             record = formats.load(path, hook)
     except ValueError as error:
@@ -281,4 +274,4 @@ def _budget(sources: list[Source], base: TrainConfig, tokens, fraction, notes) -
             + (" (the paper's share)" if fraction is None else ""), "source_training_tokens": trained}
 
 
-__all__ = ["KIND_LOSS_KEYS", "PAPER_SHARE", "PRESETS", "Source", "finetune_config", "load_source", "parse_spec"]
+__all__ = ["KIND_LOSS_KEYS", "PAPER_SHARE", "PRESETS", "Source", "finetune_config", "load_source"]
