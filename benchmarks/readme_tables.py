@@ -23,6 +23,8 @@ import re
 import sys
 from pathlib import Path
 
+from fastsae.train.metrics import RUN_KINDS
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -343,7 +345,7 @@ def saebench_presets() -> str:
 def saebench_sweep() -> str:
     record = load(SAEBENCH_EMBEDDED)
     points = sorted((r for r in record["results"] if "sweep_point" in r),
-                    key=lambda r: (("local", "e2e", "e2e+ds").index(r["kind"]), r["sparsity_coeff"]))
+                    key=lambda r: (RUN_KINDS.index(r["kind"]), r["sparsity_coeff"]))
     rows = [_saebench_row(f"{r['kind']}, sparsity {r['sparsity_coeff']:g}", r) for r in points]
     header = ["sweep point"] + [name for name, *_ in SAEBENCH_COLUMNS]
     return table(header, rows) + "\n\n" + provenance(SAEBENCH_EMBEDDED, record)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
+    from fastsae.train.metrics import RUN_KINDS
+
     parser = argparse.ArgumentParser(prog="fastsae", description="Train end-to-end sparse autoencoders.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -105,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--family", default="embedded", help="preset family: embedded (default), gpt2, tinystories")
     sweep.add_argument("--out", help="directory of the runs (default: runs/sweep-FAMILY)")
     sweep.add_argument("--kinds", nargs="+", default=None, metavar="KIND", help="local e2e e2e+ds (default: all)")
-    for kind in ("local", "e2e", "e2e+ds"):
+    for kind in RUN_KINDS:
         sweep.add_argument(f"--{kind.replace('+', '-')}-coeffs", dest=f"coeffs_{kind}", nargs="+", type=float,
                            metavar="C", help=f"sparsity coefficients of the {kind} runs (default: the family's grid)")
     sweep.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")

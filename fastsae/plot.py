@@ -22,10 +22,10 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastsae.train.metrics import EVAL_FILE, RARE_FREQUENCY, read_eval_json
+from fastsae.train.metrics import EVAL_FILE, RARE_FREQUENCY, RUN_KINDS, read_eval_json
 
-KIND_ORDER = ("local", "e2e", "e2e+ds")
-KIND_STYLE = {"local": ("tab:blue", "o"), "e2e": ("tab:orange", "s"), "e2e+ds": ("tab:green", "^")}
+KIND_ORDER = RUN_KINDS
+KIND_STYLE = dict(zip(RUN_KINDS, [("tab:blue", "o"), ("tab:orange", "s"), ("tab:green", "^")]))
 COLUMNS = ("kind", "sparsity_coeff", "k", "seeds", "l0", "ce_increase", "kl", "alive", "rare", "n_latents",
            "explained_variance", "final_explained_variance", "training_tokens", "eval_tokens")
 RARE_LABEL = f"rare latents (fired on < 1 in {1 / RARE_FREQUENCY:,.0f} eval tokens)"

@@ -19,8 +19,9 @@ import math
 from dataclasses import dataclass
 
 from fastsae.analysis.stream import AnalysisError, SAETarget
+from fastsae.train.metrics import RUN_KINDS
 
-KINDS = ("local", "e2e", "e2e+ds")
+KINDS = RUN_KINDS
 CROSS_TYPE = (("e2e", "local"), ("e2e+ds", "local"), ("e2e", "e2e+ds"))
 RULES = {"ce": "ce_increase", "l0": "l0"}
 

@@ -167,8 +167,13 @@ def _parsed_step(line: str) -> float:
 EVAL_FILE = "eval.json"
 
 
+# The run kinds, in the paper's order: what the loss reconstructs (the SAE's input; the model's
+# output; the output and later activations). The one list the figures, tables and sweeps follow.
+RUN_KINDS = ("local", "e2e", "e2e+ds")
+
+
 def run_kind(config: dict) -> str:
-    """"local", "e2e" or "e2e+ds" from a config dict's loss section (TrainConfig.to_dict())."""
+    """The run's kind (one of RUN_KINDS) from a config dict's loss section (TrainConfig.to_dict())."""
     loss = config["loss"]
     if loss.get("downstream_coeff", 0) > 0:
         return "e2e+ds"

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from fastsae.train import checkpoint as ckpt
 from fastsae.train.config import ConfigError, load_config
-from fastsae.train.metrics import EVAL_FILE, read_eval_json
+from fastsae.train.metrics import EVAL_FILE, RUN_KINDS, read_eval_json
 
-KINDS = ("local", "e2e", "e2e+ds")
+KINDS = RUN_KINDS
 # The presets each family trains for each kind.
 FAMILIES = {
     "embedded": {"local": "embedded-local", "e2e": "embedded", "e2e+ds": "embedded-e2e-ds"},
