@@ -286,11 +286,11 @@ class E2ESAE(nn.Module):
         reconstruction = self.decode(code)
         return SAEOutput(reconstruction, code) if return_code else reconstruction
 
-    def training_forward(self, x: torch.Tensor, p: float = 1.0, *,
+    def training_forward(self, x: torch.Tensor, p: float | None = None, *,
                          settings: TrainingSettings | None = None) -> SAEForward:
         """The reconstruction and the loss terms training needs, from the activation's training pass.
 
-        p: the Lp norm of the sparsity term (loss.sparsity_p), for the activations that use it;
+        p: the Lp norm of the sparsity term (loss.sparsity_p, default 1), for the activations that use it;
         settings: what the run gives the pass (fastsae.activations.TrainingSettings: p, the loss
         coefficients, the dead latents for AuxK), instead of p. The pass is the activation's
         (fastsae.activations): a fused one (relu_autoencode, or topk_encode + sparse_decode) where it
@@ -300,7 +300,9 @@ class E2ESAE(nn.Module):
         written here, after the pass.
         """
         self._check_input(x)
-        settings = settings or TrainingSettings(p=p)
+        if settings is not None and p is not None:
+            raise ValueError("give p or settings (which holds p), not both")
+        settings = settings or TrainingSettings(p=1.0 if p is None else p)
         out = self.activation_fn.training_forward(self, x.reshape(-1, self.d_in), settings)
         if out.state:
             self._write_state(out.state)
