@@ -423,11 +423,12 @@ def _presets(args) -> int:
 
 
 def _sweep(args) -> int:
-    from fastsae.train.sweep import KINDS, run_sweep, sweep_points
+    from fastsae.train.metrics import RUN_KINDS
+    from fastsae.train.sweep import run_sweep, sweep_points
 
-    coeffs = {kind: getattr(args, f"coeffs_{kind}") for kind in KINDS if getattr(args, f"coeffs_{kind}")}
+    coeffs = {kind: getattr(args, f"coeffs_{kind}") for kind in RUN_KINDS if getattr(args, f"coeffs_{kind}")}
     args.out = args.out or f"runs/sweep-{args.family}"
-    points = sweep_points(args.out, args.family, args.kinds or KINDS, coeffs, args.seeds)
+    points = sweep_points(args.out, args.family, args.kinds or RUN_KINDS, coeffs, args.seeds)
     print(f"fastsae: sweep of {len(points)} runs ({args.family} presets) in {args.out}", flush=True)
     start = time.perf_counter()
     try:

@@ -24,7 +24,6 @@ from pathlib import Path
 
 from fastsae.train.metrics import EVAL_FILE, RARE_FREQUENCY, RUN_KINDS, read_eval_json
 
-KIND_ORDER = RUN_KINDS
 KIND_STYLE = dict(zip(RUN_KINDS, [("tab:blue", "o"), ("tab:orange", "s"), ("tab:green", "^")]))
 COLUMNS = ("kind", "sparsity_coeff", "k", "seeds", "l0", "ce_increase", "kl", "alive", "rare", "n_latents",
            "explained_variance", "final_explained_variance", "training_tokens", "eval_tokens")
@@ -123,8 +122,8 @@ def collect_points(run_dirs) -> list[Point]:
 
 
 def _sorted(points: list[Point]) -> list[Point]:
-    """By kind (KIND_ORDER first), then L0."""
-    order = {kind: i for i, kind in enumerate(KIND_ORDER)}
+    """By kind (RUN_KINDS first), then L0."""
+    order = {kind: i for i, kind in enumerate(RUN_KINDS)}
     return sorted(points, key=lambda p: (order.get(p.kind, len(order)), p.l0))
 
 
@@ -261,8 +260,8 @@ def draw(points: list[Point], stem: Path, title: str | None = None) -> list[Path
     width = 6 if not panels else 5 * (1 + len(panels))
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(width, 4), constrained_layout=True, squeeze=False)
     ax_ce, latent_axes = axes[0][0], axes[0][1:]
-    kinds = [k for k in KIND_ORDER if any(p.kind == k for p in points)] + sorted(
-        {p.kind for p in points} - set(KIND_ORDER))
+    kinds = [k for k in RUN_KINDS if any(p.kind == k for p in points)] + sorted(
+        {p.kind for p in points} - set(RUN_KINDS))
     for kind in kinds:
         curve = [p for p in points if p.kind == kind]
         color, marker = KIND_STYLE.get(kind, (None, "x"))

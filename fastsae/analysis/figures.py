@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fastsae.plot import KIND_ORDER, KIND_STYLE
+from fastsae.plot import KIND_STYLE
+from fastsae.train.metrics import RUN_KINDS
 
 OTHER_COLOR = "tab:gray"
 MAX_ROWS = 8  # SAEs drawn one per row where no matched set picks them
@@ -67,7 +68,7 @@ def featured(result: dict) -> list[str]:
     hook, or else the first MAX_ROWS SAEs."""
     if result["matched"]["ce"]:
         chosen = result["matched"]["ce"][0]["targets"]
-        return [chosen[kind] for kind in KIND_ORDER if kind in chosen]
+        return [chosen[kind] for kind in RUN_KINDS if kind in chosen]
     return list(result["saes"])[:MAX_ROWS]
 
 
@@ -77,7 +78,7 @@ def feature_density(result: dict, stem: Path) -> list[Path]:
     groups: dict = {}
     for label, sae in result["saes"].items():
         groups.setdefault(sae["kind"], []).append(label)
-    kinds = [k for k in KIND_ORDER if k in groups] + [k for k in groups if k not in KIND_ORDER]
+    kinds = [k for k in RUN_KINDS if k in groups] + [k for k in groups if k not in RUN_KINDS]
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.4), sharey=True, constrained_layout=True,
                              squeeze=False)
     for ax, kind in zip(axes[0], kinds):
@@ -116,7 +117,7 @@ def within_similarity(result: dict, stem: Path) -> list[Path]:
     """Histograms of each alive direction's max cosine similarity with another of its SAE:
     the matched sets (columns: similar CE, similar L0), or the first SAEs."""
     plt = _plt()
-    columns = [(f"similar {g['rule'].upper()} ({g['hook']})", [g["targets"][k] for k in KIND_ORDER if k in g["targets"]])
+    columns = [(f"similar {g['rule'].upper()} ({g['hook']})", [g["targets"][k] for k in RUN_KINDS if k in g["targets"]])
                for g in result["matched"]["ce"] + result["matched"]["l0"]]
     if not columns:
         columns = [("SAEs", list(result["saes"])[:MAX_ROWS])]
@@ -149,8 +150,8 @@ def within_similarity_vs(result: dict, stem: Path) -> list[Path] | None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True, constrained_layout=True)
     xs = (("l0", "L0 (active latents per token)"), ("ce_increase", "CE loss increase (nats)"),
           ("alive", "alive latents"))
-    kinds = [k for k in KIND_ORDER if any(s["kind"] == k for _, s in points)] + \
-        sorted({s["kind"] for _, s in points if s["kind"] not in KIND_ORDER}, key=str)
+    kinds = [k for k in RUN_KINDS if any(s["kind"] == k for _, s in points)] + \
+        sorted({s["kind"] for _, s in points if s["kind"] not in RUN_KINDS}, key=str)
     for ax, (key, xlabel) in zip(axes, xs):
         for kind in kinds:
             chosen = sorted((s for _, s in points if s["kind"] == kind and s["eval"].get(key) is not None),

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from fastsae.analysis.stream import AnalysisError, SAETarget
 from fastsae.train.metrics import RUN_KINDS
 
-KINDS = RUN_KINDS
 CROSS_TYPE = (("e2e", "local"), ("e2e+ds", "local"), ("e2e", "e2e+ds"))
 RULES = {"ce": "ce_increase", "l0": "l0"}
 
@@ -50,11 +49,11 @@ def matched_sets(targets: list[SAETarget], rule: str) -> list[dict]:
     hooks = sorted({t.hook for t in targets})
     for hook in hooks:
         best = None
-        seeds = sorted({t.seed for t in targets if t.hook == hook and t.kind in KINDS and t.seed is not None})
+        seeds = sorted({t.seed for t in targets if t.hook == hook and t.kind in RUN_KINDS and t.seed is not None})
         for seed in seeds:
             by_kind = {kind: [t for t in targets if t.hook == hook and t.kind == kind and t.seed == seed
-                              and _value(t, metric) is not None] for kind in KINDS}
-            kinds = [kind for kind in KINDS if by_kind[kind]]
+                              and _value(t, metric) is not None] for kind in RUN_KINDS}
+            kinds = [kind for kind in RUN_KINDS if by_kind[kind]]
             if len(kinds) < 2:
                 continue
             for combo in itertools.product(*(by_kind[kind] for kind in kinds)):

@@ -26,7 +26,6 @@ from fastsae.train import checkpoint as ckpt
 from fastsae.train.config import ConfigError, load_config
 from fastsae.train.metrics import EVAL_FILE, RUN_KINDS, read_eval_json
 
-KINDS = RUN_KINDS
 # The presets each family trains for each kind.
 FAMILIES = {
     "embedded": {"local": "embedded-local", "e2e": "embedded", "e2e+ds": "embedded-e2e-ds"},
@@ -60,15 +59,15 @@ def _coeff_text(coeff: float) -> str:
     return f"{coeff:g}"
 
 
-def sweep_points(out: str | os.PathLike, family: str = "embedded", kinds=KINDS,
+def sweep_points(out: str | os.PathLike, family: str = "embedded", kinds=RUN_KINDS,
                  coeffs: dict[str, list[float]] | None = None, seeds=(0,)) -> list[SweepPoint]:
     """The grid: every kind x sparsity coefficient x seed, with its run directory under `out`."""
     if family not in FAMILIES:
         raise ConfigError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
     kinds = list(kinds)
     for kind in kinds:
-        if kind not in KINDS:
-            raise ConfigError(f"kinds: each must be one of {KINDS}, got {kind!r}")
+        if kind not in RUN_KINDS:
+            raise ConfigError(f"kinds: each must be one of {RUN_KINDS}, got {kind!r}")
     coeffs = {**DEFAULT_COEFFS[family], **(coeffs or {})}
     points = []
     for kind in kinds:
