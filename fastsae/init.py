@@ -22,8 +22,11 @@ INIT_CHUNK_ROWS = 8192
 def draw_init(spec: SAESpec, *, rows: range | None = None, device=None, out=None,
               chunk_rows: int = INIT_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fp32 parameters the init of ``spec`` draws from torch's RNG: (W_enc [d_in, n], b_enc [n],
-    W_dec [n, d_in], b_dec [d_in]) for the latents in ``rows`` (all of them by default; n = len(rows)).
-    (spec.init, spec.decoder_norm and spec.init_encoder_as_decoder_transpose decide the draw.)
+    W_dec [n, d_out], b_dec [d_out]) for the latents in ``rows`` (all of them by default; n = len(rows)).
+    (spec.init, spec.decoder_norm and spec.init_encoder_as_decoder_transpose decide the draw; d_out
+    = d_in for an SAE. A transcoder's "topk" init, whose decoder cannot be the encoder's
+    transpose when d_out != d_in, draws its decoder rows as the encoder's are drawn, [n, d_out],
+    unit norm; its skip path, W_skip, starts at zero, as sparsify's and circuit-tracer's.)
 
     A block (``rows`` given, on the CPU) makes the whole SAE's draws in the same order and keeps
     only its latents, streaming the draws ``chunk_rows`` latents at a time, so a process of a
@@ -36,7 +39,7 @@ def draw_init(spec: SAESpec, *, rows: range | None = None, device=None, out=None
     The draws run on ``device`` (whose RNG they use); the results are kept on ``out`` (default:
     ``device``), so a block drawn on the CPU for a GPU never sits whole in host memory either.
     """
-    init, d_in, n_latents = spec.init, spec.d_in, spec.n_latents
+    init, d_in, d_out, n_latents = spec.init, spec.d_in, spec.d_out, spec.n_latents
     whole = rows is None
     out = device if out is None else out
     rows = range(n_latents) if whole else rows
@@ -63,27 +66,29 @@ def draw_init(spec: SAESpec, *, rows: range | None = None, device=None, out=None
 
     uniform = lambda bound: (lambda t: t.uniform_(-bound, bound))  # noqa: E731
     b_enc = torch.zeros(len(rows), device=out)
-    b_dec = torch.zeros(d_in, device=out)
+    b_dec = torch.zeros(d_out, device=out)
     if init == "topk":
         # encoder = nn.Linear(d_in, n_latents) (weight [n_latents, d_in]); decoder = its rows
         encoder_t = stream(n_latents, d_in, uniform(encoder_bound), keep_rows=rows)
-        decoder = encoder_t / encoder_t.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        decoder = encoder_t if d_out == d_in else stream(n_latents, d_out, uniform(1.0 / math.sqrt(d_out)),
+                                                         keep_rows=rows)
+        decoder = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-8)
         encoder = encoder_t.t()
     else:
         # orthogonal_ on the [n_latents, d_in] matrix, as the paper's code gives it to the
         # transpose of its [d_in, n_latents] decoder weight: orthonormal columns when
         # n_latents >= d_in, so each row has norm ~sqrt(d_in / n_latents).
-        if whole or n_latents < d_in:  # (fewer latents than d_in: orthogonal_ works on the transpose)
-            decoder = torch.empty(n_latents, d_in, device=device)
+        if whole or n_latents < d_out:  # (fewer latents than d_out: orthogonal_ works on the transpose)
+            decoder = torch.empty(n_latents, d_out, device=device)
             nn.init.orthogonal_(decoder)
             decoder = decoder[start:stop].to(out)
         else:
-            gram = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
+            gram = torch.zeros(d_out, d_out, dtype=torch.float64, device=device)
 
             def accumulate(block):  # A^T A: fp32 products per chunk, summed in float64
                 gram.add_((block.t() @ block).double())
 
-            draws = stream(n_latents, d_in, lambda t: t.normal_(0, 1), keep_rows=rows, each=accumulate)
+            draws = stream(n_latents, d_out, lambda t: t.normal_(0, 1), keep_rows=rows, each=accumulate)
             upper = torch.linalg.cholesky(gram, upper=True)  # A = Q R with diag(R) > 0, as orthogonal_'s
             # R is well conditioned (A^T A ~ n_latents * I): solving in fp32 keeps fp32 rounding
             decoder = torch.linalg.solve_triangular(upper.float().to(out), draws, upper=True, left=False)
@@ -91,7 +96,7 @@ def draw_init(spec: SAESpec, *, rows: range | None = None, device=None, out=None
         if init == "paper":  # the nn.Linear biases of the paper's encoder and decoder
             b_enc = stream(1, n_latents, uniform(encoder_bound), keep_cols=rows)[0]
             bound = 1.0 / math.sqrt(n_latents)
-            b_dec = torch.empty(d_in, device=device).uniform_(-bound, bound).to(out)
+            b_dec = torch.empty(d_out, device=device).uniform_(-bound, bound).to(out)
         else:  # "orthogonal": unit-norm directions
             decoder = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-8)
     if spec.init_encoder_as_decoder_transpose:

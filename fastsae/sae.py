@@ -11,6 +11,13 @@ encoding and the training pass (see fastsae.activations.base): it calls a fused 
 fastsae.ops.topk_encode and sparse_decode) or the chunked dense reference, and returns its named
 loss terms; the SAE holds the parameters and says where its latents are.
 
+A transcoder (Dunefsky et al. 2024; skip-transcoders: Paulo et al. 2025) is the same module with
+d_out (the width it writes, e.g. an MLP's output) and optionally skip=True, an affine skip path:
+x_hat = code @ W_dec + b_dec + x @ W_skip, W_dec [n_latents, d_out], b_dec [d_out], W_skip
+[d_in, d_out]. Its metadata["hook"] is "IN->OUT" (fastsae.spec.hook_in_out): it reads IN and
+replaces OUT. The skip is one torch.addmm whose epilogue adds the sparse reconstruction (cuBLAS's
+beta = 1 on a GPU), so it costs its GEMM and no further pass over the tokens.
+
 Decoder rows have unit norm, in one of two ways (``decoder_norm``):
 - "forward" (default, as in the paper's code): the forward pass uses W_dec's rows divided by
   their norms; the stored weight is never edited, which keeps Adam's moments consistent. The
@@ -29,6 +36,8 @@ documents its inits, decoder norms and code types where they are used.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -42,7 +51,7 @@ from fastsae.formats import SAERecord
 from fastsae.formats import releases
 from fastsae.init import draw_init
 from fastsae.sae_config import SAEConfig, hook_layer
-from fastsae.spec import DECODER_NORMS, INITS, SAESpec
+from fastsae.spec import DECODER_NORMS, INITS, SAESpec, hook_in_out
 
 __all__ = ["DECODER_NORMS", "INITS", "E2ESAE", "SAEForward", "SAEOutput", "SparseCode", "load_run"]
 
@@ -81,6 +90,8 @@ class E2ESAE(nn.Module):
             With decoder_norm="project" the stored rows are made unit norm whatever the init.
         init_encoder_as_decoder_transpose: start W_enc as the transpose of the unit-norm decoder
             directions instead of the init's own encoder.
+        d_out: the width it writes (a transcoder); None: d_in.
+        skip: a transcoder's affine skip path W_skip [d_in, d_out], starting at zero.
         metadata: JSON-serialisable facts saved with the weights (hook name, model name, ...).
         **params: the activation's other hyperparameters (jumprelu: bandwidth, init_threshold;
             batchtopk: threshold_lr); see its module in fastsae.activations.
@@ -88,11 +99,13 @@ class E2ESAE(nn.Module):
 
     def __init__(self, d_in: int, n_latents: int, activation: str = "relu", k=None, *,
                  decoder_norm: str = "forward", init: str | None = None,
-                 init_encoder_as_decoder_transpose: bool = False, metadata: dict | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None, **params):
+                 init_encoder_as_decoder_transpose: bool = False, d_out: int | None = None, skip: bool = False,
+                 metadata: dict | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, **params):
         super().__init__()
         spec = SAESpec.create(d_in, n_latents, activation, k=k, params=params, decoder_norm=decoder_norm,
-                              init=init, init_encoder_as_decoder_transpose=init_encoder_as_decoder_transpose)
+                              init=init, init_encoder_as_decoder_transpose=init_encoder_as_decoder_transpose,
+                              d_out=d_out, skip=skip)
         self._build(spec, spec.n_latents, metadata, dtype, device)
         self.reset_parameters()
 
@@ -101,8 +114,8 @@ class E2ESAE(nn.Module):
                   device: torch.device | str | None = None) -> "E2ESAE":
         """A new SAE of ``spec``, drawn from its init (device "meta": parameters not allocated)."""
         return cls(spec.d_in, spec.n_latents, spec.activation, decoder_norm=spec.decoder_norm, init=spec.init,
-                   init_encoder_as_decoder_transpose=spec.init_encoder_as_decoder_transpose, metadata=metadata,
-                   dtype=dtype, device=device, **spec.hyperparameters())
+                   init_encoder_as_decoder_transpose=spec.init_encoder_as_decoder_transpose, d_out=spec.d_out,
+                   skip=spec.skip, metadata=metadata, dtype=dtype, device=device, **spec.hyperparameters())
 
     def _build(self, spec: SAESpec, n_rows: int, metadata, dtype, device) -> None:
         """The parameters of ``spec`` for ``n_rows`` latents (all of them, or a shard's block)."""
@@ -117,8 +130,10 @@ class E2ESAE(nn.Module):
         # from_pretrained keep these strides; save_pretrained writes the contiguous SAELens layout.
         self.W_enc = nn.Parameter(torch.empty(n_rows, spec.d_in, **factory).t())
         self.b_enc = nn.Parameter(torch.zeros(n_rows, **factory))
-        self.W_dec = nn.Parameter(torch.empty(n_rows, spec.d_in, **factory))
-        self.b_dec = nn.Parameter(torch.zeros(spec.d_in, **factory))
+        self.W_dec = nn.Parameter(torch.empty(n_rows, spec.d_out, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(spec.d_out, **factory))
+        # a skip-transcoder's affine path, replicated on every shard as b_dec is
+        self.W_skip = nn.Parameter(torch.zeros(spec.d_in, spec.d_out, **factory)) if spec.skip else None
         for name, extra in self.activation_fn.extra_tensors.items():
             value = torch.empty((n_rows,) if extra.per_latent else (), device=device,
                                 dtype=torch.float32 if extra.fp32 else dtype)
@@ -138,6 +153,8 @@ class E2ESAE(nn.Module):
             return
         for name, value in zip(("W_enc", "b_enc", "W_dec", "b_dec"), draw_init(self.spec, device=self.W_dec.device)):
             getattr(self, name).copy_(value)
+        if self.W_skip is not None:
+            self.W_skip.zero_()
         self._fill_extra_tensors()
 
     @torch.no_grad()
@@ -149,12 +166,32 @@ class E2ESAE(nn.Module):
     # what the spec defines, as attributes
 
     d_in = property(lambda self: self.spec.d_in)
+    d_out = property(lambda self: self.spec.d_out, doc="the width it writes (d_in for an SAE)")
+    skip = property(lambda self: self.spec.skip, doc="whether it has a skip-transcoder's affine path")
     n_latents = property(lambda self: self.spec.n_latents)
     activation = property(lambda self: self.spec.activation, doc="the activation's name")
     k = property(lambda self: self.spec.k)
     decoder_norm = property(lambda self: self.spec.decoder_norm)
     init = property(lambda self: self.spec.init)
     init_encoder_as_decoder_transpose = property(lambda self: self.spec.init_encoder_as_decoder_transpose)
+
+    @property
+    def hook_in(self) -> str | None:
+        """The hook it reads (metadata["hook"]; for a transcoder, its IN), None where not recorded."""
+        hook = self.metadata.get("hook")
+        return None if hook is None else hook_in_out(hook)[0]
+
+    @property
+    def hook_out(self) -> str | None:
+        """The hook it writes: hook_in for an SAE, OUT for a transcoder "IN->OUT"."""
+        hook = self.metadata.get("hook")
+        return None if hook is None else hook_in_out(hook)[1]
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether it writes another activation than it reads: its hooks differ (metadata), or its
+        spec says so (d_out != d_in, or a skip path)."""
+        return self.spec.is_transcoder or self.hook_in != self.hook_out
 
     @property
     def dtype(self) -> torch.dtype:
@@ -180,7 +217,8 @@ class E2ESAE(nn.Module):
 
     def extra_repr(self) -> str:
         params = "".join(f", {key}={value!r}" for key, value in self.spec.hyperparameters().items())
-        return (f"d_in={self.d_in}, n_latents={self.n_latents}, activation={self.activation!r}{params}, "
+        coder = f", d_out={self.d_out}, skip={self.skip}" if self.spec.is_transcoder else ""
+        return (f"d_in={self.d_in}, n_latents={self.n_latents}{coder}, activation={self.activation!r}{params}, "
                 f"decoder_norm={self.decoder_norm!r}")
 
     # ----------------------------------------------------------------------------------------
@@ -266,7 +304,8 @@ class E2ESAE(nn.Module):
         return self.W_dec if scale is None else self.W_dec * scale.unsqueeze(1)
 
     def decode(self, code: torch.Tensor | SparseCode) -> torch.Tensor:
-        """The code from ``encode`` -> the reconstruction [..., d_in]."""
+        """The code from ``encode`` -> the reconstruction [..., d_out] (a skip-transcoder's skip path
+        reads x, which the code does not hold: forward() adds it, as add_skip(x, decode(code)))."""
         if isinstance(code, SparseCode):
             return paths.decode_code(self, code)
         if not isinstance(code, torch.Tensor):
@@ -283,16 +322,27 @@ class E2ESAE(nn.Module):
         uses training_forward(), which never builds a dense code.
         """
         code = self.encode(x)
-        reconstruction = self.decode(code)
+        reconstruction = self.add_skip(x, self.decode(code))
         return SAEOutput(reconstruction, code) if return_code else reconstruction
 
+    def add_skip(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """reconstruction + x @ W_skip for a skip-transcoder (else reconstruction as given): one
+        addmm, whose GEMM epilogue adds the reconstruction, so no separate pass over the tokens."""
+        if self.W_skip is None:
+            return reconstruction
+        flat = torch.addmm(reconstruction.reshape(-1, self.d_out), x.reshape(-1, self.d_in), self.W_skip)
+        return flat.reshape(*x.shape[:-1], self.d_out)
+
     def training_forward(self, x: torch.Tensor, p: float | None = None, *,
-                         settings: TrainingSettings | None = None) -> SAEForward:
+                         settings: TrainingSettings | None = None, target: torch.Tensor | None = None) -> SAEForward:
         """The reconstruction and the loss terms training needs, from the activation's training pass.
 
         p: the Lp norm of the sparsity term (loss.sparsity_p, default 1), for the activations that use it;
         settings: what the run gives the pass (fastsae.activations.TrainingSettings: p, the loss
-        coefficients, the dead latents for AuxK), instead of p. The pass is the activation's
+        coefficients, the dead latents for AuxK), instead of p.
+        target: what the reconstruction must match, [..., d_out], for a transcoder (the output it
+        replaces; an SAE's is x): the kinds' own reconstruction terms (AuxK's residual, Matryoshka's
+        prefix MSEs) read it, less the skip path. A transcoder's pass without one refuses those terms. The pass is the activation's
         (fastsae.activations): a fused one (relu_autoencode, or topk_encode + sparse_decode) where it
         has one, no [N, n_latents] code in forward or backward, else the chunked dense reference.
         Returns SAEForward (reconstruction shaped like x, mean L0, each latent's active tokens, the
@@ -303,12 +353,38 @@ class E2ESAE(nn.Module):
         if settings is not None and p is not None:
             raise ValueError("give p or settings (which holds p), not both")
         settings = settings or TrainingSettings(p=1.0 if p is None else p)
-        out = self.activation_fn.training_forward(self, x.reshape(-1, self.d_in), settings)
+        x2d = x.reshape(-1, self.d_in)
+        settings = dataclasses.replace(settings, target=self._residual_target(x, x2d, target))
+        out = self.activation_fn.training_forward(self, x2d, settings)
         if out.state:
             self._write_state(out.state)
-        reconstructions = {name: (value.reshape(x.shape), weight)
+        shape = (*x.shape[:-1], self.d_out)
+        reconstructions = {name: (self.add_skip(x2d, value).reshape(shape), weight)
                            for name, (value, weight) in (out.reconstructions or {}).items()}
-        return out._replace(reconstruction=out.reconstruction.reshape(x.shape), reconstructions=reconstructions)
+        return out._replace(reconstruction=self.add_skip(x2d, out.reconstruction).reshape(shape),
+                            reconstructions=reconstructions)
+
+    def _residual_target(self, x: torch.Tensor, x2d: torch.Tensor, target: torch.Tensor | None):
+        """TrainingSettings.target for a pass on x: None for an SAE without a target (the kinds
+        read x); else a function giving the target [N, d_out] less the skip path (its GEMM is run
+        only if a kind asks), or, for a transcoder without a target, one that refuses by name."""
+        if target is None:
+            if not self.is_transcoder:
+                return None
+
+            def missing():
+                raise ValueError(f"this transcoder ({self.metadata.get('hook', 'd_out=' + str(self.d_out))}) was asked "
+                                 "for a loss term that compares its output with its target (AuxK, Matryoshka's "
+                                 "prefix MSEs): call training_forward(x, target=<the activation it replaces>)")
+            return missing
+        if not isinstance(target, torch.Tensor) or tuple(target.shape) != (*x.shape[:-1], self.d_out):
+            got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+            raise ValueError(f"target must be a tensor of shape {(*x.shape[:-1], self.d_out)} (x's tokens by "
+                             f"d_out={self.d_out}), got {got}")
+        target2d = target.reshape(-1, self.d_out).to(self.dtype)
+        if self.W_skip is None:
+            return lambda: target2d
+        return functools.cache(lambda: torch.addmm(target2d, x2d, self.W_skip, alpha=-1))
 
     @torch.no_grad()
     def _write_state(self, state: dict) -> None:
@@ -340,8 +416,10 @@ class E2ESAE(nn.Module):
     # save / load: facades over fastsae.formats, through SAE records
 
     def tensor_names(self) -> tuple[str, ...]:
-        """The tensors that define this SAE: W_enc, b_enc, W_dec, b_dec and the activation's."""
-        return ("W_enc", "b_enc", "W_dec", "b_dec", *self.activation_fn.extra_tensors)
+        """The tensors that define this SAE: W_enc, b_enc, W_dec, b_dec, a skip-transcoder's W_skip
+        and the activation's."""
+        skip = ("W_skip",) if self.spec.skip else ()
+        return ("W_enc", "b_enc", "W_dec", "b_dec", *skip, *self.activation_fn.extra_tensors)
 
     def latent_dim(self, name: str) -> int | None:
         """The dimension along which tensor ``name`` holds latents (None: it holds none)."""

@@ -97,7 +97,7 @@ def test_spliced_logits_equal_run_with_hooks(tmp_path, model_dir, lm):
     batch = Batch(tokens, train=False)
     with torch.no_grad():
         _, clean = lm.clean_run(tokens, [trainer.start_hook])
-        hidden, _ = lm.spliced_run(tokens, {h: trainer.objective.replacement(h, batch) for h in trainer.hooks},
+        hidden, _ = lm.spliced_run(tokens, trainer.objective.replacements(batch),
                                    start_hook=trainer.start_hook, start_acts=clean[trainer.start_hook])
         logits = hidden @ lm.W_U + lm.b_U
         hooks = [(h, lambda acts, hook, sae=trainer.saes[h]: sae(acts)) for h in trainer.hooks]

@@ -14,8 +14,10 @@ from fastsae.activations.code import LossTerm, TrainingSettings
 
 
 def auxk_loss(sae, x: torch.Tensor, reconstruction: torch.Tensor, dead: torch.Tensor,
-              k_aux: int | None = None) -> torch.Tensor:
-    """AuxK: the k_aux largest pre-activations among the dead latents reconstruct e = x - x_hat.
+              k_aux: int | None = None, target: torch.Tensor | None = None) -> torch.Tensor:
+    """AuxK: the k_aux largest pre-activations among the dead latents reconstruct e = x - x_hat
+    (target - x_hat for a transcoder: target [N, d_out] is what the code's reconstruction must
+    match; the dead latents still read x).
 
     dead: bool [n_latents]. Only the dead latents' columns of W_enc are read (an [n_dead, d_in]
     gather of its latent-major rows), and topk_encode walks the tokens in chunks, so no [N, n_latents] tensor is built.
@@ -23,14 +25,15 @@ def auxk_loss(sae, x: torch.Tensor, reconstruction: torch.Tensor, dead: torch.Te
     detached. Loss = ||e_hat - e||^2 / ||e - mean(e)||^2 (as sparsify), scaled by
     min(1, n_dead / k_aux) so that a few dead latents do not get the full weight.
     """
-    d_in = sae.d_in
+    d_in, d_out = sae.d_in, sae.W_dec.shape[1]
     k_aux = k_aux or d_in // 2
     dead_ids = dead.nonzero().squeeze(1)
     n_dead = dead_ids.numel()
     if n_dead == 0:
         return x.new_zeros((), dtype=torch.float32)
     x2 = x.detach().reshape(-1, d_in)
-    error = (x2 - reconstruction.detach().reshape(-1, d_in)).float()
+    goal = x2 if target is None else target.detach().reshape(-1, d_out)
+    error = (goal - reconstruction.detach().reshape(-1, d_out)).float()
     k = min(k_aux, n_dead)
     # The kernels specialise on their int arguments (equal to 1, divisible by 16): with the dead
     # set padded to a multiple of 16 latents (phantoms with bias -inf, never above a real one)
@@ -50,7 +53,7 @@ def auxk_loss(sae, x: torch.Tensor, reconstruction: torch.Tensor, dead: torch.Te
     scale = sae.decoder_row_scale()
     if scale is not None:  # "forward" decoder norm: the rows as the forward pass uses them
         values = values * scale[indices].to(values.dtype)
-    zero_bias = torch.zeros(d_in, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
+    zero_bias = torch.zeros(d_out, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
     error_hat = ops.sparse_decode(values, indices, sae.W_dec, zero_bias).float()
     variance = (error - error.mean(0)).pow(2).sum().clamp_min(1e-12)
     return min(1.0, n_dead / k_aux) * (error_hat - error).pow(2).sum() / variance
@@ -61,7 +64,8 @@ def auxk_term(sae, x: torch.Tensor, reconstruction: torch.Tensor, settings: Trai
     else {}."""
     if settings.dead is None or not settings.uses("auxk_coeff"):
         return {}
-    return {"auxk": LossTerm(auxk_loss(sae, x, reconstruction, settings.dead, settings.auxk_k), "auxk_coeff")}
+    target = None if settings.target is None else settings.reconstruction_target(x)
+    return {"auxk": LossTerm(auxk_loss(sae, x, reconstruction, settings.dead, settings.auxk_k, target), "auxk_coeff")}
 
 
 def check_auxk_sharding(shards: int, coefficients: dict) -> None:

@@ -7,7 +7,7 @@ and the kinds both read it without an import circle.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -81,12 +81,19 @@ class TrainingSettings:
     dead: bool [latents held here], the latents the trainer counts as dead (for AuxK); None: none
         known (eval, or a pass outside a trainer), and no AuxK.
     auxk_k: the dead latents that reconstruct the residual in AuxK (None: d_in // 2).
+    target: () -> [N, d_out], what the code's reconstruction must match (E2ESAE.training_forward
+        sets it: a transcoder's target less its skip path, computed when first asked); None: x.
     """
 
     p: float = 1.0
     coefficients: dict = field(default_factory=dict)
     dead: torch.Tensor | None = None
     auxk_k: int | None = None
+    target: Callable[[], torch.Tensor] | None = None
+
+    def reconstruction_target(self, x: torch.Tensor) -> torch.Tensor:
+        """What the code's reconstruction must match in a kind's own terms: x for an SAE."""
+        return x if self.target is None else self.target()
 
     def uses(self, coefficient: str) -> bool:
         """Whether a term weighted by `coefficient` counts in this run."""

@@ -118,7 +118,8 @@ class MatryoshkaBatchTopK(BatchTopK):
         prefixes = dict(zip(self.params.widths, inner))
         reconstructions = None
         if self.params.prefix_loss == "mse":
-            terms.update({f"prefix_mse_{width}": LossTerm(self.params.prefix_coeff * _mse(reconstruction, x))
+            target = settings.reconstruction_target(x)  # x, or a transcoder's target less its skip path
+            terms.update({f"prefix_mse_{width}": LossTerm(self.params.prefix_coeff * _mse(reconstruction, target))
                           for width, reconstruction in prefixes.items()})
         else:
             reconstructions = {f"prefix_{width}": (reconstruction, self.params.prefix_coeff)

@@ -37,7 +37,7 @@ from fastsae.ops.relu_autoencoder import memory_estimate
 
 
 class PassSums(NamedTuple):
-    """A path's result: reconstruction [N, d_in]; lp_sum, l0 [N] (summed over every latent, all
+    """A path's result: reconstruction [N, d_out]; lp_sum, l0 [N] (summed over every latent, all
     shards); fire_counts int32 [latents held here]; per_token: the extra per-token sums a dense
     pass was asked for (empty elsewhere)."""
 
@@ -100,7 +100,7 @@ def decode_code(sae, code: SparseCode, bias: bool = True) -> torch.Tensor:
     if scale is not None:
         values = values * scale[local]
     if not bias:
-        zero = torch.zeros(sae.d_in, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
+        zero = torch.zeros(sae.W_dec.shape[1], dtype=sae.W_dec.dtype, device=sae.W_dec.device)
         return sae.sum_over_latents(ops.sparse_decode(values, local, sae.W_dec, zero))
     return sae.finish_reconstruction(ops.sparse_decode(values, local, sae.W_dec, sae.partial_bias()))
 

@@ -1,8 +1,9 @@
 """fastsae's own SAE directory: cfg.json + sae_weights.safetensors.
 
 cfg.json holds the SAE's spec (fastsae.spec.SAESpec: d_in, n_latents, activation, its
-hyperparameters as "params", decoder_norm, init, init_encoder_as_decoder_transpose; "k" repeated at
-the top level for readers of earlier files), the dtype and the metadata. The safetensors file holds
+hyperparameters as "params", decoder_norm, init, init_encoder_as_decoder_transpose, d_out and skip
+(a transcoder's); "k" repeated at the top level for readers of earlier files), the dtype and the
+metadata. The safetensors file holds
 exactly the tensors the spec implies (W_enc in SAELens's contiguous [d_in, n_latents] layout).
 Files written before params / init were saved load with the activation's defaults (init from
 metadata.init where an earlier version put it there).
@@ -31,7 +32,8 @@ WEIGHTS_NAME = "sae_weights.safetensors"
 FORMAT_NAME = "fastsae.E2ESAE"
 SAELENS_REFUSAL = ("fastsae.E2ESAE: not a SAELens SAE; convert it with "
                    "E2ESAE.save_pretrained(path, format='saelens') or `fastsae export`")
-_SPEC_KEYS = {"d_in", "n_latents", "activation", "params", "decoder_norm", "init", "init_encoder_as_decoder_transpose"}
+_SPEC_KEYS = {"d_in", "n_latents", "activation", "params", "decoder_norm", "init", "init_encoder_as_decoder_transpose",
+              "d_out", "skip"}
 _CONFIG_KEYS = _SPEC_KEYS | {"format", "fastsae_version", "k", "dtype", "metadata", "architecture",
                              "apply_b_dec_to_input", "normalize_activations"}
 

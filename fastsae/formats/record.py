@@ -30,8 +30,10 @@ class SAERecord:
 
 def expected_shapes(spec: SAESpec) -> dict[str, tuple[int, ...]]:
     """The name and shape of every tensor an SAE of ``spec`` holds."""
-    d, n = spec.d_in, spec.n_latents
-    shapes = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+    d, n, d_out = spec.d_in, spec.n_latents, spec.d_out
+    shapes = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d_out), "b_dec": (d_out,)}
+    if spec.skip:
+        shapes["W_skip"] = (d, d_out)
     for name, extra in spec.kind.extra_tensors.items():
         shapes[name] = (n,) if extra.per_latent else ()
     return shapes
@@ -66,7 +68,7 @@ def check_tensors(where, spec: SAESpec, tensors: dict) -> None:
     for name, shape in shapes.items():
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"{where}: {name} has shape {tuple(tensors[name].shape)}, expected {shape} "
-                             f"(d_in={spec.d_in}, n_latents={spec.n_latents})")
+                             f"(d_in={spec.d_in}, n_latents={spec.n_latents}, d_out={spec.d_out})")
 
 
 def export_tensors(record: SAERecord) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ import yaml
 
 from fastsae._dtypes import DTYPE_NAMES as DTYPES
 from fastsae.activations import ACTIVATION_NAMES, get_activation
-from fastsae.spec import DECODER_NORMS, INITS, check_params
+from fastsae.spec import DECODER_NORMS, INITS, check_params, hook_in_out
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -50,7 +50,9 @@ class ModelConfig:
 
 @dataclass
 class SAEConfig:
-    hooks: list[str] = _field(["blocks.1.hook_resid_pre"], help="hook points, one SAE each")
+    hooks: list[str] = _field(["blocks.1.hook_resid_pre"], help="hook points, one SAE each; IN->OUT for a "
+                              "transcoder that reads IN and replaces OUT (e.g. "
+                              "blocks.1.ln2.hook_normalized->blocks.1.hook_mlp_out)")
     n_latents: int | None = _field(None, low=1, help="dictionary size; null: ratio * d_in")
     ratio: float | None = _field(60.0, low=0, help="n_latents / d_in when n_latents is null (the paper's dict_size_to_input_ratio)")
     activation: str = _field("relu", choices=ACTIVATION_NAMES, help="the SAE activation (fastsae.activations)")
@@ -64,6 +66,8 @@ class SAEConfig:
                        help="parameter init (E2ESAE's init=); auto: the activation's (paper for relu and jumprelu, "
                             "topk for topk and batchtopk)")
     init_encoder_as_decoder_transpose: bool = _field(False)
+    skip: bool = _field(False, help="transcoders (hooks IN->OUT) with an affine skip path W_skip [d_in, d_out] "
+                                    "(skip-transcoders)")
     dtype: str = _field("float32", choices=DTYPES, help="dtype the SAE parameters are stored and run in")
     shards: int = _field(1, low=1, help="ranks each SAE's latents are split across under torchrun (must divide "
                                         "the number of processes and n_latents); 1: every rank holds whole SAEs")
@@ -236,6 +240,12 @@ class TrainConfig:
             raise ConfigError("saes.hooks: give at least one hook point")
         if len(set(s.hooks)) != len(s.hooks):
             raise ConfigError(f"saes.hooks: each hook at most once, got {s.hooks}")
+        try:
+            plain = [hook for hook in s.hooks if len(set(hook_in_out(hook))) == 1]
+        except ValueError as error:
+            raise ConfigError(f"saes.hooks: {error}") from None
+        if s.skip and plain:
+            raise ConfigError(f"saes.skip: a skip path is a transcoder's (hooks IN->OUT); {plain} are SAE hooks")
         if s.n_latents is None and not s.ratio:
             raise ConfigError("saes.n_latents or saes.ratio must be set (the dictionary size)")
         kind = get_activation(s.activation)

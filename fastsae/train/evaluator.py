@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from fastsae import distributed
+from fastsae.spec import hook_in_out
 from fastsae.train import setup
 from fastsae.train.config import ConfigError, TrainConfig
 from fastsae.train.data import TokenStream
@@ -25,10 +26,11 @@ def reconstruction_hooks(lm, sae_hooks: list[str]) -> list[str]:
     blocks.L.hook_resid_pre for every block L after the first SAE's block, and the final residual
     (the last block's hook_resid_post, before ln_final); SAE hooks excluded. sae_hooks: in model
     order."""
-    first = max(lm.block_index(sae_hooks[0]), -1)
+    first = max(lm.block_index(hook_in_out(sae_hooks[0])[0]), -1)
     names = [f"blocks.{layer}.hook_resid_pre" for layer in range(first + 1, lm.n_layers)]
     names.append(f"blocks.{lm.n_layers - 1}.hook_resid_post")
-    return [hook for hook in names if hook not in sae_hooks]
+    touched = {name for hook in sae_hooks for name in hook_in_out(hook)}
+    return [hook for hook in names if hook not in touched]
 
 
 class Evaluator:
@@ -51,7 +53,7 @@ class Evaluator:
         lm.check_logit_free_path()
         hooks = setup.check_hooks(config, lm)
         layout = distributed.SINGLE
-        saes = setup.build_saes(config, hooks, lm.d_model, layout, device, saes)
+        saes = setup.build_saes(config, hooks, lm, layout, device, saes)
         return cls(Objective(config, lm, saes, hooks, layout, trackers={}), eval_dataset)
 
     def reconstruction_hooks(self) -> list[str]:
@@ -84,11 +86,12 @@ class Evaluator:
         objective, hook = self.objective, core.hook
         start = objective.start_hook
         with objective._autocast():  # the precision of the clean and spliced runs it is compared with
-            ablated = zero_ablated_hidden(self.lm, batch.tokens, hook, start,
+            # zeroed where the coder writes (a transcoder: its OUT, the MLP's output)
+            ablated = zero_ablated_hidden(self.lm, batch.tokens, objective.io[hook][1], start,
                                           None if start is None else batch.clean[start])
-        x, out = batch.saes[hook]
-        core.add_batch(batch.tokens, x, out.reconstruction, batch.h_orig, batch.h_sae, ablated, objective.W_U,
-                       objective.b_U, self.lm.logit_softcap)
+        sae_pass = batch.saes[hook]  # a transcoder is measured against the output it replaces
+        core.add_batch(batch.tokens, sae_pass.target, sae_pass.out.reconstruction, batch.h_orig, batch.h_sae, ablated,
+                       objective.W_U, objective.b_U, self.lm.logit_softcap)
 
     @torch.no_grad()
     def evaluate(self, n_tokens: int | None = None, *, run_dir: str | Path | None = None, step: int = 0,

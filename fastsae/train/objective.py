@@ -14,6 +14,12 @@ One e2e batch:
 Local training (no KL, no downstream term) runs the clean model only up to the last SAE hook. Eval
 always runs the spliced model.
 
+A transcoder "IN->OUT" (fastsae.spec.hook_in_out) reads IN and replaces OUT: the spliced run records
+its activation at IN and, at OUT, swaps the activation the model computed there (the MLP's output)
+for the transcoder's; that computed activation is its target, the one its MSE terms and metrics
+compare with (an SAE's target is its own input). The spliced run starts at IN's block; later hooks
+(downstream, eval) come after OUT. Local training reads IN and OUT in one clean run.
+
 loss.balance (Karvonen 2025, `fastsae finetune`) replaces the fixed kl_coeff and local_mse_coeff by
 this batch's balanced weights (term_weights): with "mse", local_mse_coeff / 2 on every SAE's MSE and
 local_mse_coeff x kl_coeff / 2 x (MSE / KL) on the KL, MSE the sum over the SAEs and the ratio
@@ -36,9 +42,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastsae.activations import LossTerm, TrainingSettings
+from typing import NamedTuple
+
+from fastsae.activations import LossTerm, SAEForward, TrainingSettings
+from fastsae.spec import hook_in_out
 from fastsae.train import losses
 from fastsae.train.config import ConfigError, TrainConfig
+
+
+class SAEPass(NamedTuple):
+    """One coder's pass in a batch: its input x, its target (what its output must match: x for an
+    SAE, the activation a transcoder replaces) and its SAEForward."""
+
+    x: torch.Tensor
+    target: torch.Tensor
+    out: SAEForward
 
 
 @dataclass
@@ -47,7 +65,8 @@ class Batch:
 
     tokens: torch.Tensor
     train: bool
-    saes: dict = field(default_factory=dict)  # hook -> (the SAE's input x, its SAEForward)
+    saes: dict = field(default_factory=dict)  # hook -> SAEPass (input, target, SAEForward)
+    inputs: dict = field(default_factory=dict)  # transcoder hook -> its input, recorded at IN in a spliced run
     kl: torch.Tensor | None = None
     downstream: torch.Tensor | None = None  # the weighted downstream MSE (e2e+ds)
     clean: dict = field(default_factory=dict)  # hook -> clean activations
@@ -81,14 +100,16 @@ class Objective:
     def __init__(self, config: TrainConfig, lm, saes: dict, hooks: list[str], layout, trackers: dict):
         self.config, self.lm, self.saes, self.hooks, self.layout = config, lm, saes, hooks, layout
         self.trackers = trackers
+        self.io = {hook: hook_in_out(hook) for hook in hooks}  # hook -> (the hook it reads, the hook it writes)
         self.downstream = config.downstream_weights()
-        last_sae_block = lm.block_index(hooks[-1])
+        last_written = self.io[hooks[-1]][1]
+        last_sae_block = lm.block_index(last_written)
         for hook in self.downstream:
-            if hook in hooks or lm.block_index(hook) < last_sae_block:
+            if hook in self.touched_hooks() or lm.block_index(hook) < last_sae_block:
                 raise ConfigError(f"config: loss.downstream_hooks: {hook!r} must come after the last SAE "
-                                  f"hook {hooks[-1]!r}")
+                                  f"hook {last_written!r}")
         try:
-            self.start_hook = lm.start_point(hooks[0])
+            self.start_hook = lm.start_point(self.io[hooks[0]][0])
         except ValueError:  # an SAE on the embedding: the spliced run starts from the tokens
             self.start_hook = None
         self.amp_dtype = torch.bfloat16 if config.amp == "bf16" else None
@@ -105,6 +126,10 @@ class Objective:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=enabled)
 
+    def touched_hooks(self) -> set[str]:
+        """Every hook a coder reads or writes."""
+        return {name for pair in self.io.values() for name in pair}
+
     def coefficients(self) -> dict[str, float]:
         """The run's loss coefficients by name, as the kinds' terms name them (LossTerm.coefficient)."""
         loss = self.config.loss
@@ -119,19 +144,48 @@ class Objective:
         dead = tracker.dead_mask() if train and tracker is not None and loss.auxk_coeff else None
         return TrainingSettings(p=loss.sparsity_p, coefficients=self.coefficients(), dead=dead, auxk_k=loss.auxk_k)
 
-    def run_sae(self, hook: str, acts: torch.Tensor, train: bool = True):
-        """The SAE's training pass on acts, in the SAE's dtype and outside autocast -> (x, SAEForward)."""
+    def run_sae(self, hook: str, acts: torch.Tensor, train: bool = True, target: torch.Tensor | None = None) -> SAEPass:
+        """The coder's training pass on acts, in its dtype and outside autocast -> SAEPass. target:
+        a transcoder's (the activation at its OUT); an SAE's is its input."""
         sae = self.saes[hook]
         x = acts.to(sae.dtype)
+        target = x if target is None else target.to(sae.dtype)
         with self._autocast(enabled=False):
-            return x, sae.training_forward(x, settings=self.settings(hook, train))
+            out = sae.training_forward(x, settings=self.settings(hook, train),
+                                       target=target if sae.is_transcoder else None)
+        return SAEPass(x, target, out)
 
-    def replacement(self, hook: str, batch: Batch):
-        """The function a spliced run calls at ``hook``: the SAE's output, recorded in the batch."""
+    def replacements(self, batch: Batch) -> dict:
+        """{hook name: the function a spliced run calls there}: each SAE's output at its hook; for
+        a transcoder, its input recorded at IN (passed on unchanged) and its output at OUT. Each
+        pass is recorded in the batch."""
+        functions = {}
+        for hook, (hook_in, hook_out) in self.io.items():
+            if hook_in != hook_out:
+                functions[hook_in] = self._recorder(hook, batch)
+            functions[hook_out] = self._replacement(hook, batch)
+        return functions
+
+    def _recorder(self, hook: str, batch: Batch):
+        def record(acts):
+            batch.inputs[hook] = acts
+            return acts
+
+        return record
+
+    def _replacement(self, hook: str, batch: Batch):
+        hook_in, hook_out = self.io[hook]
+
         def replace(acts):
-            x, out = self.run_sae(hook, acts, batch.train)
-            batch.saes[hook] = (x, out)
-            return out.reconstruction.to(acts.dtype)  # back to the LM's dtype
+            if hook_in == hook_out:
+                result = self.run_sae(hook, acts, batch.train)
+            else:
+                if hook not in batch.inputs:
+                    raise ValueError(f"transcoder {hook!r}: the model reached {hook_out!r} before {hook_in!r}; a "
+                                     "transcoder reads a hook that comes before the one it writes")
+                result = self.run_sae(hook, batch.inputs.pop(hook), batch.train, target=acts)
+            batch.saes[hook] = result
+            return result.out.reconstruction.to(acts.dtype)  # back to the LM's dtype
 
         return replace
 
@@ -156,12 +210,13 @@ class Objective:
                 batch.h_orig = h_orig
                 start = {} if self.start_hook is None else {"start_hook": self.start_hook,
                                                              "start_acts": batch.clean[self.start_hook]}
-                h_sae, batch.captured = lm.spliced_run(
-                    batch.tokens, {hook: self.replacement(hook, batch) for hook in self.hooks},
-                    capture_hooks=watched, **start)
+                h_sae, batch.captured = lm.spliced_run(batch.tokens, self.replacements(batch),
+                                                       capture_hooks=watched, **start)
             else:
-                for hook, acts in lm.activations(batch.tokens, self.hooks).items():
-                    batch.saes[hook] = self.run_sae(hook, acts, train)
+                acts = lm.activations(batch.tokens, sorted(self.touched_hooks()))
+                for hook, (hook_in, hook_out) in self.io.items():
+                    batch.saes[hook] = self.run_sae(hook, acts[hook_in], train,
+                                                    None if hook_in == hook_out else acts[hook_out])
 
         if spliced:
             batch.h_sae = h_sae
@@ -181,16 +236,16 @@ class Objective:
         terms = self.loss_terms(batch)
         fire_counts = {}
         for hook in self.hooks:
-            x, out = batch.saes[hook]
+            _, target, out = batch.saes[hook]  # a transcoder's metrics: of the output it replaces
             metrics[f"l0/{hook}"] = out.l0
-            metrics[f"mse/{hook}"] = losses.mse_loss(out.reconstruction, x).detach()
-            metrics[f"explained_variance/{hook}"] = losses.explained_variance(x, out.reconstruction)
+            metrics[f"mse/{hook}"] = losses.mse_loss(out.reconstruction, target).detach()
+            metrics[f"explained_variance/{hook}"] = losses.explained_variance(target, out.reconstruction)
             if not train:  # the variants the paper's code logs, to compare with its published runs
-                metrics[f"explained_variance_ln/{hook}"] = losses.explained_variance_ln(x, out.reconstruction)
+                metrics[f"explained_variance_ln/{hook}"] = losses.explained_variance_ln(target, out.reconstruction)
                 metrics[f"explained_variance_out_to_in/{hook}"] = losses.explained_variance_out_to_in(
-                    x, out.reconstruction)
+                    target, out.reconstruction)
                 metrics[f"explained_variance_out_to_in_ln/{hook}"] = losses.explained_variance_out_to_in(
-                    x, out.reconstruction, layer_norm=True)
+                    target, out.reconstruction, layer_norm=True)
             fire_counts[hook] = out.fire_counts
         metrics["l0"] = torch.stack([metrics[f"l0/{h}"] for h in self.hooks]).mean()
         if self.config.loss.balance is not None and batch.weights:
@@ -231,7 +286,7 @@ class Objective:
         term whose coefficient is 0 or that the batch does not have (the KL of a local pass). The
         weights applied are kept in batch.weights."""
         loss = self.config.loss
-        mses = {hook: losses.mse_loss(batch.saes[hook][1].reconstruction, batch.saes[hook][0])
+        mses = {hook: losses.mse_loss(batch.saes[hook].out.reconstruction, batch.saes[hook].target)
                 for hook in self.hooks} if loss.local_mse_coeff else {}
         batch.weights = weights = self.term_weights(batch, mses)
         terms = {}
@@ -241,7 +296,7 @@ class Objective:
             terms["downstream"] = 1.0 * batch.downstream
         per_sae: dict[str, list[torch.Tensor]] = {name: [] for name in SAE_TERM_ORDER}
         for hook in self.hooks:
-            x, out = batch.saes[hook]
+            out = batch.saes[hook].out
             named = dict(out.terms)
             if loss.local_mse_coeff:
                 named["local_mse"] = LossTerm(mses[hook], "local_mse_coeff")
@@ -266,7 +321,7 @@ class Objective:
         loss = self.config.loss
         weights = weights or self.coefficients()
         extra = [(hook, name, value, weight) for hook in self.hooks
-                 for name, (value, weight) in (batch.saes[hook][1].reconstructions or {}).items()]
+                 for name, (value, weight) in (batch.saes[hook].out.reconstructions or {}).items()]
         if not extra:
             return {}
         terms = {}
@@ -280,13 +335,13 @@ class Objective:
             with self._autocast():
                 h_orig = batch.h_orig
                 for hook, name, value, weight in extra:
-                    h_variant, _ = self.lm.spliced_run(batch.tokens, {hook: lambda acts, v=value: v.to(acts.dtype)},
-                                                       **start)
+                    h_variant, _ = self.lm.spliced_run(
+                        batch.tokens, {self.io[hook][1]: lambda acts, v=value: v.to(acts.dtype)}, **start)
                     with self._autocast(enabled=False):
                         kl, _ = self._kl(h_variant, h_orig, batch.tokens)
                     terms[f"kl_{name}"] = (weight * weights["kl_coeff"]) * kl
         if loss.local_mse_coeff:
             for hook, name, value, weight in extra:
-                terms[f"local_mse_{name}"] = (weight * weights["local_mse_coeff"]) * losses.mse_loss(value,
-                                                                                                   batch.saes[hook][0])
+                terms[f"local_mse_{name}"] = (weight * weights["local_mse_coeff"]) * losses.mse_loss(
+                    value, batch.saes[hook].target)
         return terms

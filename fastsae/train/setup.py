@@ -15,7 +15,7 @@ from fastsae import distributed
 from fastsae._dtypes import DTYPES
 from fastsae.sae import E2ESAE
 from fastsae.sharded import ShardedE2ESAE
-from fastsae.spec import SAESpec
+from fastsae.spec import SAESpec, hook_in_out
 from fastsae.train.config import ConfigError, TrainConfig
 
 
@@ -50,25 +50,45 @@ def load_language_model(cfg: TrainConfig, model, device: torch.device):
     return lm, lm.device
 
 
-def sae_spec(cfg: TrainConfig, d_in: int) -> SAESpec:
-    """The spec of the config's SAEs for a model of width d_in; a ConfigError names a bad key."""
+def sae_spec(cfg: TrainConfig, d_in: int, d_out: int | None = None, transcoder: bool = False) -> SAESpec:
+    """The spec of the config's SAEs (transcoder: of its transcoders, which take saes.skip) reading
+    width d_in and writing d_out (None: d_in); a ConfigError names a bad key."""
     s = cfg.saes
     n_latents = s.n_latents or int(round(s.ratio * d_in))
     try:
         return SAESpec.create(d_in, n_latents, s.activation, k=s.k, params=s.params, decoder_norm=s.decoder_norm,
                               init=None if s.init == "auto" else s.init,
-                              init_encoder_as_decoder_transpose=s.init_encoder_as_decoder_transpose)
+                              init_encoder_as_decoder_transpose=s.init_encoder_as_decoder_transpose, d_out=d_out,
+                              skip=s.skip and transcoder)
     except ValueError as error:
         size = "" if s.n_latents else f" (n_latents = saes.ratio={s.ratio:g} x d_model={d_in})"
         raise ConfigError(f"config: saes: {error}{size}") from None
 
 
-def build_saes(cfg: TrainConfig, hooks: list[str], d_model: int, layout, device: torch.device,
+def hook_widths(lm, hooks: list[str]) -> dict[str, tuple[int, int]]:
+    """{hook: (d_in, d_out)}: d_model for an SAE (it reads the residual width); a transcoder's two
+    widths measured on one two-token run (an MLP's hidden layer, say, is d_mlp wide)."""
+    widths, probe = {}, None
+    for hook in hooks:
+        hook_in, hook_out = hook_in_out(hook)
+        if hook_in == hook_out:
+            widths[hook] = (lm.d_model, lm.d_model)
+            continue
+        if probe is None:
+            names = sorted({name for h in hooks for name in hook_in_out(h)})
+            probe = lm.activations(torch.zeros(1, 2, dtype=torch.long, device=lm.device), names)
+        widths[hook] = (probe[hook_in].shape[-1], probe[hook_out].shape[-1])
+    return widths
+
+
+def build_saes(cfg: TrainConfig, hooks: list[str], lm, layout, device: torch.device,
                saes: dict | None = None) -> dict[str, E2ESAE]:
     """One SAE per hook, on ``device``: fresh ones drawn from the config's seed (so two runs of one
     config start equal), or the caller's (E2ESAE objects, paths E2ESAE.from_pretrained reads, or
-    released SAEs as "RELEASE:ID").
+    released SAEs as "RELEASE:ID"). A transcoder hook "IN->OUT" gets a transcoder reading IN's
+    width and writing OUT's (hook_widths), with a skip path where saes.skip is set.
     With saes.shards > 1 each rank keeps its block of every SAE (ShardedE2ESAE)."""
+    widths = hook_widths(lm, hooks)
     sharded = layout.shards > 1
     coefficients = {name: getattr(cfg.loss, name) for name in ("sparsity_coeff", "auxk_coeff", "local_mse_coeff",
                                                                 "kl_coeff")}
@@ -82,12 +102,14 @@ def build_saes(cfg: TrainConfig, hooks: list[str], d_model: int, layout, device:
                 raise ConfigError(f"config: {error}") from None
 
     if saes is None:
-        spec = sae_spec(cfg, d_model)
-        check_runs([spec.kind(spec.params)])  # before drawing a large dictionary for nothing
+        specs = {hook: sae_spec(cfg, *widths[hook], transcoder=hook_in_out(hook)[0] != hook_in_out(hook)[1])
+                 for hook in hooks}
+        check_runs([spec.kind(spec.params) for spec in specs.values()])  # before drawing large dictionaries
         dtype = DTYPES[cfg.saes.dtype]
         torch.manual_seed(cfg.seed)
         saes = {}
         for hook in hooks:
+            spec = specs[hook]
             metadata = {"hook": hook, "model": cfg.model.name, "run": cfg.name}
             try:
                 saes[hook] = (ShardedE2ESAE.drawn(layout, spec, metadata=metadata, dtype=dtype, device=device)
@@ -100,8 +122,12 @@ def build_saes(cfg: TrainConfig, hooks: list[str], d_model: int, layout, device:
     saes = {hook: E2ESAE.from_pretrained(sae, hook=hook) if isinstance(sae, (str, Path)) else sae
             for hook, sae in saes.items()}
     for hook, sae in saes.items():
-        if sae.d_in != d_model:
-            raise ValueError(f"saes[{hook!r}] reads d_in={sae.d_in} but the model's d_model is {d_model}")
+        d_in, d_out = widths[hook]
+        if hook_in_out(hook)[0] == hook_in_out(hook)[1] and sae.d_in != d_in:
+            raise ValueError(f"saes[{hook!r}] reads d_in={sae.d_in} but the model's d_model is {d_in}")
+        if (sae.d_in, sae.d_out) != (d_in, d_out):
+            raise ValueError(f"saes[{hook!r}] reads d_in={sae.d_in} and writes d_out={sae.d_out}, but the model's "
+                             f"hooks {hook!r} are {d_in} and {d_out} wide")
     check_runs([sae.activation_fn for sae in saes.values()])
     if sharded:  # whole SAEs given by the caller: each rank keeps its block
         try:
@@ -168,11 +194,26 @@ def setup_layout(cfg: TrainConfig):
 
 
 def check_hooks(cfg: TrainConfig, lm) -> list[str]:
-    """The SAE hooks in the order the model computes them (the spliced run starts at the first),
-    after checking every SAE and downstream hook against the model."""
-    for hook in [*cfg.saes.hooks, *cfg.loss.downstream_hooks]:
+    """The SAE hooks in the order the model computes them (the spliced run starts at the first; a
+    transcoder "IN->OUT" sits where it reads), after checking every SAE, transcoder and downstream
+    hook against the model: a transcoder writes a hook no earlier than the one it reads, and no
+    two coders read or write the same hook."""
+    seen: dict[str, str] = {}
+    for hook in cfg.saes.hooks:
+        try:
+            hook_in, hook_out = hook_in_out(hook)
+            for name in dict.fromkeys((hook_in, hook_out)):
+                lm.validate_hook(name)
+                if name in seen:
+                    raise ValueError(f"{name!r} is used by two coders, {seen[name]!r} and {hook!r}")
+                seen[name] = hook
+            if lm.block_index(hook_out) < lm.block_index(hook_in):
+                raise ValueError(f"transcoder {hook!r} writes a hook of an earlier block than the one it reads")
+        except ValueError as error:
+            raise ConfigError(f"config: saes.hooks: {error}") from None
+    for hook in cfg.loss.downstream_hooks:
         try:
             lm.validate_hook(hook)
         except ValueError as error:
             raise ConfigError(f"config: {error}") from None
-    return sorted(cfg.saes.hooks, key=lm.block_index)
+    return sorted(cfg.saes.hooks, key=lambda hook: lm.block_index(hook_in_out(hook)[0]))

@@ -92,7 +92,7 @@ class Trainer(Checkpointing):
             # fastsae.kernels._common.matmul_mode) both read it. CPU runs keep torch's setting.
             torch.set_float32_matmul_precision(cfg.matmul_precision)
         self.hooks = setup.check_hooks(cfg, self.lm)
-        self.saes = setup.build_saes(cfg, self.hooks, self.lm.d_model, self.layout, self.device, saes)
+        self.saes = setup.build_saes(cfg, self.hooks, self.lm, self.layout, self.device, saes)
         self.params = [p for hook in self.hooks for p in self.saes[hook].parameters()]
         self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.params, self.device)
         self.trackers = {hook: DeadLatentTracker(sae.n_local, cfg.log.dead_window_tokens, self.device)
