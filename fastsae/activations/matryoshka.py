@@ -128,7 +128,7 @@ class MatryoshkaBatchTopK(BatchTopK):
                                 reconstructions=reconstructions)
 
     def prefix_reconstructions(self, sae, code: SparseCode) -> list[torch.Tensor]:
-        """The reconstruction [N, d_in] of every prefix, the inner ones by width and the whole
+        """The reconstruction [N, d_out] of every prefix, the inner ones by width and the whole
         dictionary last, from the selection code by a segmented prefix sum.
 
         The kept entries are sorted by latent id (the others after them); each group of latents
@@ -169,9 +169,10 @@ class MatryoshkaBatchTopK(BatchTopK):
         terms = super().dense_loss_terms(sae, x, code, l0, settings)
         if sae.training and self.params.prefix_loss == "mse":
             decoder = sae.normalised_decoder()
+            target = settings.reconstruction_target(x)
             for width in self.params.widths:
                 reconstruction = code[:, :width] @ decoder[:width] + sae.b_dec
-                terms[f"prefix_mse_{width}"] = self.params.prefix_coeff * _mse(reconstruction, x)
+                terms[f"prefix_mse_{width}"] = self.params.prefix_coeff * _mse(reconstruction, target)
         return terms
 
     def memory(self, n_tokens, n_local, d_in, itemsize, shards):
