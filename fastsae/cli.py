@@ -30,15 +30,24 @@ from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
-    from fastsae.train.metrics import RUN_KINDS
-
     parser = argparse.ArgumentParser(prog="fastsae", description="Train end-to-end sparse autoencoders.")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add_subcommand in (_add_train_parser, _add_eval_parser, _add_releases_parser, _add_finetune_parser,
+                           _add_presets_parser, _add_plan_parser, _add_export_parser, _add_sweep_parser,
+                           _add_plot_parser, _add_analyze_parser, _add_dashboard_parser):  # the order of --help
+        add_subcommand(commands)
+    return parser
 
+
+def _add_overrides(parser, help: str) -> None:
+    """--set KEY=VALUE, repeatable: the config keys a subcommand overrides (args.overrides)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def _add_train_parser(commands) -> None:
     train = commands.add_parser("train", help="train SAEs from a preset or a YAML config")
     train.add_argument("config", nargs="?", help="a preset name (see `fastsae presets`) or a YAML file")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set optim.lr=1e-4 (repeatable; YAML values)")
+    _add_overrides(train, "override a config key, e.g. --set optim.lr=1e-4 (repeatable; YAML values)")
     train.add_argument("--run-dir", help="where checkpoints and metrics go (default: runs/<name>-<time>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     train.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps")
@@ -46,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="train into a --run-dir that holds another run: the old run is moved aside to "
                             "RUN_DIR.replaced-<time> (without it, a used run directory is refused)")
 
+
+def _add_eval_parser(commands) -> None:
     evaluate = commands.add_parser(
         "eval", help="evaluate a run's latest SAEs, or released SAEs (--sae), on held-out data",
         description="fastsae eval RUN_DIR evaluates a run's latest SAEs with the run's config. "
@@ -65,9 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", help="with --sae: preset or YAML for data and eval settings (default: embedded)")
     evaluate.add_argument("--out", help="with --sae: write eval.json to this directory")
     evaluate.add_argument("--tokens", type=int, help="eval tokens (default: the run's eval.n_tokens)")
-    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a config key of the run, e.g. --set device=cpu")
+    _add_overrides(evaluate, "override a config key of the run, e.g. --set device=cpu")
 
+
+def _add_releases_parser(commands) -> None:
     releases = commands.add_parser(
         "releases", help="list the released SAEs loadable by name (RELEASE:ID)",
         description="The release registry: fastsae's own, SAELens's where sae-lens is installed, and the YAML "
@@ -76,18 +88,21 @@ def _parser() -> argparse.ArgumentParser:
     releases.add_argument("release", nargs="?", help="list this release's SAEs")
     releases.add_argument("--model", help="only the releases of this model (e.g. gpt2-small, google/gemma-2-2b)")
 
-    _add_finetune_parser(commands)
 
+def _add_presets_parser(commands) -> None:
     presets = commands.add_parser("presets", help="list the shipped configs")
     presets.add_argument("--show", metavar="NAME", help="print one preset's YAML")
 
+
+def _add_plan_parser(commands) -> None:
     plan = commands.add_parser("plan", help="memory per GPU of a run, and the largest dictionary that fits")
     plan.add_argument("config", help="a preset name or a YAML file")
     plan.add_argument("--gpus", type=int, default=1, help="GPUs (= torchrun processes): data groups x saes.shards")
     plan.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 80GB, 141GB (default 80GB)")
-    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config key, e.g. --set saes.shards=8 --set saes.n_latents=16777216")
+    _add_overrides(plan, "override a config key, e.g. --set saes.shards=8 --set saes.n_latents=16777216")
 
+
+def _add_export_parser(commands) -> None:
     export = commands.add_parser(
         "export", help="write a run's latest SAEs as SAELens or sparsify directories",
         description="One subdirectory per SAE: named by its hook for SAELens (SAE.load_from_disk(DIR/HOOK)), by "
@@ -98,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="output directory (default: RUN_DIR/export-FORMAT)")
     export.add_argument("--layers-name", default="layers",
                         help="sparsify: the model's block list (layers; h for GPT-2), for the hookpoint names")
+
+
+def _add_sweep_parser(commands) -> None:
+    from fastsae.train.metrics import RUN_KINDS
 
     sweep = commands.add_parser(
         "sweep", help="train local, e2e and e2e+ds SAEs over a grid of sparsity coefficients",
@@ -111,18 +130,16 @@ def _parser() -> argparse.ArgumentParser:
         sweep.add_argument(f"--{kind.replace('+', '-')}-coeffs", dest=f"coeffs_{kind}", nargs="+", type=float,
                            metavar="C", help=f"sparsity coefficients of the {kind} runs (default: the family's grid)")
     sweep.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
-    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key in every run, e.g. --set optim.n_tokens=2e5")
+    _add_overrides(sweep, "override a config key in every run, e.g. --set optim.n_tokens=2e5")
 
+
+def _add_plot_parser(commands) -> None:
     plot = commands.add_parser("plot", help="draw CE loss increase (and alive / rare latents) vs L0 from evaluated runs")
     plot.add_argument("run_dirs", nargs="+",
                       help="run directories with an eval.json, sweep directories, or CSV files an earlier plot wrote")
     plot.add_argument("--out", default=".", help="where NAME.png/.svg/.csv/.md go (default: .)")
     plot.add_argument("--name", default="paper_figure", help="file name stem (default: paper_figure)")
     plot.add_argument("--title", help="figure title")
-    _add_analyze_parser(commands)
-    _add_dashboard_parser(commands)
-    return parser
 
 
 def _add_finetune_parser(commands) -> None:
@@ -149,8 +166,7 @@ def _add_finetune_parser(commands) -> None:
     finetune.add_argument("--overwrite", action="store_true", help="move an old run in --run-dir aside")
     finetune.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted fine-tune and finish it")
     finetune.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps")
-    finetune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a config key, e.g. --set optim.lr=1e-4 (last word over the SAEs' and presets')")
+    _add_overrides(finetune, "override a config key, e.g. --set optim.lr=1e-4 (last word over the SAEs' and presets')")
 
 
 def _add_dashboard_parser(commands) -> None:
@@ -174,8 +190,7 @@ def _add_dashboard_parser(commands) -> None:
                            help="the data split read: eval (held out, default) or train")
     dashboard.add_argument("--model", help="the model for SAE paths (default: the one the SAE names)")
     dashboard.add_argument("--config", help="preset or YAML for the data (default: the run's own; embedded)")
-    dashboard.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                           help="override a config key, e.g. --set eval.batch_size=32")
+    _add_overrides(dashboard, "override a config key, e.g. --set eval.batch_size=32")
     dashboard.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda, cuda:1, ...")
     dashboard.add_argument("--top-k", type=int, default=20, help="top activating contexts per latent (default 20)")
     dashboard.add_argument("--samples", type=int, default=20,
@@ -204,8 +219,7 @@ def _add_analyze_parser(commands) -> None:
     analyze.add_argument("--no-umap", action="store_true", help="leave out the UMAPs (no umap-learn needed)")
     analyze.add_argument("--model", help="the model for SAE paths (default: the one the SAE names)")
     analyze.add_argument("--config", help="preset or YAML for the held-out data (default: the runs' own; embedded)")
-    analyze.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a config key, e.g. --set eval.batch_size=8")
+    _add_overrides(analyze, "override a config key, e.g. --set eval.batch_size=8")
     analyze.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda, cuda:1, ...")
     analyze.add_argument("--precision", default="auto", choices=("auto", "fp32", "tf32", "bf16"),
                          help="of the similarity GEMMs (auto: TF32 on CUDA, fp32 on CPU)")

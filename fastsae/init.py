@@ -38,6 +38,9 @@ def draw_init(spec: SAESpec, *, rows: range | None = None, device=None, out=None
 
     The draws run on ``device`` (whose RNG they use); the results are kept on ``out`` (default:
     ``device``), so a block drawn on the CPU for a GPU never sits whole in host memory either.
+
+    Long because it is one sequence of RNG draws whose order defines the init (a block replays the
+    whole init's order): kept in one function, that order reads top to bottom.
     """
     init, d_in, d_out, n_latents = spec.init, spec.d_in, spec.d_out, spec.n_latents
     whole = rows is None

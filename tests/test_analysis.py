@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import fastsae.ops._checks as checks
+import fastsae.ops.checks as checks
 from fastsae import E2ESAE, SparseCode
 from fastsae.analysis import (ActivationStream, AnalysisError, LatentStats, TokenBatches, collect_latent_stats,
                               max_cosine_similarity, nearest_latents, sae_fingerprint)

@@ -1,5 +1,5 @@
 """The shape of the house: no import circle, imports only downward, no private name borrowed from
-another module, and every room either small or saying why it is not.
+another module, and every room (module) and every function in it either small or saying why it is not.
 
 Every `import` / `from ... import` of the package counts, at module level and inside functions
 (a lazy import is still a dependency). kernels/ is the package fastsae.kernels.
@@ -28,6 +28,7 @@ LAYERS = [
     ("fastsae.cli", "fastsae.__main__", "fastsae"),
 ]
 ROOM_LINES = 400  # a module longer than this says why in its docstring ("longer than")
+FUNCTION_LINES = 80  # a function of fastsae/ longer than this says why in its docstring ("Long because ...")
 
 
 def _modules() -> dict[str, Path]:
@@ -167,6 +168,25 @@ def test_every_room_is_small_or_says_why():
         if lines > ROOM_LINES and "longer than" not in docstring:
             long.append(f"{name}: {lines} lines")
     assert not long, "modules over ~400 lines whose docstring does not say why:\n" + "\n".join(long)
+
+
+def test_every_function_is_short_or_says_why():
+    """A function a reader cannot hold at once is split into named steps, or its docstring has a
+    line starting "Long because" that says why it is one piece (kernels/ is not held to this)."""
+    long = []
+    for name, path in sorted(MODULES.items()):
+        if name.startswith("fastsae.kernels"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            lines = node.end_lineno - node.lineno + 1
+            docstring = ast.get_docstring(node) or ""
+            if lines > FUNCTION_LINES and not any(line.strip().startswith("Long because")
+                                                  for line in docstring.splitlines()):
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {lines} lines")
+    assert not long, (f"functions over {FUNCTION_LINES} lines whose docstring has no line starting "
+                      "'Long because':\n" + "\n".join(long))
 
 
 @pytest.mark.parametrize("module", ["fastsae", "fastsae.sae", "fastsae.train", "fastsae.cli"])

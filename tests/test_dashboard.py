@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastsae.ops._checks as checks
+import fastsae.ops.checks as checks
 from fastsae import E2ESAE
 from fastsae.analysis.latent_stats import LatentStats
 from fastsae.analysis.stream import ActivationStream, held_out_batches, load_language_model, load_targets

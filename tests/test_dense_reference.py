@@ -19,7 +19,7 @@ import torch
 from fastsae import E2ESAE
 from fastsae.activations import ACTIVATIONS, Activation, TrainingSettings, paths
 from fastsae.activations.jumprelu import JumpReLU
-from fastsae.ops import _checks
+from fastsae.ops import checks
 
 D, N = 8, 24
 
@@ -42,7 +42,7 @@ class ChunkedJumpReLU(JumpReLU):
 @pytest.fixture
 def chunked(monkeypatch):
     monkeypatch.setitem(ACTIVATIONS, "jumprelu", ChunkedJumpReLU)
-    monkeypatch.setattr(_checks, "CHUNK_ELEMENTS", 4 * N)  # 4 tokens per chunk
+    monkeypatch.setattr(checks, "CHUNK_ELEMENTS", 4 * N)  # 4 tokens per chunk
     ChunkedJumpReLU.seen_rows = []
     return ChunkedJumpReLU
 
@@ -111,7 +111,7 @@ def test_a_trainer_trains_it_and_plan_counts_its_chunk(chunked, monkeypatch, tmp
     from fastsae.train.plan import memory_plan
     from helpers_models import random_batches
 
-    monkeypatch.setattr(_checks, "CHUNK_ELEMENTS", 16 * 64)  # 16 of the batch's 64 tokens per chunk
+    monkeypatch.setattr(checks, "CHUNK_ELEMENTS", 16 * 64)  # 16 of the batch's 64 tokens per chunk
     config = load_config({}, [
         f"model.name={model_dir}", "saes.hooks=[blocks.1.hook_resid_pre]", "saes.n_latents=64",
         "saes.activation=jumprelu", "saes.params={bandwidth: 0.5, init_threshold: 0.1}",
@@ -125,7 +125,7 @@ def test_a_trainer_trains_it_and_plan_counts_its_chunk(chunked, monkeypatch, tmp
     assert max(ChunkedJumpReLU.seen_rows) <= 16
     assert history[-1]["loss"] < history[1]["loss"]
     assert not torch.equal(trainer.saes["blocks.1.hook_resid_pre"].log_threshold, before)
-    monkeypatch.setattr(_checks, "CHUNK_ELEMENTS", 1 << 24)
+    monkeypatch.setattr(checks, "CHUNK_ELEMENTS", 1 << 24)
     plan = memory_plan(load_config("gpt2-e2e", ["saes.activation=jumprelu"]))
     rows = paths.dense_chunk_rows(46_080)
     assert plan.items["kernel workspaces"] == 4 * rows * 46_080 * 4 + (1 << 24) * 4  # its chunk, the KL's blocks

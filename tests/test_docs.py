@@ -389,6 +389,7 @@ def test_every_command_has_a_page_with_its_options():
     for name in cli_options.subcommands():
         page = cli_options.PAGES / f"{name}.md"
         assert page.is_file(), f"fastsae {name} has no page: add docs/commands/{name}.md (and to mkdocs.yml's nav)"
-        assert cli_options.BEGIN.format(name) in page.read_text(), f"{page.name} does not show the options of {name}"
+        assert cli_options.SECTIONS.begin.format(name) in page.read_text(), (
+            f"{page.name} does not show the options of {name}")
     index = (cli_options.PAGES / "index.md").read_text()
-    assert cli_options.BEGIN.format("commands") in index, "docs/commands/index.md does not list the commands"
+    assert cli_options.SECTIONS.begin.format("commands") in index, "docs/commands/index.md does not list the commands"

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastsae.ops._checks as checks
+import fastsae.ops.checks as checks
 from fastsae import ops
 from fastsae.ops.linear_kl import LinearKLReference
 from conftest import HAS_TRITON, KERNEL_DEVICE

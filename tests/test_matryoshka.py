@@ -12,7 +12,7 @@ tests/test_distributed.py, tests/test_formats.py):
 import pytest
 import torch
 
-import fastsae.ops._checks as checks
+import fastsae.ops.checks as checks
 from fastsae import E2ESAE
 from fastsae.activations import TrainingSettings
 from fastsae.train import Trainer, load_config, losses

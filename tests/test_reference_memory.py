@@ -9,7 +9,7 @@ budget whatever n_latents (or d_vocab) is: the [N, n_latents] pre-activations an
 import pytest
 import torch
 
-import fastsae.ops._checks as checks
+import fastsae.ops.checks as checks
 from fastsae import ops
 from tests.helpers_dispatch import AllocationRecorder
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastsae.ops._checks as checks
+import fastsae.ops.checks as checks
 from fastsae import ops
 
 torch_backend = {"backend": "torch"}

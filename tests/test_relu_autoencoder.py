@@ -12,7 +12,7 @@ from conftest import HAS_TRITON, KERNEL_DEVICE
 from helpers_dispatch import AllocationRecorder
 from helpers_encoders import TOL
 
-import fastsae.ops._checks as checks
+import fastsae.ops.checks as checks
 import fastsae.ops.relu_autoencoder as reference_module
 from fastsae import ops
 

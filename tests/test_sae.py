@@ -209,7 +209,7 @@ def test_trains_through_the_triton_kernels_like_the_reference(monkeypatch, activ
 
 @pytest.mark.parametrize("activation, k", [("relu", None), ("topk", 5)])
 def test_encode_sparse_holds_exactly_the_active_latents(monkeypatch, activation, k):
-    monkeypatch.setattr("fastsae.ops._checks.CHUNK_ELEMENTS", 64 * 3)  # 3 tokens per chunk: several chunks
+    monkeypatch.setattr("fastsae.ops.checks.CHUNK_ELEMENTS", 64 * 3)  # 3 tokens per chunk: several chunks
     torch.manual_seed(0)
     sae = E2ESAE(16, 64, activation, k)
     with torch.no_grad():

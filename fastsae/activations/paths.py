@@ -31,7 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from fastsae import ops
-from fastsae.ops import _checks
+from fastsae.ops import checks as _checks
 from fastsae.activations.code import ActivationMemory, SparseCode, power_sum
 from fastsae.ops.relu_autoencoder import memory_estimate
 
@@ -137,7 +137,7 @@ def selection_memory(n_tokens: int, n_local: int, width: int, itemsize: int, sha
 
 def dense_chunk_rows(n_local: int) -> int:
     """Tokens per chunk of the dense reference: a [rows, n_local] temporary holds about
-    fastsae.ops._checks.CHUNK_ELEMENTS values (read at call time, so tests can shrink it)."""
+    fastsae.ops.checks.CHUNK_ELEMENTS values (read at call time, so tests can shrink it)."""
     return max(1, _checks.CHUNK_ELEMENTS // max(1, n_local))
 
 

@@ -100,141 +100,29 @@ def analyze(specs, out, *, n_tokens: int = 1_000_000, model: str | None = None, 
         raise AnalysisError(f"--out {out} exists and is not a directory")
     inputs = load_targets(specs, model=model, config=config, overrides=overrides, device=device)
     targets = {t.label: t for t in inputs.targets}
-    explicit = []
-    for a, b in pairs:
-        ta, tb = inputs.by_label(a), inputs.by_label(b)
-        pairing.check_comparable(ta, tb)
-        explicit.append(pairing.Pair(a, b, "given"))
-
+    explicit = _given_pairs(inputs, pairs)
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
     log(f"fastsae analyze: {len(targets)} SAE(s) on {inputs.config.model.name}; loading the model")
-    lm = load_language_model(inputs.config, device)
-    for target in targets.values():
-        try:
-            lm.validate_hook(target.hook)
-        except ValueError as error:
-            raise AnalysisError(f"{target.label}: {error}") from None
-        if target.sae.d_in != lm.d_model:
-            raise AnalysisError(f"{target.label}: the SAE reads d_in={target.sae.d_in}, but {target.hook} of "
-                                f"{inputs.config.model.name} has width {lm.d_model}")
+    lm = _checked_model(inputs, targets, device)
+    batches, geometry, stats, stream_seconds = _stream(lm, inputs, targets, n_tokens, split, log)
 
-    # ---- one pass over the held-out tokens: latent statistics and activation geometry
-    batches = TokenBatches(held_out_batches(lm, inputs.config, split=split), n_tokens, device=lm.device)
-    log(f"streaming up to {n_tokens:,} {split} tokens through {len(targets)} SAE(s)")
-    t0 = time.perf_counter()
-    for target in targets.values():  # the inference code (BatchTopK, Matryoshka: the threshold, not a batch selection)
-        target.sae.eval()
-    geometry, stats = activation_pass(lm, batches, {label: (t.hook, t.sae) for label, t in targets.items()})
-    stream_seconds = time.perf_counter() - t0
-    log(f"  {batches.tokens:,} tokens in {stream_seconds:.0f} s" + (" (the held-out data ran out)" if batches.ran_out else ""))
-    for label, s in stats.items():
-        if s.n_alive == 0:
-            raise AnalysisError(f"{label} has no alive latent on the {batches.tokens:,} held-out tokens: "
-                                "nothing fires, so there are no directions to compare")
-
-    # ---- within-SAE similarity of the alive directions
     alive_ids = {label: stats[label].alive.nonzero().squeeze(1).to(targets[label].sae.device) for label in targets}
-    arrays: dict[str, torch.Tensor] = {}
-    saes_json = {}
+    arrays: dict[str, torch.Tensor] = {}  # what OUT/similarities.safetensors holds
     t0 = time.perf_counter()
-    for label, target in targets.items():
-        ids = alive_ids[label]
-        arrays[f"alive_ids/{label}"] = ids.cpu()
-        entry = {"hook": target.hook, "origin": target.origin, "kind": target.kind,
-                 "sparsity_coeff": target.sparsity_coeff, "seed": target.seed, "step": target.step,
-                 "d_in": target.sae.d_in, "n_latents": target.sae.n_latents, "activation": target.sae.activation,
-                 "eval": None if target.eval is None else {
-                     name: target.eval_metric(name) for name in ("l0", "ce_increase", "kl", "alive", "explained_variance")},
-                 "latent_stats": {**stats[label].summary(),
-                                  "l0": float(stats[label].count.sum()) / max(stats[label].n_tokens, 1),
-                                  "files": f"latent_stats/{_safe_name(label)}"}}
-        groups = latent_groups(target.sae)
-        if groups is not None:  # a kind with groups of latents (Matryoshka's nested prefixes)
-            entry["latent_groups"] = stats[label].group_summary(groups)
-        if len(ids) >= 2:
-            values, nearest = max_cosine_similarity(decoder_directions(target.sae, ids), block=block, precision=precision)
-            arrays[f"within/{label}/max_cosine"] = values.cpu()
-            arrays[f"within/{label}/nearest_latent"] = ids[nearest].cpu()
-            entry["within_similarity"] = _similarity_summary(values.cpu().numpy(), seed)
-        else:
-            entry["within_similarity"] = None
-        entry["activation_geometry"] = geometry[label].result()
-        saes_json[label] = entry
-    low = math.floor(math.log10(1 / max(batches.tokens, 1)))
-    for label in targets:
-        saes_json[label]["latent_stats"]["log10_frequency_histogram"] = _frequency_histogram(stats[label], low)
+    saes_json = _within_similarities(targets, stats, geometry, alive_ids, arrays, batches.tokens,
+                                     block=block, precision=precision, seed=seed)
     within_seconds = time.perf_counter() - t0
 
-    # ---- the compared SAEs: matched sets (the paper's rules) and given pairs
     matched = {rule: pairing.matched_sets(list(targets.values()), rule) for rule in pairing.RULES}
-    cross_type = pairing.cross_type_pairs(matched["ce"] + matched["l0"]) + explicit
-    ce_labels = [label for group in matched["ce"] for label in group["targets"].values()]
-    cross_seed = pairing.cross_seed_pairs(list(targets.values()), ce_labels)
-    notes = list(inputs.notes)
-    if batches.ran_out:
-        notes.append(f"the {split} data ran out after {batches.tokens:,} tokens ({n_tokens:,} asked)")
-    if not matched["ce"]:
-        notes.append("no matched set: the SAEs lack eval.json or kinds (local / e2e / e2e+ds) to match by CE and L0")
-    without_eval = sorted(label for label, t in targets.items() if t.run_dir is not None and t.eval is None)
-    if without_eval:
-        notes.append(f"without eval.json, left out of the matching: {', '.join(without_eval)}")
-
-    kind_differences = []
-    for group in matched["ce"] + matched["l0"]:
-        chosen = group["targets"]
-        if "local" not in chosen:
-            continue
-        for other in ("e2e", "e2e+ds"):
-            if other in chosen and f"within/{chosen['local']}/max_cosine" in arrays \
-                    and f"within/{chosen[other]}/max_cosine" in arrays:
-                diff = bootstrap_mean_difference_ci(arrays[f"within/{chosen['local']}/max_cosine"].numpy(),
-                                                    arrays[f"within/{chosen[other]}/max_cosine"].numpy(), seed=seed)
-                kind_differences.append({"rule": group["rule"], "hook": group["hook"], "minus": other,
-                                         "local": chosen["local"], "other": chosen[other],
-                                         "difference": diff["difference"], "ci95": [diff["low"], diff["high"]]})
-
+    notes = list(inputs.notes) + _notes(targets, matched, batches, split, n_tokens)
+    kind_differences = _kind_differences(matched, arrays, seed)
     t0 = time.perf_counter()
-    computed: dict[tuple[str, str], dict] = {}
-
-    def cross(pair: pairing.Pair) -> dict:
-        key = (pair.a, pair.b)
-        if key not in computed:
-            ta, tb = targets[pair.a], targets[pair.b]
-            pairing.check_comparable(ta, tb)
-            ids_a, ids_b = alive_ids[pair.a], alive_ids[pair.b].to(ta.sae.device)
-            values, nearest = max_cosine_similarity(decoder_directions(ta.sae, ids_a),
-                                                    decoder_directions(tb.sae, ids_b).to(ta.sae.device),
-                                                    block=block, precision=precision)
-            arrays[f"cross/{pair.a}/{pair.b}/max_cosine"] = values.cpu()
-            arrays[f"cross/{pair.a}/{pair.b}/nearest_latent"] = ids_b[nearest].cpu()
-            computed[key] = _similarity_summary(values.cpu().numpy(), seed)
-        return {"a": pair.a, "b": pair.b, "reason": pair.reason, **computed[key]}
-
-    cross_type_json = [cross(p) for p in cross_type]
-    cross_seed_json = [cross(p) for p in cross_seed]
+    cross_type_json, cross_seed_json = _cross_similarities(targets, matched, explicit, alive_ids, arrays,
+                                                           block=block, precision=precision, seed=seed)
     cross_seconds = time.perf_counter() - t0
-
-    # ---- UMAPs: e2e and e2e+ds against local at similar CE increase (the paper's), and given pairs
-    umap_json = []
     t0 = time.perf_counter()
-    if umap:
-        umap_pairs = [p for p in pairing.cross_type_pairs(matched["ce"]) if targets[p.b].kind == "local"] + explicit
-        for pair in dict.fromkeys(umap_pairs):
-            ta, tb = targets[pair.a], targets[pair.b]
-            ids_a, ids_b = alive_ids[pair.a], alive_ids[pair.b]
-            log(f"UMAP of {pair.a} ({len(ids_a):,} alive) and {pair.b} ({len(ids_b):,} alive)")
-            embedding = umap_embedding(decoder_directions(ta.sae, ids_a), decoder_directions(tb.sae, ids_b), seed=seed)
-            arrays[f"umap/{pair.a}/{pair.b}"] = torch.from_numpy(embedding)
-            regions = exclusive_regions(embedding, len(ids_a))
-            for letter, region in zip(_letters(), regions):
-                region["letter"] = letter
-                owner_ids = (ids_a if region["owner"] == 0 else ids_b).cpu()
-                region["sae"] = pair.a if region["owner"] == 0 else pair.b
-                region["latents"] = owner_ids[region.pop("members")].tolist()
-                del region["owner"]
-            umap_json.append({"a": pair.a, "b": pair.b, "reason": pair.reason, "n_a": len(ids_a), "n_b": len(ids_b),
-                              "regions": regions})
+    umap_json = _umaps(targets, matched, explicit, alive_ids, arrays, seed, log) if umap else []
     umap_seconds = time.perf_counter() - t0
 
     result = {
@@ -260,6 +148,163 @@ def analyze(specs, out, *, n_tokens: int = 1_000_000, model: str | None = None, 
     result["seconds"]["total"] = time.perf_counter() - started
     log(f"analysis written to {out} in {result['seconds']['total']:.0f} s")
     return result
+
+
+def _given_pairs(inputs, pairs) -> list[pairing.Pair]:
+    """The pairs given with --pair, checked to name comparable SAEs."""
+    explicit = []
+    for a, b in pairs:
+        ta, tb = inputs.by_label(a), inputs.by_label(b)
+        pairing.check_comparable(ta, tb)
+        explicit.append(pairing.Pair(a, b, "given"))
+    return explicit
+
+
+def _checked_model(inputs, targets: dict, device):
+    """The language model the SAEs read, checked to have each SAE's hook at its width."""
+    lm = load_language_model(inputs.config, device)
+    for target in targets.values():
+        try:
+            lm.validate_hook(target.hook)
+        except ValueError as error:
+            raise AnalysisError(f"{target.label}: {error}") from None
+        if target.sae.d_in != lm.d_model:
+            raise AnalysisError(f"{target.label}: the SAE reads d_in={target.sae.d_in}, but {target.hook} of "
+                                f"{inputs.config.model.name} has width {lm.d_model}")
+    return lm
+
+
+def _stream(lm, inputs, targets: dict, n_tokens: int, split: str, log):
+    """One pass over the held-out tokens: (batches, activation geometry, latent statistics, seconds).
+    Raises where an SAE has no alive latent."""
+    batches = TokenBatches(held_out_batches(lm, inputs.config, split=split), n_tokens, device=lm.device)
+    log(f"streaming up to {n_tokens:,} {split} tokens through {len(targets)} SAE(s)")
+    t0 = time.perf_counter()
+    for target in targets.values():  # the inference code (BatchTopK, Matryoshka: the threshold, not a batch selection)
+        target.sae.eval()
+    geometry, stats = activation_pass(lm, batches, {label: (t.hook, t.sae) for label, t in targets.items()})
+    stream_seconds = time.perf_counter() - t0
+    log(f"  {batches.tokens:,} tokens in {stream_seconds:.0f} s" + (" (the held-out data ran out)" if batches.ran_out else ""))
+    for label, s in stats.items():
+        if s.n_alive == 0:
+            raise AnalysisError(f"{label} has no alive latent on the {batches.tokens:,} held-out tokens: "
+                                "nothing fires, so there are no directions to compare")
+    return batches, geometry, stats, stream_seconds
+
+
+def _within_similarities(targets: dict, stats: dict, geometry: dict, alive_ids: dict, arrays: dict, tokens_read: int,
+                         *, block: int, precision: str, seed: int) -> dict:
+    """Each SAE's entry of analysis.json: what it is, its latent statistics, the similarity of its
+    alive decoder directions (their maxima and nearest latents also into ``arrays``) and its
+    activation geometry."""
+    saes_json = {}
+    for label, target in targets.items():
+        ids = alive_ids[label]
+        arrays[f"alive_ids/{label}"] = ids.cpu()
+        entry = {"hook": target.hook, "origin": target.origin, "kind": target.kind,
+                 "sparsity_coeff": target.sparsity_coeff, "seed": target.seed, "step": target.step,
+                 "d_in": target.sae.d_in, "n_latents": target.sae.n_latents, "activation": target.sae.activation,
+                 "eval": None if target.eval is None else {
+                     name: target.eval_metric(name) for name in ("l0", "ce_increase", "kl", "alive", "explained_variance")},
+                 "latent_stats": {**stats[label].summary(),
+                                  "l0": float(stats[label].count.sum()) / max(stats[label].n_tokens, 1),
+                                  "files": f"latent_stats/{_safe_name(label)}"}}
+        groups = latent_groups(target.sae)
+        if groups is not None:  # a kind with groups of latents (Matryoshka's nested prefixes)
+            entry["latent_groups"] = stats[label].group_summary(groups)
+        if len(ids) >= 2:
+            values, nearest = max_cosine_similarity(decoder_directions(target.sae, ids), block=block, precision=precision)
+            arrays[f"within/{label}/max_cosine"] = values.cpu()
+            arrays[f"within/{label}/nearest_latent"] = ids[nearest].cpu()
+            entry["within_similarity"] = _similarity_summary(values.cpu().numpy(), seed)
+        else:
+            entry["within_similarity"] = None
+        entry["activation_geometry"] = geometry[label].result()
+        saes_json[label] = entry
+    low = math.floor(math.log10(1 / max(tokens_read, 1)))
+    for label in targets:
+        saes_json[label]["latent_stats"]["log10_frequency_histogram"] = _frequency_histogram(stats[label], low)
+    return saes_json
+
+
+def _notes(targets: dict, matched: dict, batches, split: str, n_tokens: int) -> list[str]:
+    """What the reader should know of the data read and the matching."""
+    notes = []
+    if batches.ran_out:
+        notes.append(f"the {split} data ran out after {batches.tokens:,} tokens ({n_tokens:,} asked)")
+    if not matched["ce"]:
+        notes.append("no matched set: the SAEs lack eval.json or kinds (local / e2e / e2e+ds) to match by CE and L0")
+    without_eval = sorted(label for label, t in targets.items() if t.run_dir is not None and t.eval is None)
+    if without_eval:
+        notes.append(f"without eval.json, left out of the matching: {', '.join(without_eval)}")
+    return notes
+
+
+def _kind_differences(matched: dict, arrays: dict, seed: int) -> list[dict]:
+    """In each matched set, the mean within-SAE similarity of local minus that of e2e and e2e+ds."""
+    kind_differences = []
+    for group in matched["ce"] + matched["l0"]:
+        chosen = group["targets"]
+        if "local" not in chosen:
+            continue
+        for other in ("e2e", "e2e+ds"):
+            if other in chosen and f"within/{chosen['local']}/max_cosine" in arrays \
+                    and f"within/{chosen[other]}/max_cosine" in arrays:
+                diff = bootstrap_mean_difference_ci(arrays[f"within/{chosen['local']}/max_cosine"].numpy(),
+                                                    arrays[f"within/{chosen[other]}/max_cosine"].numpy(), seed=seed)
+                kind_differences.append({"rule": group["rule"], "hook": group["hook"], "minus": other,
+                                         "local": chosen["local"], "other": chosen[other],
+                                         "difference": diff["difference"], "ci95": [diff["low"], diff["high"]]})
+    return kind_differences
+
+
+def _cross_similarities(targets: dict, matched: dict, explicit: list, alive_ids: dict, arrays: dict,
+                        *, block: int, precision: str, seed: int) -> tuple[list[dict], list[dict]]:
+    """The cross-type pairs (the matched sets' and the given ones) and the cross-seed pairs: each
+    pair's similarity summary (maxima and nearest latents also into ``arrays``), each pair computed once."""
+    cross_type = pairing.cross_type_pairs(matched["ce"] + matched["l0"]) + explicit
+    ce_labels = [label for group in matched["ce"] for label in group["targets"].values()]
+    cross_seed = pairing.cross_seed_pairs(list(targets.values()), ce_labels)
+    computed: dict[tuple[str, str], dict] = {}
+
+    def cross(pair: pairing.Pair) -> dict:
+        key = (pair.a, pair.b)
+        if key not in computed:
+            ta, tb = targets[pair.a], targets[pair.b]
+            pairing.check_comparable(ta, tb)
+            ids_a, ids_b = alive_ids[pair.a], alive_ids[pair.b].to(ta.sae.device)
+            values, nearest = max_cosine_similarity(decoder_directions(ta.sae, ids_a),
+                                                    decoder_directions(tb.sae, ids_b).to(ta.sae.device),
+                                                    block=block, precision=precision)
+            arrays[f"cross/{pair.a}/{pair.b}/max_cosine"] = values.cpu()
+            arrays[f"cross/{pair.a}/{pair.b}/nearest_latent"] = ids_b[nearest].cpu()
+            computed[key] = _similarity_summary(values.cpu().numpy(), seed)
+        return {"a": pair.a, "b": pair.b, "reason": pair.reason, **computed[key]}
+
+    return [cross(p) for p in cross_type], [cross(p) for p in cross_seed]
+
+
+def _umaps(targets: dict, matched: dict, explicit: list, alive_ids: dict, arrays: dict, seed: int, log) -> list[dict]:
+    """UMAPs of e2e and e2e+ds against local at similar CE increase (the paper's) and of the given
+    pairs, with the regions only one dictionary covers (coordinates also into ``arrays``)."""
+    umap_json = []
+    umap_pairs = [p for p in pairing.cross_type_pairs(matched["ce"]) if targets[p.b].kind == "local"] + explicit
+    for pair in dict.fromkeys(umap_pairs):
+        ta, tb = targets[pair.a], targets[pair.b]
+        ids_a, ids_b = alive_ids[pair.a], alive_ids[pair.b]
+        log(f"UMAP of {pair.a} ({len(ids_a):,} alive) and {pair.b} ({len(ids_b):,} alive)")
+        embedding = umap_embedding(decoder_directions(ta.sae, ids_a), decoder_directions(tb.sae, ids_b), seed=seed)
+        arrays[f"umap/{pair.a}/{pair.b}"] = torch.from_numpy(embedding)
+        regions = exclusive_regions(embedding, len(ids_a))
+        for letter, region in zip(_letters(), regions):
+            region["letter"] = letter
+            owner_ids = (ids_a if region["owner"] == 0 else ids_b).cpu()
+            region["sae"] = pair.a if region["owner"] == 0 else pair.b
+            region["latents"] = owner_ids[region.pop("members")].tolist()
+            del region["owner"]
+        umap_json.append({"a": pair.a, "b": pair.b, "reason": pair.reason, "n_a": len(ids_a), "n_b": len(ids_b),
+                          "regions": regions})
+    return umap_json
 
 
 def _letters():

@@ -12,6 +12,7 @@ SAE). Collected in one streaming pass over the tokens (collect.py), written by s
     collect.py   DashboardCollector / SegmentTopK: the one-pass, on-device per-latent top-k
     weights.py   logit effect through the final norm and W_U; exact token texts
     site.py      the site's files (data as script shards that load from file:// and any server)
+    sae_data.py  one SAE's data files: its index, latent shards and token shards
     build.py     build_dashboard: load, stream, collect, write
     static/      the hand-written page: index.html, dashboard.js, dashboard.css
 """

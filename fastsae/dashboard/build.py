@@ -10,7 +10,7 @@
    contexts, samples, token index and LatentStats;
 3. the weights give each latent's logit effect (fastsae.dashboard.weights) and nearest latents
    (fastsae.analysis.similarity.nearest_latents, among the alive latents);
-4. fastsae.dashboard.site writes the site, atomically.
+4. fastsae.dashboard.site writes the site, atomically (each SAE's data files: fastsae.dashboard.sae_data).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import re
 import resource
 import time
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,8 +30,9 @@ from fastsae.analysis.latent_stats import LatentStats, latent_groups, sae_finger
 from fastsae.analysis.similarity import nearest_latents
 from fastsae.analysis.stream import (ActivationStream, AnalysisError, SAETarget, held_out_batches, load_language_model,
                                      load_targets, resolve_device)
-from fastsae.dashboard.collect import EMPTY_TOKEN, DashboardCollector, LatentRecords
-from fastsae.dashboard.site import FORMAT, RECORD_NAME, VERSION, SiteError, SiteWriter, check_out_dir, rounded, rounded_list
+from fastsae.dashboard.collect import DashboardCollector
+from fastsae.dashboard.sae_data import write_sae_data
+from fastsae.dashboard.site import FORMAT, RECORD_NAME, VERSION, SiteError, SiteWriter, check_out_dir
 from fastsae.dashboard.weights import logit_effect, token_texts
 
 SPLITS = ("eval", "train")
@@ -78,30 +80,6 @@ def _check_widths(lm, targets: Sequence[SAETarget]) -> None:
                                  f"is {widths[target.hook]} wide: this SAE was not trained on this model or hook")
 
 
-def _firing_tokens(centres: list[int], filled: int, limit: int) -> list[list[int]]:
-    """The tokens at a latent's top activations (centres, largest activation first; the first
-    ``filled`` are real), most frequent first (ties: the one with the larger activation)."""
-    counts: dict[int, int] = {}
-    for token in centres[:filled]:  # dict order breaks count ties by activation
-        counts[token] = counts.get(token, 0) + 1
-    return [[t, c] for t, c in sorted(counts.items(), key=lambda item: -item[1])[:limit]]
-
-
-def _contexts(keys: list, values: list, positions: list, tokens: list, acts: list, before: int) -> list:
-    """[value, position, centre, tokens, acts] per filled slot of one latent (lists of its slots),
-    the window trimmed to its row."""
-    out = []
-    for slot, key in enumerate(keys):
-        if key == float("-inf"):
-            break
-        row = tokens[slot]
-        first = next(j for j, t in enumerate(row) if t != EMPTY_TOKEN)
-        last = max(j for j, t in enumerate(row) if t != EMPTY_TOKEN)
-        out.append([rounded(values[slot]), positions[slot], before - first, row[first:last + 1],
-                    rounded_list(acts[slot][first:last + 1])])
-    return out
-
-
 def _neighbours(directions: torch.Tensor, alive: torch.Tensor, k: int, other: torch.Tensor | None = None,
                 other_alive: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each latent's k nearest alive latents (of the same SAE, itself excluded, or of ``other``) by
@@ -129,6 +107,51 @@ def _neighbours(directions: torch.Tensor, alive: torch.Tensor, k: int, other: to
     return values, ids
 
 
+@dataclass(frozen=True)
+class DashboardSettings:
+    """What a dashboard shows of each latent and how its data files are cut: build_dashboard's
+    keywords of that name, travelling together (and recorded as the build record's "settings")."""
+
+    top_k: int
+    n_samples: int
+    before: int
+    after: int
+    token_latents: int
+    logit_k: int
+    n_neighbours: int
+    shard_size: int
+    token_shard: int
+    seed: int
+
+    def check(self) -> None:
+        for name in ("top_k", "n_samples", "token_latents", "logit_k", "n_neighbours", "shard_size", "token_shard"):
+            _check_positive(name, getattr(self, name))
+        for name in ("before", "after"):
+            _check_positive(name, getattr(self, name), minimum=0)
+
+
+@dataclass
+class _Shown:
+    """The SAEs a dashboard shows (the compared one last), their page keys, and the notes so far."""
+
+    config: object  # the TrainConfig the specs name (model, data)
+    targets: list[SAETarget]
+    keys: list[str]
+    compare_key: str | None
+    notes: list[str]
+
+
+@dataclass
+class _Weights:
+    """What the decoder weights say of each latent: logit effects and nearest latents."""
+
+    effects: dict
+    logit_note: str | None
+    neighbours: dict
+    across: dict  # key -> (the other SAE's key, its nearest latents there), with --compare
+    seconds: float
+
+
 def build_dashboard(target: str, out: str | Path, *, compare: str | None = None, n_tokens: int = 1_000_000,
                     model: str | None = None, config: str | None = None, overrides: Sequence[str] = (),
                     split: str = "eval", device: str | torch.device | None = "auto", top_k: int = 20,
@@ -152,25 +175,41 @@ def build_dashboard(target: str, out: str | Path, *, compare: str | None = None,
     """
     log = log or (lambda line: None)
     started = time.perf_counter()
+    settings = DashboardSettings(top_k=top_k, n_samples=n_samples, before=before, after=after,
+                                 token_latents=token_latents, logit_k=logit_k, n_neighbours=n_neighbours,
+                                 shard_size=shard_size, token_shard=token_shard, seed=seed)
+    out = _check_arguments(out, split, n_tokens, settings)
+    device = resolve_device(device)
+    shown = _load_saes(target, compare, model=model, config=config, overrides=overrides, device=device)
+    lm = _load_model(shown, device)
+    collector, pass_seconds = _collection_pass(lm, shown, settings, split, n_tokens, device, log)
+    weights = _weigh(lm, shown, collector, settings.n_neighbours, settings.logit_k)
+    record = _write_site(out, lm, shown, collector, weights, settings, split=split, n_tokens=n_tokens,
+                         device=device, pass_seconds=pass_seconds, started=started)
+    log(f"  weights {weights.seconds:.1f} s, site {record['seconds']['write']:.1f} s "
+        f"({record['files']} files, {record['bytes'] / 2**20:.1f} MiB); total {record['seconds']['total']:.1f} s")
+    return record
+
+
+def _check_arguments(out: str | Path, split: str, n_tokens: int, settings: DashboardSettings) -> Path:
+    """The arguments checked before anything is loaded; ``out`` as a Path."""
     if split not in SPLITS:
         raise DashboardError(f"split must be one of {SPLITS}, got {split!r}")
-    for name, value in (("n_tokens", n_tokens), ("top_k", top_k), ("n_samples", n_samples),
-                        ("token_latents", token_latents), ("logit_k", logit_k), ("n_neighbours", n_neighbours),
-                        ("shard_size", shard_size), ("token_shard", token_shard)):
-        _check_positive(name, value)
-    for name, value in (("before", before), ("after", after)):
-        _check_positive(name, value, minimum=0)
+    _check_positive("n_tokens", n_tokens)
+    settings.check()
     out = Path(out)
     try:
         check_out_dir(out)
     except SiteError as error:
         raise DashboardError(str(error)) from None
+    return out
 
-    device = resolve_device(device)
+
+def _load_saes(target: str, compare: str | None, *, model, config, overrides, device: torch.device) -> _Shown:
+    """The SAEs ``target`` names and the one ``compare`` names (last), checked to be comparable."""
     main = load_targets([target], model=model, config=config, overrides=overrides, device=device)
     targets = list(main.targets)
     notes = list(main.notes)
-    compare_key = None
     if compare is not None:
         other = load_targets([compare], model=main.config.model.name, config=config, overrides=overrides,
                              device=device)
@@ -178,38 +217,55 @@ def build_dashboard(target: str, out: str | Path, *, compare: str | None = None,
             raise DashboardError(f"--compare {compare} names {len(other.targets)} SAEs "
                                  f"({', '.join(t.label for t in other.targets)}); give one (PATH@HOOK)")
         notes += other.notes
-        for t in targets:
-            if t.sae.d_in != other.targets[0].sae.d_in:
-                raise DashboardError(f"{t.label} (d_in {t.sae.d_in}) and --compare {other.targets[0].label} "
-                                     f"(d_in {other.targets[0].sae.d_in}) live in spaces of different widths: "
-                                     "their decoder directions cannot be compared")
-            if t.hook != other.targets[0].hook:
-                notes.append(f"{t.label} reads {t.hook} and {other.targets[0].label} reads "
-                             f"{other.targets[0].hook}: their directions are compared as vectors of the same width")
+        notes += _comparison_notes(targets, other.targets[0])
         targets.append(other.targets[0])
     taken: set[str] = set()
     keys = [_slug(t.label, taken) for t in targets]
-    if compare is not None:
-        compare_key = keys[-1]
     if len(set(keys)) != len(keys):
         raise DashboardError("SAE labels collide")
+    return _Shown(main.config, targets, keys, keys[-1] if compare is not None else None, notes)
 
-    lm = load_language_model(main.config, device)
+
+def _comparison_notes(targets: Sequence[SAETarget], other: SAETarget) -> list[str]:
+    """Raises where ``other``'s directions cannot be compared with the targets'; notes where they
+    read different hooks."""
+    notes = []
+    for t in targets:
+        if t.sae.d_in != other.sae.d_in:
+            raise DashboardError(f"{t.label} (d_in {t.sae.d_in}) and --compare {other.label} "
+                                 f"(d_in {other.sae.d_in}) live in spaces of different widths: "
+                                 "their decoder directions cannot be compared")
+        if t.hook != other.hook:
+            notes.append(f"{t.label} reads {t.hook} and {other.label} reads "
+                         f"{other.hook}: their directions are compared as vectors of the same width")
+    return notes
+
+
+def _load_model(shown: _Shown, device: torch.device):
+    """The language model the SAEs read, with its tokenizer, checked against every SAE's width."""
+    lm = load_language_model(shown.config, device)
     if lm.tokenizer is None:
-        raise DashboardError(f"the model {main.config.model.name} has no tokenizer: a dashboard shows the text of "
+        raise DashboardError(f"the model {shown.config.model.name} has no tokenizer: a dashboard shows the text of "
                              "the tokens; save the tokenizer beside the model (tokenizer.save_pretrained(DIR))")
-    _check_widths(lm, targets)
+    _check_widths(lm, shown.targets)
+    return lm
 
-    # ---- the pass
-    saes = {key: (t.hook, t.sae) for key, t in zip(keys, targets)}
+
+def _collection_pass(lm, shown: _Shown, settings: DashboardSettings, split: str, n_tokens: int,
+                     device: torch.device, log: Callable[[str], None]) -> tuple[DashboardCollector, float]:
+    """One streaming pass over ``n_tokens`` tokens of ``split``: every SAE's contexts, samples,
+    token index and LatentStats, and the pass's seconds. Notes where the data ran out; raises
+    where an SAE has no alive latent."""
+    saes = {key: (t.hook, t.sae) for key, t in zip(shown.keys, shown.targets)}
     for _, sae in saes.values():
         sae.eval()
-    collector = DashboardCollector(saes, lm.d_vocab, top_k=top_k, n_samples=n_samples, token_latents=token_latents,
-                                   before=before, after=after, seed=seed)
-    batches = held_out_batches(lm, main.config, split=split)
-    stream = ActivationStream(lm, batches, hooks=sorted({t.hook for t in targets}), n_tokens=n_tokens)
-    log(f"fastsae dashboard: {len(targets)} SAE(s) on {main.config.model.name}, reading up to {n_tokens:,} tokens "
-        f"of the {split} split on {device}")
+    collector = DashboardCollector(saes, lm.d_vocab, top_k=settings.top_k, n_samples=settings.n_samples,
+                                   token_latents=settings.token_latents, before=settings.before,
+                                   after=settings.after, seed=settings.seed)
+    batches = held_out_batches(lm, shown.config, split=split)
+    stream = ActivationStream(lm, batches, hooks=sorted({t.hook for t in shown.targets}), n_tokens=n_tokens)
+    log(f"fastsae dashboard: {len(shown.targets)} SAE(s) on {shown.config.model.name}, reading up to "
+        f"{n_tokens:,} tokens of the {split} split on {device}")
     pass_start = time.perf_counter()
     last_log = pass_start
     with torch.no_grad(), warnings.catch_warnings():
@@ -227,23 +283,28 @@ def build_dashboard(target: str, out: str | Path, *, compare: str | None = None,
     pass_seconds = time.perf_counter() - pass_start
     n_read = collector.n_tokens
     if stream.ran_out and n_read < n_tokens:
-        notes.append(f"The {split} data held {n_read:,} tokens, fewer than the {n_tokens:,} asked: "
-                     "each was read once.")
+        shown.notes.append(f"The {split} data held {n_read:,} tokens, fewer than the {n_tokens:,} asked: "
+                           "each was read once.")
     log(f"  pass: {n_read:,} tokens in {pass_seconds:.1f} s ({n_read / max(pass_seconds, 1e-9):,.0f} tokens/s)")
-    for key, t in zip(keys, targets):
+    for key, t in zip(shown.keys, shown.targets):
         if collector.records[key].stats.n_alive == 0:
             raise DashboardError(f"no latent of {t.label} fired on the {n_read:,} tokens read: there is nothing "
                                  "to show (is it the model and hook it was trained on?)")
+    return collector, pass_seconds
 
-    # ---- the weights: logit effects, neighbours
-    weights_start = time.perf_counter()
-    effects, notes_logit = {}, None
+
+def _weigh(lm, shown: _Shown, collector: DashboardCollector, n_neighbours: int, logit_k: int) -> _Weights:
+    """Each latent's logit effect and nearest alive latents (in its SAE and, with --compare, in the other)."""
+    start = time.perf_counter()
+    keys, targets = shown.keys, shown.targets
+    effects, logit_note = {}, None
     for key, t in zip(keys, targets):
-        effects[key], notes_logit = logit_effect(t.sae.W_dec, lm, logit_k)
+        effects[key], logit_note = logit_effect(t.sae.W_dec, lm, logit_k)
     neighbours, across = {}, {}
     alive = {key: collector.records[key].stats.alive for key in keys}
     for key, t in zip(keys, targets):
         neighbours[key] = _neighbours(t.sae.W_dec.detach(), alive[key], n_neighbours)
+    compare_key = shown.compare_key
     if compare_key is not None:
         other_t = targets[-1]
         for key, t in zip(keys[:-1], targets[:-1]):
@@ -253,16 +314,13 @@ def build_dashboard(target: str, out: str | Path, *, compare: str | None = None,
         across[compare_key] = (first_key, _neighbours(other_t.sae.W_dec.detach(), alive[compare_key], n_neighbours,
                                                       first_t.sae.W_dec.detach().to(other_t.sae.device),
                                                       alive[first_key]))
-    weights_seconds = time.perf_counter() - weights_start
+    return _Weights(effects, logit_note, neighbours, across, time.perf_counter() - start)
 
-    # ---- the site
-    write_start = time.perf_counter()
-    texts, byte_ids = token_texts(lm.tokenizer, lm.d_vocab)
-    edges = LatentStats.bin_edges().tolist()
-    edges = [0.0] + edges[1:-1] + [None]  # activations are > 0: the first bin starts at 0
-    data_name = _describe_data(main.config, split)
+
+def _sae_meta(shown: _Shown, collector: DashboardCollector, across: dict, shard_size: int) -> list[dict]:
+    """The site's (and the record's) entry for each SAE."""
     sae_meta = []
-    for key, t in zip(keys, targets):
+    for key, t in zip(shown.keys, shown.targets):
         sae = t.sae
         stats = collector.records[key].stats
         sae_meta.append({
@@ -272,33 +330,46 @@ def build_dashboard(target: str, out: str | Path, *, compare: str | None = None,
             "compare": across[key][0] if key in across else None,
             "groups": latent_groups(sae),  # Matryoshka's nested prefixes: each latent's group is shown
         })
-    title = " vs ".join(t.label for t in targets)
-    meta = {"format": FORMAT, "version": VERSION, "title": title, "model": str(main.config.model.name),
-            "data": data_name, "split": split, "tokens": n_read, "window": {"before": before, "after": after},
-            "hist_edges": edges, "logit_note": notes_logit, "vocab_size": lm.d_vocab, "token_shard": token_shard,
-            "saes": sae_meta, "notes": notes, "created": time.strftime("%Y-%m-%d %H:%M"),
-            "top_k": top_k, "n_samples": n_samples}
+    return sae_meta
+
+
+def _write_site(out: Path, lm, shown: _Shown, collector: DashboardCollector, weights: _Weights,
+                settings: DashboardSettings, *, split: str, n_tokens: int, device: torch.device,
+                pass_seconds: float, started: float) -> dict:
+    """Write the site (atomically) and its record OUT/dashboard.json; returns the record, with
+    the index page's path."""
+    write_start = time.perf_counter()
+    config = shown.config
+    texts, byte_ids = token_texts(lm.tokenizer, lm.d_vocab)
+    edges = LatentStats.bin_edges().tolist()
+    edges = [0.0] + edges[1:-1] + [None]  # activations are > 0: the first bin starts at 0
+    data_name = _describe_data(config, split)
+    sae_meta = _sae_meta(shown, collector, weights.across, settings.shard_size)
+    title = " vs ".join(t.label for t in shown.targets)
+    meta = {"format": FORMAT, "version": VERSION, "title": title, "model": str(config.model.name),
+            "data": data_name, "split": split, "tokens": collector.n_tokens,
+            "window": {"before": settings.before, "after": settings.after},
+            "hist_edges": edges, "logit_note": weights.logit_note, "vocab_size": lm.d_vocab,
+            "token_shard": settings.token_shard, "saes": sae_meta, "notes": shown.notes,
+            "created": time.strftime("%Y-%m-%d %H:%M"), "top_k": settings.top_k, "n_samples": settings.n_samples}
     with SiteWriter(out) as site:
         site.copy_static()
         site.write_data("meta", "", "meta.js", meta)
         site.write_data("vocab", "", "vocab.js", {"texts": texts, "bytes": byte_ids})
-        for key, t in zip(keys, targets):
-            _write_sae(site, key, t, collector.records[key], effects[key], neighbours[key], across.get(key),
-                       shard_size, token_shard, lm.d_vocab)
+        for key, t in zip(shown.keys, shown.targets):
+            write_sae_data(site, key, t, collector.records[key], weights.effects[key], weights.neighbours[key],
+                       weights.across.get(key), settings.shard_size, settings.token_shard, lm.d_vocab)
             collector.records[key].stats.save(site.root / "latent_stats" / key, metadata={
                 "label": t.label, "hook": t.hook, "origin": t.origin, "kind": t.kind,
                 "sae_fingerprint": sae_fingerprint(t.sae), "latent_groups": latent_groups(t.sae),
-                "model": str(main.config.model.name),
-                "data": {"spec": main.config.data_spec(), "context_length": main.config.data.context_length,
+                "model": str(config.model.name),
+                "data": {"spec": config.data_spec(), "context_length": config.data.context_length,
                          "split": split}})
         record = {
-            "format": FORMAT, "version": VERSION, "title": title, "model": str(main.config.model.name),
-            "data": data_name, "split": split, "tokens_asked": n_tokens, "tokens": n_read,
-            "saes": sae_meta, "device": str(device), "notes": notes,
-            "settings": {"top_k": top_k, "n_samples": n_samples, "before": before, "after": after,
-                         "token_latents": token_latents, "logit_k": logit_k, "n_neighbours": n_neighbours,
-                         "shard_size": shard_size, "token_shard": token_shard, "seed": seed},
-            "seconds": {"collection_pass": round(pass_seconds, 3), "weights": round(weights_seconds, 3),
+            "format": FORMAT, "version": VERSION, "title": title, "model": str(config.model.name),
+            "data": data_name, "split": split, "tokens_asked": n_tokens, "tokens": collector.n_tokens,
+            "saes": sae_meta, "device": str(device), "notes": shown.notes, "settings": asdict(settings),
+            "seconds": {"collection_pass": round(pass_seconds, 3), "weights": round(weights.seconds, 3),
                         "write": round(time.perf_counter() - write_start, 3)},
             "files": site.files_written + 1, "bytes": site.bytes_written,
         }
@@ -306,8 +377,6 @@ def build_dashboard(target: str, out: str | Path, *, compare: str | None = None,
         record["memory"] = _peak_memory()
         site.write_text(RECORD_NAME, json.dumps(record, indent=2) + "\n")
         index = site.commit()
-    log(f"  weights {weights_seconds:.1f} s, site {record['seconds']['write']:.1f} s "
-        f"({record['files']} files, {record['bytes'] / 2**20:.1f} MiB); total {record['seconds']['total']:.1f} s")
     record["index"] = str(index)
     return record
 
@@ -318,73 +387,3 @@ def _describe_data(config, split: str) -> str:
     what = {"embedded": "the embedded corpus", "hf": f"{spec.get('name')}", "text": f"{spec.get('path')}",
             "tokens": f"{spec.get('path')}"}.get(kind, str(kind))
     return f"{what} ({'held-out' if split == 'eval' else 'training'} split)"
-
-
-def _write_sae(site: SiteWriter, key: str, target: SAETarget, rec: LatentRecords, effect: dict,
-               near: tuple, across: tuple | None, shard_size: int, token_shard: int, d_vocab: int) -> None:
-    """One SAE's index, latent shards and token shards."""
-    cpu = _records_to_cpu(rec)
-    stats = cpu.stats
-    n = stats.n_latents
-    count = stats.count.tolist()
-    mean = torch.nan_to_num(stats.mean_when_firing, nan=0.0).tolist()
-    centres = cpu.top.payload["tokens"][:, :, cpu.before].tolist()
-    filled = cpu.top.counts().tolist()
-    firing = [_firing_tokens(centres[i], filled[i], 8) for i in range(n)]
-    site.write_data("index", key, f"{key}/index.js", {
-        "count": count, "max": rounded_list(stats.activation_max.tolist()), "mean": rounded_list(mean),
-        "top": [[t for t, _ in f[:3]] for f in firing]})
-    near_cos, near_ids = near
-    other_cos, other_ids = across[1] if across is not None else (None, None)
-
-    def pairs(ids_row, vals_row):
-        return [[int(i), rounded(float(v))] for i, v in zip(ids_row, vals_row) if i >= 0]
-
-    def lists(store, lo, hi):
-        p = store.payload
-        return (store.keys[lo:hi].tolist(), p["value"][lo:hi].tolist(), p["position"][lo:hi].tolist(),
-                p["tokens"][lo:hi].tolist(), p["acts"][lo:hi].tolist())
-
-    for start in range(0, n, shard_size):
-        stop = min(n, start + shard_size)
-        top, samples = lists(cpu.top, start, stop), lists(cpu.samples, start, stop)
-        hist = stats.histogram[start:stop].tolist()
-        lp = effect["top_ids"][start:stop].tolist(), effect["top_values"][start:stop].tolist()
-        ln = effect["bottom_ids"][start:stop].tolist(), effect["bottom_values"][start:stop].tolist()
-        nb = near_ids[start:stop].tolist(), near_cos[start:stop].tolist()
-        ob = (other_ids[start:stop].tolist(), other_cos[start:stop].tolist()) if other_ids is not None else None
-        records = []
-        for j, i in enumerate(range(start, stop)):
-            record = {"i": i, "hist": [[b, c] for b, c in enumerate(hist[j]) if c],
-                      "top": _contexts(*(part[j] for part in top), cpu.before),
-                      "samples": _contexts(*(part[j] for part in samples), cpu.before),
-                      "firing": firing[i], "lp": pairs(lp[0][j], lp[1][j]), "ln": pairs(ln[0][j], ln[1][j]),
-                      "near": pairs(nb[0][j], nb[1][j])}
-            if ob is not None:
-                record["other"] = pairs(ob[0][j], ob[1][j])
-            records.append(record)
-        site.write_data("latents", f"{key}/{start // shard_size}", f"{key}/latents/{start // shard_size:05d}.js",
-                        {"start": start, "records": records})
-
-    token_filled = cpu.by_token.counts().tolist()
-    for start in range(0, d_vocab, token_shard):
-        stop = min(d_vocab, start + token_shard)
-        ids = cpu.by_token.payload["id"][start:stop].tolist()
-        values = cpu.by_token.payload["value"][start:stop].tolist()
-        tokens = {str(start + j): pairs(ids[j][:token_filled[start + j]], values[j][:token_filled[start + j]])
-                  for j in range(stop - start) if token_filled[start + j]}
-        site.write_data("tokens", f"{key}/{start // token_shard}", f"{key}/tokens/{start // token_shard:05d}.js",
-                        {"start": start, "tokens": tokens})
-
-
-def _records_to_cpu(rec: LatentRecords) -> LatentRecords:
-    import copy
-
-    out = copy.copy(rec)
-    for name in ("top", "samples", "by_token"):
-        store = copy.copy(getattr(rec, name))
-        store.keys = store.keys.cpu()
-        store.payload = {k: v.cpu() for k, v in store.payload.items()}
-        setattr(out, name, store)
-    out.stats = rec.stats.to("cpu")
-    return out

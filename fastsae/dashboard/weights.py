@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from fastsae.ops._checks import chunk_rows
+from fastsae.ops.checks import chunk_rows
 
 
 def _norm_module(lm):

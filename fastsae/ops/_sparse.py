@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastsae.ops._checks import chunk_rows
+from fastsae.ops.checks import chunk_rows
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

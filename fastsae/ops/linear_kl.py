@@ -46,8 +46,8 @@ import torch
 
 from fastsae.ops._backend import (call_kernel, device_name, measured_fastest, missing_triton, requested_backend,
                                   use_triton)
-from fastsae.ops import _checks, _workers
-from fastsae.ops._checks import check_same, check_shape, check_tensor
+from fastsae.ops import _workers, checks as _checks
+from fastsae.ops.checks import check_same, check_shape, check_tensor
 from fastsae.kernels._logits import centered_terms, kl_from_sums, prepared_bias
 
 try:  # the Triton kernels: triton is optional, without it the reference runs everywhere

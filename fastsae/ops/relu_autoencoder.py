@@ -52,8 +52,8 @@ from typing import NamedTuple
 import torch
 
 from fastsae.ops._backend import call_kernel, missing_triton, use_triton
-from fastsae.ops import _checks, _workers
-from fastsae.ops._checks import check_same, check_shape, check_tensor, chunk_rows, encoder_operands
+from fastsae.ops import _workers, checks as _checks
+from fastsae.ops.checks import check_same, check_shape, check_tensor, chunk_rows, encoder_operands
 from fastsae.ops._sparse import accumulation_dtype
 
 try:  # the Triton kernels: triton is optional, without it the reference runs everywhere

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastsae.ops._backend import call_kernel, missing_triton, use_triton
-from fastsae.ops._checks import check_same, check_shape, check_tensor, encoder_operands
+from fastsae.ops.checks import check_same, check_shape, check_tensor, encoder_operands
 
 try:  # the Triton kernels: triton is optional, without it the reference runs everywhere
     from fastsae.kernels import relu_encoder as kernels

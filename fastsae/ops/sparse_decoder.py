@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastsae.ops._backend import call_kernel, missing_triton, use_triton
-from fastsae.ops._checks import check_indices, check_same, check_shape, check_tensor
+from fastsae.ops.checks import check_indices, check_same, check_shape, check_tensor
 from fastsae.ops._sparse import accumulation_dtype, gather_rows_weighted, row_dots, scatter_rows_weighted
 
 try:  # the Triton kernels: triton is optional, without it the reference runs everywhere

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastsae.ops._backend import call_kernel, missing_triton, use_triton
-from fastsae.ops._checks import check_k, check_same, check_shape, check_tensor, chunk_rows, encoder_operands
+from fastsae.ops.checks import check_k, check_same, check_shape, check_tensor, chunk_rows, encoder_operands
 from fastsae.ops._sparse import accumulation_dtype, gather_rows_weighted, scatter_rows_weighted
 
 try:  # the Triton kernels: triton is optional, without it the reference runs everywhere

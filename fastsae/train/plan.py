@@ -157,7 +157,7 @@ def usable_memory(gpu_memory: int) -> int:
 
 
 def _items(cfg: TrainConfig, lm: LMShape, n_latents: int, gpus: int, shards: int) -> tuple[dict[str, int], int]:
-    from fastsae.ops._checks import CHUNK_ELEMENTS
+    from fastsae.ops.checks import CHUNK_ELEMENTS
 
     n_saes = len(cfg.saes.hooks)
     data_groups = gpus // shards

@@ -1,5 +1,9 @@
 """Argument checks shared by the ops (every message names the argument and what was expected),
-and the operand layouts the kernels read."""
+the operand layouts the kernels read, and the chunk size of the reference paths.
+
+Public: the layers above (activations, train, dashboard) chunk their own temporaries by
+CHUNK_ELEMENTS and chunk_rows. Read CHUNK_ELEMENTS as ``checks.CHUNK_ELEMENTS`` at call time (not
+``from ... import CHUNK_ELEMENTS`` at import time) where tests should be able to shrink it."""
 
 from __future__ import annotations
 
