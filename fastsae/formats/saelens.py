@@ -182,8 +182,6 @@ def read(path: Path) -> SAERecord:
 
 def write(record: SAERecord, directory: str | os.PathLike) -> Path:
     """``record`` as a SAELens 6.x directory (see the module docstring for the conversion)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     spec = record.spec
     tensors = export_tensors(record)
     architecture, settings, own_tensors = spec.kind(spec.params).to_saelens(tensors)
@@ -210,6 +208,8 @@ def write(record: SAERecord, directory: str | os.PathLike) -> Path:
               **({"d_out": spec.d_out} if transcoder else {}),
               "dtype": dtype_name(record.dtype), "device": "cpu", "apply_b_dec_to_input": False,
               "normalize_activations": "none", "reshape_activations": "none", **settings, "metadata": metadata}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     save_safetensors({name: t.to(record.dtype) for name, t in tensors.items()}, directory / WEIGHTS_NAME)
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2))
     return directory
