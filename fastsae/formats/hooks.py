@@ -101,7 +101,8 @@ def _transcoder_hookpoint(hook: str, hook_in: str, hook_out: str, layers_name: s
             f"transcoder {hook!r} has no sparsify hookpoint: {hook_in} is the LayerNorm's output before its weight "
             f"and bias (TransformerLens's hook_normalized), while sparsify's {layers_name}.{layer}.mlp transcoder "
             f"reads the MLP module's input, after them, so it would run a different function. Train it on "
-            f"blocks.{layer}.mlp.hook_in (= blocks.{layer}.ln2.hook_out), or keep it in the fastsae or SAELens format")
+            f"blocks.{layer}.mlp.hook_in (= blocks.{layer}.ln2.hook_out), or keep it in fastsae's format (or "
+            "SAELens's, for a ReLU, JumpReLU or BatchTopK one)")
     raise ValueError(
         f"transcoder {hook!r} has no sparsify hookpoint: sparsify's transcoders read a module's input and write its "
         "output; fastsae maps blocks.L.mlp.hook_in (= blocks.L.ln2.hook_out) -> blocks.L.hook_mlp_out to "
