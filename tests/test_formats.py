@@ -27,6 +27,26 @@ from fastsae.sae import SparseCode
 D, N, K = 16, 48, 4
 HOOK = "blocks.1.hook_resid_pre"
 CASES = [("relu", "forward"), ("relu", "project"), ("topk", "forward"), ("topk", "project")]
+# transcoders: the MLP's input (sparsify's layers.1.mlp reads it) -> its output; the presets read
+# TransformerLens's hook_normalized instead (the norm's output before its weight and bias)
+TC_HOOK = "blocks.1.mlp.hook_in->blocks.1.hook_mlp_out"
+TC_NORMALIZED = "blocks.1.ln2.hook_normalized->blocks.1.hook_mlp_out"
+D_OUT = 24
+
+
+def relu_writes_d_out() -> bool:
+    """Whether the ReLU / JumpReLU fused op (fastsae.ops.relu_autoencode) takes W_dec [n, d_out]
+    with d_out != d_in; where it does not, the ReLU and JumpReLU transcoders here write d_in."""
+    from fastsae.ops import relu_autoencode
+
+    try:
+        relu_autoencode(torch.zeros(2, 4), torch.zeros(4, 3), torch.zeros(3), torch.zeros(3, 5), torch.zeros(5))
+    except ValueError:
+        return False
+    return True
+
+
+RELU_D_OUT = D_OUT if relu_writes_d_out() else D
 
 
 def make_sae(activation="relu", decoder_norm="forward", seed=0, d=D, n=N, hook=HOOK):
@@ -235,11 +255,29 @@ def test_sparsify_hookpoint_names():
     assert formats.sparsify_hookpoint("blocks.6.hook_resid_pre") == "layers.5"
     assert formats.sparsify_hookpoint("blocks.6.hook_resid_post", "h") == "h.6"
     assert formats.hook_from_sparsify("gpt_neox.layers.5") == "blocks.6.hook_resid_pre"
-    assert formats.hook_from_sparsify("layers.5.mlp") is None
+    assert formats.hook_from_sparsify("layers.5.mlp") == "blocks.5.hook_mlp_out"  # an SAE reads its output
+    assert formats.hook_from_sparsify("layers.5.self_attn") is None
     with pytest.raises(ValueError, match="embedding output"):
         formats.sparsify_hookpoint("blocks.0.hook_resid_pre")
-    with pytest.raises(ValueError, match="hook_mlp_out"):
-        formats.sparsify_hookpoint("blocks.2.hook_mlp_out")
+    assert formats.sparsify_hookpoint("blocks.2.hook_mlp_out", "h") == "h.2.mlp"
+    with pytest.raises(ValueError, match="'blocks.2.hook_attn_out' has no sparsify hookpoint"):
+        formats.sparsify_hookpoint("blocks.2.hook_attn_out")
+
+
+def test_sparsify_transcoder_hookpoint_names():
+    """A sparsify transcoder reads its module's input and writes its output: the MLP's input is
+    blocks.L.mlp.hook_in (= blocks.L.ln2.hook_out), not TransformerLens's pre-affine hook_normalized."""
+    assert formats.hook_from_sparsify("h.3.mlp", transcode=True) == "blocks.3.mlp.hook_in->blocks.3.hook_mlp_out"
+    assert formats.hook_from_sparsify("layers.3", transcode=True) == "blocks.3.hook_resid_pre->blocks.3.hook_resid_post"
+    for hook in ("blocks.3.mlp.hook_in->blocks.3.hook_mlp_out", "blocks.3.ln2.hook_out->blocks.3.mlp.hook_out"):
+        assert formats.sparsify_hookpoint(hook, "h") == "h.3.mlp"
+    assert formats.sparsify_hookpoint("blocks.3.hook_resid_pre->blocks.4.hook_resid_pre") == "layers.3"
+    with pytest.raises(ValueError, match=r"ln2.hook_normalized is the LayerNorm's output before its weight and bias"):
+        formats.sparsify_hookpoint(TC_NORMALIZED)
+    with pytest.raises(ValueError, match="has no sparsify hookpoint: sparsify's transcoders read a module's input"):
+        formats.sparsify_hookpoint("blocks.1.mlp.hook_in->blocks.2.hook_mlp_out")  # two layers' MLPs
+    assert "blocks.3.ln2.hook_out->blocks.3.mlp.hook_out" in formats.hooks.hook_aliases(
+        "blocks.3.mlp.hook_in->blocks.3.hook_mlp_out")
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,7 +390,7 @@ def test_cli_eval_of_a_released_sae(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 # what must not load, or not load silently wrong
 
-@pytest.mark.parametrize("architecture", ["gated", "transcoder", "matching_pursuit"])
+@pytest.mark.parametrize("architecture", ["gated", "temporal", "matching_pursuit"])
 def test_saelens_other_architectures_are_refused(tmp_path, architecture):
     path = write_saelens_dir(tmp_path / "sl", "standard")
     cfg = json.loads((path / "cfg.json").read_text())
@@ -386,8 +424,8 @@ def test_sparsify_refuses_relu_and_reads_only_plain_sparse_coders(tmp_path):
         make_sae("relu").save_pretrained(tmp_path / "sp", format="sparsify")
     make_sae("topk", "project").save_pretrained(tmp_path / "sp", format="sparsify")
     cfg = json.loads((tmp_path / "sp" / "cfg.json").read_text())
-    (tmp_path / "sp" / "cfg.json").write_text(json.dumps({**cfg, "transcode": True}))
-    with pytest.raises(ValueError, match="transcode=true"):
+    (tmp_path / "sp" / "cfg.json").write_text(json.dumps({**cfg, "activation": "groupmax"}))
+    with pytest.raises(ValueError, match="activation='groupmax'; fastsae loads sparsify's TopK SAEs only"):
         E2ESAE.from_pretrained(tmp_path / "sp")
 
 
@@ -418,6 +456,202 @@ def test_fastsae_config_cannot_pass_for_saelens(tmp_path):
     (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="fastsae config edited to look like SAELens's"):
         E2ESAE.from_pretrained(tmp_path / "sae")
+
+
+# --------------------------------------------------------------------------------------------
+# transcoders (d_out, a skip path W_skip, metadata hook "IN->OUT")
+
+def make_transcoder(activation, d_out=D, skip=False, decoder_norm="forward", seed=0, hook=TC_HOOK):
+    """A transcoder in eval mode with every parameter non-trivial (W_skip too, decoder rows of unequal
+    norms in "forward" mode) and thresholds that gate part of the code."""
+    params = {"relu": {}, "jumprelu": {}, "topk": {"k": K}, "batchtopk": {"k": K}}[activation]
+    torch.manual_seed(seed)
+    sae = E2ESAE(D, N, activation, decoder_norm=decoder_norm, d_out=d_out, skip=skip,
+                 metadata={"hook": hook, "model": "tiny-model"}, **params).eval()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 1.0)
+        if decoder_norm == "forward":
+            sae.W_dec.mul_(torch.rand(N, 1) * 2 + 0.1)
+        if skip:
+            sae.W_skip.normal_(0, 0.3)
+        if activation == "jumprelu":
+            sae.log_threshold.copy_(torch.rand(N).mul(0.4).add(0.05).log())
+        elif activation == "batchtopk":
+            sae.threshold.fill_(0.2)
+    return sae
+
+
+def saelens_transcoder_forward(path, x):
+    """SAELens 6.x Transcoder / SkipTranscoder / JumpReLUTranscoder / JumpReLUSkipTranscoder.forward
+    for a directory (sae_lens/saes/transcoder.py): no b_dec on the input, W_skip [d_out, d_in]."""
+    cfg = json.loads((path / "cfg.json").read_text())
+    w = {k: v.double() for k, v in load_file(str(path / "sae_weights.safetensors")).items()}
+    x = x.double()
+    hidden_pre = x @ w["W_enc"] + w["b_enc"]
+    acts = F.relu(hidden_pre)
+    if cfg["architecture"].startswith("jumprelu"):
+        acts = acts * (hidden_pre > w["threshold"])
+    out = acts @ w["W_dec"] + w["b_dec"]
+    if cfg["architecture"].endswith("skip_transcoder"):
+        out = out + x @ w["W_skip"].T
+    return out
+
+
+def sparsify_forward(path, x):
+    """sparsify 1.3 SparseCoder.forward's sae_out for a directory (sparsify/sparse_coder.py): an SAE
+    encodes x - b_dec, a transcoder x; skip_connection adds x @ W_skip.mT."""
+    cfg = json.loads((path / "cfg.json").read_text())
+    w = {k: v.double() for k, v in load_file(str(path / "sae.safetensors")).items()}
+    x = x.double()
+    pre = F.relu((x if cfg["transcode"] else x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
+    values, indices = pre.topk(cfg["k"], dim=-1)
+    out = torch.zeros_like(pre).scatter(-1, indices, values) @ w["W_dec"] + w["b_dec"]
+    if cfg["skip_connection"]:
+        out = out + x @ w["W_skip"].T
+    return out
+
+
+SAELENS_ARCHITECTURE = {"relu": "transcoder", "jumprelu": "jumprelu_transcoder", "batchtopk": "jumprelu_transcoder"}
+# (activation, d_out, skip): BatchTopK writes d_out != d_in (as SAELens's JumpReLU transcoders), ReLU
+# and JumpReLU where their fused op does
+SAELENS_TC_CASES = [("relu", RELU_D_OUT, False), ("relu", D, True), ("jumprelu", D, False),
+                    ("jumprelu", RELU_D_OUT, True), ("batchtopk", D_OUT, False), ("batchtopk", D_OUT, True)]
+TC_CASES = ([("fastsae", "topk", D_OUT, True), ("fastsae", "relu", RELU_D_OUT, True)]
+            + [("saelens", *case) for case in SAELENS_TC_CASES]
+            + [("sparsify", "topk", D, False), ("sparsify", "topk", D, True)])
+
+
+@pytest.mark.parametrize("decoder_norm", ["forward", "project"])
+@pytest.mark.parametrize("fmt,activation,d_out,skip", TC_CASES)
+def test_transcoder_round_trip(tmp_path, fmt, activation, d_out, skip, decoder_norm):
+    tc, x = make_transcoder(activation, d_out, skip, decoder_norm), inputs()
+    tc.save_pretrained(tmp_path / "tc", format=fmt)
+    loaded = E2ESAE.from_pretrained(tmp_path / "tc").eval()
+    assert loaded.spec == tc.spec and loaded.metadata == tc.metadata  # d_out, skip and the hooks restored
+    assert (loaded.hook_in, loaded.hook_out) == ("blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out")
+    assert rel_err(loaded(x), tc(x)) < 1e-5
+    assert rel_err(dense_code(loaded, x), dense_code(tc, x)) < 1e-5
+    cfg = json.loads((tmp_path / "tc" / "cfg.json").read_text())
+    if fmt == "fastsae":
+        for name in tc.tensor_names():
+            assert torch.equal(getattr(loaded, name), getattr(tc, name)), name
+    elif fmt == "saelens":
+        assert cfg["architecture"] == SAELENS_ARCHITECTURE[activation].replace("transcoder", "skip_transcoder" if skip
+                                                                                else "transcoder")
+        assert (cfg["d_in"], cfg["d_out"], cfg["apply_b_dec_to_input"]) == (D, d_out, False)
+        assert (cfg["metadata"]["hook_name"], cfg["metadata"]["hook_name_out"]) == ("blocks.1.mlp.hook_in",
+                                                                                    "blocks.1.hook_mlp_out")
+        if skip:
+            assert load_file(str(tmp_path / "tc" / "sae_weights.safetensors"))["W_skip"].shape == (d_out, D)
+        assert rel_err(saelens_transcoder_forward(tmp_path / "tc", x), tc(x)) < 1e-5
+    else:
+        assert (cfg["transcode"], cfg["skip_connection"], cfg["d_in"]) == (True, skip, D)
+        assert rel_err(sparsify_forward(tmp_path / "tc", x), tc(x)) < 1e-5
+
+
+def test_sparsify_skip_sae_round_trip(tmp_path):
+    """sparsify's skip_connection on an SAE (transcode false: it encodes x - b_dec): a fastsae SAE with
+    a skip path and one hook, both ways."""
+    sae, x = make_transcoder("topk", D, True, hook=HOOK), inputs()
+    sae.save_pretrained(tmp_path / "sp", format="sparsify")
+    cfg = json.loads((tmp_path / "sp" / "cfg.json").read_text())
+    assert (cfg["transcode"], cfg["skip_connection"]) == (False, True)
+    assert rel_err(sparsify_forward(tmp_path / "sp", x), sae(x)) < 1e-5
+    loaded = E2ESAE.from_pretrained(tmp_path / "sp")
+    assert loaded.spec == sae.spec and rel_err(loaded(x), sae(x)) < 1e-5
+
+
+def write_saelens_transcoder_dir(path, architecture, d_out, seed=3, **extra):
+    """A SAELens transcoder directory as its save_model writes it (sae_lens/saes/transcoder.py)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"W_enc": torch.randn(D, N, generator=g) / 4, "b_enc": torch.randn(N, generator=g) / 4,
+               "W_dec": torch.randn(N, d_out, generator=g) / 4, "b_dec": torch.randn(d_out, generator=g)}
+    if architecture.startswith("jumprelu"):
+        tensors["threshold"] = torch.rand(N, generator=g) * 0.3
+    if "skip" in architecture:
+        tensors["W_skip"] = torch.randn(d_out, D, generator=g) / 4
+    cfg = {"architecture": architecture, "d_in": D, "d_sae": N, "d_out": d_out, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
+           "metadata": {"sae_lens_version": "6.54.0", "hook_name": "blocks.1.ln2.hook_normalized",
+                        "hook_name_out": "blocks.1.hook_mlp_out", "model_name": "gpt2"}, **extra}
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / "sae_weights.safetensors"))
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("architecture", ["transcoder", "skip_transcoder", "jumprelu_transcoder",
+                                          "jumprelu_skip_transcoder"])
+def test_saelens_transcoder_import_matches_its_forward(tmp_path, architecture):
+    path = write_saelens_transcoder_dir(tmp_path / "sl", architecture, RELU_D_OUT)
+    x = inputs()
+    tc = E2ESAE.from_pretrained(path)
+    assert tc.activation == ("jumprelu" if architecture.startswith("jumprelu") else "relu")
+    assert (tc.d_out, tc.skip, tc.decoder_norm) == (RELU_D_OUT, "skip" in architecture, "project")
+    assert tc.metadata["hook"] == TC_NORMALIZED and tc.metadata["model"] == "gpt2"
+    assert rel_err(tc(x), saelens_transcoder_forward(path, x)) < 1e-5
+    assert list(formats.load_all(tmp_path)) == [TC_NORMALIZED]
+
+
+def test_transcoder_refusals(tmp_path):
+    with pytest.raises(ValueError, match="SAELens has no 'topk' transcoder.*format='sparsify'"):
+        make_transcoder("topk", D, True).save_pretrained(tmp_path / "a", format="saelens")
+    with pytest.raises(ValueError, match="this transcoder reads d_in=16 and writes d_out=24"):
+        make_transcoder("topk", D_OUT).save_pretrained(tmp_path / "b", format="sparsify")
+    with pytest.raises(ValueError, match="hook_normalized is the LayerNorm's output before its weight and bias"):
+        make_transcoder("topk", hook=TC_NORMALIZED).save_pretrained(tmp_path / "c", format="sparsify")
+    with pytest.raises(ValueError, match="format must be one of"):  # e2e_sae is read only (it has no transcoders)
+        formats.save(make_transcoder("relu").to_record(), tmp_path / "d", "e2e_sae")
+    both = {TC_HOOK: make_transcoder("topk").to_record(),
+            "blocks.1.hook_mlp_out": make_sae("topk", hook="blocks.1.hook_mlp_out").to_record()}
+    with pytest.raises(ValueError, match=r"would all be written to 'layers.1.mlp'"):
+        formats.export(None, "sparsify", tmp_path / "e", records=both)
+    assert not any((tmp_path / name).exists() for name in "abcde")  # refused before anything is written
+    path = write_saelens_transcoder_dir(tmp_path / "sl", "transcoder", D, apply_b_dec_to_input=True)
+    with pytest.raises(ValueError, match="apply_b_dec_to_input=true on a SAELens transcoder"):
+        E2ESAE.from_pretrained(path)
+
+
+def test_fastsae_files_before_transcoders_still_load(tmp_path):
+    """cfg.json without d_out and skip (written before transcoders): an SAE, d_out = d_in."""
+    sae, x = make_sae("topk", "forward"), inputs()
+    sae.save_pretrained(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "cfg.json").read_text())
+    del cfg["d_out"], cfg["skip"]
+    (tmp_path / "old" / "cfg.json").write_text(json.dumps(cfg))
+    loaded = E2ESAE.from_pretrained(tmp_path / "old")
+    assert (loaded.d_out, loaded.skip, loaded.spec) == (D, False, sae.spec)
+    assert rel_err(loaded(x), sae(x)) == 0
+
+
+def test_transcoder_run_export(tmp_path, capsys):
+    """fastsae export and load_run carry a transcoder run through every format that can hold it."""
+    from fastsae.cli import main
+    from fastsae.train import checkpoint as ckpt
+
+    tc, x = make_transcoder("topk", D, True), inputs()
+    ckpt.save_checkpoint(tmp_path / "run", 3, {TC_HOOK: tc}, {"step": 3})
+    assert rel_err(fastsae.load_run(tmp_path / "run")[TC_HOOK](x), tc(x)) == 0
+    for fmt, name in (("sparsify", "h.1.mlp"), ("fastsae", TC_HOOK)):
+        assert main(["export", str(tmp_path / "run"), "--format", fmt, "--layers-name", "h"]) == 0
+        out = tmp_path / "run" / f"export-{fmt}"
+        assert [p.name for p in out.iterdir()] == [name]
+        back = fastsae.load_run(out)
+        assert list(back) == [TC_HOOK] and back[TC_HOOK].spec == tc.spec
+        assert rel_err(back[TC_HOOK](x), tc(x)) < 1e-5
+        alias = E2ESAE.from_pretrained(out, hook="blocks.1.ln2.hook_out->blocks.1.mlp.hook_out")
+        assert alias.metadata["hook"] == TC_HOOK
+    assert main(["export", str(tmp_path / "run"), "--format", "saelens"]) == 2  # TopK: no SAELens transcoder
+    assert "SAELens has no 'topk' transcoder" in capsys.readouterr().err
+    # the presets' hook (hook_normalized): SAELens holds a BatchTopK one, sparsify none
+    bt = make_transcoder("batchtopk", D_OUT, True, hook=TC_NORMALIZED)
+    ckpt.save_checkpoint(tmp_path / "run2", 1, {TC_NORMALIZED: bt}, {"step": 1})
+    assert main(["export", str(tmp_path / "run2"), "--format", "saelens"]) == 0
+    back = fastsae.load_run(tmp_path / "run2" / "export-saelens")[TC_NORMALIZED].eval()
+    assert back.spec == bt.spec and rel_err(back(x), bt(x)) < 1e-5
+    assert main(["export", str(tmp_path / "run2"), "--format", "sparsify"]) == 2
+    assert "hook_normalized is the LayerNorm's output before its weight and bias" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,13 +771,14 @@ def import_sparsify():
 
 
 def assert_sparsify_runs_like(theirs, sae, x):
-    """sparsify's own encode, decode and forward on the exported SAE give fastsae's code and output."""
+    """sparsify's own encode, decode and forward on the exported SAE give fastsae's code and output
+    (its decode has no skip path: that is forward's, as in fastsae)."""
     code = sae.encode(x)
     with torch.no_grad():
         top_acts, top_indices, _ = theirs.encode(x)
         assert torch.equal(top_indices.sort(-1).values, code.indices.sort(-1).values)
         assert rel_err(top_acts.sort(-1).values, code.values.sort(-1).values) < 1e-5
-        assert rel_err(theirs.decode(top_acts, top_indices), sae(x)) < 1e-5
+        assert rel_err(theirs.decode(top_acts, top_indices), sae.decode(code)) < 1e-5
         out = theirs(x)
         assert rel_err(out.sae_out, sae(x)) < 1e-5
         assert torch.equal(out.latent_indices, top_indices)
@@ -594,3 +829,110 @@ def test_saelens_runs_our_export_in_its_model(tmp_path):
             expected = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda act, hook: sae(act))])
             assert rel_err(model.run_with_saes(tokens, saes=[theirs]), expected) < 1e-5
             assert rel_err(expected, model(tokens)) > 1e-3  # the SAE is really in the path
+
+
+# transcoders against SAELens's and sparsify's own classes
+
+SAELENS_TC_CLASSES = {(False, False): "Transcoder", (False, True): "SkipTranscoder",
+                      (True, False): "JumpReLUTranscoder", (True, True): "JumpReLUSkipTranscoder"}
+
+
+@pytest.mark.parametrize("activation,d_out,skip", SAELENS_TC_CASES)
+def test_transcoders_against_saelens(tmp_path, activation, d_out, skip):
+    """Our transcoder loads with SAE.load_from_disk as SAELens's transcoder class, with its hooks, and
+    runs the same function; SAELens's own transcoder files load here with the same function and the
+    hook "hook_name->hook_name_out"."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from sae_lens.saes import transcoder as sl_transcoder
+
+    tc, x = make_transcoder(activation, d_out, skip, hook=TC_NORMALIZED), inputs()
+    code = dense_code(tc, x)
+    assert 0 < (code > 0).float().mean() < 0.9
+    tc.save_pretrained(tmp_path / "out", format="saelens")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "out"))
+    jump = activation != "relu"
+    assert type(theirs).__name__ == SAELENS_TC_CLASSES[jump, skip]
+    assert (theirs.cfg.metadata.hook_name, theirs.cfg.metadata.hook_name_out, theirs.cfg.d_out) == \
+        ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", d_out)
+    with torch.no_grad():
+        assert rel_err(theirs(x), tc(x)) < 1e-5
+        assert rel_err(theirs.encode(x), code) < 1e-5
+    # and back: a file SAELens's own class wrote
+    name = SAELENS_TC_CLASSES[jump, skip]
+    native_d_out = d_out if activation == "relu" or relu_writes_d_out() else D  # fastsae runs it as JumpReLU
+    config = getattr(sl_transcoder, name + "Config")(
+        d_in=D, d_sae=N, d_out=native_d_out, apply_b_dec_to_input=False,
+        metadata=sae_lens.saes.sae.SAEMetadata(hook_name="blocks.1.ln2.hook_normalized",
+                                               hook_name_out="blocks.1.hook_mlp_out", model_name="gpt2"))
+    native = getattr(sl_transcoder, name)(config)
+    with torch.no_grad():
+        for p in native.parameters():
+            p.normal_(0, 0.3)
+        if jump:
+            native.threshold.uniform_(0.0, 0.5)
+    native.save_model(str(tmp_path / "native"))
+    ours = E2ESAE.from_pretrained(tmp_path / "native").eval()
+    assert (ours.metadata["hook"], ours.d_out, ours.skip) == (TC_NORMALIZED, native_d_out, skip)
+    assert ours.activation == ("jumprelu" if jump else "relu")
+    with torch.no_grad():
+        assert rel_err(ours(x), native(x)) < 1e-5
+        assert rel_err(dense_code(ours, x), native.encode(x)) < 1e-5
+
+
+def test_saelens_runs_our_transcoder_in_its_model(tmp_path):
+    """SAELens's HookedSAETransformer reads our transcoder at hook_name and writes hook_name_out: the
+    logits equal the model with fastsae's transcoder as two plain TransformerLens hooks. (No skip
+    path: its splice calls the SAE's encode and decode, not forward, so SAELens 6.54 leaves a
+    SkipTranscoder's W_skip out there; docs/formats.md says so.)"""
+    sae_lens = pytest.importorskip("sae_lens")
+    from transformer_lens import HookedTransformerConfig
+
+    torch.manual_seed(0)
+    model = sae_lens.HookedSAETransformer(HookedTransformerConfig(
+        n_layers=2, d_model=D, n_ctx=16, d_head=4, n_heads=4, d_vocab=50, act_fn="gelu"))
+    tokens = torch.randint(0, 50, (2, 12))
+    tc = make_transcoder("relu", D, False, hook=TC_NORMALIZED)
+    tc.save_pretrained(tmp_path / "tc", format="saelens")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "tc"))
+    seen = {}
+
+    def read(act, hook):
+        seen["x"] = act
+
+    with torch.no_grad():
+        expected = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.ln2.hook_normalized", read),
+                                                           ("blocks.1.hook_mlp_out", lambda act, hook: tc(seen["x"]))])
+        assert rel_err(model.run_with_saes(tokens, saes=[theirs]), expected) < 1e-5
+        assert rel_err(expected, model(tokens)) > 1e-3  # the transcoder is really in the path
+
+
+@pytest.mark.parametrize("decoder_norm", ["forward", "project"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_transcoders_against_sparsify(tmp_path, skip, decoder_norm):
+    sparsify = import_sparsify()
+    x = inputs().reshape(-1, D)
+    tc = make_transcoder("topk", D, skip, decoder_norm)
+    tc.save_pretrained(tmp_path / "sp", format="sparsify")
+    theirs = sparsify.SparseCoder.load_from_disk(tmp_path / "sp")
+    assert theirs.cfg.transcode and theirs.cfg.skip_connection == skip
+    assert_sparsify_runs_like(theirs, tc, x)
+    # a run with an SAE and a transcoder (fastsae export), read by SparseCoder.load_many
+    saes = {TC_HOOK: tc, "blocks.2.hook_resid_pre": make_sae("topk", decoder_norm, hook="blocks.2.hook_resid_pre")}
+    formats.export(None, "sparsify", tmp_path / "run", layers_name="h", records={h: s.to_record() for h, s in saes.items()})
+    theirs = sparsify.SparseCoder.load_many(str(tmp_path / "run"), local=True)
+    assert sorted(theirs) == ["h.1", "h.1.mlp"] and theirs["h.1.mlp"].cfg.transcode
+    assert_sparsify_runs_like(theirs["h.1.mlp"], tc, x)
+    assert_sparsify_runs_like(theirs["h.1"], saes["blocks.2.hook_resid_pre"], x)
+    # and back: a transcoder sparsify itself wrote, under the MLP's hookpoint
+    native = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=N, k=K, transcode=True,
+                                                                skip_connection=skip))
+    with torch.no_grad():
+        native.W_dec.normal_()  # a transcoder's starts at zero
+        native.b_dec.normal_()
+        native.encoder.bias.normal_(0, 0.3)
+        if skip:
+            native.W_skip.normal_(0, 0.3)
+    native.save_to_disk(tmp_path / "native" / "h.1.mlp")
+    ours = E2ESAE.from_pretrained(tmp_path / "native")
+    assert (ours.metadata["hook"], ours.skip) == (TC_HOOK, skip)
+    assert_sparsify_runs_like(native, ours, x)

@@ -10,6 +10,8 @@ FORMATS, says how to recognise, read and write each. They read into and write fr
 
 Every conversion gives the same reconstruction (to float rounding) and the same code (values,
 TopK selection, thresholds); what a format cannot express is refused with an error naming it.
+Transcoders (d_out, a skip path W_skip, metadata hook "IN->OUT") go through fastsae's, SAELens's
+and sparsify's files as well (each module's docstring says how); e2e_sae has none.
 Besides single SAE directories, a path may be a fastsae run (its latest checkpoint), a checkpoint
 directory, a directory of SAE directories (`fastsae export` output, a sparsify run), or an e2e_sae
 run directory or `samples_<N>.pt` file.
@@ -150,7 +152,7 @@ def load(path: str | os.PathLike, hook: str | None = None) -> SAERecord:
     path = Path(path)
     entry = _select(path, _entries(path), hook)
     record = entry.read()
-    name = hook if hook is not None else entry.hook
+    name = entry.hook if entry.hook is not None else hook  # the file's name for it (a transcoder's "IN->OUT")
     if name is not None and "hook" not in record.metadata:
         record.metadata["hook"] = name
     return record
@@ -186,5 +188,9 @@ def export(path: str | os.PathLike | None, format: str, out: str | os.PathLike, 
         raise ValueError(f"format must be one of {tuple(FORMATS)}, got {format!r}")
     records = load_all(path) if records is None else records
     names = {hook: sparsify_hookpoint(hook, layers_name) if format == "sparsify" else hook for hook in records}
+    for name in set(names.values()):
+        clash = sorted(hook for hook in names if names[hook] == name)
+        if len(clash) > 1:  # e.g. an SAE on blocks.L.hook_mlp_out and the transcoder of that MLP: both layers.L.mlp
+            raise ValueError(f"the SAEs for {clash} would all be written to {name!r}; export them separately")
     out = Path(out)
     return {hook: save(record, out / names[hook], format) for hook, record in records.items()}

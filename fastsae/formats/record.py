@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastsae.spec import SAESpec
+from fastsae.spec import SAESpec, hook_in_out
 
 
 @dataclass
 class SAERecord:
     """spec: the SAE's SAESpec. tensors: W_enc [d_in, n_latents], b_enc [n_latents], W_dec
-    [n_latents, d_in], b_dec [d_in] and the activation's extra tensors, in any float dtype and on
+    [n_latents, d_out], b_dec [d_out], a skip-transcoder's W_skip [d_in, d_out] and the
+    activation's extra tensors, in any float dtype and on
     any device (readers give float64 where they converted). metadata: JSON-serialisable facts
     (hook, model, ...). dtype: the dtype the SAE is stored in. source: where it came from."""
 
@@ -40,9 +41,11 @@ def expected_shapes(spec: SAESpec) -> dict[str, tuple[int, ...]]:
 
 
 def make_record(where, tensors: dict, *, activation: str, params: dict, decoder_norm: str, metadata: dict,
-                dtype: torch.dtype, spec: dict | None = None) -> SAERecord:
-    """A checked record from converted tensors; d_in and n_latents come from W_enc. ``spec``: a
-    spec dict a file saved for fastsae (SAESpec.to_dict), which then decides every field."""
+                dtype: torch.dtype, spec: dict | None = None, d_out: int | None = None,
+                skip: bool = False) -> SAERecord:
+    """A checked record from converted tensors; d_in and n_latents come from W_enc (d_out and
+    skip: a transcoder's, as the file says). ``spec``: a spec dict a file saved for fastsae
+    (SAESpec.to_dict), which then decides every field."""
     if tensors["W_enc"].ndim != 2 or tensors["W_dec"].ndim != 2:
         raise ValueError(f"{where}: W_enc and W_dec must be matrices, got shapes {tuple(tensors['W_enc'].shape)} "
                          f"and {tuple(tensors['W_dec'].shape)}")
@@ -51,11 +54,26 @@ def make_record(where, tensors: dict, *, activation: str, params: dict, decoder_
         if spec is not None:
             record_spec = SAESpec.from_dict(spec, f"{where} (the fastsae entry)")
         else:
-            record_spec = SAESpec.create(d_in, n_latents, activation, params=params, decoder_norm=decoder_norm)
+            record_spec = SAESpec.create(d_in, n_latents, activation, params=params, decoder_norm=decoder_norm,
+                                         d_out=d_out, skip=skip)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
     check_tensors(where, record_spec, tensors)
     return SAERecord(record_spec, tensors, metadata, dtype, str(where))
+
+
+def record_hooks(record: SAERecord) -> tuple[str | None, str | None]:
+    """(the hook it reads, the hook it writes) from metadata["hook"] ("IN->OUT" for a transcoder);
+    (None, None) where the record names none."""
+    hook = record.metadata.get("hook")
+    return (None, None) if hook is None else hook_in_out(hook)
+
+
+def is_transcoder(record: SAERecord) -> bool:
+    """Whether the record is a transcoder: its spec says so (d_out != d_in, a skip path) or its
+    hooks differ (a transcoder of equal widths has an SAE's spec)."""
+    hook_in, hook_out = record_hooks(record)
+    return record.spec.is_transcoder or hook_in != hook_out
 
 
 def check_tensors(where, spec: SAESpec, tensors: dict) -> None:

@@ -75,6 +75,7 @@ import torch
 
 from fastsae import formats
 from fastsae._files import atomic_write_text, read_json_object
+from fastsae.formats.hooks import sparsify_layers_name
 from fastsae.train import checkpoint as ckpt
 from fastsae.train.config import ConfigError
 from fastsae.train.finetune_sources import PAPER_SHARE, PRESETS, Source, finetune_config, load_source
@@ -214,7 +215,7 @@ def _output_name(source: dict) -> str:
     if source["format"] != "sparsify":
         return source["hook"]
     name = Path(source["directory"]).name
-    layers = name.rsplit(".", 1)[0] if formats.hook_from_sparsify(name) else "layers"
+    layers = sparsify_layers_name(name) or "layers"
     try:
         return formats.sparsify_hookpoint(source["hook"], layers)
     except ValueError:
