@@ -143,7 +143,7 @@ def _recorded_training_launches(arch: int, model, activation: str, sae_dtype: st
     cfg = load_config("gpt2-e2e", overrides)
     lm = _MetaLM(d_model, d_vocab, api=api, softcap=softcap)
     layout = setup.setup_layout(cfg)
-    saes = setup.build_saes(cfg, cfg.saes.hooks, d_model, layout, torch.device("meta"))
+    saes = setup.build_saes(cfg, cfg.saes.hooks, lm, layout, torch.device("meta"))
     trackers = {hook: DeadLatentTracker(sae.n_local, cfg.log.dead_window_tokens, lm.device) for hook, sae in saes.items()}
     objective = Objective(cfg, lm, saes, cfg.saes.hooks, layout, trackers)
     tokens = torch.empty(cfg.optim.batch_size, cfg.data.context_length, dtype=torch.long, device="meta")

@@ -9,6 +9,7 @@ Where sae-lens is installed (CI's second leg) its registry is read too and check
 SAELens's own reader.
 """
 
+import types
 from pathlib import Path
 
 import pytest
@@ -224,7 +225,8 @@ def test_trainer_saes_and_warnings_take_release_names(hub, monkeypatch):
     from fastsae.train.config import load_config
 
     config = load_config("embedded", ["saes.hooks=[blocks.1.hook_resid_pre]", "device=cpu"])
-    saes = setup.build_saes(config, [HOOK], D, setup.distributed.SINGLE, torch.device("cpu"),
+    model = types.SimpleNamespace(d_model=D)  # build_saes reads an SAE hook's width off the model
+    saes = setup.build_saes(config, [HOOK], model, setup.distributed.SINGLE, torch.device("cpu"),
                             {HOOK: f"test-saelens:{HOOK}"})
     assert_same_sae(saes[HOOK], E2ESAE.from_pretrained(hub[0]["test-saelens"][1]))
     registry = yaml.safe_load(Path(releases.registry_sources()[-1][1]).read_text())
