@@ -388,11 +388,57 @@ def finetune_headline() -> str:
               "e2e, same size and budget"]
     return table(header, rows) + "\n\n" + provenance(FINETUNE, record, what="held-out metrics (8,192 tokens); ")
 
+TRANSCODER = "transcoder_embedded_intel-xeon-2-cores.json"
+
+
+def _transcoder_runs() -> tuple[dict, dict]:
+    record = load(TRANSCODER)
+    return record, {(r["kind"], r["skip"], r["k"]): r for r in record["runs"]}
+
+
+def transcoder() -> str:
+    """Local against e2e transcoders at block 1's MLP of the embedded model, at equal L0 (TopK's
+    k), without and with the skip path: held-out CE-loss increase and KL with the MLP replaced, the
+    fraction of the MLP output's variance explained, live latents, wall time."""
+    record, by = _transcoder_runs()
+    rows = []
+    for (kind, skip, k), run in sorted(by.items(), key=lambda item: (item[0][2], item[0][1], item[0][0] != "local")):
+        rows.append([f"{run['l0']:.1f} (k = {k})", f"{kind}{' + skip' if skip else ''}", f"{run['ce_increase']:.4f}",
+                     f"{run['kl']:.4f}", f"{run['explained_variance']:.3f}", f"{run['alive']:,}",
+                     seconds(run["seconds"])])
+    header = ["L0", "transcoder", "CE-loss increase (nats)", "KL", "MLP-output variance explained", "live latents",
+              "wall time"]
+    threads = record.get("threads") or "default"
+    what = (f"held-out metrics ({record['runs'][0]['n_latents']:,} latents, 400k training tokens, 8,192 held-out "
+            f"tokens); wall time of each `fastsae train` at OMP_NUM_THREADS={threads} beside other processes; ")
+    return table(header, rows) + "\n\n" + provenance(TRANSCODER, record, what=what)
+
+
+def transcoder_headline() -> str:
+    """Per k: the local and the e2e transcoder's KL and CE-loss increase at the same L0, without
+    and with the skip path (the full table: transcoder)."""
+    record, by = _transcoder_runs()
+
+    def pair(local, e2e):
+        return f"{local:.4f} / {e2e:.4f} ({100 * (e2e / local - 1):+.0f} %)"
+
+    rows = []
+    for k in sorted({key[2] for key in by}):
+        row = [str(k)]
+        for skip in (False, True):
+            local, e2e = by["local", skip, k], by["e2e", skip, k]
+            row += [pair(local["kl"], e2e["kl"]), pair(local["ce_increase"], e2e["ce_increase"])]
+        rows.append(row)
+    header = ["k (L0)", "KL: local / e2e", "CE-loss increase: local / e2e", "with skip: KL", "with skip: CE-loss increase"]
+    return table(header, rows) + "\n\n" + provenance(TRANSCODER, record, what="held-out metrics (8,192 tokens); ")
+
+
 TABLES = {"cpu-paths": cpu_paths, "main-job": main_job, "presets": presets, "cpu-full": cpu_full,
           "relu-memory": relu_memory, "analysis-bench": analysis_bench, "dashboard-runs": dashboard_runs,
           "dashboard-bench": dashboard_bench, "benchmark-report": benchmark_report,
           "saebench-presets": saebench_presets, "saebench-sweep": saebench_sweep,
-          "finetune": finetune, "finetune-headline": finetune_headline, "matryoshka-bench": matryoshka_bench}
+          "finetune": finetune, "finetune-headline": finetune_headline, "matryoshka-bench": matryoshka_bench,
+          "transcoder": transcoder, "transcoder-headline": transcoder_headline}
 
 
 # --------------------------------------------------------------------------------------- rewriting
