@@ -505,8 +505,12 @@ def _dashboard(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     from fastsae.train.config import ConfigError
 
+    # Python hides DeprecationWarnings outside __main__: show fastsae's own (an old config key) once
+    warnings.filterwarnings("default", category=DeprecationWarning, module=r"fastsae(\.|$)")
     args = _parser().parse_args(argv)
     command = {"train": _train, "eval": _eval, "presets": _presets, "sweep": _sweep, "plot": _plot,
                "plan": _plan, "export": _export, "finetune": _finetune, "analyze": _analyze,

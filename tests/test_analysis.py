@@ -391,7 +391,7 @@ def tiny_sweep(tmp_path_factory, lm, model_dir):
     root = tmp_path_factory.mktemp("analysis_sweep")
     corpus = root / "corpus.txt"
     corpus.write_text(TINY_TEXT * 60)
-    overrides = [f"model.name={model_dir}", "data.kind=text", f"data.path={corpus}", "data.eval_fraction=0.3",
+    overrides = [f"model.name={model_dir}", "data.source=text", f"data.path={corpus}", "data.eval_fraction=0.3",
                  "data.context_length=16", "optim.batch_size=4", "optim.n_tokens=256", "optim.warmup_samples=4",
                  "eval.n_tokens=64", "eval.batch_size=4", "saes.n_latents=48", "log.progress=false",
                  "loss.downstream_hooks=[blocks.2.hook_resid_pre]", "device=cpu"]

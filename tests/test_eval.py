@@ -155,7 +155,7 @@ def test_evaluate_writes_only_into_an_existing_run_dir(tmp_path, model_dir, lm):
 def test_cli_eval_writes_eval_json_with_the_checkpoints_step(tmp_path, model_dir, lm, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    cfg = make_config(tmp_path, model_dir, "data.kind=text", f"data.path={text}", "data.eval_fraction=0.3")
+    cfg = make_config(tmp_path, model_dir, "data.source=text", f"data.path={text}", "data.eval_fraction=0.3")
     trainer = Trainer(cfg, model=lm)
     trainer.fit()
     (tmp_path / "run" / "eval.json").unlink()

@@ -24,7 +24,7 @@ def tiny(tmp_path_factory):
     model_dir = save_tiny_gpt2(root / "model", n_layer=3, n_embd=32, n_ctx=64)
     corpus = root / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. a sparse autoencoder reads the residual. " * 100)
-    overrides = [f"model.name={model_dir}", "data.kind=text", f"data.path={corpus}", "data.eval_fraction=0.3",
+    overrides = [f"model.name={model_dir}", "data.source=text", f"data.path={corpus}", "data.eval_fraction=0.3",
                  "data.context_length=16", "optim.batch_size=4", "optim.n_tokens=192", "optim.warmup_samples=4",
                  "eval.n_tokens=64", "eval.batch_size=4", "saes.n_latents=32", "log.progress=false",
                  "loss.downstream_hooks=[blocks.2.hook_resid_pre]"]

@@ -29,8 +29,9 @@ def markdown(result: dict) -> str:
 
 def _introduction(result: dict) -> list[str]:
     lines = [f"# SAE analysis: {result['model']}", ""]
+    spec = result["data"]["spec"]  # analysis.json files written before data.source name it kind
     lines.append(f"{result['tokens']:,} held-out tokens ({result['data']['split']} split of "
-                 f"{result['data']['spec'].get('kind')} data, context {result['data']['context_length']}); "
+                 f"{spec.get('source', spec.get('kind'))} data, context {result['data']['context_length']}); "
                  f"similarities in {result['similarity_precision']} on {result['device']}. "
                  "Similarities are between the decoder directions of alive latents (fired at least once on "
                  "these tokens); each latent's largest cosine similarity, mean with a 95% bootstrap CI.")

@@ -383,7 +383,7 @@ def _write_site(out: Path, lm, shown: _Shown, collector: DashboardCollector, wei
 
 def _describe_data(config, split: str) -> str:
     spec = config.data_spec()
-    kind = spec.get("kind")
+    source = spec.get("source")
     what = {"embedded": "the embedded corpus", "hf": f"{spec.get('name')}", "text": f"{spec.get('path')}",
-            "tokens": f"{spec.get('path')}"}.get(kind, str(kind))
+            "tokens": f"{spec.get('path')}"}.get(source, str(source))
     return f"{what} ({'held-out' if split == 'eval' else 'training'} split)"
