@@ -156,7 +156,7 @@ def distributed(args, budget) -> dict:
     tokens = work / "tokens.npy"
     rng = np.random.default_rng(0)
     np.save(tokens, rng.integers(0, shape["d_vocab"], size=batch * ctx * (steps + 4), dtype=np.int64))
-    overrides = [f"model.name={model_dir(dict(shape, ctx=max(ctx, 128)))}", "data.kind=tokens", "data.name=null",
+    overrides = [f"model.name={model_dir(dict(shape, ctx=max(ctx, 128)))}", "data.source=tokens", "data.name=null",
                  "data.split=null", "data.eval_examples=null", "data.streaming=null", f"data.path={tokens}", "data.eval_fraction=0.2", f"data.context_length={ctx}",
                  f"optim.batch_size={batch}", f"optim.n_tokens={batch * ctx * steps}",
                  f"saes.hooks=[blocks.{shape['n_layer'] // 2}.hook_resid_pre]", f"eval.n_tokens={batch * ctx}",

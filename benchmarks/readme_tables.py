@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from fastsae._files import GeneratedSections
-from fastsae.train.metrics import RUN_KINDS
+from fastsae.train.metrics import OBJECTIVES, with_objective
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -340,9 +340,9 @@ def saebench_presets() -> str:
 
 def saebench_sweep() -> str:
     record = load(SAEBENCH_EMBEDDED)
-    points = sorted((r for r in record["results"] if "sweep_point" in r),
-                    key=lambda r: (RUN_KINDS.index(r["kind"]), r["sparsity_coeff"]))
-    rows = [_saebench_row(f"{r['kind']}, sparsity {r['sparsity_coeff']:g}", r) for r in points]
+    points = sorted((with_objective(r) for r in record["results"] if "sweep_point" in r),  # older records: "kind"
+                    key=lambda r: (OBJECTIVES.index(r["objective"]), r["sparsity_coeff"]))
+    rows = [_saebench_row(f"{r['objective']}, sparsity {r['sparsity_coeff']:g}", r) for r in points]
     header = ["sweep point"] + [name for name, *_ in SAEBENCH_COLUMNS]
     return table(header, rows) + "\n\n" + provenance(SAEBENCH_EMBEDDED, record)
 

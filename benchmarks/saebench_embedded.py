@@ -44,7 +44,7 @@ def evaluate(run_dir: Path, label: str, *, plain: bool) -> dict:
     saebench_seconds = timed(["fastsae", "eval", str(run_dir), "--saebench", str(core)])
     record = json.loads(core.read_text())
     ours = json.loads((run_dir / "eval.json").read_text())
-    return {"label": label, "kind": ours["kind"], "sparsity_coeff": ours["sparsity_coeff"], "hooks": ours["hooks"],
+    return {"label": label, "objective": ours["objective"], "sparsity_coeff": ours["sparsity_coeff"], "hooks": ours["hooks"],
             "n_latents": ours["n_latents"], "eval_tokens": ours["eval_tokens"],
             "fastsae_metrics": {k: ours["metrics"][k] for k in ("kl", "ce_increase", "l0") if k in ours["metrics"]},
             "eval_seconds": plain_seconds, "eval_saebench_seconds": saebench_seconds,

@@ -33,11 +33,11 @@ PRESETS = {"local": "embedded-transcoder", "e2e": "embedded-transcoder-e2e"}
 
 
 def points(work: Path, ks=KS) -> list[dict]:
-    """Every (kind, skip, k) with its `fastsae train` arguments."""
-    return [dict(kind=kind, skip=skip, k=k, name=f"{kind}-{'skip-' if skip else ''}k{k}",
+    """Every (objective, skip, k) with its `fastsae train` arguments."""
+    return [dict(objective=objective, skip=skip, k=k, name=f"{objective}-{'skip-' if skip else ''}k{k}",
                  args=["train", preset, "--set", f"saes.k={k}", *(["--set", "saes.skip=true"] if skip else []),
-                       "--run-dir", str(work / f"{kind}-{'skip-' if skip else ''}k{k}")])
-            for k in ks for kind, preset in PRESETS.items() for skip in (False, True)]
+                       "--run-dir", str(work / f"{objective}-{'skip-' if skip else ''}k{k}")])
+            for k in ks for objective, preset in PRESETS.items() for skip in (False, True)]
 
 
 def run(point: dict, work: Path) -> dict:
@@ -50,7 +50,7 @@ def run(point: dict, work: Path) -> dict:
     record = json.loads((work / point["name"] / "eval.json").read_text())
     hook = record["hooks"][0]
     metrics = record["metrics"]
-    return dict(kind=point["kind"], skip=point["skip"], k=point["k"], hook=hook, seconds=seconds,
+    return dict(objective=point["objective"], skip=point["skip"], k=point["k"], hook=hook, seconds=seconds,
                 command=shlex.join(["fastsae", *point["args"]]).replace(str(work) + "/", "runs/"),
                 training_tokens=record["training_tokens"], n_latents=record["n_latents"],
                 ce_increase=metrics["ce_increase"], kl=metrics["kl"], ce_orig=metrics["ce_orig"],
@@ -61,10 +61,10 @@ def run(point: dict, work: Path) -> dict:
 def summary(results: list[dict]) -> list[dict]:
     """Per k and skip: the e2e transcoder's CE-loss increase as a fraction of the local one's, at
     the same L0."""
-    by = {(r["kind"], r["skip"], r["k"]): r for r in results}
+    by = {(r["objective"], r["skip"], r["k"]): r for r in results}
     return [dict(k=k, skip=skip, local=by["local", skip, k]["ce_increase"], e2e=by["e2e", skip, k]["ce_increase"],
                  e2e_over_local=by["e2e", skip, k]["ce_increase"] / by["local", skip, k]["ce_increase"])
-            for (kind, skip, k) in sorted(by) if kind == "e2e" and ("local", skip, k) in by]
+            for (objective, skip, k) in sorted(by) if objective == "e2e" and ("local", skip, k) in by]
 
 
 def main(argv=None) -> int:

@@ -65,7 +65,7 @@ def options_table(name: str) -> str:
     sub, _ = subcommands()[name]
     rows = []
     for action in sub._actions:
-        if isinstance(action, argparse._HelpAction):
+        if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:  # hidden (an old alias)
             continue
         what = action.help or ""  # choices show in the invocation: --split {eval,train}
         if action.required and action.option_strings:

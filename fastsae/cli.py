@@ -116,19 +116,23 @@ def _add_export_parser(commands) -> None:
 
 
 def _add_sweep_parser(commands) -> None:
-    from fastsae.train.metrics import RUN_KINDS
+    from fastsae.train.metrics import OBJECTIVES
 
     sweep = commands.add_parser(
         "sweep", help="train local, e2e and e2e+ds SAEs over a grid of sparsity coefficients",
-        description="One run directory per (kind, sparsity coefficient, seed) under --out. Run it again to "
+        description="One run directory per (objective, sparsity coefficient, seed) under --out. Run it again to "
                     "resume: finished runs are skipped, started ones resume. Several processes with the "
                     "same arguments share the grid (each run is locked by the process training it).")
     sweep.add_argument("--family", default="embedded", help="preset family: embedded (default), gpt2, tinystories")
     sweep.add_argument("--out", help="directory of the runs (default: runs/sweep-FAMILY)")
-    sweep.add_argument("--kinds", nargs="+", default=None, metavar="KIND", help="local e2e e2e+ds (default: all)")
-    for kind in RUN_KINDS:
-        sweep.add_argument(f"--{kind.replace('+', '-')}-coeffs", dest=f"coeffs_{kind}", nargs="+", type=float,
-                           metavar="C", help=f"sparsity coefficients of the {kind} runs (default: the family's grid)")
+    sweep.add_argument("--objectives", nargs="+", default=None, metavar="OBJECTIVE",
+                       help="training objectives: local e2e e2e+ds (default: all)")
+    # the option's name before "objective" was the word: still accepted, not shown
+    sweep.add_argument("--kinds", dest="objectives", nargs="+", help=argparse.SUPPRESS)
+    for objective in OBJECTIVES:
+        sweep.add_argument(f"--{objective.replace('+', '-')}-coeffs", dest=f"coeffs_{objective}", nargs="+",
+                           type=float, metavar="C",
+                           help=f"sparsity coefficients of the {objective} runs (default: the family's grid)")
     sweep.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
     _add_overrides(sweep, "override a config key in every run, e.g. --set optim.n_tokens=2e5")
 
@@ -437,12 +441,13 @@ def _presets(args) -> int:
 
 
 def _sweep(args) -> int:
-    from fastsae.train.metrics import RUN_KINDS
+    from fastsae.train.metrics import OBJECTIVES
     from fastsae.train.sweep import run_sweep, sweep_points
 
-    coeffs = {kind: getattr(args, f"coeffs_{kind}") for kind in RUN_KINDS if getattr(args, f"coeffs_{kind}")}
+    coeffs = {objective: getattr(args, f"coeffs_{objective}") for objective in OBJECTIVES
+              if getattr(args, f"coeffs_{objective}")}
     args.out = args.out or f"runs/sweep-{args.family}"
-    points = sweep_points(args.out, args.family, args.kinds or RUN_KINDS, coeffs, args.seeds)
+    points = sweep_points(args.out, args.family, args.objectives or OBJECTIVES, coeffs, args.seeds)
     print(f"fastsae: sweep of {len(points)} runs ({args.family} presets) in {args.out}", flush=True)
     start = time.perf_counter()
     try:
@@ -505,8 +510,12 @@ def _dashboard(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     from fastsae.train.config import ConfigError
 
+    # Python hides DeprecationWarnings outside __main__: show fastsae's own (an old config key) once
+    warnings.filterwarnings("default", category=DeprecationWarning, module=r"fastsae(\.|$)")
     args = _parser().parse_args(argv)
     command = {"train": _train, "eval": _eval, "presets": _presets, "sweep": _sweep, "plot": _plot,
                "plan": _plan, "export": _export, "finetune": _finetune, "analyze": _analyze,

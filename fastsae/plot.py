@@ -1,4 +1,4 @@
-"""The paper's headline figure from evaluated runs: CE loss increase vs L0, one curve per kind
+"""The paper's headline figure from evaluated runs: CE loss increase vs L0, one curve per objective
 (local, e2e, e2e+ds), beside alive latents and rare latents vs L0 where those differ between the
 points, plus the points as CSV and a markdown table.
 
@@ -6,7 +6,7 @@ points, plus the points as CSV and a markdown table.
     fastsae plot docs/paper_figure/paper_figure.csv --out docs/x  # again from the points' CSV
 
 Each run contributes its eval.json (written by `fastsae train`, `fastsae eval` or `fastsae sweep`).
-Runs of one kind and sparsity coefficient (several seeds) are averaged into one point. SAEs of
+Runs of one objective and sparsity coefficient (several seeds) are averaged into one point. SAEs of
 another activation than the paper's ReLU get curves of their own, labelled e.g. "e2e (topk)". A
 panel whose points all lie within 1 % of the dictionary of each other (e.g. every latent alive on
 every point) says nothing and is left out. Only the figure needs matplotlib (`pip install
@@ -22,19 +22,19 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastsae.train.metrics import EVAL_FILE, RARE_FREQUENCY, RUN_KINDS, read_eval_json
+from fastsae.train.metrics import EVAL_FILE, RARE_FREQUENCY, OBJECTIVES, read_eval_json
 
-KIND_STYLE = dict(zip(RUN_KINDS, [("tab:blue", "o"), ("tab:orange", "s"), ("tab:green", "^")]))
-COLUMNS = ("kind", "sparsity_coeff", "k", "seeds", "l0", "ce_increase", "kl", "alive", "rare", "n_latents",
+OBJECTIVE_STYLE = dict(zip(OBJECTIVES, [("tab:blue", "o"), ("tab:orange", "s"), ("tab:green", "^")]))
+COLUMNS = ("objective", "sparsity_coeff", "k", "seeds", "l0", "ce_increase", "kl", "alive", "rare", "n_latents",
            "explained_variance", "final_explained_variance", "training_tokens", "eval_tokens")
 RARE_LABEL = f"rare latents (fired on < 1 in {1 / RARE_FREQUENCY:,.0f} eval tokens)"
 
 
 @dataclass
 class Point:
-    """One (kind, sparsity coefficient) point, averaged over its runs (seeds)."""
+    """One (objective, sparsity coefficient) point, averaged over its runs (seeds)."""
 
-    kind: str
+    objective: str
     sparsity_coeff: float
     seeds: int
     l0: float
@@ -90,13 +90,13 @@ def _run_values(record: dict) -> dict:
 
 
 def curve_label(record: dict) -> str:
-    """The curve an eval.json belongs to: its kind, with the activation when it is not ReLU."""
+    """The curve an eval.json belongs to: its objective, with the activation when it is not ReLU."""
     activation = record.get("activation", "relu")  # eval.json files before activations were recorded
-    return record["kind"] if activation == "relu" else f"{record['kind']} ({activation})"
+    return record["objective"] if activation == "relu" else f"{record['objective']} ({activation})"
 
 
 def collect_points(run_dirs) -> list[Point]:
-    """One Point per (kind, sparsity coefficient): the mean over its runs, sorted by kind and L0."""
+    """One Point per (objective, sparsity coefficient): the mean over its runs, sorted by objective and L0."""
     groups: dict[tuple, list[dict]] = {}
     setups: dict[tuple, dict] = {}
     for run_dir in run_dirs:
@@ -110,25 +110,26 @@ def collect_points(run_dirs) -> list[Point]:
                              f"trained differently ({setup} vs {setups[key]}); plot one setup at a time")
         groups.setdefault(key, []).append(_run_values(record))
     points = []
-    for (kind, coeff, k), runs in groups.items():
+    for (objective, coeff, k), runs in groups.items():
         def mean(key):
             values = [run[key] for run in runs if run[key] is not None]
             return sum(values) / len(values) if values else None
 
-        points.append(Point(kind, coeff, len(runs), mean("l0"), mean("ce_increase"), mean("kl"), mean("alive"),
+        points.append(Point(objective, coeff, len(runs), mean("l0"), mean("ce_increase"), mean("kl"), mean("alive"),
                             runs[0]["n_latents"], mean("explained_variance"), mean("final_explained_variance"),
                             int(mean("training_tokens")), int(mean("eval_tokens")), k, mean("rare")))
     return _sorted(points)
 
 
 def _sorted(points: list[Point]) -> list[Point]:
-    """By kind (RUN_KINDS first), then L0."""
-    order = {kind: i for i, kind in enumerate(RUN_KINDS)}
-    return sorted(points, key=lambda p: (order.get(p.kind, len(order)), p.l0))
+    """By objective (OBJECTIVES first), then L0."""
+    order = {objective: i for i, objective in enumerate(OBJECTIVES)}
+    return sorted(points, key=lambda p: (order.get(p.objective, len(order)), p.l0))
 
 
 def read_csv(path: str | os.PathLike) -> list[Point]:
-    """The points of a CSV that to_csv wrote (a column added later, k or rare, may be missing)."""
+    """The points of a CSV that to_csv wrote (a column added later, k or rare, may be missing; an
+    older CSV's "kind" column is read as "objective")."""
     numbers = {"sparsity_coeff": float, "k": float, "seeds": int, "l0": float, "ce_increase": float, "kl": float,
                "alive": float, "rare": float, "n_latents": int, "explained_variance": float,
                "final_explained_variance": float, "training_tokens": int, "eval_tokens": int}
@@ -136,6 +137,8 @@ def read_csv(path: str | os.PathLike) -> list[Point]:
         rows = list(csv.DictReader(file))
     points = []
     for line, row in enumerate(rows, start=2):
+        if "kind" in row and "objective" not in row:  # CSVs written before the column was renamed
+            row["objective"] = row.pop("kind")
         missing = [c for c in COLUMNS if c not in ("k", "rare") and c not in row]
         if missing:
             raise ValueError(f"{path}: not a CSV written by `fastsae plot` (no column {', '.join(missing)})")
@@ -165,8 +168,8 @@ def compare_curves(points: list[Point], lower: str = "e2e", upper: str = "local"
     Both curves are linear in L0 between their points; they are compared at every point of either
     curve inside the shared range. Returns None when the curves share no L0 range.
     """
-    a = sorted((p for p in points if p.kind == lower), key=lambda p: p.l0)
-    b = sorted((p for p in points if p.kind == upper), key=lambda p: p.l0)
+    a = sorted((p for p in points if p.objective == lower), key=lambda p: p.l0)
+    b = sorted((p for p in points if p.objective == upper), key=lambda p: p.l0)
     if len(a) < 2 or len(b) < 2:
         return None
     low, high = max(a[0].l0, b[0].l0), min(a[-1].l0, b[-1].l0)
@@ -197,7 +200,7 @@ def to_csv(points: list[Point]) -> str:
 
 def to_markdown(points: list[Point], comparison: dict | None = None) -> str:
     with_rare = any(p.rare is not None for p in points)
-    header = ("| kind | sparsity coeff | seeds | L0 | CE increase (nats) | KL | alive | "
+    header = ("| objective | sparsity coeff | seeds | L0 | CE increase (nats) | KL | alive | "
               + (f"rare (< 1 in {1 / RARE_FREQUENCY:,.0f} tokens) | " if with_rare else "")
               + "explained variance | final-residual EV |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
@@ -205,7 +208,7 @@ def to_markdown(points: list[Point], comparison: dict | None = None) -> str:
         alive = f"{round(p.alive):,}" + (f" / {p.n_latents:,}" if p.n_latents else "")
         coeff = _fmt(p.sparsity_coeff) + (f" (k={_fmt(p.k)})" if p.k is not None else "")
         rare = (f"{round(p.rare):,} | " if p.rare is not None else " | ") if with_rare else ""
-        lines.append(f"| {p.kind} | {coeff} | {p.seeds} | {p.l0:.1f} | {p.ce_increase:.4f} | "
+        lines.append(f"| {p.objective} | {coeff} | {p.seeds} | {p.l0:.1f} | {p.ce_increase:.4f} | "
                      f"{p.kl:.4f} | {alive} | {rare}{_fmt(p.explained_variance, 3)} | "
                      f"{_fmt(p.final_explained_variance, 3)} |")
     if comparison is not None:
@@ -260,15 +263,15 @@ def draw(points: list[Point], stem: Path, title: str | None = None) -> list[Path
     width = 6 if not panels else 5 * (1 + len(panels))
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(width, 4), constrained_layout=True, squeeze=False)
     ax_ce, latent_axes = axes[0][0], axes[0][1:]
-    kinds = [k for k in RUN_KINDS if any(p.kind == k for p in points)] + sorted(
-        {p.kind for p in points} - set(RUN_KINDS))
-    for kind in kinds:
-        curve = [p for p in points if p.kind == kind]
-        color, marker = KIND_STYLE.get(kind, (None, "x"))
+    objectives = [k for k in OBJECTIVES if any(p.objective == k for p in points)] + sorted(
+        {p.objective for p in points} - set(OBJECTIVES))
+    for objective in objectives:
+        curve = [p for p in points if p.objective == objective]
+        color, marker = OBJECTIVE_STYLE.get(objective, (None, "x"))
         l0 = [p.l0 for p in curve]
-        ax_ce.plot(l0, [p.ce_increase for p in curve], marker=marker, color=color, label=kind)
+        ax_ce.plot(l0, [p.ce_increase for p in curve], marker=marker, color=color, label=objective)
         for ax, (attribute, _) in zip(latent_axes, panels):
-            ax.plot(l0, [getattr(p, attribute) for p in curve], marker=marker, color=color, label=kind)
+            ax.plot(l0, [getattr(p, attribute) for p in curve], marker=marker, color=color, label=objective)
     log_ce = all(p.ce_increase > 0 for p in points)  # CE increases span decades across a sweep
     ax_ce.set(xlabel="L0 (active latents per token)",
               ylabel="CE loss increase (nats, log scale)" if log_ce else "CE loss increase (nats)",

@@ -354,11 +354,11 @@ def test_explained_variance_variants_against_the_paper_formula():
 
 # ------------------------------------------------------------------------------ pair rules
 
-def _target(label, kind, coeff, seed, ce, l0, hook="blocks.1.hook_resid_pre"):
+def _target(label, objective, coeff, seed, ce, l0, hook="blocks.1.hook_resid_pre"):
     from fastsae.analysis.stream import SAETarget
 
     record = {"metrics": {"ce_increase": ce, f"l0/{hook}": l0, "l0": l0}}
-    return SAETarget(label, hook, None, label, None, kind, coeff, seed, 1, record)
+    return SAETarget(label, hook, None, label, None, objective, coeff, seed, 1, record)
 
 
 def test_matched_sets_follow_the_papers_two_rules():
@@ -377,7 +377,7 @@ def test_matched_sets_follow_the_papers_two_rules():
     assert [(p.a, p.b) for p in pairs] == [("e2", "l1"), ("d2", "l1"), ("e2", "d2")]
     seeds = cross_seed_pairs(targets, ["l1", "e1", "d1"])
     assert [(p.a, p.b) for p in seeds] == [("l1", "l1b"), ("e1", "e1b")]
-    assert matched_sets([t for t in targets if t.kind == "local"], "ce") == []  # one kind: nothing to match
+    assert matched_sets([t for t in targets if t.objective == "local"], "ce") == []  # one objective: nothing to match
 
 
 # ------------------------------------------------------------------------------ `fastsae analyze`
@@ -391,7 +391,7 @@ def tiny_sweep(tmp_path_factory, lm, model_dir):
     root = tmp_path_factory.mktemp("analysis_sweep")
     corpus = root / "corpus.txt"
     corpus.write_text(TINY_TEXT * 60)
-    overrides = [f"model.name={model_dir}", "data.kind=text", f"data.path={corpus}", "data.eval_fraction=0.3",
+    overrides = [f"model.name={model_dir}", "data.source=text", f"data.path={corpus}", "data.eval_fraction=0.3",
                  "data.context_length=16", "optim.batch_size=4", "optim.n_tokens=256", "optim.warmup_samples=4",
                  "eval.n_tokens=64", "eval.batch_size=4", "saes.n_latents=48", "log.progress=false",
                  "loss.downstream_hooks=[blocks.2.hook_resid_pre]", "device=cpu"]

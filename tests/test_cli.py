@@ -22,7 +22,7 @@ name: tiny
 device: cpu
 model: {{name: {model}}}
 saes: {{hooks: [blocks.1.hook_resid_pre], n_latents: 64}}
-data: {{kind: text, path: {corpus}, context_length: 16}}
+data: {{source: text, path: {corpus}, context_length: 16}}
 optim: {{n_tokens: 384, batch_size: 4, warmup_samples: 4}}
 eval: {{n_tokens: 64, batch_size: 4}}
 log: {{every: 1, progress: false}}

@@ -96,7 +96,7 @@ def test_paths_and_presets_resolve(tmp_path):
     (["log.progress=3"], r"log.progress must be bool"),
     (["saes.hooks=blocks.1.hook_resid_pre"], r"saes.hooks must be a list of str"),
     (["loss.downstream_coeffs=[a]"], r"loss.downstream_coeffs"),
-    (["data.kind=csv"], r"data.kind='csv' is not allowed; allowed values: 'embedded', 'hf', 'text', 'tokens'"),
+    (["data.source=csv"], r"data.source='csv' is not allowed; allowed values: 'embedded', 'hf', 'text', 'tokens'"),
     # checks across keys
     (["saes.hooks=[]"], r"saes.hooks: give at least one hook"),
     (["saes.hooks=[a, a]"], r"saes.hooks: each hook at most once"),
@@ -117,10 +117,10 @@ def test_paths_and_presets_resolve(tmp_path):
     (["device=tpu"], r"device must be 'auto', 'cpu' or 'cuda"),
     (["loss.sparsity_p=0"], r"loss.sparsity_p must be in \(0, 2\]"),
     (["novalue"], r"expected key=value"),
-    (["data.path=corpus.txt"], r"data.path is not used by data.kind='embedded'; its keys: prepend_bos"),
-    (["data.kind=text"], r"data.path is required for data.kind='text'"),
-    (["data.kind=hf"], r"data.name \(the dataset\) is required"),
-    (["data.kind=text", "data.path=x", "data.dtype=uint16"], r"data.dtype is not used by data.kind='text'; its keys: column, eval_fraction, path, prepend_bos"),
+    (["data.path=corpus.txt"], r"data.path is not used by data.source='embedded'; its keys: prepend_bos"),
+    (["data.source=text"], r"data.path is required for data.source='text'"),
+    (["data.source=hf"], r"data.name \(the dataset\) is required"),
+    (["data.source=text", "data.path=x", "data.dtype=uint16"], r"data.dtype is not used by data.source='text'; its keys: column, eval_fraction, path, prepend_bos"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -144,3 +144,45 @@ def test_example_config_in_repo_root_loads():
     for path in examples:
         load_config(path)
         assert yaml.safe_load(path.read_text())
+
+
+def test_data_kind_is_read_as_data_source_with_a_deprecation_warning(tmp_path):
+    old = {"data": {"kind": "text", "path": "corpus.txt"}}
+    with pytest.warns(DeprecationWarning, match=r"data\.kind .*now data\.source"):
+        config = load_config(old)
+    assert config.data.source == "text" and "kind" not in config.to_dict()["data"]
+    assert old == {"data": {"kind": "text", "path": "corpus.txt"}}  # the caller's dict is left as it was
+    with pytest.warns(DeprecationWarning, match=r"data\.source"):
+        assert TrainConfig.from_dict(old).data.source == "text"
+    with pytest.warns(DeprecationWarning, match=r"--set data\.source"):
+        assert load_config("embedded", ["data.kind=text", "data.path=x"]).data.source == "text"
+    path = tmp_path / "old.yaml"
+    path.write_text("data:\n  kind: text\n  path: corpus.txt\n")
+    with pytest.warns(DeprecationWarning, match=r"data\.source"):
+        assert load_config(path).data.source == "text"
+    # a --set of the new name overrides a file's old one (a dashboard or eval of an old run on other data)
+    with pytest.warns(DeprecationWarning):
+        assert load_config(path, ["data.source=embedded", "data.path=null"]).data.source == "embedded"
+    # the same value under both names is read; different values are an error naming both
+    with pytest.warns(DeprecationWarning):
+        assert load_config({"data": {"kind": "text", "source": "text", "path": "x"}}).data.source == "text"
+    with pytest.raises(ConfigError, match=r"data\.kind='hf' and data\.source='text'"):
+        load_config({"data": {"kind": "hf", "source": "text", "path": "x"}})
+
+
+def test_a_run_saved_with_data_kind_resumes(tmp_path):
+    """Run directories store the config as it was written (config.yaml, and the checkpoint's
+    "config"): one from before the rename loads through the path --resume and eval take."""
+    from fastsae.train.checkpoint import CONFIG_FILE, load_run_config, record_overrides
+
+    saved = TrainConfig().to_dict()
+    saved["data"] = {"kind" if key == "source" else key: value for key, value in saved["data"].items()}
+    saved["data"].update(kind="text", path="corpus.txt")
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
+    record_overrides(tmp_path, ["data.kind=tokens", "data.dtype=uint16"], step=5)  # an earlier resume's --set
+    with pytest.warns(DeprecationWarning, match=r"data\.source"):
+        config = load_run_config(tmp_path, ["optim.lr=1e-4"])
+    assert (config.data.source, config.data.path, config.data.dtype, config.optim.lr) == (
+        "tokens", "corpus.txt", "uint16", 1e-4)
+    with pytest.warns(DeprecationWarning, match=r"data\.source"):
+        assert TrainConfig.from_dict(saved).data.source == "text"

@@ -223,7 +223,7 @@ def tiny(tmp_path_factory):
 device: cpu
 model: {{name: {model}}}
 saes: {{hooks: [{HOOK}], n_latents: 64}}
-data: {{kind: text, path: {corpus}, context_length: 16, eval_fraction: 0.5}}
+data: {{source: text, path: {corpus}, context_length: 16, eval_fraction: 0.5}}
 eval: {{n_tokens: 512, batch_size: 4}}
 """)
     sae = calibrated_sae(model, config)

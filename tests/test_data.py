@@ -27,7 +27,7 @@ def test_text_packing(tmp_path, tokenizer):
     for d in docs:
         expected += tokenizer.encode(d, add_special_tokens=False) + [tokenizer.eos_token_id]
     n_windows = len(expected) // T
-    spec = {"kind": "text", "path": str(tmp_path / "*.txt"), "eval_fraction": 0.25}
+    spec = {"source": "text", "path": str(tmp_path / "*.txt"), "eval_fraction": 0.25}
     train = build_token_stream(spec, tokenizer, context_length=T, batch_size=1, split="eval")
     n_eval = max(1, round(n_windows * 0.25))
     # eval: the last windows, in order, then it loops
@@ -53,7 +53,7 @@ def test_token_files(tmp_path, suffix):
         torch.save(torch.from_numpy(data), path)
     else:
         data.astype(np.uint16).tofile(path)
-    spec = {"kind": "tokens", "path": str(path), **({"dtype": "uint16"} if suffix == ".bin" else {})}
+    spec = {"source": "tokens", "path": str(path), **({"dtype": "uint16"} if suffix == ".bin" else {})}
     stream = build_token_stream(spec, None, context_length=T, batch_size=B, seed=0)
     batch = next(stream)
     assert batch.shape == (B, T) and batch.dtype == torch.long
@@ -68,7 +68,7 @@ def test_token_files(tmp_path, suffix):
 
 def test_resume_local(tmp_path):
     np.save(tmp_path / "t.npy", np.arange(200))
-    spec = {"kind": "tokens", "path": str(tmp_path / "t.npy")}
+    spec = {"source": "tokens", "path": str(tmp_path / "t.npy")}
     a = build_token_stream(spec, None, context_length=T, batch_size=B, seed=3)
     take(a, 9)  # past the first epoch (23 train windows)
     state = a.state_dict()
@@ -87,7 +87,7 @@ def _hf_rows():
 def test_hf_saved_dataset_and_resume(tmp_path, tokenizer, streaming):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict(_hf_rows()).save_to_disk(str(tmp_path / "ds"))
-    spec = {"kind": "hf", "name": str(tmp_path / "ds"), "streaming": streaming}
+    spec = {"source": "hf", "name": str(tmp_path / "ds"), "streaming": streaming}
     a = build_token_stream(spec, tokenizer, context_length=T, batch_size=B)
     first = next(a)
     packed = []
@@ -108,7 +108,7 @@ def test_hf_eval_examples_hold_out_the_head_of_a_shared_split(tmp_path, tokenize
     datasets = pytest.importorskip("datasets")
     # example i is T copies of token i: a window names the example it came from
     datasets.Dataset.from_dict({"input_ids": [[i] * T for i in range(12)]}).save_to_disk(str(tmp_path / "ds"))
-    spec = {"kind": "hf", "name": str(tmp_path / "ds"), "streaming": streaming, "eval_examples": 3}
+    spec = {"source": "hf", "name": str(tmp_path / "ds"), "streaming": streaming, "eval_examples": 3}
     train = build_token_stream(spec, tokenizer, context_length=T, batch_size=1, split="train")
     evals = build_token_stream(spec, tokenizer, context_length=T, batch_size=1, split="eval")
     train_ids = {int(next(train)[0, 0]) for _ in range(20)}  # loops over its 9 examples
@@ -126,14 +126,14 @@ def test_hf_json_builder_and_pretokenized(tmp_path, tokenizer):
     with open(tmp_path / "d.jsonl", "w") as f:
         for i in range(10):
             f.write(json.dumps({"input_ids": list(range(i * 5, i * 5 + 5))}) + "\n")
-    spec = {"kind": "hf", "name": "json", "data_files": str(tmp_path / "d.jsonl")}
+    spec = {"source": "hf", "name": "json", "data_files": str(tmp_path / "d.jsonl")}
     stream = build_token_stream(spec, tokenizer, context_length=T, batch_size=2)
     assert next(stream).flatten().tolist() == list(range(16))  # used as-is: no EOS between rows
 
     with open(tmp_path / "t.jsonl", "w") as f:
         for row in _hf_rows()["text"][:5]:
             f.write(json.dumps({"body": row}) + "\n")
-    spec = {"kind": "hf", "name": "json", "data_files": str(tmp_path / "t.jsonl"), "column": "body"}
+    spec = {"source": "hf", "name": "json", "data_files": str(tmp_path / "t.jsonl"), "column": "body"}
     assert next(build_token_stream(spec, tokenizer, context_length=T, batch_size=2)).shape == (2, T)
     spec["column"] = "nope"
     with pytest.raises(ValueError, match="no column 'nope'"):
@@ -141,23 +141,23 @@ def test_hf_json_builder_and_pretokenized(tmp_path, tokenizer):
 
 
 def test_embedded_stream(tokenizer):
-    train = build_token_stream({"kind": "embedded"}, tokenizer, context_length=32, batch_size=2)
+    train = build_token_stream({"source": "embedded"}, tokenizer, context_length=32, batch_size=2)
     assert next(train).shape == (2, 32)
-    eval_a = build_token_stream({"kind": "embedded"}, tokenizer, context_length=32, batch_size=2, split="eval")
-    eval_b = build_token_stream({"kind": "embedded"}, tokenizer, context_length=32, batch_size=2, split="eval")
+    eval_a = build_token_stream({"source": "embedded"}, tokenizer, context_length=32, batch_size=2, split="eval")
+    eval_b = build_token_stream({"source": "embedded"}, tokenizer, context_length=32, batch_size=2, split="eval")
     assert torch.equal(next(eval_a), next(eval_b))
 
 
 @pytest.mark.parametrize(
     "spec, match",
     [
-        ({"kind": "parquet"}, "'kind' must be one of"),
-        ({"path": "x"}, "'kind' must be one of"),
-        ({"kind": "text", "path": "x", "colum": "text"}, r"unknown key\(s\) \['colum'\]"),
-        ({"kind": "text"}, "needs 'path'"),
-        ({"kind": "hf"}, "needs 'name'"),
-        ({"kind": "tokens", "path": "/nonexistent/*.npy"}, "matches no file"),
-        ({"kind": "tokens", "path": "x", "eval_fraction": 2}, "eval_fraction"),
+        ({"source": "parquet"}, "'source' must be one of"),
+        ({"path": "x"}, "'source' must be one of"),
+        ({"source": "text", "path": "x", "colum": "text"}, r"unknown key\(s\) \['colum'\]"),
+        ({"source": "text"}, "needs 'path'"),
+        ({"source": "hf"}, "needs 'name'"),
+        ({"source": "tokens", "path": "/nonexistent/*.npy"}, "matches no file"),
+        ({"source": "tokens", "path": "x", "eval_fraction": 2}, "eval_fraction"),
         ("gpt2", "must be a dict"),
     ],
 )
@@ -168,7 +168,7 @@ def test_bad_specs(spec, match):
 
 def test_bad_arguments(tmp_path):
     np.save(tmp_path / "t.npy", np.arange(5))
-    spec = {"kind": "tokens", "path": str(tmp_path / "t.npy")}
+    spec = {"source": "tokens", "path": str(tmp_path / "t.npy")}
     with pytest.raises(ValueError, match="fewer than one window"):
         build_token_stream(spec, None, context_length=T, batch_size=B)
     with pytest.raises(ValueError, match="split must be one of"):
@@ -176,7 +176,7 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="context_length must be a positive int"):
         build_token_stream(spec, None, context_length=0, batch_size=B)
     with pytest.raises(ValueError, match="pass the model's tokenizer"):
-        build_token_stream({"kind": "text", "path": str(tmp_path / "t.npy")}, None, context_length=T, batch_size=B)
+        build_token_stream({"source": "text", "path": str(tmp_path / "t.npy")}, None, context_length=T, batch_size=B)
 
 
 # ---------------------------------------------------------------- the data people have (issue 9)
@@ -185,7 +185,7 @@ def test_bad_arguments(tmp_path):
 def test_bin_without_dtype_is_refused_not_guessed(tmp_path):
     path = tmp_path / "t.bin"
     np.arange(70_000, 70_400, dtype=np.uint32).tofile(path)  # ids above 65,535: uint16 would misread them
-    spec = {"kind": "tokens", "path": str(path)}
+    spec = {"source": "tokens", "path": str(path)}
     with pytest.raises(ValueError, match=r"t\.bin is a raw token file without a header: set data\.dtype"):
         build_token_stream(spec, None, context_length=T, batch_size=B)
     stream = build_token_stream({**spec, "dtype": "uint32"}, None, context_length=T, batch_size=B)
@@ -203,7 +203,7 @@ def test_token_ids_outside_the_vocabulary_name_the_file_and_the_id(tmp_path):
     bad = np.arange(100)
     bad[37] = 5000
     np.save(tmp_path / "b.npy", bad)
-    spec = {"kind": "tokens", "path": str(tmp_path / "*.npy"), "eval_fraction": 0.1}
+    spec = {"source": "tokens", "path": str(tmp_path / "*.npy"), "eval_fraction": 0.1}
     stream = build_token_stream(spec, None, context_length=T, batch_size=24, vocab_size=300)
     with pytest.raises(ValueError, match=r"b\.npy: token id 5000 at position 37 is outside the model's vocabulary of 300"):
         next(stream)
@@ -218,7 +218,7 @@ def test_jsonl_text_is_read_as_json_lines(tmp_path, tokenizer):
 
     docs = ["the quick brown fox", "reads the residual stream"]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
-    spec = {"kind": "text", "path": str(tmp_path / "d.jsonl"), "eval_fraction": 0.25}
+    spec = {"source": "text", "path": str(tmp_path / "d.jsonl"), "eval_fraction": 0.25}
     stream = build_token_stream(spec, tokenizer, context_length=2, batch_size=1, split="eval")
     expected = []
     for d in docs:
@@ -235,7 +235,7 @@ def test_jsonl_text_is_read_as_json_lines(tmp_path, tokenizer):
 
 def test_prepend_bos_starts_every_window_with_bos(tmp_path, tokenizer):
     np.save(tmp_path / "t.npy", np.arange(1, 201))
-    spec = {"kind": "tokens", "path": str(tmp_path / "t.npy"), "prepend_bos": True}
+    spec = {"source": "tokens", "path": str(tmp_path / "t.npy"), "prepend_bos": True}
     stream = build_token_stream(spec, tokenizer, context_length=T, batch_size=B)
     for row in next(stream).tolist():
         assert row[0] == tokenizer.bos_token_id
@@ -257,7 +257,7 @@ def _write_jsonl(path, rows):
 def test_hf_pretokenized_columns_bos_and_vocab(tmp_path, tokenizer, column):
     pytest.importorskip("datasets")
     rows = [{column: list(range(i * 5, i * 5 + 5)), "other": "x"} for i in range(10)]
-    spec = {"kind": "hf", "name": "json", "data_files": _write_jsonl(tmp_path / "d.jsonl", rows)}
+    spec = {"source": "hf", "name": "json", "data_files": _write_jsonl(tmp_path / "d.jsonl", rows)}
     assert next(build_token_stream(spec, None, context_length=T, batch_size=2)).flatten().tolist() == list(range(16))
     with_bos = next(build_token_stream({**spec, "prepend_bos": True}, tokenizer, context_length=T, batch_size=2))
     assert with_bos.tolist() == [[tokenizer.bos_token_id, *range(7)], [tokenizer.bos_token_id, *range(7, 14)]]
@@ -269,10 +269,10 @@ def test_hf_data_files_list_and_dict(tmp_path):
     pytest.importorskip("datasets")
     a = _write_jsonl(tmp_path / "a.jsonl", [{"tokens": [1] * T}] * 2)
     b = _write_jsonl(tmp_path / "b.jsonl", [{"tokens": [2] * T}] * 2)
-    stream = build_token_stream({"kind": "hf", "name": "json", "data_files": [a, b], "streaming": False}, None,
+    stream = build_token_stream({"source": "hf", "name": "json", "data_files": [a, b], "streaming": False}, None,
                                 context_length=T, batch_size=4)
     assert next(stream)[:, 0].tolist() == [1, 1, 2, 2]
-    spec = {"kind": "hf", "name": "json", "data_files": {"train": [a], "validation": b}, "eval_split": "validation"}
+    spec = {"source": "hf", "name": "json", "data_files": {"train": [a], "validation": b}, "eval_split": "validation"}
     assert next(build_token_stream(spec, None, context_length=T, batch_size=1))[0, 0] == 1
     assert next(build_token_stream(spec, None, context_length=T, batch_size=1, split="eval"))[0, 0] == 2
     with pytest.raises(ValueError, match="'data_files' must be a path, a list of paths, or a dict"):
@@ -324,7 +324,7 @@ def test_plain_batches_and_dataloaders_of_dicts():
 def test_config_takes_data_files_lists_and_dicts_and_prepend_bos():
     from fastsae.train.config import ConfigError, load_config
 
-    base = ["data.kind=hf", "data.name=json"]
+    base = ["data.source=hf", "data.name=json"]
     cfg = load_config({}, [*base, "data.data_files={train: [a.jsonl, b.jsonl], validation: c.jsonl}",
                            "data.prepend_bos=true"])
     assert cfg.data_spec()["data_files"] == {"train": ["a.jsonl", "b.jsonl"], "validation": "c.jsonl"}
@@ -332,3 +332,14 @@ def test_config_takes_data_files_lists_and_dicts_and_prepend_bos():
     assert load_config({}, [*base, "data.data_files=[a.jsonl, b.jsonl]"]).data.data_files == ["a.jsonl", "b.jsonl"]
     with pytest.raises(ConfigError, match="data.data_files must be str or a list of str or a mapping"):
         load_config({}, [*base, "data.data_files=3"])
+
+
+def test_spec_kind_is_read_as_source_with_a_deprecation_warning(tmp_path):
+    np.save(tmp_path / "t.npy", np.arange(200))
+    path = str(tmp_path / "t.npy")
+    with pytest.warns(DeprecationWarning, match="now 'source'"):
+        old = build_token_stream({"kind": "tokens", "path": path}, None, context_length=T, batch_size=B)
+    new = build_token_stream({"source": "tokens", "path": path}, None, context_length=T, batch_size=B)
+    assert torch.equal(next(old), next(new))
+    with pytest.raises(ValueError, match=r"both 'kind' \('text'\) and 'source' \('tokens'\)"):
+        build_token_stream({"kind": "text", "source": "tokens", "path": path}, None, context_length=T, batch_size=B)

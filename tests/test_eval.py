@@ -10,7 +10,7 @@ import torch
 from fastsae.cli import main
 from fastsae.train import Trainer, load_config
 from fastsae.train import losses
-from fastsae.train.metrics import read_eval_json, run_kind
+from fastsae.train.metrics import read_eval_json, run_objective
 from fastsae.train.setup import lr_factor
 from helpers_models import random_batches
 
@@ -92,19 +92,19 @@ def test_reconstruction_hooks_are_every_later_block_and_the_final_residual(tmp_p
     assert last.reconstruction_hooks() == []  # the SAE is the final residual itself
 
 
-@pytest.mark.parametrize("kind,overrides", [
+@pytest.mark.parametrize("objective,overrides", [
     ("local", ["loss.kl_coeff=0", "loss.local_mse_coeff=1"]),
     ("e2e", []),
     ("e2e+ds", ["loss.kl_coeff=0.5", "loss.downstream_coeff=2.5", "loss.downstream_hooks=[blocks.2.hook_resid_pre]"]),
 ])
-def test_eval_reports_downstream_reconstruction_and_writes_eval_json(tmp_path, model_dir, lm, kind, overrides):
+def test_eval_reports_downstream_reconstruction_and_writes_eval_json(tmp_path, model_dir, lm, objective, overrides):
     cfg = make_config(tmp_path, model_dir, *overrides)
     data = batches(3)
     eval_data = batches(2, seed=1)
     trainer = Trainer(cfg, model=lm, dataset=data, eval_dataset=eval_data, run_dir=tmp_path / "run")
     metrics = trainer.fit()
     record = read_eval_json(tmp_path / "run")
-    assert record["kind"] == kind == run_kind(cfg.to_dict())
+    assert record["objective"] == objective == run_objective(cfg.to_dict()) and "kind" not in record
     assert record["step"] == 3 and record["training_tokens"] == 3 * BATCH * CTX
     assert record["eval_tokens"] == 2 * BATCH * CTX and record["n_latents"] == 64
     assert record["sparsity_coeff"] == cfg.loss.sparsity_coeff and record["hooks"] == [HOOK]
@@ -155,7 +155,7 @@ def test_evaluate_writes_only_into_an_existing_run_dir(tmp_path, model_dir, lm):
 def test_cli_eval_writes_eval_json_with_the_checkpoints_step(tmp_path, model_dir, lm, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    cfg = make_config(tmp_path, model_dir, "data.kind=text", f"data.path={text}", "data.eval_fraction=0.3")
+    cfg = make_config(tmp_path, model_dir, "data.source=text", f"data.path={text}", "data.eval_fraction=0.3")
     trainer = Trainer(cfg, model=lm)
     trainer.fit()
     (tmp_path / "run" / "eval.json").unlink()
@@ -163,3 +163,17 @@ def test_cli_eval_writes_eval_json_with_the_checkpoints_step(tmp_path, model_dir
     record = read_eval_json(tmp_path / "run")
     assert record["step"] == 3 and record["eval_tokens"] == BATCH * CTX
     assert "eval.json" in capsys.readouterr().out
+
+
+def test_an_eval_json_written_with_kind_reads_as_objective(tmp_path):
+    """eval.json files written before "objective" was the word hold it as "kind"."""
+    from fastsae.train import metrics
+
+    (tmp_path / "eval.json").write_text(json.dumps({"kind": "e2e+ds", "sparsity_coeff": 1.0, "metrics": {}}))
+    record = read_eval_json(tmp_path)
+    assert record["objective"] == "e2e+ds" and "kind" not in record
+    assert metrics.with_objective({"objective": "local"}) == {"objective": "local"}
+    with pytest.warns(DeprecationWarning, match="now OBJECTIVES"):
+        assert metrics.RUN_KINDS == metrics.OBJECTIVES == ("local", "e2e", "e2e+ds")
+    with pytest.warns(DeprecationWarning, match="now run_objective"):
+        assert metrics.run_kind is metrics.run_objective

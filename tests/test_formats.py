@@ -367,7 +367,7 @@ def test_cli_eval_of_a_released_sae(tmp_path, capsys):
     tokens = tmp_path / "tokens.bin"
     np.random.default_rng(0).integers(0, 250, 4096).astype(np.uint16).tofile(tokens)
     config = tmp_path / "eval.yaml"
-    config.write_text(yaml.dump({"data": {"kind": "tokens", "path": str(tokens), "dtype": "uint16",
+    config.write_text(yaml.dump({"data": {"source": "tokens", "path": str(tokens), "dtype": "uint16",
                                          "context_length": 16},
                                  "eval": {"n_tokens": 64, "batch_size": 2}, "log": {"progress": False}}))
     make_sae("relu", "forward", hook="blocks.9.hook_resid_pre").save_pretrained(tmp_path / "sl", format="saelens")

@@ -206,7 +206,7 @@ def test_cli_eval_writes_the_saebench_json(model_dir, tmp_path, capsys):
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     out = tmp_path / "core.json"
     assert main(["eval", "--sae", str(tmp_path / "sae"), "--tokens", "128", "--saebench", str(out),
-                 "--set", f"data.kind=text", "--set", f"data.path={corpus}", "--set", f"data.context_length={CTX}",
+                 "--set", f"data.source=text", "--set", f"data.path={corpus}", "--set", f"data.context_length={CTX}",
                  "--set", f"eval.batch_size={BATCH}", "--set", "device=cpu"]) == 0
     printed = capsys.readouterr().out
     assert "SAEBench core (sae-bench 0.6.0 evals/core): kl_div_score" in printed and str(out) in printed

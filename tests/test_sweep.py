@@ -24,7 +24,7 @@ def tiny(tmp_path_factory):
     model_dir = save_tiny_gpt2(root / "model", n_layer=3, n_embd=32, n_ctx=64)
     corpus = root / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. a sparse autoencoder reads the residual. " * 100)
-    overrides = [f"model.name={model_dir}", "data.kind=text", f"data.path={corpus}", "data.eval_fraction=0.3",
+    overrides = [f"model.name={model_dir}", "data.source=text", f"data.path={corpus}", "data.eval_fraction=0.3",
                  "data.context_length=16", "optim.batch_size=4", "optim.n_tokens=192", "optim.warmup_samples=4",
                  "eval.n_tokens=64", "eval.batch_size=4", "saes.n_latents=32", "log.progress=false",
                  "loss.downstream_hooks=[blocks.2.hook_resid_pre]"]
@@ -41,8 +41,8 @@ def test_grid_names_presets_and_errors(tmp_path):
     cfg = point_config(points[2])
     assert (cfg.loss.sparsity_coeff, cfg.seed, cfg.run_dir, cfg.name) == (2.5, 0, str(tmp_path / "local-s2.5-seed0"),
                                                                        "local-s2.5-seed0")
-    with pytest.raises(ConfigError, match="kinds: each must be one of"):
-        sweep_points(tmp_path, kinds=["mse"])
+    with pytest.raises(ConfigError, match="objectives: each must be one of"):
+        sweep_points(tmp_path, objectives=["mse"])
     with pytest.raises(ConfigError, match="family must be one of"):
         sweep_points(tmp_path, "gpt3")
 
@@ -72,7 +72,7 @@ def test_sweep_trains_skips_resumes_evaluates_and_plots(tmp_path, tiny):
     assert all(outcomes[p.run_dir] == "trained" for p in points[1:])
     for point in points:
         record = json.loads((point.run_dir / "eval.json").read_text())
-        assert record["step"] == 3 and record["kind"] == point.kind
+        assert record["step"] == 3 and record["objective"] == point.objective
         assert record["sparsity_coeff"] == point.sparsity_coeff
 
     (points[1].run_dir / "eval.json").unlink()
@@ -87,12 +87,12 @@ def test_sweep_trains_skips_resumes_evaluates_and_plots(tmp_path, tiny):
     assert all(path.stat().st_size > 0 for path in result["files"])
     assert (tmp_path / "figure" / "paper_figure.png").read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader((tmp_path / "figure" / "paper_figure.csv").open()))
-    assert {(r["kind"], float(r["sparsity_coeff"])) for r in rows} == {
+    assert {(r["objective"], float(r["sparsity_coeff"])) for r in rows} == {
         ("local", 0.5), ("local", 4.0), ("e2e", 0.5), ("e2e", 4.0), ("e2e+ds", 1.0)}
-    assert [r["kind"] for r in rows] == ["local", "local", "e2e", "e2e", "e2e+ds"]  # by kind, then L0
+    assert [r["objective"] for r in rows] == ["local", "local", "e2e", "e2e", "e2e+ds"]  # by objective, then L0
     assert float(rows[0]["l0"]) <= float(rows[1]["l0"]) and float(rows[2]["l0"]) <= float(rows[3]["l0"])
     assert len(rows) == 5 and all(int(r["n_latents"]) == 32 for r in rows)
-    assert "| kind | sparsity coeff |" in (tmp_path / "figure" / "paper_figure.md").read_text()
+    assert "| objective | sparsity coeff |" in (tmp_path / "figure" / "paper_figure.md").read_text()
 
     # the CLI: plot prints the table; a directory without runs is an error that names it
     assert main(["plot", str(out), "--out", str(tmp_path / "cli"), "--name", "fig"]) == 0
@@ -101,8 +101,8 @@ def test_sweep_trains_skips_resumes_evaluates_and_plots(tmp_path, tiny):
     assert main(["plot", str(tmp_path / "empty")]) == 2
 
 
-def _point(kind, l0, ce, coeff=1.0):
-    return Point(kind, coeff, 1, l0, ce, 0.0, 10.0, 32, None, None, 1000, 100)
+def _point(objective, l0, ce, coeff=1.0):
+    return Point(objective, coeff, 1, l0, ce, 0.0, 10.0, 32, None, None, 1000, 100)
 
 
 def test_compare_curves_over_the_shared_l0_range():
@@ -121,7 +121,7 @@ def test_seeds_of_a_point_are_averaged(tmp_path):
     for seed, (l0, ce) in enumerate([(10.0, 0.2), (20.0, 0.4)]):
         run = tmp_path / f"e2e-s1-seed{seed}"
         run.mkdir()
-        (run / "eval.json").write_text(json.dumps({
+        (run / "eval.json").write_text(json.dumps({  # as written before "kind" became "objective": still read
             "kind": "e2e", "sparsity_coeff": 1.0, "hooks": ["h"], "n_latents": 8, "step": 5,
             "training_tokens": 640, "eval_tokens": 64,
             "metrics": {"l0": l0, "ce_increase": ce, "kl": 0.1, "alive/h": 4 + seed,
@@ -135,7 +135,7 @@ def test_runs_trained_differently_are_not_averaged_and_replaced_runs_are_skipped
     def write(name, **changes):
         run = tmp_path / name
         run.mkdir()
-        record = {"kind": "e2e", "sparsity_coeff": 1.0, "model": "m", "hooks": ["h"], "n_latents": 8, "step": 5,
+        record = {"objective": "e2e", "sparsity_coeff": 1.0, "model": "m", "hooks": ["h"], "n_latents": 8, "step": 5,
                   "training_tokens": 640, "eval_tokens": 64,
                   "metrics": {"l0": 10.0, "ce_increase": 0.2, "kl": 0.1, "alive/h": 4}}
         (run / "eval.json").write_text(json.dumps({**record, **changes}))
@@ -148,13 +148,13 @@ def test_runs_trained_differently_are_not_averaged_and_replaced_runs_are_skipped
         collect_points(find_runs([tmp_path]))
 
 
-def _eval_run(directory, kind, coeff, l0, alive, rare=None, n_latents=2048):
+def _eval_run(directory, objective, coeff, l0, alive, rare=None, n_latents=2048):
     directory.mkdir(parents=True)
     metrics = {"l0": l0, "ce_increase": 1 / l0, "kl": 0.5 / l0, "alive/h": alive}
     if rare is not None:
         metrics["rare/h"] = rare
     (directory / "eval.json").write_text(json.dumps({
-        "kind": kind, "sparsity_coeff": coeff, "hooks": ["h"], "n_latents": n_latents, "step": 5,
+        "objective": objective, "sparsity_coeff": coeff, "hooks": ["h"], "n_latents": n_latents, "step": 5,
         "training_tokens": 640, "eval_tokens": 8192, "metrics": metrics}))
 
 
@@ -171,11 +171,11 @@ def test_firing_counts():
 
 def test_flat_latent_panels_are_left_out_and_rare_latents_are_plotted(tmp_path):
     # every latent alive on every point (as on the embedded sweep): no alive panel; rare latents differ
-    for i, (kind, coeff, l0, rare) in enumerate([("local", 1, 30, 400), ("local", 2, 15, 900),
-                                                  ("e2e", 1, 25, 150), ("e2e", 2, 12, 300)]):
-        _eval_run(tmp_path / "sweep" / f"{kind}-{i}", kind, coeff, l0, alive=2048 - i, rare=rare)
+    for i, (objective, coeff, l0, rare) in enumerate([("local", 1, 30, 400), ("local", 2, 15, 900),
+                                                       ("e2e", 1, 25, 150), ("e2e", 2, 12, 300)]):
+        _eval_run(tmp_path / "sweep" / f"{objective}-{i}", objective, coeff, l0, alive=2048 - i, rare=rare)
     points = collect_points(find_runs([tmp_path / "sweep"]))
-    assert [p.rare for p in points] == [900, 400, 300, 150]  # by kind, then L0
+    assert [p.rare for p in points] == [900, 400, 300, 150]  # by objective, then L0
     assert [attribute for attribute, _ in latent_panels(points)] == ["rare"]
     result = plot_runs([tmp_path / "sweep"], tmp_path / "fig")
     assert "| rare (< 1 in 1,000 tokens) |" in (tmp_path / "fig" / "paper_figure.md").read_text()
@@ -200,6 +200,18 @@ def test_flat_latent_panels_are_left_out_and_rare_latents_are_plotted(tmp_path):
         writer.writeheader()
         writer.writerows(csv.DictReader(to_csv(points).splitlines()))
     assert read_csv(tmp_path / "old.csv") == points
+    # a CSV written before the "objective" column was named so ("kind") still reads
+    (tmp_path / "kind.csv").write_text(to_csv(points).replace("objective,", "kind,", 1))
+    assert read_csv(tmp_path / "kind.csv") == points
+
+
+def test_sweep_objectives_option_and_its_old_name():
+    from fastsae.cli import _parser
+
+    assert _parser().parse_args(["sweep", "--objectives", "local", "e2e"]).objectives == ["local", "e2e"]
+    assert _parser().parse_args(["sweep", "--kinds", "e2e+ds"]).objectives == ["e2e+ds"]  # the old name
+    assert _parser().parse_args(["sweep"]).objectives is None
+    assert "--kinds" not in _parser()._subparsers._group_actions[0].choices["sweep"].format_help()
 
 
 def test_plot_refuses_mixed_inputs_and_foreign_csvs(tmp_path, capsys):

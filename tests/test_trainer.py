@@ -231,7 +231,7 @@ def test_resume_with_a_token_stream_is_exact(tmp_path, model_dir, lm):
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TINY_TEXT * 30)
-    data = ["data.kind=text", f"data.path={corpus}"]
+    data = ["data.source=text", f"data.path={corpus}"]
     full = Trainer(make_config(tmp_path, model_dir, f"run_dir={tmp_path / 'full'}", *data), model=lm)
     full.fit()
     part = Trainer(make_config(tmp_path, model_dir, f"run_dir={tmp_path / 'part'}", *data), model=lm)
@@ -307,7 +307,7 @@ def test_eval_reads_the_held_out_data_once(tmp_path, model_dir, lm):
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TINY_TEXT * 30)
-    trainer = Trainer(make_config(tmp_path, model_dir, "data.kind=text", f"data.path={corpus}",
+    trainer = Trainer(make_config(tmp_path, model_dir, "data.source=text", f"data.path={corpus}",
                                   "data.eval_fraction=0.2", "eval.batch_size=2"), model=lm)
     held_out = trainer._build_stream("eval", 2)
     available = len(held_out.windows) // 2 * 2 * CTX  # full batches of the held-out windows

@@ -1,5 +1,5 @@
 """The figures of `fastsae analyze`, drawn from the numbers of analysis.json (PNG at 150 dpi + SVG,
-matplotlib's Agg backend, the kind colours of `fastsae plot`)."""
+matplotlib's Agg backend, the objective colours of `fastsae plot`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fastsae.plot import KIND_STYLE
-from fastsae.train.metrics import RUN_KINDS
+from fastsae.plot import OBJECTIVE_STYLE
+from fastsae.train.metrics import OBJECTIVES
 
 OTHER_COLOR = "tab:gray"
 MAX_ROWS = 8  # SAEs drawn one per row where no matched set picks them
@@ -23,12 +23,12 @@ def _plt():
     return plt
 
 
-def _color(kind):
-    return KIND_STYLE.get(kind, (OTHER_COLOR, "x"))[0]
+def _color(objective):
+    return OBJECTIVE_STYLE.get(objective, (OTHER_COLOR, "x"))[0]
 
 
-def _marker(kind):
-    return KIND_STYLE.get(kind, (OTHER_COLOR, "x"))[1]
+def _marker(objective):
+    return OBJECTIVE_STYLE.get(objective, (OTHER_COLOR, "x"))[1]
 
 
 def _save(fig, stem: Path) -> list[Path]:
@@ -57,10 +57,10 @@ def _occupied(hist: dict, pad: float) -> tuple[float, float]:
 
 def _describe(result: dict, label: str) -> str:
     sae = result["saes"][label]
-    if sae["kind"] is None:
+    if sae["objective"] is None:
         return label
     seed = f", seed {sae['seed']}" if sae["seed"] is not None else ""
-    return f"{sae['kind']} (sparsity {sae['sparsity_coeff']:g}{seed})"
+    return f"{sae['objective']} (sparsity {sae['sparsity_coeff']:g}{seed})"
 
 
 def featured(result: dict) -> list[str]:
@@ -68,33 +68,34 @@ def featured(result: dict) -> list[str]:
     hook, or else the first MAX_ROWS SAEs."""
     if result["matched"]["ce"]:
         chosen = result["matched"]["ce"][0]["targets"]
-        return [chosen[kind] for kind in RUN_KINDS if kind in chosen]
+        return [chosen[objective] for objective in OBJECTIVES if objective in chosen]
     return list(result["saes"])[:MAX_ROWS]
 
 
 def feature_density(result: dict, stem: Path) -> list[Path]:
-    """log10 firing-frequency histograms of the alive latents, one panel per kind, a line per SAE."""
+    """log10 firing-frequency histograms of the alive latents, one panel per objective, a line per SAE."""
     plt = _plt()
     groups: dict = {}
     for label, sae in result["saes"].items():
-        groups.setdefault(sae["kind"], []).append(label)
-    kinds = [k for k in RUN_KINDS if k in groups] + [k for k in groups if k not in RUN_KINDS]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.4), sharey=True, constrained_layout=True,
+        groups.setdefault(sae["objective"], []).append(label)
+    objectives = [k for k in OBJECTIVES if k in groups] + [k for k in groups if k not in OBJECTIVES]
+    fig, axes = plt.subplots(1, len(objectives), figsize=(4.2 * len(objectives), 3.4), sharey=True,
+                             constrained_layout=True,
                              squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        labels = sorted(groups[kind], key=lambda l: (result["saes"][l]["sparsity_coeff"] or 0, result["saes"][l]["seed"] or 0, l))
+    for ax, objective in zip(axes[0], objectives):
+        labels = sorted(groups[objective], key=lambda l: (result["saes"][l]["sparsity_coeff"] or 0, result["saes"][l]["seed"] or 0, l))
         coeffs = sorted({result["saes"][l]["sparsity_coeff"] for l in labels}, key=lambda c: c or 0)
-        cmap = plt.get_cmap({"local": "Blues", "e2e": "Oranges", "e2e+ds": "Greens"}.get(kind, "Greys"))
+        cmap = plt.get_cmap({"local": "Blues", "e2e": "Oranges", "e2e+ds": "Greens"}.get(objective, "Greys"))
         for label in labels:
             sae = result["saes"][label]
             hist = sae["latent_stats"]["log10_frequency_histogram"]
             shade = cmap(0.45 + 0.5 * coeffs.index(sae["sparsity_coeff"]) / max(len(coeffs) - 1, 1))
-            name = label if kind is None else f"s={sae['sparsity_coeff']:g}" + (
+            name = label if objective is None else f"s={sae['sparsity_coeff']:g}" + (
                 f" seed {sae['seed']}" if sae["seed"] is not None else "")
             ax.stairs(hist["counts"], hist["edges"], color=shade, linewidth=1.4,
                       linestyle="-" if (sae["seed"] or 0) == min((result["saes"][l]["seed"] or 0) for l in labels) else "--",
                       label=f"{name}: {hist['dead']} dead")
-        ax.set(title=f"{kind or 'SAEs'}", xlabel="log10 firing frequency (alive latents)")
+        ax.set(title=f"{objective or 'SAEs'}", xlabel="log10 firing frequency (alive latents)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("latents")
@@ -117,7 +118,7 @@ def within_similarity(result: dict, stem: Path) -> list[Path]:
     """Histograms of each alive direction's max cosine similarity with another of its SAE:
     the matched sets (columns: similar CE, similar L0), or the first SAEs."""
     plt = _plt()
-    columns = [(f"similar {g['rule'].upper()} ({g['hook']})", [g["targets"][k] for k in RUN_KINDS if k in g["targets"]])
+    columns = [(f"similar {g['rule'].upper()} ({g['hook']})", [g["targets"][k] for k in OBJECTIVES if k in g["targets"]])
                for g in result["matched"]["ce"] + result["matched"]["l0"]]
     if not columns:
         columns = [("SAEs", list(result["saes"])[:MAX_ROWS])]
@@ -133,7 +134,7 @@ def within_similarity(result: dict, stem: Path) -> list[Path]:
                 ax.axis("off")
                 continue
             summary = result["saes"][labels[r]]["within_similarity"]
-            _hist_panel(ax, summary["histogram"], summary, _color(result["saes"][labels[r]]["kind"]),
+            _hist_panel(ax, summary["histogram"], summary, _color(result["saes"][labels[r]]["objective"]),
                         _describe(result, labels[r]))
         axes[-1][c].set_xlabel("max cosine similarity with another alive latent")
     fig.suptitle("Within-SAE similarity of decoder directions")
@@ -150,11 +151,11 @@ def within_similarity_vs(result: dict, stem: Path) -> list[Path] | None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True, constrained_layout=True)
     xs = (("l0", "L0 (active latents per token)"), ("ce_increase", "CE loss increase (nats)"),
           ("alive", "alive latents"))
-    kinds = [k for k in RUN_KINDS if any(s["kind"] == k for _, s in points)] + \
-        sorted({s["kind"] for _, s in points if s["kind"] not in RUN_KINDS}, key=str)
+    objectives = [k for k in OBJECTIVES if any(s["objective"] == k for _, s in points)] + \
+        sorted({s["objective"] for _, s in points if s["objective"] not in OBJECTIVES}, key=str)
     for ax, (key, xlabel) in zip(axes, xs):
-        for kind in kinds:
-            chosen = sorted((s for _, s in points if s["kind"] == kind and s["eval"].get(key) is not None),
+        for objective in objectives:
+            chosen = sorted((s for _, s in points if s["objective"] == objective and s["eval"].get(key) is not None),
                             key=lambda s: s["eval"][key])
             if not chosen:
                 continue
@@ -162,7 +163,8 @@ def within_similarity_vs(result: dict, stem: Path) -> list[Path] | None:
             y = [s["within_similarity"]["mean"] for s in chosen]
             err = np.array([[s["within_similarity"]["mean"] - s["within_similarity"]["ci95"][0],
                              s["within_similarity"]["ci95"][1] - s["within_similarity"]["mean"]] for s in chosen]).T
-            ax.errorbar(x, y, yerr=err, color=_color(kind), marker=_marker(kind), linestyle="none", label=kind or "SAE",
+            ax.errorbar(x, y, yerr=err, color=_color(objective), marker=_marker(objective), linestyle="none",
+                        label=objective or "SAE",
                         capsize=2)
         if key == "ce_increase" and all(s["eval"].get(key, 0) and s["eval"][key] > 0 for _, s in points):
             ax.set_xscale("log")
@@ -198,11 +200,12 @@ def cross_similarity(result: dict, key: str, stem: Path, title: str, xlabel: str
                 ax.axis("off")
                 continue
             entry = group[r]
-            kind_a = result["saes"][entry["a"]]["kind"]
-            kind_b = result["saes"][entry["b"]]["kind"]
-            name = (f"{kind_a} -> {kind_b}" if key == "cross_type" and kind_a and kind_b and kind_a != kind_b
+            objective_a = result["saes"][entry["a"]]["objective"]
+            objective_b = result["saes"][entry["b"]]["objective"]
+            name = (f"{objective_a} -> {objective_b}"
+                    if key == "cross_type" and objective_a and objective_b and objective_a != objective_b
                     else entry["reason"] if key == "cross_seed" else f"{entry['a']} -> {entry['b']}")
-            _hist_panel(ax, entry["histogram"], entry, _color(kind_a), name)
+            _hist_panel(ax, entry["histogram"], entry, _color(objective_a), name)
         axes[-1][c].set_xlabel(xlabel)
     fig.suptitle(title)
     return _save(fig, stem)
@@ -215,8 +218,9 @@ def umap_figure(result: dict, entry: dict, embedding: np.ndarray, stem: Path) ->
     fig, ax = plt.subplots(figsize=(7, 7), constrained_layout=True)
     n_a = entry["n_a"]
     for label, part in ((entry["a"], embedding[:n_a]), (entry["b"], embedding[n_a:])):
-        kind = result["saes"][label]["kind"]
-        color = _color(kind) if kind != result["saes"][entry["b" if label == entry["a"] else "a"]]["kind"] else None
+        objective = result["saes"][label]["objective"]
+        other = result["saes"][entry["b" if label == entry["a"] else "a"]]["objective"]
+        color = _color(objective) if objective != other else None
         ax.scatter(part[:, 0], part[:, 1], s=2, alpha=0.35, color=color,
                    label=f"{_describe(result, label)}: {len(part):,} alive")
     for region in entry["regions"][:26]:
@@ -248,7 +252,7 @@ def activation_geometry(result: dict, scatter: dict, stem: Path) -> list[Path]:
         sae = result["saes"][label]
         geo = sae["activation_geometry"]
         io = geo["sae_output_vs_input"]
-        color = _color(sae["kind"])
+        color = _color(sae["objective"])
         ax = axes[r][0]
         _stairs(ax, io["histograms"]["cosine"], color)
         ax.axvline(io["cosine"]["mean"], color="k", linestyle="--", linewidth=1)

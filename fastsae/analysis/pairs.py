@@ -3,9 +3,9 @@
 The paper compares one local, one e2e and one e2e+ds SAE per layer that have a similar CE loss
 increase (its SIMILAR_CE_RUNS), and another such set with a similar L0 (SIMILAR_L0_RUNS), picked
 by hand from its sweeps. Here the same rule is applied to the runs given: among the runs with an
-eval.json, of one hook and one seed, the set with one run per kind whose values (CE increase, or
+eval.json, of one hook and one seed, the set with one run per objective whose values (CE increase, or
 L0) are closest together on a log scale (the smallest max/min ratio; ties to the lower seed, then
-the lower values). Cross-seed pairs are the two lowest seeds of each matched run's kind and
+the lower values). Cross-seed pairs are the two lowest seeds of each matched run's objective and
 sparsity coefficient.
 
 Comparisons, as the paper's (A -> B: for every alive latent of A, its nearest latent of B):
@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 
 from fastsae.analysis.stream import AnalysisError, SAETarget
-from fastsae.train.metrics import RUN_KINDS
+from fastsae.train.metrics import OBJECTIVES
 
 CROSS_TYPE = (("e2e", "local"), ("e2e+ds", "local"), ("e2e", "e2e+ds"))
 RULES = {"ce": "ce_increase", "l0": "l0"}
@@ -40,33 +40,34 @@ def _value(target: SAETarget, metric: str) -> float | None:
 
 
 def matched_sets(targets: list[SAETarget], rule: str) -> list[dict]:
-    """Per hook: the matched set {kind: target} under ``rule`` ("ce" or "l0"), with its spread.
+    """Per hook: the matched set {objective: target} under ``rule`` ("ce" or "l0"), with its spread.
 
-    Returns [{"rule", "hook", "seed", "targets": {kind: label}, "values": {kind: value}, "spread"}].
+    Returns [{"rule", "hook", "seed", "targets": {objective: label}, "values": {objective: value}, "spread"}].
     """
     metric = RULES[rule]
     found = []
     hooks = sorted({t.hook for t in targets})
     for hook in hooks:
         best = None
-        seeds = sorted({t.seed for t in targets if t.hook == hook and t.kind in RUN_KINDS and t.seed is not None})
+        seeds = sorted({t.seed for t in targets if t.hook == hook and t.objective in OBJECTIVES and t.seed is not None})
         for seed in seeds:
-            by_kind = {kind: [t for t in targets if t.hook == hook and t.kind == kind and t.seed == seed
-                              and _value(t, metric) is not None] for kind in RUN_KINDS}
-            kinds = [kind for kind in RUN_KINDS if by_kind[kind]]
-            if len(kinds) < 2:
+            by_objective = {objective: [t for t in targets if t.hook == hook and t.objective == objective
+                                        and t.seed == seed and _value(t, metric) is not None]
+                            for objective in OBJECTIVES}
+            objectives = [objective for objective in OBJECTIVES if by_objective[objective]]
+            if len(objectives) < 2:
                 continue
-            for combo in itertools.product(*(by_kind[kind] for kind in kinds)):
+            for combo in itertools.product(*(by_objective[objective] for objective in objectives)):
                 values = [_value(t, metric) for t in combo]
                 spread = math.log(max(values) / min(values))
                 key = (round(spread, 12), seed, sorted(values))
                 if best is None or key < best[0]:
-                    best = (key, seed, dict(zip(kinds, combo)))
+                    best = (key, seed, dict(zip(objectives, combo)))
         if best is not None:
             (spread, _, _), seed, chosen = best
             found.append({"rule": rule, "hook": hook, "seed": seed,
-                          "targets": {kind: t.label for kind, t in chosen.items()},
-                          "values": {kind: _value(t, metric) for kind, t in chosen.items()},
+                          "targets": {objective: t.label for objective, t in chosen.items()},
+                          "values": {objective: _value(t, metric) for objective, t in chosen.items()},
                           "spread_log_ratio": spread})
     return found
 
@@ -83,20 +84,21 @@ def cross_type_pairs(matched: list[dict]) -> list[Pair]:
 
 
 def cross_seed_pairs(targets: list[SAETarget], labels: list[str]) -> list[Pair]:
-    """For each SAE in ``labels``: its run (kind, coefficient, hook) at the two lowest seeds."""
+    """For each SAE in ``labels``: its run (objective, coefficient, hook) at the two lowest seeds."""
     pairs, done = [], set()
     by_label = {t.label: t for t in targets}
     for label in labels:
         t = by_label[label]
-        key = (t.kind, t.sparsity_coeff, t.hook)
-        if key in done or t.kind is None:
+        key = (t.objective, t.sparsity_coeff, t.hook)
+        if key in done or t.objective is None:
             continue
         done.add(key)
-        group = sorted((u for u in targets if (u.kind, u.sparsity_coeff, u.hook) == key and u.seed is not None),
+        group = sorted((u for u in targets if (u.objective, u.sparsity_coeff, u.hook) == key and u.seed is not None),
                        key=lambda u: u.seed)
         if len(group) >= 2:
             pairs.append(Pair(group[0].label, group[1].label,
-                              f"{t.kind} seed {group[0].seed} -> seed {group[1].seed}, sparsity {t.sparsity_coeff:g}"))
+                              f"{t.objective} seed {group[0].seed} -> seed {group[1].seed}, "
+                              f"sparsity {t.sparsity_coeff:g}"))
     return pairs
 
 

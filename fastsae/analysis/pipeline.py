@@ -116,7 +116,7 @@ def analyze(specs, out, *, n_tokens: int = 1_000_000, model: str | None = None, 
 
     matched = {rule: pairing.matched_sets(list(targets.values()), rule) for rule in pairing.RULES}
     notes = list(inputs.notes) + _notes(targets, matched, batches, split, n_tokens)
-    kind_differences = _kind_differences(matched, arrays, seed)
+    objective_differences = _objective_differences(matched, arrays, seed)
     t0 = time.perf_counter()
     cross_type_json, cross_seed_json = _cross_similarities(targets, matched, explicit, alive_ids, arrays,
                                                            block=block, precision=precision, seed=seed)
@@ -136,7 +136,7 @@ def analyze(specs, out, *, n_tokens: int = 1_000_000, model: str | None = None, 
         "similarity_precision": precision,
         "saes": saes_json,
         "matched": matched,
-        "within_kind_differences": kind_differences,
+        "within_objective_differences": objective_differences,
         "cross_type": cross_type_json,
         "cross_seed": cross_seed_json,
         "umap": umap_json,
@@ -201,7 +201,7 @@ def _within_similarities(targets: dict, stats: dict, geometry: dict, alive_ids: 
     for label, target in targets.items():
         ids = alive_ids[label]
         arrays[f"alive_ids/{label}"] = ids.cpu()
-        entry = {"hook": target.hook, "origin": target.origin, "kind": target.kind,
+        entry = {"hook": target.hook, "origin": target.origin, "objective": target.objective,
                  "sparsity_coeff": target.sparsity_coeff, "seed": target.seed, "step": target.step,
                  "d_in": target.sae.d_in, "n_latents": target.sae.n_latents, "activation": target.sae.activation,
                  "eval": None if target.eval is None else {
@@ -233,16 +233,17 @@ def _notes(targets: dict, matched: dict, batches, split: str, n_tokens: int) -> 
     if batches.ran_out:
         notes.append(f"the {split} data ran out after {batches.tokens:,} tokens ({n_tokens:,} asked)")
     if not matched["ce"]:
-        notes.append("no matched set: the SAEs lack eval.json or kinds (local / e2e / e2e+ds) to match by CE and L0")
+        notes.append("no matched set: the SAEs lack eval.json or objectives (local / e2e / e2e+ds) to match by CE "
+                     "and L0")
     without_eval = sorted(label for label, t in targets.items() if t.run_dir is not None and t.eval is None)
     if without_eval:
         notes.append(f"without eval.json, left out of the matching: {', '.join(without_eval)}")
     return notes
 
 
-def _kind_differences(matched: dict, arrays: dict, seed: int) -> list[dict]:
+def _objective_differences(matched: dict, arrays: dict, seed: int) -> list[dict]:
     """In each matched set, the mean within-SAE similarity of local minus that of e2e and e2e+ds."""
-    kind_differences = []
+    objective_differences = []
     for group in matched["ce"] + matched["l0"]:
         chosen = group["targets"]
         if "local" not in chosen:
@@ -252,10 +253,10 @@ def _kind_differences(matched: dict, arrays: dict, seed: int) -> list[dict]:
                     and f"within/{chosen[other]}/max_cosine" in arrays:
                 diff = bootstrap_mean_difference_ci(arrays[f"within/{chosen['local']}/max_cosine"].numpy(),
                                                     arrays[f"within/{chosen[other]}/max_cosine"].numpy(), seed=seed)
-                kind_differences.append({"rule": group["rule"], "hook": group["hook"], "minus": other,
-                                         "local": chosen["local"], "other": chosen[other],
-                                         "difference": diff["difference"], "ci95": [diff["low"], diff["high"]]})
-    return kind_differences
+                objective_differences.append({"rule": group["rule"], "hook": group["hook"], "minus": other,
+                                              "local": chosen["local"], "other": chosen[other],
+                                              "difference": diff["difference"], "ci95": [diff["low"], diff["high"]]})
+    return objective_differences
 
 
 def _cross_similarities(targets: dict, matched: dict, explicit: list, alive_ids: dict, arrays: dict,
@@ -288,7 +289,7 @@ def _umaps(targets: dict, matched: dict, explicit: list, alive_ids: dict, arrays
     """UMAPs of e2e and e2e+ds against local at similar CE increase (the paper's) and of the given
     pairs, with the regions only one dictionary covers (coordinates also into ``arrays``)."""
     umap_json = []
-    umap_pairs = [p for p in pairing.cross_type_pairs(matched["ce"]) if targets[p.b].kind == "local"] + explicit
+    umap_pairs = [p for p in pairing.cross_type_pairs(matched["ce"]) if targets[p.b].objective == "local"] + explicit
     for pair in dict.fromkeys(umap_pairs):
         ta, tb = targets[pair.a], targets[pair.b]
         ids_a, ids_b = alive_ids[pair.a], alive_ids[pair.b]
@@ -325,7 +326,7 @@ def _write_outputs(out: Path, result: dict, targets, stats, geometry, arrays, in
         honour_umask(stage, directory=True)
         for label, target in targets.items():
             stats[label].save(stage / "latent_stats" / _safe_name(label), metadata={
-                "label": label, "hook": target.hook, "origin": target.origin, "kind": target.kind,
+                "label": label, "hook": target.hook, "origin": target.origin, "objective": target.objective,
                 "sae_fingerprint": sae_fingerprint(target.sae), "latent_groups": latent_groups(target.sae),
                 "model": inputs.config.model.name,
                 "data": {"spec": inputs.config.data_spec(), "context_length": inputs.config.data.context_length,

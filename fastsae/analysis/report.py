@@ -29,8 +29,9 @@ def markdown(result: dict) -> str:
 
 def _introduction(result: dict) -> list[str]:
     lines = [f"# SAE analysis: {result['model']}", ""]
+    spec = result["data"]["spec"]  # analysis.json files written before data.source name it kind
     lines.append(f"{result['tokens']:,} held-out tokens ({result['data']['split']} split of "
-                 f"{result['data']['spec'].get('kind')} data, context {result['data']['context_length']}); "
+                 f"{spec.get('source', spec.get('kind'))} data, context {result['data']['context_length']}); "
                  f"similarities in {result['similarity_precision']} on {result['device']}. "
                  "Similarities are between the decoder directions of alive latents (fired at least once on "
                  "these tokens); each latent's largest cosine similarity, mean with a 95% bootstrap CI.")
@@ -41,7 +42,7 @@ def _introduction(result: dict) -> list[str]:
 
 def _saes(result: dict) -> list[str]:
     lines = ["", "## SAEs", "",
-             "| SAE | kind | sparsity | L0 (eval) | CE increase | alive here | within-SAE max cos | "
+             "| SAE | objective | sparsity | L0 (eval) | CE increase | alive here | within-SAE max cos | "
              "norm ratio out/in | cos(in, out) | EV | EV ln | EV out_to_in | EV out_to_in ln |",
              "|---" * 13 + "|"]
     for label, sae in result["saes"].items():
@@ -49,7 +50,7 @@ def _saes(result: dict) -> list[str]:
         io = sae["activation_geometry"]["sae_output_vs_input"]
         m = io["metrics"]
         ev = sae["eval"] or {}
-        lines.append(f"| {label} | {sae['kind'] or ''} | {_f(sae['sparsity_coeff'], 2)} | {_f(ev.get('l0'), 1)} | "
+        lines.append(f"| {label} | {sae['objective'] or ''} | {_f(sae['sparsity_coeff'], 2)} | {_f(ev.get('l0'), 1)} | "
                      f"{_f(ev.get('ce_increase'), 4)} | {stats['alive']:,} / {sae['n_latents']:,} | "
                      f"{_ci(sae['within_similarity'])} | {_f(io['norm_ratio']['mean'])} | {_f(io['cosine']['mean'])} | "
                      f"{_f(m['explained_variance'])} | {_f(m['explained_variance_ln'])} | "
@@ -80,18 +81,19 @@ def _matched(result: dict) -> list[str]:
     lines = []
     for rule in ("ce", "l0"):
         for group in result["matched"][rule]:
-            values = ", ".join(f"{kind} {label} ({group['values'][kind]:.4g})" for kind, label in group["targets"].items())
+            values = ", ".join(f"{objective} {label} ({group['values'][objective]:.4g})"
+                               for objective, label in group["targets"].items())
             lines += ["", f"Matched by similar {'CE increase' if rule == 'ce' else 'L0'} at {group['hook']} "
                       f"(seed {group['seed']}): {values}."]
     return lines
 
 
 def _within_differences(result: dict) -> list[str]:
-    if not result["within_kind_differences"]:
+    if not result["within_objective_differences"]:
         return []
     lines = ["", "## Within-SAE similarity: local minus the others", "",
              "| matched by | local | other | mean difference | 95% CI |", "|---|---|---|---|---|"]
-    for d in result["within_kind_differences"]:
+    for d in result["within_objective_differences"]:
         lines.append(f"| {d['rule'].upper()} | {d['local']} | {d['other']} ({d['minus']}) | {d['difference']:.3f} | "
                      f"[{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}] |")
     return lines

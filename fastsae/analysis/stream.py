@@ -53,7 +53,7 @@ class SAETarget:
 
     label: a unique, readable name (the run directory's name; "<run>/<hook>" for a run with several
         SAEs; the file's name, with "@HOOK" where one was given).
-    kind: "local", "e2e" or "e2e+ds" for an SAE of a fastsae run (from its loss), None otherwise.
+    objective: "local", "e2e" or "e2e+ds" for an SAE of a fastsae run (from its loss), None otherwise.
     eval: the run's eval.json record (fastsae.train.metrics.write_eval_json), None without one.
     """
 
@@ -62,7 +62,7 @@ class SAETarget:
     sae: E2ESAE
     origin: str
     run_dir: Path | None = None
-    kind: str | None = None
+    objective: str | None = None
     sparsity_coeff: float | None = None
     seed: int | None = None
     step: int | None = None
@@ -107,7 +107,7 @@ def _run_targets(run_dir: Path, overrides: Sequence[str], device, *, require_eva
     from fastsae import load_run
     from fastsae.train import checkpoint as ckpt
     from fastsae.train.config import ConfigError
-    from fastsae.train.metrics import read_eval_json, run_kind
+    from fastsae.train.metrics import read_eval_json, run_objective
 
     try:
         config = ckpt.load_run_config(run_dir, list(overrides))
@@ -129,12 +129,12 @@ def _run_targets(run_dir: Path, overrides: Sequence[str], device, *, require_eva
         saes = load_run(run_dir, device=device)
     except (ValueError, FileNotFoundError) as error:
         raise AnalysisError(f"{run_dir}: {error}") from None
-    kind = run_kind(config.to_dict())
+    objective = run_objective(config.to_dict())
     step = int(latest.name.removeprefix("step_"))
     targets = []
     for hook in sorted(saes):
         label = run_dir.name if len(saes) == 1 else f"{run_dir.name}/{hook}"
-        targets.append(SAETarget(label, hook, saes[hook], str(run_dir), run_dir, kind,
+        targets.append(SAETarget(label, hook, saes[hook], str(run_dir), run_dir, objective,
                                  float(config.loss.sparsity_coeff), int(config.seed), step, record))
     return targets, config
 

@@ -324,7 +324,7 @@ def _sae_meta(shown: _Shown, collector: DashboardCollector, across: dict, shard_
         sae = t.sae
         stats = collector.records[key].stats
         sae_meta.append({
-            "key": key, "label": t.label, "hook": t.hook, "origin": t.origin, "kind": t.kind,
+            "key": key, "label": t.label, "hook": t.hook, "origin": t.origin, "objective": t.objective,
             "n_latents": sae.n_latents, "d_in": sae.d_in, "activation": sae.activation, "k": sae.k,
             "alive": stats.n_alive, "dead": sae.n_latents - stats.n_alive, "shard": shard_size,
             "compare": across[key][0] if key in across else None,
@@ -360,7 +360,7 @@ def _write_site(out: Path, lm, shown: _Shown, collector: DashboardCollector, wei
             write_sae_data(site, key, t, collector.records[key], weights.effects[key], weights.neighbours[key],
                        weights.across.get(key), settings.shard_size, settings.token_shard, lm.d_vocab)
             collector.records[key].stats.save(site.root / "latent_stats" / key, metadata={
-                "label": t.label, "hook": t.hook, "origin": t.origin, "kind": t.kind,
+                "label": t.label, "hook": t.hook, "origin": t.origin, "objective": t.objective,
                 "sae_fingerprint": sae_fingerprint(t.sae), "latent_groups": latent_groups(t.sae),
                 "model": str(config.model.name),
                 "data": {"spec": config.data_spec(), "context_length": config.data.context_length,
@@ -383,7 +383,7 @@ def _write_site(out: Path, lm, shown: _Shown, collector: DashboardCollector, wei
 
 def _describe_data(config, split: str) -> str:
     spec = config.data_spec()
-    kind = spec.get("kind")
+    source = spec.get("source")
     what = {"embedded": "the embedded corpus", "hf": f"{spec.get('name')}", "text": f"{spec.get('path')}",
-            "tokens": f"{spec.get('path')}"}.get(kind, str(kind))
+            "tokens": f"{spec.get('path')}"}.get(source, str(source))
     return f"{what} ({'held-out' if split == 'eval' else 'training'} split)"

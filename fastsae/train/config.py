@@ -17,6 +17,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,12 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key."""
+
+
+# Keys that were renamed: old dotted key -> new one. A config (file, dict or --set) that gives the old
+# key is read as the new one, with a DeprecationWarning; one mapping giving both with different
+# values is an error naming both. Run directories written before a rename keep resuming.
+RENAMED_KEYS = {"data.kind": "data.source"}
 
 
 def _field(default, *, choices=None, low=None, high=None, help=""):
@@ -98,9 +105,12 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    # kind and the keys set below (not null) form the spec for fastsae.train.data.build_token_stream;
-    # each kind takes only some of them (see SPEC_KEYS there).
-    kind: str = _field("embedded", choices=("embedded", "hf", "text", "tokens"))
+    # source and the keys set below (not null) form the spec for fastsae.train.data.build_token_stream;
+    # each source takes only some of them (see SPEC_KEYS there). Older configs and run directories
+    # name it data.kind: still read, with a DeprecationWarning (RENAMED_KEYS below).
+    source: str = _field("embedded", choices=("embedded", "hf", "text", "tokens"),
+                         help="where tokens come from: the embedded corpus, a Hugging Face dataset, text files, "
+                              "token files (formerly data.kind)")
     path: str | None = _field(None, help="text / tokens: a file, a directory or a glob")
     name: str | None = _field(None, help="hf: the dataset (hub name, builder, or a saved dataset dir)")
     config: str | None = _field(None, help="hf: the dataset's config (subset)")
@@ -206,7 +216,7 @@ class TrainConfig:
         return self.loss.kl_coeff > 0 or self.loss.downstream_coeff > 0
 
     def data_spec(self) -> dict:
-        """The spec for build_token_stream: kind and the data keys that are set."""
+        """The spec for build_token_stream: source and the data keys that are set."""
         spec = dataclasses.asdict(self.data)
         del spec["context_length"]
         return {key: value for key, value in spec.items() if value is not None}
@@ -229,7 +239,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        config = _build(cls, data, "")
+        config = _build(cls, rename_old_keys(data), "")
         config.validate()
         return config
 
@@ -278,16 +288,16 @@ class TrainConfig:
             raise ConfigError(f"optim.grad_accum={optim.grad_accum} must divide optim.batch_size={optim.batch_size}")
         if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {optim.betas}")
-        spec_keys = _data_spec_keys().get(self.data.kind)
+        spec_keys = _data_spec_keys().get(self.data.source)
         if spec_keys is not None:
             for key, value in self.data_spec().items():
                 if key not in spec_keys:
-                    raise ConfigError(f"data.{key} is not used by data.kind={self.data.kind!r}; "
-                                      f"its keys: {', '.join(sorted(spec_keys - {'kind'})) or 'none'}")
-            if self.data.kind in ("text", "tokens") and self.data.path is None:
-                raise ConfigError(f"data.path is required for data.kind={self.data.kind!r}")
-            if self.data.kind == "hf" and self.data.name is None:
-                raise ConfigError("data.name (the dataset) is required for data.kind='hf'")
+                    raise ConfigError(f"data.{key} is not used by data.source={self.data.source!r}; "
+                                      f"its keys: {', '.join(sorted(spec_keys - {'source'})) or 'none'}")
+            if self.data.source in ("text", "tokens") and self.data.path is None:
+                raise ConfigError(f"data.path is required for data.source={self.data.source!r}")
+            if self.data.source == "hf" and self.data.name is None:
+                raise ConfigError("data.name (the dataset) is required for data.source='hf'")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
@@ -301,6 +311,42 @@ def _data_spec_keys() -> dict:
 
 
 # ---------------------------------------------------------------------- building and checking
+
+def _deprecated(old: str, new: str, stacklevel: int, override: bool = False) -> None:
+    message = (f"--set {old}=... is deprecated: it is now --set {new}=... (read as {new})" if override else
+               f"config key {old} is deprecated: it is now {new} (read as {new}; rename it in the config)")
+    warnings.warn(message, DeprecationWarning, stacklevel=stacklevel + 1)
+
+
+def rename_old_keys(data, where: str = "the config"):
+    """`data` (a nested config mapping) with the RENAMED_KEYS given under their old names moved to
+    the new ones (a DeprecationWarning each); the mappings that change are copied, not edited."""
+    if not isinstance(data, dict):
+        return data
+    for old, new in RENAMED_KEYS.items():
+        *section, old_leaf = old.split(".")
+        new_leaf = new.split(".")[-1]
+        node = data
+        for part in section:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or old_leaf not in node:
+            continue
+        if new_leaf in node and node[new_leaf] != node[old_leaf]:
+            raise ConfigError(f"{where} gives both {old}={node[old_leaf]!r} and {new}={node[new_leaf]!r}; "
+                              f"{old} is the old name of {new}: keep only {new}")
+        _deprecated(old, new, stacklevel=3)
+        renamed = {(new_leaf if key == old_leaf else key): value for key, value in node.items()
+                   if not (key == old_leaf and new_leaf in node)}
+        data = _replace_at(data, section, renamed)
+    return data
+
+
+def _replace_at(data: dict, path: list[str], value) -> dict:
+    """A copy of `data` with the mapping at `path` replaced by `value` (the parents copied)."""
+    if not path:
+        return value
+    return {**data, path[0]: _replace_at(data[path[0]], path[1:], value)}
+
 
 def _build(cls, data, path: str):
     where = path.rstrip(".") or "the config"
@@ -429,6 +475,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=1e-4")
         key, text = item.split("=", 1)
         key = key.strip()
+        if key in RENAMED_KEYS:
+            _deprecated(key, RENAMED_KEYS[key], stacklevel=2, override=True)
+            key = RENAMED_KEYS[key]
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as error:
@@ -454,4 +503,6 @@ def load_config(name_or_path: str | Path | dict, overrides: list[str] | None = N
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    return TrainConfig.from_dict(apply_overrides(data, overrides or []))
+    # old key names are moved before the overrides, so a --set of the new name overrides a file's old one
+    where = "the config" if isinstance(name_or_path, dict) else str(path)
+    return TrainConfig.from_dict(apply_overrides(rename_old_keys(data, where), overrides or []))

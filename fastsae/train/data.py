@@ -6,20 +6,22 @@ plain iterables) into one resumable stream with one set of checks.
 
 A data spec is a small dict (from the YAML config or the CLI):
 
-    {"kind": "embedded"}                                   the embedded corpus (fastsae.model.embedded)
-    {"kind": "text", "path": "data/*.txt"}                 local text file(s), one document each;
+    {"source": "embedded"}                                 the embedded corpus (fastsae.model.embedded)
+    {"source": "text", "path": "data/*.txt"}               local text file(s), one document each;
                                                            .jsonl files: one JSON object per line,
                                                            its "column" field (default "text") a document
-    {"kind": "tokens", "path": "train.bin"}                a flat token array: .npy, .pt, or .bin
+    {"source": "tokens", "path": "train.bin"}              a flat token array: .npy, .pt, or .bin
                                                            (raw, headerless: "dtype" is required)
-    {"kind": "hf", "name": "roneneldan/TinyStories"}       a Hugging Face dataset; "data_files" a path,
+    {"source": "hf", "name": "roneneldan/TinyStories"}     a Hugging Face dataset; "data_files" a path,
                                                            a list, or a dict split -> path(s)
+
+(Specs written before the rename name the source "kind": still read, with a DeprecationWarning.)
 
 Text is tokenized without special tokens; each document ends with the tokenizer's EOS, and the
 token sequence is cut into windows of context_length ("packing": no padding, every token counts).
 Pre-tokenized Hugging Face data (an "input_ids" column, or SAELens' "tokens") is packed as-is.
 
-"prepend_bos" (any kind, default false): every window is the tokenizer's BOS followed by
+"prepend_bos" (any source, default false): every window is the tokenizer's BOS followed by
 context_length - 1 tokens of the stream, as TransformerLens' tokenize_and_concatenate and SAELens'
 activation store build their batches. It is off by default because the packed stream already
 separates documents with EOS (which is GPT-2's BOS), and SAELens' pretokenized datasets carry their
@@ -54,6 +56,7 @@ those, train starts after them. Without either, eval data overlaps train data.
 from __future__ import annotations
 
 import glob
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -61,10 +64,10 @@ import numpy as np
 import torch
 
 SPEC_KEYS = {
-    "embedded": {"kind", "prepend_bos"},
-    "text": {"kind", "path", "column", "eval_fraction", "prepend_bos"},
-    "tokens": {"kind", "path", "dtype", "eval_fraction", "prepend_bos"},
-    "hf": {"kind", "name", "config", "split", "eval_split", "eval_examples", "column", "streaming", "data_files",
+    "embedded": {"source", "prepend_bos"},
+    "text": {"source", "path", "column", "eval_fraction", "prepend_bos"},
+    "tokens": {"source", "path", "dtype", "eval_fraction", "prepend_bos"},
+    "hf": {"source", "name", "config", "split", "eval_split", "eval_examples", "column", "streaming", "data_files",
            "shuffle_buffer", "prepend_bos"},
 }
 SPLITS = ("train", "eval")
@@ -91,22 +94,22 @@ def build_token_stream(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     _check_sizes(context_length, batch_size)
     bos = _bos_id(spec, tokenizer)
-    kind = spec["kind"]
-    if kind == "hf":
+    source = spec["source"]
+    if source == "hf":
         return HFTokenStream(spec, tokenizer, context_length=context_length, batch_size=batch_size, split=split,
                              seed=seed, vocab_size=vocab_size, bos=bos)
 
-    if kind == "embedded":
+    if source == "embedded":
         from fastsae.model.embedded import embedded_corpus
 
-        _require_tokenizer(tokenizer, kind)
+        _require_tokenizer(tokenizer, source)
         tokens = tokenize_documents(embedded_corpus(split).split("\n\n"), tokenizer)
         return ArrayTokenStream(tokens, context_length=context_length, batch_size=batch_size, shuffle=split == "train",
                                 seed=seed, vocab_size=vocab_size, sources=[(0, "the embedded corpus")], bos=bos)
 
     files = _expand(spec, "path")
-    if kind == "text":
-        _require_tokenizer(tokenizer, kind)
+    if source == "text":
+        _require_tokenizer(tokenizer, source)
         column = spec.get("column", "text")
         tokens = tokenize_documents((doc for f in files for doc in read_documents(f, column)), tokenizer)
         sources = [(0, files[0] if len(files) == 1 else f"text files {spec['path']!r}")]
@@ -142,7 +145,7 @@ def as_token_stream(data, tokenizer=None, *, context_length: int, batch_size: in
         return data
     if _is_hf_dataset(data):
         _check_sizes(context_length, batch_size)
-        spec = {"kind": "hf", "prepend_bos": prepend_bos}
+        spec = {"source": "hf", "prepend_bos": prepend_bos}
         return HFTokenStream(spec, tokenizer, context_length=context_length, batch_size=batch_size, split="train",
                              seed=seed, vocab_size=vocab_size, bos=_bos_id(spec, tokenizer), dataset=data,
                              label=f"the {type(data).__name__} passed as {name}")
@@ -165,19 +168,27 @@ def _is_hf_dataset(data) -> bool:
 
 def _check_spec(spec) -> dict:
     if not isinstance(spec, dict):
-        raise ValueError(f"data spec must be a dict with a 'kind' key, got {type(spec).__name__}")
-    kind = spec.get("kind")
-    if kind not in SPEC_KEYS:
-        raise ValueError(f"data spec 'kind' must be one of {sorted(SPEC_KEYS)}, got {kind!r}")
-    unknown = set(spec) - SPEC_KEYS[kind]
+        raise ValueError(f"data spec must be a dict with a 'source' key, got {type(spec).__name__}")
+    if "kind" in spec:  # the key's name before the rename
+        if "source" in spec and spec["source"] != spec["kind"]:
+            raise ValueError(f"data spec gives both 'kind' ({spec['kind']!r}) and 'source' ({spec['source']!r}); "
+                             "'kind' is the old name of 'source': keep only 'source'")
+        warnings.warn("data spec key 'kind' is deprecated: it is now 'source' (read as 'source')", DeprecationWarning,
+                      stacklevel=3)
+        spec = {("source" if key == "kind" else key): value for key, value in spec.items()
+                if not (key == "kind" and "source" in spec)}
+    source = spec.get("source")
+    if source not in SPEC_KEYS:
+        raise ValueError(f"data spec 'source' must be one of {sorted(SPEC_KEYS)}, got {source!r}")
+    unknown = set(spec) - SPEC_KEYS[source]
     if unknown:
         raise ValueError(
-            f"unknown key(s) {sorted(unknown)} in data spec of kind {kind!r}; allowed: {sorted(SPEC_KEYS[kind])}"
+            f"unknown key(s) {sorted(unknown)} in data spec of source {source!r}; allowed: {sorted(SPEC_KEYS[source])}"
         )
-    if kind in ("text", "tokens") and "path" not in spec:
-        raise ValueError(f"data spec of kind {kind!r} needs 'path' (a file, a directory or a glob)")
-    if kind == "hf" and "name" not in spec:
-        raise ValueError("data spec of kind 'hf' needs 'name' (a dataset name, a builder like 'json', or a local dir)")
+    if source in ("text", "tokens") and "path" not in spec:
+        raise ValueError(f"data spec of source {source!r} needs 'path' (a file, a directory or a glob)")
+    if source == "hf" and "name" not in spec:
+        raise ValueError("data spec of source 'hf' needs 'name' (a dataset name, a builder like 'json', or a local dir)")
     if "eval_fraction" in spec and not 0 < spec["eval_fraction"] < 1:
         raise ValueError(f"data spec 'eval_fraction' must be in (0, 1), got {spec['eval_fraction']!r}")
     if not isinstance(spec.get("prepend_bos", False), bool):
@@ -211,9 +222,9 @@ def _bos_id(spec: dict, tokenizer) -> int | None:
     return int(bos)
 
 
-def _require_tokenizer(tokenizer, kind: str) -> None:
+def _require_tokenizer(tokenizer, source: str) -> None:
     if tokenizer is None:
-        raise ValueError(f"data of kind {kind!r} is text: pass the model's tokenizer (got None)")
+        raise ValueError(f"data source {source!r} is text: pass the model's tokenizer (got None)")
 
 
 def _expand(spec: dict, key: str) -> list[str]:

@@ -167,13 +167,25 @@ def _parsed_step(line: str) -> float:
 EVAL_FILE = "eval.json"
 
 
-# The run kinds, in the paper's order: what the loss reconstructs (the SAE's input; the model's
-# output; the output and later activations). The one list the figures, tables and sweeps follow.
-RUN_KINDS = ("local", "e2e", "e2e+ds")
+# The training objectives, in the paper's order: what the loss reconstructs (the SAE's input; the
+# model's output; the output and later activations). The one list the figures, tables and sweeps
+# follow. (Formerly "run kinds": RUN_KINDS and run_kind still import, with a DeprecationWarning.)
+OBJECTIVES = ("local", "e2e", "e2e+ds")
+_RENAMED = {"RUN_KINDS": "OBJECTIVES", "run_kind": "run_objective"}
 
 
-def run_kind(config: dict) -> str:
-    """The run's kind (one of RUN_KINDS) from a config dict's loss section (TrainConfig.to_dict())."""
+def __getattr__(name):
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(f"fastsae.train.metrics.{name} is deprecated: it is now {_RENAMED[name]}", DeprecationWarning,
+                      stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def run_objective(config: dict) -> str:
+    """The run's objective (one of OBJECTIVES) from a config dict's loss section (TrainConfig.to_dict())."""
     loss = config["loss"]
     if loss.get("downstream_coeff", 0) > 0:
         return "e2e+ds"
@@ -184,7 +196,7 @@ def write_eval_json(run_dir: str | os.PathLike, metrics: dict, config: dict, *, 
                     training_tokens: int, n_latents: int | None = None, extra: dict | None = None) -> Path:
     """Write RUN_DIR/eval.json atomically (temporary file, fsync, rename) and return its path.
 
-    It holds the run's name, kind (local / e2e / e2e+ds), SAE activation, sparsity coefficient, hooks and total
+    It holds the run's name, objective (local / e2e / e2e+ds), SAE activation, sparsity coefficient, hooks and total
     latents, the step and training tokens the SAEs had, the eval tokens, and `metrics`: Trainer.evaluate's
     result with the "eval/" prefix dropped; ``extra``'s keys beside them (e.g. "saebench": SAEBench's core
     record). A later eval of the run replaces it.
@@ -193,7 +205,7 @@ def write_eval_json(run_dir: str | os.PathLike, metrics: dict, config: dict, *, 
     record = {
         "run": config.get("name"),
         "model": (config.get("model") or {}).get("name"),
-        "kind": run_kind(config),
+        "objective": run_objective(config),
         "activation": config["saes"]["activation"],
         "k": config["saes"].get("k"),
         "sparsity_coeff": config["loss"]["sparsity_coeff"],
@@ -210,11 +222,19 @@ def write_eval_json(run_dir: str | os.PathLike, metrics: dict, config: dict, *, 
 
 
 def read_eval_json(run_dir: str | os.PathLike) -> dict:
-    """RUN_DIR/eval.json as written by write_eval_json (FileNotFoundError if the run has none)."""
+    """RUN_DIR/eval.json as written by write_eval_json (FileNotFoundError if the run has none). One
+    written before "objective" was named so holds it as "kind": returned under "objective"."""
     path = Path(run_dir) / EVAL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no {EVAL_FILE}: run `fastsae eval {run_dir}` first")
-    return read_json_object(path)
+    return with_objective(read_json_object(path))
+
+
+def with_objective(record: dict) -> dict:
+    """An eval.json or sweep record with its objective under "objective" (older ones: "kind")."""
+    if "objective" not in record and "kind" in record:
+        record = {("objective" if key == "kind" else key): value for key, value in record.items()}
+    return record
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

@@ -3,8 +3,8 @@
     fastsae sweep --family embedded               # the default grid below, in runs/sweep-embedded
     fastsae plot runs/sweep-embedded --out figs   # the paper's figure from it
 
-Each point (kind, sparsity coefficient, seed) trains its kind's preset with that coefficient in
-OUT/<kind>-s<coeff>-seed<seed>/, an ordinary run directory (config.yaml, metrics.jsonl,
+Each point (objective, sparsity coefficient, seed) trains its objective's preset with that coefficient in
+OUT/<objective>-s<coeff>-seed<seed>/, an ordinary run directory (config.yaml, metrics.jsonl,
 checkpoints/, eval.json). A sweep can be stopped and run again: a finished point (its final
 checkpoint and eval.json) is skipped, a started one resumes from its latest checkpoint, and a
 point whose final eval is missing is only evaluated. Several `fastsae sweep` processes with the
@@ -24,15 +24,15 @@ from pathlib import Path
 
 from fastsae.train import checkpoint as ckpt
 from fastsae.train.config import ConfigError, load_config
-from fastsae.train.metrics import EVAL_FILE, RUN_KINDS, read_eval_json
+from fastsae.train.metrics import EVAL_FILE, OBJECTIVES, read_eval_json
 
-# The presets each family trains for each kind.
+# The presets each family trains for each objective.
 FAMILIES = {
     "embedded": {"local": "embedded-local", "e2e": "embedded", "e2e+ds": "embedded-e2e-ds"},
     "gpt2": {"local": "gpt2-local", "e2e": "gpt2-e2e", "e2e+ds": "gpt2-e2e-ds"},
     "tinystories": {"local": "tinystories-local", "e2e": "tinystories-e2e", "e2e+ds": "tinystories-e2e-ds"},
 }
-# Sparsity coefficients per kind: around each preset's value, spread so that the curves share an
+# Sparsity coefficients per objective: around each preset's value, spread so that the curves share an
 # L0 range. On the embedded model they span L0 ~10 to ~190 (benchmarks/results/paper_figure/);
 # the 12 runs of 400k tokens took 5.4 min on an idle 2-core CPU (two sweep processes, one thread each).
 DEFAULT_COEFFS = {
@@ -44,7 +44,7 @@ DEFAULT_COEFFS = {
 
 @dataclass(frozen=True)
 class SweepPoint:
-    kind: str
+    objective: str
     preset: str
     sparsity_coeff: float
     seed: int
@@ -59,26 +59,26 @@ def _coeff_text(coeff: float) -> str:
     return f"{coeff:g}"
 
 
-def sweep_points(out: str | os.PathLike, family: str = "embedded", kinds=RUN_KINDS,
+def sweep_points(out: str | os.PathLike, family: str = "embedded", objectives=OBJECTIVES,
                  coeffs: dict[str, list[float]] | None = None, seeds=(0,)) -> list[SweepPoint]:
-    """The grid: every kind x sparsity coefficient x seed, with its run directory under `out`."""
+    """The grid: every objective x sparsity coefficient x seed, with its run directory under `out`."""
     if family not in FAMILIES:
         raise ConfigError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
-    kinds = list(kinds)
-    for kind in kinds:
-        if kind not in RUN_KINDS:
-            raise ConfigError(f"kinds: each must be one of {RUN_KINDS}, got {kind!r}")
+    objectives = list(objectives)
+    for objective in objectives:
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"objectives: each must be one of {OBJECTIVES}, got {objective!r}")
     coeffs = {**DEFAULT_COEFFS[family], **(coeffs or {})}
     points = []
-    for kind in kinds:
-        if not coeffs[kind]:
-            raise ConfigError(f"no sparsity coefficients for kind {kind!r}")
-        for coeff in coeffs[kind]:
+    for objective in objectives:
+        if not coeffs[objective]:
+            raise ConfigError(f"no sparsity coefficients for objective {objective!r}")
+        for coeff in coeffs[objective]:
             if not coeff >= 0:
-                raise ConfigError(f"sparsity coefficients must be >= 0, got {coeff!r} for {kind!r}")
+                raise ConfigError(f"sparsity coefficients must be >= 0, got {coeff!r} for {objective!r}")
             for seed in seeds:
-                run_dir = Path(out) / f"{kind.replace('+', '')}-s{_coeff_text(coeff)}-seed{seed}"
-                points.append(SweepPoint(kind, FAMILIES[family][kind], float(coeff), int(seed), run_dir))
+                run_dir = Path(out) / f"{objective.replace('+', '')}-s{_coeff_text(coeff)}-seed{seed}"
+                points.append(SweepPoint(objective, FAMILIES[family][objective], float(coeff), int(seed), run_dir))
     return points
 
 
