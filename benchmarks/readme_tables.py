@@ -393,7 +393,8 @@ TRANSCODER = "transcoder_embedded_intel-xeon-2-cores.json"
 
 def _transcoder_runs() -> tuple[dict, dict]:
     record = load(TRANSCODER)
-    return record, {(r["kind"], r["skip"], r["k"]): r for r in record["runs"]}
+    runs = [with_objective(r) for r in record["runs"]]  # a record written before the rename says "kind"
+    return record, {(r["objective"], r["skip"], r["k"]): r for r in runs}
 
 
 def transcoder() -> str:
@@ -402,8 +403,8 @@ def transcoder() -> str:
     fraction of the MLP output's variance explained, live latents, wall time."""
     record, by = _transcoder_runs()
     rows = []
-    for (kind, skip, k), run in sorted(by.items(), key=lambda item: (item[0][2], item[0][1], item[0][0] != "local")):
-        rows.append([f"{run['l0']:.1f} (k = {k})", f"{kind}{' + skip' if skip else ''}", f"{run['ce_increase']:.4f}",
+    for (objective, skip, k), run in sorted(by.items(), key=lambda item: (item[0][2], item[0][1], item[0][0] != "local")):
+        rows.append([f"{run['l0']:.1f} (k = {k})", f"{objective}{' + skip' if skip else ''}", f"{run['ce_increase']:.4f}",
                      f"{run['kl']:.4f}", f"{run['explained_variance']:.3f}", f"{run['alive']:,}",
                      seconds(run["seconds"])])
     header = ["L0", "transcoder", "CE-loss increase (nats)", "KL", "MLP-output variance explained", "live latents",
