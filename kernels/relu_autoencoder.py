@@ -627,15 +627,14 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
         grad_x = torch.empty(n_tokens, d_in, dtype=x.dtype, device=device)
         cfg = GATHER_CONFIG
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), triton.cdiv(d_in, cfg["BLOCK_D"]))
-        # HAS_DENSE_ROWS reads slots as the row counts; no slot count exceeds C, so its per-row
-        # dense fallback never runs (the dense rows come from the chunks below) and its dense
-        # gradient and code are stand-ins that are never read.
+        # ROW_COUNTS reads slots as the row counts. The dense rows come from the chunks below, not
+        # from the gather's per-row dense fallback (HAS_DENSE_ROWS off): its pointers are None.
         gather_latents_kernel[grid](
             grad_ptr=grad_pre, idx_ptr=code.indices, w_ptr=W_enc, out_ptr=grad_x, count_ptr=code.slots,
-            dense_grad_ptr=grad_pre, acts_ptr=grad_pre,
+            dense_grad_ptr=None, acts_ptr=None,
             n_tokens=n_tokens, d_in=d_in, k=capacity, n_latents=n_latents,
-            stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1), stride_gm=n_latents, stride_gn=1,
-            HAS_DENSE_ROWS=True, MATMUL_MODE=mode, **cfg)
+            stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1), stride_gm=0, stride_gn=0,
+            ROW_COUNTS=True, HAS_DENSE_ROWS=False, MATMUL_MODE=mode, **cfg)
     need_enc_params = need_w_enc or need_b_enc or need_theta
     if need_enc_params or need_w_dec:
         entries = sort_entries_by_latent(code.indices, n_latents, seg_cfg["BLOCK_L"])
