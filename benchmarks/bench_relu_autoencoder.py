@@ -8,10 +8,12 @@
                    before this op (an [N, n] code, and a dense grad_code = grad_out @ W_dec^T)
     naive          x @ W_enc + b_enc, relu, @ W_dec + b_dec in plain torch (every [N, n] tensor)
 
-Loss for fwd_bwd: MSE(reconstruction, x) + lp_sum.mean() / d (p = 1), backward. Codes: "dense"
-(b_enc = 0: about half the latents active, as at initialisation) and "sparse" (b_enc = -3: ~0.1 %
-active, the L0 of a trained SAE). Cost model: harness.relu_autoencoder_cost, with the code's
-measured L0: 2*N*d*n + 2*N*L0*d forward, + 8*N*L0*d backward.
+Loss for fwd_bwd: MSE(reconstruction, target) + lp_sum.mean() / d_in (p = 1), backward; the target
+is x for an SAE, a fixed [N, d_out] activation for a transcoder (shapes with a fourth size, d_out:
+GPT-2's MLP input 768 to its hidden 3,072 on a GPU). Codes: "dense" (b_enc = 0: about half the
+latents active, as at initialisation) and "sparse" (b_enc = -3: ~0.1 % active, the L0 of a trained
+SAE). Cost model: harness.relu_autoencoder_cost, with the code's measured L0: 2*N*d_in*n +
+2*N*L0*d_out forward, + 4*N*L0*(d_in + d_out) backward.
 
 CPU peak memory of a training step, each variant in a fresh process (the issue's measurement):
 
@@ -38,10 +40,11 @@ from harness import (DEVICE, DTYPE, GPT2_PRESET, HAS_CUDA, LARGE, bench_size, de
 
 from fastsae import ops
 
+# (N, d_in, n_latents) for an SAE, (N, d_in, n_latents, d_out) for a transcoder (d_out != d_in).
 SHAPES = {
-    "full": [tuple(s[key] for key in "Ndn") for s in (GPT2_PRESET, LARGE)] if HAS_CUDA
-    else [(1024, 256, 46_080)],
-    "small": [(32, 64, 384)],  # tiny: the interpreter (--bench-interpreter) gets through
+    "full": [tuple(s[key] for key in "Ndn") for s in (GPT2_PRESET, LARGE)] + [(16 * 1024, 768, 46_080, 3072)]
+    if HAS_CUDA else [(1024, 256, 46_080), (1024, 256, 46_080, 1024)],
+    "small": [(32, 64, 384), (32, 64, 384, 160)],  # tiny: the interpreter (--bench-interpreter) gets through
 }
 CODES = {"dense": 0.0, "sparse": -3.0}
 TRITON_VARIANTS = ("fused",)
@@ -49,16 +52,27 @@ VARIANTS = variants(TRITON_VARIANTS + ("reference", "encode_decode", "naive"), t
 PASSES = ("fwd", "fwd_bwd")
 
 
+def shape_sizes(shape) -> tuple[int, int, int, int]:
+    """(N, d_in, n_latents, d_out) of a SHAPES entry (d_out = d_in for an SAE's three sizes)."""
+    n_tokens, d_in, n_latents, *rest = shape
+    return n_tokens, d_in, n_latents, rest[0] if rest else d_in
+
+
+def shape_id(shape) -> str:
+    n_tokens, d_in, n_latents, d_out = shape_sizes(shape)
+    return f"N{n_tokens}-d{d_in}-n{n_latents}" + (f"-d_out{d_out}" if d_out != d_in else "")
+
+
 def make_inputs(shape, code, dtype=DTYPE, device=DEVICE, requires_grad=True):
-    """x, W_enc (latent-major, as E2ESAE stores it), b_enc, W_dec (unit rows), b_dec."""
-    n_tokens, d, n_latents = shape
+    """x [N, d_in], W_enc (latent-major, as E2ESAE stores it), b_enc, W_dec [n, d_out] (unit rows), b_dec."""
+    n_tokens, d, n_latents, d_out = shape_sizes(shape)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(n_tokens, d, device=device, generator=g).to(dtype)
     W_enc = (torch.randn(n_latents, d, device=device, generator=g) / d**0.5).to(dtype).t()
     b_enc = torch.full((n_latents,), CODES[code], device=device, dtype=dtype)
-    W_dec = torch.randn(n_latents, d, device=device, generator=g)
+    W_dec = torch.randn(n_latents, d_out, device=device, generator=g)
     W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).to(dtype)
-    b_dec = torch.zeros(d, device=device, dtype=dtype)
+    b_dec = torch.zeros(d_out, device=device, dtype=dtype)
     return [t.requires_grad_(requires_grad) for t in (x, W_enc, b_enc, W_dec, b_dec)]
 
 
@@ -83,7 +97,11 @@ FORWARDS = {
 def make_step(shape, code, variant, passes):
     leaves = make_inputs(shape, code, requires_grad=passes == "fwd_bwd")
     forward = FORWARDS[variant]
-    d = shape[1]
+    n_tokens, d, _, d_out = shape_sizes(shape)
+    # An SAE reconstructs x; a transcoder predicts another activation (here a fixed one)
+    device = leaves[0].device
+    target = None if d_out == d else torch.randn(n_tokens, d_out, device=device,
+                                                 generator=torch.Generator(device=device).manual_seed(1))
 
     def step():
         if passes == "fwd":
@@ -92,7 +110,8 @@ def make_step(shape, code, variant, passes):
         for leaf in leaves:
             leaf.grad = None
         reconstruction, lp_sum = forward(*leaves)
-        loss = torch.nn.functional.mse_loss(reconstruction.float(), leaves[0].float()) + lp_sum.mean() / d
+        loss = (torch.nn.functional.mse_loss(reconstruction.float(), leaves[0].float() if target is None else target)
+                + lp_sum.mean() / d)
         loss.backward()
 
     return step
@@ -106,16 +125,18 @@ def measured_l0(shape, code) -> float:
 @pytest.mark.parametrize("passes", PASSES)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("code", CODES)
-@pytest.mark.parametrize("shape", SHAPES[bench_size()], ids=lambda s: "N{}-d{}-n{}".format(*s))
+@pytest.mark.parametrize("shape", SHAPES[bench_size()], ids=shape_id)
 def test_relu_autoencode(benchmark, shape, code, variant, passes):
-    n_tokens, d, n_latents = shape
+    n_tokens, d, n_latents, d_out = shape_sizes(shape)
     step = make_step(shape, code, variant, passes)
     step()  # compile (GPU) / warm up before timing
     l0 = measured_l0(shape, code)
-    flops, bytes_ = relu_autoencoder_cost(n_tokens, d, n_latents, l0, DTYPE.itemsize, passes)
-    measure(benchmark, step, op="relu_autoencode", shape="N={} d={} n={} {} code (L0 {:.0f})".format(*shape, code, l0),
+    flops, bytes_ = relu_autoencoder_cost(n_tokens, d, n_latents, l0, DTYPE.itemsize, passes, d_out=d_out)
+    widths = f"d={d}" if d_out == d else f"d_in={d} d_out={d_out}"
+    measure(benchmark, step, op="relu_autoencode",
+            shape=f"N={n_tokens} {widths} n={n_latents} {code} code (L0 {l0:.0f})",
             variant=variant, passes=passes, dtype=DTYPE, flops=flops, bytes_=bytes_,
-            triton=variant in TRITON_VARIANTS, N=n_tokens, d=d, n_latents=n_latents, code=code, l0=l0)
+            triton=variant in TRITON_VARIANTS, N=n_tokens, d=d, n_latents=n_latents, d_out=d_out, code=code, l0=l0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -175,24 +175,28 @@ def relu_encoder_cost(N, d, n, s, passes):
     return flops, bytes_
 
 
-def relu_autoencoder_cost(N, d, n, l0, s, passes):
-    """A ReLU SAE from x to its reconstruction (fastsae.ops.relu_autoencode), l0 the code's mean L0.
+def relu_autoencoder_cost(N, d, n, l0, s, passes, *, d_out=None):
+    """A ReLU SAE from x to its reconstruction (fastsae.ops.relu_autoencode), l0 the code's mean L0;
+    d = d_in, the encoder's width, and d_out the decoder's (a transcoder's; d by default).
 
-    What it must do: the encoder GEMM, 2*N*d*n, and every other product over the active entries
-    only: decode 2*N*L0*d; backward the code's gradient at the active entries (sampled dots),
-    grad_x, grad_W_enc and grad_W_dec, 2*N*L0*d each. A dense grad_code = grad_out @ W_dec^T (the
-    path this op replaces) is another 2*N*d*n. Bytes: x, W_enc, b_enc, the W_dec rows the code
-    touches, the compact code (value + int32 id per entry), the reconstruction; backward reads
-    x, W_enc, grad_out and those W_dec rows again and writes the four gradients.
+    What it must do: the encoder GEMM, 2*N*d_in*n, and every other product over the active entries
+    only: decode 2*N*L0*d_out; backward the code's gradient at the active entries (sampled dots)
+    and grad_W_dec, 2*N*L0*d_out each, grad_x and grad_W_enc, 2*N*L0*d_in each. A dense grad_code
+    = grad_out @ W_dec^T (the path this op replaces) is another 2*N*d_out*n. Bytes: x, W_enc,
+    b_enc, the W_dec rows the code touches, the compact code (value + int32 id per entry), the
+    reconstruction; backward reads x, W_enc, grad_out and those W_dec rows again and writes the
+    four gradients.
     """
+    d_in, d_out = d, d if d_out is None else d_out
     entries = N * l0
-    touched = min(n, entries) * d * s
-    flops = 2 * N * d * n + 2 * entries * d
-    bytes_ = N * d * s + d * n * s + n * s + touched + entries * (s + 4) + N * d * s
+    touched = min(n, entries) * d_out * s
+    flops = 2 * N * d_in * n + 2 * entries * d_out
+    bytes_ = N * d_in * s + d_in * n * s + n * s + touched + entries * (s + 4) + N * d_out * s
     if passes == "fwd_bwd":
-        flops += 8 * entries * d
-        bytes_ += (N * d * s + d * n * s + N * d * s + touched + entries * (s + 4)  # x, W_enc, grad_out, W_dec, code
-                   + N * d * s + d * n * s + n * s + n * d * s + d * s)  # grad_x, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec
+        flops += 4 * entries * d_out + 4 * entries * d_in
+        bytes_ += (N * d_in * s + d_in * n * s + N * d_out * s + touched + entries * (s + 4)  # x, W_enc, grad_out, W_dec, code
+                   + N * d_in * s + d_in * n * s + n * s  # grad_x, grad_W_enc, grad_b_enc
+                   + n * d_out * s + d_out * s)  # grad_W_dec, grad_b_dec
     return int(flops), int(bytes_)
 
 

@@ -45,7 +45,7 @@ def gather_latents_kernel(
     n_tokens, d_in, k, n_latents,
     stride_wd, stride_wn, stride_gm, stride_gn,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DENSE_ROWS: tl.constexpr, MATMUL_MODE: tl.constexpr,
+    ROW_COUNTS: tl.constexpr, HAS_DENSE_ROWS: tl.constexpr, MATMUL_MODE: tl.constexpr,
 ):
     """out[t, :] = sum_j grad[t, j] * W[:, idx[t, j]]; grad, idx: [N, k] contiguous; fp32 sum.
 
@@ -57,11 +57,11 @@ def gather_latents_kernel(
     Every entry of the code is read, a zero gradient too: 0 * W is not skipped, so a non-finite
     weight gives NaN as the reference's product does (skipping zeros hid an inf in W_enc).
 
-    HAS_DENSE_ROWS (the ReLU encoders' capacity-bounded code, see DenseRows): count[t] is row t's
-    number of entries, in its first count[t] slots (the rest is padding, never read); a row with
-    count[t] > k did not fit its k slots and is computed densely instead,
-    out[t] = (grad_dense[t] * (acts[t] > 0)) @ W^T, by tensor-core tiles over all latents. The
-    choice is made here, per row block, on the device: no host sync.
+    ROW_COUNTS (a capacity-bounded code): count[t] is row t's number of entries, in its first
+    count[t] slots (the rest is padding, never read). HAS_DENSE_ROWS (with ROW_COUNTS; the ReLU
+    encoder's code, see DenseRows): a row with count[t] > k did not fit and is computed densely,
+    out[t] = (grad_dense[t] * (acts[t] > 0)) @ W^T, by tensor-core tiles over all latents, chosen
+    per row block on the device (no host sync); without it, dense_grad and acts may be None.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -71,7 +71,7 @@ def gather_latents_kernel(
     rows64 = rows.to(tl.int64)
     code = rows64 * k
     w_cols = w_ptr + ds[None, :].to(tl.int64) * stride_wd
-    if HAS_DENSE_ROWS:
+    if ROW_COUNTS:
         count = tl.load(count_ptr + rows, mask=row_ok, other=0)
         dense_row = row_ok & (count > k)
         row_slots = tl.where(row_ok & (count <= k), count, 0)
@@ -247,7 +247,7 @@ def sparse_encoder_backward(grad_pre: torch.Tensor, indices: torch.Tensor, x: to
             count_ptr=dense.count, dense_grad_ptr=dense.grad, acts_ptr=dense.acts,
             n_tokens=n_tokens, d_in=d_in, k=k, n_latents=n_latents,
             stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1), **dense.grad_strides(),
-            HAS_DENSE_ROWS=dense_rows is not None, MATMUL_MODE=mode, **cfg)
+            ROW_COUNTS=dense_rows is not None, HAS_DENSE_ROWS=dense_rows is not None, MATMUL_MODE=mode, **cfg)
 
     if need_w or need_b:
         cfg = segment_config(mode)
@@ -479,7 +479,7 @@ def row_major(t: torch.Tensor) -> torch.Tensor:
 
 def sparse_decode_forward(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
                           b_dec: torch.Tensor) -> torch.Tensor:
-    """x_hat [N, d] in W_dec's dtype. values/indices [N, k] (made contiguous here)."""
+    """x_hat [N, d_out] in W_dec's dtype (d_out = W_dec's columns). values/indices [N, k] (made contiguous here)."""
     values, indices = values.contiguous(), indices.contiguous()
     W_dec, b_dec = row_major(W_dec), b_dec.contiguous()
     n_tokens, k = values.shape
@@ -488,8 +488,8 @@ def sparse_decode_forward(values: torch.Tensor, indices: torch.Tensor, W_dec: to
     block_d = block_d_for(d)
     grid = (triton.cdiv(n_tokens, FWD_BLOCK_T), triton.cdiv(d, block_d))
     sparse_decode_fwd_kernel[grid](
-        values, indices, W_dec, b_dec, out,
-        n_tokens, k, d, W_dec.stride(0), out.stride(0),
+        values_ptr=values, indices_ptr=indices, W_ptr=W_dec, b_ptr=b_dec, out_ptr=out,
+        n_tokens=n_tokens, k=k, d=d, stride_w=W_dec.stride(0), stride_out=out.stride(0),
         BLOCK_T=FWD_BLOCK_T, BLOCK_D=block_d, K_UNROLL=FWD_K_UNROLL, num_warps=NUM_WARPS,
     )
     return out

@@ -285,11 +285,11 @@ def _dense_rows_matmul_kernel(
 def _dense_grad_chunk_kernel(
     x_ptr, w_ptr, b_ptr, theta_ptr, wdec_ptr, g_ptr, grad_lp_ptr, grad_l0_ptr, rows_ptr, n_rows_ptr,
     gpre_ws_ptr, code_ws_ptr, theta_ws_ptr,
-    d_in, n_latents, chunk_start, chunk_width,
+    d_in, d_out, n_latents, chunk_start, chunk_width,
     stride_xm, stride_xd, stride_wd, stride_wn, stride_wdec, stride_g, stride_ws,
     p, bandwidth,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MATMUL_MODE: tl.constexpr,
-    JUMP: tl.constexpr, P_ONE: tl.constexpr,
+    JUMP: tl.constexpr, P_ONE: tl.constexpr, D_OUT_IS_D_IN: tl.constexpr,
 ):
     """For the dense rows s < n_rows and one tile of the chunk's latents, recompute
     pre = x @ W_enc + b and the code's gradient grad_out @ W_dec^T + grad_lp * d|code|^p, and write
@@ -307,9 +307,9 @@ def _dense_grad_chunk_kernel(
         pre = encoder_preactivation_tile(x_ptr, w_ptr, b_ptr, row, cols, slot_ok, col_ok, d_in,
                                          stride_xm, stride_xd, stride_wd, stride_wn,
                                          BLOCK_R, BLOCK_N, BLOCK_D, MATMUL_MODE)
-        # grad_out[rows] @ W_dec[cols]^T: W_dec's rows are the K-major B operand, as W_enc's are.
-        dots = matmul_tile(g_ptr, wdec_ptr, row, cols, slot_ok, col_ok, d_in, stride_g, 1, 1, stride_wdec,
-                           BLOCK_R, BLOCK_N, BLOCK_D, MATMUL_MODE)
+        # grad_out[rows] @ W_dec[cols]^T over d_out (an SAE's d_in: one loop bound, fewer registers)
+        dots = matmul_tile(g_ptr, wdec_ptr, row, cols, slot_ok, col_ok, d_in if D_OUT_IS_D_IN else d_out, stride_g, 1,
+                           1, stride_wdec, BLOCK_R, BLOCK_N, BLOCK_D, MATMUL_MODE)  # W_dec's rows: K-major B operand
         theta = 0.0
         if JUMP:
             theta = tl.load(theta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -540,11 +540,12 @@ def encode_compact(x, W_enc, b_enc, theta, bandwidth) -> tuple[CompactCode, torc
 
 
 def relu_autoencode_forward(x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p, workspace_elements):
-    """(reconstruction [N, d] W_dec.dtype, lp_sum [N] fp32, l0 [N] fp32, fire_counts [n] int32, CompactCode).
+    """(reconstruction [N, d_out] W_dec.dtype, lp_sum [N] fp32, l0 [N] fp32, fire_counts [n] int32, CompactCode).
 
-    x [N, d] contiguous, W_enc [d, n] (latent-major is fastest), W_dec [n, d] row-major."""
-    n_tokens, d = x.shape
-    n_latents = W_enc.shape[1]
+    x [N, d_in] contiguous, W_enc [d_in, n] (latent-major is fastest), W_dec [n, d_out] row-major, b_dec [d_out]
+    (a transcoder's d_out may differ from d_in)."""
+    n_tokens, d_in = x.shape
+    n_latents, d_out = W_dec.shape
     code, fire_counts = encode_compact(x, W_enc, b_enc, theta, bandwidth)
     jump = theta is not None
     values32 = code.values.float()
@@ -558,7 +559,7 @@ def relu_autoencode_forward(x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p, 
     width = dense_chunk_width(n_tokens, n_latents, workspace_elements)
     ws = torch.empty(n_tokens, width, dtype=x.dtype, device=x.device)
     several = n_latents > width
-    acc = torch.empty(n_tokens if several else 1, d, dtype=torch.float32, device=x.device)
+    acc = torch.empty(n_tokens if several else 1, d_out, dtype=torch.float32, device=x.device)
     lp_dense = torch.empty(n_tokens, dtype=torch.float32, device=x.device)
     l0_dense = torch.empty(n_tokens, dtype=torch.float32, device=x.device)
     for chunk_start in range(0, n_latents, width):
@@ -567,15 +568,15 @@ def relu_autoencode_forward(x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p, 
         grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(chunk_width, cfg["BLOCK_N"]))
         _dense_code_chunk_kernel[grid](
             x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, theta_ptr=theta, rows_ptr=code.rows, n_rows_ptr=code.n_rows, ws_ptr=ws,
-            d_in=d, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
+            d_in=d_in, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
             stride_xm=x.stride(0), stride_xd=x.stride(1), stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1),
             stride_ws=ws.stride(0), MATMUL_MODE=mode, JUMP=jump, **cfg)
         cfg = dict(mm_cfg)
-        grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
+        grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d_out, cfg["BLOCK_D"]))
         _dense_rows_matmul_kernel[grid](
             ws_ptr=ws, m_ptr=W_dec, bias_ptr=b_dec, acc_ptr=acc, out_ptr=recon, rows_ptr=code.rows,
             n_rows_ptr=code.n_rows, lp_ptr=lp_dense, l0_ptr=l0_dense,
-            d=d, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
+            d=d_out, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
             stride_ws=ws.stride(0), stride_mk=W_dec.stride(0), stride_md=W_dec.stride(1), stride_acc=acc.stride(0),
             stride_out=recon.stride(0), p=float(p),
             MATMUL_MODE=mode, FIRST=chunk_start == 0, LAST=chunk_start + width >= n_latents, HAS_BIAS=True,
@@ -589,10 +590,11 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
                              code: CompactCode, needs: tuple, workspace_elements: int):
     """(grad_x, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, grad_theta); None where not needed.
 
-    grad_recon [N, d] (W_dec's dtype), grad_lp [N] and grad_l0 [N] (fp32; grad_l0 only for JumpReLU)."""
+    grad_recon [N, d_out] (W_dec's dtype), grad_lp [N] and grad_l0 [N] (fp32; grad_l0 only for JumpReLU).
+    The encoder's gradients run over d_in (x, W_enc), the decoder's over d_out (grad_recon, W_dec)."""
     need_x, need_w_enc, need_b_enc, need_w_dec, need_b_dec, need_theta = needs
-    n_tokens, d = x.shape
-    n_latents = W_enc.shape[1]
+    n_tokens, d_in = x.shape
+    n_latents, d_out = W_dec.shape
     capacity = code.values.shape[1]
     jump = theta is not None
     device = x.device
@@ -607,7 +609,7 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
     cfg = dict(SAMPLED_DOTS_CONFIG)
     _sampled_dots_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_T"]),)](
         g_ptr=g, w_ptr=W_dec, idx_ptr=code.indices, slots_ptr=code.slots, out_ptr=dots,
-        n_tokens=n_tokens, d=d, capacity=capacity, stride_g=g.stride(0), stride_w=W_dec.stride(0), **cfg)
+        n_tokens=n_tokens, d=d_out, capacity=capacity, stride_g=g.stride(0), stride_w=W_dec.stride(0), **cfg)
     values32 = code.values.float()
     active = values32 > 0
     dlp = active.to(torch.float32) if p == 1 else torch.where(active, p * values32.clamp_min(1e-38).pow(p - 1), 0)
@@ -622,25 +624,24 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
 
     grad_x = grad_w_enc = grad_b_enc = grad_w_dec = grad_theta = None
     if need_x:
-        grad_x = torch.empty(n_tokens, d, dtype=x.dtype, device=device)
+        grad_x = torch.empty(n_tokens, d_in, dtype=x.dtype, device=device)
         cfg = GATHER_CONFIG
-        grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]))
-        # HAS_DENSE_ROWS reads slots as the row counts; no slot count exceeds C, so its per-row
-        # dense fallback never runs (the dense rows come from the chunks below) and its dense
-        # gradient and code are stand-ins that are never read.
+        grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), triton.cdiv(d_in, cfg["BLOCK_D"]))
+        # ROW_COUNTS reads slots as the row counts. The dense rows come from the chunks below, not
+        # from the gather's per-row dense fallback (HAS_DENSE_ROWS off): its pointers are None.
         gather_latents_kernel[grid](
             grad_ptr=grad_pre, idx_ptr=code.indices, w_ptr=W_enc, out_ptr=grad_x, count_ptr=code.slots,
-            dense_grad_ptr=grad_pre, acts_ptr=grad_pre,
-            n_tokens=n_tokens, d_in=d, k=capacity, n_latents=n_latents,
-            stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1), stride_gm=n_latents, stride_gn=1,
-            HAS_DENSE_ROWS=True, MATMUL_MODE=mode, **cfg)
+            dense_grad_ptr=None, acts_ptr=None,
+            n_tokens=n_tokens, d_in=d_in, k=capacity, n_latents=n_latents,
+            stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1), stride_gm=0, stride_gn=0,
+            ROW_COUNTS=True, HAS_DENSE_ROWS=False, MATMUL_MODE=mode, **cfg)
     need_enc_params = need_w_enc or need_b_enc or need_theta
     if need_enc_params or need_w_dec:
         entries = sort_entries_by_latent(code.indices, n_latents, seg_cfg["BLOCK_L"])
         grad_w_enc = torch.empty_like(W_enc, memory_format=torch.preserve_format)
         grad_b_enc = torch.empty(n_latents, dtype=W_enc.dtype, device=device)
         grad_theta = torch.empty(n_latents, dtype=theta.dtype, device=device) if jump else None
-        grad_w_dec = torch.empty(n_latents, d, dtype=W_dec.dtype, device=device)
+        grad_w_dec = torch.empty(n_latents, d_out, dtype=W_dec.dtype, device=device)
         tokens_x = marked_tokens(entries.tokens, x)
         tokens_g = marked_tokens(entries.tokens, g)
         sorted_gpre = grad_pre.reshape(-1)[entries.order]
@@ -652,7 +653,7 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
     code_ws = torch.empty(n_tokens, width, dtype=x.dtype, device=device)
     theta_ws = torch.empty(n_tokens, width, dtype=torch.float32, device=device) if jump else None
     several = n_latents > width
-    gx_acc = torch.empty(n_tokens if several and need_x else 1, d, dtype=torch.float32, device=device)
+    gx_acc = torch.empty(n_tokens if several and need_x else 1, d_in, dtype=torch.float32, device=device)
     for chunk_start in range(0, n_latents, width):
         chunk_width = min(width, n_latents - chunk_start)
         cfg = dict(tile_cfg)
@@ -661,44 +662,45 @@ def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_de
             x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, theta_ptr=theta, wdec_ptr=W_dec, g_ptr=g, grad_lp_ptr=grad_lp,
             grad_l0_ptr=grad_l0_32, rows_ptr=code.rows, n_rows_ptr=code.n_rows,
             gpre_ws_ptr=gpre_ws, code_ws_ptr=code_ws, theta_ws_ptr=theta_ws,
-            d_in=d, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
+            d_in=d_in, d_out=d_out, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
             stride_xm=x.stride(0), stride_xd=x.stride(1), stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1),
             stride_wdec=W_dec.stride(0), stride_g=g.stride(0), stride_ws=gpre_ws.stride(0),
             p=float(p), bandwidth=float(1.0 if bandwidth is None else bandwidth),
-            MATMUL_MODE=mode, JUMP=jump, P_ONE=p == 1, **cfg)
+            MATMUL_MODE=mode, JUMP=jump, P_ONE=p == 1, D_OUT_IS_D_IN=d_out == d_in, **cfg)
         if need_x:
             cfg = dict(mm_cfg)
-            grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
+            grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d_in, cfg["BLOCK_D"]))
             # M = W_enc^T: latent k, column c at W_enc[c, k].
             _dense_rows_matmul_kernel[grid](  # no bias, no code statistics: those pointers are None
                 ws_ptr=gpre_ws, m_ptr=W_enc, bias_ptr=None, acc_ptr=gx_acc, out_ptr=grad_x, rows_ptr=code.rows,
                 n_rows_ptr=code.n_rows, lp_ptr=None, l0_ptr=None,
-                d=d, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
+                d=d_in, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
                 stride_ws=gpre_ws.stride(0), stride_mk=W_enc.stride(1), stride_md=W_enc.stride(0),
                 stride_acc=gx_acc.stride(0), stride_out=grad_x.stride(0), p=float(p),
                 MATMUL_MODE=mode, FIRST=chunk_start == 0, LAST=chunk_start + width >= n_latents, HAS_BIAS=False,
                 CODE_STATS=False, P_ONE=True, **cfg)
         if need_enc_params or need_w_dec:
             cfg = dict(seg_cfg)
-            grid = (triton.cdiv(chunk_width, cfg["BLOCK_L"]), triton.cdiv(d, cfg["BLOCK_D"]))
             first_block = chunk_start // cfg["BLOCK_L"]
-            # Encoder: B = x, weights = the pre-activations' gradient; bias and threshold too.
+            # Encoder: B = x [N, d_in], weights = the pre-activations' gradient; bias and threshold too.
+            grid = (triton.cdiv(chunk_width, cfg["BLOCK_L"]), triton.cdiv(d_in, cfg["BLOCK_D"]))
             _latent_chunk_grad_kernel[grid](  # the threshold's pointers: None for ReLU (WRITE_THETA)
                 rows_ptr_b=x, tok_ptr=tokens_x, lat_ptr=entries.latents, weight_ptr=sorted_gpre,
                 block_start_ptr=entries.block_start, grad_w_ptr=grad_w_enc, grad_b_ptr=grad_b_enc,
                 theta_weight_ptr=sorted_theta, grad_theta_ptr=grad_theta, dense_rows_ptr=code.rows,
                 n_dense_rows_ptr=code.n_rows, ws_ptr=gpre_ws, theta_ws_ptr=theta_ws,
-                d=d, n_latents=n_latents, first_block=first_block, chunk_start=chunk_start,
+                d=d_in, n_latents=n_latents, first_block=first_block, chunk_start=chunk_start,
                 stride_bm=x.stride(0), stride_bd=x.stride(1), stride_gwd=grad_w_enc.stride(0),
                 stride_gwn=grad_w_enc.stride(1), stride_ws=gpre_ws.stride(0),
                 MATMUL_MODE=mode, WRITE_BIAS=True, WRITE_THETA=jump, num_stages=SEGMENT_NUM_STAGES, **cfg)
-            # Decoder: B = grad_out, weights = the code.
+            # Decoder: B = grad_out [N, d_out], weights = the code.
+            grid = (triton.cdiv(chunk_width, cfg["BLOCK_L"]), triton.cdiv(d_out, cfg["BLOCK_D"]))
             _latent_chunk_grad_kernel[grid](  # no bias, no threshold: those pointers are None
                 rows_ptr_b=g, tok_ptr=tokens_g, lat_ptr=entries.latents, weight_ptr=sorted_values,
                 block_start_ptr=entries.block_start, grad_w_ptr=grad_w_dec, grad_b_ptr=None,
                 theta_weight_ptr=None, grad_theta_ptr=None, dense_rows_ptr=code.rows,
                 n_dense_rows_ptr=code.n_rows, ws_ptr=code_ws, theta_ws_ptr=None,
-                d=d, n_latents=n_latents, first_block=first_block, chunk_start=chunk_start,
+                d=d_out, n_latents=n_latents, first_block=first_block, chunk_start=chunk_start,
                 stride_bm=g.stride(0), stride_bd=g.stride(1), stride_gwd=grad_w_dec.stride(1),
                 stride_gwn=grad_w_dec.stride(0), stride_ws=code_ws.stride(0),
                 MATMUL_MODE=mode, WRITE_BIAS=False, WRITE_THETA=False, num_stages=SEGMENT_NUM_STAGES, **cfg)
@@ -733,8 +735,8 @@ class ReLUAutoencodeTriton(torch.autograd.Function):
 
 
 def relu_autoencode_triton(x2d, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, p, workspace_elements):
-    """The fused op on validated inputs: x2d [N, d] (N > 0) contiguous, W_enc [d, n] latent-major,
-    W_dec [n, d] row-major, all one dtype (fp32 / fp16 / bf16). workspace_elements: the budget of
+    """The fused op on validated inputs: x2d [N, d_in] (N > 0) contiguous, W_enc [d_in, n] latent-major,
+    W_dec [n, d_out] row-major, b_dec [d_out], all one dtype (fp32 / fp16 / bf16). workspace_elements: the budget of
     each dense-row workspace ([N, W] elements at most, see dense_chunk_width). Returns
     (reconstruction, lp_sum, l0, fire_counts) as fastsae.ops.relu_autoencode documents them."""
     return ReLUAutoencodeTriton.apply(x2d, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, p, workspace_elements)

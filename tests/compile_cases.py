@@ -453,19 +453,27 @@ def sparse_decoder_cases(arch: int = 90, shapes: dict | None = None) -> dict[str
 
 
 AUTOENCODER_WORKSPACE_ELEMENTS = 1 << 26  # fastsae.ops.relu_autoencoder's default budget
+# The encoder shapes, and a transcoder's: GPT-2 small's MLP input (768) to its hidden layer (3,072),
+# whose decoder width differs from the encoder's (d_out != d_in). Recorded after the others, so a
+# launch that specialises as theirs keeps their case (recorded_cases): the transcoder adds a case
+# only where d_out changes a kernel's specialisation.
+AUTOENCODER_SHAPES = {**ENCODER_SHAPES,
+                      "gpt2_mlp_transcoder": {"n_tokens": 16384, "d_in": 768, "d_out": 3072, "n_latents": 46080}}
 
 
 def relu_autoencoder_cases(arch: int = 90, shapes: dict | None = None) -> dict[str, CompileCase]:
     """Every kernel relu_autoencode_triton launches (forward and backward) on sm_<arch>, with the
     layouts fastsae.ops.relu_autoencode makes (x contiguous, W_enc latent-major, W_dec row-major):
     ReLU, JumpReLU with a trained threshold and with a fixed one (BatchTopK's inference), p = 1 and
-    p = 0.5, every chunk of the dense rows. The kernels with a tensor-core dot are hot in the
+    p = 0.5, every chunk of the dense rows; SAEs and a transcoder (AUTOENCODER_SHAPES: "d_out" where
+    the decoder's width differs from d_in). The kernels with a tensor-core dot are hot in the
     tensor-core modes. The configs do not depend on the arch."""
     ae, sc = _kernels("relu_autoencoder"), _kernels("_sparse_code")
 
     def run(shape, activation, p):
         def step(dtype):
             n_tokens, d, n = shape["n_tokens"], shape["d_in"], shape["n_latents"]
+            d_out = shape.get("d_out", d)
             x = meta_parameter(n_tokens, d, dtype=dtype)
             W_enc = meta_parameter(d, n, dtype=dtype, transposed=True)
             theta = bandwidth = None
@@ -473,14 +481,14 @@ def relu_autoencoder_cases(arch: int = 90, shapes: dict | None = None) -> dict[s
                 theta = torch.empty(n, dtype=dtype, device="meta", requires_grad=activation == "jumprelu")
                 bandwidth = 0.001 if activation == "jumprelu" else 0.0
             recon, lp_sum, l0, _ = ae.relu_autoencode_triton(
-                x, W_enc, meta_parameter(n, dtype=dtype), meta_parameter(n, d, dtype=dtype),
-                meta_parameter(d, dtype=dtype), theta, bandwidth, p, AUTOENCODER_WORKSPACE_ELEMENTS)
+                x, W_enc, meta_parameter(n, dtype=dtype), meta_parameter(n, d_out, dtype=dtype),
+                meta_parameter(d_out, dtype=dtype), theta, bandwidth, p, AUTOENCODER_WORKSPACE_ELEMENTS)
             loss = recon.sum() + lp_sum.sum() + (l0.sum() if activation == "jumprelu" else 0)
             loss.backward()
         return step
 
     runs = [(dict(shape=name, mode=mode), mode, run(shape, activation, p))
-            for name, shape in (shapes or ENCODER_SHAPES).items() for mode in COMPILE_MODES
+            for name, shape in (shapes or AUTOENCODER_SHAPES).items() for mode in COMPILE_MODES
             for activation in ("relu", "jumprelu", "fixed_threshold") for p in (1.0, 0.5)]
 
     def label(tags, record):

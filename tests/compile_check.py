@@ -51,8 +51,15 @@ by Triton (keyed by kernel source, specialisation, options and target) and SASS 
 of the cubin and of the reader, under CACHE_DIR: a cold run compiles everything, a warm one only
 what changed.
 
-    python tests/compile_check.py            # print the table for sm_80 and sm_90
-    python tests/compile_check.py --write    # ... and write benchmarks/results/compile_sm*.json
+    python tests/compile_check.py                  # print the table for sm_80 and sm_90
+    python tests/compile_check.py --write          # ... and write benchmarks/results/compile_sm*.json
+    python tests/compile_check.py --reuse          # take unchanged cases' facts from those files
+    python tests/compile_check.py --write --reuse  # ... and write them: only changed cases compile
+
+``--reuse [DIR]`` takes a case's facts from DIR/compile_sm<arch>.json (default: the committed
+results) wherever its case_key is unchanged, and compiles the rest; with ``--write`` the files are
+rewritten from that mix, so a change to one kernel compiles only that kernel's cases (and reports
+how many were reused). ``--write`` alone compiles every case afresh.
 """
 
 from __future__ import annotations
@@ -421,8 +428,9 @@ def main(argv=None) -> int:
                         help="compile for this arch only (repeatable; default: all)")
     parser.add_argument("--write", action="store_true", help="write benchmarks/results/compile_sm<arch>.json")
     parser.add_argument("--reuse", type=Path, nargs="?", const=RESULTS_DIR, metavar="DIR",
-                        help="take unchanged cases from DIR/compile_sm<arch>.json (default DIR: the committed "
-                             "results) instead of compiling them; --write always compiles everything")
+                        help="take unchanged cases (same case_key) from DIR/compile_sm<arch>.json (default DIR: "
+                             "the committed results) instead of compiling them; with --write, write that mix "
+                             "(without --reuse, --write compiles everything)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # internal: one arch, JSON on stdout
     args = parser.parse_args(argv)
     if args.worker is not None:
@@ -433,7 +441,7 @@ def main(argv=None) -> int:
         print(_MARKER + json.dumps(compile_for_arch(args.worker, known)))
         return 0
     start = time.perf_counter()
-    results = run_compile_check(tuple(args.arch or ARCHS), reuse=None if args.write else args.reuse)
+    results = run_compile_check(tuple(args.arch or ARCHS), reuse=args.reuse)
     failed = 0
     for arch, report in results.items():
         print(format_table(report))
@@ -445,6 +453,9 @@ def main(argv=None) -> int:
     if args.write:
         for path in write_results(results):
             print(f"wrote {path}")
+    if args.reuse is not None:
+        for arch, report in results.items():
+            print(f"sm_{arch}: {report['reused']} of {len(report['keys'])} cases reused, the rest compiled")
     print(f"{time.perf_counter() - start:.0f} s")
     return 1 if failed else 0
 

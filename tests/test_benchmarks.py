@@ -73,6 +73,13 @@ def test_cost_model_matches_the_guide():
     # a ReLU SAE step: one dense GEMM (the encoder) plus O(N * L0 * d) for the decoder and the gradients
     l0 = 50
     assert harness.relu_autoencoder_cost(N, d, n, l0, 2, "fwd_bwd")[0] == 2 * N * d * n + 10 * N * l0 * d
+    # a transcoder (d_in 768 -> d_out 3,072): the encoder GEMM over d_in, the decode over d_out
+    d_out = 3072
+    assert harness.relu_autoencoder_cost(N, d, n, l0, 2, "fwd", d_out=d_out)[0] == 2 * N * d * n + 2 * N * l0 * d_out
+    assert (harness.relu_autoencoder_cost(N, d, n, l0, 2, "fwd_bwd", d_out=d_out)[0]
+            == 2 * N * d * n + 6 * N * l0 * d_out + 4 * N * l0 * d)
+    assert (harness.relu_autoencoder_cost(N, d, n, l0, 2, "fwd", d_out=d_out)[1]
+            - harness.relu_autoencoder_cost(N, d, n, l0, 2, "fwd")[1]) == 2 * (N + min(n, N * l0)) * (d_out - d)
     e2e = harness.train_step_cost("e2e", 12, d, V, 1024, 6, n, 16)
     local = harness.train_step_cost("local", 12, d, V, 1024, 6, n, 16)
     assert e2e > local > 0

@@ -259,6 +259,33 @@ def test_public_ops_launch_compiled_kernels_for_any_layout(W_enc_layout):
     assert launches and not _uncompiled(launches, compiled), _uncompiled(launches, compiled)
 
 
+@pytest.mark.parametrize("d_in, d_out", [(768, 3072), (3072, 768)], ids=["mlp_in_to_hidden", "hidden_to_mlp_out"])
+def test_transcoder_launches_are_compiled(d_in, d_out):
+    """A transcoder through the public op (the decoder's width d_out != d_in, both ways; ReLU and
+    JumpReLU; bf16, and fp32 under TF32): every launch is a compiled specialisation. The compile
+    cases record one transcoder shape (compile_cases.AUTOENCODER_SHAPES); the other direction
+    swaps which width each kernel's d and strides come from."""
+    from compile_cases import compile_mode
+
+    from fastsae import ops
+
+    compiled = _compiled_specialisations(90)
+    n_tokens, n = 16384, 46080
+    for mode in ("bf16", "tf32"):
+        for jump in (False, True):
+            with compile_mode(mode) as dtype, recorded_launches(90) as launches:
+                def param(*shape):
+                    return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=True)
+
+                W_enc = torch.empty(n, d_in, dtype=dtype, device="meta").t().requires_grad_()
+                theta = param(n) if jump else None
+                out = ops.relu_autoencode(param(n_tokens, d_in), W_enc, param(n), param(n, d_out), param(d_out),
+                                          threshold=theta, bandwidth=0.001 if jump else None)
+                assert out.reconstruction.shape == (n_tokens, d_out)
+                (out.reconstruction.sum() + out.lp_sum.sum() + (out.l0.sum() if jump else 0)).backward()
+            assert launches and not _uncompiled(launches, compiled), (mode, jump, _uncompiled(launches, compiled))
+
+
 def test_a_launch_outside_the_cases_is_caught():
     """The check above can fail: a launch the cases do not cover (the sparse decoder's forward at
     an odd width, whose d is no longer 16-divisible) is not among the compiled specialisations."""

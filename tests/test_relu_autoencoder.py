@@ -3,7 +3,9 @@ against the naive dense form in float64 and against the path it replaces (relu_e
 dense_decode + the Lp norm of the dense code).
 
 Both backends run every case: "torch" (the chunked reference, the CPU path) and "triton" (the
-kernels, under Triton's interpreter on CPU: small shapes, fp32 and fp16).
+kernels, under Triton's interpreter on CPU: small shapes, fp32 and fp16). A transcoder's decoder
+writes another width than the encoder reads (d_out != d_in): the d_out parameters, wider and
+narrower.
 """
 
 import pytest
@@ -66,8 +68,9 @@ def naive(x, W_enc, b_enc, W_dec, b_dec, theta, p):
     return code @ W_dec + b_dec, lp_sum, l0, (code > 0).sum(0, dtype=torch.int32)
 
 
-def make_inputs(n_tokens, d, n, dtype=torch.float32, *, jump=False, bias_shift=-0.3, seed=0):
-    """x, W_enc (latent-major, as E2ESAE stores it), b_enc, W_dec, b_dec, threshold (or None).
+def make_inputs(n_tokens, d, n, dtype=torch.float32, *, jump=False, bias_shift=-0.3, seed=0, d_out=None):
+    """x [N, d], W_enc (latent-major, as E2ESAE stores it), b_enc, W_dec [n, d_out], b_dec [d_out],
+    threshold (or None); d_out: a transcoder's decoder width (d by default).
 
     x, W_enc, b_enc and the threshold are dyadic (x in quarters, W_enc in 64ths, b_enc = m/64 +
     1/512, threshold = k/64 + 1/1024), so every pre-activation is exact in fp32 (fp16 inputs too)
@@ -81,6 +84,12 @@ def make_inputs(n_tokens, d, n, dtype=torch.float32, *, jump=False, bias_shift=-
     b_enc = (64 * (0.1 * torch.randn(n, generator=g) + bias_shift)).round() / 64 + 1 / 512
     W_dec = torch.randn(n, d, generator=g) / d**0.5
     b_dec = 0.1 * torch.randn(d, generator=g)
+    if d_out is not None and d_out != d:
+        # A transcoder's decoder from its own generator: g's draws (the threshold's next) stay
+        # those of d_out = d, so every decoder width sees the same code.
+        g_dec = torch.Generator().manual_seed(seed + 1)
+        W_dec = torch.randn(n, d_out, generator=g_dec) / d_out**0.5
+        b_dec = 0.1 * torch.randn(d_out, generator=g_dec)
     theta = (64 * (torch.rand(n, generator=g) * 0.3 + 0.05)).round() / 64 + 1 / 1024 if jump else None
     return [None if t is None else t.to(KERNEL_DEVICE, dtype) for t in (x, W_enc, b_enc, W_dec, b_dec, theta)]
 
@@ -107,9 +116,9 @@ def run(inputs, backend, p=1.0, weights=None):
                               bandwidth=BANDWIDTH if jump else None, p=p, backend=backend)
     if weights is None:
         g = torch.Generator().manual_seed(1)
-        n_tokens, d = inputs[0].shape
+        n_tokens, d_out = inputs[0].shape[0], inputs[3].shape[1]
         weights = [torch.randn(*shape, generator=g, dtype=torch.float64).to(KERNEL_DEVICE)
-                   for shape in ((n_tokens, d), (n_tokens,), (n_tokens,))]
+                   for shape in ((n_tokens, d_out), (n_tokens,), (n_tokens,))]
     grads = torch.autograd.grad(loss_of(out, weights, jump), leaves)
     return out, grads, weights
 
@@ -124,7 +133,7 @@ def check_against_naive(inputs, backend, p=1.0, tol=None):
     # p < 1: the code's gradient p c^(p-1) is up to 11x its p = 1 value at the smallest code
     # (1/512), and the fp32 sums of those terms cancel: 3x the tolerance.
     tol = tol or TOL[dtype] * (3 if p < 1 else 1)
-    assert out.reconstruction.dtype == dtype and out.reconstruction.shape == inputs[0].shape
+    assert out.reconstruction.dtype == dtype and out.reconstruction.shape == (inputs[0].shape[0], inputs[3].shape[1])
     assert out.lp_sum.dtype == out.l0.dtype == torch.float32 and out.fire_counts.dtype == torch.int32
     for name, got, want in zip(("reconstruction", "lp_sum"), out[:2], expected[:2]):
         torch.testing.assert_close(got.double(), want, atol=tol * (want.abs().max().item() + 1), rtol=0, msg=name)
@@ -140,12 +149,18 @@ def check_against_naive(inputs, backend, p=1.0, tol=None):
 # ------------------------------------------------------------------------------------------ values and gradients
 
 
+# d_out beside d_in = 24 (and 33, 20, 40 in the tests below): the SAE's own, a transcoder's wider
+# and narrower ones (odd sizes: no tile divides them).
+D_OUT = pytest.mark.parametrize("d_out", [None, 40, 13], ids=["d_out=d_in", "d_out>d_in", "d_out<d_in"])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p", [1.0, 0.5, 2.0])
 @pytest.mark.parametrize("jump", [False, True], ids=["relu", "jumprelu"])
-def test_matches_naive_form(backend, jump, p):
+@D_OUT
+def test_matches_naive_form(backend, jump, p, d_out):
     """A mixed code (rows from a few latents to about half of them), fp32: forward and every gradient."""
-    inputs = make_inputs(37, 24, 300, jump=jump)
+    inputs = make_inputs(37, 24, 300, jump=jump, d_out=d_out)
     inputs[0] = spread_rows(inputs[0], 2.5)
     check_against_naive(inputs, backend, p)
 
@@ -153,11 +168,12 @@ def test_matches_naive_form(backend, jump, p):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("jump", [False, True], ids=["relu", "jumprelu"])
 @pytest.mark.parametrize("code", ["sparse", "dense"])
-def test_sparse_and_dense_codes(backend, jump, code):
+@D_OUT
+def test_sparse_and_dense_codes(backend, jump, code, d_out):
     """A trained SAE's code (a few latents per token: every row on the compact path) and an
     initial one (about half active: every row dense), odd shapes."""
     shift = -2.0 if code == "sparse" else 0.0
-    out = check_against_naive(make_inputs(21, 33, 257, jump=jump, bias_shift=shift), backend)
+    out = check_against_naive(make_inputs(21, 33, 257, jump=jump, bias_shift=shift, d_out=d_out), backend)
     if code == "sparse":
         assert 0 < out.l0.mean() < 10
     else:
@@ -166,14 +182,15 @@ def test_sparse_and_dense_codes(backend, jump, code):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("jump", [False, True], ids=["relu", "jumprelu"])
-def test_rows_past_the_capacity_mixed_with_compact_rows(monkeypatch, backend, jump):
+@D_OUT
+def test_rows_past_the_capacity_mixed_with_compact_rows(monkeypatch, backend, jump, d_out):
     """A small capacity: about half the rows overflow it (dense path), the rest stay compact."""
     from fastsae.kernels import _sparse_code  # sparse_capacity reads these
 
     for module, prefix in ((_sparse_code, "SPARSE"), (reference_module, "REFERENCE")):
         monkeypatch.setattr(module, f"{prefix}_MIN_CAPACITY", 12)
         monkeypatch.setattr(module, f"{prefix}_CAPACITY_FRACTION", 0.0)
-    inputs = make_inputs(30, 20, 150, jump=jump, bias_shift=-1.0)
+    inputs = make_inputs(30, 20, 150, jump=jump, bias_shift=-1.0, d_out=d_out)
     inputs[0] = spread_rows(inputs[0], 3.0)
     out = check_against_naive(inputs, backend)
     held = out.l0  # the band adds a few more for JumpReLU
@@ -181,29 +198,36 @@ def test_rows_past_the_capacity_mixed_with_compact_rows(monkeypatch, backend, ju
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dense_rows_over_several_latent_chunks(monkeypatch, backend):
+@D_OUT
+def test_dense_rows_over_several_latent_chunks(monkeypatch, backend, d_out):
     """The dense rows' workspace holds fewer latents than the dictionary: chunks of 128 latents
-    (first, middle, last), the reconstruction and grad_x summed across them in fp32."""
+    (first, middle, last), the reconstruction ([N, d_out]) and grad_x ([N, d_in]) summed across
+    them in fp32."""
     monkeypatch.setattr(checks, "CHUNK_ELEMENTS", 400)  # the reference: one token per chunk
     assert reference_module.workspace_elements() // 9 // 128 == 1  # the kernels: 128 latents per chunk
     for jump in (False, True):
-        check_against_naive(make_inputs(9, 20, 300, jump=jump, bias_shift=0.2), backend, p=0.5)
+        check_against_naive(make_inputs(9, 20, 300, jump=jump, bias_shift=0.2, d_out=d_out), backend, p=0.5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("jump", [False, True], ids=["relu", "jumprelu"])
-def test_matches_the_path_it_replaces(backend, jump):
+@pytest.mark.parametrize("d_out", [None, 56], ids=["sae", "transcoder"])
+def test_matches_the_path_it_replaces(backend, jump, d_out):
     """relu_encode + dense_decode + ||code||_p (the trainer's path today), for ReLU; for JumpReLU the
-    same with the code masked by pre > threshold: equal losses and gradients."""
-    inputs = make_inputs(26, 40, 200, jump=jump, bias_shift=-0.5)
+    same with the code masked by pre > threshold: equal losses and gradients. A transcoder's
+    target is another activation of width d_out (here a fixed one)."""
+    inputs = make_inputs(26, 40, 200, jump=jump, bias_shift=-0.5, d_out=d_out)
     inputs[0] = spread_rows(inputs[0], 2.5)
+    target = None if d_out is None else torch.randn(26, d_out, generator=torch.Generator().manual_seed(2)).to(
+        KERNEL_DEVICE)
     for p in (1.0, 0.5):
         leaves = [t.detach().requires_grad_() for t in inputs if t is not None]
         x, W_enc, b_enc, W_dec, b_dec = leaves[:5]
         d_in = x.shape[1]
         out = ops.relu_autoencode(x, W_enc, b_enc, W_dec, b_dec, threshold=leaves[5] if jump else None,
                                   bandwidth=BANDWIDTH if jump else None, p=p, backend=backend)
-        loss = torch.nn.functional.mse_loss(out.reconstruction, x) + 0.7 * out.lp_sum.pow(1 / p).mean() / d_in
+        loss = (torch.nn.functional.mse_loss(out.reconstruction, x if target is None else target)
+                + 0.7 * out.lp_sum.pow(1 / p).mean() / d_in)
         grads = torch.autograd.grad(loss, leaves)
 
         old = [t.detach().requires_grad_() for t in leaves]
@@ -212,7 +236,7 @@ def test_matches_the_path_it_replaces(backend, jump):
             pre = old[0] @ old[1] + old[2]
             code = _JumpReLU.apply(pre, old[5])  # SAELens's form, on the same pre-activations
         recon = ops.dense_decode(code, old[3], old[4], backend=backend)
-        old_loss = (torch.nn.functional.mse_loss(recon, old[0])
+        old_loss = (torch.nn.functional.mse_loss(recon, old[0] if target is None else target)
                     + 0.7 * torch.linalg.vector_norm(code.float(), ord=p, dim=-1).mean() / d_in)
         old_grads = torch.autograd.grad(old_loss, old)
         torch.testing.assert_close(loss, old_loss, atol=1e-6, rtol=1e-5)
@@ -223,8 +247,9 @@ def test_matches_the_path_it_replaces(backend, jump):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("jump", [False, True], ids=["relu", "jumprelu"])
-def test_fp16_under_the_interpreter(jump):
-    check_against_naive(make_inputs(19, 40, 130, torch.float16, jump=jump, bias_shift=-0.6), "triton")
+@pytest.mark.parametrize("d_out", [None, 72, 24], ids=["d_out=d_in", "d_out>d_in", "d_out<d_in"])
+def test_fp16_under_the_interpreter(jump, d_out):
+    check_against_naive(make_inputs(19, 40, 130, torch.float16, jump=jump, bias_shift=-0.6, d_out=d_out), "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -304,26 +329,28 @@ def test_nan_in_one_token_stays_in_that_token(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_leading_dimensions_and_frozen_inputs(backend):
-    """x [2, 5, d] gives [2, 5, d], [2, 5], [2, 5]; inputs that need no gradient get none."""
-    x, W_enc, b_enc, W_dec, b_dec, _ = make_inputs(10, 16, 70)
+@pytest.mark.parametrize("d_out", [16, 24], ids=["sae", "transcoder"])
+def test_leading_dimensions_and_frozen_inputs(backend, d_out):
+    """x [2, 5, d_in] gives [2, 5, d_out], [2, 5], [2, 5]; inputs that need no gradient get none."""
+    x, W_enc, b_enc, W_dec, b_dec, _ = make_inputs(10, 16, 70, d_out=d_out)
     W_dec.requires_grad_()
     out = ops.relu_autoencode(x.view(2, 5, 16), W_enc, b_enc, W_dec, b_dec, backend=backend)
-    assert out.reconstruction.shape == (2, 5, 16) and out.lp_sum.shape == out.l0.shape == (2, 5)
+    assert out.reconstruction.shape == (2, 5, d_out) and out.lp_sum.shape == out.l0.shape == (2, 5)
     assert out.fire_counts.shape == (70,) and not out.l0.requires_grad
     (grad_w_dec,) = torch.autograd.grad(out.reconstruction.sum() + out.lp_sum.sum(), (W_dec,))
     _, grads, _ = run([x, W_enc, b_enc, W_dec, b_dec, None], backend, weights=[
-        torch.ones(10, 16, dtype=torch.float64, device=KERNEL_DEVICE),
+        torch.ones(10, d_out, dtype=torch.float64, device=KERNEL_DEVICE),
         torch.ones(10, dtype=torch.float64, device=KERNEL_DEVICE), None])
     torch.testing.assert_close(grad_w_dec, grads[3], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_batch(backend):
-    x, W_enc, b_enc, W_dec, b_dec, theta = make_inputs(1, 16, 70, jump=True)
+@pytest.mark.parametrize("d_out", [16, 24], ids=["sae", "transcoder"])
+def test_empty_batch(backend, d_out):
+    x, W_enc, b_enc, W_dec, b_dec, theta = make_inputs(1, 16, 70, jump=True, d_out=d_out)
     leaves = [t.detach().requires_grad_() for t in (x[:0], W_enc, b_enc, W_dec, b_dec, theta)]
     out = ops.relu_autoencode(*leaves[:5], threshold=leaves[5], bandwidth=BANDWIDTH, backend=backend)
-    assert out.reconstruction.shape == (0, 16) and out.lp_sum.shape == (0,) and not bool(out.fire_counts.any())
+    assert out.reconstruction.shape == (0, d_out) and out.lp_sum.shape == (0,) and not bool(out.fire_counts.any())
     grads = torch.autograd.grad(out.reconstruction.sum() + out.lp_sum.sum() + out.l0.sum(), leaves)
     assert grads[0].shape == (0, 16) and all(not bool(g.any()) for g in grads)
 
@@ -338,8 +365,15 @@ def test_errors():
         ops.relu_autoencode(x, W_enc, b_enc, W_dec, b_dec, p=-1)
     with pytest.raises(ValueError, match="threshold must be >= 0"):
         ops.relu_autoencode(x, W_enc, b_enc, W_dec, b_dec, threshold=theta - 1, bandwidth=0.1)
-    with pytest.raises(ValueError, match="W_dec must have shape"):
+    with pytest.raises(ValueError, match=r"W_dec must have shape \(30, any\) \(\[n_latents, d_out\]"):
         ops.relu_autoencode(x, W_enc, b_enc, W_dec.t(), b_dec)
+    with pytest.raises(ValueError, match=r"W_dec must have shape \(30, any\).*got \(29, 16\)"):
+        ops.relu_autoencode(x, W_enc, b_enc, W_dec[:-1], b_dec)
+    with pytest.raises(ValueError, match=r"W_dec must have 2 dimensions"):
+        ops.relu_autoencode(x, W_enc, b_enc, W_dec[0], b_dec)
+    # A transcoder's decoder may be of another width than x, but b_dec must match W_dec's
+    with pytest.raises(ValueError, match=r"b_dec must have shape \(24,\) \(d_out, W_dec's columns\), got \(16,\)"):
+        ops.relu_autoencode(x, W_enc, b_enc, torch.cat([W_dec, W_dec[:, :8]], dim=1), b_dec)
     with pytest.raises(ValueError, match="threshold must have shape"):
         ops.relu_autoencode(x, W_enc, b_enc, W_dec, b_dec, threshold=theta[:-1], bandwidth=0.1)
     with pytest.raises(ValueError, match="last dimension"):
@@ -348,11 +382,12 @@ def test_errors():
         ops.relu_autoencode(x, W_enc, b_enc, W_dec.double(), b_dec)
 
 
-def test_float64_takes_the_reference_and_passes_gradcheck():
+@pytest.mark.parametrize("d_out", [None, 7], ids=["sae", "transcoder"])
+def test_float64_takes_the_reference_and_passes_gradcheck(d_out):
     """The reference in float64 is exactly differentiable where the masks are stable (make_inputs
     keeps every pre-activation 1/1024 or more from 0, the threshold and its band's edges, more than
     gradcheck's steps move it): torch.autograd.gradcheck."""
-    inputs = [t.double() for t in make_inputs(6, 5, 40, jump=True, bias_shift=-0.2, seed=3)]
+    inputs = [t.double() for t in make_inputs(6, 5, 40, jump=True, bias_shift=-0.2, seed=3, d_out=d_out)]
 
     def fn(*leaves):
         out = ops.relu_autoencode(*leaves[:5], threshold=leaves[5], bandwidth=BANDWIDTH, p=0.7, backend="torch")
@@ -399,6 +434,21 @@ def test_no_n_by_n_latents_tensor_in_forward_and_backward(monkeypatch, backend, 
         assert largest <= n_tokens * n_latents // 4, f"a temporary of {largest} elements ({density}, jump={jump})"
 
 
+def test_memory_estimate_counts_the_decoders_width():
+    """fastsae plan's model: d_out defaults to d_in (an SAE); a transcoder's wider decoder adds the
+    forward's fp32 [N, d_out] sum across the dense rows' chunks once it outgrows backward's
+    workspaces, and never changes the code's bytes."""
+    args = (16384, 46080, 768, 2)
+    sae = reference_module.memory_estimate(*args)
+    assert reference_module.memory_estimate(*args, d_out=768) == sae
+    narrow = reference_module.memory_estimate(*args, d_out=256)
+    assert narrow == sae  # backward's [N, d_in] sum and workspaces are the larger
+    wide = reference_module.memory_estimate(*args, d_out=768 * 16)
+    assert wide.code == sae.code and wide.workspaces > sae.workspaces
+    bigger = reference_module.memory_estimate(*args, d_out=768 * 17)
+    assert bigger.workspaces - wide.workspaces == 4 * 16384 * 768  # fp32, one row per token
+
+
 # ------------------------------------------------------------------------------------------ GPU only
 
 
@@ -406,8 +456,9 @@ def test_no_n_by_n_latents_tensor_in_forward_and_backward(monkeypatch, backend, 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("bias_shift", [0.0, -3.0], ids=["dense_code", "sparse_code"])
 @pytest.mark.parametrize("jump", [False, True], ids=["relu", "jumprelu"])
-def test_gpu_matches_naive_form(dtype, bias_shift, jump):
-    inputs = make_inputs(512, 768, 24576, dtype, jump=jump, bias_shift=bias_shift)
+@pytest.mark.parametrize("d_out", [None, 3072], ids=["sae", "transcoder"])
+def test_gpu_matches_naive_form(dtype, bias_shift, jump, d_out):
+    inputs = make_inputs(512, 768, 24576, dtype, jump=jump, bias_shift=bias_shift, d_out=d_out)
     check_against_naive(inputs, "triton", tol=TOL[dtype] * 4)
 
 

@@ -69,9 +69,11 @@ def elementwise_encode(sae, x: torch.Tensor, threshold: torch.Tensor | None) -> 
     return acts
 
 
-def elementwise_memory(n_tokens: int, n_local: int, d_in: int, itemsize: int, *, jump: bool) -> ActivationMemory:
-    """relu_autoencode's compact code and its workspaces (fastsae.ops.relu_autoencoder.memory_estimate)."""
-    estimate = memory_estimate(n_tokens, n_local, d_in, itemsize, jump=jump)
+def elementwise_memory(n_tokens: int, n_local: int, d_in: int, itemsize: int, *, jump: bool,
+                       d_out: int | None = None) -> ActivationMemory:
+    """relu_autoencode's compact code and its workspaces (fastsae.ops.relu_autoencoder.memory_estimate;
+    d_out: a transcoder's decoder width, d_in by default)."""
+    estimate = memory_estimate(n_tokens, n_local, d_in, itemsize, jump=jump, d_out=d_out)
     return ActivationMemory(estimate.code, estimate.workspaces)
 
 

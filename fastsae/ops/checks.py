@@ -37,8 +37,11 @@ def check_tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None 
 
 
 def check_shape(name: str, t: torch.Tensor, expected: tuple, meaning: str) -> None:
-    if tuple(t.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape {tuple(expected)} ({meaning}), got {tuple(t.shape)}")
+    """t's shape is ``expected``; a None there takes any size (a transcoder's d_out, say)."""
+    if t.ndim != len(expected) or any(want is not None and got != want for got, want in zip(t.shape, expected)):
+        shown = ", ".join("any" if size is None else str(size) for size in expected)
+        shown = f"({shown},)" if len(expected) == 1 else f"({shown})"
+        raise ValueError(f"{name} must have shape {shown} ({meaning}), got {tuple(t.shape)}")
 
 
 def check_same(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:

@@ -7,6 +7,10 @@ L0, and no [N, n_latents] tensor at any density.
     reconstruction = code @ W_dec + b_dec,  lp_sum = sum_j |code_j|^p,  l0 = #(code_j > 0),
     fire_counts = the tokens each latent is active on.
 
+x is [N, d_in] and the reconstruction [N, d_out]: d_out = d_in for an SAE; a transcoder reads one
+activation (an MLP's input) and writes another (its output), so its W_dec [n, d_out] and b_dec
+[d_out] may be of another width.
+
 The module is longer than most: the op, its reference (the spec, in forward and backward) and
 plan's memory model of both paths belong together.
 
@@ -65,7 +69,7 @@ except ImportError as error:
 class ReLUAutoencodeOutput(NamedTuple):
     """What relu_autoencode returns (leading dimensions [...] are x's)."""
 
-    reconstruction: torch.Tensor  # [..., d_in] in W_dec's dtype
+    reconstruction: torch.Tensor  # [..., d_out] in W_dec's dtype
     lp_sum: torch.Tensor  # [...] fp32 (fp64 for fp64 inputs): sum_j |code_j|^p, differentiable
     l0: torch.Tensor  # [...] same dtype: active latents; differentiable in the threshold (JumpReLU)
     fire_counts: torch.Tensor  # [n_latents] int32: the tokens on which each latent is active
@@ -149,7 +153,8 @@ def _rows_per_chunk(width: int) -> int:
 
 def _entry_steps(n_entries: int, width: int):
     """Slices of the entry list whose [entries, width] temporaries (up to eight alive at once in
-    backward: gathered rows and their products) stay within the chunk budget together."""
+    backward: gathered rows and their products) stay within the chunk budget together; width: the
+    wider of d_in and d_out."""
     step = chunk_rows(8 * width)
     return (slice(start, start + step) for start in range(0, n_entries, step))
 
@@ -174,11 +179,11 @@ class _ReferenceForward:
     def __init__(self, x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p):
         self.x, self.W_enc, self.b_enc, self.W_dec, self.b_dec = x, W_enc, b_enc, W_dec, b_dec
         self.theta, self.bandwidth, self.p = theta, bandwidth, p
-        n_tokens, d_in = x.shape
-        n_latents = W_enc.shape[1]
+        n_tokens = x.shape[0]
+        n_latents, d_out = W_dec.shape
         self.acc = accumulation_dtype(x.dtype)
         self.capacity = reference_capacity(n_latents)
-        self.reconstruction = torch.empty(n_tokens, d_in, dtype=W_dec.dtype, device=x.device)
+        self.reconstruction = torch.empty(n_tokens, d_out, dtype=W_dec.dtype, device=x.device)
         self.lp_sum = torch.empty(n_tokens, dtype=self.acc, device=x.device)
         self.l0 = torch.empty(n_tokens, dtype=self.acc, device=x.device)
         rows = min(_rows_per_chunk(n_latents), max(1, n_tokens))
@@ -293,20 +298,20 @@ class ReLUAutoencodeReference(torch.autograd.Function):
         band = band[0] if band else None
         bandwidth, p = ctx.bandwidth, ctx.p
         n_tokens, d_in = x.shape
-        n_latents = W_enc.shape[1]
+        n_latents, d_out = W_dec.shape
         acc = accumulation_dtype(x.dtype)
         device = x.device
         grads = _Grads(g=grad_recon.to(acc), grad_lp=grad_lp.to(acc), grad_l0=grad_l0.to(acc) if jump else None,
                        grad_x=torch.zeros(n_tokens, d_in, dtype=acc, device=device),
                        grad_w_enc_t=torch.zeros(n_latents, d_in, dtype=acc, device=device),
                        grad_b_enc=torch.zeros(n_latents, dtype=acc, device=device),
-                       grad_w_dec=torch.zeros(n_latents, d_in, dtype=acc, device=device),
+                       grad_w_dec=torch.zeros(n_latents, d_out, dtype=acc, device=device),
                        grad_theta=torch.zeros(n_latents, dtype=acc, device=device) if jump else None)
         W_enc_t = W_enc.t()  # [n, d]: each latent's encoder weights as a row
         g = grads.g
 
         # Sparse rows: the code's gradient at the held entries only.
-        for part in _entry_steps(values.numel(), d_in):
+        for part in _entry_steps(values.numel(), max(d_in, d_out)):
             t, l = tokens[part], latents[part]
             v = values[part].to(acc)
             g_rows = g[t]
@@ -378,7 +383,7 @@ def _decode_entries(reconstruction, lp_sum, sparse_rows, rows, latents, values, 
 class _Grads(NamedTuple):
     """Backward's incoming gradients (accumulation dtype) and the accumulators it fills."""
 
-    g: torch.Tensor  # [N, d] the reconstruction's gradient
+    g: torch.Tensor  # [N, d_out] the reconstruction's gradient
     grad_lp: torch.Tensor
     grad_l0: torch.Tensor | None
     grad_x: torch.Tensor
@@ -392,9 +397,9 @@ class _DenseBlockGrads(NamedTuple):
     """What a dense block adds to the shared weight gradients (the accumulation dtype)."""
 
     grad_pre: torch.Tensor  # [rows, n]
-    x_rows: torch.Tensor  # [rows, d]
+    x_rows: torch.Tensor  # [rows, d_in]
     code: torch.Tensor  # [rows, n]
-    g_rows: torch.Tensor  # [rows, d]
+    g_rows: torch.Tensor  # [rows, d_out]
     theta_term: torch.Tensor | None  # [n] (JumpReLU)
 
 
@@ -455,11 +460,14 @@ _SLOT_BYTES_JUMP = 1 + 4 + 4 + 4
 # worker's dense block's [rows, n] temporaries of CHUNK_ELEMENTS each: the code's gradient
 # (JumpReLU: and its Lp term and threshold terms), a fp16 / bf16 code's fp32 copy.
 _FORWARD_BUFFERS_PER_WORKER = 2
-def memory_estimate(n_tokens: int, n_latents: int, d_in: int, itemsize: int, *, jump: bool = False) -> MemoryEstimate:
+def memory_estimate(n_tokens: int, n_latents: int, d_in: int, itemsize: int, *, jump: bool = False,
+                    d_out: int | None = None) -> MemoryEstimate:
     """What one call holds at its peak (forward and backward), the larger of the Triton path's and
     the reference's, for N = n_tokens: fastsae plan's model of a ReLU / JumpReLU SAE's memory.
     None of it is an [N, n_latents] tensor: the code costs O(N * n / 256), the workspaces a fixed
-    budget (4 x CHUNK_ELEMENTS each in the kernels), whatever the density."""
+    budget (4 x CHUNK_ELEMENTS each in the kernels), whatever the density. d_out: the decoder's
+    width (a transcoder's), d_in by default."""
+    d_out = d_in if d_out is None else d_out
     capacity = reference_capacity(n_latents) + 16
     per_slot = (3 * itemsize + 4 + _SLOT_BYTES + (_SLOT_BYTES_JUMP if jump else 0))
     kernel_code = n_tokens * capacity * per_slot + 13 * n_tokens
@@ -467,8 +475,12 @@ def memory_estimate(n_tokens: int, n_latents: int, d_in: int, itemsize: int, *, 
     reference_code = n_tokens * reference_capacity(n_latents) * (16 + itemsize + (1 if jump else 0))
     aligned = -(-n_latents // 128) * 128
     width = min(aligned, max(128, workspace_elements() // max(1, n_tokens) // 128 * 128))
-    kernel_ws = n_tokens * width * (2 * itemsize + (4 if jump else 0))  # the pre-activations' gradient, the code
-    kernel_ws += 4 * n_tokens * d_in if width < n_latents else 0  # fp32 grad_x across chunks
+    several = width < n_latents  # fp32 sums across the chunks: forward's [N, d_out], backward's [N, d_in]
+    # forward: the code's workspace and the reconstruction's sum; backward: the pre-activations'
+    # gradient, the code (JumpReLU: the threshold terms) and grad_x's sum
+    kernel_forward = n_tokens * width * itemsize + (4 * n_tokens * d_out if several else 0)
+    kernel_backward = n_tokens * width * (2 * itemsize + (4 if jump else 0)) + (4 * n_tokens * d_in if several else 0)
+    kernel_ws = max(kernel_forward, kernel_backward)
     workers = max(1, torch.get_num_threads())
     forward = workers * _FORWARD_BUFFERS_PER_WORKER * min(_rows_per_chunk(n_latents), n_tokens) * n_latents * itemsize
     live = 1 + (2 if jump else 0) + (1 if itemsize < 4 else 0)
@@ -497,12 +509,12 @@ def relu_autoencode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W
 
     x: [..., d_in]; W_enc: [d_in, n_latents] (E2ESAE's latent-major storage, W_enc.T contiguous, is
     the fast layout; another is copied to it once per call on the Triton path); b_enc: [n_latents];
-    W_dec: [n_latents, d_in] (already scaled for decoder_norm="forward"); b_dec: [d_in]; all one
-    dtype. threshold: [n_latents] >= 0 (JumpReLU; pass exp(log_threshold) so that its gradient
+    W_dec: [n_latents, d_out] (already scaled for decoder_norm="forward"); b_dec: [d_out]; all one
+    dtype. d_out = d_in for an SAE; a transcoder's may differ. threshold: [n_latents] >= 0 (JumpReLU; pass exp(log_threshold) so that its gradient
     reaches log_threshold), bandwidth: the estimator's width (required with a threshold that
     requires grad; a fixed threshold may omit it). p > 0: the exponent of lp_sum.
 
-    Returns ReLUAutoencodeOutput(reconstruction [..., d_in], lp_sum [...], l0 [...], fire_counts [n]).
+    Returns ReLUAutoencodeOutput(reconstruction [..., d_out], lp_sum [...], l0 [...], fire_counts [n]).
     Differentiable with respect to x, W_enc, b_enc, W_dec, b_dec and threshold.
     """
     check_tensor("x", x, min_ndim=1, float_dtype=True)
@@ -517,8 +529,9 @@ def relu_autoencode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W
         raise ValueError(f"x must have last dimension d_in={d_in} (W_enc is {tuple(W_enc.shape)}), "
                          f"got shape {tuple(x.shape)}")
     check_shape("b_enc", b_enc, (n_latents,), "n_latents")
-    check_shape("W_dec", W_dec, (n_latents, d_in), "[n_latents, d_in], the transpose of W_enc's shape")
-    check_shape("b_dec", b_dec, (d_in,), "d_in")
+    check_shape("W_dec", W_dec, (n_latents, None), "[n_latents, d_out]: a row per latent of W_enc [d_in, n_latents]")
+    d_out = W_dec.shape[1]
+    check_shape("b_dec", b_dec, (d_out,), "d_out, W_dec's columns")
     if threshold is not None:
         check_tensor("threshold", threshold, ndim=1, float_dtype=True)
         check_shape("threshold", threshold, (n_latents,), "n_latents")
@@ -545,5 +558,5 @@ def relu_autoencode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W
     else:
         out = ReLUAutoencodeReference.apply(x2d, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, p)
     reconstruction, lp_sum, l0, fire_counts = out
-    return ReLUAutoencodeOutput(reconstruction.reshape(*leading, d_in), lp_sum.reshape(leading),
+    return ReLUAutoencodeOutput(reconstruction.reshape(*leading, d_out), lp_sum.reshape(leading),
                                 l0.reshape(leading), fire_counts)

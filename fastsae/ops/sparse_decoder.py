@@ -42,14 +42,15 @@ class SparseDecodeReference(torch.autograd.Function):
 def _check_decoder(W_dec: torch.Tensor, b_dec: torch.Tensor) -> None:
     check_tensor("W_dec", W_dec, ndim=2, float_dtype=True)
     check_tensor("b_dec", b_dec, ndim=1, float_dtype=True)
-    check_shape("b_dec", b_dec, (W_dec.shape[1],), "d_in")
+    check_shape("b_dec", b_dec, (W_dec.shape[1],), "d_out, W_dec's columns")
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
                   *, backend: str | None = None) -> torch.Tensor:
-    """Reconstruction from a TopK code. values, indices: [..., k]; W_dec: [n_latents, d_in].
+    """Reconstruction from a TopK code. values, indices: [..., k]; W_dec: [n_latents, d_out]; b_dec:
+    [d_out] (d_out = d_in for an SAE; a transcoder's may differ).
 
-    Returns [..., d_in] in W_dec's dtype. Differentiable with respect to values, W_dec, b_dec.
+    Returns [..., d_out] in W_dec's dtype. Differentiable with respect to values, W_dec, b_dec.
     """
     check_tensor("values", values, min_ndim=1, float_dtype=True)
     check_tensor("indices", indices, min_ndim=1)
@@ -71,13 +72,14 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
 
 def dense_decode(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
                  backend: str | None = None) -> torch.Tensor:
-    """Reconstruction from a dense (ReLU) code: acts @ W_dec + b_dec. acts: [..., n_latents].
+    """Reconstruction from a dense (ReLU) code: acts @ W_dec + b_dec. acts: [..., n_latents]; W_dec:
+    [n_latents, d_out]; b_dec: [d_out]. Returns [..., d_out] in W_dec's dtype.
 
     The Triton path may exploit the zeros of a sparse ReLU code; the reference is one addmm.
     """
     check_tensor("acts", acts, min_ndim=1, float_dtype=True)
     _check_decoder(W_dec, b_dec)
-    n_latents, d_in = W_dec.shape
+    n_latents, d_out = W_dec.shape
     if acts.shape[-1] != n_latents:
         raise ValueError(f"acts must have last dimension n_latents={n_latents}, got shape {tuple(acts.shape)}")
     check_same("W_dec", W_dec, acts=acts, b_dec=b_dec)
@@ -86,4 +88,4 @@ def dense_decode(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *
         out = call_kernel(kernels.dense_decode_triton, acts2d, W_dec, b_dec)
     else:
         out = torch.addmm(b_dec, acts2d, W_dec)
-    return out.reshape(*acts.shape[:-1], d_in)
+    return out.reshape(*acts.shape[:-1], d_out)
