@@ -101,10 +101,13 @@ def cross_seed_pairs(targets: list[SAETarget], labels: list[str]) -> list[Pair]:
 
 
 def check_comparable(a: SAETarget, b: SAETarget) -> None:
-    """Two SAEs can be compared only where they read the same hook with the same width."""
+    """Two SAEs can be compared only where they read (and, transcoders, write) the same hooks with the
+    same widths: a transcoder's hook "IN->OUT" names both."""
     if a.label == b.label:
         raise AnalysisError(f"--pair {a.label} {b.label}: an SAE compared with itself")
     if a.hook != b.hook:
         raise AnalysisError(f"--pair {a.label} {b.label}: they read different hooks ({a.hook} vs {b.hook})")
     if a.sae.d_in != b.sae.d_in:
         raise AnalysisError(f"--pair {a.label} {b.label}: different d_in ({a.sae.d_in} vs {b.sae.d_in})")
+    if a.sae.d_out != b.sae.d_out:  # decoder directions live in the space they write
+        raise AnalysisError(f"--pair {a.label} {b.label}: different d_out ({a.sae.d_out} vs {b.sae.d_out})")

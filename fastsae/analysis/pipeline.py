@@ -42,8 +42,8 @@ from fastsae.analysis.geometry import activation_pass
 from fastsae.analysis.latent_stats import LatentStats, latent_groups, sae_fingerprint
 from fastsae.analysis.similarity import (DEFAULT_BLOCK, bootstrap_mean_ci, bootstrap_mean_difference_ci,
                                          decoder_directions, histogram, max_cosine_similarity, resolve_precision)
-from fastsae.analysis.stream import (AnalysisError, TokenBatches, held_out_batches, load_language_model,
-                                     load_targets, resolve_device)
+from fastsae.analysis.stream import (AnalysisError, TokenBatches, check_widths, held_out_batches,
+                                     load_language_model, load_targets, resolve_device)
 from fastsae.analysis.umap_regions import exclusive_regions, require_umap, umap_embedding
 
 SIMILARITY_BINS = 50  # histogram bins over [0, 1] in the JSON (max cosines of alive directions)
@@ -110,14 +110,7 @@ def analyze(specs, out, *, n_tokens: int = 1_000_000, model: str | None = None, 
     precision = resolve_precision(precision, device)
     log(f"fastsae analyze: {len(targets)} SAE(s) on {inputs.config.model.name}; loading the model")
     lm = load_language_model(inputs.config, device)
-    for target in targets.values():
-        try:
-            lm.validate_hook(target.hook)
-        except ValueError as error:
-            raise AnalysisError(f"{target.label}: {error}") from None
-        if target.sae.d_in != lm.d_model:
-            raise AnalysisError(f"{target.label}: the SAE reads d_in={target.sae.d_in}, but {target.hook} of "
-                                f"{inputs.config.model.name} has width {lm.d_model}")
+    check_widths(lm, {label: (t.hook, t.sae) for label, t in targets.items()})  # a transcoder's IN and OUT too
 
     # ---- one pass over the held-out tokens: latent statistics and activation geometry
     batches = TokenBatches(held_out_batches(lm, inputs.config, split=split), n_tokens, device=lm.device)
@@ -143,7 +136,8 @@ def analyze(specs, out, *, n_tokens: int = 1_000_000, model: str | None = None, 
         arrays[f"alive_ids/{label}"] = ids.cpu()
         entry = {"hook": target.hook, "origin": target.origin, "kind": target.kind,
                  "sparsity_coeff": target.sparsity_coeff, "seed": target.seed, "step": target.step,
-                 "d_in": target.sae.d_in, "n_latents": target.sae.n_latents, "activation": target.sae.activation,
+                 "d_in": target.sae.d_in, "d_out": target.sae.d_out, "n_latents": target.sae.n_latents,
+                 "activation": target.sae.activation,
                  "eval": None if target.eval is None else {
                      name: target.eval_metric(name) for name in ("l0", "ce_increase", "kl", "alive", "explained_variance")},
                  "latent_stats": {**stats[label].summary(),
