@@ -594,3 +594,16 @@ def test_saelens_runs_our_export_in_its_model(tmp_path):
             expected = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda act, hook: sae(act))])
             assert rel_err(model.run_with_saes(tokens, saes=[theirs]), expected) < 1e-5
             assert rel_err(expected, model(tokens)) > 1e-3  # the SAE is really in the path
+
+
+@pytest.mark.parametrize("coder", [{"skip": True}, {"d_out": 24}, {"metadata": {"hook": "blocks.0.ln2.hook_normalized"
+                                                                                "->blocks.0.hook_mlp_out"}}])
+def test_a_transcoder_is_not_written_as_a_saelens_sae(tmp_path, coder):
+    """SAELens's SAE files hold no W_skip, d_out or output hook: a transcoder is refused, not written
+    without them; fastsae's own format keeps all of it."""
+    sae = E2ESAE(16, 32, "topk", k=4, **coder)
+    with pytest.raises(ValueError, match="a transcoder .* has no SAELens SAE file"):
+        sae.save_pretrained(tmp_path / "saelens", format="saelens")
+    assert not (tmp_path / "saelens").exists()
+    loaded = E2ESAE.from_pretrained(sae.save_pretrained(tmp_path / "native"))
+    assert (loaded.d_out, loaded.skip, loaded.hook_out) == (sae.d_out, sae.skip, sae.hook_out)

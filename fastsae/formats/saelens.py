@@ -41,6 +41,7 @@ from fastsae._files import atomic_write_text, load_safetensors, read_json_object
 from fastsae.activations import ACTIVATIONS, get_activation
 from fastsae.formats.native import CONFIG_NAME, SAELENS_REFUSAL, WEIGHTS_NAME
 from fastsae.formats.record import SAERecord, export_tensors, make_record, require
+from fastsae.spec import TRANSCODER_ARROW
 
 # metadata.sae_lens_version of the SAELens files written here: the 6.x format they follow (SAELens
 # treats a file without it as pre-6.0 and renames its keys).
@@ -133,9 +134,13 @@ def read(path: Path) -> SAERecord:
 
 def write(record: SAERecord, directory: str | os.PathLike) -> Path:
     """``record`` as a SAELens 6.x directory (see the module docstring for the conversion)."""
+    spec = record.spec
+    hook = record.metadata.get("hook") or ""
+    if spec.is_transcoder or TRANSCODER_ARROW in hook:  # SAELens's SAE files have no W_skip, no d_out, one hook
+        raise ValueError(f"a transcoder ({hook or 'd_out/skip'}) has no SAELens SAE file here (its W_skip, d_out "
+                         "and output hook would be lost); save it as fastsae's own: format='fastsae'")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    spec = record.spec
     tensors = export_tensors(record)
     architecture, settings, own_tensors = spec.kind(spec.params).to_saelens(tensors)
     tensors = {name: tensors[name] for name in _PARAMETERS} | own_tensors
