@@ -104,12 +104,14 @@ def _parser() -> argparse.ArgumentParser:
         description="One run directory per (kind, sparsity coefficient, seed) under --out. Run it again to "
                     "resume: finished runs are skipped, started ones resume. Several processes with the "
                     "same arguments share the grid (each run is locked by the process training it).")
-    sweep.add_argument("--family", default="embedded", help="preset family: embedded (default), gpt2, tinystories")
+    sweep.add_argument("--family", default="embedded", help="preset family: embedded (default), gpt2, tinystories, "
+                       "embedded-transcoder (TopK transcoders: the sweep sets saes.k, not the coefficient)")
     sweep.add_argument("--out", help="directory of the runs (default: runs/sweep-FAMILY)")
     sweep.add_argument("--kinds", nargs="+", default=None, metavar="KIND", help="local e2e e2e+ds (default: all)")
     for kind in RUN_KINDS:
         sweep.add_argument(f"--{kind.replace('+', '-')}-coeffs", dest=f"coeffs_{kind}", nargs="+", type=float,
-                           metavar="C", help=f"sparsity coefficients of the {kind} runs (default: the family's grid)")
+                           metavar="C", help=f"sparsity coefficients (k for a TopK family) of the {kind} runs (default: the "
+                           "family's grid)")
     sweep.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key in every run, e.g. --set optim.n_tokens=2e5")

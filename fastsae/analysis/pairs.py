@@ -82,17 +82,23 @@ def cross_type_pairs(matched: list[dict]) -> list[Pair]:
     return pairs
 
 
+def _run_key(t: SAETarget) -> tuple:
+    """What makes two runs the same but for the seed: kind, coefficient, k (a TopK sweep's value,
+    its coefficient 0), hook."""
+    return t.kind, t.sparsity_coeff, getattr(t.sae, "k", None), t.hook
+
+
 def cross_seed_pairs(targets: list[SAETarget], labels: list[str]) -> list[Pair]:
-    """For each SAE in ``labels``: its run (kind, coefficient, hook) at the two lowest seeds."""
+    """For each SAE in ``labels``: its run (kind, coefficient, k, hook) at the two lowest seeds."""
     pairs, done = [], set()
     by_label = {t.label: t for t in targets}
     for label in labels:
         t = by_label[label]
-        key = (t.kind, t.sparsity_coeff, t.hook)
+        key = _run_key(t)
         if key in done or t.kind is None:
             continue
         done.add(key)
-        group = sorted((u for u in targets if (u.kind, u.sparsity_coeff, u.hook) == key and u.seed is not None),
+        group = sorted((u for u in targets if _run_key(u) == key and u.seed is not None),
                        key=lambda u: u.seed)
         if len(group) >= 2:
             pairs.append(Pair(group[0].label, group[1].label,
