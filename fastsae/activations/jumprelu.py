@@ -68,7 +68,7 @@ class JumpReLU(Activation):
     def encode(self, sae, x):
         return paths.elementwise_encode(sae, x, self.threshold(sae))
 
-    def memory(self, n_tokens, n_local, d_in, itemsize, shards):
+    def memory(self, n_tokens, n_local, d_in, itemsize, shards, d_out=None):  # the code: d_out plays no part
         return paths.elementwise_memory(n_tokens, n_local, d_in, itemsize, jump=True)
 
     def dense_forward(self, pre, sae, training):

@@ -33,7 +33,7 @@ class ReLU(Activation):
     def encode(self, sae, x):
         return paths.elementwise_encode(sae, x, None)
 
-    def memory(self, n_tokens, n_local, d_in, itemsize, shards):
+    def memory(self, n_tokens, n_local, d_in, itemsize, shards, d_out=None):  # the code: d_out plays no part
         return paths.elementwise_memory(n_tokens, n_local, d_in, itemsize, jump=False)
 
     def to_saelens(self, tensors) -> tuple[str, dict, dict]:
