@@ -409,3 +409,15 @@ def test_saebench_custom_sae_checks_pass(general_utils):
     assert view.W_dec.shape == (view.cfg.d_sae, view.cfg.d_in) and view.W_enc.shape == (view.cfg.d_in, view.cfg.d_sae)
     acts = torch.randn(1, 7, D)
     assert torch.allclose(view(acts.flatten(0, 1)).reshape(acts.shape), view.decode(view.encode(acts)))
+
+
+def test_a_transcoder_of_another_width_has_no_encoder_decoder_cosine():
+    """W_enc's columns [d_in] and W_dec's rows [d_out] of a transcoder into a wider hook live in
+    different spaces: SAEBench's per-latent encoder-decoder cosine is NaN there (the others stay)."""
+    from fastsae.train.saebench_core import CoreMetrics
+
+    sae = E2ESAE(D, N, "topk", k=6, d_out=4 * D, metadata={"hook": "blocks.1.ln2.hook_normalized->blocks.1.mlp.hook_post"})
+    weights = CoreMetrics(sae, sae.metadata["hook"], [])._weight_metrics()
+    assert weights["encoder_decoder_cosine_sim"].isnan().all()
+    assert weights["max_decoder_cosine_sim"].shape == weights["max_encoder_cosine_sim"].shape == (N,)
+    assert not weights["max_decoder_cosine_sim"].isnan().any()
