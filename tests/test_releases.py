@@ -10,6 +10,7 @@ SAELens's own reader.
 """
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -224,7 +225,8 @@ def test_trainer_saes_and_warnings_take_release_names(hub, monkeypatch):
     from fastsae.train.config import load_config
 
     config = load_config("embedded", ["saes.hooks=[blocks.1.hook_resid_pre]", "device=cpu"])
-    saes = setup.build_saes(config, [HOOK], D, setup.distributed.SINGLE, torch.device("cpu"),
+    lm = SimpleNamespace(d_model=D)  # build_saes reads the model's widths (an SAE's hook: d_model)
+    saes = setup.build_saes(config, [HOOK], lm, setup.distributed.SINGLE, torch.device("cpu"),
                             {HOOK: f"test-saelens:{HOOK}"})
     assert_same_sae(saes[HOOK], E2ESAE.from_pretrained(hub[0]["test-saelens"][1]))
     registry = yaml.safe_load(Path(releases.registry_sources()[-1][1]).read_text())
