@@ -627,8 +627,9 @@ def test_analyze_a_transcoder_reads_in_and_compares_with_out(tiny_sweep, lm, mod
     # the pair: the decoder rows [n, d_out] of a's alive latents against b's
     given, = [c for c in result["cross_type"] if c["reason"] == "given"]
     assert (given["a"], given["b"]) == ("a", "b")
-    unit = lambda w: w / w.norm(dim=1, keepdim=True)  # noqa: E731
-    cosines = unit(a.W_dec[alive_a].detach()) @ unit(b.W_dec[alive_b].detach()).T
+    unit_a, unit_b = (torch.nn.functional.normalize(sae.W_dec[alive].detach(), dim=1)
+                      for sae, alive in ((a, alive_a), (b, alive_b)))
+    cosines = unit_a @ unit_b.T
     assert given["mean"] == pytest.approx(float(cosines.max(1).values.mean()), abs=1e-4)
     assert "the activation at OUT it replaces" in (out / "analysis.md").read_text()
 

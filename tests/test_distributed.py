@@ -122,17 +122,17 @@ def _sharded_transcoder_equals_whole(rank, world):
     out, grads = train(shard, True)
     ref_out, ref_grads = train(whole, False)
     start, stop = shard_range(N_LATENTS, world, rank)
-    tol = dict(rtol=1e-5, atol=1e-6)
+    tol = {"rtol": 1e-5, "atol": 1e-6}
     torch.testing.assert_close(out.reconstruction, ref_out.reconstruction, **tol)
     for name, grad in grads.items():
         dim = whole.latent_dim(name)
         want = ref_grads[name] if dim is None else ref_grads[name].narrow(dim, start, stop - start)
-        torch.testing.assert_close(grad, want, **tol, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(grad, want, **tol, msg=lambda m, name=name: f"grad {name}: {m}")
     gathered = shard.gather()
     if rank == 0:
         for name in whole.tensor_names():
             torch.testing.assert_close(getattr(gathered, name), getattr(whole, name).detach(), **tol,
-                                       msg=lambda m: f"{name} after {STEPS} steps: {m}")
+                                       msg=lambda m, name=name: f"{name} after {STEPS} steps: {m}")
         assert (gathered.d_out, gathered.skip) == (D_IN - 2, True)
     spec = SAESpec.create(D_IN, N_LATENTS, "topk", k=K, d_out=D_IN - 2, skip=True)
     torch.manual_seed(3)
@@ -143,7 +143,7 @@ def _sharded_transcoder_equals_whole(rank, world):
     if rank == 0:
         for name in reference.tensor_names():
             torch.testing.assert_close(getattr(gathered, name), getattr(reference, name).detach(), rtol=0, atol=0,
-                                       msg=lambda m: f"drawn {name}: {m}")
+                                       msg=lambda m, name=name: f"drawn {name}: {m}")
 
 
 def test_two_shards_of_a_skip_transcoder_equal_the_whole_one():

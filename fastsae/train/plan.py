@@ -161,7 +161,6 @@ def usable_memory(gpu_memory: int) -> int:
 def _items(cfg: TrainConfig, lm: LMShape, n_latents: int, gpus: int, shards: int) -> tuple[dict[str, int], int]:
     from fastsae.ops._checks import CHUNK_ELEMENTS
 
-    n_saes = len(cfg.saes.hooks)
     widths = coder_widths(cfg, lm)  # [(d_in, d_out)] per SAE
     data_groups = gpus // shards
     micro = cfg.optim.batch_size // data_groups // cfg.optim.grad_accum
