@@ -123,7 +123,8 @@ def _add_sweep_parser(commands) -> None:
         description="One run directory per (objective, sparsity coefficient, seed) under --out. Run it again to "
                     "resume: finished runs are skipped, started ones resume. Several processes with the "
                     "same arguments share the grid (each run is locked by the process training it).")
-    sweep.add_argument("--family", default="embedded", help="preset family: embedded (default), gpt2, tinystories")
+    sweep.add_argument("--family", default="embedded", help="preset family: embedded (default), gpt2, tinystories, "
+                       "embedded-transcoder (TopK transcoders: the sweep sets saes.k, not the coefficient)")
     sweep.add_argument("--out", help="directory of the runs (default: runs/sweep-FAMILY)")
     sweep.add_argument("--objectives", nargs="+", default=None, metavar="OBJECTIVE",
                        help="training objectives: local e2e e2e+ds (default: all)")
@@ -132,7 +133,8 @@ def _add_sweep_parser(commands) -> None:
     for objective in OBJECTIVES:
         sweep.add_argument(f"--{objective.replace('+', '-')}-coeffs", dest=f"coeffs_{objective}", nargs="+",
                            type=float, metavar="C",
-                           help=f"sparsity coefficients of the {objective} runs (default: the family's grid)")
+                           help=f"sparsity coefficients (k for a TopK family) of the {objective} runs (default: the "
+                                "family's grid)")
     sweep.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
     _add_overrides(sweep, "override a config key in every run, e.g. --set optim.n_tokens=2e5")
 

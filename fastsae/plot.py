@@ -42,7 +42,7 @@ class Point:
     kl: float
     alive: float
     n_latents: int | None
-    explained_variance: float | None  # of the (first) SAE's input
+    explained_variance: float | None  # of the (first) SAE's input; a transcoder's: of the activation at OUT
     final_explained_variance: float | None  # of the final residual, spliced vs clean
     training_tokens: int
     eval_tokens: int

@@ -204,12 +204,15 @@ class E2ESAE(nn.Module):
     @property
     def cfg(self) -> SAEConfig:
         """The config under SAELens's / SAEBench's names (cfg.d_in, cfg.d_sae, cfg.hook_name, ...;
-        fastsae.sae_config): one object per SAE, its SAE-decided fields refreshed at each read."""
-        hook = self.metadata.get("hook")
+        fastsae.sae_config; a transcoder's as SAELens's TranscoderConfig: hook_name its IN, d_out,
+        hook_name_out, hook_layer_out): one object per SAE, its SAE-decided fields refreshed at each read."""
+        hook, out = self.hook_in, {}  # a transcoder: hook_name is IN, the *_out fields OUT (TranscoderConfig)
+        if self.is_transcoder:
+            out = {"d_out": self.d_out, "hook_name_out": self.hook_out, "hook_layer_out": hook_layer(self.hook_out)}
         neuronpedia = (self.metadata.get("release") or {}).get("neuronpedia")
         current = SAEConfig(self.metadata.get("model"), self.d_in, self.n_latents, hook, hook_layer(hook),
                             self.activation, self.spec.hyperparameters(), str(self.dtype).removeprefix("torch."),
-                            str(self.device), neuronpedia_id=neuronpedia)
+                            str(self.device), neuronpedia_id=neuronpedia, **out)
         kept = self.__dict__.get("_saelens_cfg")  # not a module attribute: state_dict never sees it
         if kept is None:
             self.__dict__["_saelens_cfg"] = kept = current

@@ -34,6 +34,10 @@ class SAEConfig:
     only asks whether it is "gated". apply_b_dec_to_input is False and normalize_activations "none"
     because fastsae's encoder reads x itself (a SAELens b_dec subtraction is folded into b_enc on
     load). activation_fn_kwargs holds the activation's hyperparameters.
+
+    A transcoder "IN->OUT" is described as SAELens's TranscoderConfig does: hook_name and hook_layer
+    are where it reads (IN), d_out, hook_name_out and hook_layer_out (and hook_head_index_out) where
+    it writes (OUT). An SAE has none of the *_out fields (None here, left out of to_dict()).
     """
 
     model_name: str | None
@@ -55,6 +59,11 @@ class SAEConfig:
     dataset_path: str = ""
     neuronpedia_id: str | None = None
 
+    d_out: int | None = None  # a transcoder's (SAELens TranscoderConfig's names)
+    hook_name_out: str | None = None
+    hook_layer_out: int | None = None
+    hook_head_index_out: int | None = None
+
     architecture_str: str = ""  # SAELens 6's architecture as a string, which SAEBench's core eval reads
     activation_fn_str: str = ""
 
@@ -68,8 +77,17 @@ class SAEConfig:
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields by name; an SAE's without the transcoder fields (*_out), as SAELens's SAEConfig."""
+        out = dataclasses.asdict(self)
+        if self.d_out is None:
+            for name in TRANSCODER_FIELDS:
+                out.pop(name)
+        return out
+
+
+TRANSCODER_FIELDS = ("d_out", "hook_name_out", "hook_layer_out", "hook_head_index_out")
 
 
 SAE_FIELDS = ("model_name", "d_in", "d_sae", "hook_name", "hook_layer", "architecture", "architecture_str",
-              "activation_fn_str", "activation_fn_kwargs", "dtype", "device", "neuronpedia_id")
+              "activation_fn_str", "activation_fn_kwargs", "dtype", "device", "neuronpedia_id", "d_out",
+              "hook_name_out", "hook_layer_out")

@@ -2,8 +2,8 @@
 
 The same module as E2ESAE (it is a subclass and runs E2ESAE's forward), holding latents
 [start, stop) of the whole dictionary: W_enc [d_in, n_local], b_enc [n_local], W_dec [n_local,
-d_in] and the activation's per-latent tensors; b_dec and scalar tensors are replicated. It
-overrides only where the latents are (fastsae.sae, "where the latents are"), with the collectives
+d_out] and the activation's per-latent tensors; b_dec, a skip-transcoder's W_skip [d_in, d_out] and
+scalar tensors are replicated (latent_dim None). It overrides only where the latents are (fastsae.sae, "where the latents are"), with the collectives
 of fastsae.distributed over the shard group:
 
 - x enters the encoders through copy_to_shards (the shards' input gradients are summed);
@@ -71,6 +71,8 @@ class ShardedE2ESAE(E2ESAE):
         start, stop = shard_range(spec.n_latents, layout.shards, layout.shard_rank)
         drawn = draw_init(spec, rows=range(start, stop), device="cpu", out=device)
         blocks = dict(zip(("W_enc", "b_enc", "W_dec", "b_dec"), drawn))
+        if spec.skip:  # a skip-transcoder's W_skip [d_in, d_out]: replicated, and 0 at init as E2ESAE's
+            blocks["W_skip"] = torch.zeros(spec.d_in, spec.d_out)
         for name, extra in spec.kind.extra_tensors.items():
             blocks[name] = torch.full((stop - start,) if extra.per_latent else (), extra.fill(spec.params))
         return cls(spec, layout, blocks, metadata=metadata, dtype=dtype, device=device)

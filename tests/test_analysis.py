@@ -571,3 +571,73 @@ def test_analyze_gives_each_matryoshka_prefix_its_alive_latents_and_l0(tiny_swee
     assert "## Groups of latents (Matryoshka's nested prefixes)" in (out / "analysis.md").read_text()
     saved = LatentStats.load(out / "latent_stats" / label.replace("/", "__").replace("@", "_at_"))
     assert saved.metadata["latent_groups"] == [{"label": n, "first": a, "end": b} for n, a, b in want]
+
+
+TRANSCODER_HOOK = "blocks.1.ln2.hook_normalized->blocks.1.hook_mlp_out"
+
+
+def _transcoder(lm, seed, skip=True, d_out=None):
+    """A TopK skip-transcoder on the tiny model's MLP 1, with a nonzero skip path (the init's is 0)."""
+    torch.manual_seed(seed)
+    sae = E2ESAE(lm.d_model, 48, "topk", k=4, d_out=d_out, skip=skip, metadata={"hook": TRANSCODER_HOOK}).eval()
+    if skip:
+        with torch.no_grad():
+            sae.W_skip.normal_(0, 0.05)
+    return sae
+
+
+def test_analyze_a_transcoder_reads_in_and_compares_with_out(tiny_sweep, lm, model_dir, tmp_path):
+    """A transcoder IN->OUT: its latents fire on the activation at IN, its output is compared with
+    the activation at OUT (the MLP's output it replaces), the spliced run replaces OUT, two
+    transcoders pair up, and one whose widths do not match the model's hooks is refused by name."""
+    from fastsae.analysis import analyze
+    from fastsae.analysis.stream import held_out_batches, load_targets
+
+    hook_in, hook_out = TRANSCODER_HOOK.split("->")
+    config = tiny_sweep / "local-s0.5-seed0" / "config.yaml"
+    a, b = _transcoder(lm, 0), _transcoder(lm, 1)
+    specs = [f"{a.save_pretrained(tmp_path / 'a')}", f"{b.save_pretrained(tmp_path / 'b')}"]
+    out = tmp_path / "out"
+    result = analyze(specs, out, n_tokens=64, config=str(config), model=str(model_dir), umap=False,
+                     pairs=[("a", "b")], log=lambda line: None)
+    entry = result["saes"]["a"]
+    assert entry["hook"] == TRANSCODER_HOOK and entry["d_out"] == lm.d_model
+    geometry = entry["activation_geometry"]
+    assert geometry["compared_with"] == hook_out
+    assert list(geometry["downstream"]) == ["blocks.2.hook_resid_pre", "blocks.2.hook_resid_post"]
+
+    tokens = torch.cat(list(TokenBatches(held_out_batches(lm, load_targets([tiny_sweep / "local-s0.5-seed0"]).config),
+                                         64)))
+    acts = lm.activations(tokens, [hook_in, hook_out])
+    with torch.no_grad():
+        x_hat = a(acts[hook_in])
+        alive_a, alive_b = ((sae.encode(acts[hook_in]).to_dense(48) > 0).reshape(-1, 48).any(0) for sae in (a, b))
+        alive = int(alive_a.sum())
+    assert entry["latent_stats"]["alive"] == alive
+    metrics = geometry["sae_output_vs_input"]["metrics"]
+    assert metrics["mse"] == pytest.approx(float(losses.mse_loss(x_hat, acts[hook_out])), rel=1e-4)
+    assert metrics["explained_variance"] == pytest.approx(float(losses.explained_variance(acts[hook_out], x_hat)),
+                                                          abs=1e-3)
+    # the spliced run: the clean model with MLP 1's output replaced by the transcoder's
+    _, spliced = lm.spliced_run(tokens, {hook_out: lambda _: x_hat}, capture_hooks=["blocks.2.hook_resid_pre"])
+    _, clean = lm.clean_run(tokens, ["blocks.2.hook_resid_pre"])
+    drift = geometry["downstream"]["blocks.2.hook_resid_pre"]["metrics"]["mse"]
+    assert drift == pytest.approx(float(losses.mse_loss(spliced["blocks.2.hook_resid_pre"],
+                                                        clean["blocks.2.hook_resid_pre"])), rel=1e-4)
+    # the pair: the decoder rows [n, d_out] of a's alive latents against b's
+    given, = [c for c in result["cross_type"] if c["reason"] == "given"]
+    assert (given["a"], given["b"]) == ("a", "b")
+    unit_a, unit_b = (torch.nn.functional.normalize(sae.W_dec[alive].detach(), dim=1)
+                      for sae, alive in ((a, alive_a), (b, alive_b)))
+    cosines = unit_a @ unit_b.T
+    assert given["mean"] == pytest.approx(float(cosines.max(1).values.mean()), abs=1e-4)
+    assert "the activation at OUT it replaces" in (out / "analysis.md").read_text()
+
+    # widths that do not fit the model's hooks are refused, naming the SAE and the hook
+    narrow = _transcoder(lm, 2, skip=False, d_out=16).save_pretrained(tmp_path / "narrow")
+    with pytest.raises(AnalysisError, match=r"narrow writes d_out=16, but blocks.1.hook_mlp_out .* 32 wide"):
+        analyze([str(narrow)], tmp_path / "out2", n_tokens=64, config=str(config), model=str(model_dir), umap=False,
+                log=lambda line: None)
+    with pytest.raises(AnalysisError, match="different d_out"):
+        analyze([specs[0], str(narrow)], tmp_path / "out3", n_tokens=64, config=str(config), model=str(model_dir),
+                umap=False, pairs=[("a", "narrow")], log=lambda line: None)

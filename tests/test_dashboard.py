@@ -232,19 +232,20 @@ eval: {{n_tokens: 512, batch_size: 4}}
             "tokenizer": tokenizer}
 
 
-def calibrated_sae(model, config, n_latents=64):
+def calibrated_sae(model, config, n_latents=64, hook=HOOK, **coder):
     """A ReLU SAE at HOOK of the tiny model whose latents each fire on roughly 5-20 % of the tokens
     (random encoder directions, thresholds at 1-1.6 standard deviations of the data's projection
-    on them), latent 5 dead; a random SAE fires on almost nothing or everything here."""
+    on them), latent 5 dead; a random SAE fires on almost nothing or everything here. hook: where
+    it reads (a transcoder's IN), coder: E2ESAE's d_out, skip, metadata."""
     from fastsae.analysis.stream import TokenBatches
     from fastsae.train.config import load_config
 
     cfg = load_config(str(config), [])
     lm = load_language_model(cfg, "cpu")
-    x = torch.cat([lm.activations(t, [HOOK])[HOOK].reshape(-1, lm.d_model)
+    x = torch.cat([lm.activations(t, [hook])[hook].reshape(-1, lm.d_model)
                    for t in TokenBatches(held_out_batches(lm, cfg), 256)])
     g = torch.Generator().manual_seed(0)
-    sae = E2ESAE(lm.d_model, n_latents, "relu")
+    sae = E2ESAE(lm.d_model, n_latents, "relu", **coder)
     directions = torch.randn(lm.d_model, n_latents, generator=g)
     mean = x.mean(0)
     W_enc = directions / ((x - mean) @ directions).std(0)
@@ -252,7 +253,7 @@ def calibrated_sae(model, config, n_latents=64):
         sae.W_enc.copy_(W_enc)
         sae.b_enc.copy_(-(mean @ W_enc) - 1.0 - 0.6 * torch.rand(n_latents, generator=g))
         sae.b_enc[5] = -1e3
-        sae.W_dec.copy_(torch.randn(n_latents, lm.d_model, generator=g))
+        sae.W_dec.copy_(torch.randn(n_latents, sae.d_out, generator=g))
     return sae
 
 
@@ -425,6 +426,43 @@ def test_compare_links_each_latent_to_the_other_sae(tiny, tmp_path):
     assert all(pair[0] != 9 for pair in rec["near"])  # never its own neighbour
     back = read_data(out / "data" / second["key"] / "latents" / "00000.js")["records"][3]
     assert back["other"][0][0] == 9 or not read_data(out / "data" / first["key"] / "index.js")["count"][9]
+
+
+TRANSCODER_IN, TRANSCODER_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+
+
+def test_a_transcoder_reads_in_and_its_logit_effect_is_its_output_row(tiny, tmp_path, capsys):
+    """A skip-transcoder IN->OUT (OUT residual-width): its latents fire on the activations at IN, its
+    logit effects are its decoder rows (d_out = d_model) through the final norm and W_U; one that
+    writes a hook narrower or wider than the residual stream (the MLP's hidden layer) is refused by name."""
+    hook = f"{TRANSCODER_IN}->{TRANSCODER_OUT}"
+    sae = calibrated_sae(tiny["model"], tiny["config"], hook=TRANSCODER_IN, skip=True, metadata={"hook": hook})
+    spec = str(sae.save_pretrained(tmp_path / "transcoder"))
+    out = tmp_path / "dash"
+    build_dashboard(spec, out, model=str(tiny["model"]), config=str(tiny["config"]), n_tokens=256, device="cpu",
+                    shard_size=16, log=None)
+    meta = read_data(out / "data" / "meta.js")
+    (entry,) = meta["saes"]
+    assert entry["hook"] == hook and entry["d_out"] == sae.d_out
+    inputs = load_targets([spec], model=str(tiny["model"]), config=str(tiny["config"]), device="cpu")
+    lm = load_language_model(inputs.config, "cpu")
+    dense = torch.cat(dense_codes(sae, [batch.activations[TRANSCODER_IN] for batch in ActivationStream(
+        lm, held_out_batches(lm, inputs.config), [TRANSCODER_IN], 256)]))
+    index = read_data(out / "data" / entry["key"] / "index.js")
+    assert index["count"] == (dense > 0).sum(0).tolist() and entry["alive"] == int((dense > 0).any(0).sum())
+    effect, _ = logit_effect(sae.W_dec, lm, k=10)
+    record = read_data(out / "data" / entry["key"] / "latents" / "00000.js")["records"][3]
+    assert [pair[0] for pair in record["lp"]] == effect["top_ids"][3].tolist()
+
+    # a transcoder into the MLP's hidden layer (d_mlp = 4 d_model): no logit effect through W_U
+    wide = f"{TRANSCODER_IN}->blocks.1.mlp.hook_post"
+    hidden = E2ESAE(lm.d_model, 32, "relu", d_out=4 * lm.d_model, metadata={"hook": wide})
+    assert main(["dashboard", str(hidden.save_pretrained(tmp_path / "hidden")), "--out", str(tmp_path / "b"),
+                 "--model", str(tiny["model"]), "--config", str(tiny["config"]), "--tokens", "64",
+                 "--device", "cpu"]) == 2
+    err = error_line(capsys)
+    assert "writes blocks.1.mlp.hook_post, 128 wide, not the residual stream's d_model=32" in err, err
+    assert not (tmp_path / "b").exists()
 
 
 # ------------------------------------------------------------------ in the browser

@@ -89,6 +89,67 @@ def test_two_shards_equal_the_whole_sae(activation, decoder_norm):
     run_ranks(_sharded_equals_whole, 2, activation, decoder_norm)
 
 
+def _sharded_transcoder_equals_whole(rank, world):
+    """A TopK skip-transcoder (d_out != d_in): sharded over the ranks, its training pass against a
+    target, gradients (W_skip replicated, as b_dec), Adam steps and gathered weights equal the
+    whole one's; drawn() builds its shard (W_skip 0, as the whole init) and from_full round-trips it."""
+    from fastsae.spec import SAESpec
+
+    layout = setup(shards=world)
+    torch.manual_seed(0)
+    whole = E2ESAE(D_IN, N_LATENTS, "topk", K, d_out=D_IN - 2, skip=True)
+    with torch.no_grad():
+        whole.W_skip.normal_(0, 0.3)
+    assert whole.latent_dim("W_skip") is None and "W_skip" in whole.tensor_names()
+    shard = ShardedE2ESAE.from_full(whole, layout)
+    assert torch.equal(shard.W_skip, whole.W_skip) and shard.W_dec.shape == (N_LATENTS // world, D_IN - 2)
+    xs = [torch.randn(3, 5, D_IN) for _ in range(STEPS)]
+    targets = [torch.randn(3, 5, D_IN - 2) for _ in range(STEPS)]
+
+    def train(sae, sharded):
+        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+        grads = None
+        for x, target in zip(xs, targets):
+            optimizer.zero_grad()
+            out = sae.training_forward(x, target=target)
+            losses.mse_loss(out.reconstruction, target).backward()
+            if sharded:
+                average_gradients([sae], layout)
+            grads = grads or {name: p.grad.clone() for name, p in sae.named_parameters()}
+            optimizer.step()
+        return out, grads
+
+    out, grads = train(shard, True)
+    ref_out, ref_grads = train(whole, False)
+    start, stop = shard_range(N_LATENTS, world, rank)
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(out.reconstruction, ref_out.reconstruction, **tol)
+    for name, grad in grads.items():
+        dim = whole.latent_dim(name)
+        want = ref_grads[name] if dim is None else ref_grads[name].narrow(dim, start, stop - start)
+        torch.testing.assert_close(grad, want, **tol, msg=lambda m, name=name: f"grad {name}: {m}")
+    gathered = shard.gather()
+    if rank == 0:
+        for name in whole.tensor_names():
+            torch.testing.assert_close(getattr(gathered, name), getattr(whole, name).detach(), **tol,
+                                       msg=lambda m, name=name: f"{name} after {STEPS} steps: {m}")
+        assert (gathered.d_out, gathered.skip) == (D_IN - 2, True)
+    spec = SAESpec.create(D_IN, N_LATENTS, "topk", k=K, d_out=D_IN - 2, skip=True)
+    torch.manual_seed(3)
+    drawn = ShardedE2ESAE.drawn(layout, spec)
+    torch.manual_seed(3)
+    reference = E2ESAE.from_spec(spec)
+    gathered = drawn.gather()
+    if rank == 0:
+        for name in reference.tensor_names():
+            torch.testing.assert_close(getattr(gathered, name), getattr(reference, name).detach(), rtol=0, atol=0,
+                                       msg=lambda m, name=name: f"drawn {name}: {m}")
+
+
+def test_two_shards_of_a_skip_transcoder_equal_the_whole_one():
+    run_ranks(_sharded_transcoder_equals_whole, 2)
+
+
 def _sharded_batchtopk_keeps_ties(rank, world):
     from test_activations import batchtopk_tie_case
 

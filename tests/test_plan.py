@@ -36,6 +36,29 @@ def test_sae_state_is_counted_exactly_and_split_by_shards():
     assert data_parallel.items["LM activations"] == plan.items["LM activations"] // 4
 
 
+def test_a_transcoders_state_counts_its_two_widths_and_its_skip_path():
+    """W_enc [d_in, n], W_dec [n, d_out], b_dec [d_out] and W_skip [d_in, d_out] (replicated, as
+    b_dec), with d_in and d_out the widths of the hooks it reads and writes."""
+    hook = "saes.hooks=[blocks.6.ln2.hook_normalized->blocks.6.mlp.hook_post]"
+    n, d_in, d_out = 24_576, 768, 3072
+    cfg = load_config("gpt2-e2e", [hook, f"saes.n_latents={n}", "saes.activation=topk", "saes.k=32",
+                                   "saes.skip=true"])
+    plan = memory_plan(cfg, gpus=1)
+    params = d_in * n + n * d_out + n + d_out + d_in * d_out
+    assert plan.items["SAE weights"] == plan.items["SAE gradients"] == params * 4
+    assert plan.items["Adam state"] == 2 * params * 4
+    sharded = memory_plan(load_config("gpt2-e2e", [hook, f"saes.n_latents={n}", "saes.activation=topk", "saes.k=32",
+                                                   "saes.skip=true", "saes.shards=4"]), gpus=4)
+    assert sharded.items["SAE weights"] == ((d_in + d_out + 1) * n // 4 + d_out + d_in * d_out) * 4
+    no_skip = memory_plan(load_config("gpt2-e2e", [hook, f"saes.n_latents={n}", "saes.activation=topk", "saes.k=32"]))
+    assert plan.items["SAE weights"] - no_skip.items["SAE weights"] == d_in * d_out * 4
+    # a transcoder into the residual width is an SAE's size; one into d_mlp holds more
+    residual = memory_plan(load_config("gpt2-e2e", ["saes.hooks=[blocks.6.ln2.hook_normalized->blocks.6.hook_mlp_out]",
+                                                    f"saes.n_latents={n}", "saes.activation=topk", "saes.k=32"]))
+    assert residual.items["SAE weights"] == (2 * d_in * n + n + d_in) * 4
+    assert no_skip.items["SAE activations"] > residual.items["SAE activations"]
+
+
 def test_largest_dictionary_fits_and_one_step_more_does_not():
     cfg = load_config("gpt2-e2e", ["saes.activation=topk", "saes.k=32", "saes.shards=8"])
     plan = memory_plan(cfg, gpus=8, gpu_memory="80GB")
@@ -122,7 +145,7 @@ print("PEAK_EXTRA_BYTES", status_bytes("VmHWM") - base)
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
-@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk", "matryoshka_batchtopk"])
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk", "matryoshka_batchtopk", "topk_skip_transcoder"])
 def test_plan_matches_the_measured_peak_of_training_steps(tmp_path, activation):
     """Two e2e steps on a tiny GPT-2 with a dictionary large enough to dominate: the peak RSS the
     steps add (gradients, Adam state, activations, workspaces; the weights exist before) is within
@@ -141,6 +164,9 @@ def test_plan_matches_the_measured_peak_of_training_steps(tmp_path, activation):
                  "device=cpu"]
     if activation == "topk":
         overrides += ["saes.k=8", "loss.auxk_coeff=0"]
+    if activation == "topk_skip_transcoder":  # MLP 1's input -> its output, with the skip path
+        overrides += ["saes.activation=topk", "saes.k=8", "loss.auxk_coeff=0", "saes.skip=true",
+                      "saes.hooks=[blocks.1.ln2.hook_normalized->blocks.1.hook_mlp_out]"]
     if activation == "matryoshka_batchtopk":  # its inner prefixes' KL: two more spliced runs
         overrides += ["saes.k=8", "loss.auxk_coeff=0", "saes.params={widths: [4096, 32768], prefix_loss: kl}"]
     if activation == "jumprelu":

@@ -22,6 +22,7 @@ from fastsae import E2ESAE
 from fastsae.activations import SparseCode
 from fastsae.cli import main
 from fastsae.saebench import SAEBenchSAE, saebench_sae
+from fastsae.spec import hook_in_out
 from fastsae.train.config import load_config
 from fastsae.train.evaluator import Evaluator
 from helpers_models import random_batches, save_tiny_gpt2
@@ -36,9 +37,9 @@ def model_dir(tmp_path_factory):
     return save_tiny_gpt2(tmp_path_factory.mktemp("saebench") / "model", n_layer=2, n_embd=D, n_ctx=64)
 
 
-def tiny_config(model_dir):
-    return load_config("embedded", [f"model.name={model_dir}", f"saes.hooks=[{HOOK}]", f"data.context_length={CTX}",
-                                    f"eval.batch_size={BATCH}", "device=cpu"])
+def tiny_config(model_dir, hook=HOOK):
+    return load_config("embedded", [f"model.name={model_dir}", f"saes.hooks={json.dumps([hook])}",
+                                    f"data.context_length={CTX}", f"eval.batch_size={BATCH}", "device=cpu"])
 
 
 def eval_batches():
@@ -61,8 +62,8 @@ def make_sae(activation: str, decoder_norm: str = "forward", seed: int = 0) -> E
     return sae
 
 
-def run_saebench(model_dir, sae):
-    evaluator = Evaluator.build(tiny_config(model_dir), {HOOK: sae}, eval_dataset=eval_batches())
+def run_saebench(model_dir, sae, hook=HOOK):
+    evaluator = Evaluator.build(tiny_config(model_dir, hook), {hook: sae}, eval_dataset=eval_batches())
     return evaluator.evaluate(N_BATCHES * BATCH * CTX, saebench=True)["saebench"], evaluator.lm
 
 
@@ -77,8 +78,14 @@ def ce_per_token(logits, tokens):
         tokens.shape[0], -1)
 
 
-def dense_reference(lm, sae):
-    """Every core metric from full logits and dense codes, sae-bench 0.6.0's formulas, per batch."""
+def dense_reference(lm, sae, hook=HOOK):
+    """Every core metric from full logits and dense codes, sae-bench 0.6.0's formulas, per batch. A
+    transcoder "IN->OUT": its code of the activation at IN, OUT replaced by its output (ablated: OUT
+    zeroed), its output compared with the activation at OUT."""
+    hook_in, hook_out = hook_in_out(hook)
+    seen = {}
+    splice = ({hook: lambda a: sae(a)} if hook_in == hook_out else
+              {hook_in: lambda a: seen.setdefault("x", a), hook_out: lambda a: sae(seen.pop("x"))})
     acc = {k: [] for k in ("kl_sae", "kl_abl", "ce_clean", "ce_sae", "ce_abl", "l2_in", "l2_out", "l2_ratio", "l0",
                            "l1", "ev_legacy", "mse", "cossim")}
     per_batch = {k: [] for k in ("rrb", "A", "B", "R")}
@@ -89,16 +96,17 @@ def dense_reference(lm, sae):
         for tokens in eval_batches():
             mask = tokens != SPECIAL
             clean = lm.logits(tokens).double()
-            spliced = lm.logits(tokens, {HOOK: lambda a: sae(a)}).double()
-            ablated = lm.logits(tokens, {HOOK: torch.zeros_like}).double()
+            spliced = lm.logits(tokens, splice).double()
+            ablated = lm.logits(tokens, {hook_out: torch.zeros_like}).double()
             acc["kl_sae"].append(kl_per_token(clean, spliced)[mask])
             acc["kl_abl"].append(kl_per_token(clean, ablated)[mask])
             for name, logits in (("ce_clean", clean), ("ce_sae", spliced), ("ce_abl", ablated)):
                 acc[name].append(ce_per_token(logits, tokens)[mask[:, :-1]])
-            x = lm.activations(tokens, [HOOK])[HOOK].double()
-            code = sae.encode(x.float())
+            acts = lm.activations(tokens, list(dict.fromkeys((hook_in, hook_out))))
+            code = sae.encode(acts[hook_in])
             code = (code.to_dense(N) if isinstance(code, SparseCode) else code).double()
-            x_hat = sae(x.float()).double()
+            x_hat = sae(acts[hook_in]).double()
+            x = acts[hook_out].double()  # the target: the SAE's input, a transcoder's OUT
             xm, rm, cm = x[mask], x_hat[mask], code[mask]
             resid = (xm - rm).pow(2).sum(-1)
             acc["l2_in"].append(xm.norm(dim=-1))
@@ -212,6 +220,64 @@ def test_cli_eval_writes_the_saebench_json(model_dir, tmp_path, capsys):
     assert "SAEBench core (sae-bench 0.6.0 evals/core): kl_div_score" in printed and str(out) in printed
     record = json.loads(out.read_text())
     assert record["eval_result_metrics"]["token_stats"]["total_tokens_eval_reconstruction"] == 128
+
+
+TRANSCODER = "blocks.1.ln2.hook_normalized->blocks.1.hook_mlp_out"
+
+
+def make_transcoder(seed: int = 0) -> E2ESAE:
+    """A TopK skip-transcoder on MLP 1 (the skip path drawn nonzero: the init's is 0)."""
+    torch.manual_seed(seed)
+    sae = E2ESAE(D, N, "topk", k=6, skip=True, metadata={"hook": TRANSCODER})
+    with torch.no_grad():
+        sae.b_enc.normal_(-0.2, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+        sae.W_skip.normal_(0, 0.1)
+    return sae
+
+
+def test_transcoder_core_metrics_compare_with_the_output_it_replaces(model_dir):
+    """SAEBench's core metrics of a transcoder IN->OUT: OUT replaced (and zero-ablated), its output
+    compared with the model's activation at OUT; its cfg as SAELens's TranscoderConfig names it."""
+    sae = make_transcoder()
+    record, lm = run_saebench(model_dir, sae, TRANSCODER)
+    expected = dense_reference(lm, sae.eval(), TRANSCODER)
+    got = flat_metrics(record)
+    for name, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            column = detail_column(record, name)
+            assert torch.allclose(column, value, rtol=1e-5, atol=1e-6, equal_nan=True), name
+        else:  # the scores divide by (ablated - clean), small where a random tiny MLP is zeroed: float rounding
+            assert got[name] == pytest.approx(value, rel=1e-3 if name.endswith("_score") else 2e-4, abs=1e-6), name
+    cfg = record["sae_cfg_dict"]
+    assert (cfg["hook_name"], cfg["hook_layer"]) == ("blocks.1.ln2.hook_normalized", 1)
+    assert (cfg["d_in"], cfg["d_out"], cfg["hook_name_out"], cfg["hook_layer_out"]) == (D, D, "blocks.1.hook_mlp_out", 1)
+    assert record["eval_result_unstructured"]["hook"] == TRANSCODER
+    assert "d_out" not in make_sae("relu").cfg.to_dict()  # an SAE's cfg: SAELens's SAEConfig fields only
+
+
+def test_cli_eval_of_a_transcoder_path_at_in_arrow_out(model_dir, tmp_path, capsys):
+    """`fastsae eval --sae PATH@IN->OUT`: the "@" and the "->" parse together (also where the path
+    is a run's SAE directory named IN->OUT), and the output says what a transcoder's metrics are of."""
+    from fastsae import formats
+
+    path = make_transcoder().save_pretrained(tmp_path / "saes" / TRANSCODER)
+    assert formats.split_hook(f"{path}@{TRANSCODER}") == (str(path), TRANSCODER)
+    assert formats.split_hook(str(path)) == (str(path), None)  # an existing path with "->" and no "@"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    out, core = tmp_path / "eval", tmp_path / "core.json"
+    assert main(["eval", "--sae", f"{path}@{TRANSCODER}", "--model", str(model_dir), "--tokens", "128",
+                 "--out", str(out), "--saebench", str(core), "--set", "data.kind=text", "--set", f"data.path={corpus}",
+                 "--set", f"data.context_length={CTX}", "--set", f"eval.batch_size={BATCH}", "--set", "device=cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert f"eval/explained_variance/{TRANSCODER}" in printed
+    assert "(transcoder: mse/ and explained_variance/ of" in printed and "activation at blocks.1.hook_mlp_out" in printed
+    record = json.loads((out / "eval.json").read_text())
+    assert record["hooks"] == [TRANSCODER] and f"explained_variance/{TRANSCODER}" in record["metrics"]
+    assert record["transcoders"][TRANSCODER]["compared_with"] == "blocks.1.hook_mlp_out"
+    assert record["transcoders"][TRANSCODER]["reads"] == "blocks.1.ln2.hook_normalized"
+    assert json.loads(core.read_text())["sae_cfg_dict"]["hook_name_out"] == "blocks.1.hook_mlp_out"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,3 +409,15 @@ def test_saebench_custom_sae_checks_pass(general_utils):
     assert view.W_dec.shape == (view.cfg.d_sae, view.cfg.d_in) and view.W_enc.shape == (view.cfg.d_in, view.cfg.d_sae)
     acts = torch.randn(1, 7, D)
     assert torch.allclose(view(acts.flatten(0, 1)).reshape(acts.shape), view.decode(view.encode(acts)))
+
+
+def test_a_transcoder_of_another_width_has_no_encoder_decoder_cosine():
+    """W_enc's columns [d_in] and W_dec's rows [d_out] of a transcoder into a wider hook live in
+    different spaces: SAEBench's per-latent encoder-decoder cosine is NaN there (the others stay)."""
+    from fastsae.train.saebench_core import CoreMetrics
+
+    sae = E2ESAE(D, N, "topk", k=6, d_out=4 * D, metadata={"hook": "blocks.1.ln2.hook_normalized->blocks.1.mlp.hook_post"})
+    weights = CoreMetrics(sae, sae.metadata["hook"], [])._weight_metrics()
+    assert weights["encoder_decoder_cosine_sim"].isnan().all()
+    assert weights["max_decoder_cosine_sim"].shape == weights["max_encoder_cosine_sim"].shape == (N,)
+    assert not weights["max_decoder_cosine_sim"].isnan().any()

@@ -47,6 +47,42 @@ def test_grid_names_presets_and_errors(tmp_path):
         sweep_points(tmp_path, "gpt3")
 
 
+def test_the_transcoder_family_sweeps_k(tmp_path):
+    """embedded-transcoder's presets are TopK: its sweep sets saes.k (SWEPT_KEYS), its run
+    directories say k, and its values must be whole numbers."""
+    points = sweep_points(tmp_path, "embedded-transcoder", ["local", "e2e", "e2e+ds"], {"local": [4, 32]})
+    assert [p.name for p in points[:3]] == ["local-k4-seed0", "local-k32-seed0", "e2e-k8-seed0"]
+    assert {p.kind: p.preset for p in points} == {"local": "embedded-transcoder", "e2e": "embedded-transcoder-e2e",
+                                                  "e2e+ds": "embedded-transcoder-e2e-ds"}
+    assert all(p.key == "saes.k" and p.sparsity_coeff is None for p in points)
+    for point in (points[1], points[-1]):
+        cfg = point_config(point)
+        assert (cfg.saes.k, cfg.loss.sparsity_coeff, cfg.name) == (int(point.value), 0.0, point.name)
+        assert cfg.saes.hooks == ["blocks.1.ln2.hook_normalized->blocks.1.hook_mlp_out"]
+    ds = point_config(points[-1])
+    assert (ds.loss.kl_coeff, ds.loss.downstream_coeff, ds.loss.downstream_hooks) == (0.5, 2.5,
+                                                                                     ["blocks.1.hook_resid_post"])
+    with pytest.raises(ConfigError, match="saes.k .* must be a whole number >= 1, got 2.5"):
+        sweep_points(tmp_path, "embedded-transcoder", ["local"], {"local": [2.5]})
+    # the other families still sweep the sparsity coefficient
+    assert sweep_points(tmp_path, "embedded", ["local"])[0].key == "loss.sparsity_coeff"
+
+
+def test_a_transcoder_sweep_trains_and_plots_by_k(tmp_path, tiny):
+    lm, overrides = tiny
+    hook = "blocks.1.ln2.hook_normalized->blocks.1.hook_mlp_out"
+    points = sweep_points(tmp_path / "sweep", "embedded-transcoder", ["local", "e2e"], {"local": [2, 4], "e2e": [4]})
+    outcomes = run_sweep(points, [*overrides, "loss.downstream_hooks=[]", "saes.skip=true"], model=lm,
+                         log=lambda line: None)
+    assert set(outcomes.values()) == {"trained"}
+    for point in points:
+        record = json.loads((point.run_dir / "eval.json").read_text())
+        assert record["hooks"] == [hook] and record["k"] == int(point.value) == record["metrics"]["l0"]
+        assert record["transcoders"][hook]["compared_with"] == "blocks.1.hook_mlp_out"
+    result = plot_runs([tmp_path / "sweep"], tmp_path / "figure")
+    assert sorted((p.kind, p.k) for p in result["points"]) == [("e2e (topk)", 4), ("local (topk)", 2), ("local (topk)", 4)]
+
+
 def test_a_held_run_is_skipped_by_other_processes(tmp_path):
     run_dir = tmp_path / "local-s1-seed0"
     with claim(run_dir) as first:

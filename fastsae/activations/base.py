@@ -183,11 +183,12 @@ class Activation:
         Default: encode() chunk by chunk, compacted (paths.sparse_from_dense)."""
         return paths.sparse_from_dense(lambda chunk: self.encode(sae, chunk), x, sae.n_local)
 
-    def memory(self, n_tokens: int, n_local: int, d_in: int, itemsize: int, shards: int) -> ActivationMemory:
+    def memory(self, n_tokens: int, n_local: int, d_in: int, itemsize: int, shards: int,
+               d_out: int | None = None) -> ActivationMemory:
         """What one training pass of n_tokens holds beyond the parameters and their gradients, for
-        `fastsae plan` (n_local: the latents of one shard; itemsize: the SAE dtype's bytes).
-        Default: the chunked dense reference's."""
-        return paths.dense_reference_memory(n_tokens, n_local, d_in, itemsize)
+        `fastsae plan` (n_local: the latents of one shard; itemsize: the SAE dtype's bytes; d_out:
+        the width it writes, a transcoder's, None: d_in). Default: the chunked dense reference's."""
+        return paths.dense_reference_memory(n_tokens, n_local, d_in if d_out is None else d_out, itemsize)
 
     def check_run(self, *, shards: int, coefficients: dict) -> None:
         """Refuse, with a ValueError naming the setting, a run this kind cannot train (shards: the

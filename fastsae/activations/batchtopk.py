@@ -111,7 +111,7 @@ class BatchTopK(Activation):
     def encode_sparse(self, sae, x):
         return self.encode(sae, x) if sae.training else super().encode_sparse(sae, x)
 
-    def memory(self, n_tokens, n_local, d_in, itemsize, shards):
+    def memory(self, n_tokens, n_local, d_in, itemsize, shards, d_out=None):  # the code: d_out plays no part
         return paths.selection_memory(n_tokens, n_local, self.candidates(n_local), itemsize, shards)
 
     def check_run(self, *, shards, coefficients):

@@ -68,8 +68,8 @@ class JumpReLU(Activation):
     def encode(self, sae, x):
         return paths.elementwise_encode(sae, x, self.threshold(sae))
 
-    def memory(self, n_tokens, n_local, d_in, itemsize, shards):
-        return paths.elementwise_memory(n_tokens, n_local, d_in, itemsize, jump=True)
+    def memory(self, n_tokens, n_local, d_in, itemsize, shards, d_out=None):
+        return paths.elementwise_memory(n_tokens, n_local, d_in, itemsize, jump=True, d_out=d_out)
 
     def dense_forward(self, pre, sae, training):
         threshold = self.threshold(sae)

@@ -175,7 +175,8 @@ class MatryoshkaBatchTopK(BatchTopK):
                 terms[f"prefix_mse_{width}"] = self.params.prefix_coeff * _mse(reconstruction, target)
         return terms
 
-    def memory(self, n_tokens, n_local, d_in, itemsize, shards):
+    def memory(self, n_tokens, n_local, d_in, itemsize, shards, d_out=None):
+        d_out = d_in if d_out is None else d_out  # the inner prefixes' reconstructions are d_out wide
         selection = super().memory(n_tokens, n_local, d_in, itemsize, shards)
         width = min(n_local * shards, self.candidates(n_local) * shards)  # the gathered code's width
         groups = len(self.params.widths) + 1
@@ -183,7 +184,7 @@ class MatryoshkaBatchTopK(BatchTopK):
         # for backward; each at most 16 slots over its widest token); every inner prefix's
         # reconstruction with its fp32 copy for the MSE
         prefixes = n_tokens * (width * (itemsize + 16) + (width + 16 * groups) * (itemsize + 8)
-                               + len(self.params.widths) * d_in * (itemsize + 4))
+                               + len(self.params.widths) * d_out * (itemsize + 4))
         runs = len(self.params.widths) if self.params.prefix_loss == "kl" else 0
         return ActivationMemory(selection.code + prefixes, selection.workspace, runs)
 

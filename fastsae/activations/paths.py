@@ -178,12 +178,12 @@ def dense_reference_pass(sae, x: torch.Tensor, kind, p: float,
                     counts, extra)
 
 
-def dense_reference_memory(n_tokens: int, n_local: int, d_in: int, itemsize: int) -> ActivationMemory:
+def dense_reference_memory(n_tokens: int, n_local: int, d_out: int, itemsize: int) -> ActivationMemory:
     """Per chunk, in backward: the recomputed pre-activations and code and their gradients (four
     [rows, n_local] tensors of at least 4 bytes); kept between passes: per token the reconstruction
-    partial and the sums."""
+    partial (d_out wide: the width the SAE writes) and the sums."""
     rows = min(n_tokens, dense_chunk_rows(n_local))
-    return ActivationMemory(n_tokens * (d_in * itemsize + 16), 4 * rows * n_local * max(4, itemsize))
+    return ActivationMemory(n_tokens * (d_out * itemsize + 16), 4 * rows * n_local * max(4, itemsize))
 
 
 # ---------------------------------------------------------------------------- analysis

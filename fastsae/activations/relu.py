@@ -33,8 +33,8 @@ class ReLU(Activation):
     def encode(self, sae, x):
         return paths.elementwise_encode(sae, x, None)
 
-    def memory(self, n_tokens, n_local, d_in, itemsize, shards):
-        return paths.elementwise_memory(n_tokens, n_local, d_in, itemsize, jump=False)
+    def memory(self, n_tokens, n_local, d_in, itemsize, shards, d_out=None):
+        return paths.elementwise_memory(n_tokens, n_local, d_in, itemsize, jump=False, d_out=d_out)
 
     def to_saelens(self, tensors) -> tuple[str, dict, dict]:
         return "standard", {}, {}

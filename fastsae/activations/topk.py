@@ -61,7 +61,7 @@ class TopK(Activation):
     def encode_sparse(self, sae, x):
         return self.encode(sae, x)
 
-    def memory(self, n_tokens, n_local, d_in, itemsize, shards):
+    def memory(self, n_tokens, n_local, d_in, itemsize, shards, d_out=None):  # the code: d_out plays no part
         return paths.selection_memory(n_tokens, n_local, self.params.k, itemsize, shards)
 
     def check_run(self, *, shards, coefficients):

@@ -8,7 +8,12 @@ the training objective does). Inside the spliced run the SAE's output is its own
 in training and eval; its statistics come from ``sae.encode_sparse(x)`` (every activation's entry
 point), so the only code as wide as the dictionary is the one batch's code the forward builds.
 
-Per SAE, per token (x the SAE's input, x_hat its output):
+A transcoder "IN->OUT" (fastsae.spec.hook_in_out) reads IN and replaces OUT in the spliced run,
+as the training objective does: its statistics come from its code of the activation at IN, and
+its output is compared with the activation the model computed at OUT (the one it replaces; for an
+SAE, its own input): below, x is that target. The result names it ("compared_with").
+
+Per SAE, per token (x the SAE's input, or a transcoder's target; x_hat its output):
     norm ratio  ||x_hat|| / ||x||          (the paper's get_norm_ratios: a mean of per-token
     cosine      cos(x, x_hat)               ratios, reported at position 0 and at positions > 0)
     explained variances, token-weighted means of per-batch values as fastsae's eval:
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastsae.analysis.latent_stats import LatentStats
+from fastsae.spec import hook_in_out
 from fastsae.train import losses
 from fastsae.train.evaluator import reconstruction_hooks
 
@@ -145,6 +151,7 @@ class SAEGeometry:
     def result(self) -> dict:
         return {
             "hook": self.hook,
+            "compared_with": hook_in_out(self.hook)[1],  # the target hook: OUT for a transcoder
             "sae_output_vs_input": {**self.io.result(), "metrics": self.io_metrics.means()},
             "downstream": {hook: {**self.drift[hook].result(), "metrics": self.drift_metrics[hook].means()}
                            for hook in self.downstream},
@@ -155,15 +162,15 @@ class SAEGeometry:
 def activation_pass(lm, token_batches, saes: dict[str, tuple[str, object]]) -> tuple[dict[str, SAEGeometry],
                                                                                     dict[str, LatentStats]]:
     """One pass over ``token_batches`` (e.g. stream.TokenBatches) for every SAE in ``saes``
-    ({name: (hook, E2ESAE)}): returns ({name: SAEGeometry}, {name: LatentStats})."""
-    for name, (hook, sae) in saes.items():
-        lm.validate_hook(hook)
-        if sae.d_in != lm.d_model:
-            raise ValueError(f"{name}: the SAE reads d_in={sae.d_in} but {hook} of the model has width {lm.d_model}")
+    ({name: (hook, E2ESAE)}; a transcoder's hook "IN->OUT"): returns ({name: SAEGeometry},
+    {name: LatentStats})."""
+    from fastsae.analysis.stream import check_widths
+
+    check_widths(lm, saes, ValueError)
     starts, downstream = {}, {}
     for name, (hook, _) in saes.items():
         try:
-            starts[name] = lm.start_point(hook)
+            starts[name] = lm.start_point(hook_in_out(hook)[0])
         except ValueError:  # an SAE on the embedding: its spliced run starts from the tokens
             starts[name] = None
         downstream[name] = downstream_hooks(lm, hook)
@@ -174,16 +181,30 @@ def activation_pass(lm, token_batches, saes: dict[str, tuple[str, object]]) -> t
     for tokens in token_batches:
         _, clean = lm.clean_run(tokens, cache_hooks)
         for name, (hook, sae) in saes.items():
-            seen = {}
-
-            def replace(acts, sae=sae, name=name, seen=seen):
-                x = acts.to(sae.device, sae.dtype)
-                stats[name].update(sae.encode_sparse(x))
-                x_hat = sae(x)
-                seen["x"], seen["x_hat"] = x, x_hat
-                return x_hat.to(acts.device, acts.dtype)
-
             start = {} if starts[name] is None else {"start_hook": starts[name], "start_acts": clean[starts[name]]}
-            _, captured = lm.spliced_run(tokens, {hook: replace}, capture_hooks=downstream[name], **start)
-            geometry[name].update(seen["x"], seen["x_hat"], clean, captured)
+            seen = {}
+            _, captured = lm.spliced_run(tokens, _splice(hook, sae, stats[name], seen),
+                                         capture_hooks=downstream[name], **start)
+            geometry[name].update(seen["target"], seen["x_hat"], clean, captured)
     return geometry, stats
+
+
+def _splice(hook: str, sae, stats: LatentStats, seen: dict) -> dict:
+    """The spliced run's replacements for one coder: an SAE's output at its hook; a transcoder's
+    input recorded at IN (passed on unchanged) and its output at OUT, in place of the activation
+    the model computed there (its target). Records "target" and "x_hat" in ``seen``."""
+    hook_in, hook_out = hook_in_out(hook)
+
+    def record(acts):
+        seen["x"] = acts.to(sae.device, sae.dtype)
+        return acts
+
+    def replace(acts):
+        target = acts.to(sae.device, sae.dtype)
+        x = target if hook_in == hook_out else seen.pop("x")
+        stats.update(sae.encode_sparse(x))
+        x_hat = sae(x)
+        seen["target"], seen["x_hat"] = target, x_hat
+        return x_hat.to(acts.device, acts.dtype)
+
+    return {hook_out: replace} if hook_in == hook_out else {hook_in: record, hook_out: replace}

@@ -83,17 +83,23 @@ def cross_type_pairs(matched: list[dict]) -> list[Pair]:
     return pairs
 
 
+def _run_key(t: SAETarget) -> tuple:
+    """What makes two runs the same but for the seed: objective, coefficient, k (a TopK sweep's
+    value, its coefficient 0), hook."""
+    return t.objective, t.sparsity_coeff, getattr(t.sae, "k", None), t.hook
+
+
 def cross_seed_pairs(targets: list[SAETarget], labels: list[str]) -> list[Pair]:
-    """For each SAE in ``labels``: its run (objective, coefficient, hook) at the two lowest seeds."""
+    """For each SAE in ``labels``: its run (objective, coefficient, k, hook) at the two lowest seeds."""
     pairs, done = [], set()
     by_label = {t.label: t for t in targets}
     for label in labels:
         t = by_label[label]
-        key = (t.objective, t.sparsity_coeff, t.hook)
+        key = _run_key(t)
         if key in done or t.objective is None:
             continue
         done.add(key)
-        group = sorted((u for u in targets if (u.objective, u.sparsity_coeff, u.hook) == key and u.seed is not None),
+        group = sorted((u for u in targets if _run_key(u) == key and u.seed is not None),
                        key=lambda u: u.seed)
         if len(group) >= 2:
             pairs.append(Pair(group[0].label, group[1].label,
@@ -103,10 +109,13 @@ def cross_seed_pairs(targets: list[SAETarget], labels: list[str]) -> list[Pair]:
 
 
 def check_comparable(a: SAETarget, b: SAETarget) -> None:
-    """Two SAEs can be compared only where they read the same hook with the same width."""
+    """Two SAEs can be compared only where they read (and, transcoders, write) the same hooks with the
+    same widths: a transcoder's hook "IN->OUT" names both."""
     if a.label == b.label:
         raise AnalysisError(f"--pair {a.label} {b.label}: an SAE compared with itself")
     if a.hook != b.hook:
         raise AnalysisError(f"--pair {a.label} {b.label}: they read different hooks ({a.hook} vs {b.hook})")
     if a.sae.d_in != b.sae.d_in:
         raise AnalysisError(f"--pair {a.label} {b.label}: different d_in ({a.sae.d_in} vs {b.sae.d_in})")
+    if a.sae.d_out != b.sae.d_out:  # decoder directions live in the space they write
+        raise AnalysisError(f"--pair {a.label} {b.label}: different d_out ({a.sae.d_out} vs {b.sae.d_out})")

@@ -42,8 +42,8 @@ from fastsae.analysis.geometry import activation_pass
 from fastsae.analysis.latent_stats import LatentStats, latent_groups, sae_fingerprint
 from fastsae.analysis.similarity import (DEFAULT_BLOCK, bootstrap_mean_ci, bootstrap_mean_difference_ci,
                                          decoder_directions, histogram, max_cosine_similarity, resolve_precision)
-from fastsae.analysis.stream import (AnalysisError, TokenBatches, held_out_batches, load_language_model,
-                                     load_targets, resolve_device)
+from fastsae.analysis.stream import (AnalysisError, TokenBatches, check_widths, held_out_batches,
+                                     load_language_model, load_targets, resolve_device)
 from fastsae.analysis.umap_regions import exclusive_regions, require_umap, umap_embedding
 
 SIMILARITY_BINS = 50  # histogram bins over [0, 1] in the JSON (max cosines of alive directions)
@@ -163,14 +163,7 @@ def _given_pairs(inputs, pairs) -> list[pairing.Pair]:
 def _checked_model(inputs, targets: dict, device):
     """The language model the SAEs read, checked to have each SAE's hook at its width."""
     lm = load_language_model(inputs.config, device)
-    for target in targets.values():
-        try:
-            lm.validate_hook(target.hook)
-        except ValueError as error:
-            raise AnalysisError(f"{target.label}: {error}") from None
-        if target.sae.d_in != lm.d_model:
-            raise AnalysisError(f"{target.label}: the SAE reads d_in={target.sae.d_in}, but {target.hook} of "
-                                f"{inputs.config.model.name} has width {lm.d_model}")
+    check_widths(lm, {label: (t.hook, t.sae) for label, t in targets.items()})  # a transcoder's IN and OUT too
     return lm
 
 
@@ -203,7 +196,8 @@ def _within_similarities(targets: dict, stats: dict, geometry: dict, alive_ids: 
         arrays[f"alive_ids/{label}"] = ids.cpu()
         entry = {"hook": target.hook, "origin": target.origin, "objective": target.objective,
                  "sparsity_coeff": target.sparsity_coeff, "seed": target.seed, "step": target.step,
-                 "d_in": target.sae.d_in, "n_latents": target.sae.n_latents, "activation": target.sae.activation,
+                 "d_in": target.sae.d_in, "d_out": target.sae.d_out, "n_latents": target.sae.n_latents,
+                 "activation": target.sae.activation,
                  "eval": None if target.eval is None else {
                      name: target.eval_metric(name) for name in ("l0", "ce_increase", "kl", "alive", "explained_variance")},
                  "latent_stats": {**stats[label].summary(),

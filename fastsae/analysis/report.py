@@ -55,7 +55,8 @@ def _saes(result: dict) -> list[str]:
                      f"{_ci(sae['within_similarity'])} | {_f(io['norm_ratio']['mean'])} | {_f(io['cosine']['mean'])} | "
                      f"{_f(m['explained_variance'])} | {_f(m['explained_variance_ln'])} | "
                      f"{_f(m['explained_variance_out_to_in'])} | {_f(m['explained_variance_out_to_in_ln'])} |")
-    lines += ["", "EV: explained variance with the SAE input as the target (fastsae's `explained_variance`); "
+    lines += ["", "EV: explained variance with the SAE input as the target (a transcoder's IN->OUT: the activation "
+              "at OUT it replaces; fastsae's `explained_variance`); "
               "EV ln: both layer-normed first; EV out_to_in: the paper code's logged local EV, with the SAE "
               "output as the target (`calc_explained_variance(input, output)`). Norm ratio and cosine: means "
               "over tokens of per-token values."]

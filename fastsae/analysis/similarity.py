@@ -146,7 +146,8 @@ def max_cosine_similarity(a: torch.Tensor, b: torch.Tensor | None = None, *, blo
 
 
 def decoder_directions(sae, latents: torch.Tensor | None = None) -> torch.Tensor:
-    """The SAE's decoder directions W_dec[latents] [n, d_in] (all latents for None), as stored:
+    """The SAE's decoder directions W_dec[latents] [n, d_out] (all latents for None; d_out = d_in for
+    an SAE, the width a transcoder writes for one), as stored:
     the similarities normalise them (the forward pass's per-row scale does not change a direction)."""
     W = sae.W_dec.detach()
     return W if latents is None else W[latents.to(W.device)]

@@ -41,6 +41,7 @@ import torch
 
 from fastsae import formats
 from fastsae.sae import E2ESAE
+from fastsae.spec import hook_in_out
 
 
 class AnalysisError(ValueError):
@@ -67,6 +68,16 @@ class SAETarget:
     seed: int | None = None
     step: int | None = None
     eval: dict | None = None
+
+    @property
+    def hook_in(self) -> str:
+        """The hook it reads: ``hook`` for an SAE, IN for a transcoder "IN->OUT"."""
+        return hook_in_out(self.hook)[0]
+
+    @property
+    def hook_out(self) -> str:
+        """The hook it writes (and is compared with): ``hook`` for an SAE, OUT for a transcoder."""
+        return hook_in_out(self.hook)[1]
 
     def eval_metric(self, name: str) -> float | None:
         """A metric of the run's eval.json for this SAE: l0, alive, explained_variance per hook
@@ -155,6 +166,35 @@ def _file_target(spec: str, device) -> SAETarget:
         raise AnalysisError(f"{spec}: the SAE does not say which hook it reads; write {path}@HOOK")
     label = Path(path).name + (f"@{hook}" if "@" in spec else "")
     return SAETarget(label, hook, sae, spec)
+
+
+def check_widths(lm, coders: dict[str, tuple[str, E2ESAE]], error=None) -> dict[str, tuple[int, int]]:
+    """Check each coder of ``coders`` ({name: (hook, sae)}) against the model: its hooks exist (a
+    transcoder's IN and OUT, fastsae.spec.hook_in_out), it reads d_in = the width of the activation
+    at IN and writes d_out = the width at OUT (one 2-token probe run). Returns {name: (width at IN,
+    width at OUT)}. A mismatch raises ``error`` (default AnalysisError) naming the coder."""
+    error = error or AnalysisError
+    names = {}
+    for name, (hook, _) in coders.items():
+        try:
+            names[name] = hook_in_out(hook)
+            for point in names[name]:
+                lm.validate_hook(point)
+        except ValueError as problem:
+            raise error(f"{name}: {problem}") from None
+    probe = torch.zeros(1, 2, dtype=torch.long, device=lm.device)
+    acts = lm.activations(probe, sorted({point for pair in names.values() for point in pair}))
+    widths = {}
+    for name, (hook, sae) in coders.items():
+        hook_in, hook_out = names[name]
+        widths[name] = (acts[hook_in].shape[-1], acts[hook_out].shape[-1])
+        if sae.d_in != widths[name][0]:
+            raise error(f"{name} reads d_in={sae.d_in}, but {hook_in} of the model is {widths[name][0]} wide: "
+                        "it was not trained on this model or hook")
+        if sae.d_out != widths[name][1]:
+            raise error(f"{name} writes d_out={sae.d_out}, but {hook_out} of the model is {widths[name][1]} wide: "
+                        "it was not trained on this model or hook")
+    return widths
 
 
 def load_targets(specs: Sequence[str | os.PathLike], *, model: str | None = None, config: str | None = None,

@@ -28,8 +28,8 @@ import torch
 
 from fastsae.analysis.latent_stats import LatentStats, latent_groups, sae_fingerprint
 from fastsae.analysis.similarity import nearest_latents
-from fastsae.analysis.stream import (ActivationStream, AnalysisError, SAETarget, held_out_batches, load_language_model,
-                                     load_targets, resolve_device)
+from fastsae.analysis.stream import (ActivationStream, AnalysisError, SAETarget, check_widths, held_out_batches,
+                                     load_language_model, load_targets, resolve_device)
 from fastsae.dashboard.collect import DashboardCollector
 from fastsae.dashboard.sae_data import write_sae_data
 from fastsae.dashboard.site import FORMAT, RECORD_NAME, VERSION, SiteError, SiteWriter, check_out_dir
@@ -65,19 +65,16 @@ def _peak_memory() -> dict:
 
 
 def _check_widths(lm, targets: Sequence[SAETarget]) -> None:
-    """Each SAE's d_in against the width of its hook's activations (one 2-token probe)."""
-    hooks = sorted({t.hook for t in targets})
+    """Each SAE's d_in against the width of the activations at the hook it reads, its d_out against
+    the hook it writes (one 2-token probe; a transcoder "IN->OUT" reads IN, writes OUT), and that
+    it writes the residual stream's width: a latent's logit effect is its decoder row through the
+    final norm and W_U [d_model, d_vocab] (weights.logit_effect)."""
+    check_widths(lm, {t.label: (t.hook, t.sae) for t in targets}, DashboardError)
     for target in targets:
-        try:
-            lm.validate_hook(target.hook)
-        except ValueError as error:
-            raise DashboardError(f"{target.label}: {error}") from None
-    probe = torch.zeros(1, 2, dtype=torch.long, device=lm.device)
-    widths = {hook: acts.shape[-1] for hook, acts in lm.activations(probe, hooks).items()}
-    for target in targets:
-        if widths[target.hook] != target.sae.d_in:
-            raise DashboardError(f"{target.label} reads d_in={target.sae.d_in}, but {target.hook} of the model "
-                                 f"is {widths[target.hook]} wide: this SAE was not trained on this model or hook")
+        if target.sae.d_out != lm.d_model:
+            raise DashboardError(f"{target.label} writes {target.hook_out}, {target.sae.d_out} wide, not the residual "
+                                 f"stream's d_model={lm.d_model}: its decoder rows have no logit effect through W_U "
+                                 "(a dashboard needs a coder that writes a residual-width hook, e.g. hook_mlp_out)")
 
 
 def _neighbours(directions: torch.Tensor, alive: torch.Tensor, k: int, other: torch.Tensor | None = None,
@@ -231,9 +228,9 @@ def _comparison_notes(targets: Sequence[SAETarget], other: SAETarget) -> list[st
     read different hooks."""
     notes = []
     for t in targets:
-        if t.sae.d_in != other.sae.d_in:
-            raise DashboardError(f"{t.label} (d_in {t.sae.d_in}) and --compare {other.label} "
-                                 f"(d_in {other.sae.d_in}) live in spaces of different widths: "
+        if t.sae.d_out != other.sae.d_out:  # decoder rows: the width they write
+            raise DashboardError(f"{t.label} (d_out {t.sae.d_out}) and --compare {other.label} "
+                                 f"(d_out {other.sae.d_out}) live in spaces of different widths: "
                                  "their decoder directions cannot be compared")
         if t.hook != other.hook:
             notes.append(f"{t.label} reads {t.hook} and {other.label} reads "
@@ -256,14 +253,14 @@ def _collection_pass(lm, shown: _Shown, settings: DashboardSettings, split: str,
     """One streaming pass over ``n_tokens`` tokens of ``split``: every SAE's contexts, samples,
     token index and LatentStats, and the pass's seconds. Notes where the data ran out; raises
     where an SAE has no alive latent."""
-    saes = {key: (t.hook, t.sae) for key, t in zip(shown.keys, shown.targets)}
+    saes = {key: (t.hook_in, t.sae) for key, t in zip(shown.keys, shown.targets)}  # a transcoder reads IN
     for _, sae in saes.values():
         sae.eval()
     collector = DashboardCollector(saes, lm.d_vocab, top_k=settings.top_k, n_samples=settings.n_samples,
                                    token_latents=settings.token_latents, before=settings.before,
                                    after=settings.after, seed=settings.seed)
     batches = held_out_batches(lm, shown.config, split=split)
-    stream = ActivationStream(lm, batches, hooks=sorted({t.hook for t in shown.targets}), n_tokens=n_tokens)
+    stream = ActivationStream(lm, batches, hooks=sorted({t.hook_in for t in shown.targets}), n_tokens=n_tokens)
     log(f"fastsae dashboard: {len(shown.targets)} SAE(s) on {shown.config.model.name}, reading up to "
         f"{n_tokens:,} tokens of the {split} split on {device}")
     pass_start = time.perf_counter()
@@ -325,7 +322,7 @@ def _sae_meta(shown: _Shown, collector: DashboardCollector, across: dict, shard_
         stats = collector.records[key].stats
         sae_meta.append({
             "key": key, "label": t.label, "hook": t.hook, "origin": t.origin, "objective": t.objective,
-            "n_latents": sae.n_latents, "d_in": sae.d_in, "activation": sae.activation, "k": sae.k,
+            "n_latents": sae.n_latents, "d_in": sae.d_in, "d_out": sae.d_out, "activation": sae.activation, "k": sae.k,
             "alive": stats.n_alive, "dead": sae.n_latents - stats.n_alive, "shard": shard_size,
             "compare": across[key][0] if key in across else None,
             "groups": latent_groups(sae),  # Matryoshka's nested prefixes: each latent's group is shown

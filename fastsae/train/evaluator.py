@@ -90,8 +90,8 @@ class Evaluator:
             ablated = zero_ablated_hidden(self.lm, batch.tokens, objective.io[hook][1], start,
                                           None if start is None else batch.clean[start])
         sae_pass = batch.saes[hook]  # a transcoder is measured against the output it replaces
-        core.add_batch(batch.tokens, sae_pass.target, sae_pass.out.reconstruction, batch.h_orig, batch.h_sae, ablated,
-                       objective.W_U, objective.b_U, self.lm.logit_softcap)
+        core.add_batch(batch.tokens, sae_pass.x, sae_pass.out.reconstruction, batch.h_orig, batch.h_sae, ablated,
+                       objective.W_U, objective.b_U, self.lm.logit_softcap, target=sae_pass.target)
 
     @torch.no_grad()
     def evaluate(self, n_tokens: int | None = None, *, run_dir: str | Path | None = None, step: int = 0,

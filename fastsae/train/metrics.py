@@ -27,6 +27,13 @@ Metric names (per SAE ones end in /<hook>; eval ones start with eval/):
                           explained variance of the clean activations by the spliced run's, as above
     grad_norm             SAE parameters' gradient norm before clipping
     lr, tokens, tokens_per_s, step
+
+A transcoder's <hook> is "IN->OUT" (it reads IN, writes OUT in place of the model's activation there,
+e.g. an MLP's output): its mse/, explained_variance/ (and _ln, _out_to_in) compare its output with
+the activation the model computed at OUT, the one it replaces, not with its input; so
+explained_variance/IN->OUT is the share of the MLP output's variance it explains, and kl,
+ce_increase are those of the model with OUT replaced. eval.json's "transcoders" entry and the
+console summary say so per transcoder (transcoder_notes).
 """
 
 from __future__ import annotations
@@ -215,10 +222,27 @@ def write_eval_json(run_dir: str | os.PathLike, metrics: dict, config: dict, *, 
         "training_tokens": training_tokens,
         "eval_tokens": _jsonable(metrics.get("eval/tokens")),
         "metrics": {key.removeprefix("eval/"): _jsonable(value) for key, value in metrics.items()},
+        **transcoder_notes(config["saes"]["hooks"]),
         **(extra or {}),
     }
     atomic_write_text(path, json.dumps(record, indent=2))
     return path
+
+
+def transcoder_notes(hooks) -> dict:
+    """{"transcoders": {hook: what its metrics compare}} for the transcoders "IN->OUT" among
+    ``hooks`` (eval.json's entry; see the module docstring); {} where there is none."""
+    from fastsae.spec import hook_in_out
+
+    notes = {}
+    for hook in hooks:
+        hook_in, hook_out = hook_in_out(hook)
+        if hook_in != hook_out:
+            notes[hook] = {"reads": hook_in, "writes": hook_out, "compared_with": hook_out,
+                           "note": f"mse/ and explained_variance/ of {hook} compare its output with the model's "
+                                   f"activation at {hook_out} (the one it replaces); kl and ce_increase are of the "
+                                   f"model with {hook_out} replaced"}
+    return {"transcoders": notes} if notes else {}
 
 
 def read_eval_json(run_dir: str | os.PathLike) -> dict:
@@ -280,4 +304,5 @@ def summarize(metrics: dict, hooks: list[str] | None = None, prefix: str = "") -
     for hook in hooks:
         keys += [f"{prefix}{name}/{hook}" for name in ("l0", "explained_variance", "mse", "alive")]
     keys += [k for k in metrics if k.startswith((prefix + "downstream_mse/", prefix + "downstream_explained_variance/"))]
-    return format_metrics(metrics, keys)
+    notes = transcoder_notes(hooks).get("transcoders", {})
+    return format_metrics(metrics, keys) + "".join(f"\n  (transcoder: {note['note']})" for note in notes.values())

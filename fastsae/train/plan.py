@@ -6,8 +6,10 @@
 Per GPU, for the config's batch and sharding (world = gpus = data groups x saes.shards):
 - LM weights: the frozen model, every rank holds all of it (plus an fp32 W_U copy for the KL
   when the LM is not fp32).
-- SAE weights / gradients / Adam state: per SAE, this rank's 1/shards of W_enc, b_enc and W_dec,
-  and the replicated b_dec; Adam keeps two moments in the parameters' dtype.
+- SAE weights / gradients / Adam state: per SAE, this rank's 1/shards of W_enc [d_in, n], b_enc and
+  W_dec [n, d_out], and the replicated b_dec [d_out] and (a skip-transcoder's) W_skip [d_in, d_out];
+  Adam keeps two moments in the parameters' dtype. A transcoder "IN->OUT" reads IN's width and
+  writes OUT's (coder_widths: d_mlp for an MLP's hook_pre / hook_post, else d_model).
 - activations: what one micro-batch (batch_size / data groups / grad_accum sequences) keeps for
   backward: the spliced run's saved tensors in the blocks after the first SAE, the clean run's
   cached residuals, and the SAEs' inputs and codes. The SAE kind says what its training pass holds
@@ -45,7 +47,7 @@ from pathlib import Path
 
 from fastsae._dtypes import DTYPES
 from fastsae.activations import get_activation
-from fastsae.spec import check_params
+from fastsae.spec import check_params, hook_in_out
 from fastsae.train.config import ConfigError, TrainConfig
 
 GiB = 1 << 30
@@ -159,7 +161,7 @@ def usable_memory(gpu_memory: int) -> int:
 def _items(cfg: TrainConfig, lm: LMShape, n_latents: int, gpus: int, shards: int) -> tuple[dict[str, int], int]:
     from fastsae.ops.checks import CHUNK_ELEMENTS
 
-    n_saes = len(cfg.saes.hooks)
+    widths = coder_widths(cfg, lm)  # [(d_in, d_out)] per SAE
     data_groups = gpus // shards
     micro = cfg.optim.batch_size // data_groups // cfg.optim.grad_accum
     ctx, d = cfg.data.context_length, lm.d_model
@@ -173,7 +175,8 @@ def _items(cfg: TrainConfig, lm: LMShape, n_latents: int, gpus: int, shards: int
         items["LM weights"] += d * lm.d_vocab * 4  # the trainer's fp32 W_U for the KL
     # W_enc, W_dec, b_enc, b_dec and the activation's trained per-latent tensors (JumpReLU's threshold)
     per_latent = sum(extra.per_latent and extra.trainable for extra in get_activation(cfg.saes.activation).extra_tensors.values())
-    sae_params = n_saes * (2 * d * n_local + (1 + per_latent) * n_local + d)
+    sae_params = sum(d_in * n_local + n_local * d_out + (1 + per_latent) * n_local + d_out
+                     + (d_in * d_out if cfg.saes.skip else 0) for d_in, d_out in widths)
     items["SAE weights"] = sae_params * sae_bytes
     items["SAE gradients"] = sae_params * sae_bytes
     items["Adam state"] = 2 * sae_params * sae_bytes
@@ -186,17 +189,22 @@ def _items(cfg: TrainConfig, lm: LMShape, n_latents: int, gpus: int, shards: int
     if cfg.is_e2e:
         grad_blocks = lm.n_layers - max(hook_blocks[0], 0)
         cached = 2 + len(cfg.loss.downstream_hooks) * 2  # start residual, h_orig, downstream clean + spliced
+        cached_width = cached * d
     else:
         grad_blocks = 0  # local training: no gradient through the LM
-        cached = n_saes
-    items["LM activations"] = tokens * act_bytes * (grad_blocks * per_block + cached * d + per_block)
+        # the clean run's activations each SAE reads: its input (a transcoder's IN) and a transcoder's target at OUT
+        transcoder = [len(set(hook_in_out(hook))) == 2 for hook in cfg.saes.hooks]
+        cached_width = sum(d_in + d_out * t for (d_in, d_out), t in zip(widths, transcoder))
+    items["LM activations"] = tokens * act_bytes * (grad_blocks * per_block + cached_width + per_block)
 
     # The SAEs: the input and the reconstruction partials, plus what the kind's training pass holds
     # (its code, candidates and workspaces; fastsae.activations: Activation.memory).
-    sae_acts = n_saes * tokens * sae_bytes * 4 * d
-    need = _activation(cfg).memory(tokens, n_local, d, sae_bytes, shards)
-    sae_acts += n_saes * need.code
-    workspace = n_saes * need.workspace
+    # (an SAE: 4 d-wide tensors; a transcoder: 2 of each width, its input and target's among them)
+    sae_acts, workspace, need = 0, 0, None
+    for d_in, d_out in widths:
+        need = _activation(cfg).memory(tokens, n_local, d_in, sae_bytes, shards, d_out=d_out)
+        sae_acts += tokens * sae_bytes * 2 * (d_in + d_out) + need.code
+        workspace += need.workspace
     items["SAE activations"] = sae_acts
     if cfg.is_e2e:
         workspace += min(CHUNK_ELEMENTS, tokens * 2 * lm.d_vocab) * 4  # the fused KL's two logits blocks
@@ -208,6 +216,22 @@ def _items(cfg: TrainConfig, lm: LMShape, n_latents: int, gpus: int, shards: int
     step_transients = items["LM activations"] + items["SAE activations"] + workspace
     items["optimizer temporaries"] = max(0, sae_params * sae_bytes - step_transients)
     return items, micro
+
+
+def hook_width(lm: LMShape, hook: str) -> int:
+    """The width of the activation at a TransformerLens hook, from the model's shape: d_mlp for an
+    MLP's hidden layer (blocks.L.mlp.hook_pre / hook_post / hook_pre_linear), else d_model."""
+    return lm.d_mlp if re.search(r"\.mlp\.hook_(pre|post|pre_linear)$", hook) else lm.d_model
+
+
+def coder_widths(cfg: TrainConfig, lm: LMShape) -> list[tuple[int, int]]:
+    """(d_in, d_out) of each SAE of the config: an SAE reads and writes d_model; a transcoder
+    "IN->OUT" the widths of its two hooks (hook_width)."""
+    out = []
+    for hook in cfg.saes.hooks:
+        hook_in, hook_out = hook_in_out(hook)
+        out.append((lm.d_model, lm.d_model) if hook_in == hook_out else (hook_width(lm, hook_in), hook_width(lm, hook_out)))
+    return out
 
 
 def _activation(cfg: TrainConfig):

@@ -26,6 +26,10 @@ as SAEBench masks them; the SAE and the ablation still act at every position.
         under 1e-4 divides as 1); relative_reconstruction_bias: per batch mean ||x̂||^2 / mean <x, x̂>
         (Rajamanoharan et al. 2024, eq. 10), averaged over batches
     l0, l1   mean count and mean sum of the code's nonzero entries per token
+
+A transcoder "IN->OUT" is measured as it acts: the ablation zeroes OUT (the activation it replaces),
+the reconstruction metrics compare its output with the model's activation at OUT (x above is that
+target), and the sparsity metrics read its code of its input, the activation at IN.
     feature_density   per latent, the counted tokens it fires on / counted tokens;
         consistent_activation_heuristic: those tokens / the sequences it fires in
     misc_metrics   frac_alive (density > 0), freq_over_1_percent / _10_percent (share of latents
@@ -134,15 +138,18 @@ class CoreMetrics:
     @torch.no_grad()
     def add_batch(self, tokens: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, h_orig: torch.Tensor,
                   h_sae: torch.Tensor, h_ablated: torch.Tensor, W_U: torch.Tensor, b_U: torch.Tensor | None,
-                  softcap: float | None = None) -> None:
-        """One eval batch: tokens [B, T], the SAE's input x and reconstruction x_hat [B, T, d_in],
-        the final hidden states of the clean, spliced and zero-ablated runs [B, T, d_model]."""
+                  softcap: float | None = None, target: torch.Tensor | None = None) -> None:
+        """One eval batch: tokens [B, T], the SAE's input x [B, T, d_in] and reconstruction x_hat
+        [B, T, d_out], the final hidden states of the clean, spliced and zero-ablated runs [B, T,
+        d_model]; target: what x_hat is compared with (a transcoder's: the activation at OUT; None:
+        x, an SAE's)."""
         mask = self.token_mask(tokens)
         self.tokens += tokens.numel()
         self.batches += 1
         self._add_downstream(tokens, mask, h_orig, h_sae, h_ablated, W_U, b_U, softcap)
         if bool(mask.any()):
-            self._add_reconstruction(mask, x, x_hat)
+            self._add_reconstruction(mask, x if target is None else target, x_hat)
+            self._add_code(mask, x)
 
     def _add_downstream(self, tokens, mask, h_orig, h_sae, h_ablated, W_U, b_U, softcap) -> None:
         labels = next_token_labels(tokens, _IGNORE).masked_fill(~mask, _IGNORE)
@@ -179,6 +186,8 @@ class CoreMetrics:
         self._add(self.batch_sums, "mean_sum_of_resid_squared", resid.mean())
         self._add(self.batch_sums, "reconstruction_batches", 1)
 
+    def _add_code(self, mask, x) -> None:
+        sums = self.token_sums
         code = self.sae.encode_sparse(x)  # [B, T, width], padded with zeros
         values = code.values.float() * mask[..., None]
         active = values != 0
@@ -191,13 +200,16 @@ class CoreMetrics:
         present = torch.zeros(values.shape[0], self.sae.n_latents, dtype=torch.bool, device=ids.device)
         present[sequences, ids] = True
         self.fired_sequences += present.sum(0)
-        self.counted += n
+        self.counted += int(mask.sum())
 
     def _weight_metrics(self) -> dict[str, torch.Tensor]:
         sae = self.sae
-        W_enc, W_dec = sae.W_enc.detach().float(), sae.W_dec.detach().float()  # [d_in, n], [n, d_in]
+        W_enc, W_dec = sae.W_enc.detach().float(), sae.W_dec.detach().float()  # [d_in, n], [n, d_out]
+        # a transcoder with d_out != d_in: its encoder column and decoder row live in different spaces (NaN)
+        cosine = (F.cosine_similarity(W_dec, W_enc.T, dim=1) if W_dec.shape[1] == W_enc.shape[0]
+                  else torch.full((sae.n_latents,), math.nan, device=W_enc.device))
         return {"encoder_bias": sae.b_enc.detach().float(), "encoder_norm": W_enc.norm(dim=0),
-                "encoder_decoder_cosine_sim": F.cosine_similarity(W_dec, W_enc.T, dim=1),
+                "encoder_decoder_cosine_sim": cosine,
                 "max_encoder_cosine_sim": max_cosine_with_others(W_enc.T),
                 "max_decoder_cosine_sim": max_cosine_with_others(W_dec)}
 
