@@ -51,8 +51,14 @@ by Triton (keyed by kernel source, specialisation, options and target) and SASS 
 of the cubin and of the reader, under CACHE_DIR: a cold run compiles everything, a warm one only
 what changed.
 
-    python tests/compile_check.py            # print the table for sm_80 and sm_90
-    python tests/compile_check.py --write    # ... and write benchmarks/results/compile_sm*.json
+    python tests/compile_check.py                  # print the table for sm_80 and sm_90
+    python tests/compile_check.py --write          # ... and write benchmarks/results/compile_sm*.json
+    python tests/compile_check.py --write --reuse  # ... compiling only the cases whose case_key changed
+
+``--reuse [DIR]`` takes the recorded facts of every case whose case_key equals the one in
+DIR/compile_sm<arch>.json (default: the committed results) and compiles the rest; with ``--write``
+the written reports hold both (after a change to one kernel file, only its cases compile). Without
+``--reuse``, ``--write`` compiles everything.
 """
 
 from __future__ import annotations
@@ -422,7 +428,8 @@ def main(argv=None) -> int:
     parser.add_argument("--write", action="store_true", help="write benchmarks/results/compile_sm<arch>.json")
     parser.add_argument("--reuse", type=Path, nargs="?", const=RESULTS_DIR, metavar="DIR",
                         help="take unchanged cases from DIR/compile_sm<arch>.json (default DIR: the committed "
-                             "results) instead of compiling them; --write always compiles everything")
+                             "results) instead of compiling them; with --write, the written reports hold the reused "
+                             "and the compiled cases")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # internal: one arch, JSON on stdout
     args = parser.parse_args(argv)
     if args.worker is not None:
@@ -433,7 +440,7 @@ def main(argv=None) -> int:
         print(_MARKER + json.dumps(compile_for_arch(args.worker, known)))
         return 0
     start = time.perf_counter()
-    results = run_compile_check(tuple(args.arch or ARCHS), reuse=None if args.write else args.reuse)
+    results = run_compile_check(tuple(args.arch or ARCHS), reuse=args.reuse)
     failed = 0
     for arch, report in results.items():
         print(format_table(report))
