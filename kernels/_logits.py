@@ -4,6 +4,7 @@ reference (fastsae.ops.linear_kl). No triton import: the reference runs where Tr
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -134,3 +135,25 @@ def kl_from_sums(s: torch.Tensor, u_sum: torch.Tensor, r_sum: torch.Tensor, t_su
     kl = torch.where(small, (r_sum / s).double() + log1p_minus_identity(u), (log1p_u - t_sum / s).double())
     # KL >= 0; rounding leaves -1e-16 where both distributions are one token (NaN stays NaN).
     return kl.clamp_min(0.0).to(s.dtype), log1p_u
+
+
+class KLSums(NamedTuple):
+    """The per-call sums both paths of the fused linear-KL (the Triton op and the PyTorch
+    reference) return beside the loss, over the counted tokens. They travel as one fp32 [5]
+    tensor (an autograd output must be a tensor) in this field order: writers build it with
+    KLSums(...).stacked(), readers name it with KLSums(*sums)."""
+
+    ce_orig: torch.Tensor  # the clean run's cross-entropy, summed over the labelled tokens
+    ce_sae: torch.Tensor  # the SAE run's, the same way
+    n_labelled: torch.Tensor  # tokens with a label (not ignore_index)
+    n_agree: torch.Tensor  # tokens whose top-1 prediction agrees between the runs
+    n_counted: torch.Tensor  # tokens counted (the mask's sum)
+
+    def stacked(self) -> torch.Tensor:
+        """The fp32 [5] tensor, in field order."""
+        return torch.stack([value.to(torch.float32) for value in self])
+
+    @classmethod
+    def zeros(cls, device) -> torch.Tensor:
+        """The stacked sums of no tokens."""
+        return torch.zeros(len(cls._fields), dtype=torch.float32, device=device)

@@ -60,6 +60,14 @@ T = sum exp(A - m_A) x, rescaled exactly whenever m_A or the centre moves (the f
 a phi(k) of _logits.rescale_factors, in _rescale_factors here). exp(A - m_A + x) = exp(B - m_B)
 <= 1, so no term overflows however large the logits or D are.
 
+The sweep in the code. Each program walks its vocabulary slice one [BLOCK_N, BLOCK_V] tile at a
+time: `_logit_tiles` forms the tile's two logit products (A and D), then `_sweep_tile` moves the
+program's SweepState past it (named tuples: `SliceStats`, the maxima, the four scaled sums and the
+label's logits, which are also the rows of the stats the kernel writes and _merge_slices reads by
+name; the centre; `Top1`, the running argmaxes) and hands back the tile's TileTerms (the
+accumulators' `Rescale` factors, the weights e and e expm1(x), the filter's bounds) for the
+gradient's update, `_accumulate_step`.
+
 The gradient in one sweep. d KL / d b_v = q_v - p_v = p_v (expm1(x_v) - u) / (1 + u) (times
 cap'(b_v) with a cap), so
 
@@ -116,7 +124,7 @@ row-major) loses the vectorised, pipelined tile loads; such a W_U is copied once
 buffer (`padded_unembedding`, a fresh copy each call: never stale). A column-major W_U
 (TransformerLens 4 passes lm_head.weight.T) is read as it is. Masked tokens are never read: their
 rows load as zeros (a masked token with a NaN hidden state gives finite loss and gradients), and a
-block of only masked tokens returns at once. Extra memory: the stats ([8, n_slices, N] fp32) and,
+block of only masked tokens returns at once. Extra memory: the stats ([N_STATS = 8, n_slices, N] fp32) and,
 with the gradient, G0 and G1 (2 * n_slices * N * d fp32; one slice from one row block per SM:
 N = 8,448 on 132 SMs at BLOCK_N = 64).
 
@@ -135,12 +143,68 @@ import triton
 import triton.language as tl
 
 from fastsae.kernels._common import gpu_arch, matmul_mode, mma, sm_count
-from fastsae.kernels._logits import kl_from_sums, prepared_bias, rescale_factors
+from fastsae.kernels._logits import KLSums, kl_from_sums, prepared_bias, rescale_factors
 
-# The forward kernel writes, per vocabulary slice and token, N_STATS fp32 numbers in this order:
-# m_orig, m_sae, S, U, R, T (the scaled sums of the module docstring), label_orig, label_sae
-# ->  stats [N_STATS, n_slices, N].
-N_STATS = 8
+
+
+class SliceStats(NamedTuple):
+    """What the forward kernel keeps per token of its row block over its vocabulary slice, and
+    writes as the rows of stats [N_STATS, n_slices, N] fp32 in this field order; _merge_slices
+    reads them back by name (SliceStats(*stats)), so the two cannot drift apart. In the kernel
+    each field is a [BLOCK_N] block, on the host an [n_slices, N] tensor."""
+
+    m_orig: torch.Tensor  # running max of A (-inf before the first tile)
+    m_sae: torch.Tensor  # running max of B
+    s_sum: torch.Tensor  # S = sum exp(A - m_A): the scaled sums of the module docstring
+    u_sum: torch.Tensor  # U = sum exp(A - m_A) expm1(x)
+    r_sum: torch.Tensor  # R = sum exp(A - m_A) phi(x)
+    t_sum: torch.Tensor  # T = sum exp(A - m_A) x
+    label_orig: torch.Tensor  # A at the token's label (0 in the slices without it)
+    label_sae: torch.Tensor  # B at the token's label
+
+
+N_STATS = len(SliceStats._fields)
+
+
+class Top1(NamedTuple):
+    """The running argmaxes of A and B (int32 vocabulary indices): the rows of the forward's
+    argmax [2, n_slices, N] in this field order, like SliceStats."""
+
+    orig: torch.Tensor
+    sae: torch.Tensor
+
+
+class SweepState(NamedTuple):
+    """The running state of one program's sweep over its vocabulary slice, per token: the stats it
+    writes, the centre c = m_sae - m_orig its sums are taken about (0 before the first tile), the
+    argmaxes."""
+
+    stats: SliceStats
+    centre: torch.Tensor
+    top: Top1
+
+
+class Rescale(NamedTuple):
+    """One tile's rescaling of the gradient's accumulators, per token: G0' = alpha G0,
+    G1' = beta G1 + beta_minus_alpha G0 (as the sums U and S; _rescale_factors)."""
+
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    beta_minus_alpha: torch.Tensor
+
+
+class TileTerms(NamedTuple):
+    """What one tile's step of the sweep hands the gradient: the accumulators' rescaling, the
+    tile's [BLOCK_N, BLOCK_V] weights e = exp(A - m_A) and e * expm1(x) (before cap'), and the
+    filter's two numbers (module docstring): the largest bound on p and q, and how far the
+    maxima moved (0 where every row kept its maxima)."""
+
+    rescale: Rescale
+    e: torch.Tensor
+    e_em: torch.Tensor
+    largest: torch.Tensor
+    moved: torch.Tensor
+
 # Cut Cross-Entropy's gradient filter: skip vocabulary tiles whose |q - p| is below this
 # everywhere (error bound in the module docstring). 0 disables it.
 FILTER_EPS = 2.0**-30
@@ -277,7 +341,8 @@ def _dlogit_tile(h_ptr, dh_ptr, w_ptr, b_ptr, lse, dlse, rows, row_ok, cols, col
     while q does not)."""
     a, d, slope = _logit_tiles(h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, w_ok, d_model, softcap,
                                stride_hn, stride_hd, stride_wd, stride_wv,
-                               HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, MATMUL_MODE)
+                               HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N,
+                               BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, MATMUL_MODE=MATMUL_MODE)
     log_p = a - lse[:, None]  # -inf past the slice: p = 0 there
     x = d - dlse[:, None]
     p = tl.exp(log_p)
@@ -296,20 +361,12 @@ def _dlogit_tile(h_ptr, dh_ptr, w_ptr, b_ptr, lse, dlse, rows, row_ok, cols, col
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _sweep_tile(h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, label, v0, v_end, w_end, d_model, softcap,
-                stride_hn, stride_hd, stride_wd, stride_wv,
-                m_orig, m_sae, centre, s_sum, u_sum, r_sum, t_sum, top_orig, top_sae, label_orig, label_sae,
-                HAS_BIAS: tl.constexpr, HAS_LABELS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, MATMUL_MODE: tl.constexpr):
-    """One vocabulary tile [v0, v0 + BLOCK_V) of the sweep: its logits, then the running state
-    (maxima, centre, scaled sums, argmaxes, label logits) moved past it. Also returns the tile's
-    rescaling factors (a, b, b - a) of the accumulators, their operands (e and e * expm1(x), times
-    cap'), and the filter's two numbers (largest bound on p and q; how far the maxima moved)."""
-    cols = v0 + tl.arange(0, BLOCK_V)
-    col_ok = cols < v_end
-    a, d, slope = _logit_tiles(h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, cols < w_end, d_model,
-                               softcap, stride_hn, stride_hd, stride_wd, stride_wv,
-                               HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, MATMUL_MODE)
+def _sweep_tile(state, a, d, cols, col_ok, label, v0, HAS_LABELS: tl.constexpr):
+    """One vocabulary tile [v0, v0 + BLOCK_V) of the sweep, from its logit tiles A and D
+    (_logit_tiles): the SweepState moved past it (maxima and argmaxes, label logits, centre, the
+    scaled sums rescaled to the new maxima and centre plus the tile's terms), and the TileTerms
+    the gradient's accumulators take from it."""
+    stats = state.stats
     b = a + d  # the SAE run's logits: for the max, the argmax and the label only
 
     # Running argmax: strict > keeps the first index on ties, like torch.argmax.
@@ -317,8 +374,10 @@ def _sweep_tile(h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, label, v0, v_end, w_e
     tile_max_sae = tl.max(b, axis=1)
     tile_top_orig = tl.argmax(a, axis=1, tie_break_left=True).to(tl.int32) + v0
     tile_top_sae = tl.argmax(b, axis=1, tie_break_left=True).to(tl.int32) + v0
-    top_orig = tl.where(tile_max_orig > m_orig, tile_top_orig, top_orig)
-    top_sae = tl.where(tile_max_sae > m_sae, tile_top_sae, top_sae)
+    top = Top1(orig=tl.where(tile_max_orig > stats.m_orig, tile_top_orig, state.top.orig),
+               sae=tl.where(tile_max_sae > stats.m_sae, tile_top_sae, state.top.sae))
+    label_orig = stats.label_orig
+    label_sae = stats.label_sae
     if HAS_LABELS:
         is_label = (cols[None, :] == label[:, None]) & col_ok[None, :]
         label_orig += tl.sum(tl.where(is_label, a, 0.0), axis=1)
@@ -326,48 +385,45 @@ def _sweep_tile(h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, label, v0, v_end, w_e
 
     # New maxima and centre c = m_B - m_A; the first tile has m = -inf: a = b = 0 below (and a
     # finite k, from the centre's initial 0).
-    new_m_orig = tl.maximum(m_orig, tile_max_orig)
-    new_m_sae = tl.maximum(m_sae, tile_max_sae)
-    new_centre = new_m_sae - new_m_orig
-    k = centre - new_centre
-    alpha, beta, beta_minus_alpha, alpha_phi = _rescale_factors(m_orig - new_m_orig, k)
-    x = d - new_centre[:, None]
-    e, e_em, e_phi = _centered_terms(a - new_m_orig[:, None], x)
-    # Every right-hand side reads the sums before this tile.
-    r_sum = alpha * r_sum + beta_minus_alpha * u_sum + alpha_phi * s_sum + tl.sum(e_phi, axis=1)
+    m_orig = tl.maximum(stats.m_orig, tile_max_orig)
+    m_sae = tl.maximum(stats.m_sae, tile_max_sae)
+    centre = m_sae - m_orig
+    k = state.centre - centre
+    alpha, beta, beta_minus_alpha, alpha_phi = _rescale_factors(stats.m_orig - m_orig, k)
+    x = d - centre[:, None]
+    e, e_em, e_phi = _centered_terms(a - m_orig[:, None], x)
+    # The scaled sums: every right-hand side reads the sums before this tile.
+    s_sum, u_sum = stats.s_sum, stats.u_sum
+    r_sum = alpha * stats.r_sum + beta_minus_alpha * u_sum + alpha_phi * s_sum + tl.sum(e_phi, axis=1)
     u_sum = beta * u_sum + beta_minus_alpha * s_sum + tl.sum(e_em, axis=1)
-    t_sum = alpha * (t_sum + k * s_sum) + tl.sum(e * x, axis=1)
+    t_sum = alpha * (stats.t_sum + k * s_sum) + tl.sum(e * x, axis=1)
     s_sum = alpha * s_sum + tl.sum(e, axis=1)
+    stats = SliceStats(m_orig=m_orig, m_sae=m_sae, s_sum=s_sum, u_sum=u_sum, r_sum=r_sum, t_sum=t_sum,
+                       label_orig=label_orig, label_sae=label_sae)
 
     # The filter (module docstring): e >= p and e + |e_em| >= exp(B - m_B) >= q at the end of the
     # sweep; moved is 0 where every row kept its maxima (a = 1, k = 0). NaN never compares below.
     largest = tl.max(tl.max(e + tl.abs(e_em), axis=1), axis=0)
     moved = tl.max(tl.abs(k) + (1.0 - alpha), axis=0)
-    if SOFTCAP:
-        e = e * slope
-        e_em = e_em * slope
-    # Tensor-core operands in W_U's dtype (both bounded by 1 in magnitude), transposed for
-    # _accumulate_step.
-    op0 = tl.trans(e.to(w_ptr.dtype.element_ty))
-    op1 = tl.trans(e_em.to(w_ptr.dtype.element_ty))
-    return (new_m_orig, new_m_sae, new_centre, s_sum, u_sum, r_sum, t_sum, top_orig, top_sae, label_orig,
-            label_sae, alpha, beta, beta_minus_alpha, op0, op1, largest, moved)
+    terms = TileTerms(rescale=Rescale(alpha=alpha, beta=beta, beta_minus_alpha=beta_minus_alpha), e=e, e_em=e_em,
+                      largest=largest, moved=moved)
+    return SweepState(stats=stats, centre=centre, top=top), terms
 
 
 @triton.jit
-def _accumulate_step(g0, g1, op0, op1, w_ptr, cols, w_ok, k0, d_model, alpha, beta, beta_minus_alpha,
-                     stride_wd, stride_wv, BLOCK_D: tl.constexpr, MATMUL_MODE: tl.constexpr):
+def _accumulate_step(g0, g1, op0, op1, rescale, w_ptr, cols, w_ok, k0, d_model, stride_wd, stride_wv,
+                     BLOCK_D: tl.constexpr, MATMUL_MODE: tl.constexpr):
     """One d chunk of one tile's update of the transposed accumulators ([BLOCK_D, BLOCK_N] chunks
-    of G^T): G1 <- b G1 + (b - a) G0 + W op1, G0 <- a G0 + W op0, with W the tile's [BLOCK_D,
-    BLOCK_V] slice of W_U and op the [BLOCK_V, BLOCK_N] operands. Transposed, the operands are the
-    MMA's B side, which the tensor cores read from shared memory (on sm_90): held as the A side
-    they would take BLOCK_V / 2 registers per thread each. Addresses are formed per step: a pointer
-    tile carried through the loop would hold two registers per element."""
+    of G^T): G1 <- b G1 + (b - a) G0 + W op1, G0 <- a G0 + W op0 (rescale: a, b, b - a), with W
+    the tile's [BLOCK_D, BLOCK_V] slice of W_U and op the [BLOCK_V, BLOCK_N] operands. Transposed,
+    the operands are the MMA's B side, which the tensor cores read from shared memory (on sm_90):
+    held as the A side they would take BLOCK_V / 2 registers per thread each. Addresses are formed
+    per step: a pointer tile carried through the loop would hold two registers per element."""
     ks = k0 + tl.arange(0, BLOCK_D)
     w = tl.load(w_ptr + ks.to(tl.int64)[:, None] * stride_wd + cols.to(tl.int64)[None, :] * stride_wv,
                 mask=(ks < d_model)[:, None] & w_ok[None, :], other=0.0)
-    g1 = mma(w, op1, beta[None, :] * g1 + beta_minus_alpha[None, :] * g0, MATMUL_MODE)
-    g0 = mma(w, op0, alpha[None, :] * g0, MATMUL_MODE)
+    g1 = mma(w, op1, rescale.beta[None, :] * g1 + rescale.beta_minus_alpha[None, :] * g0, MATMUL_MODE)
+    g0 = mma(w, op0, rescale.alpha[None, :] * g0, MATMUL_MODE)
     return g0, g1
 
 
@@ -380,11 +436,12 @@ def _linear_kl_forward_kernel(
     WITH_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DG: tl.constexpr, MATMUL_MODE: tl.constexpr,
 ):
-    """Per (row block, vocabulary slice): running maxima and argmaxes of A and B, the scaled sums
-    S, U, R, T, the label's logits; WITH_GRAD: the accumulators G0, G1 of the slice, updated in
-    place in acc[:, slice, :, rows] (transposed) after every vocabulary tile, in BLOCK_DG-wide d
-    chunks. Writes stats[:, slice, rows] and argmax[:, slice, rows]; nothing for a block whose
-    tokens are all masked."""
+    """Per (row block, vocabulary slice): the SweepState (running maxima and argmaxes of A and B,
+    the scaled sums S, U, R, T, the label's logits); WITH_GRAD: the accumulators G0, G1 of the
+    slice, updated in place in acc[:, slice, :, rows] (transposed) after every vocabulary tile, in
+    BLOCK_DG-wide d chunks. Writes stats[:, slice, rows] (SliceStats' rows) and argmax[:, slice,
+    rows] (Top1's); nothing for a block whose tokens are all masked. b_ptr, mask_ptr, labels_ptr
+    and acc_ptr are None without HAS_BIAS, HAS_MASK, HAS_LABELS and WITH_GRAD."""
     row_block = tl.program_id(0)
     vocab_slice = tl.program_id(1)
     n_slices = tl.num_programs(1)
@@ -397,17 +454,12 @@ def _linear_kl_forward_kernel(
             return  # the epilogue ignores masked tokens: nothing to write
     label = tl.load(labels_ptr + rows, mask=row_ok, other=-1) if HAS_LABELS else rows
 
-    m_orig = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    m_sae = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    centre = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    s_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    u_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    r_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    t_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    top_orig = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    top_sae = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    label_orig = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    label_sae = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    no_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    state = SweepState(
+        stats=SliceStats(m_orig=no_max, m_sae=no_max, s_sum=zero, u_sum=zero, r_sum=zero, t_sum=zero,
+                         label_orig=zero, label_sae=zero),
+        centre=zero, top=Top1(orig=tl.zeros((BLOCK_N,), dtype=tl.int32), sae=tl.zeros((BLOCK_N,), dtype=tl.int32)))
 
     v_begin = vocab_slice * tiles_per_slice * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_slice * BLOCK_V, d_vocab)
@@ -418,17 +470,26 @@ def _linear_kl_forward_kernel(
     g1_offset = n_slices.to(tl.int64) * d_model * n_tokens
     ks = tl.arange(0, BLOCK_DG)
     for v0 in range(v_begin, v_end, BLOCK_V):
-        (m_orig, m_sae, centre, s_sum, u_sum, r_sum, t_sum, top_orig, top_sae, label_orig, label_sae,
-         alpha, beta, beta_minus_alpha, op0, op1, largest, moved) = _sweep_tile(
-            h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, label, v0, v_end, w_end, d_model, softcap,
-            stride_hn, stride_hd, stride_wd, stride_wv,
-            m_orig, m_sae, centre, s_sum, u_sum, r_sum, t_sum, top_orig, top_sae, label_orig, label_sae,
-            HAS_BIAS, HAS_LABELS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, MATMUL_MODE)
-        # The filter skips a tile only if it may (module docstring); NaN is never skipped.
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        w_ok = cols < w_end
+        # The tile's two logit products (and cap' at B), then the online log-sum-exp and KL sums.
+        a, d, slope = _logit_tiles(h_ptr, dh_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, w_ok, d_model, softcap,
+                                   stride_hn, stride_hd, stride_wd, stride_wv, HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP,
+                                   BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, MATMUL_MODE=MATMUL_MODE)
+        state, terms = _sweep_tile(state, a, d, cols, col_ok, label, v0, HAS_LABELS=HAS_LABELS)
         if WITH_GRAD:
-            if not ((largest < filter_eps) & (moved == 0.0)):
-                cols = v0 + tl.arange(0, BLOCK_V)
-                w_ok = cols < w_end
+            e = terms.e
+            e_em = terms.e_em
+            if SOFTCAP:
+                e = e * slope
+                e_em = e_em * slope
+            # Tensor-core operands in W_U's dtype (both bounded by 1 in magnitude), transposed for
+            # _accumulate_step.
+            op0 = tl.trans(e.to(w_ptr.dtype.element_ty))
+            op1 = tl.trans(e_em.to(w_ptr.dtype.element_ty))
+            # The filter skips a tile only if it may (module docstring); NaN is never skipped.
+            if not ((terms.largest < filter_eps) & (terms.moved == 0.0)):
                 keep = v0 != v_begin  # on the slice's first tile the buffers hold nothing yet
                 for k0 in range(0, d_model, BLOCK_DG):
                     g_mask = ((k0 + ks) < d_model)[:, None] & in_range[None, :]
@@ -436,25 +497,19 @@ def _linear_kl_forward_kernel(
                     # where, not a zero factor: the first tile's reads are uninitialised memory
                     g0 = tl.where(keep, tl.load(g_ptrs, mask=g_mask, other=0.0), 0.0)
                     g1 = tl.where(keep, tl.load(g_ptrs + g1_offset, mask=g_mask, other=0.0), 0.0)
-                    g0, g1 = _accumulate_step(g0, g1, op0, op1, w_ptr, cols, w_ok, k0, d_model, alpha, beta,
-                                              beta_minus_alpha, stride_wd, stride_wv, BLOCK_DG, MATMUL_MODE)
+                    g0, g1 = _accumulate_step(g0, g1, op0, op1, terms.rescale, w_ptr, cols, w_ok, k0, d_model,
+                                              stride_wd, stride_wv, BLOCK_D=BLOCK_DG, MATMUL_MODE=MATMUL_MODE)
                     tl.store(g_ptrs, g0, mask=g_mask)
                     tl.store(g_ptrs + g1_offset, g1, mask=g_mask)
 
     # int64: N_STATS * n_slices * N passes 2^31 where a caller-chosen n_slices meets a large N.
     stride_stat = n_slices.to(tl.int64) * n_tokens
     out = stats_ptr + vocab_slice.to(tl.int64) * n_tokens + rows
-    tl.store(out + 0 * stride_stat, m_orig, mask=in_range)
-    tl.store(out + 1 * stride_stat, m_sae, mask=in_range)
-    tl.store(out + 2 * stride_stat, s_sum, mask=in_range)
-    tl.store(out + 3 * stride_stat, u_sum, mask=in_range)
-    tl.store(out + 4 * stride_stat, r_sum, mask=in_range)
-    tl.store(out + 5 * stride_stat, t_sum, mask=in_range)
-    tl.store(out + 6 * stride_stat, label_orig, mask=in_range)
-    tl.store(out + 7 * stride_stat, label_sae, mask=in_range)
+    for row in tl.static_range(len(state.stats)):  # SliceStats' field order is the rows' order
+        tl.store(out + row * stride_stat, state.stats[row], mask=in_range)
     top = argmax_ptr + vocab_slice.to(tl.int64) * n_tokens + rows
-    tl.store(top, top_orig, mask=in_range)
-    tl.store(top + stride_stat, top_sae, mask=in_range)
+    for row in tl.static_range(len(state.top)):
+        tl.store(top + row * stride_stat, state.top[row], mask=in_range)
 
 
 @triton.jit
@@ -492,7 +547,8 @@ def _linear_kl_grad_kernel(
         w_ok0 = cols0 < w_end
         dl0 = _dlogit_tile(h_ptr, dh_ptr, w_ptr, b_ptr, lse, dlse, rows, row_ok, cols0, ok0, w_ok0, d_model, softcap,
                            stride_hn, stride_hd, stride_wd, stride_wv,
-                           HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, MATMUL_MODE)
+                           HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N,
+                           BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, MATMUL_MODE=MATMUL_MODE)
         largest = tl.max(tl.max(tl.abs(dl0), axis=1), axis=0)
         if V_GROUP == 2:
             cols1 = cols0 + BLOCK_V
@@ -500,7 +556,8 @@ def _linear_kl_grad_kernel(
             w_ok1 = cols1 < w_end
             dl1 = _dlogit_tile(h_ptr, dh_ptr, w_ptr, b_ptr, lse, dlse, rows, row_ok, cols1, ok1, w_ok1, d_model,
                                softcap, stride_hn, stride_hd, stride_wd, stride_wv,
-                               HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, MATMUL_MODE)
+                               HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, BLOCK_N=BLOCK_N,
+                               BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, MATMUL_MODE=MATMUL_MODE)
             largest = tl.maximum(largest, tl.max(tl.max(tl.abs(dl1), axis=1), axis=0))
         # Cut Cross-Entropy's filter (bound in the module docstring). Written so that a NaN
         # (an unmasked NaN input) is not skipped but reaches the gradient.
@@ -697,11 +754,11 @@ def linear_kl_forward(h_orig, delta, W_U, b_U, mask, labels, softcap=None, *, to
                                             n_slices, waves=1 if with_grad else 2)
     device = h_orig.device
     stats = torch.empty(N_STATS, slices, n_tokens, dtype=torch.float32, device=device)
-    top = torch.empty(2, slices, n_tokens, dtype=torch.int32, device=device)
-    # The accumulators of the gradient (module docstring); without it, unused pointers.
-    acc = torch.empty(2, slices, d_model, n_tokens, dtype=torch.float32, device=device) if with_grad else stats
-    args = dict(h_ptr=h_orig, dh_ptr=delta, w_ptr=W_U, b_ptr=b_U if b_U is not None else W_U,
-                mask_ptr=mask if mask is not None else top, labels_ptr=labels if labels is not None else top,
+    top = torch.empty(len(Top1._fields), slices, n_tokens, dtype=torch.int32, device=device)
+    # The accumulators of the gradient (module docstring).
+    acc = torch.empty(2, slices, d_model, n_tokens, dtype=torch.float32, device=device) if with_grad else None
+    # Optional inputs left out are None (constants in the compiled kernel), behind the flags in meta.
+    args = dict(h_ptr=h_orig, dh_ptr=delta, w_ptr=W_U, b_ptr=b_U, mask_ptr=mask, labels_ptr=labels,
                 stats_ptr=stats, argmax_ptr=top, acc_ptr=acc,
                 n_tokens=n_tokens, d_model=d_model, d_vocab=d_vocab,
                 w_cols=loadable_columns(W_U) if w_cols is None else w_cols, tiles_per_slice=tiles_per_slice,
@@ -711,30 +768,31 @@ def linear_kl_forward(h_orig, delta, W_U, b_U, mask, labels, softcap=None, *, to
     meta = dict(HAS_BIAS=b_U is not None, HAS_MASK=mask is not None, HAS_LABELS=labels is not None,
                 SOFTCAP=softcap is not None, WITH_GRAD=with_grad, MATMUL_MODE=matmul_mode(h_orig.dtype), **config)
     _linear_kl_forward_kernel[(n_row_blocks, slices)](**args, **meta)
-    return _merge_slices(stats, top, acc if with_grad else None, token_weight)
+    return _merge_slices(SliceStats(*stats), Top1(*top), acc, token_weight)
 
 
-def _merge_slices(stats, top, acc, token_weight) -> LinearKLForward:
-    """Merge the vocabulary slices: each slice's scaled sums and accumulators move to the global
-    maximum and centre with the same exact rescaling as inside a slice (flash-decoding style).
-    Tokens of a block that was all masked have no stats (the kernel returned at once): their
-    entries here are garbage, and the caller masks them out (token_weight is 0 there)."""
-    m_orig, m_sae, s_sum, u_sum, r_sum, t_sum, label_orig, label_sae = stats.unbind(0)
-    max_orig, best_orig = m_orig.max(0)  # first slice wins ties: the lower vocabulary index
-    max_sae, best_sae = m_sae.max(0)
+def _merge_slices(stats: SliceStats, top: Top1, acc, token_weight) -> LinearKLForward:
+    """Merge the vocabulary slices (the kernel's stats and argmaxes, [n_slices, N] per field):
+    each slice's scaled sums and accumulators move to the global maximum and centre with the same
+    exact rescaling as inside a slice (flash-decoding style). Tokens of a block that was all masked
+    have no stats (the kernel returned at once): their entries here are garbage, and the caller
+    masks them out (token_weight is 0 there)."""
+    max_orig, best_orig = stats.m_orig.max(0)  # first slice wins ties: the lower vocabulary index
+    max_sae, best_sae = stats.m_sae.max(0)
     centre = max_sae - max_orig
-    k = (m_sae - m_orig) - centre  # exactly 0 for one slice
-    alpha, beta, beta_minus_alpha, alpha_phi = rescale_factors(m_orig - max_orig, k)
+    k = (stats.m_sae - stats.m_orig) - centre  # exactly 0 for one slice
+    alpha, beta, beta_minus_alpha, alpha_phi = rescale_factors(stats.m_orig - max_orig, k)
+    s_sum, u_sum = stats.s_sum, stats.u_sum
     total_s = (alpha * s_sum).sum(0)
     total_u = (beta * u_sum + beta_minus_alpha * s_sum).sum(0)
-    total_r = (alpha * r_sum + beta_minus_alpha * u_sum + alpha_phi * s_sum).sum(0)
-    total_t = (alpha * (t_sum + k * s_sum)).sum(0)
+    total_r = (alpha * stats.r_sum + beta_minus_alpha * u_sum + alpha_phi * s_sum).sum(0)
+    total_t = (alpha * (stats.t_sum + k * s_sum)).sum(0)
     kl, log1p_u = kl_from_sums(total_s, total_u, total_r, total_t)
     lse_orig = max_orig + torch.log(total_s)
     dlse = centre + log1p_u
-    agree = top[0].gather(0, best_orig[None]).squeeze(0) == top[1].gather(0, best_sae[None]).squeeze(0)
-    ce_orig = lse_orig - label_orig.sum(0)  # only the slice holding the label adds a nonzero logit
-    ce_sae = (lse_orig + dlse) - label_sae.sum(0)
+    agree = top.orig.gather(0, best_orig[None]).squeeze(0) == top.sae.gather(0, best_sae[None]).squeeze(0)
+    ce_orig = lse_orig - stats.label_orig.sum(0)  # only the slice holding the label adds a nonzero logit
+    ce_sae = (lse_orig + dlse) - stats.label_sae.sum(0)
     grad = None
     if acc is not None:
         g0, g1 = acc.unbind(0)
@@ -764,8 +822,7 @@ def linear_kl_grad(h_orig, delta, W_U, b_U, mask, lse_orig, dlse, token_weight, 
     groups_per_slice, slices = _vocab_slices(
         n_row_blocks, triton.cdiv(d_vocab, v_group * config["BLOCK_V"]), h_orig.device, n_slices)
     grad = torch.zeros(n_tokens, d_model, dtype=torch.float32, device=h_orig.device)
-    args = dict(h_ptr=h_orig, dh_ptr=delta, w_ptr=W_U, b_ptr=b_U if b_U is not None else W_U,
-                mask_ptr=mask if mask is not None else grad, lse_ptr=lse_orig.contiguous(),
+    args = dict(h_ptr=h_orig, dh_ptr=delta, w_ptr=W_U, b_ptr=b_U, mask_ptr=mask, lse_ptr=lse_orig.contiguous(),
                 dlse_ptr=dlse.contiguous(), weight_ptr=token_weight.float().contiguous(), grad_ptr=grad,
                 n_tokens=n_tokens, d_model=d_model, d_vocab=d_vocab,
                 w_cols=loadable_columns(W_U) if w_cols is None else w_cols, groups_per_slice=groups_per_slice,
@@ -811,15 +868,14 @@ class LinearKLFunction(torch.autograd.Function):
                                 config=config, n_slices=n_slices)
         kl = torch.where(counted, out.kl, 0.0)
 
-        # [ce_orig sum, ce_sae sum, labelled tokens, top-1 agreements, counted tokens]
-        sums = torch.zeros(5, dtype=torch.float32, device=h_sae.device)
+        ce_orig = ce_sae = n_labelled = torch.zeros((), dtype=torch.float32, device=h_sae.device)
         if labels is not None:
             has_label = counted & (labels != ignore_index)
-            sums[0] = torch.where(has_label, out.ce_orig, 0.0).sum()
-            sums[1] = torch.where(has_label, out.ce_sae, 0.0).sum()
-            sums[2] = has_label.sum()
-        sums[3] = (out.agree & counted).sum()
-        sums[4] = n_counted
+            ce_orig = torch.where(has_label, out.ce_orig, 0.0).sum()
+            ce_sae = torch.where(has_label, out.ce_sae, 0.0).sum()
+            n_labelled = has_label.sum()
+        sums = KLSums(ce_orig=ce_orig, ce_sae=ce_sae, n_labelled=n_labelled, n_agree=(out.agree & counted).sum(),
+                      n_counted=n_counted).stacked()
 
         ctx.reduction, ctx.h_dtype, ctx.softcap = reduction, h_sae.dtype, softcap
         ctx.filter_eps, ctx.config, ctx.n_slices = filter_eps, config, n_slices

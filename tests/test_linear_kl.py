@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import fastsae.ops.checks as checks
 from fastsae import ops
+from fastsae.kernels._logits import KLSums
 from fastsae.ops.linear_kl import LinearKLReference
 from conftest import HAS_TRITON, KERNEL_DEVICE
 
@@ -116,7 +117,7 @@ def test_kernel_direct_tiles_slices_and_mask(dtype, n_slices, reduction):
     want_loss, want_grad = ground_truth(h_sae, h_orig, W_U, None, "mean", mask.cpu())
     check(loss, grad, want_loss, want_grad, dtype)
     assert torch.all(grad[~mask] == 0)
-    assert sums[4].item() == mask.sum().item()
+    assert KLSums(*sums).n_counted.item() == mask.sum().item()
 
 
 @pytest.mark.parametrize("n_slices", [1, 3])
@@ -133,7 +134,9 @@ def test_stats_labels_and_top1(n_slices):
     _, sums = K.linear_kl_triton(h_sae.reshape(-1, 40), h_orig.reshape(-1, 40), W_U, b_U,
                                  dev(mask.reshape(-1)), dev(labels.reshape(-1)), "mean", -100,
                                  config=SMALL_TILES, n_slices=n_slices)
-    direct = (sums[0] / sums[2], sums[1] / sums[2], sums[3] / sums[4], sums[4])
+    sums = KLSums(*sums)
+    direct = (sums.ce_orig / sums.n_labelled, sums.ce_sae / sums.n_labelled, sums.n_agree / sums.n_counted,
+              sums.n_counted)
     # ... and through the op, which turns the sums into LinearKLStats
     _, stats = ops.fused_linear_kl(h_sae, h_orig, W_U, b_U, mask=dev(mask), labels=dev(labels),
                                    return_stats=True, **triton_backend)
@@ -234,7 +237,7 @@ def test_empty_batch_matches_reference(reduction, with_mask_and_labels):
                                               reduction=reduction, return_stats=True, backend="torch")
     assert loss.shape == ref_loss.shape and loss.dtype == ref_loss.dtype
     torch.testing.assert_close(loss, ref_loss, atol=0, rtol=0)
-    assert torch.equal(sums, torch.zeros(5, device=KERNEL_DEVICE))
+    assert torch.equal(sums, KLSums.zeros(KERNEL_DEVICE))
     (grad,) = torch.autograd.grad(loss.sum(), h_sae)
     (ref_grad,) = torch.autograd.grad(ref_loss.sum(), ref_h)
     assert grad.shape == ref_grad.shape == (0, 24) and grad.dtype == ref_grad.dtype
@@ -495,9 +498,10 @@ def test_masked_nan_tokens_are_never_read(backend, n_slices, reduction):
     want_loss, want_grad = ground_truth(h_sae[keep], h_orig[keep], W_U, b_U, "mean")
     check(loss, grad[keep], want_loss, want_grad, torch.float32)
     _, _, (ce_orig, ce_sae) = capped_kl_truth(h_sae[keep], h_orig[keep], W_U, b_U, None, labels[keep])
-    torch.testing.assert_close(sums[0].double().cpu() / sums[2].cpu(), ce_orig, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(sums[1].double().cpu() / sums[2].cpu(), ce_sae, atol=1e-5, rtol=1e-5)
-    assert sums[4].item() == mask.sum().item()
+    sums = KLSums(*sums)
+    torch.testing.assert_close(sums.ce_orig.double().cpu() / sums.n_labelled.cpu(), ce_orig, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sums.ce_sae.double().cpu() / sums.n_labelled.cpu(), ce_sae, atol=1e-5, rtol=1e-5)
+    assert KLSums(*sums).n_counted.item() == mask.sum().item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -516,7 +520,8 @@ def test_softcap_kernel_matches_capped_logits(dtype, softcap, n_slices):
     (grad,) = torch.autograd.grad(loss, h_sae)
     want_kl, want_grad, (ce_orig, ce_sae) = capped_kl_truth(h_sae, h_orig, W_U, b_U, softcap, labels)
     check(loss, grad, want_kl.sum(), want_grad, dtype)
-    for got, want in ((sums[0] / sums[2], ce_orig), (sums[1] / sums[2], ce_sae)):
+    sums = KLSums(*sums)
+    for got, want in ((sums.ce_orig / sums.n_labelled, ce_orig), (sums.ce_sae / sums.n_labelled, ce_sae)):
         torch.testing.assert_close(got.double().cpu(), want, **tolerances(dtype))
     # The cap changes the result (so this test can fail): the uncapped KL is far from it.
     uncapped, _, _ = capped_kl_truth(h_sae, h_orig, W_U, b_U, None)
@@ -776,8 +781,10 @@ def test_gpu_gpt2_shapes(dtype):
         torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=rtol)
         scale = ref_grad.abs().max()
         torch.testing.assert_close(grad.float() / scale, ref_grad / scale, atol=rtol, rtol=0)
-        torch.testing.assert_close(sums[:3], torch.stack([ref_sums.ce_orig * 1000, ref_sums.ce_sae * 1000,
-                                                          torch.tensor(1000.0, device="cuda")]), rtol=1e-3, atol=1e-2)
+        sums = KLSums(*sums)
+        torch.testing.assert_close(torch.stack([sums.ce_orig, sums.ce_sae, sums.n_labelled]),
+                                   torch.stack([ref_sums.ce_orig * 1000, ref_sums.ce_sae * 1000,
+                                                torch.tensor(1000.0, device="cuda")]), rtol=1e-3, atol=1e-2)
     h_same = h_orig.clone().requires_grad_()
     loss = ops.fused_linear_kl(h_same, h_orig, W_U, b_U)
     assert loss.item() == 0.0 and torch.all(torch.autograd.grad(loss, h_same)[0] == 0)

@@ -48,7 +48,7 @@ from fastsae.ops._backend import (call_kernel, device_name, measured_fastest, mi
                                   use_triton)
 from fastsae.ops import _workers, checks as _checks
 from fastsae.ops.checks import check_same, check_shape, check_tensor
-from fastsae.kernels._logits import centered_terms, kl_from_sums, prepared_bias
+from fastsae.kernels._logits import KLSums, centered_terms, kl_from_sums, prepared_bias
 
 try:  # the Triton kernels: triton is optional, without it the reference runs everywhere
     from fastsae.kernels import linear_kl as kernels
@@ -248,9 +248,9 @@ class _KLPass:
         self.buffers = _workers.BufferPool(self._make_buffers)
 
     def run(self):
-        """(kl [N], grad [N, d] or None, sums [5]: ce_orig, ce_sae, labelled, agreements, counted)."""
+        """(kl [N], grad [N, d] or None, sums: KLSums stacked)."""
         chunk_sums = _workers.map_chunks(self._chunk, len(self.chunks), self.device)
-        sums = torch.stack(chunk_sums).sum(0) if chunk_sums else torch.zeros(5, device=self.device)
+        sums = torch.stack(chunk_sums).sum(0) if chunk_sums else KLSums.zeros(self.device)
         return self.kl, self.grad, sums
 
     def _make_buffers(self):
@@ -306,13 +306,14 @@ class _KLPass:
         self.kl[start:end] = kl_rows
         w = self.token_weight[start:end]
         counted = w > 0
-        sums = torch.zeros(5, dtype=torch.float32, device=self.device)
-        sums[3], sums[4] = (terms.agree & counted).sum(), counted.sum()
+        ce_orig = ce_sae = n_labelled = torch.zeros((), dtype=torch.float32, device=self.device)
         if safe is not None:  # cross-entropy = lse - the label's logit
             lse_a = terms.m_a + torch.log(terms.s)
-            sums[0] = torch.where(has_label, lse_a - label_a, 0.0).sum()
-            sums[1] = torch.where(has_label, (lse_a + terms.centre + log1p_u) - label_b, 0.0).sum()
-            sums[2] = has_label.sum()
+            ce_orig = torch.where(has_label, lse_a - label_a, 0.0).sum()
+            ce_sae = torch.where(has_label, (lse_a + terms.centre + log1p_u) - label_b, 0.0).sum()
+            n_labelled = has_label.sum()
+        sums = KLSums(ce_orig=ce_orig, ce_sae=ce_sae, n_labelled=n_labelled, n_agree=(terms.agree & counted).sum(),
+                      n_counted=counted.sum()).stacked()
         if self.want_grad:
             # Chain through the unembedding, then scale and weight the token. torch.where, not a
             # product, so a masked token with non-finite inputs gives 0.
@@ -467,11 +468,11 @@ def fused_linear_kl(h_sae: torch.Tensor, h_orig: torch.Tensor, W_U: torch.Tensor
         loss = loss.reshape(leading)
     if not return_stats:
         return loss
-    ce_orig_sum, ce_sae_sum, n_labelled, n_agree, n_counted = sums.unbind()
+    sums = KLSums(*sums)
     have_labels = labels is not None
     return loss, LinearKLStats(
-        ce_orig=ce_orig_sum / n_labelled.clamp_min(1) if have_labels else None,
-        ce_sae=ce_sae_sum / n_labelled.clamp_min(1) if have_labels else None,
-        top1_agreement=n_agree / n_counted.clamp_min(1),
-        n_tokens=n_counted,
+        ce_orig=sums.ce_orig / sums.n_labelled.clamp_min(1) if have_labels else None,
+        ce_sae=sums.ce_sae / sums.n_labelled.clamp_min(1) if have_labels else None,
+        top1_agreement=sums.n_agree / sums.n_counted.clamp_min(1),
+        n_tokens=sums.n_counted,
     )
