@@ -388,50 +388,55 @@ def finetune_headline() -> str:
               "e2e, same size and budget"]
     return table(header, rows) + "\n\n" + provenance(FINETUNE, record, what="held-out metrics (8,192 tokens); ")
 
-TRANSCODER = "transcoder_embedded_intel-xeon-2-cores.json"
+TRANSCODER = ("transcoder_embedded_intel-xeon-2-cores.json", "transcoder_embedded_e2e_ds_intel-xeon-2-cores.json")
+TRANSCODER_OBJECTIVES = ("local", "e2e", "e2e+ds")
 
 
-def _transcoder_runs() -> tuple[dict, dict]:
-    record = load(TRANSCODER)
-    runs = [with_objective(r) for r in record["runs"]]  # a record written before the rename says "kind"
-    return record, {(r["objective"], r["skip"], r["k"]): r for r in runs}
+def _transcoder_runs() -> tuple[str, dict]:
+    """(the records' provenance, {(objective, skip, k): run}) over the transcoder records (the
+    local and e2e runs, and the e2e+ds runs made after them)."""
+    by, lines = {}, []
+    for relative in TRANSCODER:
+        record = load(relative)
+        lines.append(provenance(relative, record))
+        for run in map(with_objective, record["runs"]):  # a record written before the rename says "kind"
+            by[run["objective"], run["skip"], run["k"]] = run
+    return "<br>".join(lines), by
 
 
 def transcoder() -> str:
-    """Local against e2e transcoders at block 1's MLP of the embedded model, at equal L0 (TopK's
-    k), without and with the skip path: held-out CE-loss increase and KL with the MLP replaced, the
+    """Local, e2e and e2e+ds transcoders at block 1's MLP of the embedded model, at each TopK k,
+    without and with the skip path: held-out L0, CE-loss increase and KL with the MLP replaced, the
     fraction of the MLP output's variance explained, live latents, wall time."""
-    record, by = _transcoder_runs()
+    sources, by = _transcoder_runs()
     rows = []
-    for (objective, skip, k), run in sorted(by.items(), key=lambda item: (item[0][2], item[0][1], item[0][0] != "local")):
-        rows.append([f"{run['l0']:.1f} (k = {k})", f"{objective}{' + skip' if skip else ''}", f"{run['ce_increase']:.4f}",
-                     f"{run['kl']:.4f}", f"{run['explained_variance']:.3f}", f"{run['alive']:,}",
-                     seconds(run["seconds"])])
-    header = ["L0", "transcoder", "CE-loss increase (nats)", "KL", "MLP-output variance explained", "live latents",
+    for (objective, skip, k), run in sorted(by.items(), key=lambda item: (item[0][2], item[0][1],
+                                                                          TRANSCODER_OBJECTIVES.index(item[0][0]))):
+        rows.append([str(k), f"{objective}{' + skip' if skip else ''}", f"{run['l0']:.1f}", f"{run['ce_increase']:.4f}",
+                     f"{run['kl']:.4f}", f"{run['explained_variance']:.3f}", f"{run['alive']:,}", seconds(run["seconds"])])
+    header = ["k", "transcoder", "L0", "CE-loss increase (nats)", "KL", "MLP-output variance explained", "live latents",
               "wall time"]
-    threads = record.get("threads") or "default"
-    what = (f"held-out metrics ({record['runs'][0]['n_latents']:,} latents, 400k training tokens, 8,192 held-out "
-            f"tokens); wall time of each `fastsae train` at OMP_NUM_THREADS={threads} beside other processes; ")
-    return table(header, rows) + "\n\n" + provenance(TRANSCODER, record, what=what)
+    first = next(iter(by.values()))
+    note = (f"<sub>held-out metrics ({first['n_latents']:,} latents, 400k training tokens, 8,192 held-out tokens); "
+            "wall time of each `fastsae train` at OMP_NUM_THREADS=1 beside other processes.</sub><br>")
+    return table(header, rows) + "\n\n" + note + sources
 
 
 def transcoder_headline() -> str:
-    """Per k: the local and the e2e transcoder's KL and CE-loss increase at the same L0, without
-    and with the skip path (the full table: transcoder)."""
-    record, by = _transcoder_runs()
+    """Per k and skip: L0, KL, CE-loss increase and MLP-output variance explained of the local, e2e
+    and e2e+ds transcoders (the full table: transcoder)."""
+    sources, by = _transcoder_runs()
+    objectives = [o for o in TRANSCODER_OBJECTIVES if any(key[0] == o for key in by)]
 
-    def pair(local, e2e):
-        return f"{local:.4f} / {e2e:.4f} ({100 * (e2e / local - 1):+.0f} %)"
+    def cells(k, skip, name, spec):
+        return " / ".join(format(by[o, skip, k][name], spec) for o in objectives)
 
-    rows = []
-    for k in sorted({key[2] for key in by}):
-        row = [str(k)]
-        for skip in (False, True):
-            local, e2e = by["local", skip, k], by["e2e", skip, k]
-            row += [pair(local["kl"], e2e["kl"]), pair(local["ce_increase"], e2e["ce_increase"])]
-        rows.append(row)
-    header = ["k (L0)", "KL: local / e2e", "CE-loss increase: local / e2e", "with skip: KL", "with skip: CE-loss increase"]
-    return table(header, rows) + "\n\n" + provenance(TRANSCODER, record, what="held-out metrics (8,192 tokens); ")
+    rows = [[str(k), "yes" if skip else "no", cells(k, skip, "l0", ".1f"), cells(k, skip, "kl", ".4f"),
+             cells(k, skip, "ce_increase", ".4f"), cells(k, skip, "explained_variance", ".2f")]
+            for k in sorted({key[2] for key in by}) for skip in (False, True)]
+    which = " / ".join(objectives)
+    header = ["k", "skip", f"L0: {which}", "KL", "CE-loss increase (nats)", "MLP-output variance explained"]
+    return table(header, rows) + "\n\n" + "<sub>held-out metrics (8,192 tokens).</sub><br>" + sources
 
 
 TABLES = {"cpu-paths": cpu_paths, "main-job": main_job, "presets": presets, "cpu-full": cpu_full,

@@ -5,8 +5,10 @@
 Each point is one `fastsae train` of a preset (fresh process, the preset's 400k tokens): the local
 transcoder (`embedded-transcoder`: MSE against the MLP's real output) and the e2e one
 (`embedded-transcoder-e2e`: KL of the model with the transcoder's output in place of the MLP's),
+and the e2e+ds one (`embedded-transcoder-e2e-ds`: KL + the MSE of the residual after the block),
 each without and with its affine skip path (`--set saes.skip=true`), at TopK k = 8, 16 and 32
-(`--set saes.k=K`), so every local point has an e2e point at the same L0. The held-out metrics are
+(`--set saes.k=K`), so every local point has an e2e point at the same k. `--objectives` runs a
+subset (each record lists what it ran; the tables read every record of the list RECORDS there). The held-out metrics are
 its eval.json's: CE-loss increase with the MLP replaced, KL, the fraction of the MLP output's
 variance explained. The README's transcoder table is generated from the JSON
 (benchmarks/readme_tables.py).
@@ -29,15 +31,20 @@ from harness import script_record, write_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KS = (8, 16, 32)
-PRESETS = {"local": "embedded-transcoder", "e2e": "embedded-transcoder-e2e"}
+PRESETS = {"local": "embedded-transcoder", "e2e": "embedded-transcoder-e2e", "e2e+ds": "embedded-transcoder-e2e-ds"}
 
 
-def points(work: Path, ks=KS) -> list[dict]:
+def points(work: Path, ks=KS, objectives=tuple(PRESETS)) -> list[dict]:
     """Every (objective, skip, k) with its `fastsae train` arguments."""
-    return [dict(objective=objective, skip=skip, k=k, name=f"{objective}-{'skip-' if skip else ''}k{k}",
-                 args=["train", preset, "--set", f"saes.k={k}", *(["--set", "saes.skip=true"] if skip else []),
-                       "--run-dir", str(work / f"{objective}-{'skip-' if skip else ''}k{k}")])
-            for k in ks for objective, preset in PRESETS.items() for skip in (False, True)]
+    out = []
+    for k in ks:
+        for objective in objectives:
+            for skip in (False, True):
+                name = f"{objective.replace('+', '-')}-{'skip-' if skip else ''}k{k}"
+                out.append(dict(objective=objective, skip=skip, k=k, name=name,
+                                args=["train", PRESETS[objective], "--set", f"saes.k={k}",
+                                      *(["--set", "saes.skip=true"] if skip else []), "--run-dir", str(work / name)]))
+    return out
 
 
 def run(point: dict, work: Path) -> dict:
@@ -72,14 +79,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the results JSON here")
     parser.add_argument("--work", help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="TopK's k values")
+    parser.add_argument("--objectives", nargs="+", default=list(PRESETS), choices=list(PRESETS),
+                        help="the presets to run, by objective (default: all)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fastsae-transcoder-") as tmp:
         work = Path(args.work or tmp)
         results = []
-        for point in points(work, tuple(args.ks)):
+        for point in points(work, tuple(args.ks), tuple(args.objectives)):
             results.append(run(point, work))
             print(json.dumps(results[-1]), flush=True)
-    shown = (["--out", args.out] if args.out else []) + ([] if tuple(args.ks) == KS else ["--ks", *map(str, args.ks)])
+    shown = ((["--out", args.out] if args.out else []) + ([] if tuple(args.ks) == KS else ["--ks", *map(str, args.ks)])
+             + ([] if args.objectives == list(PRESETS) else ["--objectives", *args.objectives]))
     record = script_record("benchmarks/transcoder_embedded.py", shown, threads=os.environ.get("OMP_NUM_THREADS"),
                            runs=results, summary=summary(results))
     print(json.dumps(record["summary"], indent=1))

@@ -52,7 +52,7 @@ def test_the_transcoder_family_sweeps_k(tmp_path):
     directories say k, and its values must be whole numbers."""
     points = sweep_points(tmp_path, "embedded-transcoder", ["local", "e2e", "e2e+ds"], {"local": [4, 32]})
     assert [p.name for p in points[:3]] == ["local-k4-seed0", "local-k32-seed0", "e2e-k8-seed0"]
-    assert {p.kind: p.preset for p in points} == {"local": "embedded-transcoder", "e2e": "embedded-transcoder-e2e",
+    assert {p.objective: p.preset for p in points} == {"local": "embedded-transcoder", "e2e": "embedded-transcoder-e2e",
                                                   "e2e+ds": "embedded-transcoder-e2e-ds"}
     assert all(p.key == "saes.k" and p.sparsity_coeff is None for p in points)
     for point in (points[1], points[-1]):
@@ -80,7 +80,7 @@ def test_a_transcoder_sweep_trains_and_plots_by_k(tmp_path, tiny):
         assert record["hooks"] == [hook] and record["k"] == int(point.value) == record["metrics"]["l0"]
         assert record["transcoders"][hook]["compared_with"] == "blocks.1.hook_mlp_out"
     result = plot_runs([tmp_path / "sweep"], tmp_path / "figure")
-    assert sorted((p.kind, p.k) for p in result["points"]) == [("e2e (topk)", 4), ("local (topk)", 2), ("local (topk)", 4)]
+    assert sorted((p.objective, p.k) for p in result["points"]) == [("e2e (topk)", 4), ("local (topk)", 2), ("local (topk)", 4)]
 
 
 def test_a_held_run_is_skipped_by_other_processes(tmp_path):
