@@ -354,12 +354,12 @@ def _eval_released(args) -> int:
     overrides = [*args.overrides, f"saes.hooks={json.dumps(sorted(saes))}", "loss.downstream_hooks=[]",
                  "loss.downstream_coeff=0", "loss.downstream_coeffs=null"]
     # the model: --model, else --set model.name=..., else the one the SAEs name (SAELens' model_name)
-    models = sorted({sae.metadata.get("model") for sae in saes.values()} - {None})
     if args.model or not any(o.startswith("model.name=") for o in args.overrides):
-        if not args.model and len(models) != 1:
-            raise ConfigError("give --model NAME_OR_DIR: the SAEs do not name one model"
-                              + (f" (they name {models})" if models else ""))
-        overrides.append(f"model.name={json.dumps(args.model or models[0])}")
+        try:
+            model = formats.one_model((sae.metadata.get("model") for sae in saes.values()), args.model)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        overrides.append(f"model.name={json.dumps(model)}")
     config = load_config(args.config or "embedded", overrides)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

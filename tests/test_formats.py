@@ -936,3 +936,13 @@ def test_transcoders_against_sparsify(tmp_path, skip, decoder_norm):
     ours = E2ESAE.from_pretrained(tmp_path / "native")
     assert (ours.metadata["hook"], ours.skip) == (TC_HOOK, skip)
     assert_sparsify_runs_like(native, ours, x)
+
+
+def test_one_model_is_the_given_one_or_the_one_the_saes_name():
+    """eval, analyze and finetune decide the model their SAEs read in one function."""
+    assert formats.one_model(["gpt2", None, "gpt2"]) == "gpt2"
+    assert formats.one_model(["gpt2", "pythia-70m"], "embedded") == "embedded"
+    with pytest.raises(ValueError, match=r"give --model NAME_OR_DIR: the SAEs name several models \(gpt2, pythia-70m\)"):
+        formats.one_model(["pythia-70m", "gpt2"])
+    with pytest.raises(ValueError, match="do not name their model"):
+        formats.one_model([None])

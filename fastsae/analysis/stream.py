@@ -240,12 +240,10 @@ def load_targets(specs: Sequence[str | os.PathLike], *, model: str | None = None
         if wrong:
             raise AnalysisError(f"--model {model}: the runs were trained on {wrong}")
         models = {model}
-    if len(models) > 1:
-        raise AnalysisError(f"the SAEs read different models ({', '.join(sorted(map(str, models)))}); "
-                            "analyse one model at a time")
-    if not models:
-        raise AnalysisError("the SAEs do not name their model; give --model NAME_OR_DIR")
-    model_name = models.pop()
+    try:
+        model_name = formats.one_model(models)
+    except ValueError as error:
+        raise AnalysisError(f"{error}: analyse one model at a time") from None
 
     # the config whose data and eval settings give the held-out tokens
     if config is not None or not run_configs:

@@ -64,6 +64,19 @@ def split_hook(spec: str) -> tuple[str, str | None]:
         return path, hook or None
     return spec, None
 
+def one_model(named, given: str | None = None) -> str:
+    """The model a group of SAEs reads: ``given`` (a command's --model) where set, else the one
+    model they name (metadata["model"], SAELens's model_name, a run's model.name; None entries are
+    ignored). A ValueError says what to give where they name none or several."""
+    if given:
+        return given
+    names = sorted({str(name) for name in named if name})
+    if len(names) != 1:
+        raise ValueError("give --model NAME_OR_DIR: the SAEs " + (f"name several models ({', '.join(names)})" if names
+                                                                 else "do not name their model"))
+    return names[0]
+
+
 def detect_format(path: str | os.PathLike) -> str:
     """The format of an SAE file or directory: one of FORMATS, "e2e_sae", "fastsae-run" (a run
     directory), "fastsae-checkpoint" (checkpoints/step_N) or "collection" (a directory of SAE

@@ -156,7 +156,10 @@ def finetune_config(sources: list[Source], *, model: str | None = None, config: 
     the preset's), the budget (tokens, else fraction of the source's training tokens, else
     PAPER_SHARE of them, else the preset's), then ``overrides`` (--set)."""
     notes = []
-    model = model or _one({s.model for s in sources} - {None}, "model", "give --model NAME_OR_DIR")
+    try:
+        model = formats.one_model((s.model for s in sources), model)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     preset = config or PRESETS.get(model)
     if preset is None:
         raise ConfigError(f"no fine-tune preset for model {model!r} (presets: {', '.join(sorted(PRESETS.values()))}); "
@@ -184,12 +187,6 @@ def finetune_config(sources: list[Source], *, model: str | None = None, config: 
     if final.optim.lr != lr["value"]:
         lr = {"value": final.optim.lr, "from": "--set"}
     return final, {"preset": preset, "budget": budget, "coefficients": coefficients, "lr": lr, "notes": notes}
-
-
-def _one(values: set, what: str, hint: str):
-    if len(values) != 1:
-        raise ConfigError(f"{hint}: the SAEs name {'no ' + what if not values else sorted(values)}")
-    return next(iter(values))
 
 
 def _saes_section(sources: list[Source]) -> dict:
