@@ -198,16 +198,17 @@ def test_topk_encode(precision):
     assert (values.detach().double() - picked_pre.clamp_min(0)).abs().max() > 1e-2 * u  # rounded
 
 
+@pytest.mark.parametrize("d_out", [48, 80], ids=["sae", "transcoder"])
 @pytest.mark.parametrize("precision", MODES)
-def test_relu_autoencode(precision):
+def test_relu_autoencode(precision, d_out):
     """reconstruction = ReLU(x @ W_enc + b_enc) @ W_dec + b_dec and lp_sum (p = 1), with their
-    gradients. The code is within the pre-activations' bound of the truth wherever it is
+    gradients; as an SAE (d_out = d_in = 48) and a transcoder (writing d_out = 80). The code is within the pre-activations' bound of the truth wherever it is
     (ReLU is 1-Lipschitz), so the decode carries that bound through |W_dec|; gradients are bounded
     over the latents the truth activates plus those whose pre-activation is within its bound of 0
     (the kernel may take either side there)."""
     u = UNIT_ROUNDOFF[precision]
     x, W_enc, b_enc = encoder_inputs(seed=6)
-    _, _, W_dec, b_dec = decoder_inputs(seed=7)
+    _, _, W_dec, b_dec = decoder_inputs(seed=7, d_in=d_out)
     leaves = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, W_dec, b_dec)]
     with rounded_run(precision):
         out = ops.relu_autoencode(*leaves, **triton_backend)
