@@ -31,7 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from fastsae import ops
-from fastsae.ops import checks as _checks
+from fastsae.ops import checks
 from fastsae.activations.code import ActivationMemory, SparseCode, power_sum
 from fastsae.ops.relu_autoencoder import memory_estimate
 
@@ -131,7 +131,7 @@ def selection_memory(n_tokens: int, n_local: int, width: int, itemsize: int, sha
     backward; the encoder's pre-activation chunk as its workspace."""
     width = min(width, n_local)
     return ActivationMemory(n_tokens * width * (shards + 2) * (itemsize + 8),
-                            min(_checks.CHUNK_ELEMENTS, n_tokens * n_local) * 4)
+                            min(checks.CHUNK_ELEMENTS, n_tokens * n_local) * 4)
 
 
 # ---------------------------------------------------------------------------- chunked dense reference
@@ -140,7 +140,7 @@ def selection_memory(n_tokens: int, n_local: int, width: int, itemsize: int, sha
 def dense_chunk_rows(n_local: int) -> int:
     """Tokens per chunk of the dense reference: a [rows, n_local] temporary holds about
     fastsae.ops.checks.CHUNK_ELEMENTS values (read at call time, so tests can shrink it)."""
-    return max(1, _checks.CHUNK_ELEMENTS // max(1, n_local))
+    return max(1, checks.CHUNK_ELEMENTS // max(1, n_local))
 
 
 def dense_reference_pass(sae, x: torch.Tensor, kind, p: float,
@@ -196,7 +196,7 @@ def sparse_from_dense(encode_chunk: Callable[[torch.Tensor], torch.Tensor], x: t
     dense encoder applied chunk by chunk: width = the largest number of active latents of any
     token, entries in latent order, padding value 0 at index 0. A running count per row places each
     entry (linear in the chunk), so no [N, n_latents] tensor is built."""
-    step = max(1, _checks.CHUNK_ELEMENTS // max(1, n_latents))
+    step = max(1, checks.CHUNK_ELEMENTS // max(1, n_latents))
     rows, slots, ids, kept = [], [], [], []
     for start in range(0, x.shape[0], step):
         acts = encode_chunk(x[start:start + step])

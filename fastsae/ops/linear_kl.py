@@ -46,7 +46,7 @@ import torch
 
 from fastsae.ops._backend import (call_kernel, device_name, measured_fastest, missing_triton, requested_backend,
                                   use_triton)
-from fastsae.ops import _workers, checks as _checks
+from fastsae.ops import _workers, checks
 from fastsae.ops.checks import check_same, check_shape, check_tensor
 from fastsae.kernels._logits import KLSums, centered_terms, kl_from_sums, prepared_bias
 
@@ -117,8 +117,8 @@ def _workspace_rows(n_tokens: int, d_vocab: int, workers: int = 1) -> int:
     the 2-core CPU), small enough that the whole forward + backward stays under 2 % of the naive
     form's peak memory at N = 8,192. Read at call time so tests can shrink it.
     """
-    per_worker = _checks.CHUNK_ELEMENTS // (2 * max(1, d_vocab))
-    shared = 4 * _checks.CHUNK_ELEMENTS // (2 * max(1, d_vocab) * max(1, workers))
+    per_worker = checks.CHUNK_ELEMENTS // (2 * max(1, d_vocab))
+    shared = 4 * checks.CHUNK_ELEMENTS // (2 * max(1, d_vocab) * max(1, workers))
     return max(1, min(n_tokens, per_worker, shared))
 
 

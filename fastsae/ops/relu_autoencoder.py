@@ -56,7 +56,7 @@ from typing import NamedTuple
 import torch
 
 from fastsae.ops._backend import call_kernel, missing_triton, use_triton
-from fastsae.ops import _workers, checks as _checks
+from fastsae.ops import _workers, checks
 from fastsae.ops.checks import check_same, check_shape, check_tensor, chunk_rows, encoder_operands
 from fastsae.ops._sparse import accumulation_dtype
 
@@ -91,7 +91,7 @@ WORKSPACE_CHUNKS = 4
 
 
 def workspace_elements() -> int:
-    return WORKSPACE_CHUNKS * _checks.CHUNK_ELEMENTS
+    return WORKSPACE_CHUNKS * checks.CHUNK_ELEMENTS
 
 
 # The reference keeps the dense rows' code from forward to backward up to this many chunks'
@@ -102,7 +102,7 @@ KEPT_CODE_CHUNKS = 2
 
 
 def kept_code_elements() -> int:
-    return KEPT_CODE_CHUNKS * _checks.CHUNK_ELEMENTS
+    return KEPT_CODE_CHUNKS * checks.CHUNK_ELEMENTS
 
 
 def _code_(pre: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
