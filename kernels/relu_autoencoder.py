@@ -586,127 +586,225 @@ def relu_autoencode_forward(x, W_enc, b_enc, W_dec, b_dec, theta, bandwidth, p, 
     return recon, lp_sum, l0, fire_counts, code
 
 
+class _Backward(NamedTuple):
+    """What every step of relu_autoencode_backward reads: the forward's inputs and code, the incoming gradients
+    (g: grad_recon contiguous; grad_lp and grad_l0 contiguous fp32, grad_l0 None for ReLU) and the operand mode."""
+
+    x: torch.Tensor
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+    theta: torch.Tensor | None
+    bandwidth: float | None
+    p: float
+    code: CompactCode
+    g: torch.Tensor
+    grad_lp: torch.Tensor
+    grad_l0: torch.Tensor | None
+    mode: str
+
+
+class _LatentReductions(NamedTuple):
+    """The per-latent reductions' operands, the held entries sorted by latent with their tokens and weights in
+    that order, and their outputs, allocated once and written chunk by chunk (_latent_chunk_grads)."""
+
+    entries: tuple  # SortedEntries (fastsae.kernels._sparse_code) of the code's indices
+    tokens_x: torch.Tensor  # the entries' tokens, marked for x
+    tokens_g: torch.Tensor  # ... and for grad_recon
+    sorted_gpre: torch.Tensor  # the pre-activations' gradient: W_enc's and b_enc's weights
+    sorted_values: torch.Tensor  # the code: W_dec's weights
+    sorted_theta: torch.Tensor | None  # the threshold's terms (JumpReLU): theta's weights
+    grad_w_enc: torch.Tensor
+    grad_b_enc: torch.Tensor
+    grad_theta: torch.Tensor | None
+    grad_w_dec: torch.Tensor
+
+
 def relu_autoencode_backward(grad_recon, grad_lp, grad_l0, x, W_enc, b_enc, W_dec, theta, bandwidth, p,
                              code: CompactCode, needs: tuple, workspace_elements: int):
     """(grad_x, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, grad_theta); None where not needed.
 
     grad_recon [N, d_out] (W_dec's dtype), grad_lp [N] and grad_l0 [N] (fp32; grad_l0 only for JumpReLU).
-    The encoder's gradients run over d_in (x, W_enc), the decoder's over d_out (grad_recon, W_dec)."""
-    need_x, need_w_enc, need_b_enc, need_w_dec, need_b_dec, need_theta = needs
-    n_tokens, d_in = x.shape
-    n_latents, d_out = W_dec.shape
-    capacity = code.values.shape[1]
-    jump = theta is not None
-    device = x.device
-    g = grad_recon.contiguous()
-    grad_lp = grad_lp.float().contiguous()
-    mode = matmul_mode(x.dtype)
-    _, _, tile_cfg, mm_cfg = _configs(x, mode)
-    seg_cfg = segment_config(mode)
+    The encoder's gradients run over d_in (x, W_enc), the decoder's over d_out (grad_recon, W_dec).
 
-    # Sparse rows: the code's gradient at the held entries.
-    dots = torch.empty(n_tokens, capacity, dtype=torch.float32, device=device)
+    The steps: the sparse rows' held entries (their pre-activations' gradient and threshold terms, then x's
+    gradient gathered from them), the held entries sorted for the per-latent reductions, then the dense rows
+    chunk by chunk of latents, each chunk also running the per-latent reductions over its latents; b_dec last."""
+    need_x, need_w_enc, need_b_enc, need_w_dec, need_b_dec, need_theta = needs
+    bw = _Backward(x, W_enc, b_enc, W_dec, theta, bandwidth, p, code, g=grad_recon.contiguous(),
+                   grad_lp=grad_lp.float().contiguous(),
+                   grad_l0=grad_l0.float().contiguous() if theta is not None else None, mode=matmul_mode(x.dtype))
+    grad_pre, theta_terms = _sparse_entries_grad(bw)
+    grad_x = _sparse_rows_grad_x(bw, grad_pre) if need_x else None
+    need_enc_params = need_w_enc or need_b_enc or need_theta
+    sums = _latent_reductions(bw, grad_pre, theta_terms) if need_enc_params or need_w_dec else None
+    _dense_rows_grads(bw, grad_x, sums, workspace_elements)
+    grad_b_dec = bw.g.float().sum(0).to(W_dec.dtype) if need_b_dec else None
+    return (grad_x, sums.grad_w_enc if need_w_enc else None, sums.grad_b_enc if need_b_enc else None,
+            sums.grad_w_dec if need_w_dec else None, grad_b_dec, sums.grad_theta if need_theta else None)
+
+
+def _sparse_entries_grad(bw: _Backward) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(grad_pre [N, C] x's dtype, theta_terms [N, C] fp32 or None) at the sparse rows' held entries.
+
+    The code's gradient there is grad_recon . W_dec[latent] (the sampled dots) + grad_lp * d|v|^p/dv; grad_pre
+    keeps it where the entry fires, theta_terms (JumpReLU) is the threshold's term where it lies in the band."""
+    code, p = bw.code, bw.p
+    n_tokens = bw.x.shape[0]
+    n_latents, d_out = bw.W_dec.shape
+    capacity = code.values.shape[1]
+    dots = torch.empty(n_tokens, capacity, dtype=torch.float32, device=bw.x.device)
     cfg = dict(SAMPLED_DOTS_CONFIG)
     _sampled_dots_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_T"]),)](
-        g_ptr=g, w_ptr=W_dec, idx_ptr=code.indices, slots_ptr=code.slots, out_ptr=dots,
-        n_tokens=n_tokens, d=d_out, capacity=capacity, stride_g=g.stride(0), stride_w=W_dec.stride(0), **cfg)
+        g_ptr=bw.g, w_ptr=bw.W_dec, idx_ptr=code.indices, slots_ptr=code.slots, out_ptr=dots,
+        n_tokens=n_tokens, d=d_out, capacity=capacity, stride_g=bw.g.stride(0), stride_w=bw.W_dec.stride(0), **cfg)
     values32 = code.values.float()
     active = values32 > 0
     dlp = active.to(torch.float32) if p == 1 else torch.where(active, p * values32.clamp_min(1e-38).pow(p - 1), 0)
-    grad_code = dots + grad_lp[:, None] * dlp
-    grad_pre = torch.where(active, grad_code, 0).to(x.dtype)
-    theta_terms = grad_l0_32 = None
-    if jump:
-        grad_l0_32 = grad_l0.float().contiguous()
-        theta_at = theta.float()[code.indices.clamp_max(n_latents - 1)]
-        term = -(theta_at / bandwidth) * grad_code - grad_l0_32[:, None] / bandwidth
-        theta_terms = torch.where(code.band.bool(), term, 0)
+    grad_code = dots + bw.grad_lp[:, None] * dlp
+    grad_pre = torch.where(active, grad_code, 0).to(bw.x.dtype)
+    if bw.theta is None:
+        return grad_pre, None
+    theta_at = bw.theta.float()[code.indices.clamp_max(n_latents - 1)]
+    term = -(theta_at / bw.bandwidth) * grad_code - bw.grad_l0[:, None] / bw.bandwidth
+    return grad_pre, torch.where(code.band.bool(), term, 0)
 
-    grad_x = grad_w_enc = grad_b_enc = grad_w_dec = grad_theta = None
-    if need_x:
-        grad_x = torch.empty(n_tokens, d_in, dtype=x.dtype, device=device)
-        cfg = GATHER_CONFIG
-        grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), triton.cdiv(d_in, cfg["BLOCK_D"]))
-        # ROW_COUNTS reads slots as the row counts. The dense rows come from the chunks below, not
-        # from the gather's per-row dense fallback (HAS_DENSE_ROWS off): its pointers are None.
-        gather_latents_kernel[grid](
-            grad_ptr=grad_pre, idx_ptr=code.indices, w_ptr=W_enc, out_ptr=grad_x, count_ptr=code.slots,
-            dense_grad_ptr=None, acts_ptr=None,
-            n_tokens=n_tokens, d_in=d_in, k=capacity, n_latents=n_latents,
-            stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1), stride_gm=0, stride_gn=0,
-            ROW_COUNTS=True, HAS_DENSE_ROWS=False, MATMUL_MODE=mode, **cfg)
-    need_enc_params = need_w_enc or need_b_enc or need_theta
-    if need_enc_params or need_w_dec:
-        entries = sort_entries_by_latent(code.indices, n_latents, seg_cfg["BLOCK_L"])
-        grad_w_enc = torch.empty_like(W_enc, memory_format=torch.preserve_format)
-        grad_b_enc = torch.empty(n_latents, dtype=W_enc.dtype, device=device)
-        grad_theta = torch.empty(n_latents, dtype=theta.dtype, device=device) if jump else None
-        grad_w_dec = torch.empty(n_latents, d_out, dtype=W_dec.dtype, device=device)
-        tokens_x = marked_tokens(entries.tokens, x)
-        tokens_g = marked_tokens(entries.tokens, g)
-        sorted_gpre = grad_pre.reshape(-1)[entries.order]
-        sorted_values = code.values.reshape(-1)[entries.order]
-        sorted_theta = theta_terms.reshape(-1)[entries.order] if jump else None
 
+def _sparse_rows_grad_x(bw: _Backward, grad_pre: torch.Tensor) -> torch.Tensor:
+    """grad_x [N, d_in] (x's dtype) of the sparse rows: grad_pre gathered over W_enc's columns of the held latents.
+    The dense rows' come later, chunk by chunk (_dense_rows_grad_x)."""
+    x, W_enc, code = bw.x, bw.W_enc, bw.code
+    n_tokens, d_in = x.shape
+    grad_x = torch.empty(n_tokens, d_in, dtype=x.dtype, device=x.device)
+    cfg = GATHER_CONFIG
+    grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), triton.cdiv(d_in, cfg["BLOCK_D"]))
+    # ROW_COUNTS reads slots as the row counts. The dense rows come from the chunks, not from the
+    # gather's per-row dense fallback (HAS_DENSE_ROWS off): its pointers are None.
+    gather_latents_kernel[grid](
+        grad_ptr=grad_pre, idx_ptr=code.indices, w_ptr=W_enc, out_ptr=grad_x, count_ptr=code.slots,
+        dense_grad_ptr=None, acts_ptr=None,
+        n_tokens=n_tokens, d_in=d_in, k=code.values.shape[1], n_latents=bw.W_dec.shape[0],
+        stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1), stride_gm=0, stride_gn=0,
+        ROW_COUNTS=True, HAS_DENSE_ROWS=False, MATMUL_MODE=bw.mode, **cfg)
+    return grad_x
+
+
+def _latent_reductions(bw: _Backward, grad_pre: torch.Tensor, theta_terms: torch.Tensor | None) -> _LatentReductions:
+    """The held entries sorted by latent with their weights (grad_pre, the code, theta_terms) in that order, and the
+    per-latent gradients allocated (W_enc, b_enc, theta for JumpReLU, W_dec)."""
+    W_enc, W_dec, code, device = bw.W_enc, bw.W_dec, bw.code, bw.x.device
+    n_latents, d_out = W_dec.shape
+    entries = sort_entries_by_latent(code.indices, n_latents, segment_config(bw.mode)["BLOCK_L"])
+    grad_w_enc = torch.empty_like(W_enc, memory_format=torch.preserve_format)
+    grad_b_enc = torch.empty(n_latents, dtype=W_enc.dtype, device=device)
+    grad_theta = torch.empty(n_latents, dtype=bw.theta.dtype, device=device) if bw.theta is not None else None
+    grad_w_dec = torch.empty(n_latents, d_out, dtype=W_dec.dtype, device=device)
+    tokens_x = marked_tokens(entries.tokens, bw.x)
+    tokens_g = marked_tokens(entries.tokens, bw.g)
+    sorted_gpre = grad_pre.reshape(-1)[entries.order]
+    sorted_values = code.values.reshape(-1)[entries.order]
+    sorted_theta = theta_terms.reshape(-1)[entries.order] if bw.theta is not None else None
+    return _LatentReductions(entries, tokens_x, tokens_g, sorted_gpre, sorted_values, sorted_theta,
+                             grad_w_enc, grad_b_enc, grad_theta, grad_w_dec)
+
+
+def _dense_rows_grads(bw: _Backward, grad_x: torch.Tensor | None, sums: _LatentReductions | None,
+                      workspace_elements: int) -> None:
+    """The dense rows, chunk by chunk of latents through fixed-size [N, W] workspaces: each chunk's gradients
+    into the workspaces (_dense_grad_chunk), then grad_x's dense rows from them (when grad_x is asked for) and
+    the per-latent reductions over the chunk's latents, sparse entries and dense rows (when sums is)."""
+    x = bw.x
+    n_tokens, d_in = x.shape
+    n_latents = bw.W_dec.shape[0]
+    device = x.device
     width = dense_chunk_width(n_tokens, n_latents, workspace_elements)
     gpre_ws = torch.empty(n_tokens, width, dtype=x.dtype, device=device)
     code_ws = torch.empty(n_tokens, width, dtype=x.dtype, device=device)
-    theta_ws = torch.empty(n_tokens, width, dtype=torch.float32, device=device) if jump else None
+    theta_ws = torch.empty(n_tokens, width, dtype=torch.float32, device=device) if bw.theta is not None else None
     several = n_latents > width
-    gx_acc = torch.empty(n_tokens if several and need_x else 1, d_in, dtype=torch.float32, device=device)
+    gx_acc = torch.empty(n_tokens if several and grad_x is not None else 1, d_in, dtype=torch.float32, device=device)
     for chunk_start in range(0, n_latents, width):
         chunk_width = min(width, n_latents - chunk_start)
-        cfg = dict(tile_cfg)
-        grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(chunk_width, cfg["BLOCK_N"]))
-        _dense_grad_chunk_kernel[grid](  # theta, grad_l0, theta_ws: None for ReLU (JUMP reads them)
-            x_ptr=x, w_ptr=W_enc, b_ptr=b_enc, theta_ptr=theta, wdec_ptr=W_dec, g_ptr=g, grad_lp_ptr=grad_lp,
-            grad_l0_ptr=grad_l0_32, rows_ptr=code.rows, n_rows_ptr=code.n_rows,
-            gpre_ws_ptr=gpre_ws, code_ws_ptr=code_ws, theta_ws_ptr=theta_ws,
-            d_in=d_in, d_out=d_out, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
-            stride_xm=x.stride(0), stride_xd=x.stride(1), stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1),
-            stride_wdec=W_dec.stride(0), stride_g=g.stride(0), stride_ws=gpre_ws.stride(0),
-            p=float(p), bandwidth=float(1.0 if bandwidth is None else bandwidth),
-            MATMUL_MODE=mode, JUMP=jump, P_ONE=p == 1, D_OUT_IS_D_IN=d_out == d_in, **cfg)
-        if need_x:
-            cfg = dict(mm_cfg)
-            grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d_in, cfg["BLOCK_D"]))
-            # M = W_enc^T: latent k, column c at W_enc[c, k].
-            _dense_rows_matmul_kernel[grid](  # no bias, no code statistics: those pointers are None
-                ws_ptr=gpre_ws, m_ptr=W_enc, bias_ptr=None, acc_ptr=gx_acc, out_ptr=grad_x, rows_ptr=code.rows,
-                n_rows_ptr=code.n_rows, lp_ptr=None, l0_ptr=None,
-                d=d_in, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
-                stride_ws=gpre_ws.stride(0), stride_mk=W_enc.stride(1), stride_md=W_enc.stride(0),
-                stride_acc=gx_acc.stride(0), stride_out=grad_x.stride(0), p=float(p),
-                MATMUL_MODE=mode, FIRST=chunk_start == 0, LAST=chunk_start + width >= n_latents, HAS_BIAS=False,
-                CODE_STATS=False, P_ONE=True, **cfg)
-        if need_enc_params or need_w_dec:
-            cfg = dict(seg_cfg)
-            first_block = chunk_start // cfg["BLOCK_L"]
-            # Encoder: B = x [N, d_in], weights = the pre-activations' gradient; bias and threshold too.
-            grid = (triton.cdiv(chunk_width, cfg["BLOCK_L"]), triton.cdiv(d_in, cfg["BLOCK_D"]))
-            _latent_chunk_grad_kernel[grid](  # the threshold's pointers: None for ReLU (WRITE_THETA)
-                rows_ptr_b=x, tok_ptr=tokens_x, lat_ptr=entries.latents, weight_ptr=sorted_gpre,
-                block_start_ptr=entries.block_start, grad_w_ptr=grad_w_enc, grad_b_ptr=grad_b_enc,
-                theta_weight_ptr=sorted_theta, grad_theta_ptr=grad_theta, dense_rows_ptr=code.rows,
-                n_dense_rows_ptr=code.n_rows, ws_ptr=gpre_ws, theta_ws_ptr=theta_ws,
-                d=d_in, n_latents=n_latents, first_block=first_block, chunk_start=chunk_start,
-                stride_bm=x.stride(0), stride_bd=x.stride(1), stride_gwd=grad_w_enc.stride(0),
-                stride_gwn=grad_w_enc.stride(1), stride_ws=gpre_ws.stride(0),
-                MATMUL_MODE=mode, WRITE_BIAS=True, WRITE_THETA=jump, num_stages=SEGMENT_NUM_STAGES, **cfg)
-            # Decoder: B = grad_out [N, d_out], weights = the code.
-            grid = (triton.cdiv(chunk_width, cfg["BLOCK_L"]), triton.cdiv(d_out, cfg["BLOCK_D"]))
-            _latent_chunk_grad_kernel[grid](  # no bias, no threshold: those pointers are None
-                rows_ptr_b=g, tok_ptr=tokens_g, lat_ptr=entries.latents, weight_ptr=sorted_values,
-                block_start_ptr=entries.block_start, grad_w_ptr=grad_w_dec, grad_b_ptr=None,
-                theta_weight_ptr=None, grad_theta_ptr=None, dense_rows_ptr=code.rows,
-                n_dense_rows_ptr=code.n_rows, ws_ptr=code_ws, theta_ws_ptr=None,
-                d=d_out, n_latents=n_latents, first_block=first_block, chunk_start=chunk_start,
-                stride_bm=g.stride(0), stride_bd=g.stride(1), stride_gwd=grad_w_dec.stride(1),
-                stride_gwn=grad_w_dec.stride(0), stride_ws=code_ws.stride(0),
-                MATMUL_MODE=mode, WRITE_BIAS=False, WRITE_THETA=False, num_stages=SEGMENT_NUM_STAGES, **cfg)
-    grad_b_dec = g.float().sum(0).to(W_dec.dtype) if need_b_dec else None
-    return (grad_x, grad_w_enc if need_w_enc else None, grad_b_enc if need_b_enc else None,
-            grad_w_dec if need_w_dec else None, grad_b_dec, grad_theta if need_theta else None)
+        _dense_grad_chunk(bw, gpre_ws, code_ws, theta_ws, chunk_start, chunk_width)
+        if grad_x is not None:
+            _dense_rows_grad_x(bw, gpre_ws, gx_acc, grad_x, chunk_start, chunk_width,
+                               last=chunk_start + width >= n_latents)
+        if sums is not None:
+            _latent_chunk_grads(bw, sums, gpre_ws, code_ws, theta_ws, chunk_start, chunk_width)
+
+
+def _dense_grad_chunk(bw: _Backward, gpre_ws, code_ws, theta_ws, chunk_start: int, chunk_width: int) -> None:
+    """For the chunk's latents of the dense rows: the pre-activations' gradient into gpre_ws, the code into code_ws
+    and (JumpReLU) the threshold's terms into theta_ws."""
+    x, W_enc, W_dec, g = bw.x, bw.W_enc, bw.W_dec, bw.g
+    d_in = x.shape[1]
+    n_latents, d_out = W_dec.shape
+    jump = bw.theta is not None
+    cfg = dict(_configs(x, bw.mode)[2])
+    grid = (triton.cdiv(x.shape[0], cfg["BLOCK_R"]), triton.cdiv(chunk_width, cfg["BLOCK_N"]))
+    _dense_grad_chunk_kernel[grid](  # theta, grad_l0, theta_ws: None for ReLU (JUMP reads them)
+        x_ptr=x, w_ptr=W_enc, b_ptr=bw.b_enc, theta_ptr=bw.theta, wdec_ptr=W_dec, g_ptr=g, grad_lp_ptr=bw.grad_lp,
+        grad_l0_ptr=bw.grad_l0, rows_ptr=bw.code.rows, n_rows_ptr=bw.code.n_rows,
+        gpre_ws_ptr=gpre_ws, code_ws_ptr=code_ws, theta_ws_ptr=theta_ws,
+        d_in=d_in, d_out=d_out, n_latents=n_latents, chunk_start=chunk_start, chunk_width=chunk_width,
+        stride_xm=x.stride(0), stride_xd=x.stride(1), stride_wd=W_enc.stride(0), stride_wn=W_enc.stride(1),
+        stride_wdec=W_dec.stride(0), stride_g=g.stride(0), stride_ws=gpre_ws.stride(0),
+        p=float(bw.p), bandwidth=float(1.0 if bw.bandwidth is None else bw.bandwidth),
+        MATMUL_MODE=bw.mode, JUMP=jump, P_ONE=bw.p == 1, D_OUT_IS_D_IN=d_out == d_in, **cfg)
+
+
+def _dense_rows_grad_x(bw: _Backward, gpre_ws, gx_acc, grad_x, chunk_start: int, chunk_width: int,
+                       last: bool) -> None:
+    """grad_x's dense rows += the chunk's gpre_ws @ W_enc^T (accumulated in gx_acc over several chunks, written
+    in x's dtype by the last)."""
+    x, W_enc, code = bw.x, bw.W_enc, bw.code
+    n_tokens, d_in = x.shape
+    cfg = dict(_configs(x, bw.mode)[3])
+    grid = (triton.cdiv(n_tokens, cfg["BLOCK_R"]), triton.cdiv(d_in, cfg["BLOCK_D"]))
+    # M = W_enc^T: latent k, column c at W_enc[c, k].
+    _dense_rows_matmul_kernel[grid](  # no bias, no code statistics: those pointers are None
+        ws_ptr=gpre_ws, m_ptr=W_enc, bias_ptr=None, acc_ptr=gx_acc, out_ptr=grad_x, rows_ptr=code.rows,
+        n_rows_ptr=code.n_rows, lp_ptr=None, l0_ptr=None,
+        d=d_in, n_latents=bw.W_dec.shape[0], chunk_start=chunk_start, chunk_width=chunk_width,
+        stride_ws=gpre_ws.stride(0), stride_mk=W_enc.stride(1), stride_md=W_enc.stride(0),
+        stride_acc=gx_acc.stride(0), stride_out=grad_x.stride(0), p=float(bw.p),
+        MATMUL_MODE=bw.mode, FIRST=chunk_start == 0, LAST=last, HAS_BIAS=False,
+        CODE_STATS=False, P_ONE=True, **cfg)
+
+
+def _latent_chunk_grads(bw: _Backward, sums: _LatentReductions, gpre_ws, code_ws, theta_ws, chunk_start: int,
+                        chunk_width: int) -> None:
+    """The per-latent gradients of the chunk's latents, over the sparse entries (sums) and the dense rows (the
+    workspaces): W_enc's, b_enc's and (JumpReLU) theta's, then W_dec's."""
+    x, g, code = bw.x, bw.g, bw.code
+    d_in = x.shape[1]
+    n_latents, d_out = bw.W_dec.shape
+    grad_w_enc, grad_w_dec = sums.grad_w_enc, sums.grad_w_dec
+    cfg = dict(segment_config(bw.mode))
+    first_block = chunk_start // cfg["BLOCK_L"]
+    # Encoder: B = x [N, d_in], weights = the pre-activations' gradient; bias and threshold too.
+    grid = (triton.cdiv(chunk_width, cfg["BLOCK_L"]), triton.cdiv(d_in, cfg["BLOCK_D"]))
+    _latent_chunk_grad_kernel[grid](  # the threshold's pointers: None for ReLU (WRITE_THETA)
+        rows_ptr_b=x, tok_ptr=sums.tokens_x, lat_ptr=sums.entries.latents, weight_ptr=sums.sorted_gpre,
+        block_start_ptr=sums.entries.block_start, grad_w_ptr=grad_w_enc, grad_b_ptr=sums.grad_b_enc,
+        theta_weight_ptr=sums.sorted_theta, grad_theta_ptr=sums.grad_theta, dense_rows_ptr=code.rows,
+        n_dense_rows_ptr=code.n_rows, ws_ptr=gpre_ws, theta_ws_ptr=theta_ws,
+        d=d_in, n_latents=n_latents, first_block=first_block, chunk_start=chunk_start,
+        stride_bm=x.stride(0), stride_bd=x.stride(1), stride_gwd=grad_w_enc.stride(0),
+        stride_gwn=grad_w_enc.stride(1), stride_ws=gpre_ws.stride(0),
+        MATMUL_MODE=bw.mode, WRITE_BIAS=True, WRITE_THETA=bw.theta is not None, num_stages=SEGMENT_NUM_STAGES,
+        **cfg)
+    # Decoder: B = grad_out [N, d_out], weights = the code.
+    grid = (triton.cdiv(chunk_width, cfg["BLOCK_L"]), triton.cdiv(d_out, cfg["BLOCK_D"]))
+    _latent_chunk_grad_kernel[grid](  # no bias, no threshold: those pointers are None
+        rows_ptr_b=g, tok_ptr=sums.tokens_g, lat_ptr=sums.entries.latents, weight_ptr=sums.sorted_values,
+        block_start_ptr=sums.entries.block_start, grad_w_ptr=grad_w_dec, grad_b_ptr=None,
+        theta_weight_ptr=None, grad_theta_ptr=None, dense_rows_ptr=code.rows,
+        n_dense_rows_ptr=code.n_rows, ws_ptr=code_ws, theta_ws_ptr=None,
+        d=d_out, n_latents=n_latents, first_block=first_block, chunk_start=chunk_start,
+        stride_bm=g.stride(0), stride_bd=g.stride(1), stride_gwd=grad_w_dec.stride(1),
+        stride_gwn=grad_w_dec.stride(0), stride_ws=code_ws.stride(0),
+        MATMUL_MODE=bw.mode, WRITE_BIAS=False, WRITE_THETA=False, num_stages=SEGMENT_NUM_STAGES, **cfg)
 
 
 class ReLUAutoencodeTriton(torch.autograd.Function):

@@ -28,7 +28,7 @@ LAYERS = [
     ("fastsae.cli", "fastsae.__main__", "fastsae"),
 ]
 ROOM_LINES = 400  # a module longer than this says why in its docstring ("longer than")
-FUNCTION_LINES = 80  # a function of fastsae/ longer than this says why in its docstring ("Long because ...")
+FUNCTION_LINES = 80  # a function longer than this says why in its docstring ("Long because ..."); not a Triton kernel
 
 
 def _modules() -> dict[str, Path]:
@@ -170,15 +170,27 @@ def test_every_room_is_small_or_says_why():
     assert not long, "modules over ~400 lines whose docstring does not say why:\n" + "\n".join(long)
 
 
+def _is_triton_kernel(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """Decorated with @triton.jit (or @triton.jit(...))."""
+    for decorator in node.decorator_list:
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        if ast.unparse(target) in ("triton.jit", "jit"):
+            return True
+    return False
+
+
 def test_every_function_is_short_or_says_why():
     """A function a reader cannot hold at once is split into named steps, or its docstring has a
-    line starting "Long because" that says why it is one piece (kernels/ is not held to this)."""
+    line starting "Long because" that says why it is one piece. kernels/ is held to this too, except
+    its @triton.jit functions: a Triton kernel is one compiled unit, whose length the compile facts
+    judge (registers, spills, shared memory: tests/compile_check.py), not this count; splitting
+    one would also change its source and so every compile case key of it."""
     long = []
-    for name, path in sorted(MODULES.items()):
-        if name.startswith("fastsae.kernels"):
-            continue
+    for path in sorted(MODULES.values()):
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if _is_triton_kernel(node):
                 continue
             lines = node.end_lineno - node.lineno + 1
             docstring = ast.get_docstring(node) or ""
