@@ -26,7 +26,11 @@ thread wait at every op's barrier (GUIDE section 3): the busy condition is where
 small ops loses to the naive code, which an idle timing does not show.
 
 Bounds (BOUNDS) are generous, for CI's noisy machines: they catch a path that loses to what it
-replaced, not a few percent. The JSON records every round's seconds, the ratios, the bounds, the
+replaced, not a few percent. A ratio over its bound is measured once more (the same pair, thread
+count and condition) and fails only if that second measurement is over it too: a path that loses
+loses twice, while one measurement's rounds can all fall on a descheduled stretch of a shared
+machine (CI once saw relu_sparse at 2 threads, busy, at 0.99 where four reruns gave 0.44-0.63; the
+code before the guard lost at 1.3-2.8 every time). The record keeps both measurements. The JSON records every round's seconds, the ratios, the bounds, the
 device, the versions, the date and the load average; benchmarks/results/perf_guard_<machine>.json
 is the committed record the README's table is generated from (benchmarks/readme_tables.py).
 """
@@ -129,6 +133,14 @@ class Competitor:
         self.process.wait()
 
 
+def measure(fastsae, baseline, rounds: int, condition: str) -> dict:
+    """time_pair in a condition: "busy" with a Competitor running, "idle" as the machine is."""
+    if condition == "busy":
+        with Competitor():
+            return time_pair(fastsae, baseline, rounds)
+    return time_pair(fastsae, baseline, rounds)
+
+
 def run(threads: list[int], conditions: list[str], comparisons: list[str], rounds: int) -> dict:
     """Each comparison in turn (its inputs, models and optimizers alone in memory while it is timed),
     at every thread count and condition."""
@@ -139,14 +151,15 @@ def run(threads: list[int], conditions: list[str], comparisons: list[str], round
         for n_threads in threads:
             torch.set_num_threads(n_threads)
             for condition in conditions:
-                if condition == "busy":
-                    with Competitor():
-                        timing = time_pair(fastsae, baseline, rounds)
-                else:
-                    timing = time_pair(fastsae, baseline, rounds)
+                timing = measure(fastsae, baseline, rounds, condition)
+                first = None
+                if timing["ratio"] > BOUNDS[name]:  # a second look before failing (see the module docstring)
+                    print(f"{name:<12} threads={n_threads} {condition:<5} ratio {timing['ratio']:.2f} over its bound "
+                          f"{BOUNDS[name]}: measuring it again", flush=True)
+                    first, timing = timing, measure(fastsae, baseline, rounds, condition)
                 passed = timing["ratio"] <= BOUNDS[name]
                 results.append(dict(comparison=name, threads=n_threads, condition=condition, bound=BOUNDS[name],
-                                    passed=passed, **timing))
+                                    passed=passed, **timing, **({"first_measurement": first} if first else {})))
                 print(f"{name:<12} threads={n_threads} {condition:<5} fastsae {timing['best']['fastsae']:7.3f} s  "
                       f"baseline {timing['best']['baseline']:7.3f} s  ratio {timing['ratio']:.2f}  "
                       f"(bound {BOUNDS[name]}){'' if passed else '  FAIL'}", flush=True)

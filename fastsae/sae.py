@@ -345,8 +345,8 @@ class E2ESAE(nn.Module):
         coefficients, the dead latents for AuxK), instead of p.
         target: what the reconstruction must match, [..., d_out], for a transcoder (the output it
         replaces; an SAE's is x): the kinds' own reconstruction terms (AuxK's residual, Matryoshka's
-        prefix MSEs) read it, less the skip path. A transcoder's pass without one refuses those terms. The pass is the activation's
-        (fastsae.activations): a fused one (relu_autoencode, or topk_encode + sparse_decode) where it
+        prefix MSEs) read it, less the skip path. A transcoder's pass without one refuses those
+        terms. The pass is the activation's (fastsae.activations): a fused one (relu_autoencode, or topk_encode + sparse_decode) where it
         has one, no [N, n_latents] code in forward or backward, else the chunked dense reference.
         Returns SAEForward (reconstruction shaped like x, mean L0, each latent's active tokens, the
         SparseCode if any, the named loss terms); the activation's new buffer values (its state) are
