@@ -182,12 +182,11 @@ def check_widths(lm, coders: dict[str, tuple[str, E2ESAE]], error=None) -> dict[
                 lm.validate_hook(point)
         except ValueError as problem:
             raise error(f"{name}: {problem}") from None
-    probe = torch.zeros(1, 2, dtype=torch.long, device=lm.device)
-    acts = lm.activations(probe, sorted({point for pair in names.values() for point in pair}))
+    measured = lm.activation_widths([point for pair in names.values() for point in pair])
     widths = {}
     for name, (hook, sae) in coders.items():
         hook_in, hook_out = names[name]
-        widths[name] = (acts[hook_in].shape[-1], acts[hook_out].shape[-1])
+        widths[name] = (measured[hook_in], measured[hook_out])
         if sae.d_in != widths[name][0]:
             raise error(f"{name} reads d_in={sae.d_in}, but {hook_in} of the model is {widths[name][0]} wide: "
                         "it was not trained on this model or hook")

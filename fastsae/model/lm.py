@@ -322,6 +322,12 @@ class LanguageModel:
             raise RuntimeError(f"the model did not produce the hooks {sorted(set(names) - set(cache))}")
         return cache
 
+    def activation_widths(self, hooks: Sequence[str]) -> dict[str, int]:
+        """{hook: the width of its activation}, from one 2-token run as far as the last of them (an
+        MLP's hidden layer is d_mlp wide, the residual stream d_model)."""
+        probe = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+        return {name: acts.shape[-1] for name, acts in self.activations(probe, sorted(set(hooks))).items()}
+
     def spliced_run(
         self,
         tokens: Tensor,

@@ -68,17 +68,11 @@ def sae_spec(cfg: TrainConfig, d_in: int, d_out: int | None = None, transcoder: 
 def hook_widths(lm, hooks: list[str]) -> dict[str, tuple[int, int]]:
     """{hook: (d_in, d_out)}: d_model for an SAE (it reads the residual width); a transcoder's two
     widths measured on one two-token run (an MLP's hidden layer, say, is d_mlp wide)."""
-    widths, probe = {}, None
-    for hook in hooks:
-        hook_in, hook_out = hook_in_out(hook)
-        if hook_in == hook_out:
-            widths[hook] = (lm.d_model, lm.d_model)
-            continue
-        if probe is None:
-            names = sorted({name for h in hooks for name in hook_in_out(h)})
-            probe = lm.activations(torch.zeros(1, 2, dtype=torch.long, device=lm.device), names)
-        widths[hook] = (probe[hook_in].shape[-1], probe[hook_out].shape[-1])
-    return widths
+    pairs = {hook: hook_in_out(hook) for hook in hooks}
+    transcoders = [name for hook_in, hook_out in pairs.values() if hook_in != hook_out for name in (hook_in, hook_out)]
+    measured = lm.activation_widths(transcoders) if transcoders else {}
+    return {hook: (lm.d_model, lm.d_model) if hook_in == hook_out else (measured[hook_in], measured[hook_out])
+            for hook, (hook_in, hook_out) in pairs.items()}
 
 
 def build_saes(cfg: TrainConfig, hooks: list[str], lm, layout, device: torch.device,
